@@ -1,0 +1,103 @@
+"""Per-step cost of measuring MFU, against no measurement and against Lightning's ThroughputMonitor.
+
+Three variants of one plain training loop run interleaved in one process, in rotating order,
+for many rounds: none; ours (``MFUMeter.start_step``/``end_step`` each step, ``metrics()`` every
+50 steps); and what ThroughputMonitor does each step (``torch.cuda.synchronize()`` then
+``Throughput.update``). Each round times a block of steps between two syncs; the table gives the
+median per-step time of each variant over the rounds as a ratio to none, with the min-max spread.
+
+    python benchmarks/bench_overhead.py --size 1b --rounds 8 --steps 12
+    python benchmarks/bench_overhead.py --size small --rounds 12 --steps 60
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from common import SIZES, batch_for, llama
+
+from mfu_callbacks import MFUMeter
+
+
+def make_variants(model, batch, device):
+    meter = MFUMeter(model, warmup_steps=0)
+    from lightning.fabric.utilities.throughput import Throughput
+
+    throughput = Throughput(window_size=50)
+    counters = {"ours": 0, "throughput_monitor": 0}
+    tokens = batch["input_ids"].numel()
+    started = time.perf_counter()
+
+    def ours(step):
+        meter.start_step(batch)
+        step()
+        meter.end_step()
+        counters["ours"] += 1
+        if counters["ours"] % 50 == 0:
+            meter.metrics()
+
+    def throughput_monitor(step):
+        step()
+        torch.cuda.synchronize(device) if device.type == "cuda" else None
+        counters["throughput_monitor"] += 1
+        throughput.update(time=time.perf_counter() - started, batches=counters["throughput_monitor"],
+                          samples=counters["throughput_monitor"] * len(batch["input_ids"]), lengths=counters["throughput_monitor"] * tokens)
+        if counters["throughput_monitor"] % 50 == 0:
+            throughput.compute()
+
+    return {"none": lambda step: step(), "ours": ours, "throughput_monitor": throughput_monitor}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="small", choices=sorted(SIZES))
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=40, help="steps per variant per round")
+    args = parser.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = llama(args.size).to(device)
+    batch = batch_for(args.size, device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    variants = make_variants(model, batch, device)
+    for _ in range(5):  # warm-up: allocator, kernels, the meter's engine
+        for run in variants.values():
+            run(step)
+    per_step: dict[str, list[float]] = {name: [] for name in variants}
+    names = list(variants)
+    for round_index in range(args.rounds):
+        order = names[round_index % len(names):] + names[: round_index % len(names)]
+        for name in order:
+            sync()
+            begin = time.perf_counter()
+            for _ in range(args.steps):
+                variants[name](step)
+            sync()
+            per_step[name].append((time.perf_counter() - begin) / args.steps)
+    base = statistics.median(per_step["none"])
+    print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; model {args.size}; "
+          f"{args.rounds} rounds x {args.steps} steps per variant, rotating order; torch {torch.__version__}")
+    print(f"{'variant':<20} {'median ms':>10} {'ratio':>8} {'round ratios min..max':>24}")
+    for name in names:
+        ratios = [t / b for t, b in zip(per_step[name], per_step["none"])]
+        print(f"{name:<20} {statistics.median(per_step[name]) * 1e3:>10.2f} {statistics.median(per_step[name]) / base:>8.4f} "
+              f"{min(ratios):>11.4f}..{max(ratios):<.4f}")
+
+
+if __name__ == "__main__":
+    main()

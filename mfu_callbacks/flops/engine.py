@@ -1,0 +1,338 @@
+"""The FLOP engine: built once per model, then evaluated per step from token counts.
+
+Building it copies the model's structure onto the meta device (``replica.py``), runs a few tiny
+forward passes of different shapes there while recording every matmul and what its backward
+needs (``trace.py``), and fits the exact per-step formula
+
+    FLOPs = c . features(batch)
+
+per component, where the features are rows, tokens, squared lengths and calls (``features.py``).
+Transformer FLOPs are exactly linear in those features, so the fit is exact; it is checked.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint import checkpoint_to
+from .components import ATTENTION_SCORES
+from .features import HARDWARE, MODEL, NUM_FEATURES, Feature
+from .replica import Replica, build_replica
+from .step_flops import StepFlops
+from .substitutes import install_substitutes
+from .tokens import DECODER_KEYS, PACKED_KEYS, BatchError, TokenCounter, TokenCounting
+from .trace import ComponentFlops, MatmulRecorder
+from .unwrap import unwrap_model
+
+logger = logging.getLogger("mfu_callbacks")
+
+Forward = Callable[[nn.Module, Any], Any]
+
+# Probe shapes (rows, main length, decoder length): distinct enough that the design matrix has full rank.
+_PROBES_MAIN = ((1, 5, 0), (1, 7, 0), (1, 9, 0), (2, 5, 0), (3, 7, 0), (2, 8, 0))
+_PROBES_ENCODER_DECODER = ((1, 5, 3), (1, 7, 3), (1, 9, 4), (2, 5, 6), (1, 5, 6), (3, 7, 4), (2, 9, 3), (1, 6, 7), (2, 7, 7))
+_PROBES_ROWS = ((1, 0, 0), (2, 0, 0), (3, 0, 0))
+_FIT_TOLERANCE = 1e-6
+
+
+class ModelIntrospectionError(RuntimeError):
+    """The model could be neither introspected nor traced."""
+
+
+def _design_row(rows: int, main: int, decoder: int) -> list[float]:
+    row = [0.0] * NUM_FEATURES
+    row[Feature.ROWS] = rows
+    row[Feature.TOKENS] = rows * main
+    row[Feature.SQUARES] = rows * main * main
+    row[Feature.DECODER_TOKENS] = rows * decoder
+    row[Feature.DECODER_SQUARES] = rows * decoder * decoder
+    row[Feature.CROSS] = rows * main * decoder
+    row[Feature.CALLS] = 1
+    return row
+
+
+def default_forward(model: nn.Module, batch: Any) -> Any:
+    """How a batch reaches a model: keywords for a mapping, the first element for a tuple."""
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (list, tuple)):
+        return model(batch[0])
+    return model(batch)
+
+
+def _resize(tensor: torch.Tensor, rows: int, length: int | None) -> torch.Tensor:
+    shape = [rows, *tensor.shape[1:]]
+    if length is not None and tensor.dim() >= 2:
+        shape[1] = length
+    return torch.empty(shape, dtype=tensor.dtype, device="meta")
+
+
+class _ProbeBatches:
+    """Makes meta-device batches shaped like the user's, at the probe sizes."""
+
+    def __init__(self, template: Any, counting: TokenCounting, custom_forward: bool) -> None:
+        self.template = template
+        self.custom_forward = custom_forward
+        main, decoder, self.rows = counting.streams(template)
+        self.main_length = main.length if main is not None else None
+        self.decoder_length = decoder.length if decoder is not None else None
+        self.encoder_decoder = counting.encoder_decoder
+
+    def _stream_of(self, key: str | None, tensor: torch.Tensor) -> str | None:
+        if key is not None and (key in DECODER_KEYS or key.startswith("decoder_") or (key == "labels" and self.encoder_decoder)):
+            return "decoder"
+        if tensor.dim() >= 2 and tensor.shape[0] == self.rows and tensor.shape[1] == self.main_length:
+            return "main"
+        return None
+
+    def _convert(self, key: str | None, value: Any, rows: int, main: int, decoder: int) -> Any:
+        if not isinstance(value, torch.Tensor):
+            return value
+        if value.dim() == 0 or value.shape[0] != self.rows:
+            return torch.empty(value.shape, dtype=value.dtype, device="meta")
+        stream = self._stream_of(key, value)
+        length = {"main": main, "decoder": decoder}.get(stream) if stream else None
+        return _resize(value, rows, length)
+
+    def make(self, rows: int, main: int, decoder: int) -> Any:
+        batch = self.template
+        if isinstance(batch, Mapping):
+            dropped = () if self.custom_forward else ("position_ids", *PACKED_KEYS, "max_length_q", "max_length_k")
+            return {k: self._convert(k, v, rows, main, decoder) for k, v in batch.items() if k not in dropped}
+        if isinstance(batch, (list, tuple)):
+            return type(batch)(self._convert(None, v, rows, main, decoder) for v in batch)
+        return self._convert(None, batch, rows, main, decoder)
+
+
+def _configs(model: nn.Module) -> Iterator[Any]:
+    seen: set[int] = set()
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        stack = [config]
+        while stack:
+            config = stack.pop()
+            if config is None or id(config) in seen or not hasattr(config, "to_dict"):
+                continue
+            seen.add(id(config))
+            yield config
+            stack.extend(getattr(config, key, None) for key in ("text_config", "vision_config", "encoder", "decoder"))
+
+
+def _attention_implementation(model: nn.Module) -> str:
+    for config in _configs(model):
+        implementation = getattr(config, "_attn_implementation", None)
+        if implementation:
+            return str(implementation)
+    return "eager"
+
+
+def _is_encoder_decoder(model: nn.Module) -> bool:
+    return any(getattr(config, "is_encoder_decoder", False) for config in _configs(model))
+
+
+def _use_eager_kernels(replica: nn.Module) -> None:
+    """Eager attention and experts on the replica: every matmul is then visible to the trace."""
+    for config in _configs(replica):
+        for attribute in ("_attn_implementation", "_experts_implementation"):
+            with suppress(AttributeError, ValueError, TypeError):
+                setattr(config, attribute, "eager")
+
+
+@contextmanager
+def _probe_hooks(replica: Replica, current: list[MatmulRecorder]) -> Iterator[None]:
+    """Module-stack bookkeeping and checkpoint interception for the replica's forward."""
+    handles = []
+    for module in replica.module.modules():
+        path = replica.names.get(id(module), "")
+        multiplicity = replica.multiplicity.get(id(module), 1)
+        class_name = type(module).__name__
+
+        def enter(mod, args, _path=path, _name=class_name, _mult=multiplicity):
+            current[0].enter(_path, _name, _mult)
+
+        def leave(mod, args, output):
+            current[0].exit()
+
+        handles.append(module.register_forward_pre_hook(enter))
+        handles.append(module.register_forward_hook(leave, always_call=True))
+
+    autocast = torch.autocast
+    torch.autocast = torch.amp.autocast = _MetaAutocast
+    try:
+        with checkpoint_to(current):
+            yield
+    finally:
+        torch.autocast = torch.amp.autocast = autocast
+        for handle in handles:
+            handle.remove()
+
+
+class FlopEngine:
+    """Exact training FLOPs of one model, per step, from the step's token counts."""
+
+    def __init__(self, coefficients: dict[str, ComponentFlops], counting: TokenCounting, description: str) -> None:
+        # coefficients[component].forward etc. hold per-feature lists (length NUM_FEATURES)
+        self.counting = counting
+        self.description = description
+        self.components = {name: [f + b for f, b in zip(c.forward, c.backward)] for name, c in coefficients.items()}
+        self._model = [sum(values) for values in zip(*self.components.values())] or [0.0] * NUM_FEATURES
+        recompute = [sum(values) for values in zip(*(c.recompute for c in coefficients.values()))] or [0.0] * NUM_FEATURES
+        self._hardware = [m + r for m, r in zip(self._model, recompute)]
+        self._has_tokens = any(self._model[i] or self._hardware[i] for i in (Feature.TOKENS, Feature.SQUARES))
+
+    # -- building -------------------------------------------------------------------------------
+    @classmethod
+    def from_model(cls, model: nn.Module, batch: Any, *, forward: Forward | None = None,
+                   token_counter: TokenCounter | None = None) -> FlopEngine:
+        """Introspect ``model`` (any wrapper) with ``batch`` as the template of what a step sees."""
+        base = unwrap_model(model)
+        counting = TokenCounting(
+            encoder_decoder=_is_encoder_decoder(base),
+            attention_per_document="flash" in _attention_implementation(base),
+            token_counter=token_counter,
+        )
+        probes = _ProbeBatches(batch, counting, custom_forward=forward is not None)
+        if probes.main_length is None and probes.decoder_length is None:
+            shapes = _PROBES_ROWS
+        elif probes.decoder_length is not None and probes.main_length is not None:
+            shapes = _PROBES_ENCODER_DECODER
+        elif probes.main_length is None:
+            raise BatchError("a decoder stream without an encoder stream: pass token_counter= to name the streams")
+        else:
+            shapes = _PROBES_MAIN
+        run = forward or default_forward
+        errors: list[str] = []
+        for fold in (True, False):
+            try:
+                totals, replica, substituted = _trace(base, probes, shapes, run, fold=fold)
+                break
+            except BatchError:
+                raise
+            except Exception as error:  # noqa: BLE001 - any failure of the model's own code on meta
+                errors.append(f"{type(error).__name__}: {error}")
+        else:
+            raise ModelIntrospectionError(
+                f"could not trace {type(base).__name__} on the meta device ({errors[-1]}). If the model does not "
+                "take the batch as keyword arguments, pass forward=lambda model, batch: model(...); if it runs "
+                "custom kernels, pass flops_per_token= to the meter instead."
+            )
+        coefficients = _fit(totals, shapes)
+        description = _describe(base, replica, substituted, coefficients)
+        logger.info(description)
+        return cls(coefficients, counting, description)
+
+    # -- per step -------------------------------------------------------------------------------
+    def count(self, batch: Any) -> torch.Tensor:
+        """Feature tensor of a batch, on its device, without a host sync; sums over micro-batches are valid."""
+        return self.counting.count(batch)
+
+    def evaluate(self, features: torch.Tensor | Sequence[Sequence[float]]) -> StepFlops:
+        """FLOPs of the step whose (summed) features are given."""
+        values = features.tolist() if isinstance(features, torch.Tensor) else features
+        model_features, hardware_features = values[MODEL], values[HARDWARE]
+        model_flops = _dot(self._model, model_features)
+        hardware_flops = _dot(self._hardware, hardware_features)
+        breakdown = {name: round(_dot(c, model_features)) for name, c in self.components.items()}
+        if self._has_tokens:
+            tokens = model_features[Feature.TOKENS] + model_features[Feature.DECODER_TOKENS]
+            padded = hardware_features[Feature.TOKENS] + hardware_features[Feature.DECODER_TOKENS]
+        else:
+            tokens = padded = model_features[Feature.ROWS]
+        return StepFlops(round(model_flops), round(hardware_flops), int(tokens), int(padded), breakdown)
+
+    def estimate(self, batch: Any) -> StepFlops:
+        """Count and evaluate one batch (reads the counts back: for tools and tests, not the hot path)."""
+        return self.evaluate(self.count(batch).cpu())
+
+    @property
+    def flops_per_token(self) -> float:
+        """Model FLOPs per token, attention excluded (the part linear in tokens)."""
+        return self._model[Feature.TOKENS] + self._model[Feature.DECODER_TOKENS]
+
+
+def _dot(coefficients: Sequence[float], features: Sequence[float]) -> float:
+    return sum(c * f for c, f in zip(coefficients, features) if c)
+
+
+def _trace(base: nn.Module, probes: _ProbeBatches, shapes: Sequence[tuple[int, int, int]], run: Forward,
+           *, fold: bool) -> tuple[list[dict[str, ComponentFlops]], Replica, list[str]]:
+    replica = build_replica(base, fold=fold)
+    _use_eager_kernels(replica.module)
+    current: list[MatmulRecorder] = [MatmulRecorder(replica.parameter_ids)]
+    substituted = install_substitutes(replica.module, _CurrentRecorder(current))
+    totals = []
+    with _probe_hooks(replica, current), torch.enable_grad():
+        for rows, main, decoder in shapes:
+            recorder = MatmulRecorder(replica.parameter_ids)
+            current[0] = recorder
+            with recorder:
+                result = run(replica.module, probes.make(rows, main, decoder))
+            totals.append(recorder.finish(result))
+    return totals, replica, substituted
+
+
+class _CurrentRecorder:
+    """Lets substitutes installed once record into whichever probe's recorder is current."""
+
+    def __init__(self, current: list[MatmulRecorder]) -> None:
+        self._current = current
+
+    def record_module_matmul(self, forward: float, operands_requiring_grad: int, output: torch.Tensor | None) -> None:
+        self._current[0].record_module_matmul(forward, operands_requiring_grad, output)
+
+    def note_saved(self) -> None:
+        self._current[0].note_saved()
+
+
+class _MetaAutocast(torch.autocast):
+    """``torch.autocast(device_type="meta")`` fails (meta has no autocast dtype); modules that
+    write ``torch.autocast(device_type=x.device.type, enabled=False)`` (PEFT's parameter LoRA)
+    get the CPU's, which does nothing to meta tensors."""
+
+    def __init__(self, device_type: str, *args, **kwargs) -> None:
+        super().__init__("cpu" if device_type == "meta" else device_type, *args, **kwargs)
+
+
+def _fit(totals: list[dict[str, ComponentFlops]], shapes: Sequence[tuple[int, int, int]]) -> dict[str, ComponentFlops]:
+    """Solve totals = design @ coefficients exactly, per component and per pass."""
+    design = torch.tensor([_design_row(*shape) for shape in shapes], dtype=torch.float64)
+    active = [i for i in range(NUM_FEATURES) if design[:, i].abs().sum() > 0]
+    reduced = design[:, active]
+    components = sorted({name for probe in totals for name in probe})
+    targets = torch.tensor(
+        [[getattr(probe.get(name, ComponentFlops()), part) for name in components for part in ("forward", "backward", "recompute")]
+         for probe in totals],
+        dtype=torch.float64,
+    )
+    solution = torch.linalg.lstsq(reduced, targets).solution if components else torch.zeros(len(active), 0)
+    residual = (reduced @ solution - targets).abs().max().item() if components else 0.0
+    scale = max(targets.abs().max().item(), 1.0) if components else 1.0
+    if residual > _FIT_TOLERANCE * scale:
+        logger.warning("mfu_callbacks: FLOPs of this model are not linear in tokens and squared lengths "
+                       "(fit residual %.3g of %.3g); counts are approximate", residual, scale)
+    coefficients: dict[str, ComponentFlops] = {}
+    for index, name in enumerate(components):
+        parts = []
+        for offset in range(3):
+            full = [0.0] * NUM_FEATURES
+            for column, feature in enumerate(active):
+                value = solution[column, 3 * index + offset].item()
+                full[feature] = 0.0 if abs(value) < 1e-9 * scale else value
+            parts.append(full)
+        if any(any(p) for p in parts):
+            coefficients[name] = ComponentFlops(*parts)
+    return coefficients
+
+
+def _describe(base: nn.Module, replica: Replica, substituted: list[str], coefficients: dict[str, ComponentFlops]) -> str:
+    folded = f"; repeated layers traced once: {', '.join(replica.folded)}" if replica.folded else ""
+    analytic = f"; counted from shapes: {', '.join(substituted)}" if substituted else ""
+    scores = " (attention scores from head dimensions x squared lengths)" if ATTENTION_SCORES in coefficients else ""
+    return (f"mfu_callbacks: FLOPs of {type(base).__name__} traced on a meta-device replica{scores}{folded}{analytic}; "
+            f"components: {', '.join(sorted(coefficients))}")

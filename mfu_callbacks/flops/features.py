@@ -1,0 +1,34 @@
+"""The few numbers a batch is reduced to, from which the FLOPs of a step follow exactly.
+
+Every matmul of a transformer-like model scales with one of these: tokens (projections, MLPs,
+heads), squared sequence lengths (self-attention scores and values), the product of encoder and
+decoder lengths (cross-attention), rows (per-sequence heads such as a pooler) or nothing at all
+(per-call work such as DoRA's weight norm). A batch is counted once into a small int64 tensor on
+its own device, without reading it back to the host, and the FLOPs are a dot product with
+coefficients the engine fits once per model.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class Feature(IntEnum):
+    """Columns of a feature vector."""
+
+    ROWS = 0  # sequences (or images) in the batch
+    TOKENS = 1  # tokens of the main stream (decoder-only text, encoder text, ...)
+    SQUARES = 2  # sum over attention segments of length**2 in the main stream
+    DECODER_TOKENS = 3  # tokens of the decoder stream of an encoder-decoder
+    DECODER_SQUARES = 4  # sum of decoder length**2
+    CROSS = 5  # sum over rows of encoder length * decoder length
+    CALLS = 6  # forward calls (micro-batches): per-call work such as DoRA's weight norm
+
+
+NUM_FEATURES = len(Feature)
+CALLS_INDEX = int(Feature.CALLS)
+
+# A counted batch is a (2, NUM_FEATURES) int64 tensor: row MODEL holds real tokens only (what
+# MFU counts), row HARDWARE holds what was computed, padding included (what HFU counts).
+MODEL = 0
+HARDWARE = 1

@@ -1,0 +1,158 @@
+"""Reduce a batch to its feature vector (see ``features.py``) without a host sync.
+
+Lengths come from the attention mask; packed rows (restarting ``position_ids``, or ``cu_seq_lens``
+from Hugging Face's flattening collator) count attention per document: the sum of l**2 over
+documents equals the sum over real tokens of (2 * position + 1), which needs no host round trip.
+All arithmetic on the batch's tensors stays on their device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .features import CALLS_INDEX, HARDWARE, MODEL, NUM_FEATURES, Feature
+
+MAIN_KEYS = ("input_ids", "inputs_embeds")
+DECODER_KEYS = ("decoder_input_ids", "decoder_inputs_embeds")
+IMAGE_KEYS = ("pixel_values", "images", "image")
+PACKED_KEYS = ("cu_seq_lens_q", "cu_seqlens", "cu_seqlens_q")
+
+TokenCounter = Callable[[Any], Mapping[str, torch.Tensor]]
+
+
+class BatchError(ValueError):
+    """A batch in which no tokens or rows can be found."""
+
+
+@dataclass(frozen=True)
+class _Stream:
+    rows: int
+    length: int
+    real_tokens: torch.Tensor | int
+    real_squares: torch.Tensor | int
+    hardware_squares: torch.Tensor | int
+    lengths: torch.Tensor | None  # per-row real lengths, for cross-attention
+
+
+def _first_tensor(value: Any) -> torch.Tensor | None:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, Mapping):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            if isinstance(item, torch.Tensor):
+                return item
+    return None
+
+
+def _stream(ids: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor | None,
+            cu_seqlens: torch.Tensor | None, attention_per_document: bool) -> _Stream:
+    rows, length = ids.shape[0], ids.shape[1]
+    full_squares = rows * length * length
+    if cu_seqlens is not None:  # flattened documents: one row, boundaries given
+        documents = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+        squares = (documents * documents).sum()
+        return _Stream(rows, length, documents.sum(), squares, squares if attention_per_document else full_squares, None)
+    if mask is not None:
+        if mask.dim() != 2:  # a prepared 4-D mask: nothing to read lengths from
+            return _Stream(rows, length, rows * length, full_squares, full_squares, None)
+        lengths = mask.long().sum(dim=1)
+        return _Stream(rows, length, lengths.sum(), (lengths * lengths).sum(), full_squares, lengths)
+    if positions is not None:  # packed rows: positions restart at 0 for each document
+        positions = positions.reshape(-1, positions.shape[-1]).long()
+        squares = (2 * positions + 1).sum()
+        return _Stream(rows, length, rows * length, squares, squares if attention_per_document else full_squares, None)
+    return _Stream(rows, length, rows * length, full_squares, full_squares, None)
+
+
+def _lookup(batch: Mapping[str, Any], keys: Sequence[str]) -> torch.Tensor | None:
+    for key in keys:
+        value = batch.get(key)
+        if isinstance(value, torch.Tensor):
+            return value
+    return None
+
+
+class TokenCounting:
+    """Counts batches of one layout: which keys hold the streams, and how attention ran."""
+
+    def __init__(self, *, encoder_decoder: bool, attention_per_document: bool,
+                 token_counter: TokenCounter | None = None) -> None:
+        self.encoder_decoder = encoder_decoder
+        self.attention_per_document = attention_per_document
+        self.token_counter = token_counter
+
+    def streams(self, batch: Any) -> tuple[_Stream | None, _Stream | None, int]:
+        """The main stream, the decoder stream, and the row count of a batch."""
+        view = self.token_counter(batch) if self.token_counter is not None else batch
+        if isinstance(view, Mapping):
+            main_ids = _lookup(view, MAIN_KEYS)
+            decoder_ids = _lookup(view, DECODER_KEYS)
+            if decoder_ids is None and self.encoder_decoder:
+                decoder_ids = _lookup(view, ("labels",))
+            main = decoder = None
+            if main_ids is not None:
+                main = _stream(main_ids, _lookup(view, ("attention_mask",)), _lookup(view, ("position_ids",)),
+                               _lookup(view, PACKED_KEYS), self.attention_per_document)
+            if decoder_ids is not None:
+                decoder_mask = _lookup(view, ("decoder_attention_mask",))
+                if decoder_mask is None and decoder_ids is view.get("labels"):
+                    decoder_mask = decoder_ids != -100
+                decoder = _stream(decoder_ids, decoder_mask, None, None, self.attention_per_document)
+            if main is not None or decoder is not None:
+                return main, decoder, (main or decoder).rows
+            images = _lookup(view, IMAGE_KEYS)
+            if images is not None:
+                return None, None, images.shape[0]
+            raise BatchError(
+                f"cannot count tokens in a batch with keys {sorted(view)}: looked for {', '.join(MAIN_KEYS + IMAGE_KEYS)}. "
+                "Pass token_counter=fn, where fn(batch) returns a dict with 'input_ids' (and 'attention_mask' "
+                "if the batch is padded)."
+            )
+        tensor = _first_tensor(view)
+        if tensor is None or tensor.dim() == 0:
+            raise BatchError(
+                f"cannot count tokens in a batch of type {type(view).__name__}: it holds no tensor with a batch "
+                "dimension. Pass token_counter=fn, where fn(batch) returns a dict with 'input_ids'."
+            )
+        if tensor.dim() == 2 and not tensor.is_floating_point():
+            return _stream(tensor, None, None, None, self.attention_per_document), None, tensor.shape[0]
+        return None, None, tensor.shape[0]
+
+    def count(self, batch: Any) -> torch.Tensor:
+        """The batch's (2, NUM_FEATURES) int64 feature tensor, on the batch's device, with no host sync."""
+        main, decoder, rows = self.streams(batch)
+        device = next((s.lengths.device for s in (main, decoder) if s is not None and s.lengths is not None), None)
+        if device is None:
+            device = next(
+                (t.device for s in (main, decoder) if s is not None for t in (s.real_tokens, s.real_squares)
+                 if isinstance(t, torch.Tensor)),
+                torch.device("cpu"),
+            )
+        out = torch.zeros((2, NUM_FEATURES), dtype=torch.int64, device=device)
+        out[:, Feature.ROWS] = rows
+        out[:, CALLS_INDEX] = 1
+        for stream, tokens, squares in ((main, Feature.TOKENS, Feature.SQUARES),
+                                        (decoder, Feature.DECODER_TOKENS, Feature.DECODER_SQUARES)):
+            if stream is None:
+                continue
+            out[MODEL, tokens] = stream.real_tokens
+            out[MODEL, squares] = stream.real_squares
+            out[HARDWARE, tokens] = stream.rows * stream.length
+            out[HARDWARE, squares] = stream.hardware_squares
+        if main is not None and decoder is not None:
+            if main.lengths is not None and decoder.lengths is not None:
+                out[MODEL, Feature.CROSS] = (main.lengths * decoder.lengths).sum()
+            elif main.lengths is not None:
+                out[MODEL, Feature.CROSS] = main.lengths.sum() * decoder.length
+            elif decoder.lengths is not None:
+                out[MODEL, Feature.CROSS] = decoder.lengths.sum() * main.length
+            else:
+                out[MODEL, Feature.CROSS] = rows * main.length * decoder.length
+            out[HARDWARE, Feature.CROSS] = rows * main.length * decoder.length
+        return out

@@ -1,0 +1,86 @@
+"""MFU for PyTorch Lightning.
+
+    trainer = L.Trainer(callbacks=[MFUCallback()])
+
+or, with LightningCLI, one line in the config's ``trainer.callbacks`` (see ``configs/``). The
+callback brackets each optimizer step (``accumulate_grad_batches`` micro-batches) with the meter
+and logs through ``LightningModule.log`` when Lightning writes its logs, so every logger (W&B,
+TensorBoard, CSV) gets ``train/mfu`` at the same global step as the loss. FLOPs are those of
+``training_step`` itself, traced on a meta-device replica of the module.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+from ._options import MFUOptions
+from ._session import MeterSession
+from .precision import dtype_from_lightning_precision
+
+
+def _training_step(module: LightningModule, batch: Any) -> Any:
+    """The default way a batch reaches a LightningModule: its own training_step (logging muted on the replica)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return module.training_step(batch, 0)
+
+
+class MFUCallback(Callback):
+    """Logs ``train/mfu``, ``train/hfu``, ``train/tflops_per_gpu``, ``train/tokens_per_sec`` ... beside the loss.
+
+    Options are those of :class:`~mfu_callbacks._options.MFUOptions` (``peak_tflops``, ``dtype``,
+    ``warmup_steps``, ``log_interval``, ``prefix``, ``token_counter``, ``forward``).
+
+    Example::
+
+        trainer = L.Trainer(max_steps=100, callbacks=[MFUCallback(warmup_steps=5)])
+    """
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__()
+        options.setdefault("forward", _training_step)
+        self.options = MFUOptions(**options)
+        self.session = MeterSession(self.options, "mfu_callbacks.lightning.MFUCallback")
+        self._micro_batches = 0
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        dtype = dtype_from_lightning_precision(str(trainer.precision))
+        self.session.attach(pl_module, dtype=dtype)
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._micro_batches % trainer.accumulate_grad_batches == 0:
+            self.session.begin_step(batch)
+        else:
+            self.session.add_batch(batch)
+        self._micro_batches += 1
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        last_of_epoch = trainer.num_training_batches != float("inf") and batch_idx + 1 == trainer.num_training_batches
+        if self._micro_batches % trainer.accumulate_grad_batches != 0 and not last_of_epoch:
+            return  # gradient accumulation: the optimizer has not stepped yet
+        self._micro_batches = 0
+        self.session.end_step()
+        if not self.session.due(self._lightning_logs_now(trainer)):
+            return
+        metrics = self.session.read()
+        if metrics:
+            self.session.guard.run(self._log, pl_module, metrics)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.summary = self.session.summary()
+
+    @staticmethod
+    def _lightning_logs_now(trainer: Trainer) -> bool:
+        """Lightning writes step logs every ``log_every_n_steps`` optimizer steps."""
+        connector = getattr(trainer, "_logger_connector", None)
+        should = getattr(connector, "should_update_logs", None)
+        if isinstance(should, bool):
+            return should
+        return trainer.global_step % max(trainer.log_every_n_steps, 1) == 0
+
+    @staticmethod
+    def _log(pl_module: LightningModule, metrics: dict[str, float]) -> None:
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False, sync_dist=False, rank_zero_only=False)

@@ -1,0 +1,190 @@
+"""Shared helpers for the FLOP engine tests: batches of known shape and torch's own FLOP counter as the truth.
+
+The truth of a step is ``torch.utils.flop_counter.FlopCounterMode`` around forward + backward of the
+real model on CPU, with eager attention and eager MoE experts (the kernels it counts exactly, see
+the traps in the project's FACTS). Model FLOPs exclude padding and recompute, so their truth runs
+each real sequence (each row without its padding, each document of a packed row) alone with
+checkpointing off; hardware FLOPs are the batch as it runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+VOCAB = 128
+LENGTHS = (6, 11)  # every case is checked at two sequence lengths
+
+Forward = Callable[[nn.Module, Any], Any]
+
+
+# -- batches ---------------------------------------------------------------------------------------
+def _tokens(rows: int, length: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (rows, length), generator=generator)
+
+
+def full_batch(rows: int, length: int, *, labels: bool = True, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Rows of equal length, no padding."""
+    ids = _tokens(rows, length, seed)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if labels:
+        batch["labels"] = ids.clone()
+    return batch
+
+
+def padded_batch(lengths: list[int], *, side: str = "right", labels: bool = True, seed: int = 1) -> dict[str, torch.Tensor]:
+    """Rows of mixed real lengths padded to the longest (pad id 0, label -100 on padding)."""
+    width = max(lengths)
+    ids = _tokens(len(lengths), width, seed)
+    mask = torch.zeros_like(ids)
+    for row, length in enumerate(lengths):
+        if side == "right":
+            mask[row, :length] = 1
+        else:
+            mask[row, width - length :] = 1
+    ids = ids.masked_fill(mask == 0, 0)
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if labels:
+        batch["labels"] = ids.masked_fill(mask == 0, -100)
+    return batch
+
+
+def packed_batch(documents: list[int], *, labels: bool = True, seed: int = 2) -> dict[str, torch.Tensor]:
+    """One row of documents laid end to end, positions restarting at each, no attention mask
+    (what ``DataCollatorWithFlattening`` feeds a model)."""
+    ids = _tokens(1, sum(documents), seed)
+    positions = torch.cat([torch.arange(length) for length in documents]).unsqueeze(0)
+    batch = {"input_ids": ids, "position_ids": positions}
+    if labels:
+        batch["labels"] = ids.clone()
+    return batch
+
+
+def seq2seq_batch(encoder: list[int], decoder: list[int], *, seed: int = 3) -> dict[str, torch.Tensor]:
+    """Encoder rows padded to the longest (attention_mask) and decoder labels padded with -100."""
+    batch = padded_batch(encoder, labels=False, seed=seed)
+    labels = _tokens(len(decoder), max(decoder), seed + 1)
+    for row, length in enumerate(decoder):
+        labels[row, length:] = -100
+    batch["labels"] = labels
+    return batch
+
+
+def documents(batch: Mapping[str, torch.Tensor]) -> Iterator[dict[str, torch.Tensor]]:
+    """Each real sequence of a batch alone, without padding: rows by their attention mask (and
+    their decoder labels by -100), packed rows split where the positions restart."""
+    if "position_ids" in batch and "attention_mask" not in batch:
+        positions = batch["position_ids"]
+        for row in range(positions.shape[0]):
+            starts = (positions[row] == 0).nonzero().flatten().tolist() + [positions.shape[1]]
+            for start, end in zip(starts[:-1], starts[1:]):
+                piece = {key: value[row : row + 1, start:end] for key, value in batch.items()}
+                yield piece
+        return
+    mask = batch["attention_mask"].bool()
+    for row in range(mask.shape[0]):
+        piece = {}
+        for key, value in batch.items():
+            if key == "labels" and value.shape[1] != mask.shape[1]:  # decoder labels of an encoder-decoder
+                piece[key] = value[row : row + 1, : int((value[row] != -100).sum())]
+            elif value.dim() >= 2 and value.shape[1] == mask.shape[1]:
+                piece[key] = value[row : row + 1][:, mask[row]]
+            else:
+                piece[key] = value[row : row + 1]
+        yield piece
+
+
+# -- models ----------------------------------------------------------------------------------------
+def configs_of(model: nn.Module) -> Iterator[Any]:
+    seen: set[int] = set()
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "to_dict") and id(config) not in seen:
+            seen.add(id(config))
+            yield config
+            for key in ("text_config", "vision_config", "encoder", "decoder"):
+                sub = getattr(config, key, None)
+                if sub is not None and hasattr(sub, "to_dict") and id(sub) not in seen:
+                    seen.add(id(sub))
+                    yield sub
+
+
+def make_eager(model: nn.Module) -> nn.Module:
+    """Eager attention and eager experts: the kernels FlopCounterMode counts exactly (the truth's setting)."""
+    for config in configs_of(model):
+        config._attn_implementation = "eager"
+        config._experts_implementation = "eager"
+    return model
+
+
+@contextmanager
+def checkpointing_off(model: nn.Module) -> Iterator[None]:
+    """The same model with activation checkpointing switched off (hooks and frozen state unchanged)."""
+    flags = [(m, m.gradient_checkpointing) for m in model.modules() if isinstance(getattr(m, "gradient_checkpointing", None), bool)]
+    for module, _ in flags:
+        module.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        for module, flag in flags:
+            module.gradient_checkpointing = flag
+
+
+# -- the truth -------------------------------------------------------------------------------------
+def keyword_forward(model: nn.Module, batch: Any) -> Any:
+    return model(**batch)
+
+
+def _loss(output: Any) -> torch.Tensor:
+    loss = getattr(output, "loss", None)
+    if loss is not None:
+        return loss
+    logits = getattr(output, "logits", output)
+    if isinstance(logits, (tuple, list)):
+        logits = logits[0]
+    return logits.float().sum()
+
+
+def step_truth(model: nn.Module, batch: Any, forward: Forward = keyword_forward) -> int:
+    """FLOPs of one training step (forward + backward) as torch's FlopCounterMode counts them."""
+    with FlopCounterMode(display=False) as counter:
+        _loss(forward(model, batch)).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def model_truth(model: nn.Module, batch: Mapping[str, torch.Tensor], forward: Forward = keyword_forward) -> int:
+    """Model FLOPs: every real sequence alone (a batch without padding as it is), no recompute."""
+    mask = batch.get("attention_mask")
+    labels = batch.get("labels")
+    unpadded = "position_ids" not in batch and (mask is None or bool(mask.all())) and (labels is None or bool((labels != -100).all()))
+    with checkpointing_off(model):
+        if unpadded:
+            return step_truth(model, batch, forward)
+        return sum(step_truth(model, piece, forward) for piece in documents(batch))
+
+
+def assert_flops(actual: int, expected: int, what: str, rel: float = 0.0) -> None:
+    """Exact unless a tolerance is given (at most 1%)."""
+    assert expected > 0, f"{what}: the truth is zero, nothing was checked"
+    assert abs(actual - expected) <= rel * expected, f"{what}: engine {actual:,} vs truth {expected:,} ({actual / expected - 1:+.3%})"
+
+
+def check_engine(model: nn.Module, template: Any, batches: list[Any], forward: Forward | None = None, **engine_options: Any) -> None:
+    """Engine built from the model as the user left it (default attention: sdpa) against the truth
+    of each batch, taken with eager attention and experts."""
+    from mfu_callbacks.flops import FlopEngine
+
+    engine = FlopEngine.from_model(model, template, forward=forward, **engine_options)
+    make_eager(model)
+    for batch in batches:
+        step = engine.estimate(batch)
+        assert_flops(step.model_flops, model_truth(model, batch, forward or keyword_forward), "model FLOPs")
+        assert_flops(step.hardware_flops, step_truth(model, batch, forward or keyword_forward), "hardware FLOPs")
+

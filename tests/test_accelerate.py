@@ -1,0 +1,140 @@
+"""The Accelerate integration: a hand-written loop, a real tracker, and a 2-process launch on CPU."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.tracking import GeneralTracker
+from tiny_models import FixedLengthTokens, collate, tiny_llama, truth_flops
+from torch.utils.data import DataLoader
+
+from mfu_callbacks.accelerate import MFUTracker
+
+PEAK_TFLOPS = 0.5
+BATCH = 4
+
+
+class MemoryTracker(GeneralTracker):
+    """A real Accelerate tracker that keeps what it is given."""
+
+    name = "memory"
+    requires_logging_directory = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[tuple[int | None, dict]] = []
+
+    @property
+    def tracker(self):
+        return self.records
+
+    def store_init_configuration(self, values: dict) -> None:
+        pass
+
+    def log(self, values: dict, step: int | None = None, **kwargs) -> None:
+        self.records.append((step, dict(values)))
+
+
+def run_loop(*, lora: bool = False, accumulation: int = 1, steps: int = 8, with_tracker: bool = True):
+    memory = MemoryTracker()
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=accumulation, log_with=[memory])
+    accelerator.init_trackers("test")
+    model = tiny_llama(lora=lora)
+    optimizer = torch.optim.SGD((p for p in model.parameters() if p.requires_grad), lr=0.1)
+    loader = DataLoader(FixedLengthTokens(BATCH * steps * accumulation), batch_size=BATCH, collate_fn=collate)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    if with_tracker:
+        MFUTracker(accelerator, model, peak_tflops=PEAK_TFLOPS, warmup_steps=1, log_interval=2)
+    losses = []
+    for step, batch in enumerate(loader):
+        with accelerator.accumulate(model):
+            loss = model(**batch).loss
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad()
+        losses.append(loss.item())
+        accelerator.log({"train/loss": loss.item()}, step=step)
+    accelerator.end_training()
+    return memory.records, losses, accelerator.unwrap_model(model)
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_mfu_reaches_the_tracker_with_the_loss_and_matches_an_independent_count(lora):
+    records, _, _ = run_loop(lora=lora)
+    measured = [(step, values) for step, values in records if "train/mfu" in values]
+    assert len(measured) >= 2, records
+    step_flops = truth_flops(tiny_llama(lora=lora), collate([FixedLengthTokens(8)[i] for i in range(BATCH)]))
+    for _, values in measured:
+        assert "train/loss" in values
+        step_time = values["train/step_time"]
+        assert values["train/mfu"] == pytest.approx(step_flops / (step_time * PEAK_TFLOPS * 1e12), rel=1e-6)
+
+
+def test_gradient_accumulation_ends_a_step_only_when_the_optimizer_steps():
+    records, _, _ = run_loop(accumulation=2, steps=8)
+    measured = [values for _, values in records if "train/mfu" in values]
+    assert measured
+    micro_flops = truth_flops(tiny_llama(), collate([FixedLengthTokens(8)[i] for i in range(BATCH)]))
+    for values in measured:
+        assert values["train/tflops_per_gpu"] == pytest.approx(2 * micro_flops / values["train/step_time"] / 1e12, rel=1e-6)
+
+
+def test_losses_and_weights_are_identical_with_and_without_the_tracker():
+    _, losses_a, model_a = run_loop(with_tracker=True)
+    _, losses_b, model_b = run_loop(with_tracker=False)
+    assert losses_a == losses_b
+    for (name, a), (_, b) in zip(model_a.state_dict().items(), model_b.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, sys, torch
+    sys.path.insert(0, {tests!r})
+    from accelerate import Accelerator
+    from torch.utils.data import DataLoader
+    from tiny_models import FixedLengthTokens, collate, tiny_llama
+    from mfu_callbacks.accelerate import MFUTracker
+
+    accelerator = Accelerator(cpu=True)
+    model = tiny_llama()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = DataLoader(FixedLengthTokens(64), batch_size=4, collate_fn=collate)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    tracker = MFUTracker(accelerator, model, peak_tflops=0.5, warmup_steps=1, log_interval=3)
+    for step, batch in enumerate(loader):
+        loss = model(**batch).loss
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        if step == 6:
+            break
+    assert accelerator.num_processes == 2
+    if accelerator.is_main_process:
+        print("METRICS", json.dumps(tracker.latest))
+    accelerator.wait_for_everyone()  # gloo dislikes a peer that tears down while the other still talks
+    accelerator.end_training()
+    """
+)
+
+
+def test_two_processes_under_torchrun(tmp_path):
+    script = tmp_path / "loop.py"
+    script.write_text(SCRIPT.format(tests=str(Path(__file__).parent)))
+    # torchrun sets the environment Accelerate reads; `accelerate launch --cpu` would start one process.
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = next(line for line in result.stdout.splitlines() if line.startswith("METRICS"))
+    metrics = json.loads(line.split(" ", 1)[1])
+    # 32 sequences per step over two ranks (each 4 rows x 16 tokens... per rank): tokens/s counts both ranks.
+    assert metrics["train/tokens_per_sec"] == pytest.approx(2 * 4 * 16 / metrics["train/step_time"], rel=0.05)
+    assert metrics["train/tokens_per_sec_per_gpu"] == pytest.approx(4 * 16 / metrics["train/step_time"], rel=0.05)
+    assert metrics["train/step_time_max"] >= metrics["train/step_time_min"]

@@ -1,0 +1,108 @@
+"""The Lightning integration, trained for real on a CPU, read back from Lightning's own CSVLogger."""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+from tiny_models import FixedLengthTokens, collate, tiny_llama, truth_flops
+from torch.utils.data import DataLoader
+
+from mfu_callbacks.lightning import MFUCallback
+
+PEAK_TFLOPS = 0.5
+BATCH = 4
+
+
+class TinyModule(L.LightningModule):
+    def __init__(self, lora: bool = False) -> None:
+        super().__init__()
+        self.model = tiny_llama(lora=lora)
+
+    def training_step(self, batch, batch_idx):
+        loss = self.model(**batch).loss
+        self.log("train/loss", loss, on_step=True)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD((p for p in self.parameters() if p.requires_grad), lr=0.1)
+
+
+def loader() -> DataLoader:
+    return DataLoader(FixedLengthTokens(64), batch_size=BATCH, collate_fn=collate)
+
+
+def fit(tmp_path: Path, callback: MFUCallback | None, *, lora: bool = False, accumulation: int = 1, steps: int = 6,
+        devices: int = 1, **trainer_kwargs) -> tuple[TinyModule, list[dict[str, str]]]:
+    module = TinyModule(lora=lora)
+    trainer = L.Trainer(
+        max_steps=steps, accelerator="cpu", devices=devices, log_every_n_steps=2, accumulate_grad_batches=accumulation,
+        logger=CSVLogger(tmp_path, name="run", version=0), callbacks=[callback] if callback else [], enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, **trainer_kwargs,
+    )
+    trainer.fit(module, loader())
+    with open(Path(trainer.logger.log_dir) / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    return module, rows
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_mfu_is_in_the_same_csv_row_as_the_loss_and_matches_an_independent_count(tmp_path, lora):
+    _, rows = fit(tmp_path, MFUCallback(peak_tflops=PEAK_TFLOPS, warmup_steps=1), lora=lora)
+    measured = [row for row in rows if row.get("train/mfu")]
+    assert len(measured) >= 2, rows
+    step_flops = truth_flops(tiny_llama(lora=lora), collate([FixedLengthTokens(64)[i] for i in range(BATCH)]))
+    for row in measured:
+        assert row["train/loss"], "MFU must share its row (and step) with the loss"
+        step_time = float(row["train/step_time"])
+        assert float(row["train/mfu"]) == pytest.approx(step_flops / (step_time * PEAK_TFLOPS * 1e12), rel=1e-5)
+        assert float(row["train/tokens_per_sec"]) == pytest.approx(BATCH * 16 / step_time, rel=1e-5)
+
+
+def test_gradient_accumulation_counts_every_micro_batch(tmp_path):
+    _, rows = fit(tmp_path, MFUCallback(peak_tflops=PEAK_TFLOPS, warmup_steps=1), accumulation=2)
+    measured = [row for row in rows if row.get("train/mfu")]
+    assert measured
+    micro_flops = truth_flops(tiny_llama(), collate([FixedLengthTokens(64)[i] for i in range(BATCH)]))
+    for row in measured:
+        step_time = float(row["train/step_time"])
+        assert float(row["train/tflops_per_gpu"]) == pytest.approx(2 * micro_flops / step_time / 1e12, rel=1e-5)
+
+
+def test_losses_and_weights_are_identical_with_and_without_the_callback(tmp_path):
+    module_a, rows_a = fit(tmp_path / "a", MFUCallback(peak_tflops=PEAK_TFLOPS))
+    module_b, rows_b = fit(tmp_path / "b", None)
+    assert [r["train/loss"] for r in rows_a if r.get("train/loss")] == [r["train/loss"] for r in rows_b if r.get("train/loss")]
+    for (name, a), (_, b) in zip(module_a.state_dict().items(), module_b.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_an_internal_error_is_logged_once_and_training_goes_on(tmp_path, monkeypatch, caplog):
+    from mfu_callbacks.meter import MFUMeter
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("deliberate failure")
+
+    monkeypatch.setattr(MFUMeter, "start_step", broken)
+    with caplog.at_level(logging.ERROR, logger="mfu_callbacks"):
+        _, rows = fit(tmp_path, MFUCallback(peak_tflops=PEAK_TFLOPS))
+    assert any(r.get("train/loss") for r in rows)
+    assert not any(r.get("train/mfu") for r in rows)
+    assert len([r for r in caplog.records if "stopped measuring MFU" in r.getMessage()]) == 1
+
+
+def test_two_process_ddp_on_cpu_reports_both_ranks(tmp_path):
+    _, rows = fit(tmp_path, MFUCallback(peak_tflops=PEAK_TFLOPS, warmup_steps=1), devices=2, strategy="ddp_spawn")
+    measured = [row for row in rows if row.get("train/mfu")]
+    assert measured
+    for row in measured:
+        # Two ranks, each BATCH rows of 16 tokens per step: tokens/s counts both, per GPU counts one.
+        step_time = float(row["train/step_time"])
+        assert float(row["train/tokens_per_sec"]) == pytest.approx(2 * BATCH * 16 / step_time, rel=0.05)
+        assert float(row["train/tokens_per_sec_per_gpu"]) == pytest.approx(BATCH * 16 / step_time, rel=0.05)
+        assert float(row["train/step_time_max"]) >= float(row["train/step_time_min"])

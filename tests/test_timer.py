@@ -1,0 +1,176 @@
+"""The step timer, against a fake clock, and its CUDA-event path against fake events."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mfu_callbacks.timer import StepTimer, StepTiming
+
+
+class FakeClock:
+    """A host clock that moves only when told to."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def timed_step(timer: StepTimer, clock: FakeClock, *, wait: float, seconds: float) -> None:
+    clock.advance(wait)
+    timer.start()
+    clock.advance(seconds)
+    timer.stop()
+
+
+def test_step_seconds_and_input_wait_on_the_host_clock():
+    clock = FakeClock()
+    timer = StepTimer(0, clock=clock, force_cpu=True)
+    timed_step(timer, clock, wait=5.0, seconds=0.5)  # nothing ran before the first step: no wait to speak of
+    timed_step(timer, clock, wait=0.25, seconds=1.5)
+    timed_step(timer, clock, wait=0.0, seconds=2.0)
+    assert timer.read() == [StepTiming(0.5, 0.0), StepTiming(1.5, 0.25), StepTiming(2.0, 0.0)]
+
+
+def test_read_returns_each_step_once():
+    clock = FakeClock()
+    timer = StepTimer(0, clock=clock, force_cpu=True)
+    timed_step(timer, clock, wait=0.0, seconds=1.0)
+    assert len(timer.read()) == 1
+    assert timer.read() == []
+    timed_step(timer, clock, wait=0.5, seconds=3.0)
+    assert timer.read() == [StepTiming(3.0, 0.5)]
+
+
+def test_warmup_steps_are_counted_but_not_reported():
+    clock = FakeClock()
+    timer = StepTimer(2, clock=clock, force_cpu=True)
+    measuring = []
+    for seconds in (10.0, 20.0, 1.0, 2.0):
+        clock.advance(0.5)
+        timer.start()
+        measuring.append(timer.measuring)
+        clock.advance(seconds)
+        timer.stop()
+    assert measuring == [False, False, True, True]
+    assert timer.steps_started == 4
+    # The first reported step's wait runs from the last warm-up step's end.
+    assert timer.read() == [StepTiming(1.0, 0.5), StepTiming(2.0, 0.5)]
+
+
+def test_a_discarded_step_is_not_reported():
+    clock = FakeClock()
+    timer = StepTimer(0, clock=clock, force_cpu=True)
+    timer.start()
+    timer.discard_current()
+    clock.advance(30.0)
+    timer.stop()
+    timed_step(timer, clock, wait=0.5, seconds=1.0)
+    assert timer.read() == [StepTiming(1.0, 0.5)]
+
+
+def test_time_spent_paused_between_steps_is_not_input_wait():
+    clock = FakeClock()
+    timer = StepTimer(0, clock=clock, force_cpu=True)
+    timed_step(timer, clock, wait=0.0, seconds=1.0)
+    clock.advance(0.25)
+    with timer.paused():
+        clock.advance(7.0)  # e.g. the meter waiting for the GPU at log time
+    timed_step(timer, clock, wait=0.5, seconds=1.0)
+    assert timer.read()[-1] == StepTiming(1.0, 0.75)
+
+
+def test_misuse_raises_clear_errors():
+    timer = StepTimer(0, force_cpu=True)
+    with pytest.raises(ValueError, match="stop\\(\\) called without start\\(\\)"):
+        timer.stop()
+    timer.start()
+    with pytest.raises(ValueError, match="start\\(\\) called twice"):
+        timer.start()
+    with pytest.raises(ValueError, match="warmup_steps"):
+        StepTimer(-1)
+
+
+def test_cpu_device_and_force_cpu_use_the_host_clock():
+    assert not StepTimer(device="cpu").uses_cuda_events
+    assert not StepTimer(device="cuda", force_cpu=True).uses_cuda_events
+
+
+class FakeEvent:
+    """Stands in for ``torch.cuda.Event``: takes the fake clock's time when recorded, and logs every query."""
+
+    created: list[FakeEvent] = []
+    log: list[str] = []
+    clock: FakeClock
+
+    def __init__(self, enable_timing: bool = False) -> None:
+        assert enable_timing
+        self.time: float | None = None
+        FakeEvent.created.append(self)
+
+    def record(self, stream=None) -> None:
+        self.time = FakeEvent.clock()
+        FakeEvent.log.append("record")
+
+    def synchronize(self) -> None:
+        FakeEvent.log.append("synchronize")
+
+    def elapsed_time(self, end: FakeEvent) -> float:
+        FakeEvent.log.append("elapsed_time")
+        return (end.time - self.time) * 1000.0  # milliseconds, like CUDA
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    clock = FakeClock()
+    FakeEvent.created, FakeEvent.log, FakeEvent.clock = [], [], clock
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
+    return clock
+
+
+def test_cuda_events_are_resolved_only_at_read_with_one_wait(fake_cuda):
+    clock = fake_cuda
+    timer = StepTimer(1, device="cuda", clock=clock)
+    assert timer.uses_cuda_events
+    for seconds in (9.0, 0.5, 1.5, 1.0):
+        timed_step(timer, clock, wait=0.25, seconds=seconds)
+    assert set(FakeEvent.log) == {"record"}, "no event may be waited for or read before read()"
+    assert FakeEvent.log.count("record") == 6  # two per step after the warm-up step
+    timings = timer.read()
+    # Three step durations and two waits (the first measured step follows an unmeasured one).
+    assert FakeEvent.log[6:] == ["synchronize"] + ["elapsed_time"] * 5
+    assert timings == [StepTiming(0.5, 0.0), StepTiming(1.5, 0.25), StepTiming(1.0, 0.25)]
+
+
+def test_cuda_events_are_recycled_after_a_read(fake_cuda):
+    clock = fake_cuda
+    timer = StepTimer(0, device="cuda", clock=clock)
+    for _ in range(3):
+        timed_step(timer, clock, wait=0.0, seconds=1.0)
+    timer.read()
+    for _ in range(3):
+        timed_step(timer, clock, wait=0.0, seconds=1.5)
+    timer.read()
+    created = len(FakeEvent.created)
+    for _ in range(3):
+        timed_step(timer, clock, wait=0.0, seconds=2.0)
+    assert [t.step_seconds for t in timer.read()] == [2.0, 2.0, 2.0]
+    assert len(FakeEvent.created) == created, "steady state allocates no events"
+
+
+def test_on_cuda_a_read_between_steps_is_not_input_wait(fake_cuda):
+    clock = fake_cuda
+    timer = StepTimer(0, device="cuda", clock=clock)
+    timed_step(timer, clock, wait=0.0, seconds=1.0)
+    with timer.paused():
+        clock.advance(5.0)  # waiting for the device to drain, then logging
+        timer.read()
+    timed_step(timer, clock, wait=0.25, seconds=1.0)
+    assert timer.read() == [StepTiming(1.0, 0.25)]

@@ -1,0 +1,98 @@
+"""The Hugging Face Trainer integration, trained for real on a CPU."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from tiny_models import FixedLengthTokens, collate, tiny_llama, truth_flops
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from mfu_callbacks.transformers import MFUCallback
+
+PEAK_TFLOPS = 0.5
+BATCH = 4
+
+
+class RecordingReporter(TrainerCallback):
+    """Stands in for a reporting callback (W&B, TensorBoard): keeps a copy of each logs dict it is handed."""
+
+    def __init__(self) -> None:
+        self.records: list[dict] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.records.append(dict(logs))
+
+
+def train(tmp_path, *, callback: MFUCallback | None, lora: bool = False, accumulation: int = 1, steps: int = 6,
+          reporter: TrainerCallback | None = None):
+    model = tiny_llama(lora=lora)
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=BATCH, gradient_accumulation_steps=accumulation,
+        logging_steps=2, learning_rate=1e-3, report_to=[], save_strategy="no", disable_tqdm=True, use_cpu=True,
+        seed=0, data_seed=0, dataloader_num_workers=0,
+    )
+    callbacks = [c for c in (reporter, callback) if c is not None]
+    trainer = Trainer(model=model, args=args, train_dataset=FixedLengthTokens(64), data_collator=collate, callbacks=callbacks)
+    if reporter is not None:  # a reporter of the Trainer's own kind runs before user callbacks: put it there
+        trainer.callback_handler.callbacks.remove(reporter)
+        trainer.callback_handler.callbacks.insert(1, reporter)
+    trainer.train()
+    return trainer, model
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_mfu_is_logged_with_the_loss_and_matches_an_independent_count(tmp_path, lora):
+    reporter = RecordingReporter()
+    trainer, model = train(tmp_path, callback=MFUCallback(peak_tflops=PEAK_TFLOPS, warmup_steps=1), lora=lora,
+                           reporter=reporter)
+    rows = [row for row in trainer.state.log_history if "loss" in row]
+    assert [row["step"] for row in rows] == [2, 4, 6]
+    measured = [row for row in rows if "mfu" in row]
+    assert len(measured) >= 2, rows
+    step_flops = truth_flops(tiny_llama(lora=lora), collate([FixedLengthTokens(64)[i] for i in range(BATCH)]))
+    for row in measured:
+        expected = step_flops / (row["step_time"] * PEAK_TFLOPS * 1e12)
+        assert row["mfu"] == pytest.approx(expected, rel=1e-6)
+        assert row["tflops_per_gpu"] == pytest.approx(step_flops / row["step_time"] / 1e12, rel=1e-6)
+        assert row["tokens_per_sec"] == pytest.approx(BATCH * 16 / row["step_time"], rel=1e-6)
+        assert row["padding_fraction"] == 0.0
+    # The reporting callback saw MFU in the same dict as the loss.
+    reported = [r for r in reporter.records if "loss" in r and "mfu" in r]
+    assert len(reported) == len(measured)
+
+
+def test_gradient_accumulation_counts_every_micro_batch(tmp_path):
+    trainer, _ = train(tmp_path, callback=MFUCallback(peak_tflops=PEAK_TFLOPS, warmup_steps=1), accumulation=2)
+    measured = [row for row in trainer.state.log_history if "mfu" in row]
+    assert measured
+    micro_flops = truth_flops(tiny_llama(), collate([FixedLengthTokens(64)[i] for i in range(BATCH)]))
+    for row in measured:
+        assert row["tflops_per_gpu"] == pytest.approx(2 * micro_flops / row["step_time"] / 1e12, rel=1e-6)
+        assert row["tokens_per_sec"] == pytest.approx(2 * BATCH * 16 / row["step_time"], rel=1e-6)
+
+
+def test_losses_and_weights_are_identical_with_and_without_the_callback(tmp_path):
+    with_callback, model_a = train(tmp_path / "a", callback=MFUCallback(peak_tflops=PEAK_TFLOPS))
+    without, model_b = train(tmp_path / "b", callback=None)
+    losses_a = [row["loss"] for row in with_callback.state.log_history if "loss" in row]
+    losses_b = [row["loss"] for row in without.state.log_history if "loss" in row]
+    assert losses_a == losses_b
+    for (name, a), (_, b) in zip(model_a.state_dict().items(), model_b.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_an_internal_error_is_logged_once_and_training_goes_on(tmp_path, monkeypatch, caplog):
+    from mfu_callbacks.meter import MFUMeter
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("deliberate failure")
+
+    monkeypatch.setattr(MFUMeter, "end_step", broken)
+    with caplog.at_level(logging.ERROR, logger="mfu_callbacks"):
+        trainer, _ = train(tmp_path, callback=MFUCallback(peak_tflops=PEAK_TFLOPS))
+    assert trainer.state.global_step == 6
+    errors = [r for r in caplog.records if "stopped measuring MFU" in r.getMessage()]
+    assert len(errors) == 1
+    assert not any("mfu" in row for row in trainer.state.log_history)
