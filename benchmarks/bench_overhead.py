@@ -3,11 +3,12 @@
 Three variants of one plain training loop run interleaved in one process, in rotating order,
 for many rounds: none; ours (``MFUMeter.start_step``/``end_step`` each step, ``metrics()`` every
 50 steps); and what ThroughputMonitor does each step (``torch.cuda.synchronize()`` then
-``Throughput.update``). Each round times a block of steps between two syncs; the table gives the
-median per-step time of each variant over the rounds as a ratio to none, with the min-max spread.
+``Throughput.update``). Each round times a block of steps of each variant between two syncs; the
+table gives each variant's median per-step time, and the median and quartiles over the rounds of
+its ratio to none in the same round.
 
-    python benchmarks/bench_overhead.py --size 1b --rounds 8 --steps 12
-    python benchmarks/bench_overhead.py --size small --rounds 12 --steps 60
+    python benchmarks/bench_overhead.py --size 1b --rounds 24 --steps 6
+    python benchmarks/bench_overhead.py --size small --rounds 60 --steps 15
 """
 
 from __future__ import annotations
@@ -89,15 +90,16 @@ def main() -> None:
                 variants[name](step)
             sync()
             per_step[name].append((time.perf_counter() - begin) / args.steps)
-    base = statistics.median(per_step["none"])
     print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; model {args.size}; "
           f"{args.rounds} rounds x {args.steps} steps per variant, rotating order; torch {torch.__version__}")
-    print(f"{'variant':<20} {'median ms':>10} {'ratio':>8} {'round ratios min..max':>24}")
+    print(f"{'variant':<20} {'median ms':>10} {'median of round ratios':>23} {'quartiles':>16} {'ratio of medians':>17}")
+    base = statistics.median(per_step["none"])
     for name in names:
-        ratios = [t / b for t, b in zip(per_step[name], per_step["none"])]
-        print(f"{name:<20} {statistics.median(per_step[name]) * 1e3:>10.2f} {statistics.median(per_step[name]) / base:>8.4f} "
-              f"{min(ratios):>11.4f}..{max(ratios):<.4f}")
-
+        # Each round's blocks ran back to back, so a round's ratio cancels drift between rounds.
+        ratios = sorted(t / b for t, b in zip(per_step[name], per_step["none"]))
+        quartiles = statistics.quantiles(ratios, n=4)
+        print(f"{name:<20} {statistics.median(per_step[name]) * 1e3:>10.2f} {statistics.median(ratios):>23.4f} "
+              f"{quartiles[0]:>7.4f}..{quartiles[2]:<7.4f} {statistics.median(per_step[name]) / base:>17.4f}")
 
 if __name__ == "__main__":
     main()

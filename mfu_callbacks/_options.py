@@ -23,6 +23,8 @@ class MFUOptions:
     prefix: prepended to every metric name (``train/`` puts MFU beside ``train/loss``).
     token_counter: fn(batch) -> dict with "input_ids" (and "attention_mask"), for unusual batches.
     forward: fn(model, batch) for models that do not take the batch as keyword arguments.
+    report: print the end-of-run report (rank 0) when training ends.
+    silence_diagnostics: ids of diagnoses never to report (see ``mfu_callbacks.diagnostics``).
     """
 
     peak_tflops: float | None = None
@@ -32,6 +34,8 @@ class MFUOptions:
     prefix: str = "train/"
     token_counter: Callable[[Any], Mapping[str, torch.Tensor]] | None = None
     forward: Callable[[torch.nn.Module, Any], Any] | None = None
+    report: bool = True
+    silence_diagnostics: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.peak_tflops is not None and not (isinstance(self.peak_tflops, (int, float)) and self.peak_tflops > 0):
@@ -44,6 +48,11 @@ class MFUOptions:
             raise ValueError(f"log_interval must be a whole number >= 1 or None, got {self.log_interval!r}")
         if not isinstance(self.prefix, str):
             raise ValueError(f"prefix must be a string such as 'train/', got {self.prefix!r}")
+        if isinstance(self.silence_diagnostics, str) or not all(
+            isinstance(item, str) for item in self.silence_diagnostics
+        ):
+            raise ValueError(f"silence_diagnostics must be a list of diagnosis ids, got {self.silence_diagnostics!r}")
+        object.__setattr__(self, "silence_diagnostics", tuple(self.silence_diagnostics))
         for name in ("token_counter", "forward"):
             value = getattr(self, name)
             if value is not None and not callable(value):

@@ -12,16 +12,25 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import _wandb, distributed
 from ._guard import Guard
 from ._options import MFUOptions
 from .meter import MFUMeter
+from .report import format_report
 
 
 class MeterSession:
     """One training run's meter, built lazily, with every call guarded."""
 
-    def __init__(self, options: MFUOptions, owner: str) -> None:
+    def __init__(self, options: MFUOptions, owner: str, *, wandb_prefix: str | None = None,
+                 wandb_step_metric: str | None = None) -> None:
+        """``wandb_prefix``: how the metric names appear in W&B (the framework may add its own prefix);
+        ``wandb_step_metric``: the framework's global-step key in W&B, the axis MFU is plotted against.
+        """
         self.options = options
+        self._wandb_prefix = options.prefix if wandb_prefix is None else wandb_prefix
+        self._wandb_step_metric = wandb_step_metric
+        self._wandb_described = False
         self.guard = Guard(owner)
         self.meter: MFUMeter | None = None
         self.optimizer_steps = 0
@@ -91,12 +100,46 @@ class MeterSession:
         if self.meter is None:
             return {}
         metrics = self.guard.run(self.meter.metrics, default={}) or {}
+        if metrics and not self._wandb_described:
+            self.guard.run(self._describe_wandb_run)
         return {self.options.prefix + key: value for key, value in metrics.items()}
+
+    def _describe_wandb_run(self) -> None:
+        run = _wandb.active_run()
+        if run is None or self.meter is None:
+            return
+        self._wandb_described = True
+        engine = self.meter.engine
+        config = _wandb.run_config(
+            self.meter.peak, engine.flops_per_token() if engine is not None else None, self.meter.run_flops()
+        )
+        _wandb.describe_run(run, config, self._wandb_prefix, self._wandb_step_metric)
 
     def summary(self) -> dict[str, float]:
         if self.meter is None:
             return {}
         return self.guard.run(self.meter.summary, default={}) or {}
+
+    def finish(self) -> dict[str, float]:
+        """Training ended: the run's summary (a collective when distributed: every rank calls this),
+        printed as the end-of-run report on rank 0 and written to the W&B run summary."""
+        summary = self.summary()
+        if self.meter is None or not summary:
+            return summary
+
+        def report() -> None:
+            meter = self.meter
+            diagnoses = list(meter.diagnostics()) if hasattr(meter, "diagnostics") else []
+            if distributed.rank() != 0:
+                return
+            if self.options.report:
+                print(format_report(summary, meter.run_flops(), meter.peak, diagnoses), flush=True)
+            run = _wandb.active_run()
+            if run is not None:
+                _wandb.summarize_run(run, summary, diagnoses)
+
+        self.guard.run(report)
+        return summary
 
 
 def _device_of(model: nn.Module) -> torch.device:

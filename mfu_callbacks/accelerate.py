@@ -14,7 +14,8 @@ A forward pre-hook on the model sees each training micro-batch; the step ends wh
 optimizer really steps (only on ``sync_gradients`` under ``accelerator.accumulate``). Every
 ``log_interval`` optimizer steps (on all ranks at once, so the one all-reduce is safe) the metrics
 are read; the next ``accelerator.log`` call carries them beside the loss, to every tracker the
-accelerator has (W&B included).
+accelerator has (W&B included). ``accelerator.end_training()`` (or ``tracker.finish()``) prints the
+end-of-run report and writes the run's means to the W&B summary.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ class MFUTracker:
         self.session.watch_forward(model)
         self._hooks = [self._watch_optimizer(optimizer) for optimizer in accelerator._optimizers]
         self._wrap_log()
+        self._wrap_end_training()
+        self.final_summary: dict[str, float] | None = None
 
     def _watch_optimizer(self, optimizer: Any):
         inner = getattr(optimizer, "optimizer", optimizer)  # AcceleratedOptimizer steps the inner one only on sync
@@ -75,6 +78,26 @@ class MFUTracker:
             return original(values, step=step, log_kwargs=log_kwargs or {})
 
         self.accelerator.log = log
+
+    def _wrap_end_training(self) -> None:
+        original = self.accelerator.end_training
+
+        @functools.wraps(original)
+        def end_training(*args: Any, **kwargs: Any):
+            self.finish()  # before the trackers close and the process group goes away
+            return original(*args, **kwargs)
+
+        self.accelerator.end_training = end_training
+
+    def finish(self) -> dict[str, float]:
+        """Training ended: the run's means, the end-of-run report (rank 0) and the W&B summary, once.
+
+        Called by ``accelerator.end_training()``; call it yourself (on every rank) if the loop never does.
+        """
+        if self.final_summary is None:
+            self.final_summary = self.session.finish()
+            self.close()
+        return self.final_summary
 
     def metrics(self) -> dict[str, float]:
         """The metrics of the steps since the last read, now (call on every rank when distributed)."""

@@ -32,7 +32,9 @@ class MFUCallback(Callback):
     """Logs ``train/mfu``, ``train/hfu``, ``train/tflops_per_gpu``, ``train/tokens_per_sec`` ... beside the loss.
 
     Options are those of :class:`~mfu_callbacks._options.MFUOptions` (``peak_tflops``, ``dtype``,
-    ``warmup_steps``, ``log_interval``, ``prefix``, ``token_counter``, ``forward``).
+    ``warmup_steps``, ``log_interval``, ``prefix``, ``token_counter``, ``forward``, ``report``,
+    ``silence_diagnostics``). When training ends, ``summary`` holds the run's means and the
+    end-of-run report is printed on rank 0.
 
     Example::
 
@@ -43,7 +45,9 @@ class MFUCallback(Callback):
         super().__init__()
         options.setdefault("forward", _training_step)
         self.options = MFUOptions(**options)
-        self.session = MeterSession(self.options, "mfu_callbacks.lightning.MFUCallback")
+        self.session = MeterSession(
+            self.options, "mfu_callbacks.lightning.MFUCallback", wandb_step_metric="trainer/global_step"
+        )
         self._micro_batches = 0
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -70,7 +74,7 @@ class MFUCallback(Callback):
             self.session.guard.run(self._log, pl_module, metrics)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.summary = self.session.summary()
+        self.summary = self.session.finish()
 
     @staticmethod
     def _lightning_logs_now(trainer: Trainer) -> bool:

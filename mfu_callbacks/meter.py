@@ -172,6 +172,7 @@ class MFUMeter:
         self.engine = engine
         self.peak = peak if peak is not None else _resolve_peak(model, self.device, dtype, peak_tflops)
         self._model = model
+        self._peak_tflops = peak_tflops
         self._forward = forward
         self._token_counter = token_counter
         self._world_size_given = world_size
@@ -181,6 +182,25 @@ class MFUMeter:
         self._counts: torch.Tensor | None = None  # (rows, 2, NUM_FEATURES) feature sums, one row per step
         self._count_rows: list[torch.Tensor] = []  # views of its rows, so the hot path does no indexing
         self._run = _RunTotals()
+        self._run_features: torch.Tensor | None = None  # summed features of every step read so far
+        self._autocast_probe: torch.utils.hooks.RemovableHandle | None = None
+        if dtype is None and peak is None:
+            # Autocast is entered around the forward, after the meter is built: look once, at the
+            # first forward, and pick the peak of the dtype the matmuls really run in.
+            self._autocast_probe = model.register_forward_pre_hook(self._see_autocast)
+
+    @torch.compiler.disable
+    def _see_autocast(self, module: nn.Module, args: Any) -> None:
+        if self._autocast_probe is not None:
+            self._autocast_probe.remove()
+            self._autocast_probe = None
+        try:
+            from .precision import detect_compute_dtype
+
+            if self.peak is not None and detect_compute_dtype(module, device=self.device) != self.peak.dtype:
+                self.peak = _resolve_peak(module, self.device, None, self._peak_tflops)
+        except Exception:  # noqa: BLE001 - a failed look keeps the peak found at construction
+            pass
 
     # -- per step (hot path: no host sync) -------------------------------------------------------
     def start_step(self, batch: Any = None) -> None:
@@ -304,6 +324,12 @@ class MFUMeter:
         values["tokens_per_sec_per_gpu"] = _per_gpu_per_second(run.tokens, run.wall_seconds, run.world_size)
         return values
 
+    def run_flops(self) -> StepFlops | None:
+        """This rank's FLOPs over every measured step read so far (with the per-component breakdown)."""
+        if self._run_features is None or self.engine is None:
+            return None
+        return self.engine.evaluate(self._run_features)
+
     def _read_window(self) -> _Window | None:
         """Resolve the pending steps and combine the ranks; None when no rank finished a measured step."""
         world = self._world_size()
@@ -361,6 +387,7 @@ class MFUMeter:
         window = counts[:used].sum(0)
         last = counts[steps - 1] if steps - 1 < len(counts) else torch.zeros_like(window)
         on_host = torch.stack([window, last]).cpu()
+        self._run_features = on_host[0] if self._run_features is None else self._run_features + on_host[0]
         if self._step_open and steps < len(counts):  # the open step keeps what it has counted so far
             counts[0].copy_(counts[steps])
             counts[1 : steps + 1].zero_()

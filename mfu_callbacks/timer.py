@@ -147,7 +147,7 @@ class StepTimer:
     def read(self) -> list[StepTiming]:
         """Timings of the steps finished since the last read, oldest first; resolves CUDA events."""
         if self._recorded:
-            self._recorded[-1][1].synchronize()  # stream order: every earlier event has completed too
+            self._recorded[-1][2].synchronize()  # stream order: every earlier event has completed too
             resolved: dict[int, torch.cuda.Event] = {}
             for wait_began, start, stop in self._recorded:
                 wait = wait_began.elapsed_time(start) / 1000.0 if wait_began is not None else 0.0

@@ -32,7 +32,12 @@ class MFUCallback(TrainerCallback):
     def __init__(self, **options: Any) -> None:
         options.setdefault("prefix", "")
         self.options = MFUOptions(**options)
-        self.session = MeterSession(self.options, "mfu_callbacks.transformers.MFUCallback")
+        self.session = MeterSession(
+            self.options,
+            "mfu_callbacks.transformers.MFUCallback",
+            wandb_prefix="train/" + self.options.prefix,  # the Trainer's WandbCallback adds "train/"
+            wandb_step_metric="train/global_step",
+        )
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs):
         self.session.guard.run(self._move_ahead_of_reporters)
@@ -59,7 +64,7 @@ class MFUCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self.session.unwatch()
-        summary = self.session.summary()
+        summary = self.session.finish()
         if summary:
             state.mfu_summary = summary  # read by the end-of-run report
 

@@ -370,3 +370,15 @@ def test_with_the_real_flop_engine_on_a_tiny_llama():
     assert metrics["padding_fraction"] == pytest.approx(0.25)
     assert metrics["hfu"] == pytest.approx(truth_flops(model, full) / PEAK_FLOPS, rel=1e-9)
     assert metrics["mfu"] < metrics["hfu"]
+
+
+def test_the_peak_follows_the_autocast_dtype_seen_at_the_first_forward():
+    """A plain loop builds the meter outside autocast; the matmuls run in bf16, so must the peak."""
+    model = nn.Linear(8, 8)
+    meter = MFUMeter(model, peak_tflops=100.0, warmup_steps=0)
+    assert meter.peak.dtype == "fp32"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.ones(2, 8))
+    assert meter.peak.dtype == "bf16"
+    assert meter.peak.flops == 100e12
+    assert not model._forward_pre_hooks, "the look is taken once, then the hook is gone"

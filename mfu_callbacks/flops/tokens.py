@@ -141,18 +141,32 @@ class TokenCounting:
                                         (decoder, Feature.DECODER_TOKENS, Feature.DECODER_SQUARES)):
             if stream is None:
                 continue
-            out[MODEL, tokens] = stream.real_tokens
-            out[MODEL, squares] = stream.real_squares
-            out[HARDWARE, tokens] = stream.rows * stream.length
-            out[HARDWARE, squares] = stream.hardware_squares
+            _put(out, MODEL, tokens, stream.real_tokens)
+            _put(out, MODEL, squares, stream.real_squares)
+            _put(out, HARDWARE, tokens, stream.rows * stream.length)
+            _put(out, HARDWARE, squares, stream.hardware_squares)
         if main is not None and decoder is not None:
             if main.lengths is not None and decoder.lengths is not None:
-                out[MODEL, Feature.CROSS] = (main.lengths * decoder.lengths).sum()
+                cross = (main.lengths * decoder.lengths).sum()
             elif main.lengths is not None:
-                out[MODEL, Feature.CROSS] = main.lengths.sum() * decoder.length
+                cross = main.lengths.sum() * decoder.length
             elif decoder.lengths is not None:
-                out[MODEL, Feature.CROSS] = decoder.lengths.sum() * main.length
+                cross = decoder.lengths.sum() * main.length
             else:
-                out[MODEL, Feature.CROSS] = rows * main.length * decoder.length
-            out[HARDWARE, Feature.CROSS] = rows * main.length * decoder.length
+                cross = rows * main.length * decoder.length
+            _put(out, MODEL, Feature.CROSS, cross)
+            _put(out, HARDWARE, Feature.CROSS, rows * main.length * decoder.length)
         return out
+
+
+def _put(out: torch.Tensor, row: int, column: int, value: torch.Tensor | int) -> None:
+    """``out[row, column] = value`` without a host sync.
+
+    Item assignment of a 0-dim CUDA tensor reads it back to the host (seen under
+    ``torch.cuda.set_sync_debug_mode("error")``, torch 2.11); ``copy_`` stays on the device.
+    """
+    cell = out[row, column]
+    if isinstance(value, torch.Tensor):
+        cell.copy_(value)
+    else:
+        cell.fill_(value)

@@ -1,0 +1,58 @@
+"""Weights & Biases, when the framework already started a run: config, metric axes, run summary.
+
+Never imports wandb itself: the frameworks' W&B loggers do, and a run exists only then.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from .flops import StepFlops
+from .hardware import PeakInfo
+
+METRIC_NAMES = (
+    "mfu", "hfu", "tflops_per_gpu", "tokens_per_sec", "tokens_per_sec_per_gpu", "step_time",
+    "padding_fraction", "input_wait_fraction", "mfu_last_step", "hfu_last_step", "step_time_max", "step_time_min",
+)
+CONFIG_KEY = "mfu_callbacks"
+SUMMARY_PREFIX = "mfu_run/"
+
+
+def active_run() -> Any | None:
+    """The current W&B run, or None when wandb was never imported or no run is active."""
+    wandb = sys.modules.get("wandb")
+    return getattr(wandb, "run", None) if wandb is not None else None
+
+
+def run_config(peak: PeakInfo | None, flops_per_token: float | None, flops: StepFlops | None) -> dict[str, Any]:
+    """What a run's config should say about how MFU was computed."""
+    values: dict[str, Any] = {}
+    if peak is not None:
+        values.update(peak_tflops=peak.tflops, device=peak.device_name, dtype=peak.dtype, peak_source=peak.source)
+    if flops_per_token is not None:
+        values["model_flops_per_token_linear"] = flops_per_token
+    if flops is not None and flops.model_flops:
+        values["flops_breakdown_share"] = {
+            name: value / flops.model_flops for name, value in flops.breakdown.items() if value
+        }
+    return values
+
+
+def describe_run(run: Any, config: Mapping[str, Any], metric_prefix: str, step_metric: str | None) -> None:
+    """Record how MFU was computed, and plot the metrics against the framework's global step."""
+    run.config.update({CONFIG_KEY: dict(config)}, allow_val_change=True)
+    for name in METRIC_NAMES:
+        if step_metric:
+            run.define_metric(metric_prefix + name, step_metric=step_metric)
+        else:
+            run.define_metric(metric_prefix + name)
+
+
+def summarize_run(run: Any, summary: Mapping[str, float], diagnoses: Iterable[Any] = ()) -> None:
+    """The run's means after warm-up (token- and time-weighted, not a mean of logged points)."""
+    for name, value in summary.items():
+        run.summary[SUMMARY_PREFIX + name] = value
+    for diagnosis in diagnoses:
+        run.summary[f"mfu_diagnosis/{getattr(diagnosis, 'id', 'unknown')}"] = str(getattr(diagnosis, "message", diagnosis))

@@ -1,0 +1,42 @@
+"""The end-of-run report: one block of text with the run's MFU, its FLOPs by component and the diagnoses."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .flops import StepFlops
+from .hardware import PeakInfo
+
+
+def format_report(
+    summary: Mapping[str, float],
+    run_flops: StepFlops | None,
+    peak: PeakInfo | None,
+    diagnoses: Sequence[Any] = (),
+) -> str:
+    """The report as printed when training ends; ``summary`` is ``MFUMeter.summary()``."""
+    lines = ["MFU report (mfu-callbacks), measured steps after warm-up"]
+    if peak is not None:
+        lines.append(f"  peak: {peak.device_name}, {peak.dtype}, {peak.tflops:.1f} TFLOP/s dense per GPU ({peak.source})")
+    else:
+        lines.append("  peak: unknown GPU, MFU not computed (pass peak_tflops= or set MFU_PEAK_TFLOPS)")
+    figures = [
+        ("MFU", summary.get("mfu"), "{:.1%}"),
+        ("HFU", summary.get("hfu"), "{:.1%}"),
+        ("model TFLOP/s per GPU", summary.get("tflops_per_gpu"), "{:.1f}"),
+        ("tokens/s per GPU", summary.get("tokens_per_sec_per_gpu"), "{:,.0f}"),
+    ]
+    lines.append("  " + "   ".join(f"{name} {form.format(value)}" for name, value, form in figures if value is not None))
+    if run_flops is not None and run_flops.model_flops > 0:
+        lines.append("  model FLOPs by component:")
+        total = run_flops.model_flops
+        for component, flops in sorted(run_flops.breakdown.items(), key=lambda item: -item[1]):
+            if flops:
+                lines.append(f"    {component:<24} {flops / total:>6.1%}")
+        if run_flops.padded_tokens:
+            lines.append(f"  padding: {run_flops.padding_fraction:.1%} of computed tokens")
+    if diagnoses:
+        lines.append("  diagnoses:")
+        lines.extend(f"    [{getattr(d, 'id', '?')}] {getattr(d, 'message', d)}" for d in diagnoses)
+    return "\n".join(lines)
