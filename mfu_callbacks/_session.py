@@ -111,7 +111,7 @@ class MeterSession:
         self._wandb_described = True
         engine = self.meter.engine
         config = _wandb.run_config(
-            self.meter.peak, engine.flops_per_token() if engine is not None else None, self.meter.run_flops()
+            self.meter.peak, engine.flops_per_token if engine is not None else None, self.meter.run_flops()
         )
         _wandb.describe_run(run, config, self._wandb_prefix, self._wandb_step_metric)
 

@@ -1,7 +1,9 @@
-"""The ``mfu-callbacks`` command line: plan a run's FLOPs before starting it.
+"""The ``mfu-callbacks`` command line: plan a run's FLOPs before starting it, plot MFU after it.
 
     mfu-callbacks estimate --config config.json --seq-len 4096 --batch-size 8 --gpu h100
     mfu-callbacks estimate --config config.json --seq-len 2048 --batch-size 4 --lora-r 16 --lora-targets q_proj,v_proj
+    mfu-callbacks plot wandb/offline-run-20261124_120000-abc123 -o mfu.png
+    mfu-callbacks plot lightning_logs/version_0/metrics.csv -o mfu.png
 """
 
 from __future__ import annotations
@@ -121,6 +123,42 @@ def _print_estimate(result: dict[str, Any]) -> None:
                   f"{numbers['tokens_per_sec']:12,.0f} tokens/s per GPU")
 
 
+def _plot(args: argparse.Namespace) -> None:
+    from ._runlog import RunLogError, read_curves
+
+    try:
+        curves = read_curves(args.run)
+    except RunLogError as error:
+        raise CliError(str(error)) from None
+    try:
+        import matplotlib
+    except ImportError:
+        raise CliError("plot needs matplotlib: pip install 'mfu-callbacks[plot]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (mfu_axis, loss_axis) = plt.subplots(2, 1, sharex=True, figsize=(8, 5.5), height_ratios=(1, 1))
+    steps, values = zip(*curves.mfu)
+    mfu_axis.plot(steps, [100 * value for value in values], color="tab:green", marker=".")
+    mfu_axis.set_ylabel("MFU (%)")
+    mfu_axis.set_ylim(bottom=0)
+    mfu_axis.grid(alpha=0.3)
+    mfu_axis.set_title(f"MFU and loss: {Path(curves.source).name}", fontsize=10)
+    if curves.loss:
+        steps, values = zip(*curves.loss)
+        loss_axis.plot(steps, values, color="tab:blue", marker=".")
+    loss_axis.set_ylabel("loss")
+    loss_axis.set_xlabel("optimizer step")
+    loss_axis.grid(alpha=0.3)
+    figure.tight_layout()
+    try:
+        figure.savefig(args.output, dpi=args.dpi)
+    except OSError as error:
+        raise CliError(f"cannot write {args.output}: {error}") from None
+    plt.close(figure)
+    print(f"wrote {args.output}: {len(curves.mfu)} MFU points, {len(curves.loss)} loss points from {curves.source}")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mfu-callbacks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -139,20 +177,38 @@ def _parser() -> argparse.ArgumentParser:
     estimate.add_argument("--gpu", help="e.g. h100, h200, a100, mi300x: adds step times at 100%%, 50%%, 40%% MFU")
     estimate.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp8", "tf32", "fp32"))
     estimate.add_argument("--json", action="store_true", help="print JSON")
+    estimate.set_defaults(handler=_run_estimate)
+    plot = commands.add_parser(
+        "plot", help="the MFU curve above the loss curve, from a finished or running run",
+        description="Reads a W&B offline run (folder or .wandb file), a Lightning metrics.csv or a Trainer "
+                    "trainer_state.json.",
+        epilog="examples:\n  mfu-callbacks plot wandb/offline-run-20261124_120000-abc123 -o mfu.png\n"
+               "  mfu-callbacks plot lightning_logs/version_0/metrics.csv -o mfu.png\n"
+               "  mfu-callbacks plot out/checkpoint-500/trainer_state.json -o mfu.png",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    plot.add_argument("run", help="W&B run folder or .wandb file, metrics.csv, or trainer_state.json")
+    plot.add_argument("-o", "--output", default="mfu.png", help="image to write (default: mfu.png)")
+    plot.add_argument("--dpi", type=int, default=120)
+    plot.set_defaults(handler=_plot)
     return parser
+
+
+def _run_estimate(args: argparse.Namespace) -> None:
+    result = _estimate(args)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        _print_estimate(result)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        result = _estimate(args)
+        args.handler(args)
     except CliError as error:
         print(f"mfu-callbacks: error: {error}", file=sys.stderr)
         return EXIT_USAGE
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        _print_estimate(result)
     return 0
 
 

@@ -1,0 +1,123 @@
+"""Read the MFU and loss curves back from what a training run left on disk.
+
+Three formats: a W&B offline run (read with W&B's own reader, ``wandb leet inspect --json``), a
+Lightning ``CSVLogger`` ``metrics.csv``, and a Hugging Face Trainer ``trainer_state.json``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+_MFU_KEYS = ("train/mfu", "mfu")
+_LOSS_KEYS = ("train/loss", "loss")
+_STEP_KEYS = ("train/global_step", "trainer/global_step", "step", "_step")
+
+
+class RunLogError(Exception):
+    """The path is not a run this module can read: the message names what was looked for."""
+
+
+@dataclass
+class Curves:
+    """(step, value) points of MFU and loss, in step order, and what they were read from."""
+
+    source: str
+    mfu: list[tuple[float, float]] = field(default_factory=list)
+    loss: list[tuple[float, float]] = field(default_factory=list)
+
+    def add(self, row: dict) -> None:
+        step = next((float(row[key]) for key in _STEP_KEYS if _is_number(row.get(key))), None)
+        if step is None:
+            return
+        for keys, points in ((_MFU_KEYS, self.mfu), (_LOSS_KEYS, self.loss)):
+            value = next((float(row[key]) for key in keys if _is_number(row.get(key))), None)
+            if value is not None:
+                points.append((step, value))
+
+
+def _is_number(value: object) -> bool:
+    if isinstance(value, bool) or value is None or value == "":
+        return False
+    try:
+        float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def read_curves(path: str | Path) -> Curves:
+    """The curves of the run at ``path`` (a W&B run folder or .wandb file, metrics.csv, trainer_state.json)."""
+    path = Path(path)
+    if not path.exists():
+        raise RunLogError(f"no such file or folder: {path}")
+    if path.is_dir():
+        candidates = sorted(path.rglob("run-*.wandb")) or sorted(path.rglob("metrics.csv")) or sorted(
+            path.rglob("trainer_state.json")
+        )
+        if not candidates:
+            raise RunLogError(
+                f"{path} holds no W&B run (run-*.wandb), Lightning metrics.csv or Trainer trainer_state.json"
+            )
+        path = candidates[-1]
+    if path.suffix == ".wandb":
+        curves = _read_wandb(path)
+    elif path.suffix == ".csv":
+        curves = _read_csv(path)
+    elif path.suffix == ".json":
+        curves = _read_trainer_state(path)
+    else:
+        raise RunLogError(f"cannot read {path}: expected a .wandb run log, a metrics.csv or a trainer_state.json")
+    if not curves.mfu:
+        raise RunLogError(f"no MFU in {path}: was the MFU callback in the run, and did it log (after warm-up)?")
+    curves.mfu.sort()
+    curves.loss.sort()
+    return curves
+
+
+def _read_wandb(path: Path) -> Curves:
+    executable = shutil.which("wandb") or str(Path(sys.executable).parent / "wandb")
+    try:
+        result = subprocess.run([executable, "leet", "inspect", "--json", str(path)], capture_output=True, text=True,
+                                timeout=300, stdin=subprocess.DEVNULL)
+    except OSError as error:
+        raise RunLogError(f"reading a W&B run needs the wandb command (pip install wandb): {error}") from None
+    if result.returncode != 0:
+        raise RunLogError(f"wandb could not read {path}: {result.stderr.strip()[-300:]}")
+    curves = Curves(source=str(path))
+    for line in result.stdout.splitlines():
+        if line.startswith("{"):
+            record = json.loads(line)
+            if record.get("type") == "history":
+                curves.add(record["history"]["item"])
+    return curves
+
+
+def _read_csv(path: Path) -> Curves:
+    curves = Curves(source=str(path))
+    try:
+        with open(path, newline="") as handle:
+            for row in csv.DictReader(handle):
+                curves.add(row)
+    except (OSError, csv.Error, UnicodeDecodeError) as error:
+        raise RunLogError(f"cannot read {path} as CSV: {error}") from None
+    return curves
+
+
+def _read_trainer_state(path: Path) -> Curves:
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise RunLogError(f"cannot read {path} as JSON: {error}") from None
+    if not isinstance(state, dict) or not isinstance(state.get("log_history"), list):
+        raise RunLogError(f"{path} has no 'log_history': is it a Trainer trainer_state.json?")
+    curves = Curves(source=str(path))
+    for row in state["log_history"]:
+        if isinstance(row, dict):
+            curves.add(row)
+    return curves

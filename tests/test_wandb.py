@@ -1,0 +1,127 @@
+"""W&B offline, read back with W&B's own reader: MFU in the loss's history row, for each integration."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import FixedLengthTokens, collate, tiny_llama
+from torch.utils.data import DataLoader
+
+wandb = pytest.importorskip("wandb")
+
+PEAK_TFLOPS = 0.5
+BATCH = 4
+STEPS = 6
+
+
+@pytest.fixture
+def offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    yield tmp_path
+    if wandb.run is not None:
+        wandb.finish()
+    wandb.teardown()  # W&B keeps its settings (the run folder) per process: start the next test afresh
+
+
+def read_run(folder: Path) -> list[dict]:
+    """The records of the one offline run under ``folder``, through ``wandb leet inspect --json``."""
+    logs = list(folder.rglob("offline-run-*/run-*.wandb"))
+    assert len(logs) == 1, f"expected one offline run under {folder}, found {logs}"
+    (log,) = logs
+    executable = shutil.which("wandb") or str(Path(sys.executable).parent / "wandb")
+    result = subprocess.run([executable, "leet", "inspect", "--json", str(log)], capture_output=True, text=True,
+                            timeout=120, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+
+
+def check_run(records: list[dict], loss_key: str, mfu_key: str, step_metric: str | None) -> None:
+    rows = [record["history"]["item"] for record in records if record["type"] == "history"]
+    with_mfu = [row for row in rows if mfu_key in row]
+    assert with_mfu, f"no history row has {mfu_key}: {rows}"
+    for row in with_mfu:
+        assert loss_key in row, f"{mfu_key} is not in the same history row as {loss_key}: {row}"
+        assert 0 < row[mfu_key] < 1
+    defined = {record["metric"].get("name"): record["metric"] for record in records if record["type"] == "metric"}
+    assert mfu_key in defined
+    if step_metric:
+        assert defined[mfu_key].get("step_metric") == step_metric
+    config = {}
+    for record in records:
+        if record["type"] == "config":
+            config.update(record["config"].get("update", {}))
+        if record["type"] == "run":
+            config.update(record["run"].get("config", {}).get("update", {}))
+    described = config["mfu_callbacks"]
+    assert described["peak_tflops"] == PEAK_TFLOPS
+    assert described["dtype"] == "fp32"
+    assert described["model_flops_per_token_linear"] > 0
+    assert sum(described["flops_breakdown_share"].values()) == pytest.approx(1.0)
+    summary = {}
+    for record in records:
+        if record["type"] == "summary":
+            summary.update(record["summary"].get("update", {}))
+    assert 0 < summary["mfu_run/mfu"] < 1
+    assert summary["mfu_run/hfu"] >= summary["mfu_run/mfu"]
+
+
+def test_hf_trainer_with_report_to_wandb(offline):
+    from transformers import Trainer, TrainingArguments
+
+    from mfu_callbacks.transformers import MFUCallback
+
+    args = TrainingArguments(output_dir=str(offline / "out"), max_steps=STEPS, per_device_train_batch_size=BATCH,
+                             logging_steps=2, report_to=["wandb"], save_strategy="no", disable_tqdm=True,
+                             use_cpu=True, run_name="hf")
+    trainer = Trainer(model=tiny_llama(), args=args, train_dataset=FixedLengthTokens(64), data_collator=collate,
+                      callbacks=[MFUCallback(peak_tflops=PEAK_TFLOPS, warmup_steps=1)])
+    trainer.train()
+    wandb.finish()
+    check_run(read_run(offline), "train/loss", "train/mfu", "train/global_step")
+
+
+def test_lightning_with_wandb_logger(offline):
+    import lightning as L
+    from lightning.pytorch.loggers import WandbLogger
+    from test_lightning import TinyModule
+
+    from mfu_callbacks.lightning import MFUCallback
+
+    trainer = L.Trainer(max_steps=STEPS, accelerator="cpu", devices=1, log_every_n_steps=2,
+                        logger=WandbLogger(project="lightning", save_dir=str(offline), offline=True),
+                        callbacks=[MFUCallback(peak_tflops=PEAK_TFLOPS, warmup_steps=1)], enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(TinyModule(), DataLoader(FixedLengthTokens(64), batch_size=BATCH, collate_fn=collate))
+    wandb.finish()
+    check_run(read_run(offline), "train/loss", "train/mfu", "trainer/global_step")
+
+
+def test_accelerate_with_log_with_wandb(offline):
+    from accelerate import Accelerator
+
+    from mfu_callbacks.accelerate import MFUTracker
+
+    accelerator = Accelerator(cpu=True, log_with="wandb")
+    accelerator.init_trackers("accelerate", init_kwargs={"wandb": {"dir": str(offline)}})
+    model = tiny_llama()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = DataLoader(FixedLengthTokens(BATCH * STEPS), batch_size=BATCH, collate_fn=collate)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    MFUTracker(accelerator, model, peak_tflops=PEAK_TFLOPS, warmup_steps=1, log_interval=2)
+    for step, batch in enumerate(loader):
+        loss = model(**batch).loss
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        accelerator.log({"train/loss": loss.item()}, step=step)
+    accelerator.end_training()
+    check_run(read_run(offline), "train/loss", "train/mfu", None)
