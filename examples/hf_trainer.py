@@ -54,6 +54,9 @@ def main() -> None:
             hfu = f"{row['hfu']:.4f}" if "hfu" in row else "    n/a"
             print(f"{row['step']:>5} {row['loss']:>8.4f} {mfu:>7} {hfu:>7} {row['tflops_per_gpu']:>8.4f} "
                   f"{row['tokens_per_sec']:>9.0f} {row['padding_fraction']:>8.1%}")
+    state_file = os.path.join(args.output_dir, "trainer_state.json")
+    trainer.state.save_to_json(state_file)
+    print(f"curves: mfu-callbacks plot {state_file} -o mfu.png")
 
 
 if __name__ == "__main__":
