@@ -42,7 +42,8 @@ class MFUTracker:
     """
 
     def __init__(self, accelerator: Accelerator, model: nn.Module, **options: Any) -> None:
-        options.setdefault("log_interval", _DEFAULT_LOG_INTERVAL)
+        if options.get("log_interval") is None:  # Accelerate has no logging cadence of its own to follow
+            options["log_interval"] = _DEFAULT_LOG_INTERVAL
         self.options = MFUOptions(**options)
         self.accelerator = accelerator
         self.latest: dict[str, float] = {}

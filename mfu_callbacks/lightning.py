@@ -43,7 +43,8 @@ class MFUCallback(Callback):
 
     def __init__(self, **options: Any) -> None:
         super().__init__()
-        options.setdefault("forward", _training_step)
+        if options.get("forward") is None:  # LightningCLI passes every option, unset ones as None
+            options["forward"] = _training_step
         self.options = MFUOptions(**options)
         self.session = MeterSession(
             self.options, "mfu_callbacks.lightning.MFUCallback", wandb_step_metric="trainer/global_step"

@@ -138,3 +138,20 @@ def test_two_processes_under_torchrun(tmp_path):
     assert metrics["train/tokens_per_sec"] == pytest.approx(2 * 4 * 16 / metrics["train/step_time"], rel=0.05)
     assert metrics["train/tokens_per_sec_per_gpu"] == pytest.approx(4 * 16 / metrics["train/step_time"], rel=0.05)
     assert metrics["train/step_time_max"] >= metrics["train/step_time_min"]
+
+
+def test_an_internal_error_is_logged_once_and_training_goes_on(monkeypatch, caplog):
+    import logging
+
+    from mfu_callbacks.meter import MFUMeter
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("deliberate failure")
+
+    _, clean_losses, _ = run_loop(with_tracker=False)
+    monkeypatch.setattr(MFUMeter, "end_step", broken)
+    with caplog.at_level(logging.ERROR, logger="mfu_callbacks"):
+        records, losses, _ = run_loop(with_tracker=True)
+    assert losses == clean_losses
+    assert len([r for r in caplog.records if "stopped measuring MFU" in r.getMessage()]) == 1
+    assert not any("train/mfu" in values for _, values in records)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -106,3 +108,21 @@ def test_two_process_ddp_on_cpu_reports_both_ranks(tmp_path):
         assert float(row["train/tokens_per_sec"]) == pytest.approx(2 * BATCH * 16 / step_time, rel=0.05)
         assert float(row["train/tokens_per_sec_per_gpu"]) == pytest.approx(BATCH * 16 / step_time, rel=0.05)
         assert float(row["train/step_time_max"]) >= float(row["train/step_time_min"])
+
+
+def test_lightning_cli_config_turns_mfu_on(tmp_path):
+    """The YAML in configs/ enables the callback with its class_path alone."""
+    root = Path(__file__).parent.parent
+    command = [sys.executable, str(root / "examples" / "lightning_cli.py"), "fit", "--config",
+               str(root / "configs" / "lightning.yaml"), "--trainer.max_steps", "6", "--trainer.log_every_n_steps", "2",
+               "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.accelerator", "cpu",
+               "--trainer.callbacks.init_args.peak_tflops", "0.5",
+               "--model.hidden_size", "32", "--model.seq_len", "16", "--data.seq_len", "16"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "stopped measuring" not in result.stderr, result.stderr[-3000:]
+    (metrics_file,) = tmp_path.rglob("metrics.csv")
+    with open(metrics_file) as handle:
+        rows = [row for row in csv.DictReader(handle) if row.get("train/mfu")]
+    assert rows and all(row["train/loss"] for row in rows)
+    assert all(0 < float(row["train/mfu"]) < 1 for row in rows)

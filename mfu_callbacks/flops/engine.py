@@ -219,8 +219,9 @@ class FlopEngine:
         else:
             raise ModelIntrospectionError(
                 f"could not trace {type(base).__name__} on the meta device ({errors[-1]}). If the model does not "
-                "take the batch as keyword arguments, pass forward=lambda model, batch: model(...); if it runs "
-                "custom kernels, pass flops_per_token= to the meter instead."
+                "take the batch as keyword arguments, pass forward=lambda model, batch: model(...) (returning "
+                "the loss); if its forward cannot run on the meta device (custom kernels without a meta "
+                "implementation), pass a forward= that runs an equivalent made of torch operations."
             )
         coefficients = _fit(totals, shapes)
         description = _describe(base, replica, substituted, coefficients)
