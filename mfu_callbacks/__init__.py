@@ -8,6 +8,7 @@ integrations live in ``mfu_callbacks.lightning``, ``mfu_callbacks.transformers``
 from __future__ import annotations
 
 from ._options import MFUOptions
+from .diagnostics import Diagnosis
 from .flops import BatchError, FlopEngine, ModelIntrospectionError, StepFlops, estimate_step_flops
 from .hardware import peak_flops
 from .meter import MFUMeter
@@ -16,6 +17,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BatchError",
+    "Diagnosis",
     "FlopEngine",
     "MFUMeter",
     "MFUOptions",

@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from .diagnostics import validate_ids
+
 _DTYPE_NAMES = ("fp32", "tf32", "bf16", "fp16", "fp8")
 
 
@@ -52,7 +54,7 @@ class MFUOptions:
             isinstance(item, str) for item in self.silence_diagnostics
         ):
             raise ValueError(f"silence_diagnostics must be a list of diagnosis ids, got {self.silence_diagnostics!r}")
-        object.__setattr__(self, "silence_diagnostics", tuple(self.silence_diagnostics))
+        object.__setattr__(self, "silence_diagnostics", validate_ids(self.silence_diagnostics))
         for name in ("token_counter", "forward"):
             value = getattr(self, name)
             if value is not None and not callable(value):

@@ -49,6 +49,7 @@ class MeterSession:
                 forward=self.options.forward,
                 token_counter=self.options.token_counter,
                 device=_device_of(model),
+                silence_diagnostics=self.options.silence_diagnostics,
             )
 
         self.guard.run(create)

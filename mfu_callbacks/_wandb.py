@@ -55,4 +55,7 @@ def summarize_run(run: Any, summary: Mapping[str, float], diagnoses: Iterable[An
     for name, value in summary.items():
         run.summary[SUMMARY_PREFIX + name] = value
     for diagnosis in diagnoses:
-        run.summary[f"mfu_diagnosis/{getattr(diagnosis, 'id', 'unknown')}"] = str(getattr(diagnosis, "message", diagnosis))
+        key = f"mfu_diagnosis/{getattr(diagnosis, 'id', 'unknown')}"
+        run.summary[key] = str(getattr(diagnosis, "message", diagnosis))
+        if getattr(diagnosis, "mfu_cost", None) is not None:
+            run.summary[key + "/mfu_cost"] = diagnosis.mfu_cost

@@ -18,7 +18,9 @@ FLOPs, and one reduction combines the ranks.
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -26,11 +28,14 @@ import torch
 from torch import nn
 
 from . import distributed
+from .diagnostics import Diagnosis, Diagnostics
 from .flops import FlopEngine, Forward, StepFlops, TokenCounter
 from .timer import StepTimer
 
 if TYPE_CHECKING:
     from .hardware import PeakInfo
+
+logger = logging.getLogger("mfu_callbacks")
 
 _INITIAL_STEP_ROWS = 64  # steps between two reads before the count buffer grows
 
@@ -145,6 +150,8 @@ class MFUMeter:
     world_size: GPUs sharing the work; default: the process group's size. Without a process group
         the other ranks are assumed to do what this one does.
     engine / timer / peak: ready-made parts, for integrations that build them and for tests.
+    silence_diagnostics: ids of diagnoses never to report (see ``mfu_callbacks.diagnostics``);
+        an unknown id raises ValueError.
     """
 
     def __init__(
@@ -161,6 +168,7 @@ class MFUMeter:
         engine: FlopEngine | None = None,
         timer: StepTimer | None = None,
         peak: PeakInfo | None = None,
+        silence_diagnostics: Iterable[str] = (),
     ) -> None:
         if not isinstance(warmup_steps, int) or warmup_steps < 0:
             raise ValueError(f"warmup_steps must be a whole number >= 0, got {warmup_steps!r}")
@@ -176,6 +184,10 @@ class MFUMeter:
         self._forward = forward
         self._token_counter = token_counter
         self._world_size_given = world_size
+        self._dtype_given = dtype
+        self._diagnostics = Diagnostics(silence_diagnostics)
+        self._forward_seen = False
+        self._autocast_dtype: str | None = None  # autocast's dtype at the first forward, None without autocast
         self._timer = timer if timer is not None else StepTimer(warmup_steps, device=self.device)
         self._step_open = False
         self._steps_unread = 0  # measured steps finished since the last read: the rows in use below
@@ -183,17 +195,22 @@ class MFUMeter:
         self._count_rows: list[torch.Tensor] = []  # views of its rows, so the hot path does no indexing
         self._run = _RunTotals()
         self._run_features: torch.Tensor | None = None  # summed features of every step read so far
-        self._autocast_probe: torch.utils.hooks.RemovableHandle | None = None
-        if dtype is None and peak is None:
-            # Autocast is entered around the forward, after the meter is built: look once, at the
-            # first forward, and pick the peak of the dtype the matmuls really run in.
-            self._autocast_probe = model.register_forward_pre_hook(self._see_autocast)
+        # Autocast is entered around the forward, after the meter is built: look once, at the first
+        # forward, and (unless the dtype was given) pick the peak of the dtype the matmuls really run in.
+        self._resolve_peak_at_first_forward = dtype is None and peak is None
+        self._autocast_probe: torch.utils.hooks.RemovableHandle | None = model.register_forward_pre_hook(
+            self._see_autocast
+        )
 
     @torch.compiler.disable
     def _see_autocast(self, module: nn.Module, args: Any) -> None:
         if self._autocast_probe is not None:
             self._autocast_probe.remove()
             self._autocast_probe = None
+        self._forward_seen = True
+        self._autocast_dtype = _autocast_dtype(self.device)
+        if not self._resolve_peak_at_first_forward:
+            return
         try:
             from .precision import detect_compute_dtype
 
@@ -330,10 +347,16 @@ class MFUMeter:
             return None
         return self.engine.evaluate(self._run_features)
 
+    def diagnostics(self) -> list[Diagnosis]:
+        """Every diagnosis fired so far (each at most once per run); checked when metrics are read."""
+        return list(self._diagnostics.fired)
+
     def _read_window(self) -> _Window | None:
         """Resolve the pending steps and combine the ranks; None when no rank finished a measured step."""
         world = self._world_size()
         with self._timer.paused():  # the GPU drain waited for here is not input wait
+            if self._steps_unread:  # before the drain, while the GPU still runs the steps to be read
+                self._diagnostics.sample_clock(self.device)
             local = self._local_window(world)
             if distributed.is_distributed():
                 window = _combine_ranks(local)
@@ -341,10 +364,37 @@ class MFUMeter:
                 window = _assume_matching_ranks(local)
             else:
                 window = local
-        if window.steps == 0 or window.wall_seconds <= 0:
-            return None
-        self._run.add(window)
+            if window.steps == 0 or window.wall_seconds <= 0:
+                return None
+            self._run.add(window)
+            self._diagnose(window)
         return window
+
+    def _diagnose(self, window: _Window) -> None:
+        """Run the diagnoses on what was just read (host-side numbers only: no sync, no collective)."""
+        try:
+            self._diagnostics.review(
+                window,
+                model=self._model,
+                engine=self.engine,
+                run_features=self._run_features,
+                peak_flops=self.peak.flops if self.peak is not None else None,
+                compute_dtype=self._compute_dtype(),
+                autocast_in_training=self._autocast_dtype is not None if self._forward_seen else None,
+            )
+        except Exception:  # noqa: BLE001 - diagnoses are advice: they never cost the run its metrics
+            logger.debug("mfu_callbacks: diagnoses failed", exc_info=True)
+
+    def _compute_dtype(self) -> str | None:
+        """The dtype the matmuls run in: the peak's, else as given, seen under autocast, or stored."""
+        if self.peak is not None:
+            return self.peak.dtype
+        from .precision import detect_compute_dtype
+
+        try:
+            return detect_compute_dtype(self._model, override=self._dtype_given or self._autocast_dtype, device=self.device)
+        except (ValueError, RuntimeError):
+            return None
 
     def _local_window(self, world: int) -> _Window:
         timings = self._timer.read()
@@ -405,6 +455,18 @@ class MFUMeter:
                 )
             return ranks
         return self._world_size_given or 1
+
+
+def _autocast_dtype(device: torch.device) -> str | None:
+    """The dtype key of the autocast region active now on the model's device type, None without one."""
+    from .precision import parse_compute_dtype
+
+    try:
+        if torch.is_autocast_enabled(device.type):
+            return parse_compute_dtype(torch.get_autocast_dtype(device.type))
+    except (RuntimeError, ValueError):
+        pass
+    return None
 
 
 def _device_of(model: nn.Module) -> torch.device:

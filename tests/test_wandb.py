@@ -74,6 +74,14 @@ def check_run(records: list[dict], loss_key: str, mfu_key: str, step_metric: str
     assert summary["mfu_run/hfu"] >= summary["mfu_run/mfu"]
 
 
+def collate_with_padding(rows):
+    """A quarter of every row is padding: the padding diagnosis fires and lands in the run summary."""
+    batch = collate(rows)
+    batch["attention_mask"][:, -4:] = 0
+    batch["labels"][:, -4:] = -100
+    return batch
+
+
 def test_hf_trainer_with_report_to_wandb(offline):
     from transformers import Trainer, TrainingArguments
 
@@ -82,11 +90,18 @@ def test_hf_trainer_with_report_to_wandb(offline):
     args = TrainingArguments(output_dir=str(offline / "out"), max_steps=STEPS, per_device_train_batch_size=BATCH,
                              logging_steps=2, report_to=["wandb"], save_strategy="no", disable_tqdm=True,
                              use_cpu=True, run_name="hf")
-    trainer = Trainer(model=tiny_llama(), args=args, train_dataset=FixedLengthTokens(64), data_collator=collate,
-                      callbacks=[MFUCallback(peak_tflops=PEAK_TFLOPS, warmup_steps=1)])
+    trainer = Trainer(model=tiny_llama(), args=args, train_dataset=FixedLengthTokens(64),
+                      data_collator=collate_with_padding, callbacks=[MFUCallback(peak_tflops=PEAK_TFLOPS, warmup_steps=1)])
     trainer.train()
     wandb.finish()
-    check_run(read_run(offline), "train/loss", "train/mfu", "train/global_step")
+    records = read_run(offline)
+    check_run(records, "train/loss", "train/mfu", "train/global_step")
+    summary = {}
+    for record in records:
+        if record["type"] == "summary":
+            summary.update(record["summary"].get("update", {}))
+    assert "25.0%" in summary["mfu_diagnosis/padding_waste"]
+    assert summary["mfu_diagnosis/padding_waste/mfu_cost"] > 0
 
 
 def test_lightning_with_wandb_logger(offline):

@@ -1,0 +1,424 @@
+"""Each diagnosis triggered by its condition on a tiny model on CPU, and silent on a clean run.
+
+Steps are timed by a fake clock and NVML is a fake module; expected numbers are worked out from
+torch's FlopCounterMode (the truth of ``conftest``) and the seconds each test chose, never with the
+diagnostics' own helpers.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import torch
+import transformers
+from conftest import VOCAB, checkpointing_off, full_batch, make_eager, model_truth, padded_batch, step_truth
+from peft import LoraConfig, get_peft_model
+from test_meter import FakeClock
+from torch import nn
+
+import mfu_callbacks.diagnostics as diagnostics_module
+from mfu_callbacks import distributed
+from mfu_callbacks.diagnostics import DIAGNOSIS_IDS, Diagnosis, Diagnostics
+from mfu_callbacks.flops import FlopEngine
+from mfu_callbacks.meter import MFUMeter
+from mfu_callbacks.timer import StepTimer
+
+PEAK_FLOPS = 1e9  # a slow fake GPU, so that the tiny model's MFU is a readable fraction
+HIDDEN, LAYERS = 64, 2
+
+
+@dataclass(frozen=True)
+class FakePeak:
+    """The PeakInfo interface, at a chosen dtype."""
+
+    flops: float = PEAK_FLOPS
+    device_name: str = "Fake GPU"
+    dtype: str = "bf16"
+    source: str = "test"
+
+
+def llama(vocab: int = VOCAB, intermediate: int = 128, dtype: torch.dtype = torch.float32) -> nn.Module:
+    config = transformers.LlamaConfig(
+        vocab_size=vocab, hidden_size=HIDDEN, intermediate_size=intermediate, num_hidden_layers=LAYERS,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).to(dtype)
+
+
+def make_meter(model: nn.Module, clock: FakeClock, template: Any, *, dtype: str = "bf16", **kwargs: Any) -> MFUMeter:
+    """A meter on a fake clock with the engine built up front (no warm-up step needed)."""
+    timer = StepTimer(0, clock=clock, force_cpu=True)
+    engine = FlopEngine.from_model(model, template)
+    return MFUMeter(model, engine=engine, timer=timer, peak=FakePeak(dtype=dtype), **kwargs)
+
+
+def run_steps(meter: MFUMeter, clock: FakeClock, batch: Any, steps: int, *, seconds: float = 1.0, wait: float = 0.0) -> None:
+    for _ in range(steps):
+        clock.advance(wait)
+        meter.start_step(batch)
+        clock.advance(seconds)
+        meter.end_step()
+
+
+def fired(meter: MFUMeter, diagnosis_id: str) -> Diagnosis | None:
+    matches = [diagnosis for diagnosis in meter.diagnostics() if diagnosis.id == diagnosis_id]
+    assert len(matches) <= 1, f"{diagnosis_id} fired {len(matches)} times"
+    return matches[0] if matches else None
+
+
+def ids(meter: MFUMeter) -> list[str]:
+    return [diagnosis.id for diagnosis in meter.diagnostics()]
+
+
+@pytest.fixture(scope="module")
+def clean_model() -> nn.Module:
+    """Vocabulary 128, hidden 64, intermediate 128: every size aligned for bf16 and fp8."""
+    return make_eager(llama())
+
+
+# -- a clean run ---------------------------------------------------------------------------------
+def test_a_clean_run_fires_nothing(clean_model, monkeypatch):
+    fake_nvml = FakeNvml([1900, 1950, 1880])
+    monkeypatch.setitem(sys.modules, "pynvml", fake_nvml)
+    clock = FakeClock()
+    batch = full_batch(2, 16)
+    meter = make_meter(clean_model, clock, batch, device="cuda:0")  # NVML is asked about "cuda:0"
+    for _ in range(3):
+        run_steps(meter, clock, batch, 6, seconds=1.0, wait=0.02)  # 2% input wait
+        assert meter.metrics()
+    assert meter.summary()
+    assert fake_nvml.clock_reads == 3
+    assert meter.diagnostics() == []
+
+
+def test_checks_run_at_read_time_only(clean_model, monkeypatch):
+    reviews = []
+    review = Diagnostics.review
+    monkeypatch.setattr(Diagnostics, "review", lambda self, *a, **k: reviews.append(1) or review(self, *a, **k))
+    clock = FakeClock()
+    batch = full_batch(2, 16)
+    meter = make_meter(clean_model, clock, batch)
+    run_steps(meter, clock, batch, 5)
+    assert reviews == []
+    meter.metrics()
+    assert reviews == [1]
+
+
+# -- vocabulary ----------------------------------------------------------------------------------
+def test_a_vocabulary_off_64_reports_the_heads_share_and_the_padded_size():
+    model = make_eager(llama(vocab=1000))
+    clock = FakeClock()
+    batch = full_batch(2, 16)
+    meter = make_meter(model, clock, batch)
+    run_steps(meter, clock, batch, 2)
+    meter.metrics()
+    diagnosis = fired(meter, "vocab_not_multiple_of_64")
+    assert diagnosis is not None
+    # Full fine-tuning: the head's matmul (64 x 1000 per token) runs forward, input and weight gradient.
+    head_flops = 6 * 32 * HIDDEN * 1000
+    assert diagnosis.flops_share == pytest.approx(head_flops / model_truth(model, batch), rel=1e-9)
+    assert diagnosis.value == 1000
+    assert diagnosis.details["padded_vocab_size"] == 1024
+    assert "1,024" in diagnosis.message and f"{diagnosis.flops_share:.1%}" in diagnosis.message
+    assert "matmul_shapes" not in ids(meter)  # the head's vocabulary dimension is this diagnosis's alone
+
+
+def test_the_gpt2_vocabulary_pads_to_50304():
+    config = transformers.GPT2Config(vocab_size=50257, n_embd=32, n_layer=1, n_head=2, n_positions=32)
+    model = transformers.GPT2LMHeadModel(config)
+    clock = FakeClock()
+    batch = full_batch(1, 8)
+    meter = make_meter(model, clock, batch)
+    run_steps(meter, clock, batch, 1)
+    meter.metrics()
+    diagnosis = fired(meter, "vocab_not_multiple_of_64")
+    assert diagnosis.value == 50257 and diagnosis.details["padded_vocab_size"] == 50304
+    assert "50,304" in diagnosis.message
+
+
+# -- padding ---------------------------------------------------------------------------------------
+def test_padding_reports_its_share_and_the_mfu_it_costs(clean_model):
+    clock = FakeClock()
+    batch = padded_batch([16, 8, 8, 8])  # 40 real tokens of 64 computed: 37.5% padding
+    meter = make_meter(clean_model, clock, batch)
+    run_steps(meter, clock, batch, 4, seconds=2.0)
+    meter.metrics()
+    diagnosis = fired(meter, "padding_waste")
+    assert diagnosis.value == pytest.approx(24 / 64)
+    # The step's time goes into its computed FLOPs; the padding's share of them is what the real
+    # sequences alone would not have computed.
+    useful, computed = model_truth(clean_model, batch), step_truth(clean_model, batch)
+    wasted = 1 - useful / computed
+    assert diagnosis.details["padding_flops_share"] == pytest.approx(wasted, rel=1e-9)
+    mfu = useful / 2.0 / PEAK_FLOPS
+    packed_mfu = useful / (2.0 * (1 - wasted)) / PEAK_FLOPS  # the same real tokens without the padding's time
+    assert meter.summary()["mfu"] == pytest.approx(mfu)
+    assert diagnosis.mfu_cost == pytest.approx(packed_mfu - mfu, rel=1e-9)
+    for option in ("DataCollatorWithFlattening", "packing=True", "collate_fn", "37.5%"):
+        assert option in diagnosis.message
+
+
+def test_padding_below_ten_percent_is_not_reported(clean_model):
+    clock = FakeClock()
+    batch = padded_batch([16, 16, 16, 12])  # 4 of 64 tokens: 6.25%
+    meter = make_meter(clean_model, clock, batch)
+    run_steps(meter, clock, batch, 3)
+    assert meter.metrics()["padding_fraction"] == pytest.approx(0.0625)
+    assert "padding_waste" not in ids(meter)
+
+
+# -- input wait ------------------------------------------------------------------------------------
+def test_waiting_for_input_reports_the_mfu_it_costs(clean_model):
+    clock = FakeClock()
+    batch = full_batch(2, 16)
+    meter = make_meter(clean_model, clock, batch)
+    run_steps(meter, clock, batch, 9, seconds=1.0, wait=0.1)
+    meter.metrics()
+    assert "input_bound" not in ids(meter), "nine steps are too few to judge"
+    run_steps(meter, clock, batch, 3, seconds=1.0, wait=0.1)
+    meter.metrics()
+    diagnosis = fired(meter, "input_bound")
+    # The first step has nothing before it to wait for: 11 waits of 0.1 s in 13.1 s.
+    assert diagnosis.value == pytest.approx(1.1 / 13.1)
+    flops = 12 * model_truth(clean_model, batch)
+    assert diagnosis.mfu_cost == pytest.approx(flops / 12.0 / PEAK_FLOPS - flops / 13.1 / PEAK_FLOPS)
+    assert "num_workers" in diagnosis.message and "pin_memory" in diagnosis.message
+    run_steps(meter, clock, batch, 12, seconds=1.0, wait=0.5)
+    meter.metrics()
+    assert fired(meter, "input_bound") is diagnosis, "once per run: the first record stays"
+
+
+# -- stragglers ------------------------------------------------------------------------------------
+def pretend_two_ranks(monkeypatch, other_rank_slower_by: float) -> None:
+    """A process group of two where the other rank's steps take longer by a factor, reduced by hand."""
+    slower = 1.0 + other_rank_slower_by
+
+    def sum_and_max(sums: Sequence[float], maxima: Sequence[float]) -> tuple[list[float], list[float]]:
+        wall, steps, step_max, last, negated_min = maxima
+        other = [wall * slower, steps, step_max * slower, last * slower, negated_min * slower]
+        return [2 * value for value in sums], [max(mine, theirs) for mine, theirs in zip(maxima, other)]
+
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "rank", lambda: 0)
+    monkeypatch.setattr(distributed, "sum_and_max_over_ranks", sum_and_max)
+
+
+def test_a_straggling_rank_is_reported(clean_model, monkeypatch):
+    pretend_two_ranks(monkeypatch, 0.25)
+    clock = FakeClock()
+    batch = full_batch(2, 16)
+    meter = make_meter(clean_model, clock, batch)
+    run_steps(meter, clock, batch, 10, seconds=0.4)
+    metrics = meter.metrics()
+    assert metrics["step_time_max"] == pytest.approx(0.5) and metrics["step_time_min"] == pytest.approx(0.4)
+    diagnosis = fired(meter, "stragglers")
+    assert diagnosis.value == pytest.approx(0.25)
+    assert diagnosis.details["slowest_step_seconds"] == pytest.approx(0.5)
+    # Both ranks at the fastest's 0.4 s: 2 ranks x 10 steps of FLOPs in 4 s instead of 5 s.
+    flops = 2 * 10 * model_truth(clean_model, batch)
+    assert diagnosis.mfu_cost == pytest.approx(flops / 4.0 / 2 / PEAK_FLOPS - flops / 5.0 / 2 / PEAK_FLOPS)
+    assert "0.500 s" in diagnosis.message and "25.0%" in diagnosis.message
+
+
+def test_ranks_within_ten_percent_are_not_stragglers(clean_model, monkeypatch):
+    pretend_two_ranks(monkeypatch, 0.05)
+    clock = FakeClock()
+    batch = full_batch(2, 16)
+    meter = make_meter(clean_model, clock, batch)
+    run_steps(meter, clock, batch, 10, seconds=0.4)
+    meter.metrics()
+    assert meter.diagnostics() == []
+
+
+# -- recompute -------------------------------------------------------------------------------------
+def test_gradient_checkpointing_reports_the_hfu_mfu_gap():
+    model = make_eager(llama())
+    model.train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    clock = FakeClock()
+    batch = full_batch(2, 16)
+    meter = make_meter(model, clock, batch)
+    run_steps(meter, clock, batch, 3)
+    meter.metrics()
+    diagnosis = fired(meter, "recompute_cost")
+    with_recompute = step_truth(model, batch)
+    with checkpointing_off(model):
+        without = step_truth(model, batch)
+    assert diagnosis.value == pytest.approx(1 - without / with_recompute, rel=1e-9)
+    summary = meter.summary()
+    # No padding here: the whole HFU - MFU gap is recompute.
+    assert diagnosis.details["hfu_mfu_gap_from_recompute"] == pytest.approx(summary["hfu"] - summary["mfu"], rel=1e-9)
+    # Without checkpointing each 1 s step would take without / with_recompute of a second.
+    assert diagnosis.mfu_cost == pytest.approx(summary["mfu"] * (with_recompute / without - 1), rel=1e-9)
+    assert "gradient checkpointing" in diagnosis.message
+
+
+# -- matmul shapes ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("intermediate", "dtype", "fires"),
+    [(100, "bf16", True), (100, "fp32", False), (104, "bf16", False), (104, "fp8", True)],
+)
+def test_misaligned_matmuls_report_their_share_of_flops(intermediate: int, dtype: str, fires: bool):
+    model = make_eager(llama(intermediate=intermediate))
+    clock = FakeClock()
+    batch = full_batch(2, 16)
+    meter = make_meter(model, clock, batch, dtype=dtype)
+    run_steps(meter, clock, batch, 1)
+    meter.metrics()
+    diagnosis = fired(meter, "matmul_shapes")
+    if not fires:
+        assert diagnosis is None
+        return
+    # Gate, up and down projections (64 x intermediate each) per layer, 6 FLOPs per weight per token.
+    mlp_flops = 6 * 32 * LAYERS * 3 * HIDDEN * intermediate
+    assert diagnosis.flops_share == pytest.approx(mlp_flops / model_truth(model, batch), rel=1e-9)
+    assert diagnosis.details["alignment"] == (16 if dtype == "fp8" else 8)
+    assert diagnosis.details["misaligned_layers"] == 3 * LAYERS
+    assert str(intermediate) in diagnosis.message
+
+
+# -- fp32 adapters ---------------------------------------------------------------------------------
+def lora_in_bf16() -> nn.Module:
+    """A bf16 base whose LoRA adapters PEFT keeps in fp32 (its default autocast_adapter_dtype=True)."""
+    model = get_peft_model(make_eager(llama(dtype=torch.bfloat16)), LoraConfig(r=8, target_modules="all-linear"))
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    return model
+
+
+def run_real_steps(meter: MFUMeter, clock: FakeClock, model: nn.Module, batch: Any, steps: int, *, autocast: bool) -> None:
+    for _ in range(steps):
+        meter.start_step(batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            model(**batch).loss.backward()
+        clock.advance(1.0)
+        meter.end_step()
+
+
+def test_fp32_adapters_stay_silent_without_a_measured_cost(monkeypatch):
+    monkeypatch.setattr(diagnostics_module, "FP32_ADAPTER_SLOWDOWN", None)
+    model = lora_in_bf16()
+    clock = FakeClock()
+    batch = full_batch(2, 16)
+    meter = make_meter(model, clock, batch)
+    run_real_steps(meter, clock, model, batch, 2, autocast=False)
+    meter.metrics()
+    assert "fp32_adapters" not in ids(meter)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_fp32_adapters_on_a_bf16_base_report_the_measured_cost(monkeypatch, autocast: bool):
+    monkeypatch.setattr(diagnostics_module, "FP32_ADAPTER_SLOWDOWN", 1.25)
+    model = lora_in_bf16()
+    clock = FakeClock()
+    batch = full_batch(2, 16)
+    meter = make_meter(model, clock, batch)
+    run_real_steps(meter, clock, model, batch, 2, autocast=autocast)
+    meter.metrics()
+    diagnosis = fired(meter, "fp32_adapters")
+    if autocast:
+        assert diagnosis is None, "under autocast the adapters' matmuls run in bf16 anyway"
+        return
+    # r=8 on q, k, v, o (64 -> 64, 32, 32, 64) and gate, up, down (64 <-> 128), two layers.
+    lora_parameters = LAYERS * 8 * ((64 + 64) + 2 * (64 + 32) + (64 + 64) + 3 * (64 + 128))
+    assert diagnosis.details["fp32_trainable_parameters"] == lora_parameters
+    assert diagnosis.value == 1.25
+    mfu = meter.summary()["mfu"]
+    assert diagnosis.mfu_cost == pytest.approx(mfu * 0.25)
+    assert 0 < diagnosis.flops_share < 0.5
+    assert "1.25x" in diagnosis.message and "autocast_adapter_dtype=False" in diagnosis.message
+
+
+# -- GPU clocks ------------------------------------------------------------------------------------
+class FakeNvml(types.ModuleType):
+    """The few pynvml calls the clock check makes; SM clocks in MHz, one per read."""
+
+    NVML_CLOCK_SM = 1
+
+    def __init__(self, clocks: Sequence[float], reasons: int = 0, maximum: float = 1980.0) -> None:
+        super().__init__("pynvml")
+        self.clocks, self.reasons, self.maximum = list(clocks), reasons, maximum
+        self.clock_reads = 0
+        self.handle_index: int | None = None
+
+    def nvmlInit(self) -> None:  # noqa: N802 - NVML's names
+        pass
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> str:  # noqa: N802
+        self.handle_index = index
+        return "handle"
+
+    def nvmlDeviceGetClockInfo(self, handle: str, clock: int) -> float:  # noqa: N802
+        self.clock_reads += 1
+        return self.clocks.pop(0) if len(self.clocks) > 1 else self.clocks[0]
+
+    def nvmlDeviceGetMaxClockInfo(self, handle: str, clock: int) -> float:  # noqa: N802
+        return self.maximum
+
+    def nvmlDeviceGetCurrentClocksEventReasons(self, handle: str) -> int:  # noqa: N802
+        return self.reasons
+
+
+def test_a_throttled_sm_clock_is_reported_after_two_low_reads(clean_model, monkeypatch):
+    fake_nvml = FakeNvml([1200, 1900, 1100], reasons=0x20 | 0x4)  # thermal slowdown and power cap
+    monkeypatch.setitem(sys.modules, "pynvml", fake_nvml)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    clock = FakeClock()
+    batch = full_batch(2, 16)
+    meter = make_meter(clean_model, clock, batch, device="cuda:1")
+    for _ in range(2):
+        run_steps(meter, clock, batch, 2)
+        meter.metrics()
+        assert "gpu_clocks" not in ids(meter)
+    run_steps(meter, clock, batch, 2)
+    meter.metrics()
+    diagnosis = fired(meter, "gpu_clocks")
+    assert fake_nvml.handle_index == 5, "CUDA's device 1 is the host's GPU 5"
+    assert diagnosis.value == pytest.approx((1200 + 1100) / 2 / 1980)
+    mfu = meter.summary()["mfu"]
+    assert diagnosis.mfu_cost == pytest.approx(mfu * (1980 / 1150 - 1))
+    assert "power cap" in diagnosis.message and "thermal slowdown (software)" in diagnosis.message
+    run_steps(meter, clock, batch, 2)
+    meter.metrics()
+    assert fake_nvml.clock_reads == 3, "once fired, NVML is no longer read"
+
+
+def test_an_idle_gpu_or_missing_nvml_is_no_reading(clean_model, monkeypatch):
+    idle = FakeNvml([900], reasons=0x1)
+    monkeypatch.setitem(sys.modules, "pynvml", idle)
+    clock = FakeClock()
+    batch = full_batch(2, 16)
+    meter = make_meter(clean_model, clock, batch, device="cuda:0")
+    for _ in range(3):
+        run_steps(meter, clock, batch, 1)
+        meter.metrics()
+    assert idle.clock_reads == 3 and meter.diagnostics() == []
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # not installed: the import fails
+    meter = make_meter(clean_model, clock, batch, device="cuda:0")
+    run_steps(meter, clock, batch, 1)
+    assert meter.metrics() and meter.diagnostics() == []
+
+
+# -- silencing -------------------------------------------------------------------------------------
+def test_a_silenced_diagnosis_never_fires(clean_model):
+    clock = FakeClock()
+    batch = padded_batch([16, 8, 8, 8])
+    meter = make_meter(clean_model, clock, batch, silence_diagnostics=["padding_waste"])
+    run_steps(meter, clock, batch, 2)
+    meter.metrics()
+    assert meter.diagnostics() == []
+
+
+def test_unknown_ids_are_refused_with_the_known_ones():
+    with pytest.raises(ValueError, match="padding_wast'.*known ids are vocab_not_multiple_of_64, padding_waste"):
+        MFUMeter(nn.Linear(2, 2), peak=FakePeak(), silence_diagnostics=["padding_wast"])
+    with pytest.raises(ValueError, match="list of diagnosis ids"):
+        Diagnostics("padding_waste")
+    assert len(DIAGNOSIS_IDS) == 8
