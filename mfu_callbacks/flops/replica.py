@@ -23,6 +23,7 @@ _BACK_REFERENCES = ("_trainer", "_fabric", "_device_mesh", "_accelerator")
 # Attributes that differ between otherwise identical layers without changing their FLOPs.
 _POSITION_ATTRIBUTES = ("idx", "index", "layer_id", "layer_number", "block_id", "layer_num")
 _MIN_RUN_TO_FOLD = 3
+_COMPOSABLE_STATE = "__composable_api_state_key"
 
 
 @dataclass
@@ -95,6 +96,22 @@ def _filtered_hooks(hooks: OrderedDict) -> OrderedDict:
     )
 
 
+def _refuses_deepcopy(module: nn.Module) -> bool:
+    """FSDP2's ``fully_shard`` (and composable ``replicate``) swap in a class whose ``__deepcopy__`` raises."""
+    deepcopy = getattr(type(module), "__deepcopy__", None)
+    return deepcopy is not None and getattr(deepcopy, "__module__", "").startswith(_FOREIGN_HOOK_PACKAGES)
+
+
+def _copy_as_plain_module(module: nn.Module, memo: dict[int, object]) -> None:
+    """Copy a module of such a class as the user's own class (the first base the wrapper did not add)."""
+    plain = next(c for c in type(module).__mro__[1:] if not c.__module__.startswith(_FOREIGN_HOOK_PACKAGES))
+    copied = plain.__new__(plain)
+    memo[id(module)] = copied
+    # The wrapper's own state (process groups, sharding plans) lives under composable-API keys: not copied.
+    state = {k: v for k, v in module.__dict__.items() if not k.startswith(_COMPOSABLE_STATE)}
+    copied.__dict__.update(copy.deepcopy(state, memo))
+
+
 def build_replica(model: nn.Module, *, fold: bool = True) -> Replica:
     """Copy ``model``'s structure onto the meta device without touching its data."""
     keep, multiplicity = _fold_plan(model) if fold else ({}, {})
@@ -126,6 +143,9 @@ def build_replica(model: nn.Module, *, fold: bool = True) -> Replica:
             value = module.__dict__.get(attribute)
             if value is not None:
                 memo[id(value)] = None
+    for module in reversed(list(model.modules())):  # descendants before their ancestors
+        if id(module) not in memo and _refuses_deepcopy(module):
+            _copy_as_plain_module(module, memo)
     replica = copy.deepcopy(model, memo)
 
     for container_id in keep:
