@@ -32,15 +32,20 @@ LLAMA_CASES = {
     "lm_head": {"target_modules": ["q_proj", "lm_head"]},
     "embedding": {"target_modules": ["embed_tokens", "v_proj"]},
     "rslora": {"target_modules": "all-linear", "use_rslora": True},
-    "dora": {"target_modules": ["q_proj", "v_proj", "down_proj"], "use_dora": True},
     "modules_to_save": {"target_modules": ["q_proj", "v_proj"], "modules_to_save": ["lm_head"]},
 }
 
 
 @pytest.mark.parametrize("case", LLAMA_CASES)
 def test_lora_target_sets(case: str) -> None:
-    """DoRA's weight norm (a per-call matmul-free norm plus its LoRA product B @ A) is in the truth too."""
     check_lora(build_decoder("llama"), **LLAMA_CASES[case])
+
+
+def test_dora() -> None:
+    """DoRA's weight norm needs lora_B @ lora_A (and its backward) once per forward call, whatever the
+    tokens. Full rows: the truth of a padded batch runs each row as its own call, which would repeat it."""
+    model = get_peft_model(build_decoder("llama"), LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True))
+    check_engine(model, full_batch(2, 9), [full_batch(3, length) for length in LENGTHS])
 
 
 def test_several_adapters_one_active() -> None:
@@ -51,8 +56,9 @@ def test_several_adapters_one_active() -> None:
 
 
 def test_merged_adapter_runs_no_adapter() -> None:
-    """After ``merge_adapter()`` the adapters' weights stay trainable but no adapter matmul runs."""
-    model = get_peft_model(build_decoder("llama"), LoraConfig(r=4, target_modules="all-linear"))
+    """After ``merge_adapter()`` the adapters' weights stay trainable but no adapter matmul runs (the
+    head, saved as trainable, keeps a backward to count)."""
+    model = get_peft_model(build_decoder("llama"), LoraConfig(r=4, target_modules="all-linear", modules_to_save=["lm_head"]))
     model.merge_adapter()
     check_engine(model, padded_batch([9, 4]), padded_batches())
 

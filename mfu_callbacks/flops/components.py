@@ -44,6 +44,8 @@ def classify(path: str, class_names: Sequence[str], *, activation_matmul: bool) 
         return SHARED_EXPERTS
     if leaf in _ROUTER_LEAVES or any("router" in part for part in parts):
         return ROUTER
+    if any("expert" in part for part in parts):  # routed experts (shared ones are named above)
+        return EXPERTS
     if _is_attention(parts, class_names):
         return ATTENTION_SCORES if activation_matmul else ATTENTION_PROJECTIONS
     if any(part in _HEAD_NAMES for part in parts):

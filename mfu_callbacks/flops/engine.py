@@ -237,6 +237,9 @@ class FlopEngine:
         """FLOPs of the step whose (summed) features are given."""
         values = features.tolist() if isinstance(features, torch.Tensor) else features
         model_features, hardware_features = values[MODEL], values[HARDWARE]
+        if min(model_features) < 0 or min(hardware_features) < 0:
+            raise ValueError(f"negative token counts or lengths in the features {values}: counts come from "
+                             "FlopEngine.count(batch) (summed over micro-batches), never below zero")
         model_flops = _dot(self._model, model_features)
         hardware_flops = _dot(self._hardware, hardware_features)
         breakdown = {name: round(_dot(c, model_features)) for name, c in self.components.items()}

@@ -53,6 +53,9 @@ def _first_tensor(value: Any) -> torch.Tensor | None:
 def _stream(ids: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor | None,
             cu_seqlens: torch.Tensor | None, attention_per_document: bool) -> _Stream:
     rows, length = ids.shape[0], ids.shape[1]
+    if rows <= 0 or length <= 0:
+        raise BatchError(f"a batch of shape {tuple(ids.shape)} has no tokens to count (rows and sequence length "
+                         "must be positive): an empty batch has no training step to measure")
     full_squares = rows * length * length
     if cu_seqlens is not None:  # flattened documents: one row, boundaries given
         documents = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
