@@ -71,8 +71,11 @@ class _Window:
     last_hardware_flops: float
     wall_seconds: float  # step + input wait seconds of the slowest rank (the others wait for it)
     steps: float
-    step_time_max: float  # mean step time of the slowest rank
-    step_time_min: float  # mean step time of the fastest rank
+    # Mean step time (without input wait) of the slowest and fastest rank. Under synchronous data
+    # parallelism a rank that is late with its batch makes the others wait inside their steps (in
+    # the gradient all-reduce): the spread of step times, not of iteration times, shows it.
+    step_time_max: float
+    step_time_min: float
     last_step_seconds: float
 
 
@@ -288,7 +291,8 @@ class MFUMeter:
         are iteration time: each step and the input wait before it, so a stalled data loader lowers
         MFU (and shows in ``input_wait_fraction``). MFU and
         HFU are fractions in [0, 1], left out when the peak is unknown. ``*_last_step`` is the last
-        step alone; ``step_time_max``/``step_time_min`` compare ranks when distributed.
+        step alone; ``step_time_max``/``step_time_min`` compare the ranks' mean step times (input wait
+        excluded) when distributed: a rank late with its batches makes the others wait inside their steps.
         """
         window = self._read_window()
         if window is None:
@@ -408,7 +412,7 @@ class MFUMeter:
         last_flops = last_flops or StepFlops(0, 0, 0, 0)
         step_seconds = sum(timing.step_seconds for timing in timings)
         iteration_seconds = sum(timing.iteration_seconds for timing in timings)
-        mean_iteration = iteration_seconds / steps if steps else None
+        mean_step = step_seconds / steps if steps else None
         return _Window(
             world_size=world,
             model_flops=float(window_flops.model_flops),
@@ -423,8 +427,8 @@ class MFUMeter:
             wall_seconds=iteration_seconds,
             steps=float(steps),
             # A rank without steps has no say in which rank was slowest or fastest.
-            step_time_max=mean_iteration if mean_iteration is not None else -math.inf,
-            step_time_min=mean_iteration if mean_iteration is not None else math.inf,
+            step_time_max=mean_step if mean_step is not None else -math.inf,
+            step_time_min=mean_step if mean_step is not None else math.inf,
             last_step_seconds=timings[-1].iteration_seconds if timings else 0.0,
         )
 

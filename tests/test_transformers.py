@@ -96,3 +96,57 @@ def test_an_internal_error_is_logged_once_and_training_goes_on(tmp_path, monkeyp
     errors = [r for r in caplog.records if "stopped measuring MFU" in r.getMessage()]
     assert len(errors) == 1
     assert not any("mfu" in row for row in trainer.state.log_history)
+
+
+TWO_RANKS_SCRIPT = """
+import json, sys, time, torch
+sys.path.insert(0, {tests!r})
+import torch.distributed as dist
+from transformers import Trainer, TrainingArguments
+from tiny_models import FixedLengthTokens, collate, tiny_llama
+from mfu_callbacks.transformers import MFUCallback
+
+def late_collate(rows):
+    if dist.is_initialized() and dist.get_rank() == 1:
+        time.sleep({delay})  # rank 1 is late with every batch
+    return collate(rows)
+
+args = TrainingArguments(output_dir={out!r}, max_steps=14, per_device_train_batch_size=4, logging_steps=13,
+                         report_to=[], save_strategy="no", disable_tqdm=True, use_cpu=True, seed=0)
+callback = MFUCallback(peak_tflops=0.5, warmup_steps=1)
+trainer = Trainer(model=tiny_llama(), args=args, train_dataset=FixedLengthTokens(128), data_collator=late_collate,
+                  callbacks=[callback])
+trainer.train()
+if trainer.is_world_process_zero():
+    row = next(r for r in trainer.state.log_history if "mfu" in r)
+    ids = [d.id for d in callback.session.meter.diagnostics()]
+    print("RESULT", json.dumps({{"row": row, "diagnoses": ids, "world": dist.get_world_size()}}))
+dist.barrier()  # gloo dislikes a peer that tears down while the other still talks
+dist.destroy_process_group()
+"""
+
+
+def test_two_ranks_under_torchrun_count_both_and_show_the_wait_for_the_late_one(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    delay = 0.05
+    script = tmp_path / "train.py"
+    script.write_text(TWO_RANKS_SCRIPT.format(tests=str(Path(__file__).parent), out=str(tmp_path / "out"), delay=delay))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=400, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = next(line for line in result.stdout.splitlines() if line.startswith("RESULT"))
+    report = json.loads(line.split(" ", 1)[1])
+    row = report["row"]
+    assert report["world"] == 2
+    # Both ranks' tokens: 2 ranks x 4 rows x 16 tokens per optimizer step.
+    assert row["tokens_per_sec"] == pytest.approx(2 * 4 * 16 / row["step_time"], rel=1e-6)
+    assert row["tokens_per_sec_per_gpu"] == pytest.approx(row["tokens_per_sec"] / 2, rel=1e-6)
+    # The Trainer gathers the batch's token count across ranks before each step, so rank 0 waits for
+    # the late rank 1 there: both ranks spend the delay outside their steps, as input wait.
+    assert row["step_time"] > row["step_time_max"] + 0.5 * delay
+    assert row["input_wait_fraction"] > 0.5
+    assert "input_bound" in report["diagnoses"]
