@@ -64,8 +64,10 @@ def _stream(ids: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tenso
     if mask is not None:
         if mask.dim() != 2:  # a prepared 4-D mask: nothing to read lengths from
             return _Stream(rows, length, rows * length, full_squares, full_squares, None)
-        lengths = mask.long().sum(dim=1)
-        return _Stream(rows, length, lengths.sum(), (lengths * lengths).sum(), full_squares, lengths)
+        lengths = mask.sum(dim=1, dtype=torch.int64)
+        # [sum of l, sum of l**2] in two kernels: each launch is host time on the training step.
+        moments = (lengths.unsqueeze(0) ** _exponents(lengths.device)).sum(dim=1)
+        return _Stream(rows, length, moments[0], moments[1], full_squares, lengths)
     if positions is not None:  # packed rows: positions restart at 0 for each document
         positions = positions.reshape(-1, positions.shape[-1]).long()
         squares = (2 * positions + 1).sum()
@@ -89,6 +91,7 @@ class TokenCounting:
         self.encoder_decoder = encoder_decoder
         self.attention_per_document = attention_per_document
         self.token_counter = token_counter
+        self._layouts: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def streams(self, batch: Any) -> tuple[_Stream | None, _Stream | None, int]:
         """The main stream, the decoder stream, and the row count of a batch."""
@@ -137,17 +140,28 @@ class TokenCounting:
                  if isinstance(t, torch.Tensor)),
                 torch.device("cpu"),
             )
-        out = torch.zeros((2, NUM_FEATURES), dtype=torch.int64, device=device)
-        out[:, Feature.ROWS] = rows
-        out[:, CALLS_INDEX] = 1
+        constants = [0] * (2 * NUM_FEATURES)  # known on the host
+        positions: list[int] = []  # cells whose values live on the device
+        values: list[torch.Tensor] = []
+
+        def put(row: int, column: int, value: torch.Tensor | int) -> None:
+            if isinstance(value, torch.Tensor):
+                positions.append(row * NUM_FEATURES + column)
+                values.append(value)
+            else:
+                constants[row * NUM_FEATURES + column] = int(value)
+
+        for row in (MODEL, HARDWARE):
+            put(row, Feature.ROWS, rows)
+            put(row, CALLS_INDEX, 1)
         for stream, tokens, squares in ((main, Feature.TOKENS, Feature.SQUARES),
                                         (decoder, Feature.DECODER_TOKENS, Feature.DECODER_SQUARES)):
             if stream is None:
                 continue
-            _put(out, MODEL, tokens, stream.real_tokens)
-            _put(out, MODEL, squares, stream.real_squares)
-            _put(out, HARDWARE, tokens, stream.rows * stream.length)
-            _put(out, HARDWARE, squares, stream.hardware_squares)
+            put(MODEL, tokens, stream.real_tokens)
+            put(MODEL, squares, stream.real_squares)
+            put(HARDWARE, tokens, stream.rows * stream.length)
+            put(HARDWARE, squares, stream.hardware_squares)
         if main is not None and decoder is not None:
             if main.lengths is not None and decoder.lengths is not None:
                 cross = (main.lengths * decoder.lengths).sum()
@@ -157,19 +171,45 @@ class TokenCounting:
                 cross = decoder.lengths.sum() * main.length
             else:
                 cross = rows * main.length * decoder.length
-            _put(out, MODEL, Feature.CROSS, cross)
-            _put(out, HARDWARE, Feature.CROSS, rows * main.length * decoder.length)
-        return out
+            put(MODEL, Feature.CROSS, cross)
+            put(HARDWARE, Feature.CROSS, rows * main.length * decoder.length)
+        base, index = self._layout(device, tuple(constants), tuple(positions))
+        if not values:
+            return base.clone().view(2, NUM_FEATURES)
+        stacked = torch.stack([value.reshape(()).to(torch.int64) for value in values])
+        return base.index_add(0, index, stacked).view(2, NUM_FEATURES)
+
+    def _layout(self, device: torch.device, constants: tuple[int, ...],
+                positions: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The host-known cells and the device cells' positions, as device tensors, kept per batch shape.
+
+        Built with fills (no host-to-device copy, which would sync); a batch of a shape seen before
+        costs no kernel here.
+        """
+        key = (device, constants, positions)
+        layout = self._layouts.get(key)
+        if layout is None:
+            base = torch.zeros(len(constants), dtype=torch.int64, device=device)
+            for cell, value in enumerate(constants):
+                if value:
+                    base[cell] = value
+            index = torch.zeros(len(positions), dtype=torch.int64, device=device)
+            for slot, cell in enumerate(positions):
+                if cell:
+                    index[slot] = cell
+            if len(self._layouts) >= _MAX_LAYOUTS:
+                self._layouts.clear()
+            layout = self._layouts[key] = (base, index)
+        return layout
 
 
-def _put(out: torch.Tensor, row: int, column: int, value: torch.Tensor | int) -> None:
-    """``out[row, column] = value`` without a host sync.
+_MAX_LAYOUTS = 256  # batch shapes remembered (padding to the longest row makes a few hundred at most)
+_EXPONENTS: dict[torch.device, torch.Tensor] = {}
 
-    Item assignment of a 0-dim CUDA tensor reads it back to the host (seen under
-    ``torch.cuda.set_sync_debug_mode("error")``, torch 2.11); ``copy_`` stays on the device.
-    """
-    cell = out[row, column]
-    if isinstance(value, torch.Tensor):
-        cell.copy_(value)
-    else:
-        cell.fill_(value)
+
+def _exponents(device: torch.device) -> torch.Tensor:
+    """[[1], [2]] on ``device``, made once (a host-to-device copy per step would sync)."""
+    exponents = _EXPONENTS.get(device)
+    if exponents is None:
+        exponents = _EXPONENTS[device] = torch.arange(1, 3, dtype=torch.int64, device=device).unsqueeze(1)
+    return exponents
