@@ -189,14 +189,15 @@ class TokenCounting:
         key = (device, constants, positions)
         layout = self._layouts.get(key)
         if layout is None:
+            # fill_ on a slice stays on the device; ``tensor[i] = value`` copies a host scalar and syncs.
             base = torch.zeros(len(constants), dtype=torch.int64, device=device)
             for cell, value in enumerate(constants):
                 if value:
-                    base[cell] = value
+                    base[cell : cell + 1].fill_(value)
             index = torch.zeros(len(positions), dtype=torch.int64, device=device)
             for slot, cell in enumerate(positions):
                 if cell:
-                    index[slot] = cell
+                    index[slot : slot + 1].fill_(cell)
             if len(self._layouts) >= _MAX_LAYOUTS:
                 self._layouts.clear()
             layout = self._layouts[key] = (base, index)

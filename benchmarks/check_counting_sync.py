@@ -1,0 +1,37 @@
+"""Token counting of batches of new shapes, padded, packed and encoder-decoder, under sync debug "error".
+
+    python benchmarks/check_counting_sync.py
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mfu_callbacks.flops.tokens import TokenCounting
+
+
+def main() -> None:
+    if not torch.cuda.is_available():
+        raise SystemExit("needs a CUDA device")
+    device = torch.device("cuda")
+    counting = TokenCounting(encoder_decoder=False, attention_per_document=False)
+    seq2seq = TokenCounting(encoder_decoder=True, attention_per_document=False)
+    batches = []
+    for length in (17, 33, 64, 65):
+        ids = torch.randint(0, 100, (4, length), device=device)
+        mask = torch.ones_like(ids)
+        mask[:, length // 2 :] = 0
+        positions = torch.arange(length, device=device).remainder(7).expand(4, length)
+        batches += [(counting, {"input_ids": ids}), (counting, {"input_ids": ids, "attention_mask": mask}),
+                    (counting, {"input_ids": ids, "position_ids": positions}),
+                    (seq2seq, {"input_ids": ids, "attention_mask": mask, "labels": ids[:, : length // 2]})]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    features = [counter.count(batch) for counter, batch in batches]
+    torch.cuda.set_sync_debug_mode(0)
+    print(f"{len(features)} batches of {len(batches) // 4} layouts and 4 new lengths counted under "
+          f"set_sync_debug_mode('error'): no host sync")
+
+
+if __name__ == "__main__":
+    main()
