@@ -79,7 +79,7 @@ class _ProbeBatches:
     def __init__(self, template: Any, counting: TokenCounting, custom_forward: bool) -> None:
         self.template = template
         self.custom_forward = custom_forward
-        main, decoder, self.rows = counting.streams(template)
+        main, decoder, self.rows, _ = counting.streams(template)
         self.main_length = main.length if main is not None else None
         self.decoder_length = decoder.length if decoder is not None else None
         self.encoder_decoder = counting.encoder_decoder

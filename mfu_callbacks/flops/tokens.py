@@ -93,8 +93,8 @@ class TokenCounting:
         self.token_counter = token_counter
         self._layouts: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def streams(self, batch: Any) -> tuple[_Stream | None, _Stream | None, int]:
-        """The main stream, the decoder stream, and the row count of a batch."""
+    def streams(self, batch: Any) -> tuple[_Stream | None, _Stream | None, int, torch.device]:
+        """The main stream, the decoder stream, the row count of a batch, and the device it lives on."""
         view = self.token_counter(batch) if self.token_counter is not None else batch
         if isinstance(view, Mapping):
             main_ids = _lookup(view, MAIN_KEYS)
@@ -111,10 +111,11 @@ class TokenCounting:
                     decoder_mask = decoder_ids != -100
                 decoder = _stream(decoder_ids, decoder_mask, None, None, self.attention_per_document)
             if main is not None or decoder is not None:
-                return main, decoder, (main or decoder).rows
+                ids = main_ids if main_ids is not None else decoder_ids
+                return main, decoder, (main or decoder).rows, ids.device
             images = _lookup(view, IMAGE_KEYS)
             if images is not None:
-                return None, None, images.shape[0]
+                return None, None, images.shape[0], images.device
             raise BatchError(
                 f"cannot count tokens in a batch with keys {sorted(view)}: looked for {', '.join(MAIN_KEYS + IMAGE_KEYS)}. "
                 "Pass token_counter=fn, where fn(batch) returns a dict with 'input_ids' (and 'attention_mask' "
@@ -127,19 +128,12 @@ class TokenCounting:
                 "dimension. Pass token_counter=fn, where fn(batch) returns a dict with 'input_ids'."
             )
         if tensor.dim() == 2 and not tensor.is_floating_point():
-            return _stream(tensor, None, None, None, self.attention_per_document), None, tensor.shape[0]
-        return None, None, tensor.shape[0]
+            return _stream(tensor, None, None, None, self.attention_per_document), None, tensor.shape[0], tensor.device
+        return None, None, tensor.shape[0], tensor.device
 
     def count(self, batch: Any) -> torch.Tensor:
         """The batch's (2, NUM_FEATURES) int64 feature tensor, on the batch's device, with no host sync."""
-        main, decoder, rows = self.streams(batch)
-        device = next((s.lengths.device for s in (main, decoder) if s is not None and s.lengths is not None), None)
-        if device is None:
-            device = next(
-                (t.device for s in (main, decoder) if s is not None for t in (s.real_tokens, s.real_squares)
-                 if isinstance(t, torch.Tensor)),
-                torch.device("cpu"),
-            )
+        main, decoder, rows, device = self.streams(batch)  # the features live where the batch does
         constants = [0] * (2 * NUM_FEATURES)  # known on the host
         positions: list[int] = []  # cells whose values live on the device
         values: list[torch.Tensor] = []

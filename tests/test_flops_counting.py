@@ -1,0 +1,61 @@
+"""Per-step token counting stays on the device: no operation that reads a value back or copies a host scalar.
+
+CI has no GPU, so the batches live on the meta device and every aten operation of ``count`` is
+recorded: an item read (``_local_scalar_dense``), a data-dependent shape (``nonzero``) or a host
+scalar turned into a tensor (``scalar_tensor``, what ``tensor[i] = 5`` does) would be a host sync
+on CUDA. ``benchmarks/check_counting_sync.py`` makes the same check on a GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from mfu_callbacks.flops.tokens import TokenCounting
+
+SYNCING = {"aten._local_scalar_dense", "aten.item", "aten.nonzero", "aten.is_nonzero", "aten.scalar_tensor"}
+
+
+class OperationLog(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.operations: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.operations.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def batches(length: int) -> list[tuple[bool, dict[str, torch.Tensor]]]:
+    ids = torch.zeros(4, length, dtype=torch.int64, device="meta")
+    mask = torch.ones(4, length, dtype=torch.int64, device="meta")
+    positions = torch.zeros(4, length, dtype=torch.int64, device="meta")
+    labels = torch.zeros(4, length // 2, dtype=torch.int64, device="meta")
+    return [
+        (False, {"input_ids": ids}),
+        (False, {"input_ids": ids, "attention_mask": mask}),
+        (False, {"input_ids": ids, "position_ids": positions}),
+        (True, {"input_ids": ids, "attention_mask": mask, "labels": labels}),
+    ]
+
+
+@pytest.mark.parametrize("length", [9, 16])
+def test_counting_new_and_repeated_shapes_never_reads_the_device(length: int) -> None:
+    counters = {flag: TokenCounting(encoder_decoder=flag, attention_per_document=False) for flag in (False, True)}
+    for _ in range(2):  # the first count of a shape builds its layout, the second reuses it
+        for encoder_decoder, batch in batches(length):
+            with OperationLog() as log:
+                features = counters[encoder_decoder].count(batch)
+            assert features.shape == (2, 7) and features.device.type == "meta"
+            assert not SYNCING & set(log.operations), log.operations
+
+
+def test_a_repeated_shape_costs_few_operations() -> None:
+    counting = TokenCounting(encoder_decoder=False, attention_per_document=False)
+    _, batch = batches(12)[1]
+    counting.count(batch)
+    with OperationLog() as log:
+        counting.count(batch)
+    kernels = [op for op in log.operations if op not in ("aten.view", "aten.unsqueeze", "aten.select", "aten._to_copy")]
+    assert len(kernels) <= 7, kernels
