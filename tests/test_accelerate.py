@@ -119,8 +119,11 @@ SCRIPT = textwrap.dedent(
     assert accelerator.num_processes == 2
     if accelerator.is_main_process:
         print("METRICS", json.dumps(tracker.latest))
-    accelerator.wait_for_everyone()  # gloo dislikes a peer that tears down while the other still talks
     accelerator.end_training()
+    sys.stdout.flush()
+    # Leave at once: gloo's teardown at interpreter exit can abort a process (SIGABRT) after its work is done.
+    import os
+    os._exit(0)
     """
 )
 

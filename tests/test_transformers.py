@@ -121,8 +121,11 @@ if trainer.is_world_process_zero():
     row = next(r for r in trainer.state.log_history if "mfu" in r)
     ids = [d.id for d in callback.session.meter.diagnostics()]
     print("RESULT", json.dumps({{"row": row, "diagnoses": ids, "world": dist.get_world_size()}}))
-dist.barrier()  # gloo dislikes a peer that tears down while the other still talks
-dist.destroy_process_group()
+sys.stdout.flush()
+dist.barrier()
+# Leave at once: gloo's teardown at interpreter exit can abort a process (SIGABRT) after its work is done.
+import os
+os._exit(0)
 """
 
 
