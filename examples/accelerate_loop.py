@@ -1,7 +1,8 @@
 """A hand-written Accelerate loop; MFU comes from one added line, ``MFUTracker(accelerator, model)``.
 
     python examples/accelerate_loop.py --peak-tflops 1
-    accelerate launch --config_file configs/accelerate.yaml examples/accelerate_loop.py --peak-tflops 1
+    torchrun --nproc_per_node 2 examples/accelerate_loop.py --peak-tflops 1      # two CPU processes (gloo)
+    accelerate launch --config_file configs/accelerate.yaml examples/accelerate_loop.py   # two GPUs
     python examples/accelerate_loop.py --hidden-size 2048 --layers 16 --heads 16 --seq-len 2048 --bf16 --wandb
 """
 
@@ -24,6 +25,7 @@ def main() -> None:
     args = parser.parse_args()
 
     accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),  # under torchrun on CPUs this makes it a gloo process group
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision="bf16" if args.bf16 else "no",
         log_with="wandb" if args.wandb else None,
@@ -38,6 +40,8 @@ def main() -> None:
     tracker = MFUTracker(accelerator, model, peak_tflops=args.peak_tflops, log_interval=5)  # the added line
 
     model.train()
+    if accelerator.is_main_process:
+        print(f"training on {accelerator.num_processes} process(es), {accelerator.device.type}")
     for step, batch in enumerate(loader):
         with accelerator.accumulate(model):
             loss = model(**batch).loss
