@@ -76,9 +76,13 @@ def seq2seq_batch(encoder: list[int], decoder: list[int], *, seed: int = 3) -> d
     return batch
 
 
-def documents(batch: Mapping[str, torch.Tensor]) -> Iterator[dict[str, torch.Tensor]]:
-    """Each real sequence of a batch alone, without padding: rows by their attention mask (and
-    their decoder labels by -100), packed rows split where the positions restart."""
+DECODER_KEYS = ("labels", "decoder_input_ids", "decoder_attention_mask")
+
+
+def documents(batch: Mapping[str, torch.Tensor], *, encoder_decoder: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+    """Each real sequence of a batch alone, without padding: rows by their attention mask (and, for an
+    encoder-decoder, the decoder side by its own mask or its labels' -100), packed rows split where
+    the positions restart."""
     if "position_ids" in batch and "attention_mask" not in batch:
         positions = batch["position_ids"]
         for row in range(positions.shape[0]):
@@ -88,11 +92,17 @@ def documents(batch: Mapping[str, torch.Tensor]) -> Iterator[dict[str, torch.Ten
                 yield piece
         return
     mask = batch["attention_mask"].bool()
+    decoder_mask = None
+    if encoder_decoder:
+        if "decoder_attention_mask" in batch:
+            decoder_mask = batch["decoder_attention_mask"].bool()
+        elif "labels" in batch:
+            decoder_mask = batch["labels"] != -100
     for row in range(mask.shape[0]):
         piece = {}
         for key, value in batch.items():
-            if key == "labels" and value.shape[1] != mask.shape[1]:  # decoder labels of an encoder-decoder
-                piece[key] = value[row : row + 1, : int((value[row] != -100).sum())]
+            if encoder_decoder and key in DECODER_KEYS:
+                piece[key] = value[row : row + 1][:, decoder_mask[row]] if decoder_mask is not None else value[row : row + 1]
             elif value.dim() >= 2 and value.shape[1] == mask.shape[1]:
                 piece[key] = value[row : row + 1][:, mask[row]]
             else:
@@ -161,13 +171,15 @@ def step_truth(model: nn.Module, batch: Any, forward: Forward = keyword_forward)
 
 def model_truth(model: nn.Module, batch: Mapping[str, torch.Tensor], forward: Forward = keyword_forward) -> int:
     """Model FLOPs: every real sequence alone (a batch without padding as it is), no recompute."""
-    mask = batch.get("attention_mask")
+    masks = [batch.get("attention_mask"), batch.get("decoder_attention_mask")]
     labels = batch.get("labels")
-    unpadded = "position_ids" not in batch and (mask is None or bool(mask.all())) and (labels is None or bool((labels != -100).all()))
+    unpadded = ("position_ids" not in batch and all(m is None or bool(m.all()) for m in masks)
+                and (labels is None or bool((labels != -100).all())))
+    encoder_decoder = any(getattr(config, "is_encoder_decoder", False) for config in configs_of(model))
     with checkpointing_off(model):
         if unpadded:
             return step_truth(model, batch, forward)
-        return sum(step_truth(model, piece, forward) for piece in documents(batch))
+        return sum(step_truth(model, piece, forward) for piece in documents(batch, encoder_decoder=encoder_decoder))
 
 
 def assert_flops(actual: int, expected: int, what: str, rel: float = 0.0) -> None:

@@ -140,6 +140,23 @@ def test_seq2seq_with_decoder_input_ids(name: str) -> None:
     check_engine(build(name), with_decoder_inputs([9, 4], 5), batches)
 
 
+@pytest.mark.parametrize("name", SEQ2SEQ)
+def test_seq2seq_with_padded_decoder_inputs_of_the_encoder_width(name: str) -> None:
+    """Both sides padded to the same width: each side's real lengths come from its own mask."""
+
+    def padded_both(encoder: list[int], decoder: list[int]) -> dict[str, torch.Tensor]:
+        batch = seq2seq_batch(encoder, decoder)
+        labels = batch.pop("labels")
+        width = batch["input_ids"].shape[1]
+        assert labels.shape[1] == width
+        batch["decoder_attention_mask"] = (labels != -100).long()
+        batch["decoder_input_ids"] = labels.clamp(min=0)
+        return batch
+
+    batches = [padded_both([length, length - 3, 2], [length, 3, length - 1]) for length in LENGTHS]
+    check_engine(build(name), padded_both([9, 4], [9, 5]), batches)
+
+
 # -- vision ------------------------------------------------------------------------------------------
 _VIT = {"image_size": 16, "patch_size": 4, "num_channels": 3, "hidden_size": 32, "num_hidden_layers": 3,
         "num_attention_heads": 4, "intermediate_size": 64, "num_labels": 5}
