@@ -50,10 +50,6 @@ class MFUOptions:
             raise ValueError(f"log_interval must be a whole number >= 1 or None, got {self.log_interval!r}")
         if not isinstance(self.prefix, str):
             raise ValueError(f"prefix must be a string such as 'train/', got {self.prefix!r}")
-        if isinstance(self.silence_diagnostics, str) or not all(
-            isinstance(item, str) for item in self.silence_diagnostics
-        ):
-            raise ValueError(f"silence_diagnostics must be a list of diagnosis ids, got {self.silence_diagnostics!r}")
         object.__setattr__(self, "silence_diagnostics", validate_ids(self.silence_diagnostics))
         for name in ("token_counter", "forward"):
             value = getattr(self, name)

@@ -80,7 +80,8 @@ def read_curves(path: str | Path) -> Curves:
     return curves
 
 
-def _read_wandb(path: Path) -> Curves:
+def wandb_records(path: Path) -> list[dict]:
+    """The records of a W&B run log (``run-*.wandb``), as W&B's own reader prints them."""
     executable = shutil.which("wandb") or str(Path(sys.executable).parent / "wandb")
     try:
         result = subprocess.run([executable, "leet", "inspect", "--json", str(path)], capture_output=True, text=True,
@@ -89,12 +90,14 @@ def _read_wandb(path: Path) -> Curves:
         raise RunLogError(f"reading a W&B run needs the wandb command (pip install wandb): {error}") from None
     if result.returncode != 0:
         raise RunLogError(f"wandb could not read {path}: {result.stderr.strip()[-300:]}")
+    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+
+
+def _read_wandb(path: Path) -> Curves:
     curves = Curves(source=str(path))
-    for line in result.stdout.splitlines():
-        if line.startswith("{"):
-            record = json.loads(line)
-            if record.get("type") == "history":
-                curves.add(record["history"]["item"])
+    for record in wandb_records(path):
+        if record.get("type") == "history":
+            curves.add(record["history"]["item"])
     return curves
 
 

@@ -130,7 +130,7 @@ class MeterSession:
 
         def report() -> None:
             meter = self.meter
-            diagnoses = list(meter.diagnostics()) if hasattr(meter, "diagnostics") else []
+            diagnoses = meter.diagnostics()
             if distributed.rank() != 0:
                 return
             if self.options.report:

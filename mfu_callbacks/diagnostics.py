@@ -18,16 +18,16 @@ raise MFU by ``mfu * s / (1 - s)``. Only torch is imported (NVML's ``pynvml`` la
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
 
 from . import distributed
+from ._run_totals import RunTotals
 from .flops.components import ATTENTION_SCORES, HEAD
 from .flops.features import HARDWARE, MODEL
 from .flops.unwrap import unwrap_model
@@ -111,54 +111,6 @@ def validate_ids(ids: Iterable[str]) -> tuple[str, ...]:
     return ids
 
 
-class Window(Protocol):
-    """What the checks read from one read of the meter (all ranks combined)."""
-
-    world_size: int
-    model_flops: float
-    hardware_flops: float
-    tokens: float
-    padded_tokens: float
-    step_seconds: float
-    input_wait_seconds: float
-    wall_seconds: float
-    steps: float
-    step_time_max: float
-    step_time_min: float
-
-
-@dataclass
-class _RunTotals:
-    """The windows read so far, summed; per-rank extremes weighted by the steps of each window."""
-
-    model_flops: float = 0.0
-    hardware_flops: float = 0.0
-    tokens: float = 0.0
-    padded_tokens: float = 0.0
-    step_seconds: float = 0.0
-    input_wait_seconds: float = 0.0
-    wall_seconds: float = 0.0
-    steps: float = 0.0
-    slowest_rank_seconds: float = 0.0  # sum over windows of (slowest rank's mean step time x steps)
-    fastest_rank_seconds: float = 0.0
-    world_size: int = 1
-
-    def add(self, window: Window) -> None:
-        for name in ("model_flops", "hardware_flops", "tokens", "padded_tokens", "step_seconds",
-                     "input_wait_seconds", "wall_seconds", "steps"):
-            setattr(self, name, getattr(self, name) + getattr(window, name))
-        if math.isfinite(window.step_time_max) and math.isfinite(window.step_time_min):
-            self.slowest_rank_seconds += window.step_time_max * window.steps
-            self.fastest_rank_seconds += window.step_time_min * window.steps
-        self.world_size = window.world_size
-
-    def utilization(self, flops: float, peak_flops: float | None) -> float | None:
-        """MFU or HFU of the run (as the meter computes them), None without a peak."""
-        if not peak_flops or self.wall_seconds <= 0:
-            return None
-        return flops / (self.wall_seconds * self.world_size * peak_flops)
-
-
 @dataclass(frozen=True)
 class _Linear:
     name: str
@@ -194,7 +146,7 @@ class Diagnostics:
     def __init__(self, silence: Iterable[str] = ()) -> None:
         self.silenced = frozenset(validate_ids(silence))
         self.fired: list[Diagnosis] = []
-        self._run = _RunTotals()
+        self._run = RunTotals()
         self._shapes: _ModelShapes | None = None
         self._clocks = _NvmlClocks()
         self._clock_reads = 0
@@ -204,7 +156,7 @@ class Diagnostics:
 
     def review(
         self,
-        window: Window,
+        run: RunTotals,
         *,
         model: nn.Module,
         engine: Any | None,
@@ -213,13 +165,13 @@ class Diagnostics:
         compute_dtype: str | None,
         autocast_in_training: bool | None = None,
     ) -> list[Diagnosis]:
-        """Add a read window to the run and run every check not fired or silenced; returns the new diagnoses.
+        """Run every check not fired or silenced on the run read so far; returns the new diagnoses.
 
         ``run_features``: this rank's summed features of every step read so far (the engine turns
         them into FLOPs); ``autocast_in_training``: whether autocast was on at the first forward
         (None when no forward was seen).
         """
-        self._run.add(window)
+        self._run = run
         split = _split_flops(engine, run_features)
         new: list[Diagnosis] = []
         checks = (

@@ -28,8 +28,10 @@ import torch
 from torch import nn
 
 from . import distributed
+from ._run_totals import RunTotals, per_gpu_per_second, utilization
 from .diagnostics import Diagnosis, Diagnostics
 from .flops import FlopEngine, Forward, StepFlops, TokenCounter
+from .precision import active_autocast_dtype
 from .timer import StepTimer
 
 if TYPE_CHECKING:
@@ -38,21 +40,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("mfu_callbacks")
 
 _INITIAL_STEP_ROWS = 64  # steps between two reads before the count buffer grows
-
-
-def _per_gpu_per_second(amount: float, wall_seconds: float, world_size: int) -> float:
-    """``amount`` (FLOPs or tokens, summed over ranks) per GPU per second of wall time."""
-    return amount / (wall_seconds * world_size)
-
-
-def _utilization(flops: float, wall_seconds: float, world_size: int, peak_flops: float) -> float:
-    """MFU (model FLOPs) or HFU (hardware FLOPs), after PaLM (Chowdhery et al., 2022), appendix B.
-
-    The FLOP/s a step achieved per GPU over the dense peak FLOP/s of one GPU: ``flops`` are summed
-    over all ranks, ``wall_seconds`` is the slowest rank's time (the others wait for it), and
-    ``world_size`` GPUs shared the work.
-    """
-    return _per_gpu_per_second(flops, wall_seconds, world_size) / peak_flops
 
 
 @dataclass(frozen=True)
@@ -116,26 +103,6 @@ def _assume_matching_ranks(local: _Window) -> _Window:
     return replace(local, **{name: getattr(local, name) * local.world_size for name in _SUMMED_OVER_RANKS})
 
 
-@dataclass
-class _RunTotals:
-    """Everything read so far, for the end-of-run summary."""
-
-    model_flops: float = 0.0
-    hardware_flops: float = 0.0
-    tokens: float = 0.0
-    wall_seconds: float = 0.0
-    world_size: int = 1
-    counted: bool = False
-
-    def add(self, window: _Window) -> None:
-        self.model_flops += window.model_flops
-        self.hardware_flops += window.hardware_flops
-        self.tokens += window.tokens
-        self.wall_seconds += window.wall_seconds
-        self.world_size = window.world_size
-        self.counted = self.counted or window.counting_ranks > 0
-
-
 class MFUMeter:
     """Model FLOPs Utilization of a training loop, read at log time.
 
@@ -196,7 +163,7 @@ class MFUMeter:
         self._steps_unread = 0  # measured steps finished since the last read: the rows in use below
         self._counts: torch.Tensor | None = None  # (rows, 2, NUM_FEATURES) feature sums, one row per step
         self._count_rows: list[torch.Tensor] = []  # views of its rows, so the hot path does no indexing
-        self._run = _RunTotals()
+        self._run = RunTotals()
         self._run_features: torch.Tensor | None = None  # summed features of every step read so far
         # Autocast is entered around the forward, after the meter is built: look once, at the first
         # forward, and (unless the dtype was given) pick the peak of the dtype the matmuls really run in.
@@ -211,7 +178,7 @@ class MFUMeter:
             self._autocast_probe.remove()
             self._autocast_probe = None
         self._forward_seen = True
-        self._autocast_dtype = _autocast_dtype(self.device)
+        self._autocast_dtype = active_autocast_dtype(self.device)
         if not self._resolve_peak_at_first_forward:
             return
         try:
@@ -302,17 +269,17 @@ class MFUMeter:
         values: dict[str, float] = {}
         if window.counting_ranks:
             if peak_flops:
-                values["mfu"] = _utilization(window.model_flops, wall, world, peak_flops)
-                values["hfu"] = _utilization(window.hardware_flops, wall, world, peak_flops)
-            values["tflops_per_gpu"] = _per_gpu_per_second(window.model_flops, wall, world) / 1e12
+                values["mfu"] = utilization(window.model_flops, wall, world, peak_flops)
+                values["hfu"] = utilization(window.hardware_flops, wall, world, peak_flops)
+            values["tflops_per_gpu"] = per_gpu_per_second(window.model_flops, wall, world) / 1e12
             values["tokens_per_sec"] = window.tokens / wall
-            values["tokens_per_sec_per_gpu"] = _per_gpu_per_second(window.tokens, wall, world)
+            values["tokens_per_sec_per_gpu"] = per_gpu_per_second(window.tokens, wall, world)
             padded = window.padded_tokens
             values["padding_fraction"] = 1.0 - window.tokens / padded if padded else 0.0
             if peak_flops and window.last_step_seconds > 0:
                 last = window.last_step_seconds
-                values["mfu_last_step"] = _utilization(window.last_model_flops, last, world, peak_flops)
-                values["hfu_last_step"] = _utilization(window.last_hardware_flops, last, world, peak_flops)
+                values["mfu_last_step"] = utilization(window.last_model_flops, last, world, peak_flops)
+                values["hfu_last_step"] = utilization(window.last_hardware_flops, last, world, peak_flops)
         values["step_time"] = wall / window.steps
         busy_and_waiting = window.step_seconds + window.input_wait_seconds
         values["input_wait_fraction"] = (
@@ -335,14 +302,12 @@ class MFUMeter:
             return {}
         values: dict[str, float] = {}
         if self.peak is not None and self.peak.flops:
-            values["mfu"] = _utilization(run.model_flops, run.wall_seconds, run.world_size, self.peak.flops)
-            values["hfu"] = _utilization(
-                run.hardware_flops, run.wall_seconds, run.world_size, self.peak.flops
-            )
+            values["mfu"] = run.utilization(run.model_flops, self.peak.flops)
+            values["hfu"] = run.utilization(run.hardware_flops, self.peak.flops)
         values["tflops_per_gpu"] = (
-            _per_gpu_per_second(run.model_flops, run.wall_seconds, run.world_size) / 1e12
+            per_gpu_per_second(run.model_flops, run.wall_seconds, run.world_size) / 1e12
         )
-        values["tokens_per_sec_per_gpu"] = _per_gpu_per_second(run.tokens, run.wall_seconds, run.world_size)
+        values["tokens_per_sec_per_gpu"] = per_gpu_per_second(run.tokens, run.wall_seconds, run.world_size)
         return values
 
     def run_flops(self) -> StepFlops | None:
@@ -371,14 +336,14 @@ class MFUMeter:
             if window.steps == 0 or window.wall_seconds <= 0:
                 return None
             self._run.add(window)
-            self._diagnose(window)
+            self._diagnose()
         return window
 
-    def _diagnose(self, window: _Window) -> None:
+    def _diagnose(self) -> None:
         """Run the diagnoses on what was just read (host-side numbers only: no sync, no collective)."""
         try:
             self._diagnostics.review(
-                window,
+                self._run,
                 model=self._model,
                 engine=self.engine,
                 run_features=self._run_features,
@@ -459,18 +424,6 @@ class MFUMeter:
                 )
             return ranks
         return self._world_size_given or 1
-
-
-def _autocast_dtype(device: torch.device) -> str | None:
-    """The dtype key of the autocast region active now on the model's device type, None without one."""
-    from .precision import parse_compute_dtype
-
-    try:
-        if torch.is_autocast_enabled(device.type):
-            return parse_compute_dtype(torch.get_autocast_dtype(device.type))
-    except (RuntimeError, ValueError):
-        pass
-    return None
 
 
 def _device_of(model: nn.Module) -> torch.device:

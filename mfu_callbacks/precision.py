@@ -106,7 +106,7 @@ def detect_compute_dtype(
         return parse_compute_dtype(override, device=device)
     if _has_fp8_layers(model):
         return "fp8"
-    autocast_key = _active_autocast_key(device)
+    autocast_key = active_autocast_dtype(device)
     if autocast_key is not None:
         return autocast_key
     stored = _majority_float_dtype(model)
@@ -172,8 +172,8 @@ def _has_fp8_layers(model: nn.Module) -> bool:
     return False
 
 
-def _active_autocast_key(device: torch.device | str | int | None) -> str | None:
-    """The dtype of an autocast region active now, for the model's device type first."""
+def active_autocast_dtype(device: torch.device | str | int | None) -> str | None:
+    """The dtype key ("bf16"/"fp16") of an autocast region active now, the model's device type first; None without one."""
     device_types = ["cuda", "cpu"]
     if device is not None and not isinstance(device, int):
         device_types.insert(0, torch.device(device).type)

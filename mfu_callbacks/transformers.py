@@ -66,7 +66,7 @@ class MFUCallback(TrainerCallback):
         self.session.unwatch()
         summary = self.session.finish()
         if summary:
-            state.mfu_summary = summary  # read by the end-of-run report
+            state.mfu_summary = summary  # the run's means, for whoever holds the trainer
 
     def _move_ahead_of_reporters(self) -> None:
         """Run this callback's ``on_log`` first, so reporters log MFU in the loss's record.

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import json
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from tiny_models import FixedLengthTokens, collate, tiny_llama
 from torch.utils.data import DataLoader
+
+from mfu_callbacks._runlog import wandb_records
 
 wandb = pytest.importorskip("wandb")
 
@@ -36,12 +34,7 @@ def read_run(folder: Path) -> list[dict]:
     """The records of the one offline run under ``folder``, through ``wandb leet inspect --json``."""
     logs = list(folder.rglob("offline-run-*/run-*.wandb"))
     assert len(logs) == 1, f"expected one offline run under {folder}, found {logs}"
-    (log,) = logs
-    executable = shutil.which("wandb") or str(Path(sys.executable).parent / "wandb")
-    result = subprocess.run([executable, "leet", "inspect", "--json", str(log)], capture_output=True, text=True,
-                            timeout=120, stdin=subprocess.DEVNULL)
-    assert result.returncode == 0, result.stderr[-2000:]
-    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    return wandb_records(logs[0])
 
 
 def check_run(records: list[dict], loss_key: str, mfu_key: str, step_metric: str | None) -> None:

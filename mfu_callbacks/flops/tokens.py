@@ -159,10 +159,10 @@ class TokenCounting:
         if main is not None and decoder is not None:
             if main.lengths is not None and decoder.lengths is not None:
                 cross = (main.lengths * decoder.lengths).sum()
-            elif main.lengths is not None:
-                cross = main.lengths.sum() * decoder.length
+            elif main.lengths is not None:  # real_tokens is already the sum of the lengths
+                cross = main.real_tokens * decoder.length
             elif decoder.lengths is not None:
-                cross = decoder.lengths.sum() * main.length
+                cross = decoder.real_tokens * main.length
             else:
                 cross = rows * main.length * decoder.length
             put(MODEL, Feature.CROSS, cross)
