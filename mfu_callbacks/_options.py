@@ -1,4 +1,4 @@
-"""Options shared by every integration, under the same names, validated once."""
+"""Options shared by every integration, under the same names, checked when the callback is built."""
 
 from __future__ import annotations
 
@@ -8,9 +8,8 @@ from typing import Any
 
 import torch
 
+from . import _validate
 from .diagnostics import validate_ids
-
-_DTYPE_NAMES = ("fp32", "tf32", "bf16", "fp16", "fp8")
 
 
 @dataclass(frozen=True)
@@ -18,8 +17,8 @@ class MFUOptions:
     """What a user can set on any of the callbacks.
 
     peak_tflops: dense peak TFLOP/s per GPU, for hardware the table does not know (or to override it).
-    dtype: the precision the matmuls run in ("bf16", "fp16", "tf32", "fp32", "fp8" or a torch dtype);
-        detected from the framework's precision setting when omitted.
+    dtype: the precision the matmuls run in ("bf16", "fp16", "tf32", "fp32", "fp8", a torch dtype or a
+        Lightning precision string such as "bf16-mixed"); detected from the framework's setting when omitted.
     warmup_steps: optimizer steps left out of the averages (compilation, allocator warm-up).
     log_interval: log every N optimizer steps; None follows the framework's own logging cadence.
     prefix: prepended to every metric name (``train/`` puts MFU beside ``train/loss``).
@@ -40,14 +39,11 @@ class MFUOptions:
     silence_diagnostics: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.peak_tflops is not None and not (isinstance(self.peak_tflops, (int, float)) and self.peak_tflops > 0):
-            raise ValueError(f"peak_tflops must be a positive number of TFLOP/s per GPU, got {self.peak_tflops!r}")
-        if isinstance(self.dtype, str) and self.dtype not in _DTYPE_NAMES and "-" not in self.dtype:
-            raise ValueError(f"dtype must be one of {', '.join(_DTYPE_NAMES)} or a torch dtype, got {self.dtype!r}")
-        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be a whole number >= 0, got {self.warmup_steps!r}")
-        if self.log_interval is not None and (not isinstance(self.log_interval, int) or self.log_interval < 1):
-            raise ValueError(f"log_interval must be a whole number >= 1 or None, got {self.log_interval!r}")
+        object.__setattr__(self, "peak_tflops", _validate.peak_tflops(self.peak_tflops))
+        _validate.env_peak_tflops()
+        _validate.compute_dtype(self.dtype)
+        _validate.whole_number(self.warmup_steps, name="warmup_steps", minimum=0)
+        _validate.optional_whole_number(self.log_interval, name="log_interval", minimum=1)
         if not isinstance(self.prefix, str):
             raise ValueError(f"prefix must be a string such as 'train/', got {self.prefix!r}")
         object.__setattr__(self, "silence_diagnostics", validate_ids(self.silence_diagnostics))
@@ -55,3 +51,5 @@ class MFUOptions:
             value = getattr(self, name)
             if value is not None and not callable(value):
                 raise ValueError(f"{name} must be a function, got {type(value).__name__}")
+        if not isinstance(self.report, bool):
+            raise ValueError(f"report must be True or False, got {self.report!r}")

@@ -11,11 +11,8 @@ from typing import Any
 
 from .flops import StepFlops
 from .hardware import PeakInfo
+from .metrics import NUMERIC_METRICS
 
-METRIC_NAMES = (
-    "mfu", "hfu", "tflops_per_gpu", "tokens_per_sec", "tokens_per_sec_per_gpu", "step_time",
-    "padding_fraction", "input_wait_fraction", "mfu_last_step", "hfu_last_step", "step_time_max", "step_time_min",
-)
 CONFIG_KEY = "mfu_callbacks"
 SUMMARY_PREFIX = "mfu_run/"
 
@@ -43,7 +40,7 @@ def run_config(peak: PeakInfo | None, flops_per_token: float | None, flops: Step
 def describe_run(run: Any, config: Mapping[str, Any], metric_prefix: str, step_metric: str | None) -> None:
     """Record how MFU was computed, and plot the metrics against the framework's global step."""
     run.config.update({CONFIG_KEY: dict(config)}, allow_val_change=True)
-    for name in METRIC_NAMES:
+    for name in NUMERIC_METRICS:
         if step_metric:
             run.define_metric(metric_prefix + name, step_metric=step_metric)
         else:

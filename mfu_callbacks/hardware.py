@@ -16,18 +16,17 @@ the ways to give the peak), never measured against a guessed one.
 from __future__ import annotations
 
 import logging
-import math
-import os
 import re
 from dataclasses import dataclass, fields
 
 import torch
 
+from . import _validate
+from ._validate import PEAK_ENV_VAR
 from .precision import COMPUTE_DTYPES, parse_compute_dtype
 
 logger = logging.getLogger("mfu_callbacks")
 
-PEAK_ENV_VAR = "MFU_PEAK_TFLOPS"
 _DEFAULT_MIG_SLICES = 7  # compute slices of a full chip (A100, H100, H200, B200); the A30 has 4
 _VENDOR_WORDS = frozenset({"nvidia", "amd", "tesla", "instinct", "geforce", "radeon"})
 _HOST_DEVICE_TYPES = frozenset({"cpu", "meta"})
@@ -349,9 +348,10 @@ def resolve_peak(
         device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     identity = _identify(device, None)
     device_name = identity[0] if identity is not None else str(device)
-    if override_tflops is not None:
-        return PeakInfo(_override_flops(override_tflops), device_name, key, "override argument")
-    env_tflops = _env_peak_tflops()
+    override = _validate.peak_tflops(override_tflops)
+    if override is not None:
+        return PeakInfo(override * 1e12, device_name, key, "override argument")
+    env_tflops = _validate.env_peak_tflops()
     if env_tflops is not None:
         return PeakInfo(env_tflops * 1e12, device_name, key, PEAK_ENV_VAR)
     if identity is None:
@@ -458,33 +458,6 @@ def _table_peak(name: str, multiprocessors: int | None, key: str) -> tuple[float
 
 def _figures(row: GpuSpec) -> tuple[float | None, ...]:
     return tuple(getattr(row, name) for name in _PEAK_FIELDS)
-
-
-# -- overrides ------------------------------------------------------------------------------------------
-def _override_flops(override_tflops: float) -> float:
-    valid = isinstance(override_tflops, (int, float)) and not isinstance(override_tflops, bool)
-    if not (valid and math.isfinite(override_tflops) and override_tflops > 0):
-        raise ValueError(
-            f"peak_tflops must be a positive number of dense TFLOP/s per GPU, got {override_tflops!r}"
-        )
-    return float(override_tflops) * 1e12
-
-
-def _env_peak_tflops() -> float | None:
-    """``$MFU_PEAK_TFLOPS`` as a number, None when unset or empty; anything but a positive number raises."""
-    raw = os.environ.get(PEAK_ENV_VAR, "").strip()
-    if not raw:
-        return None
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(
-            f"{PEAK_ENV_VAR}={raw!r} is not a peak: expected a positive number of dense TFLOP/s per GPU, "
-            f"such as {PEAK_ENV_VAR}=989.4"
-        )
-    return value
 
 
 def _warn_once(key: str, message: str) -> None:

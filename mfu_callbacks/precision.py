@@ -10,9 +10,13 @@ Only torch is imported: fp8 layers are recognised by their class, never by impor
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
+from contextlib import suppress
+from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 COMPUTE_DTYPES = ("fp32", "tf32", "bf16", "fp16", "fp8")
 """The dtype keys of the peak table."""
@@ -207,3 +211,35 @@ def _majority_float_dtype(model: nn.Module) -> torch.dtype | None:
     if not elements:
         return None
     return elements.most_common(1)[0][0]
+
+
+class AutocastWatch:
+    """Sees, at the model's first forward, whether autocast is on and in which dtype.
+
+    Autocast is entered around the forward, after the meter is built, so the dtype the matmuls run
+    in is known only then. The hook removes itself after one call and never changes the forward.
+    """
+
+    def __init__(self, model: nn.Module, device: torch.device,
+                 on_first_forward: Callable[[nn.Module], None] | None = None) -> None:
+        self.dtype: str | None = None  # autocast's dtype key at the first forward; None without autocast
+        self.seen = False
+        self._device = device
+        self._on_first_forward = on_first_forward
+        self._handle: RemovableHandle | None = model.register_forward_pre_hook(self._first_forward)
+
+    @property
+    def enabled_at_first_forward(self) -> bool | None:
+        """Whether autocast was on at the first forward; None before any forward."""
+        return self.dtype is not None if self.seen else None
+
+    @torch.compiler.disable
+    def _first_forward(self, module: nn.Module, args: Any) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        self.seen = True
+        self.dtype = active_autocast_dtype(self._device)
+        if self._on_first_forward is not None:
+            with suppress(Exception):  # a failed look keeps what was found at construction
+                self._on_first_forward(module)

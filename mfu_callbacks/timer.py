@@ -22,13 +22,21 @@ from dataclasses import dataclass
 
 import torch
 
+from . import _validate
+
+# Finished steps kept one by one before the oldest are folded into one entry: bounds memory in a
+# run that reads its metrics rarely (or never), while the last steps stay separate.
+_KEEP_STEPS = 256
+
 
 @dataclass(frozen=True)
 class StepTiming:
-    """One finished step: its duration and the input wait before it, in seconds."""
+    """Finished steps: their duration and the input wait before them, in seconds (one step, or
+    ``steps`` older steps folded together)."""
 
     step_seconds: float
     input_wait_seconds: float
+    steps: int = 1
 
     @property
     def iteration_seconds(self) -> float:
@@ -51,9 +59,7 @@ class StepTimer:
         clock: Callable[[], float] = time.perf_counter,
         force_cpu: bool = False,
     ) -> None:
-        if not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be a whole number >= 0, got {warmup_steps!r}")
-        self.warmup_steps = warmup_steps
+        self.warmup_steps = _validate.whole_number(warmup_steps, name="warmup_steps", minimum=0)
         device = torch.device(device) if device is not None else None
         self.uses_cuda_events = (
             not force_cpu and torch.cuda.is_available() and (device is None or device.type == "cuda")
@@ -106,13 +112,17 @@ class StepTimer:
         if self._measuring:
             if self.uses_cuda_events:
                 stop = self._record_event()
+                assert self._start_event is not None  # recorded by start() of a measured step
                 self._recorded.append((self._wait_began, self._start_event, stop))
                 self._previous_stop = stop
                 self._last_stop = self._clock()
+                if len(self._recorded) > _KEEP_STEPS:
+                    self._resolve_finished_events()
                 return
             now = self._clock()
             self._finished.append(StepTiming(now - self._start_time, self._input_wait))
             self._last_stop = now
+            self._fold_old_timings()
             return
         self._previous_stop = None  # an unmeasured step is nobody's input wait
         self._last_stop = self._clock()
@@ -121,7 +131,7 @@ class StepTimer:
         """Leave the open step out of the timings (it did one-off work, such as building the FLOP engine)."""
         if self._open and self._measuring:
             self._measuring = False
-            if self.uses_cuda_events:
+            if self._start_event is not None:
                 self._spare_events.append(self._start_event)
 
     @contextmanager
@@ -145,19 +155,49 @@ class StepTimer:
                 self._previous_stop.record(torch.cuda.current_stream(self._device))
 
     def read(self) -> list[StepTiming]:
-        """Timings of the steps finished since the last read, oldest first; resolves CUDA events."""
+        """Timings of the steps finished since the last read, oldest first; resolves CUDA events.
+
+        The entries' ``steps`` add up to the steps finished; the last entries are single steps.
+        """
         if self._recorded:
             self._recorded[-1][2].synchronize()  # stream order: every earlier event has completed too
-            resolved: dict[int, torch.cuda.Event] = {}
-            for wait_began, start, stop in self._recorded:
-                wait = wait_began.elapsed_time(start) / 1000.0 if wait_began is not None else 0.0
-                self._finished.append(StepTiming(start.elapsed_time(stop) / 1000.0, max(wait, 0.0)))
-                resolved.update((id(event), event) for event in (wait_began, start, stop) if event is not None)
-            self._recorded.clear()
-            still_needed = {id(self._previous_stop)} | ({id(self._wait_began)} if self._open else set())
-            self._spare_events += [event for key, event in resolved.items() if key not in still_needed]
+            self._resolve(len(self._recorded))
         finished, self._finished = self._finished, []
         return finished
+
+    def _resolve_finished_events(self) -> None:
+        """Resolve the oldest recorded steps whose events the GPU has passed (``query``: no wait)."""
+        done = 0
+        for _, _, stop in self._recorded[: len(self._recorded) - _KEEP_STEPS // 2]:
+            if not stop.query():
+                break
+            done += 1
+        if done:
+            self._resolve(done)
+
+    def _resolve(self, count: int) -> None:
+        """Turn the oldest ``count`` recorded steps into timings and reuse their events."""
+        resolved: dict[int, torch.cuda.Event] = {}
+        for wait_began, start, stop in self._recorded[:count]:
+            wait = wait_began.elapsed_time(start) / 1000.0 if wait_began is not None else 0.0
+            self._finished.append(StepTiming(start.elapsed_time(stop) / 1000.0, max(wait, 0.0)))
+            resolved.update((id(event), event) for event in (wait_began, start, stop) if event is not None)
+        del self._recorded[:count]
+        still_needed = {id(self._previous_stop)} | ({id(self._wait_began)} if self._open else set())
+        still_needed |= {id(event) for step in self._recorded for event in step if event is not None}
+        self._spare_events += [event for key, event in resolved.items() if key not in still_needed]
+        self._fold_old_timings()
+
+    def _fold_old_timings(self) -> None:
+        """Past ``_KEEP_STEPS`` finished timings, fold the oldest half into one entry."""
+        if len(self._finished) <= _KEEP_STEPS:
+            return
+        cut = len(self._finished) - _KEEP_STEPS // 2
+        old = self._finished[:cut]
+        folded = StepTiming(
+            sum(t.step_seconds for t in old), sum(t.input_wait_seconds for t in old), sum(t.steps for t in old)
+        )
+        self._finished[:cut] = [folded]
 
     def _record_event(self) -> torch.cuda.Event:
         event = self._spare_events.pop() if self._spare_events else torch.cuda.Event(enable_timing=True)

@@ -21,7 +21,7 @@ from peft import LoraConfig, get_peft_model
 from test_meter import FakeClock
 from torch import nn
 
-import mfu_callbacks.diagnostics as diagnostics_module
+import mfu_callbacks.diagnostics.checks as diagnostics_module
 from mfu_callbacks import distributed
 from mfu_callbacks.diagnostics import DIAGNOSIS_IDS, Diagnosis, Diagnostics
 from mfu_callbacks.flops import FlopEngine

@@ -1,0 +1,169 @@
+"""One model of a measurement: the window of steps between two reads, and the run as their sum.
+
+The meter reads a window at each log, combines it over ranks, and adds it to the run totals; the
+metrics, the end-of-run summary and the diagnoses are all computed from these two, with the
+utilization formula below, written once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+from . import distributed
+from .flops.step_flops import StepFlops
+from .timer import StepTiming
+
+
+def per_gpu_per_second(amount: float, wall_seconds: float, world_size: int) -> float:
+    """``amount`` (FLOPs or tokens, summed over ranks) per GPU per second of wall time."""
+    return amount / (wall_seconds * world_size)
+
+
+def utilization(flops: float, wall_seconds: float, world_size: int, peak_flops: float) -> float:
+    """MFU (model FLOPs) or HFU (hardware FLOPs), after PaLM (Chowdhery et al., 2022), appendix B.
+
+    The FLOP/s a step achieved per GPU over the dense peak FLOP/s of one GPU: ``flops`` are summed
+    over all ranks, ``wall_seconds`` is the slowest rank's time (the others wait for it), and
+    ``world_size`` GPUs shared the work.
+    """
+    return per_gpu_per_second(flops, wall_seconds, world_size) / peak_flops
+
+
+@dataclass(frozen=True)
+class Window:
+    """The measured steps since the last read: of this rank, or of all ranks once combined."""
+
+    world_size: int = 1
+    model_flops: float = 0.0
+    hardware_flops: float = 0.0
+    tokens: float = 0.0
+    padded_tokens: float = 0.0
+    step_seconds: float = 0.0
+    input_wait_seconds: float = 0.0
+    counting_ranks: float = 0.0  # ranks whose FLOP engine counted batches (1 or 0 for one rank)
+    last_model_flops: float = 0.0  # the last step alone
+    last_hardware_flops: float = 0.0
+    wall_seconds: float = 0.0  # step + input wait seconds of the slowest rank (the others wait for it)
+    steps: float = 0.0
+    # Mean step time (without input wait) of the slowest and fastest rank. Under synchronous data
+    # parallelism a rank that is late with its batch makes the others wait inside their steps (in
+    # the gradient all-reduce): the spread of step times, not of iteration times, shows it.
+    # A rank without steps has no say: -inf and inf.
+    step_time_max: float = -math.inf
+    step_time_min: float = math.inf
+    last_step_seconds: float = 0.0
+    # Ranks whose meter failed: they still take part in the reduction, so no rank waits for them.
+    failed_ranks: float = 0.0
+
+
+def rank_window(world_size: int, timings: Sequence[StepTiming], flops: StepFlops | None,
+                last_flops: StepFlops | None) -> Window:
+    """This rank's window from its step timings and the FLOPs of its steps (None: nothing counted)."""
+    steps = sum(timing.steps for timing in timings)
+    step_seconds = sum(timing.step_seconds for timing in timings)
+    input_wait_seconds = sum(timing.input_wait_seconds for timing in timings)
+    last = timings[-1] if timings and timings[-1].steps == 1 else None
+    counted = flops is not None
+    flops, last_flops = flops or StepFlops(0, 0, 0, 0), last_flops or StepFlops(0, 0, 0, 0)
+    return Window(
+        world_size=world_size,
+        model_flops=float(flops.model_flops),
+        hardware_flops=float(flops.hardware_flops),
+        tokens=float(flops.tokens),
+        padded_tokens=float(flops.padded_tokens),
+        step_seconds=step_seconds,
+        input_wait_seconds=input_wait_seconds,
+        counting_ranks=1.0 if counted else 0.0,
+        last_model_flops=float(last_flops.model_flops),
+        last_hardware_flops=float(last_flops.hardware_flops),
+        wall_seconds=step_seconds + input_wait_seconds,
+        steps=float(steps),
+        step_time_max=step_seconds / steps if steps else -math.inf,
+        step_time_min=step_seconds / steps if steps else math.inf,
+        last_step_seconds=last.iteration_seconds if last is not None else 0.0,
+    )
+
+
+# How the fields of a window combine over ranks (world_size is the same on every rank).
+_SUMMED_OVER_RANKS = (
+    "model_flops",
+    "hardware_flops",
+    "tokens",
+    "padded_tokens",
+    "step_seconds",
+    "input_wait_seconds",
+    "counting_ranks",
+    "last_model_flops",
+    "last_hardware_flops",
+    "failed_ranks",
+)
+_SLOWEST_RANK = ("wall_seconds", "steps", "step_time_max", "last_step_seconds")
+_FASTEST_RANK = ("step_time_min",)  # a maximum over negated values
+
+
+def combine_ranks(local: Window) -> Window:
+    """The window of all ranks: one summing and one maximising all-reduce, the same on every rank.
+
+    Without a process group the other ``world_size - 1`` ranks are assumed to do what this one did.
+    """
+    if not distributed.is_distributed():
+        assumed: dict[str, Any] = {name: getattr(local, name) * local.world_size for name in _SUMMED_OVER_RANKS}
+        return replace(local, **assumed)
+    sums = [getattr(local, name) for name in _SUMMED_OVER_RANKS]
+    maxima = [getattr(local, name) for name in _SLOWEST_RANK] + [-getattr(local, name) for name in _FASTEST_RANK]
+    sums, maxima = distributed.sum_and_max_over_ranks(sums, maxima)
+    slowest, negated_fastest = maxima[: len(_SLOWEST_RANK)], maxima[len(_SLOWEST_RANK) :]
+    combined: dict[str, Any] = {
+        **dict(zip(_SUMMED_OVER_RANKS, sums)),
+        **dict(zip(_SLOWEST_RANK, slowest)),
+        **{name: -value for name, value in zip(_FASTEST_RANK, negated_fastest)},
+    }
+    return replace(local, **combined)
+
+
+_RUN_SUMMED = ("model_flops", "hardware_flops", "tokens", "padded_tokens", "step_seconds", "input_wait_seconds",
+               "wall_seconds", "steps")
+
+
+@dataclass
+class RunTotals:
+    """The windows read so far, summed; per-rank extremes weighted by the steps of each window."""
+
+    model_flops: float = 0.0
+    hardware_flops: float = 0.0
+    tokens: float = 0.0
+    padded_tokens: float = 0.0
+    step_seconds: float = 0.0
+    input_wait_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    steps: float = 0.0
+    slowest_rank_seconds: float = 0.0  # sum over windows of (slowest rank's mean step time x steps)
+    fastest_rank_seconds: float = 0.0
+    world_size: int = 1
+    counted: bool = False  # whether any rank's FLOP engine counted a batch
+
+    def add(self, window: Window) -> None:
+        for name in _RUN_SUMMED:
+            setattr(self, name, getattr(self, name) + getattr(window, name))
+        if math.isfinite(window.step_time_max) and math.isfinite(window.step_time_min):
+            self.slowest_rank_seconds += window.step_time_max * window.steps
+            self.fastest_rank_seconds += window.step_time_min * window.steps
+        self.world_size = window.world_size
+        self.counted = self.counted or window.counting_ranks > 0
+
+    def utilization(self, flops: float, peak_flops: float | None) -> float | None:
+        """MFU or HFU of the run, None without a peak."""
+        if not peak_flops or self.wall_seconds <= 0:
+            return None
+        return utilization(flops, self.wall_seconds, self.world_size, peak_flops)
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, Any]) -> RunTotals:
+        known = {field.name for field in fields(cls)}
+        return cls(**{key: value for key, value in state.items() if key in known})

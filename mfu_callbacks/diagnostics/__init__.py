@@ -1,0 +1,118 @@
+"""Diagnoses: what is costing a run MFU, each with the number that shows it and the fix.
+
+The checks read what the meter already holds when its metrics are read (log time): the model's
+shapes, the run's token and FLOP totals, the step timings, and where NVML is installed the GPU's
+SM clock. Nothing here runs per step or waits for the GPU. Each diagnosis has a stable id, fires at
+most once per run and can be silenced by id:
+
+    meter = MFUMeter(model, silence_diagnostics=["matmul_shapes"])
+    ...
+    for diagnosis in meter.diagnostics():
+        print(diagnosis)            # [padding_waste] padding is 31.0% of computed tokens ...
+
+Each check is one function in ``checks.py``, registered under its id. Only torch is imported
+(NVML's ``pynvml`` lazily, when present).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import asdict
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import distributed
+from .._window import RunTotals
+from .checks import CHECKS, Diagnosis, Review, split_flops
+from .clocks import ClockLog
+from .model_shapes import ModelShapes, read_shapes
+
+logger = logging.getLogger("mfu_callbacks")
+
+DIAGNOSIS_IDS = tuple(CHECKS)
+GPU_CLOCKS = "gpu_clocks"
+
+
+def validate_ids(ids: Iterable[str]) -> tuple[str, ...]:
+    """The ids as a tuple; ValueError naming the known ids when one is unknown."""
+    if isinstance(ids, str) or not all(isinstance(item, str) for item in ids):
+        raise ValueError(f"silence_diagnostics must be a list of diagnosis ids, got {ids!r}")
+    ids = tuple(ids)
+    unknown = [item for item in ids if item not in DIAGNOSIS_IDS]
+    if unknown:
+        raise ValueError(f"unknown diagnosis id(s) {', '.join(map(repr, unknown))}: known ids are {', '.join(DIAGNOSIS_IDS)}")
+    return ids
+
+
+class Diagnostics:
+    """The checks of one run; ``review`` runs them at each read of the meter, ``fired`` lists what fired."""
+
+    def __init__(self, silence: Iterable[str] = ()) -> None:
+        self.silenced = frozenset(validate_ids(silence))
+        self.fired: list[Diagnosis] = []
+        self._clocks = ClockLog()
+        self._shapes: ModelShapes | None = None
+        self._model: nn.Module | None = None
+
+    def review(
+        self,
+        run: RunTotals,
+        *,
+        model: nn.Module,
+        engine: Any | None,
+        run_features: torch.Tensor | None,
+        peak_flops: float | None,
+        compute_dtype: str | None,
+        autocast_in_training: bool | None = None,
+    ) -> list[Diagnosis]:
+        """Run every check not fired or silenced on the run read so far; returns the new diagnoses.
+
+        ``run_features``: this rank's summed features of every step read so far (the engine turns
+        them into FLOPs); ``autocast_in_training``: whether autocast was on at the first forward
+        (None when no forward was seen).
+        """
+        self._model = model
+        review = Review(run, model, split_flops(engine, run_features), peak_flops, compute_dtype,
+                        autocast_in_training, self._clocks, self._model_shapes)
+        done = {diagnosis.id for diagnosis in self.fired} | self.silenced
+        new: list[Diagnosis] = []
+        for diagnosis_id, check in CHECKS.items():
+            if diagnosis_id in done:
+                continue
+            try:
+                diagnosis = check(review)
+            except Exception:  # noqa: BLE001 - a failed check must not cost the run its metrics
+                logger.debug("mfu_callbacks: the %s check failed", diagnosis_id, exc_info=True)
+                continue
+            if diagnosis is not None:
+                new.append(diagnosis)
+        self.fired.extend(new)
+        if distributed.rank() == 0:
+            for diagnosis in new:
+                logger.warning("mfu_callbacks %s", diagnosis)
+        return new
+
+    def sample_clock(self, device: torch.device) -> None:
+        """Read the SM clock now: call it at log time before waiting for the GPU, while the step's work still runs."""
+        if GPU_CLOCKS not in self.silenced and all(d.id != GPU_CLOCKS for d in self.fired):
+            self._clocks.sample(device)
+
+    def state_dict(self) -> list[dict[str, Any]]:
+        """The diagnoses fired so far, as plain values (a resumed run does not report them again)."""
+        return [{**asdict(diagnosis), "details": dict(diagnosis.details)} for diagnosis in self.fired]
+
+    def load_state_dict(self, fired: list[dict[str, Any]]) -> None:
+        self.fired = [Diagnosis(**diagnosis) for diagnosis in fired]
+
+    def _model_shapes(self) -> ModelShapes:
+        """The model's shapes, read at the first check that needs them."""
+        if self._shapes is None:
+            assert self._model is not None
+            self._shapes = read_shapes(self._model)
+        return self._shapes
+
+
+__all__ = ["DIAGNOSIS_IDS", "Diagnosis", "Diagnostics", "validate_ids"]

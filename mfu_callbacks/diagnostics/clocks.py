@@ -1,0 +1,88 @@
+"""The SM clock of one GPU through NVML (``nvidia-ml-py``, imported on first use), read at log time."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+# Bits of nvmlDeviceGetCurrentClocksEventReasons (formerly ...ThrottleReasons), stable across versions.
+_GPU_IDLE = 0x1
+_CLOCK_REASONS: Mapping[int, str] = {
+    0x2: "application clock setting",
+    0x4: "power cap",
+    0x8: "hardware slowdown",
+    0x20: "thermal slowdown (software)",
+    0x40: "thermal slowdown (hardware)",
+    0x80: "power brake",
+}
+
+
+def _nvml_index(device: torch.device) -> int:
+    """NVML numbers all GPUs of the host; CUDA numbers the visible ones (CUDA_VISIBLE_DEVICES)."""
+    index = device.index if device.index is not None else (torch.cuda.current_device() if torch.cuda.is_available() else 0)
+    visible = [item.strip() for item in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if item.strip()]
+    if index < len(visible) and visible[index].isdigit():
+        return int(visible[index])
+    return index
+
+
+class NvmlClocks:
+    """The SM clock of one GPU through NVML (``nvidia-ml-py``, imported on first use); None when unavailable."""
+
+    def __init__(self) -> None:
+        self._handle: Any = None
+        self._unavailable = False
+
+    def read(self, device: torch.device) -> tuple[float, float, list[str]] | None:
+        """(current MHz, maximum MHz, reasons the clock is held down); None when NVML is missing or the GPU idles."""
+        if self._unavailable:
+            return None
+        try:
+            import pynvml
+
+            if self._handle is None:
+                pynvml.nvmlInit()
+                self._handle = pynvml.nvmlDeviceGetHandleByIndex(_nvml_index(device))
+            current = pynvml.nvmlDeviceGetClockInfo(self._handle, pynvml.NVML_CLOCK_SM)
+            maximum = pynvml.nvmlDeviceGetMaxClockInfo(self._handle, pynvml.NVML_CLOCK_SM)
+            get_reasons = getattr(pynvml, "nvmlDeviceGetCurrentClocksEventReasons", None) or getattr(
+                pynvml, "nvmlDeviceGetCurrentClocksThrottleReasons", None
+            )
+            mask = int(get_reasons(self._handle)) if get_reasons is not None else 0
+        except Exception:  # noqa: BLE001 - no pynvml, no driver, or a GPU NVML cannot see: skip the check
+            self._unavailable = True
+            return None
+        if mask & _GPU_IDLE or not maximum:
+            return None  # an idle GPU clocks down: not a reading taken while training
+        return float(current), float(maximum), [name for bit, name in _CLOCK_REASONS.items() if mask & bit]
+
+
+SM_CLOCK_THRESHOLD = 0.80  # SM clock over its maximum, below which a read counts as throttled
+
+
+class ClockLog:
+    """SM clock readings taken at log time, before waiting for the GPU (while the steps still run)."""
+
+    def __init__(self) -> None:
+        self._nvml = NvmlClocks()
+        self.reads = 0
+        self.low_ratios: list[float] = []
+        self.low_reasons: set[str] = set()
+        self.max_mhz = 0.0
+
+    def sample(self, device: torch.device) -> None:
+        if device.type != "cuda":
+            return
+        reading = self._nvml.read(device)
+        if reading is None:
+            return
+        current, maximum, reasons = reading
+        self.reads += 1
+        self.max_mhz = maximum
+        ratio = current / maximum
+        if ratio < SM_CLOCK_THRESHOLD:
+            self.low_ratios.append(ratio)
+            self.low_reasons.update(reasons)

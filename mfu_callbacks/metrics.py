@@ -1,0 +1,88 @@
+"""Every key the callbacks log, and how each is computed from a measurement window.
+
+Logged at each read (``MFUMeter.metrics()``; the integrations prepend their prefix, ``train/``):
+
+=========================  ==============================================================================
+key                        meaning
+=========================  ==============================================================================
+``mfu``                    model FLOPs per GPU per second over the dense peak (a fraction); needs a peak
+``hfu``                    the same with hardware FLOPs: padding and activation-checkpoint recompute included
+``tflops_per_gpu``         model TFLOP/s achieved per GPU
+``tokens_per_sec``         real (non-padding) tokens per second, all GPUs together
+``tokens_per_sec_per_gpu`` the same per GPU
+``step_time``              mean seconds per optimizer step, the input wait before it included
+``padding_fraction``       share of computed tokens that were padding
+``input_wait_fraction``    share of iteration time the device waited for the next batch
+``mfu_last_step``          MFU of the window's last step alone
+``hfu_last_step``          HFU of the window's last step alone
+``step_time_max``          slowest rank's mean step time, input wait excluded (distributed runs only)
+``step_time_min``          fastest rank's mean step time, input wait excluded (distributed runs only)
+=========================  ==============================================================================
+
+The run summary (``MFUMeter.summary()``, the W&B summary under ``mfu_run/``) holds ``mfu``, ``hfu``,
+``tflops_per_gpu`` and ``tokens_per_sec_per_gpu`` over all measured steps.
+
+Averages are totals over totals (FLOPs over seconds), never means of per-step ratios.
+"""
+
+from __future__ import annotations
+
+from ._window import RunTotals, Window, per_gpu_per_second, utilization
+
+MFU = "mfu"
+HFU = "hfu"
+TFLOPS_PER_GPU = "tflops_per_gpu"
+TOKENS_PER_SEC = "tokens_per_sec"
+TOKENS_PER_SEC_PER_GPU = "tokens_per_sec_per_gpu"
+STEP_TIME = "step_time"
+PADDING_FRACTION = "padding_fraction"
+INPUT_WAIT_FRACTION = "input_wait_fraction"
+MFU_LAST_STEP = "mfu_last_step"
+HFU_LAST_STEP = "hfu_last_step"
+STEP_TIME_MAX = "step_time_max"
+STEP_TIME_MIN = "step_time_min"
+
+NUMERIC_METRICS = (
+    MFU, HFU, TFLOPS_PER_GPU, TOKENS_PER_SEC, TOKENS_PER_SEC_PER_GPU, STEP_TIME, PADDING_FRACTION,
+    INPUT_WAIT_FRACTION, MFU_LAST_STEP, HFU_LAST_STEP, STEP_TIME_MAX, STEP_TIME_MIN,
+)
+SUMMARY_METRICS = (MFU, HFU, TFLOPS_PER_GPU, TOKENS_PER_SEC_PER_GPU)
+
+
+def window_metrics(window: Window, peak_flops: float | None, *, distributed: bool) -> dict[str, float]:
+    """The logged values of one window, all ranks combined (see the table above)."""
+    wall, world = window.wall_seconds, window.world_size
+    values: dict[str, float] = {}
+    if window.counting_ranks:
+        if peak_flops:
+            values[MFU] = utilization(window.model_flops, wall, world, peak_flops)
+            values[HFU] = utilization(window.hardware_flops, wall, world, peak_flops)
+        values[TFLOPS_PER_GPU] = per_gpu_per_second(window.model_flops, wall, world) / 1e12
+        values[TOKENS_PER_SEC] = window.tokens / wall
+        values[TOKENS_PER_SEC_PER_GPU] = per_gpu_per_second(window.tokens, wall, world)
+        padded = window.padded_tokens
+        values[PADDING_FRACTION] = 1.0 - window.tokens / padded if padded else 0.0
+        if peak_flops and window.last_step_seconds > 0:
+            last = window.last_step_seconds
+            values[MFU_LAST_STEP] = utilization(window.last_model_flops, last, world, peak_flops)
+            values[HFU_LAST_STEP] = utilization(window.last_hardware_flops, last, world, peak_flops)
+    values[STEP_TIME] = wall / window.steps
+    busy_and_waiting = window.step_seconds + window.input_wait_seconds
+    values[INPUT_WAIT_FRACTION] = window.input_wait_seconds / busy_and_waiting if busy_and_waiting else 0.0
+    if distributed:
+        values[STEP_TIME_MAX] = window.step_time_max
+        values[STEP_TIME_MIN] = window.step_time_min
+    return values
+
+
+def run_summary(run: RunTotals, peak_flops: float | None) -> dict[str, float]:
+    """The run's means over every measured step; {} before any counted step."""
+    if not run.counted or run.wall_seconds <= 0:
+        return {}
+    values: dict[str, float] = {}
+    mfu, hfu = run.utilization(run.model_flops, peak_flops), run.utilization(run.hardware_flops, peak_flops)
+    if mfu is not None and hfu is not None:
+        values[MFU], values[HFU] = mfu, hfu
+    values[TFLOPS_PER_GPU] = per_gpu_per_second(run.model_flops, run.wall_seconds, run.world_size) / 1e12
+    values[TOKENS_PER_SEC_PER_GPU] = per_gpu_per_second(run.tokens, run.wall_seconds, run.world_size)
+    return values
