@@ -10,77 +10,185 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
 EXIT_USAGE = 2
 _MFU_LEVELS = (1.0, 0.5, 0.4)
+# The engine learns the batch's layout from a meta-device batch of this shape (no memory); the
+# step's FLOPs then follow from its sizes alone (features_of_full_rows), at any batch size.
+_TEMPLATE_SHAPE = (2, 8)
+_MAX_DPI = 1200  # 9600 x 6600 pixels for the 8 x 5.5 inch figure
+_REASON_CHARS = 300  # of a library's error message, quoted in ours
+_ESTIMATE_IN_PYTHON = ("build the model in Python and call mfu_callbacks.estimate_step_flops(model, batch) "
+                       "on one batch of its inputs")
+
+# Config fields that hold a size or a count: never negative ("num_*", "n_*", "*_size", "head_dim", "d_model", ...).
+_SIZE_FIELD = re.compile(r"^(num|n)_|(^|_)(size|dim|heads|layers|experts|embd|positions|inner|ff|kv|model|rank)$")
+# Sizes no model can be built with at zero, by the names model families give them.
+_NONZERO_FIELDS = frozenset({
+    "hidden_size", "n_embd", "d_model", "vocab_size", "head_dim", "d_kv",
+    "num_attention_heads", "num_heads", "n_head", "n_heads", "num_key_value_heads",
+    "encoder_attention_heads", "decoder_attention_heads",
+})
 
 
 class CliError(Exception):
     """A user-facing problem: printed as one line, exit code 2."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """Reports a bad command line as one line, as every other error is (not usage, then the error)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise CliError(f"{message} (see: {self.prog} --help)")
+
+
+def _reason(error: BaseException) -> str:
+    """A library's error message on one line, cut to a readable length."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= _REASON_CHARS else text[: _REASON_CHARS - 3] + "..."
+
+
+def _check_arguments(args: argparse.Namespace) -> None:
+    for flag, value, meaning in (("--seq-len", args.seq_len, "tokens in one row"),
+                                 ("--batch-size", args.batch_size, "rows in one optimizer step of one GPU")):
+        if value <= 0:
+            raise CliError(f"{flag} must be positive (got {value}): the {meaning}")
+    if args.lora_r < 0:
+        raise CliError(f"--lora-r must be positive (got {args.lora_r}): the LoRA rank, e.g. 16; leave it out "
+                       "for full fine-tuning")
+    if args.lora_targets and not args.lora_r:
+        raise CliError("--lora-targets needs --lora-r (the LoRA rank, e.g. --lora-r 16)")
+
+
+def _check_sizes(values: dict, path: str, prefix: str = "") -> None:
+    """Negative sizes and zero widths or heads, named by their field, before the model's own code trips on them."""
+    for key, value in values.items():
+        if isinstance(value, dict):
+            _check_sizes(value, path, f"{prefix}{key}.")
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not _SIZE_FIELD.search(key):
+            continue
+        if value < 0 or (value == 0 and key in _NONZERO_FIELDS):
+            least = "positive" if key in _NONZERO_FIELDS else "zero or more"
+            raise CliError(f"{path}: {prefix}{key} is {value}, but it is a size and must be {least}: "
+                           "correct it in the config")
+
+
 def _load_config(path: str) -> Any:
     file = Path(path)
+    if file.is_dir():
+        raise CliError(f"--config {path} is a folder: pass the config.json in it")
     if not file.is_file():
         raise CliError(f"config file not found: {path}")
     try:
-        values = json.loads(file.read_text())
+        values = json.loads(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise CliError(f"{path} is not UTF-8 text: expected a Hugging Face config.json (JSON text)") from None
     except (OSError, json.JSONDecodeError) as error:
-        raise CliError(f"cannot read {path} as JSON: {error}") from None
+        raise CliError(f"cannot read {path} as JSON ({_reason(error)}): expected a Hugging Face config.json") from None
+    if not isinstance(values, dict):
+        raise CliError(f"{path} holds a JSON {type(values).__name__}, not an object: expected a Hugging Face "
+                       'config.json ({"model_type": ..., "hidden_size": ..., ...})')
     try:
-        from transformers import AutoConfig
+        import transformers
+        from transformers import CONFIG_MAPPING, AutoConfig
     except ImportError:
         raise CliError("estimate needs transformers: pip install 'mfu-callbacks[transformers]'") from None
     model_type = values.get("model_type")
     if not model_type:
         raise CliError(f"{path} has no 'model_type': is it a Hugging Face config.json?")
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        raise CliError(f"{path}: model_type {model_type!r} is not one that transformers {transformers.__version__} "
+                       f"knows: upgrade transformers, or {_ESTIMATE_IN_PYTHON}")
+    _check_sizes(values, path)
     try:
         return AutoConfig.for_model(**values)
-    except (ValueError, KeyError, TypeError) as error:
-        raise CliError(f"cannot build a {model_type!r} config from {path}: {error}") from None
+    except Exception as error:  # noqa: BLE001 - a config class may reject its values with any exception
+        raise CliError(f"cannot build a {model_type!r} config from {path}: {_reason(error)}") from None
+
+
+def _model_factory(config: Any, path: str):
+    """The Auto class that builds this config as a language model: seq2seq for an encoder-decoder, else causal."""
+    from transformers import (
+        MODEL_FOR_CAUSAL_LM_MAPPING,
+        MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING,
+        AutoModelForCausalLM,
+        AutoModelForSeq2SeqLM,
+    )
+
+    if getattr(config, "is_encoder_decoder", False):
+        kind, factory, mapping = "seq2seq", AutoModelForSeq2SeqLM, MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING
+    else:
+        kind, factory, mapping = "causal", AutoModelForCausalLM, MODEL_FOR_CAUSAL_LM_MAPPING
+    if type(config) not in mapping:
+        raise CliError(f"{path} is a {type(config).__name__} ({config.model_type!r}), which transformers does not "
+                       f"build as a {kind} language model, and estimate builds only those: {_ESTIMATE_IN_PYTHON}")
+    return factory
 
 
 def _build_model(config: Any, args: argparse.Namespace):
     import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-    factory = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
-    with torch.device("meta"):
-        model = factory.from_config(config)
+    factory = _model_factory(config, args.config)
+    try:
+        with torch.device("meta"):
+            model = factory.from_config(config)
+    except Exception as error:  # noqa: BLE001 - the model's own code may reject a config with any exception
+        raise CliError(f"cannot build the {config.model_type!r} model of {args.config} ({_reason(error)}): check "
+                       "its sizes, or " + _ESTIMATE_IN_PYTHON) from None
     model.train()
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        try:
+            model.gradient_checkpointing_enable()
+        except ValueError as error:
+            raise CliError(f"{_reason(error)}: leave out --gradient-checkpointing") from None
     if args.lora_r:
-        from peft import LoraConfig, get_peft_model
-
-        targets = args.lora_targets.split(",") if args.lora_targets else "all-linear"
-        model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules=targets))
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError:
+            raise CliError("--lora-r needs peft: pip install 'mfu-callbacks[transformers]'") from None
+        targets = [name.strip() for name in args.lora_targets.split(",") if name.strip()] or "all-linear"
+        linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                         if isinstance(module, torch.nn.Linear)})
+        try:
+            model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules=targets))
+        except ValueError as error:
+            raise CliError(f"cannot put LoRA on --lora-targets {args.lora_targets or 'all-linear'} "
+                           f"({_reason(error)}): the model's linear layers are {', '.join(linear)}") from None
     return model
 
 
 def _estimate(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from .flops import FlopEngine
+    from .flops import BatchError, FlopEngine, ModelIntrospectionError
+    from .flops.features import features_of_full_rows
     from .hardware import known_gpus, lookup_gpu
 
+    _check_arguments(args)
     gpu = None
     if args.gpu:
         gpu = lookup_gpu(args.gpu)
         if gpu is None:
             raise CliError(f"unknown GPU {args.gpu!r}; known: {', '.join(known_gpus())}")
-    if args.seq_len <= 0 or args.batch_size <= 0:
-        raise CliError("--seq-len and --batch-size must be positive")
     config = _load_config(args.config)
     model = _build_model(config, args)
-    batch: dict[str, torch.Tensor] = {"input_ids": torch.zeros(args.batch_size, args.seq_len, dtype=torch.long)}
-    if getattr(config, "is_encoder_decoder", False):
-        batch["decoder_input_ids"] = torch.zeros(args.batch_size, args.seq_len, dtype=torch.long)
-    engine = FlopEngine.from_model(model, batch)
-    step = engine.estimate(batch)
+    encoder_decoder = getattr(config, "is_encoder_decoder", False)
+    template = {"input_ids": torch.empty(_TEMPLATE_SHAPE, dtype=torch.long, device="meta")}
+    if encoder_decoder:
+        template["decoder_input_ids"] = torch.empty(_TEMPLATE_SHAPE, dtype=torch.long, device="meta")
+    try:
+        engine = FlopEngine.from_model(model, template)
+    except (BatchError, ModelIntrospectionError) as error:
+        raise CliError(f"cannot count the FLOPs of the {config.model_type!r} model of {args.config}: "
+                       f"{_reason(error)}") from None
+    # batch_size full rows of seq_len tokens (the decoder of an encoder-decoder as long as its encoder)
+    step = engine.evaluate(features_of_full_rows(args.batch_size, args.seq_len,
+                                                 args.seq_len if encoder_decoder else None))
     result: dict[str, Any] = {
         "model_type": config.model_type,
         "tokens_per_step": step.tokens,
@@ -90,15 +198,12 @@ def _estimate(args: argparse.Namespace) -> dict[str, Any]:
         "breakdown": step.breakdown,
     }
     if gpu is not None:
-        peak = gpu.peak_tflops(args.dtype) * 1e12 if hasattr(gpu, "peak_tflops") else None
-        if peak is None:
-            from .hardware import peak_flops
-
-            peak = peak_flops(gpu.name, args.dtype)
-        if peak is None:
-            raise CliError(f"{gpu.name} has no {args.dtype} peak in the table")
+        tflops = gpu.dense_tflops(args.dtype)
+        if tflops is None:
+            raise CliError(f"{gpu.name} has no {args.dtype} peak in the table: choose another --dtype")
+        peak = tflops * 1e12
         result["gpu"] = gpu.name
-        result["peak_tflops"] = peak / 1e12
+        result["peak_tflops"] = tflops
         result["at_mfu"] = {
             f"{level:.0%}": {"step_seconds": step.model_flops / (peak * level),
                              "tokens_per_sec": step.tokens * peak * level / step.model_flops}
@@ -123,19 +228,40 @@ def _print_estimate(result: dict[str, Any]) -> None:
                   f"{numbers['tokens_per_sec']:12,.0f} tokens/s per GPU")
 
 
+def _image_path(output: str, supported: dict[str, str]) -> Path:
+    """The file ``-o`` names, checked before any reading: a writable folder and an image type matplotlib writes."""
+    path = Path(output)
+    if path.is_dir():
+        raise CliError(f"-o {output} is a folder: name an image file, e.g. {path / 'mfu.png'}")
+    if not path.parent.is_dir():
+        raise CliError(f"cannot write {output}: the folder {path.parent} does not exist; create it or choose "
+                       "another -o")
+    if not path.suffix:  # matplotlib would append .png; say so in what is printed
+        return path.with_name(path.name + ".png")
+    if path.suffix[1:].lower() not in supported:
+        types = ", ".join("." + name for name in sorted(supported))
+        raise CliError(f"-o {output}: cannot write {path.suffix} images; end the name with one of {types}")
+    return path
+
+
 def _plot(args: argparse.Namespace) -> None:
     from ._runlog import RunLogError, read_curves
 
-    try:
-        curves = read_curves(args.run)
-    except RunLogError as error:
-        raise CliError(str(error)) from None
+    if not 1 <= args.dpi <= _MAX_DPI:
+        raise CliError(f"--dpi must be between 1 and {_MAX_DPI} (got {args.dpi}): 120 is the default, 300 suits print")
     try:
         import matplotlib
     except ImportError:
         raise CliError("plot needs matplotlib: pip install 'mfu-callbacks[plot]'") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    output = _image_path(args.output, FigureCanvasBase.get_supported_filetypes())
+    try:
+        curves = read_curves(args.run)
+    except RunLogError as error:
+        raise CliError(str(error)) from None
 
     figure, (mfu_axis, loss_axis) = plt.subplots(2, 1, sharex=True, figsize=(8, 5.5), height_ratios=(1, 1))
     steps, values = zip(*curves.mfu)
@@ -152,16 +278,16 @@ def _plot(args: argparse.Namespace) -> None:
     loss_axis.grid(alpha=0.3)
     figure.tight_layout()
     try:
-        figure.savefig(args.output, dpi=args.dpi)
-    except OSError as error:
-        raise CliError(f"cannot write {args.output}: {error}") from None
-    plt.close(figure)
-    print(f"wrote {args.output}: {len(curves.mfu)} MFU points, {len(curves.loss)} loss points from {curves.source}")
+        figure.savefig(output, dpi=args.dpi)
+    except (OSError, ValueError, RuntimeError) as error:
+        raise CliError(f"cannot write {output}: {_reason(error)}") from None
+    finally:
+        plt.close(figure)
+    print(f"wrote {output}: {len(curves.mfu)} MFU points, {len(curves.loss)} loss points from {curves.source}")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mfu-callbacks", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="mfu-callbacks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     estimate = commands.add_parser(
         "estimate", help="FLOPs per step and per token of a Hugging Face config, and what a GPU would need",
@@ -189,7 +315,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     plot.add_argument("run", help="W&B run folder or .wandb file, metrics.csv, or trainer_state.json")
     plot.add_argument("-o", "--output", default="mfu.png", help="image to write (default: mfu.png)")
-    plot.add_argument("--dpi", type=int, default=120)
+    plot.add_argument("--dpi", type=int, default=120,
+                      help=f"resolution of a raster image, 1 to {_MAX_DPI} (default: 120)")
     plot.set_defaults(handler=_plot)
     return parser
 
@@ -203,11 +330,11 @@ def _run_estimate(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
     try:
+        args = _parser().parse_args(argv)
         args.handler(args)
     except CliError as error:
-        print(f"mfu-callbacks: error: {error}", file=sys.stderr)
+        print(f"mfu-callbacks: error: {' '.join(str(error).split())}", file=sys.stderr)
         return EXIT_USAGE
     return 0
 

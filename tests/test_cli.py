@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, LlavaConfig, T5Config, T5ForConditionalGeneration
 
 from mfu_callbacks import estimate_step_flops
 from mfu_callbacks.cli import main
+from mfu_callbacks.flops import FlopEngine
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -19,6 +21,14 @@ def config_file(tmp_path):
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=256, max_position_embeddings=128)
     path = tmp_path / "config.json"
+    path.write_text(config.to_json_string())
+    return path, config
+
+
+@pytest.fixture
+def t5_config_file(tmp_path):
+    config = T5Config(d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2, num_decoder_layers=2, vocab_size=128)
+    path = tmp_path / "t5_config.json"
     path.write_text(config.to_json_string())
     return path, config
 
@@ -135,3 +145,210 @@ def test_plot_from_a_wandb_offline_run(capsys, tmp_path, monkeypatch):
     code, out, _ = run_cli(capsys, "plot", str(run_folder), "-o", str(tmp_path / "w.png"))
     assert code == 0 and "5 MFU points, 5 loss points" in out
     check_png(tmp_path / "w.png")
+
+
+# -- a step planned from its sizes -----------------------------------------------------------------
+def full_rows(rows: int, length: int, decoder_length: int | None, *, mask: bool) -> dict[str, torch.Tensor]:
+    """A real batch of unpadded rows, as a collator gives it (with or without an all-ones mask)."""
+    ids = torch.randint(3, 100, (rows, length), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": ids.clone()}
+    if mask:
+        batch["attention_mask"] = torch.ones_like(ids)
+    if decoder_length is not None:
+        decoder_ids = torch.randint(3, 100, (rows, decoder_length), generator=torch.Generator().manual_seed(1))
+        batch["decoder_input_ids"] = decoder_ids
+        batch["labels"] = decoder_ids.clone()
+        if mask:
+            batch["decoder_attention_mask"] = torch.ones_like(decoder_ids)
+    return batch
+
+
+@pytest.mark.parametrize("mask", [False, True], ids=["no-mask", "all-ones-mask"])
+@pytest.mark.parametrize("architecture", ["decoder", "encoder-decoder"])
+def test_features_of_full_rows_are_what_the_engine_counts_in_a_real_batch(config_file, t5_config_file,
+                                                                          architecture, mask):
+    from mfu_callbacks.flops.features import features_of_full_rows
+
+    torch.manual_seed(0)
+    if architecture == "decoder":
+        model, decoder_length = LlamaForCausalLM(config_file[1]), None
+    else:
+        model, decoder_length = T5ForConditionalGeneration(t5_config_file[1]), 5
+    batch = full_rows(3, 7, decoder_length, mask=mask)
+    engine = FlopEngine.from_model(model, batch)
+    assert features_of_full_rows(3, 7, decoder_length) == engine.count(batch).tolist()
+    assert engine.evaluate(features_of_full_rows(3, 7, decoder_length)) == engine.estimate(batch)
+
+
+def test_estimate_of_an_encoder_decoder_matches_the_engine_on_the_real_model(capsys, t5_config_file):
+    path, config = t5_config_file
+    code, out, err = run_cli(capsys, "estimate", "--config", str(path), "--seq-len", "12", "--batch-size", "3",
+                             "--json")
+    assert code == 0, err
+    torch.manual_seed(0)
+    ids = torch.zeros(3, 12, dtype=torch.long)
+    expected = estimate_step_flops(T5ForConditionalGeneration(config), {"input_ids": ids, "decoder_input_ids": ids})
+    result = json.loads(out)
+    assert result["model_flops_per_step"] == expected.model_flops
+    assert result["tokens_per_step"] == expected.tokens == 2 * 3 * 12  # encoder and decoder tokens
+
+
+def test_estimate_plans_a_huge_step_from_its_sizes_without_allocating_it(capsys, config_file):
+    """4096 rows of 1M tokens: a token batch would take 32 GiB; the plan takes none and no time."""
+    path, config = config_file
+    rows, length = 4096, 1_048_576
+    start = time.perf_counter()
+    code, out, err = run_cli(capsys, "estimate", "--config", str(path), "--seq-len", str(length),
+                             "--batch-size", str(rows), "--gpu", "h100", "--json")
+    elapsed = time.perf_counter() - start
+    assert code == 0, err
+    assert elapsed < 5.0
+    result = json.loads(out)
+    tokens = rows * length
+    layers, hidden = config.num_hidden_layers, config.hidden_size
+    breakdown = result["breakdown"]
+    assert result["tokens_per_step"] == tokens
+    # A training step is 3 forward passes of 2 FLOPs per multiply-add (forward, then two backward matmuls).
+    assert breakdown["mlp"] == pytest.approx(6 * tokens * 3 * hidden * config.intermediate_size * layers, rel=1e-9)
+    assert breakdown["head"] == pytest.approx(6 * tokens * hidden * config.vocab_size, rel=1e-9)
+    # Eager attention: Q K^T and the weighted sum of V, each length**2 * hidden multiply-adds per row and layer.
+    assert breakdown["attention_scores"] == pytest.approx(6 * 2 * rows * length**2 * hidden * layers, rel=1e-9)
+    assert result["model_flops_per_step"] == result["hardware_flops_per_step"]  # no padding, no recompute
+    assert sum(breakdown.values()) == pytest.approx(result["model_flops_per_step"], rel=1e-12)  # float64 sums
+    assert result["at_mfu"]["40%"]["step_seconds"] == pytest.approx(result["model_flops_per_step"] / (0.4 * 989.4e12))
+
+
+# -- bad input: one line naming the problem and the fix, exit code 2 -------------------------------
+@pytest.fixture
+def bad_files(tmp_path, config_file):
+    """Files a new user might hand the command line, by placeholder."""
+    good = json.loads(config_file[0].read_text())
+    files = {
+        "{good}": config_file[0],
+        "{list}": tmp_path / "list.json",
+        "{latin1}": tmp_path / "latin1.json",
+        "{zero_heads}": tmp_path / "zero_heads.json",
+        "{negative_width}": tmp_path / "negative_width.json",
+        "{negative_layers}": tmp_path / "negative_layers.json",
+        "{llava}": tmp_path / "llava.json",
+        "{unknown_type}": tmp_path / "unknown_type.json",
+        "{metrics}": tmp_path / "metrics.csv",
+        "{empty_csv}": tmp_path / "empty" / "metrics.csv",
+        "{foreign_csv}": tmp_path / "foreign.csv",
+        "{latin1_csv}": tmp_path / "latin1" / "metrics.csv",
+        "{empty_json}": tmp_path / "empty" / "trainer_state.json",
+        "{truncated_json}": tmp_path / "truncated" / "trainer_state.json",
+        "{foreign_json}": tmp_path / "package.json",
+        "{empty_wandb}": tmp_path / "run-empty.wandb",
+        "{foreign_wandb}": tmp_path / "run-foreign.wandb",
+        "{folder}": tmp_path / "plots",
+    }
+    for folder in ("empty", "truncated", "latin1", "plots"):
+        (tmp_path / folder).mkdir()
+    files["{list}"].write_text(json.dumps([good]))
+    latin1 = json.dumps({**good, "name_or_path": "caf\u00e9"}, ensure_ascii=False)
+    files["{latin1}"].write_bytes(latin1.encode("latin-1"))
+    files["{zero_heads}"].write_text(json.dumps({**good, "num_attention_heads": 0}))
+    files["{negative_width}"].write_text(json.dumps({**good, "hidden_size": -8}))
+    files["{negative_layers}"].write_text(json.dumps({**good, "num_hidden_layers": -1}))
+    files["{llava}"].write_text(LlavaConfig().to_json_string())
+    files["{unknown_type}"].write_text(json.dumps({**good, "model_type": "not-a-model"}))
+    files["{metrics}"].write_text("step,train/mfu,train/loss\n1,0.4,2.0\n2,0.41,1.9\n")
+    files["{empty_csv}"].write_text("")
+    files["{foreign_csv}"].write_text("name,price\napple,3\n")
+    files["{latin1_csv}"].write_bytes("step,train/mfu,note\n1,0.4,caf\u00e9\n".encode("latin-1"))
+    files["{empty_json}"].write_text("")
+    state = json.dumps({"log_history": [{"step": 1, "mfu": 0.4, "loss": 2.0}, {"step": 2, "mfu": 0.41, "loss": 1.9}]})
+    files["{truncated_json}"].write_text(state[: len(state) // 2])
+    files["{foreign_json}"].write_text(json.dumps({"name": "my-app", "version": "1.0.0"}))
+    files["{empty_wandb}"].write_bytes(b"")
+    files["{foreign_wandb}"].write_bytes(bytes(range(256)) * 4)
+    return files
+
+
+def estimate(*extra: str, config: str = "{good}", seq_len: str = "8", batch_size: str = "1") -> list[str]:
+    return ["estimate", "--config", config, "--seq-len", seq_len, "--batch-size", batch_size, *extra]
+
+
+BAD_INPUTS = {
+    # estimate: the config file
+    "config-json-list": (estimate(config="{list}"), ["list.json", "JSON list", "expected a Hugging Face config.json"]),
+    "config-not-utf8": (estimate(config="{latin1}"), ["latin1.json", "not UTF-8"]),
+    "config-zero-heads": (estimate(config="{zero_heads}"), ["num_attention_heads is 0", "must be positive"]),
+    "config-negative-width": (estimate(config="{negative_width}"), ["hidden_size is -8", "correct it"]),
+    "config-negative-layers": (estimate(config="{negative_layers}"), ["num_hidden_layers is -1", "zero or more"]),
+    "config-vision-language": (estimate(config="{llava}"), ["LlavaConfig", "mfu_callbacks.estimate_step_flops"]),
+    "config-unknown-model-type": (estimate(config="{unknown_type}"), ["'not-a-model' is not one that transformers",
+                                                                      "upgrade transformers"]),
+    "config-is-a-folder": (estimate(config="{folder}"), ["is a folder", "config.json"]),
+    # estimate: the sizes
+    "negative-lora-rank": (estimate("--lora-r", "-1"), ["--lora-r must be positive (got -1)"]),
+    "lora-targets-without-rank": (estimate("--lora-targets", "q_proj"), ["--lora-targets needs --lora-r"]),
+    "lora-targets-not-in-model": (estimate("--lora-r", "4", "--lora-targets", "qkv"),
+                                  ["--lora-targets qkv", "linear layers are", "q_proj"]),
+    "zero-seq-len": (estimate(seq_len="0"), ["--seq-len must be positive (got 0)"]),
+    "negative-seq-len": (estimate(seq_len="-8"), ["--seq-len must be positive (got -8)"]),
+    "zero-batch-size": (estimate(batch_size="0"), ["--batch-size must be positive (got 0)"]),
+    "negative-batch-size": (estimate(batch_size="-2"), ["--batch-size must be positive (got -2)"]),
+    "dtype-the-gpu-lacks": (estimate("--gpu", "v100", "--dtype", "fp8"), ["no fp8 peak", "choose another --dtype"]),
+    # the command line itself
+    "seq-len-not-a-number": (estimate(seq_len="4k"), ["invalid int value: '4k'", "mfu-callbacks estimate --help"]),
+    "required-option-missing": (["estimate", "--config", "{good}"], ["--seq-len, --batch-size",
+                                                                    "mfu-callbacks estimate --help"]),
+    "no-command": ([], ["required: command", "mfu-callbacks --help"]),
+    # plot: the image
+    "image-type-unsupported": (["plot", "{metrics}", "-o", "mfu.xyz"], ["cannot write .xyz images", ".png"]),
+    "dpi-zero": (["plot", "{metrics}", "-o", "mfu.png", "--dpi", "0"], ["--dpi must be between 1 and"]),
+    "dpi-negative": (["plot", "{metrics}", "-o", "mfu.png", "--dpi", "-5"], ["--dpi must be between 1 and"]),
+    "dpi-too-large": (["plot", "{metrics}", "-o", "mfu.png", "--dpi", "100000"], ["--dpi must be between 1 and"]),
+    "image-is-a-folder": (["plot", "{metrics}", "-o", "{folder}"], ["is a folder", "plots/mfu.png"]),
+    "image-folder-missing": (["plot", "{metrics}", "-o", "no-such-folder/mfu.png"],
+                             ["folder no-such-folder does not exist", "create it"]),
+    # plot: the run
+    "run-missing": (["plot", "no-such-run.csv"], ["no-such-run.csv", "expected a W&B run folder"]),
+    "metrics-csv-empty": (["plot", "{empty_csv}"], ["metrics.csv is empty", "expected a Lightning CSVLogger"]),
+    "csv-foreign": (["plot", "{foreign_csv}"], ["foreign.csv has no step column", "name, price",
+                                                "expected a Lightning CSVLogger"]),
+    "csv-not-utf8": (["plot", "{latin1_csv}"], ["metrics.csv", "expected a Lightning CSVLogger"]),
+    "trainer-state-empty": (["plot", "{empty_json}"], ["trainer_state.json is empty", "expected a Trainer"]),
+    "trainer-state-truncated": (["plot", "{truncated_json}"], ["trainer_state.json is cut off", "expected a Trainer"]),
+    "json-foreign": (["plot", "{foreign_json}"], ["package.json has no 'log_history'", "expected a Trainer"]),
+}
+WANDB_INPUTS = {
+    "wandb-log-empty": (["plot", "{empty_wandb}"], ["run-empty.wandb holds no W&B records",
+                                                     "expected the run-*.wandb"]),
+    "wandb-log-foreign": (["plot", "{foreign_wandb}"], ["wandb could not read", "run-foreign.wandb",
+                                                         "expected a W&B run log"]),
+}
+
+
+def check_one_line_error(capsys, bad_files, argv, fragments) -> None:
+    argv = [str(bad_files.get(item, item)) for item in argv]
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2, out + err
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith("mfu-callbacks: error: ")
+    for fragment in fragments:
+        assert fragment in err
+
+
+@pytest.mark.parametrize(("argv", "fragments"), list(BAD_INPUTS.values()), ids=list(BAD_INPUTS))
+def test_bad_input_exits_2_with_one_line_naming_the_problem_and_fix(capsys, tmp_path, monkeypatch, bad_files,
+                                                                    argv, fragments):
+    monkeypatch.chdir(tmp_path)
+    check_one_line_error(capsys, bad_files, argv, fragments)
+    assert not (tmp_path / "mfu.xyz").exists() and not (tmp_path / "plots.png").exists()
+
+
+@pytest.mark.parametrize(("argv", "fragments"), list(WANDB_INPUTS.values()), ids=list(WANDB_INPUTS))
+def test_bad_wandb_log_exits_2_with_one_line(capsys, tmp_path, monkeypatch, bad_files, argv, fragments):
+    pytest.importorskip("wandb")
+    monkeypatch.chdir(tmp_path)
+    check_one_line_error(capsys, bad_files, argv, fragments)
+
+
+def test_plot_to_a_name_without_extension_writes_and_reports_a_png(capsys, tmp_path, bad_files):
+    code, out, err = run_cli(capsys, "plot", str(bad_files["{metrics}"]), "-o", str(tmp_path / "mfu"))
+    assert code == 0, err
+    assert f"wrote {tmp_path / 'mfu.png'}:" in out
+    check_png(tmp_path / "mfu.png")

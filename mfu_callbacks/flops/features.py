@@ -32,3 +32,24 @@ CALLS_INDEX = int(Feature.CALLS)
 # MFU counts), row HARDWARE holds what was computed, padding included (what HFU counts).
 MODEL = 0
 HARDWARE = 1
+
+
+def features_of_full_rows(rows: int, length: int, decoder_length: int | None = None) -> list[list[int]]:
+    """The features of ``rows`` unpadded rows of ``length`` tokens, without building the batch.
+
+    What ``FlopEngine.count`` gives for a batch with no attention mask: each row is one sequence,
+    so tokens are rows * length and squared lengths rows * length**2; an encoder-decoder adds its
+    decoder stream (``decoder_length`` tokens a row) and cross-attention (encoder length times
+    decoder length, per row). Nothing is padding, so the model row and the hardware row agree.
+    Python integers, exact at any size (int64 overflows once rows * length**2 passes 9.2e18).
+    """
+    features = [0] * NUM_FEATURES
+    features[Feature.ROWS] = rows
+    features[Feature.TOKENS] = rows * length
+    features[Feature.SQUARES] = rows * length * length
+    if decoder_length is not None:
+        features[Feature.DECODER_TOKENS] = rows * decoder_length
+        features[Feature.DECODER_SQUARES] = rows * decoder_length * decoder_length
+        features[Feature.CROSS] = rows * length * decoder_length
+    features[Feature.CALLS] = 1  # one forward call
+    return [features, list(features)]  # MODEL, HARDWARE
