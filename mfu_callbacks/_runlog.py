@@ -1,26 +1,67 @@
-"""Read the MFU and loss curves back from what a training run left on disk.
+"""Read a run's MFU windows, loss curve and setup back from what a training run left on disk.
 
-Three formats: a W&B offline run (read with W&B's own reader, ``wandb leet inspect --json``), a
-Lightning ``CSVLogger`` ``metrics.csv``, and a Hugging Face Trainer ``trainer_state.json``.
+Four formats: the run summary (``mfu_summary.json``, see :mod:`mfu_callbacks.run_summary`), a W&B
+offline run (read with W&B's own reader, ``wandb leet inspect --json``), a Lightning ``CSVLogger``
+``metrics.csv``, and a Hugging Face Trainer ``trainer_state.json``. A folder is searched for them.
+
+Metric keys are read without their prefix: ``train/mfu``, ``mfu`` and ``perf/mfu`` are all ``mfu``
+(``train/`` first when a row has several).
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import math
+import re
 import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-_MFU_KEYS = ("train/mfu", "mfu")
+from .metrics import MFU, NUMERIC_METRICS
+from .run_summary import DEFAULT_FILENAME, RunSummary, RunSummaryError
+
 _LOSS_KEYS = ("train/loss", "loss")
 _STEP_KEYS = ("train/global_step", "trainer/global_step", "step", "_step")
+_WANDB_CONFIG_KEY = "mfu_callbacks"  # where the integrations describe the measurement in a W&B run's config
+EXPECTED = ("an mfu-callbacks run summary (mfu_summary.json), a W&B run (run-*.wandb), a Lightning metrics.csv "
+            "or a Trainer trainer_state.json")
+
+# What a folder is searched for, in order of preference, per purpose.
+SUMMARY_FIRST = (DEFAULT_FILENAME, "run-*.wandb", "metrics.csv", "trainer_state.json")
+LOSS_FIRST = ("run-*.wandb", "metrics.csv", "trainer_state.json", DEFAULT_FILENAME)
 
 
 class RunLogError(Exception):
-    """The path is not a run this module can read: the message names what was looked for."""
+    """The path is not a run this module can read: the message names the file and what was looked for."""
+
+
+@dataclass
+class RunLog:
+    """What one run left: its metrics windows (unprefixed keys), loss points, setup and versions."""
+
+    source: str
+    kind: str  # "run summary", "W&B run", "Lightning metrics.csv" or "Trainer state"
+    windows: list[tuple[float, dict[str, float]]] = field(default_factory=list)
+    loss: list[tuple[float, float]] = field(default_factory=list)
+    setup: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what a reader should know about how it was found
+
+    def add(self, row: dict) -> None:
+        """A logged row: a window if it holds any MFU metric, a loss point if it holds the loss."""
+        step = next((float(row[key]) for key in _STEP_KEYS if _is_number(row.get(key))), None)
+        if step is None:
+            return
+        metrics = metric_values(row)
+        if metrics:
+            self.windows.append((step, metrics))
+        loss = next((float(row[key]) for key in _LOSS_KEYS if _is_number(row.get(key))), None)
+        if loss is not None:
+            self.loss.append((step, loss))
 
 
 @dataclass
@@ -31,52 +72,89 @@ class Curves:
     mfu: list[tuple[float, float]] = field(default_factory=list)
     loss: list[tuple[float, float]] = field(default_factory=list)
 
-    def add(self, row: dict) -> None:
-        step = next((float(row[key]) for key in _STEP_KEYS if _is_number(row.get(key))), None)
-        if step is None:
-            return
-        for keys, points in ((_MFU_KEYS, self.mfu), (_LOSS_KEYS, self.loss)):
-            value = next((float(row[key]) for key in keys if _is_number(row.get(key))), None)
-            if value is not None:
-                points.append((step, value))
+
+def metric_values(row: dict) -> dict[str, float]:
+    """The numeric MFU metrics of a logged row, keys without prefix."""
+    values: dict[str, float] = {}
+    suffixes: dict[str, str] = {}
+    for key in sorted(row):
+        name = key.rsplit("/", 1)[-1]
+        if name in NUMERIC_METRICS and name not in suffixes and _is_number(row[key]):
+            suffixes[name] = key
+    for name in NUMERIC_METRICS:
+        key = next((key for key in (f"train/{name}", name, suffixes.get(name)) if key and _is_number(row.get(key))),
+                   None)
+        if key is not None:
+            values[name] = float(row[key])
+    return values
 
 
 def _is_number(value: object) -> bool:
+    """A finite number, or a string of one (CSV cells)."""
     if isinstance(value, bool) or value is None or value == "":
         return False
     try:
-        float(value)  # type: ignore[arg-type]
+        return math.isfinite(float(value))  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return False
-    return True
 
 
-def read_curves(path: str | Path) -> Curves:
-    """The curves of the run at ``path`` (a W&B run folder or .wandb file, metrics.csv, trainer_state.json)."""
+def _natural_key(path: Path) -> list:
+    """checkpoint-500 before checkpoint-1000, version_9 before version_10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
+
+
+def find_log(path: str | Path, order: tuple[str, ...] = SUMMARY_FIRST) -> tuple[Path, int]:
+    """The file to read for ``path`` and how many files of its kind were there to choose from: ``path``
+    itself, or in a folder the latest (by name, numbers compared as numbers) of the first kind in ``order``."""
     path = Path(path)
     if not path.exists():
         raise RunLogError(f"no such file or folder: {path}")
-    if path.is_dir():
-        candidates = sorted(path.rglob("run-*.wandb")) or sorted(path.rglob("metrics.csv")) or sorted(
-            path.rglob("trainer_state.json")
-        )
-        if not candidates:
-            raise RunLogError(
-                f"{path} holds no W&B run (run-*.wandb), Lightning metrics.csv or Trainer trainer_state.json"
-            )
-        path = candidates[-1]
+    if not path.is_dir():
+        return path, 1
+    for pattern in order:
+        candidates = sorted(path.rglob(pattern), key=_natural_key)
+        if candidates:
+            return candidates[-1], len(candidates)
+    raise RunLogError(f"{path} holds none of: {EXPECTED}")
+
+
+def read_run(path: str | Path, order: tuple[str, ...] = SUMMARY_FIRST) -> RunLog:
+    """The run at ``path`` (a file of one of the four formats, or a folder holding one), windows in step order.
+
+    A run without a single MFU window is returned as read: the caller says what it needed.
+    """
+    folder = Path(path)
+    path, choices = find_log(path, order)
+    try:
+        empty = path.stat().st_size == 0
+    except OSError as error:
+        raise RunLogError(f"cannot read {path}: {error}") from None
+    if empty:
+        raise RunLogError(f"{path} is empty: expected {EXPECTED}")
     if path.suffix == ".wandb":
-        curves = _read_wandb(path)
+        run = _read_wandb(path)
     elif path.suffix == ".csv":
-        curves = _read_csv(path)
+        run = _read_csv(path)
     elif path.suffix == ".json":
-        curves = _read_trainer_state(path)
+        run = _read_json(path)
     else:
-        raise RunLogError(f"cannot read {path}: expected a .wandb run log, a metrics.csv or a trainer_state.json")
+        raise RunLogError(f"cannot read {path}: expected {EXPECTED}")
+    run.windows.sort(key=lambda window: window[0])
+    run.loss.sort()
+    if choices > 1:
+        run.notes.append(f"{folder} holds {choices} files like {path.name}: read the last by name, {path}")
+    return run
+
+
+def read_curves(path: str | Path) -> Curves:
+    """The curves of the run at ``path`` (a W&B run folder or .wandb file, metrics.csv, trainer_state.json,
+    mfu_summary.json); a folder's loss-bearing logs are preferred."""
+    run = read_run(path, LOSS_FIRST)
+    curves = Curves(source=run.source, loss=run.loss)
+    curves.mfu = [(step, metrics[MFU]) for step, metrics in run.windows if MFU in metrics]
     if not curves.mfu:
-        raise RunLogError(f"no MFU in {path}: was the MFU callback in the run, and did it log (after warm-up)?")
-    curves.mfu.sort()
-    curves.loss.sort()
+        raise RunLogError(f"no MFU in {run.source}: was the MFU callback in the run, and did it log (after warm-up)?")
     return curves
 
 
@@ -89,38 +167,56 @@ def wandb_records(path: Path) -> list[dict]:
     except OSError as error:
         raise RunLogError(f"reading a W&B run needs the wandb command (pip install wandb): {error}") from None
     if result.returncode != 0:
-        raise RunLogError(f"wandb could not read {path}: {result.stderr.strip()[-300:]}")
+        problem = " | ".join(line.strip() for line in result.stderr.splitlines() if line.strip())
+        raise RunLogError(f"wandb could not read {path} (expected a W&B run log): {problem[-300:]}")
     return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
 
 
-def _read_wandb(path: Path) -> Curves:
-    curves = Curves(source=str(path))
+def _read_wandb(path: Path) -> RunLog:
+    run = RunLog(source=str(path), kind="W&B run")
     for record in wandb_records(path):
-        if record.get("type") == "history":
-            curves.add(record["history"]["item"])
-    return curves
+        kind = record.get("type")
+        if kind == "history":
+            run.add(record["history"]["item"])
+        elif kind in ("config", "run"):
+            update = (record[kind].get("config", {}) if kind == "run" else record[kind]).get("update", {})
+            described = update.get(_WANDB_CONFIG_KEY) if isinstance(update, dict) else None
+            if isinstance(described, dict):
+                run.setup.update(described)
+    return run
 
 
-def _read_csv(path: Path) -> Curves:
-    curves = Curves(source=str(path))
+def _read_csv(path: Path) -> RunLog:
+    run = RunLog(source=str(path), kind="Lightning metrics.csv")
     try:
         with open(path, newline="") as handle:
             for row in csv.DictReader(handle):
-                curves.add(row)
+                run.add(row)
     except (OSError, csv.Error, UnicodeDecodeError) as error:
         raise RunLogError(f"cannot read {path} as CSV: {error}") from None
-    return curves
+    return run
 
 
-def _read_trainer_state(path: Path) -> Curves:
+def _read_json(path: Path) -> RunLog:
+    """A run summary or a Trainer state, told apart by their content."""
     try:
-        state = json.loads(path.read_text())
+        document = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise RunLogError(f"cannot read {path} as JSON: {error}") from None
-    if not isinstance(state, dict) or not isinstance(state.get("log_history"), list):
-        raise RunLogError(f"{path} has no 'log_history': is it a Trainer trainer_state.json?")
-    curves = Curves(source=str(path))
-    for row in state["log_history"]:
+        raise RunLogError(f"cannot read {path} as JSON ({error}): expected an mfu-callbacks run summary or a "
+                          "Trainer trainer_state.json") from None
+    if isinstance(document, dict) and "format" in document:
+        try:
+            summary = RunSummary.from_dict(document)
+        except RunSummaryError as error:
+            raise RunLogError(f"{path}: {error}") from None
+        run = RunLog(source=str(path), kind="run summary", setup=summary.setup, versions=summary.versions)
+        run.windows = [(float(window["step"]), dict(window["metrics"])) for window in summary.windows]
+        return run
+    if not isinstance(document, dict) or not isinstance(document.get("log_history"), list):
+        raise RunLogError(f"{path} has neither 'format' nor 'log_history': is it an mfu-callbacks run summary or a "
+                          "Trainer trainer_state.json?")
+    run = RunLog(source=str(path), kind="Trainer state")
+    for row in document["log_history"]:
         if isinstance(row, dict):
-            curves.add(row)
-    return curves
+            run.add(row)
+    return run

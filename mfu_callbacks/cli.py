@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from . import compare
+
 EXIT_USAGE = 2
 _MFU_LEVELS = (1.0, 0.5, 0.4)
 
@@ -126,8 +128,13 @@ def _print_estimate(result: dict[str, Any]) -> None:
 def _plot(args: argparse.Namespace) -> None:
     from ._runlog import RunLogError, read_curves
 
+    if len(args.run) > 1:
+        try:
+            return compare.plot_runs(args.run, args.output, args.dpi)
+        except (RunLogError, compare.CompareError) as error:
+            raise CliError(str(error)) from None
     try:
-        curves = read_curves(args.run)
+        curves = read_curves(args.run[0])
     except RunLogError as error:
         raise CliError(str(error)) from None
     try:
@@ -187,10 +194,12 @@ def _parser() -> argparse.ArgumentParser:
                "  mfu-callbacks plot out/checkpoint-500/trainer_state.json -o mfu.png",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    plot.add_argument("run", help="W&B run folder or .wandb file, metrics.csv, or trainer_state.json")
+    plot.add_argument("run", nargs="+", help="W&B run folder or .wandb file, metrics.csv, or trainer_state.json; "
+                                             "several runs are overlaid")
     plot.add_argument("-o", "--output", default="mfu.png", help="image to write (default: mfu.png)")
     plot.add_argument("--dpi", type=int, default=120)
     plot.set_defaults(handler=_plot)
+    compare.add_parser(commands)
     return parser
 
 
@@ -204,6 +213,8 @@ def _run_estimate(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "compare":
+        return compare.run(args)
     try:
         args.handler(args)
     except CliError as error:
