@@ -1,26 +1,73 @@
-"""Read the MFU and loss curves back from what a training run left on disk.
+"""Read a run's MFU windows, loss curve and setup back from what a training run left on disk.
 
-Three formats: a W&B offline run (read with W&B's own reader, ``wandb leet inspect --json``), a
-Lightning ``CSVLogger`` ``metrics.csv``, and a Hugging Face Trainer ``trainer_state.json``.
+Four formats: the run summary (``mfu_summary.json``, see :mod:`mfu_callbacks.run_summary`), a W&B
+offline run (read with W&B's own reader, ``wandb leet inspect --json``), a Lightning ``CSVLogger``
+``metrics.csv``, and a Hugging Face Trainer ``trainer_state.json``. A folder is searched for them.
+
+Metric keys are read without their prefix: ``train/mfu``, ``mfu`` and ``perf/mfu`` are all ``mfu``
+(``train/`` first when a row has several).
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import math
+import re
 import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-_MFU_KEYS = ("train/mfu", "mfu")
+from .metrics import MFU, NUMERIC_METRICS
+from .run_summary import DEFAULT_FILENAME, RunSummary, RunSummaryError
+
 _LOSS_KEYS = ("train/loss", "loss")
 _STEP_KEYS = ("train/global_step", "trainer/global_step", "step", "_step")
+_WANDB_CONFIG_KEY = "mfu_callbacks"  # where the integrations describe the measurement in a W&B run's config
+EXPECTED = ("an mfu-callbacks run summary (mfu_summary.json), a W&B run (run-*.wandb), a Lightning metrics.csv "
+            "or a Trainer trainer_state.json")
+
+# What a folder is searched for, in order of preference, per purpose.
+_EXPECTED_BY_SUFFIX = {
+    ".wandb": "expected the run-*.wandb log of a W&B run that has logged at least once",
+    ".csv": "expected a Lightning CSVLogger metrics.csv (a header row with step and train/mfu, then one row per log)",
+    ".json": "expected a Trainer trainer_state.json (saved in each checkpoint-N folder) or an mfu-callbacks "
+             "run summary (mfu_summary.json)",
+}
+SUMMARY_FIRST = (DEFAULT_FILENAME, "run-*.wandb", "metrics.csv", "trainer_state.json")
+LOSS_FIRST = ("run-*.wandb", "metrics.csv", "trainer_state.json", DEFAULT_FILENAME)
 
 
 class RunLogError(Exception):
-    """The path is not a run this module can read: the message names what was looked for."""
+    """The path is not a run this module can read: the message names the file and what was looked for."""
+
+
+@dataclass
+class RunLog:
+    """What one run left: its metrics windows (unprefixed keys), loss points, setup and versions."""
+
+    source: str
+    kind: str  # "run summary", "W&B run", "Lightning metrics.csv" or "Trainer state"
+    windows: list[tuple[float, dict[str, float]]] = field(default_factory=list)
+    loss: list[tuple[float, float]] = field(default_factory=list)
+    setup: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what a reader should know about how it was found
+
+    def add(self, row: dict) -> None:
+        """A logged row: a window if it holds any MFU metric, a loss point if it holds the loss."""
+        step = next((float(row[key]) for key in _STEP_KEYS if _is_number(row.get(key))), None)
+        if step is None:
+            return
+        metrics = metric_values(row)
+        if metrics:
+            self.windows.append((step, metrics))
+        loss = next((float(row[key]) for key in _LOSS_KEYS if _is_number(row.get(key))), None)
+        if loss is not None:
+            self.loss.append((step, loss))
 
 
 @dataclass
@@ -31,58 +78,94 @@ class Curves:
     mfu: list[tuple[float, float]] = field(default_factory=list)
     loss: list[tuple[float, float]] = field(default_factory=list)
 
-    def add(self, row: dict) -> None:
-        step = next((float(row[key]) for key in _STEP_KEYS if _is_number(row.get(key))), None)
-        if step is None:
-            return
-        for keys, points in ((_MFU_KEYS, self.mfu), (_LOSS_KEYS, self.loss)):
-            value = next((float(row[key]) for key in keys if _is_number(row.get(key))), None)
-            if value is not None:
-                points.append((step, value))
+
+def metric_values(row: dict) -> dict[str, float]:
+    """The numeric MFU metrics of a logged row, keys without prefix."""
+    values: dict[str, float] = {}
+    suffixes: dict[str, str] = {}
+    for key in sorted(row):
+        name = key.rsplit("/", 1)[-1]
+        if name in NUMERIC_METRICS and name not in suffixes and _is_number(row[key]):
+            suffixes[name] = key
+    for name in NUMERIC_METRICS:
+        key = next((key for key in (f"train/{name}", name, suffixes.get(name)) if key and _is_number(row.get(key))),
+                   None)
+        if key is not None:
+            values[name] = float(row[key])
+    return values
 
 
 def _is_number(value: object) -> bool:
+    """A finite number, or a string of one (CSV cells)."""
     if isinstance(value, bool) or value is None or value == "":
         return False
     try:
-        float(value)  # type: ignore[arg-type]
+        return math.isfinite(float(value))  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return False
-    return True
+
+
+def _natural_key(path: Path) -> list:
+    """checkpoint-500 before checkpoint-1000, version_9 before version_10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
+
+
+def find_log(path: str | Path, order: tuple[str, ...] = SUMMARY_FIRST) -> tuple[Path, int]:
+    """The file to read for ``path`` and how many files of its kind were there to choose from: ``path``
+    itself, or in a folder the latest (by name, numbers compared as numbers) of the first kind in ``order``."""
+    path = Path(path)
+    if not path.exists():
+        raise RunLogError(f"no such file or folder: {path} (expected {EXPECTED})")
+    if not path.is_dir():
+        return path, 1
+    for pattern in order:
+        candidates = sorted(path.rglob(pattern), key=_natural_key)
+        if candidates:
+            return candidates[-1], len(candidates)
+    raise RunLogError(f"{path} holds none of: {EXPECTED}")
+
+
+def read_run(path: str | Path, order: tuple[str, ...] = SUMMARY_FIRST) -> RunLog:
+    """The run at ``path`` (a file of one of the four formats, or a folder holding one), windows in step order.
+
+    A run without a single MFU window is returned as read: the caller says what it needed.
+    """
+    folder = Path(path)
+    path, choices = find_log(path, order)
+    try:
+        empty = path.stat().st_size == 0
+    except OSError as error:
+        raise RunLogError(f"cannot read {path}: {error}") from None
+    if empty:
+        raise RunLogError(f"{path} is empty: {_EXPECTED_BY_SUFFIX.get(path.suffix, 'expected ' + EXPECTED)}")
+    if path.suffix == ".wandb":
+        run = _read_wandb(path)
+    elif path.suffix == ".csv":
+        run = _read_csv(path)
+    elif path.suffix == ".json":
+        run = _read_json(path)
+    else:
+        raise RunLogError(f"cannot read {path}: expected {EXPECTED}")
+    run.windows.sort(key=lambda window: window[0])
+    run.loss.sort()
+    if choices > 1:
+        run.notes.append(f"{folder} holds {choices} files like {path.name}: read the last by name, {path}")
+    return run
 
 
 def read_curves(path: str | Path) -> Curves:
-    """The curves of the run at ``path`` (a W&B run folder or .wandb file, metrics.csv, trainer_state.json)."""
-    path = Path(path)
-    if not path.exists():
-        raise RunLogError(f"no such file or folder: {path} (expected {_FORMATS})")
-    if path.is_dir():
-        candidates = sorted(path.rglob("run-*.wandb")) or sorted(path.rglob("metrics.csv")) or sorted(
-            path.rglob("trainer_state.json")
-        )
-        if not candidates:
-            raise RunLogError(
-                f"{path} holds no W&B run (run-*.wandb), Lightning metrics.csv or Trainer trainer_state.json"
-            )
-        path = candidates[-1]
-    reader = _READERS.get(path.suffix.lower())
-    if reader is None:
-        raise RunLogError(f"cannot read {path}: expected {_FORMATS}")
-    curves = reader(path)
+    """The curves of the run at ``path`` (a W&B run folder or .wandb file, metrics.csv, trainer_state.json,
+    mfu_summary.json); a folder's loss-bearing logs are preferred."""
+    run = read_run(path, LOSS_FIRST)
+    curves = Curves(source=run.source, loss=run.loss)
+    curves.mfu = [(step, metrics[MFU]) for step, metrics in run.windows if MFU in metrics]
     if not curves.mfu:
-        raise RunLogError(f"no MFU in {path}: was the MFU callback in the run, and did it log (after warm-up)?")
-    curves.mfu.sort()
-    curves.loss.sort()
+        raise RunLogError(f"no MFU in {run.source}: was the MFU callback in the run, and did it log (after warm-up)?")
     return curves
 
 
 def wandb_records(path: Path) -> list[dict]:
     """The records of a W&B run log (``run-*.wandb``), as W&B's own reader prints them."""
-    return _wandb_log(path)[0]
-
-
-def _wandb_log(path: Path) -> tuple[list[dict], str]:
-    """The records of a W&B run log, and what W&B's reader said about the file (its last words)."""
     executable = shutil.which("wandb") or str(Path(sys.executable).parent / "wandb")
     try:
         result = subprocess.run([executable, "leet", "inspect", "--json", str(path)], capture_output=True, text=True,
@@ -98,24 +181,28 @@ def _wandb_log(path: Path) -> tuple[list[dict], str]:
     except json.JSONDecodeError as error:
         raise RunLogError(f"wandb printed {path} in a form this version cannot read ({error}): "
                           "try another version of wandb") from None
-    return records, said
-
-
-def _read_wandb(path: Path) -> Curves:
-    records, said = _wandb_log(path)
     if not records:
-        raise RunLogError(f"{path} holds no W&B records{f' ({said})' if said else ''}: expected the run-*.wandb "
-                          "log of a run that has logged at least once")
-    curves = Curves(source=str(path))
-    for record in records:
-        if record.get("type") == "history":
-            curves.add(record["history"]["item"])
-    return curves
+        raise RunLogError(f"{path} holds no W&B records{f' ({said})' if said else ''}: {_EXPECTED_BY_SUFFIX['.wandb']}")
+    return records
 
 
-def _read_csv(path: Path) -> Curves:
-    expected = "expected a Lightning CSVLogger metrics.csv (a header row with step and train/mfu, then one row per log)"
-    curves = Curves(source=str(path))
+def _read_wandb(path: Path) -> RunLog:
+    run = RunLog(source=str(path), kind="W&B run")
+    for record in wandb_records(path):
+        kind = record.get("type")
+        if kind == "history":
+            run.add(record["history"]["item"])
+        elif kind in ("config", "run"):
+            update = (record[kind].get("config", {}) if kind == "run" else record[kind]).get("update", {})
+            described = update.get(_WANDB_CONFIG_KEY) if isinstance(update, dict) else None
+            if isinstance(described, dict):
+                run.setup.update(described)
+    return run
+
+
+def _read_csv(path: Path) -> RunLog:
+    expected = _EXPECTED_BY_SUFFIX[".csv"]
+    run = RunLog(source=str(path), kind="Lightning metrics.csv")
     try:
         with open(path, newline="", encoding="utf-8") as handle:
             reader = csv.DictReader(handle)
@@ -125,17 +212,18 @@ def _read_csv(path: Path) -> Curves:
                 raise RunLogError(f"{path} has no step column (its columns: {', '.join(reader.fieldnames)[:200]}): "
                                   f"{expected}")
             for row in reader:
-                curves.add(row)
+                run.add(row)
     except (OSError, csv.Error, UnicodeDecodeError) as error:
         raise RunLogError(f"cannot read {path} as CSV ({error}): {expected}") from None
-    return curves
+    return run
 
 
-def _read_trainer_state(path: Path) -> Curves:
-    expected = "expected a Trainer trainer_state.json (saved in each checkpoint-N folder)"
+def _read_json(path: Path) -> RunLog:
+    """A run summary or a Trainer state, told apart by their content."""
+    expected = _EXPECTED_BY_SUFFIX[".json"]
     try:
         text = path.read_text(encoding="utf-8")
-        state = json.loads(text)
+        document = json.loads(text)
     except (OSError, UnicodeDecodeError) as error:
         raise RunLogError(f"cannot read {path} as JSON ({error}): {expected}") from None
     except json.JSONDecodeError as error:
@@ -145,14 +233,18 @@ def _read_trainer_state(path: Path) -> Curves:
             raise RunLogError(f"{path} is cut off: its JSON ends early (line {error.lineno}), as when a file is "
                               f"read while being written; {expected}") from None
         raise RunLogError(f"cannot read {path} as JSON ({error}): {expected}") from None
-    if not isinstance(state, dict) or not isinstance(state.get("log_history"), list):
-        raise RunLogError(f"{path} has no 'log_history': {expected}")
-    curves = Curves(source=str(path))
-    for row in state["log_history"]:
+    if isinstance(document, dict) and "format" in document:
+        try:
+            summary = RunSummary.from_dict(document)
+        except RunSummaryError as error:
+            raise RunLogError(f"{path}: {error}") from None
+        run = RunLog(source=str(path), kind="run summary", setup=summary.setup, versions=summary.versions)
+        run.windows = [(float(window["step"]), dict(window["metrics"])) for window in summary.windows]
+        return run
+    if not isinstance(document, dict) or not isinstance(document.get("log_history"), list):
+        raise RunLogError(f"{path} has no 'log_history' (nor a run summary's 'format'): {expected}")
+    run = RunLog(source=str(path), kind="Trainer state")
+    for row in document["log_history"]:
         if isinstance(row, dict):
-            curves.add(row)
-    return curves
-
-
-_READERS = {".wandb": _read_wandb, ".csv": _read_csv, ".json": _read_trainer_state}
-_FORMATS = "a W&B run folder or run-*.wandb file, a Lightning metrics.csv or a Trainer trainer_state.json"
+            run.add(row)
+    return run

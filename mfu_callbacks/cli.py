@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from . import compare
+
 EXIT_USAGE = 2
 _MFU_LEVELS = (1.0, 0.5, 0.4)
 # The engine learns the batch's layout from a meta-device batch of this shape (no memory); the
@@ -258,8 +260,13 @@ def _plot(args: argparse.Namespace) -> None:
     from matplotlib.backend_bases import FigureCanvasBase
 
     output = _image_path(args.output, FigureCanvasBase.get_supported_filetypes())
+    if len(args.run) > 1:
+        try:
+            return compare.plot_runs(args.run, str(output), args.dpi)
+        except (RunLogError, compare.CompareError) as error:
+            raise CliError(str(error)) from None
     try:
-        curves = read_curves(args.run)
+        curves = read_curves(args.run[0])
     except RunLogError as error:
         raise CliError(str(error)) from None
 
@@ -313,11 +320,13 @@ def _parser() -> argparse.ArgumentParser:
                "  mfu-callbacks plot out/checkpoint-500/trainer_state.json -o mfu.png",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    plot.add_argument("run", help="W&B run folder or .wandb file, metrics.csv, or trainer_state.json")
+    plot.add_argument("run", nargs="+", help="W&B run folder or .wandb file, metrics.csv, or trainer_state.json; "
+                                             "several runs are overlaid")
     plot.add_argument("-o", "--output", default="mfu.png", help="image to write (default: mfu.png)")
     plot.add_argument("--dpi", type=int, default=120,
                       help=f"resolution of a raster image, 1 to {_MAX_DPI} (default: 120)")
     plot.set_defaults(handler=_plot)
+    compare.add_parser(commands)
     return parser
 
 
@@ -332,6 +341,8 @@ def _run_estimate(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
+        if args.command == "compare":
+            return compare.run(args)
         args.handler(args)
     except CliError as error:
         print(f"mfu-callbacks: error: {' '.join(str(error).split())}", file=sys.stderr)

@@ -305,7 +305,7 @@ BAD_INPUTS = {
     "image-folder-missing": (["plot", "{metrics}", "-o", "no-such-folder/mfu.png"],
                              ["folder no-such-folder does not exist", "create it"]),
     # plot: the run
-    "run-missing": (["plot", "no-such-run.csv"], ["no-such-run.csv", "expected a W&B run folder"]),
+    "run-missing": (["plot", "no-such-run.csv"], ["no-such-run.csv", "expected an mfu-callbacks run summary"]),
     "metrics-csv-empty": (["plot", "{empty_csv}"], ["metrics.csv is empty", "expected a Lightning CSVLogger"]),
     "csv-foreign": (["plot", "{foreign_csv}"], ["foreign.csv has no step column", "name, price",
                                                 "expected a Lightning CSVLogger"]),
@@ -315,7 +315,7 @@ BAD_INPUTS = {
     "json-foreign": (["plot", "{foreign_json}"], ["package.json has no 'log_history'", "expected a Trainer"]),
 }
 WANDB_INPUTS = {
-    "wandb-log-empty": (["plot", "{empty_wandb}"], ["run-empty.wandb holds no W&B records",
+    "wandb-log-empty": (["plot", "{empty_wandb}"], ["run-empty.wandb is empty",
                                                      "expected the run-*.wandb"]),
     "wandb-log-foreign": (["plot", "{foreign_wandb}"], ["wandb could not read", "run-foreign.wandb",
                                                          "expected a W&B run log"]),
