@@ -10,8 +10,9 @@
             optimizer.zero_grad()
         accelerator.log({"train/loss": loss.item()}, step=step)   # now carries train/mfu too
 
-A forward pre-hook on the model sees each training micro-batch; the step ends when the wrapped
-optimizer really steps (only on ``sync_gradients`` under ``accelerator.accumulate``). Every
+A forward pre-hook on the model sees each training micro-batch; the step ends when an optimizer
+that holds the model's parameters really steps (torch's global optimizer step hook sees it; under
+``accelerator.accumulate`` the prepared optimizer steps its inner one only on ``sync_gradients``). Every
 ``log_interval`` optimizer steps (on all ranks at once, so the one all-reduce is safe) the metrics
 are read; the next ``accelerator.log`` call carries them beside the loss, to every tracker the
 accelerator has (W&B included). ``accelerator.end_training()`` (or ``tracker.finish()``) prints the
@@ -21,10 +22,13 @@ end-of-run report and writes the run's means to the W&B summary.
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import Any
 
 from accelerate import Accelerator
 from torch import nn
+from torch.optim import Optimizer
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ._options import MFUOptions
 from ._session import MeterSession
@@ -51,16 +55,28 @@ class MFUTracker:
         self.session = MeterSession(self.options, "mfu_callbacks.accelerate.MFUTracker")
         self.session.attach(model, dtype=_PRECISION_TO_DTYPE.get(str(accelerator.mixed_precision)))
         self.session.watch_forward(model)
-        self._hooks = [self._watch_optimizer(optimizer) for optimizer in accelerator._optimizers]
+        self._parameter_ids = {id(parameter) for parameter in model.parameters()}
+        self._trains_model: weakref.WeakKeyDictionary[Optimizer, bool] = weakref.WeakKeyDictionary()
+        self._hooks = [register_optimizer_step_post_hook(self._after_optimizer_step)]
         self._wrap_log()
         self._wrap_end_training()
         self.final_summary: dict[str, float] | None = None
 
-    def _watch_optimizer(self, optimizer: Any):
-        inner = getattr(optimizer, "optimizer", optimizer)  # AcceleratedOptimizer steps the inner one only on sync
-        return inner.register_step_post_hook(lambda *_: self._optimizer_stepped())
+    def _after_optimizer_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        """Called after every optimizer step in the process; acts on those of this model's optimizer."""
+        self.session.guard.run(self._optimizer_stepped, optimizer)
 
-    def _optimizer_stepped(self) -> None:
+    def _holds_model_parameters(self, optimizer: Optimizer) -> bool:
+        if isinstance(getattr(optimizer, "optimizer", None), Optimizer):
+            return False  # a wrapper (AcceleratedOptimizer): its inner optimizer's steps are the real ones
+        return any(id(p) in self._parameter_ids for group in optimizer.param_groups for p in group["params"])
+
+    def _optimizer_stepped(self, optimizer: Optimizer) -> None:
+        trains_model = self._trains_model.get(optimizer)
+        if trains_model is None:
+            trains_model = self._trains_model[optimizer] = self._holds_model_parameters(optimizer)
+        if not trains_model:
+            return
         self.session.end_step()
         if self.session.due(False):
             metrics = self.session.read()
@@ -69,14 +85,19 @@ class MFUTracker:
                 self._pending = metrics
 
     def _wrap_log(self) -> None:
+        """``accelerator.log(values, ...)`` gets the pending metrics merged into ``values``; every
+        other argument goes through as given."""
         original = self.accelerator.log
 
         @functools.wraps(original)
-        def log(values: dict, step: int | None = None, log_kwargs: dict | None = None):
+        def log(*args: Any, **kwargs: Any):
             if self._pending:
-                values = {**values, **self._pending}
+                if args:
+                    args = ({**args[0], **self._pending}, *args[1:])
+                elif "values" in kwargs:
+                    kwargs["values"] = {**kwargs["values"], **self._pending}
                 self._pending = {}
-            return original(values, step=step, log_kwargs=log_kwargs or {})
+            return original(*args, **kwargs)
 
         self.accelerator.log = log
 

@@ -50,6 +50,7 @@ class MFUCallback(Callback):
             self.options, "mfu_callbacks.lightning.MFUCallback", wandb_step_metric="trainer/global_step"
         )
         self._micro_batches = 0
+        self.summary: dict[str, float] = {}
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         dtype = dtype_from_lightning_precision(str(trainer.precision))
@@ -68,7 +69,7 @@ class MFUCallback(Callback):
             return  # gradient accumulation: the optimizer has not stepped yet
         self._micro_batches = 0
         self.session.end_step()
-        if not self.session.due(self._lightning_logs_now(trainer)):
+        if not self.session.due(lightning_writes_logs_now(trainer)):
             return
         metrics = self.session.read()
         if metrics:
@@ -78,14 +79,20 @@ class MFUCallback(Callback):
         self.summary = self.session.finish()
 
     @staticmethod
-    def _lightning_logs_now(trainer: Trainer) -> bool:
-        """Lightning writes step logs every ``log_every_n_steps`` optimizer steps."""
-        connector = getattr(trainer, "_logger_connector", None)
-        should = getattr(connector, "should_update_logs", None)
-        if isinstance(should, bool):
-            return should
-        return trainer.global_step % max(trainer.log_every_n_steps, 1) == 0
-
-    @staticmethod
     def _log(pl_module: LightningModule, metrics: dict[str, float]) -> None:
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False, sync_dist=False, rank_zero_only=False)
+
+
+def lightning_writes_logs_now(trainer: Trainer) -> bool:
+    """Whether Lightning writes the step's logs to its loggers, asked at ``on_train_batch_end`` of a
+    batch on which the optimizer stepped (automatic optimization), from public Trainer state.
+
+    Lightning writes them when the count of optimizer steps is a multiple of ``log_every_n_steps``
+    (0 turns step logging off), when training is about to stop, and on every step of a
+    ``fast_dev_run``. At this moment ``global_step`` already counts this batch's optimizer step.
+    """
+    if trainer.fast_dev_run:
+        return True
+    if trainer.log_every_n_steps == 0:
+        return False
+    return trainer.global_step % trainer.log_every_n_steps == 0 or trainer.should_stop

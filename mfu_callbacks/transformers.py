@@ -5,28 +5,33 @@
 The Trainer hands callbacks no batch, so the callback watches the model's forward calls: a
 forward pre-hook sees each training micro-batch's inputs (evaluation runs without gradients and
 is ignored). ``on_step_begin``/``on_step_end`` bracket one optimizer step, all its micro-batches
-included. The metrics go into the same ``logs`` dict as ``loss``: the callback moves itself ahead
-of the reporting callbacks (W&B, TensorBoard, ...) so they log MFU in the same record, and it adds
-the metrics to ``state.log_history`` too.
+included. The metrics go into the same ``logs`` dict as ``loss``: the callback moves itself to the
+front of the Trainer's callback list, ahead of the reporting callbacks (W&B, TensorBoard, ...), so
+they log MFU in the same record; the same record in ``state.log_history`` (what the Trainer saves
+to ``trainer_state.json``) gets them too. When training ends, ``summary`` holds the run's means.
 """
 
 from __future__ import annotations
 
-import inspect
+import gc
+import logging
 from typing import Any
 
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import DefaultFlowCallback, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ._options import MFUOptions
 from ._session import MeterSession
 from .precision import dtype_from_hf_args
+
+logger = logging.getLogger("mfu_callbacks")
 
 
 class MFUCallback(TrainerCallback):
     """Logs ``mfu``, ``hfu``, ``tflops_per_gpu``, ``tokens_per_sec`` ... beside ``loss``.
 
     Options are those of :class:`~mfu_callbacks._options.MFUOptions`; ``prefix`` defaults to ""
-    because the Trainer's reporting callbacks add ``train/`` themselves.
+    because the Trainer's reporting callbacks add ``train/`` themselves. When training ends,
+    ``summary`` holds the run's means (after warm-up).
     """
 
     def __init__(self, **options: Any) -> None:
@@ -38,9 +43,14 @@ class MFUCallback(TrainerCallback):
             wandb_prefix="train/" + self.options.prefix,  # the Trainer's WandbCallback adds "train/"
             wandb_step_metric="train/global_step",
         )
+        self.summary: dict[str, float] = {}
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs):
-        self.session.guard.run(self._move_ahead_of_reporters)
+        if self.session.guard.run(move_to_front_of_callback_lists, self) is False:
+            logger.warning(
+                "mfu_callbacks: could not find the Trainer's callback list to run MFUCallback ahead of the "
+                "reporting callbacks; MFU reaches only the callbacks after it (and state.log_history)"
+            )
         if model is None:
             return
         self.session.attach(model, dtype=dtype_from_hf_args(bool(args.bf16), bool(args.fp16)))
@@ -58,28 +68,43 @@ class MFUCallback(TrainerCallback):
         metrics = self.session.read()
         if not metrics:
             return
-        logs.update(metrics)
-        if state.log_history and state.log_history[-1].get("step") == state.global_step:
-            state.log_history[-1].update(metrics)
+        logs.update(metrics)  # what the callbacks after this one (the reporters) log
+        add_to_saved_log_record(state, metrics)
 
     def on_train_end(self, args, state, control, **kwargs):
         self.session.unwatch()
-        summary = self.session.finish()
-        if summary:
-            state.mfu_summary = summary  # the run's means, for whoever holds the trainer
+        self.summary = self.session.finish()
 
-    def _move_ahead_of_reporters(self) -> None:
-        """Run this callback's ``on_log`` first, so reporters log MFU in the loss's record.
 
-        The Trainer puts user callbacks after its reporting callbacks; the handler that calls us is
-        found on the call stack (it is the ``self`` of the calling frame).
-        """
-        frame = inspect.currentframe()
-        while frame is not None:
-            handler = frame.f_locals.get("self")
-            callbacks = getattr(handler, "callbacks", None)
-            if type(handler).__name__ == "CallbackHandler" and isinstance(callbacks, list) and self in callbacks:
-                callbacks.remove(self)
-                callbacks.insert(0, self)
-                return
-            frame = frame.f_back
+def move_to_front_of_callback_lists(callback: TrainerCallback) -> bool:
+    """Put ``callback`` first in the Trainer's callback list, so that its ``on_log`` runs before the
+    reporting callbacks'; False when no such list is found.
+
+    Callbacks get no reference to the Trainer or its ``CallbackHandler``. The handler's list is the
+    one list that refers to ``callback`` and also holds the ``DefaultFlowCallback`` every Trainer
+    installs; ``gc.get_referrers`` finds it (one scan of the tracked objects, once per ``train()``).
+    Moving an element to the front while the handler iterates over the list (it calls
+    ``on_train_begin`` from a loop over it) leaves every later callback called once, in order.
+    """
+    found = False
+    for referrer in gc.get_referrers(callback):
+        if (
+            type(referrer) is list
+            and any(item is callback for item in referrer)
+            and any(isinstance(item, DefaultFlowCallback) for item in referrer)
+        ):
+            index = next(i for i, item in enumerate(referrer) if item is callback)
+            referrer.insert(0, referrer.pop(index))
+            found = True
+    return found
+
+
+def add_to_saved_log_record(state: TrainerState, metrics: dict[str, float]) -> None:
+    """Add ``metrics`` to the record ``Trainer.log`` has just appended to ``state.log_history``.
+
+    ``Trainer.log`` appends a copy of ``logs`` (plus ``step``) before it calls ``on_log``, so what
+    the reporters get and what ``trainer_state.json`` keeps (read by ``mfu-callbacks plot``) only
+    agree if both are given the metrics.
+    """
+    if state.log_history and state.log_history[-1].get("step") == state.global_step:
+        state.log_history[-1].update(metrics)

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager, nullcontext, suppress
 from typing import Any
 
 import torch
 from torch import nn
 
+from .._torch_internals import meta_autocast_as_cpu, raised_by_meta_autocast
 from .checkpoint import checkpoint_to
 from .components import ATTENTION_SCORES
 from .features import HARDWARE, MODEL, NUM_FEATURES, Feature
@@ -145,8 +146,9 @@ def _use_eager_kernels(replica: nn.Module) -> None:
 
 
 @contextmanager
-def _probe_hooks(replica: Replica, current: list[MatmulRecorder]) -> Iterator[None]:
-    """Module-stack bookkeeping and checkpoint interception for the replica's forward."""
+def _probe_hooks(replica: Replica, current: list[MatmulRecorder], *, meta_autocast: bool) -> Iterator[None]:
+    """Module-stack bookkeeping and checkpoint interception for the replica's forward; with
+    ``meta_autocast``, ``torch.autocast(device_type="meta")`` does nothing instead of failing."""
     handles = []
     for module in replica.module.modules():
         path = replica.names.get(id(module), "")
@@ -162,13 +164,10 @@ def _probe_hooks(replica: Replica, current: list[MatmulRecorder]) -> Iterator[No
         handles.append(module.register_forward_pre_hook(enter))
         handles.append(module.register_forward_hook(leave, always_call=True))
 
-    autocast = torch.autocast
-    torch.autocast = torch.amp.autocast = _MetaAutocast
     try:
-        with checkpoint_to(current):
+        with checkpoint_to(current), meta_autocast_as_cpu() if meta_autocast else nullcontext():
             yield
     finally:
-        torch.autocast = torch.amp.autocast = autocast
         for handle in handles:
             handle.remove()
 
@@ -270,15 +269,26 @@ def _trace(base: nn.Module, probes: _ProbeBatches, shapes: Sequence[tuple[int, i
     _use_eager_kernels(replica.module)
     current: list[MatmulRecorder] = [MatmulRecorder(replica.parameter_ids)]
     substituted = install_substitutes(replica.module, _CurrentRecorder(current))
-    totals = []
-    with _probe_hooks(replica, current), torch.enable_grad():
-        for rows, main, decoder in shapes:
-            recorder = MatmulRecorder(replica.parameter_ids)
-            current[0] = recorder
-            with recorder:
-                result = run(replica.module, probes.make(rows, main, decoder))
-            totals.append(recorder.finish(result))
-    return totals, replica, substituted
+
+    def run_probes(meta_autocast: bool) -> list[dict[str, ComponentFlops]]:
+        totals = []
+        with _probe_hooks(replica, current, meta_autocast=meta_autocast), torch.enable_grad():
+            for rows, main, decoder in shapes:
+                recorder = MatmulRecorder(replica.parameter_ids)
+                current[0] = recorder
+                with recorder:
+                    result = run(replica.module, probes.make(rows, main, decoder))
+                totals.append(recorder.finish(result))
+        return totals
+
+    try:
+        return run_probes(meta_autocast=False), replica, substituted
+    except Exception as error:
+        if not raised_by_meta_autocast(error):
+            raise
+    # The model opens torch.autocast on its inputs' device type (PEFT's LoRA on parameters does): only then,
+    # and only for these meta forwards, is autocast told to accept the meta device.
+    return run_probes(meta_autocast=True), replica, substituted
 
 
 class _CurrentRecorder:
@@ -292,15 +302,6 @@ class _CurrentRecorder:
 
     def note_saved(self) -> None:
         self._current[0].note_saved()
-
-
-class _MetaAutocast(torch.autocast):
-    """``torch.autocast(device_type="meta")`` fails (meta has no autocast dtype); modules that
-    write ``torch.autocast(device_type=x.device.type, enabled=False)`` (PEFT's parameter LoRA)
-    get the CPU's, which does nothing to meta tensors."""
-
-    def __init__(self, device_type: str, *args, **kwargs) -> None:
-        super().__init__("cpu" if device_type == "meta" else device_type, *args, **kwargs)
 
 
 def _fit(totals: list[dict[str, ComponentFlops]], shapes: Sequence[tuple[int, int, int]]) -> dict[str, ComponentFlops]:

@@ -16,14 +16,21 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .._torch_internals import (
+    COMPOSABLE_STATE_KEY_PREFIX,
+    FORWARD_HOOK_DICTS,
+    OTHER_HOOK_DICTS,
+    module_hook_dicts,
+)
+
 # Hooks from these packages move data between devices or ranks (or measure, like ours); on a replica they must not run.
 _FOREIGN_HOOK_PACKAGES = ("torch.distributed", "accelerate", "deepspeed", "lightning", "pytorch_lightning", "mfu_callbacks")
-# Attributes that point from a module back to the training machinery: never copied.
-_BACK_REFERENCES = ("_trainer", "_fabric", "_device_mesh", "_accelerator")
+# A LightningModule's references back to the training machinery (Trainer, Fabric, device mesh):
+# never copied. tests/test_framework_boundary.py checks that Lightning still names them so.
+_BACK_REFERENCES = ("_trainer", "_fabric", "_device_mesh")
 # Attributes that differ between otherwise identical layers without changing their FLOPs.
 _POSITION_ATTRIBUTES = ("idx", "index", "layer_id", "layer_number", "block_id", "layer_num")
 _MIN_RUN_TO_FOLD = 3
-_COMPOSABLE_STATE = "__composable_api_state_key"
 
 
 @dataclass
@@ -108,7 +115,7 @@ def _copy_as_plain_module(module: nn.Module, memo: dict[int, object]) -> None:
     copied = plain.__new__(plain)
     memo[id(module)] = copied
     # The wrapper's own state (process groups, sharding plans) lives under composable-API keys: not copied.
-    state = {k: v for k, v in module.__dict__.items() if not k.startswith(_COMPOSABLE_STATE)}
+    state = {k: v for k, v in module.__dict__.items() if not k.startswith(COMPOSABLE_STATE_KEY_PREFIX)}
     copied.__dict__.update(copy.deepcopy(state, memo))
 
 
@@ -130,15 +137,10 @@ def build_replica(model: nn.Module, *, fold: bool = True) -> Replica:
             memo.setdefault(id(parameter), _to_meta(parameter, parameter=True))
         for buffer in module.buffers(recurse=False):
             memo.setdefault(id(buffer), _to_meta(buffer, parameter=False))
-        for attribute in ("_forward_hooks", "_forward_pre_hooks"):
-            hooks = getattr(module, attribute, None)
-            if hooks:
-                memo[id(hooks)] = _filtered_hooks(hooks)
-        for attribute in ("_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks", "_state_dict_pre_hooks",
-                          "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks"):
-            hooks = getattr(module, attribute, None)
-            if hooks:
-                memo[id(hooks)] = OrderedDict()
+        for hooks in module_hook_dicts(module, FORWARD_HOOK_DICTS):
+            memo[id(hooks)] = _filtered_hooks(hooks)
+        for hooks in module_hook_dicts(module, OTHER_HOOK_DICTS):
+            memo[id(hooks)] = OrderedDict()
         for attribute in _BACK_REFERENCES:
             value = module.__dict__.get(attribute)
             if value is not None:
@@ -150,7 +152,9 @@ def build_replica(model: nn.Module, *, fold: bool = True) -> Replica:
 
     for container_id in keep:
         copied = memo[container_id]
-        copied._modules = OrderedDict((str(i), m) for i, m in enumerate(m for m in copied._modules.values() if m is not placeholder))
+        for index in reversed(range(len(copied))):  # deleting renumbers the blocks that follow
+            if copied[index] is placeholder:
+                del copied[index]
 
     names: dict[int, str] = {}
     folded_multiplicity: dict[int, int] = {}

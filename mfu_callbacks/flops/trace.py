@@ -19,32 +19,22 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
+from .._torch_internals import CONVOLUTION_KERNEL, FUSED_ATTENTION, READ_SCALAR, TorchDispatchMode, view_base
 from .components import classify
 
 aten = torch.ops.aten
 
+_CONVOLUTIONS = (aten.convolution.default, CONVOLUTION_KERNEL)
 # Matmul-like ops and the argument positions of their two operands.
 _OPERANDS: dict[object, tuple[int, int]] = {
     aten.mm.default: (0, 1),
     aten.addmm.default: (1, 2),
     aten.bmm.default: (0, 1),
     aten.baddbmm.default: (1, 2),
-    aten.convolution.default: (0, 1),
-    aten._convolution.default: (0, 1),
+    **{convolution: (0, 1) for convolution in _CONVOLUTIONS},
 }
-_ATTENTION_OPS = tuple(
-    op
-    for op in (
-        getattr(aten, "_scaled_dot_product_efficient_attention", None),
-        getattr(aten, "_scaled_dot_product_flash_attention", None),
-        getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None),
-        getattr(aten, "_scaled_dot_product_cudnn_attention", None),
-    )
-    if op is not None
-)
 
 
 @dataclass
@@ -100,7 +90,7 @@ class MatmulRecorder(TorchDispatchMode):
 
     # -- activation checkpointing ---------------------------------------------------------------
     def checkpoint_reentrant(self, function: Callable, *args):
-        """Stands in for torch's reentrant checkpoint (``CheckpointFunction.apply``).
+        """Stands in for torch's reentrant checkpoint (``checkpoint(..., use_reentrant=True)``).
 
         The real one runs the region without autograd; its backward reruns all of it, and only
         when one of its tensor arguments requires a gradient (parameters inside do not count: with
@@ -177,12 +167,11 @@ class MatmulRecorder(TorchDispatchMode):
     def _is_parameter(self, tensor: object) -> bool:
         if not isinstance(tensor, torch.Tensor):
             return False
-        base = tensor._base if tensor._base is not None else tensor
-        return id(base) in self._parameter_ids or id(tensor) in self._parameter_ids
+        return id(view_base(tensor)) in self._parameter_ids or id(tensor) in self._parameter_ids
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is aten._local_scalar_dense.default and args[0].dtype == torch.bool:
+        if func is READ_SCALAR and args[0].dtype == torch.bool:
             # A meta tensor has no value to read back. Boolean reads are checks such as
             # ``pad_token_id in input_ids`` or ``mask.any()`` that pick a warning or a mask layout,
             # never the matmuls; the replica takes the False branch. Other reads still fail.
@@ -190,7 +179,7 @@ class MatmulRecorder(TorchDispatchMode):
         out = func(*args, **kwargs)
         if func in _OPERANDS:
             first, second = (args[i] for i in _OPERANDS[func])
-            if func in (aten.convolution.default, aten._convolution.default):
+            if func in _CONVOLUTIONS:
                 forward = flop_registry[aten.convolution](*args[:9], out_val=out)
             else:
                 forward = flop_registry[func.overloadpacket](*args, **kwargs, out_val=out)
@@ -200,7 +189,7 @@ class MatmulRecorder(TorchDispatchMode):
             activation = not (self._is_parameter(first) or self._is_parameter(second))
             weight = self._weight
             self.record(self._component(activation), forward * weight, forward * grads * weight, out)
-        elif func in _ATTENTION_OPS:
+        elif func in FUSED_ATTENTION:
             query, key, value = args[:3]
             forward = _attention_flops(query, key, value)
             q, k, v = (bool(t.requires_grad) and torch.is_grad_enabled() for t in (query, key, value))

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 from torch import nn
 
+from .._torch_internals import COMPILED_ORIGINAL, COMPILED_WRAPPER
+
 # (class name, attribute holding the wrapped module). Matched by name so that no framework is imported.
 _WRAPPERS: tuple[tuple[str, str], ...] = (
-    ("OptimizedModule", "_orig_mod"),  # torch.compile
+    (COMPILED_WRAPPER, COMPILED_ORIGINAL),  # torch.compile: no public way back to the model
     ("DistributedDataParallel", "module"),
     ("DataParallel", "module"),
     ("FullyShardedDataParallel", "module"),  # FSDP1; FSDP2 shards in place and needs no unwrapping
     ("DeepSpeedEngine", "module"),
-    ("_FabricModule", "_forward_module"),  # Lightning Fabric
-    ("_LightningModuleWrapperBase", "_forward_module"),  # Lightning strategies
-    ("FlattenParamsWrapper", "_fpw_module"),
+    ("_FabricModule", "module"),  # Lightning Fabric
+    ("FlattenParamsWrapper", "module"),  # FairScale
 )
 
 

@@ -1,0 +1,209 @@
+"""The private torch names of ``mfu_callbacks._torch_internals``: each still exists and means what the
+FLOP engine takes it to mean in the installed torch, and no other module of the package uses one."""
+
+from __future__ import annotations
+
+import re
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+import torch.utils.checkpoint as torch_checkpoint
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from mfu_callbacks import _torch_internals as internals
+from mfu_callbacks.flops.trace import MatmulRecorder
+
+PACKAGE = Path(internals.__file__).parent
+
+
+# -- dispatch and aten kernels -----------------------------------------------------------------------
+class OperationLog(internals.TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_dispatch_mode_is_the_one_torchs_own_flop_counter_builds_on():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    assert internals.TorchDispatchMode is TorchDispatchMode
+    with FlopCounterMode(display=False) as counter:
+        torch.ones(2, 3) @ torch.ones(3, 4)
+    assert counter.get_total_flops() == 2 * 2 * 3 * 4
+
+
+def test_reading_a_value_back_dispatches_the_read_scalar_kernel():
+    with OperationLog() as log:
+        torch.tensor([True]).any().item()
+    assert internals.READ_SCALAR in log.ops
+
+
+def test_the_convolution_kernel_takes_the_arguments_of_convolution_first():
+    public = [argument.name for argument in torch.ops.aten.convolution.default._schema.arguments]
+    kernel = [argument.name for argument in internals.CONVOLUTION_KERNEL._schema.arguments]
+    assert kernel[:9] == public[:9] == ["input", "weight", "bias", "stride", "padding", "dilation", "transposed",
+                                        "output_padding", "groups"]
+
+
+def test_every_fused_attention_kernel_exists_and_is_counted_on_the_meta_device():
+    for name in internals.FUSED_ATTENTION_NAMES:
+        assert hasattr(torch.ops.aten, name), name
+    assert {op.overloadpacket for op in internals.FUSED_ATTENTION} == {
+        getattr(torch.ops.aten, name) for name in internals.FUSED_ATTENTION_NAMES
+    }
+    batch, heads, length, dim = 2, 3, 5, 8
+    query = torch.empty(batch, heads, length, dim, device="meta", requires_grad=True)
+    recorder = MatmulRecorder(set())
+    with torch.enable_grad(), recorder:
+        output = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, query, query)
+    totals = recorder.finish(output[0])
+    forward = 2 * batch * heads * length * length * (dim + dim)
+    assert sum(c.forward for c in totals.values()) == forward
+    assert sum(c.backward for c in totals.values()) == 2 * forward
+
+
+def test_view_base_is_the_parameter_a_transpose_was_taken_of():
+    weight = nn.Parameter(torch.empty(2, 3))
+    assert internals.view_base(weight.t()) is weight
+    assert internals.view_base(weight) is weight
+
+
+# -- modules ---------------------------------------------------------------------------------------
+def test_every_public_hook_registration_lands_in_a_named_hook_dict():
+    module = nn.Linear(2, 2)
+    names = internals.FORWARD_HOOK_DICTS + internals.OTHER_HOOK_DICTS
+    assert all(isinstance(getattr(module, name), dict) and not getattr(module, name) for name in names)
+
+    def hook(*args, **kwargs):
+        return None
+
+    module.register_forward_hook(hook)
+    module.register_forward_pre_hook(hook)
+    module.register_full_backward_hook(hook)
+    module.register_full_backward_pre_hook(hook)
+    module.register_state_dict_pre_hook(hook)
+    module.register_state_dict_post_hook(hook)
+    module.register_load_state_dict_pre_hook(hook)
+    module.register_load_state_dict_post_hook(hook)
+    assert list(internals.module_hook_dicts(module, names)) == [getattr(module, name) for name in names]
+    hooks = [h for d in internals.module_hook_dicts(module, names) for h in d.values()]
+    assert len(hooks) == 8  # each registration found in exactly one of the dicts
+
+
+def test_composable_distributed_apis_keep_their_state_under_the_prefixed_keys():
+    if not torch.distributed.is_available():
+        pytest.skip("torch built without torch.distributed")
+    import importlib
+
+    contract = importlib.import_module("torch.distributed._composable.contract")  # the package shadows it with a function
+
+    assert contract.STATE_KEY.startswith(internals.COMPOSABLE_STATE_KEY_PREFIX)
+    assert contract.REGISTRY_KEY.startswith(internals.COMPOSABLE_STATE_KEY_PREFIX)
+
+
+def test_the_compile_wrapper_keeps_the_model_under_its_named_attribute():
+    model = nn.Linear(2, 2)
+    compiled = torch.compile(model)
+    assert type(compiled).__name__ == internals.COMPILED_WRAPPER
+    assert getattr(compiled, internals.COMPILED_ORIGINAL) is model
+
+
+# -- activation checkpointing ----------------------------------------------------------------------
+def test_checkpoint_internals_exist_with_the_parameters_the_routing_binds():
+    import inspect
+
+    assert hasattr(torch_checkpoint.CheckpointFunction, "apply")
+    generator = getattr(torch_checkpoint, internals._NON_REENTRANT)
+    parameters = list(inspect.signature(generator).parameters)
+    assert parameters[:6] == ["fn", "preserve_rng_state", "context_fn", "determinism_check", "debug", "early_stop"]
+    assert getattr(torch_checkpoint, internals._EARLY_STOP_OVERRIDE) is None
+    with torch_checkpoint.set_checkpoint_early_stop(False):
+        assert getattr(torch_checkpoint, internals._EARLY_STOP_OVERRIDE) is False
+
+
+def test_checkpoint_calls_are_routed_while_active_and_restored_after():
+    from contextlib import contextmanager
+
+    calls = []
+
+    def reentrant(function, *args):
+        calls.append(("reentrant",))
+        return function(*args)
+
+    @contextmanager
+    def region(early_stop):
+        calls.append(("region", early_stop))
+        yield
+
+    x = torch.ones(2, requires_grad=True)
+    original = (torch_checkpoint.CheckpointFunction, getattr(torch_checkpoint, internals._NON_REENTRANT))
+    with internals.checkpoint_routed_to(reentrant, region):
+        torch_checkpoint.checkpoint(torch.sin, x, use_reentrant=True)
+        torch_checkpoint.checkpoint(torch.sin, x, use_reentrant=False)
+        torch_checkpoint.checkpoint(torch.sin, x, use_reentrant=False, early_stop=False)
+        with torch_checkpoint.set_checkpoint_early_stop(False):
+            torch_checkpoint.checkpoint(torch.sin, x, use_reentrant=False, early_stop=True)
+    assert calls == [("reentrant",), ("region", True), ("region", False), ("region", False)]
+    assert (torch_checkpoint.CheckpointFunction, getattr(torch_checkpoint, internals._NON_REENTRANT)) == original
+
+
+# -- autocast on the meta device -------------------------------------------------------------------
+def meta_autocast_error() -> BaseException | None:
+    try:
+        with torch.autocast(device_type="meta", enabled=False):
+            pass
+    except Exception as error:  # noqa: BLE001
+        return error
+    return None
+
+
+def test_autocast_refuses_the_meta_device_and_the_error_is_recognised():
+    """If torch starts accepting autocast on the meta device, the patch can go: this test says so."""
+    error = meta_autocast_error()
+    assert error is not None, "torch.autocast accepts the meta device now: meta_autocast_as_cpu is not needed"
+    assert internals.raised_by_meta_autocast(error)
+    assert not internals.raised_by_meta_autocast(ValueError("unrelated"))
+
+
+def test_meta_autocast_is_accepted_only_in_this_thread_and_only_while_active():
+    original = torch.autocast
+    in_other_thread = []
+    with internals.meta_autocast_as_cpu():
+        assert meta_autocast_error() is None
+        worker = threading.Thread(target=lambda: in_other_thread.append(meta_autocast_error()))
+        worker.start()
+        worker.join()
+        with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+            assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    assert in_other_thread[0] is not None
+    assert torch.autocast is original and torch.amp.autocast is original
+    assert meta_autocast_error() is not None
+
+
+# -- one module for all of them --------------------------------------------------------------------
+PRIVATE_TORCH = re.compile(
+    r"torch(\.\w+)*\._\w"  # torch._dynamo, torch.utils._python_dispatch, ...
+    r"|aten\._\w"  # private aten kernels
+    r"|\._base\b|_orig_mod|_forward_hooks|_forward_pre_hooks|_backward_hooks|_backward_pre_hooks"
+    r"|_state_dict_hooks|_state_dict_pre_hooks|_load_state_dict_\w*hooks|\._modules\b|__composable_api"
+    r"|CheckpointFunction|_checkpoint_without_reentrant|_enable_checkpoint_early_stop"
+    r"|torch\.(amp\.)?autocast\s*="
+)
+
+
+def test_no_other_module_of_the_package_names_a_private_torch_attribute():
+    offenders = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path == Path(internals.__file__):
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if PRIVATE_TORCH.search(line):
+                offenders.append(f"{path.relative_to(PACKAGE.parent)}:{number}: {line.strip()}")
+    assert not offenders, "private torch names belong in mfu_callbacks/_torch_internals.py:\n" + "\n".join(offenders)
