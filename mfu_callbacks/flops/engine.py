@@ -24,6 +24,7 @@ from .._torch_internals import meta_autocast_as_cpu, raised_by_meta_autocast
 from .checkpoint import checkpoint_to
 from .components import ATTENTION_SCORES
 from .features import HARDWARE, MODEL, NUM_FEATURES, Feature
+from .isolation import map_tensors, preserved_random_state
 from .replica import Replica, build_replica
 from .step_flops import StepFlops
 from .substitutes import install_substitutes
@@ -92,9 +93,7 @@ class _ProbeBatches:
             return "main"
         return None
 
-    def _convert(self, key: str | None, value: Any, rows: int, main: int, decoder: int) -> Any:
-        if not isinstance(value, torch.Tensor):
-            return value
+    def _convert(self, key: str | None, value: torch.Tensor, rows: int, main: int, decoder: int) -> torch.Tensor:
         if value.dim() == 0 or value.shape[0] != self.rows:
             return torch.empty(value.shape, dtype=value.dtype, device="meta")
         stream = self._stream_of(key, value)
@@ -102,13 +101,12 @@ class _ProbeBatches:
         return _resize(value, rows, length)
 
     def make(self, rows: int, main: int, decoder: int) -> Any:
+        """A batch of the template's layout at the probe's sizes, every tensor in it (nested too) on meta."""
         batch = self.template
-        if isinstance(batch, Mapping):
-            dropped = () if self.custom_forward else ("position_ids", *PACKED_KEYS, "max_length_q", "max_length_k")
-            return {k: self._convert(k, v, rows, main, decoder) for k, v in batch.items() if k not in dropped}
-        if isinstance(batch, (list, tuple)):
-            return type(batch)(self._convert(None, v, rows, main, decoder) for v in batch)
-        return self._convert(None, batch, rows, main, decoder)
+        if isinstance(batch, Mapping) and not self.custom_forward:
+            dropped = ("position_ids", *PACKED_KEYS, "max_length_q", "max_length_k")
+            batch = {k: v for k, v in batch.items() if k not in dropped}
+        return map_tensors(batch, lambda key, tensor: self._convert(key, tensor, rows, main, decoder))
 
 
 def _configs(model: nn.Module) -> Iterator[Any]:
@@ -272,7 +270,7 @@ def _trace(base: nn.Module, probes: _ProbeBatches, shapes: Sequence[tuple[int, i
 
     def run_probes(meta_autocast: bool) -> list[dict[str, ComponentFlops]]:
         totals = []
-        with _probe_hooks(replica, current, meta_autocast=meta_autocast), torch.enable_grad():
+        with preserved_random_state(), _probe_hooks(replica, current, meta_autocast=meta_autocast), torch.enable_grad():
             for rows, main, decoder in shapes:
                 recorder = MatmulRecorder(replica.parameter_ids)
                 current[0] = recorder

@@ -1,8 +1,9 @@
 """A meta-device copy of the model's structure, cheap to run, with repeated layers folded.
 
-The copy shares no tensors with the model (parameters become meta tensors of the same logical
-shape, dtype and ``requires_grad``), keeps the hooks that change autograd (PEFT's
-``enable_input_require_grads``) and drops those of distributed wrappers (FSDP all-gathers,
+The copy shares no tensors with the model (parameters, buffers and tensors held as plain attributes
+become meta tensors of the same logical shape, dtype and ``requires_grad``), keeps only the hooks of
+the model libraries (PEFT's and transformers' ``enable_input_require_grads``, output recording) and
+drops every other: the user's own hooks and those of distributed wrappers (FSDP all-gathers,
 Accelerate device hooks). A run of identical blocks in a ``ModuleList`` keeps one representative
 per distinct kind, standing for all of them: a 70B model traces as two layers.
 """
@@ -22,8 +23,11 @@ from .._torch_internals import (
     OTHER_HOOK_DICTS,
     module_hook_dicts,
 )
+from .isolation import map_tensors
 
 # Hooks from these packages move data between devices or ranks (or measure, like ours); on a replica they must not run.
+# Hooks of the model libraries change autograd or record outputs: they run on the copy. No other hook does.
+_MODEL_HOOK_PACKAGES = ("transformers", "peft")
 _FOREIGN_HOOK_PACKAGES = ("torch.distributed", "accelerate", "deepspeed", "lightning", "pytorch_lightning", "mfu_callbacks")
 # A LightningModule's references back to the training machinery (Trainer, Fabric, device mesh):
 # never copied. tests/test_framework_boundary.py checks that Lightning still names them so.
@@ -95,12 +99,24 @@ def _fold_plan(model: nn.Module) -> tuple[dict[int, list[int]], dict[int, int]]:
 
 
 def _filtered_hooks(hooks: OrderedDict) -> OrderedDict:
-    return OrderedDict(
-        (key, hook)
-        for key, hook in hooks.items()
-        if not getattr(hook, "__module__", "").startswith(_FOREIGN_HOOK_PACKAGES)
-        and not type(getattr(hook, "__self__", None)).__module__.startswith(_FOREIGN_HOOK_PACKAGES)
-    )
+    """Only the hooks of the model libraries, which shape the computation (PEFT's and transformers'
+    ``enable_input_require_grads``, output recording): a user's hooks never run on the copy, where they
+    would see meta tensors and could change what the run counts or does."""
+    return OrderedDict((key, hook) for key, hook in hooks.items() if _hook_package(hook).startswith(_MODEL_HOOK_PACKAGES))
+
+
+def _hook_package(hook: object) -> str:
+    owner = getattr(hook, "__self__", None)
+    module = type(owner).__module__ if owner is not None else getattr(hook, "__module__", None)
+    return module or ""
+
+
+def _plain_tensors_to_meta(module: nn.Module, memo: dict[int, object]) -> None:
+    """Tensors a module holds as plain attributes (caches, tables; not parameters or buffers) are
+    copied as meta tensors, nested in lists and dicts too: the copy never allocates real memory."""
+    for value in module.__dict__.values():
+        if isinstance(value, (torch.Tensor, list, tuple, dict)):
+            map_tensors(value, lambda _, tensor: memo.setdefault(id(tensor), _to_meta(tensor, parameter=False)))
 
 
 def _refuses_deepcopy(module: nn.Module) -> bool:
@@ -137,6 +153,7 @@ def build_replica(model: nn.Module, *, fold: bool = True) -> Replica:
             memo.setdefault(id(parameter), _to_meta(parameter, parameter=True))
         for buffer in module.buffers(recurse=False):
             memo.setdefault(id(buffer), _to_meta(buffer, parameter=False))
+        _plain_tensors_to_meta(module, memo)
         for hooks in module_hook_dicts(module, FORWARD_HOOK_DICTS):
             memo[id(hooks)] = _filtered_hooks(hooks)
         for hooks in module_hook_dicts(module, OTHER_HOOK_DICTS):
