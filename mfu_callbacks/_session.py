@@ -6,7 +6,9 @@ the framework's logger.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import inspect
+from collections.abc import Mapping
+from contextlib import suppress
 from typing import Any
 
 import torch
@@ -15,8 +17,9 @@ from torch import nn
 from . import _wandb, distributed
 from ._guard import Guard
 from ._options import MFUOptions
-from .meter import MFUMeter
+from .meter import MFUMeter, device_of, join_reduction_as_failed
 from .report import format_report
+from .run_summary import RunSummary, describe_setup
 
 
 class MeterSession:
@@ -28,44 +31,78 @@ class MeterSession:
         ``wandb_step_metric``: the framework's global-step key in W&B, the axis MFU is plotted against.
         """
         self.options = options
+        self._owner = owner
         self._wandb_prefix = options.prefix if wandb_prefix is None else wandb_prefix
         self._wandb_step_metric = wandb_step_metric
-        self._wandb_described = False
-        self.guard = Guard(owner)
+        self._hook: torch.utils.hooks.RemovableHandle | None = None
+        self._resume_state: Mapping[str, Any] | None = None
+        self.summary_dir: str | None = None  # where the run summary (mfu_summary.json) is written
+        self.start_run()
+
+    def start_run(self) -> None:
+        """A run starts: whatever an earlier run left (finished, failed or interrupted) is cleared."""
+        self.unwatch()
+        self.guard = Guard(self._owner)
+        self._extras_guard = Guard(self._owner + " (W&B description and run summary)")
         self.meter: MFUMeter | None = None
         self.optimizer_steps = 0
         self._step_open = False
-        self._hook: torch.utils.hooks.RemovableHandle | None = None
+        self._attached = False
+        self._wandb_described = False
+        self._model: nn.Module | None = None
+        self.run_summary = RunSummary()
 
-    def attach(self, model: nn.Module, *, dtype: str | None = None, engine_model: nn.Module | None = None) -> None:
-        """Create the meter for ``model`` (``engine_model`` is what the FLOP engine introspects, default ``model``)."""
+    def attach(self, model: nn.Module, *, dtype: str | None = None) -> None:
+        """Create the meter for ``model`` (continuing a resumed run's totals, if any were loaded)."""
 
         def create() -> None:
             self.meter = MFUMeter(
-                engine_model if engine_model is not None else model,
+                model,
                 peak_tflops=self.options.peak_tflops,
                 dtype=self.options.dtype or dtype,
                 warmup_steps=self.options.warmup_steps,
                 forward=self.options.forward,
                 token_counter=self.options.token_counter,
-                device=_device_of(model),
+                device=device_of(model),
                 silence_diagnostics=self.options.silence_diagnostics,
             )
+            if self._resume_state is not None:
+                self.meter.load_state_dict(self._resume_state)
+                self._resume_state = None
 
+        self._attached = True
+        self._model = model
         self.guard.run(create)
 
+    # -- resuming -----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The meter's state for the framework's checkpoint (plain values; {} before a meter exists)."""
+        if self.meter is not None and not self.guard.failed:
+            return self.guard.run(self.meter.state_dict, default={}) or {}
+        return dict(self._resume_state or {})
+
+    def load_state_dict(self, state: Mapping[str, Any], *, when_attached: bool = False) -> None:
+        """Continue a checkpointed run: applied to the meter now if it exists, else when it is built
+        (always then with ``when_attached``: the framework restores before the run starts)."""
+        if not state:
+            return
+        if self.meter is not None and not when_attached:
+            self.guard.run(self.meter.load_state_dict, state)
+        else:
+            self._resume_state = dict(state)
+
     # -- micro-batches seen by a forward pre-hook (when the framework hands callbacks no batch) --
-    def watch_forward(self, model: nn.Module, on_first_batch: Callable[[], None] | None = None) -> None:
+    def watch_forward(self, model: nn.Module) -> None:
         """Count each training forward of ``model`` as a micro-batch of the open step."""
+        self.unwatch()  # a run that ended by an exception may have left its hook
 
         @torch.compiler.disable
         def before_forward(module: nn.Module, args: tuple, kwargs: dict) -> None:
             if not (module.training and torch.is_grad_enabled()):
                 return  # evaluation and generation are not training steps
-            batch = kwargs if kwargs else (args[0] if len(args) == 1 else args)
             if not self._step_open:
                 self.begin_step()
-            self.add_batch(batch)
+            self.add_batch(_call_as_batch(module, args, kwargs))
 
         self._hook = model.register_forward_pre_hook(before_forward, with_kwargs=True)
 
@@ -75,6 +112,10 @@ class MeterSession:
             self._hook = None
 
     # -- step events ------------------------------------------------------------------------------
+    @property
+    def step_open(self) -> bool:
+        return self._step_open
+
     def begin_step(self, batch: Any = None) -> None:
         if self.meter is not None and not self._step_open:
             self._step_open = True
@@ -97,13 +138,38 @@ class MeterSession:
         return self.optimizer_steps > 0 and self.optimizer_steps % self.options.log_interval == 0
 
     def read(self) -> dict[str, float]:
-        """Metrics of the window since the last read, prefixed; {} when there is nothing to say."""
-        if self.meter is None:
+        """Metrics of the window since the last read, prefixed; {} when there is nothing to say.
+
+        When distributed this is a collective, and a rank whose measurement failed still takes part
+        (as "failed"), so no rank ever waits for another.
+        """
+        if self.meter is None or self.guard.failed:
+            self._join_as_failed()
             return {}
         metrics = self.guard.run(self.meter.metrics, default={}) or {}
-        if metrics and not self._wandb_described:
-            self.guard.run(self._describe_wandb_run)
+        if metrics:
+            # Reporting extras have a guard of their own: a failure there never stops the measurement.
+            if not self._wandb_described:
+                self._extras_guard.run(self._describe_wandb_run)
+            self._extras_guard.run(self._write_run_summary, metrics)
         return {self.options.prefix + key: value for key, value in metrics.items()}
+
+    def _join_as_failed(self) -> None:
+        if self._attached and distributed.is_distributed():
+            with suppress(Exception):  # the collective itself failed: nothing more to do here
+                join_reduction_as_failed()
+
+    def _write_run_summary(self, metrics: Mapping[str, float]) -> None:
+        """Add the window to the run summary and write it beside the framework's outputs (rank 0)."""
+        meter = self.meter
+        if meter is None or self.summary_dir is None or distributed.rank() != 0:
+            return
+        self.run_summary.setup.update(describe_setup(
+            peak=meter.peak, world_size=distributed.world_size(), flops=meter.run_flops(), model=self._model,
+            device=meter.device, dtype=meter.peak.dtype if meter.peak is not None else None,
+        ))
+        self.run_summary.add_window(self.optimizer_steps, metrics)
+        self.run_summary.write(self.summary_dir)
 
     def _describe_wandb_run(self) -> None:
         run = _wandb.active_run()
@@ -117,13 +183,16 @@ class MeterSession:
         _wandb.describe_run(run, config, self._wandb_prefix, self._wandb_step_metric)
 
     def summary(self) -> dict[str, float]:
-        if self.meter is None:
+        """The run's means (a collective when distributed, joined as "failed" after a failure)."""
+        if self.meter is None or self.guard.failed:
+            self._join_as_failed()
             return {}
         return self.guard.run(self.meter.summary, default={}) or {}
 
     def finish(self) -> dict[str, float]:
         """Training ended: the run's summary (a collective when distributed: every rank calls this),
         printed as the end-of-run report on rank 0 and written to the W&B run summary."""
+        self.unwatch()
         summary = self.summary()
         if self.meter is None or not summary:
             return summary
@@ -143,8 +212,22 @@ class MeterSession:
         return summary
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    for parameter in model.parameters():
-        if parameter.device.type != "meta":
-            return parameter.device
-    return torch.device("cpu")
+def _call_as_batch(module: nn.Module, args: tuple, kwargs: dict) -> Any:
+    """The batch a forward call was given: its keywords, with positional arguments named by the
+    forward's signature (``model(input_ids, attention_mask=mask)``); a lone positional batch as is."""
+    if not args:
+        return kwargs
+    if not kwargs:
+        return args[0] if len(args) == 1 else args
+    try:
+        signature = inspect.signature(module.forward)
+        bound = signature.bind_partial(*args, **kwargs)
+    except (TypeError, ValueError):
+        return kwargs
+    batch: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+            batch.update(value)
+        else:
+            batch[name] = value
+    return batch

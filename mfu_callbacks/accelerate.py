@@ -61,6 +61,17 @@ class MFUTracker:
         self._wrap_log()
         self._wrap_end_training()
         self.final_summary: dict[str, float] | None = None
+        self.session.summary_dir = accelerator.project_dir
+        # accelerator.save_state / load_state keep the meter's run totals, so a resumed loop continues them.
+        accelerator.register_for_checkpointing(self)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The meter's run totals, for ``accelerator.save_state``."""
+        return self.session.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continue the run totals saved by ``accelerator.save_state`` (via ``accelerator.load_state``)."""
+        self.session.load_state_dict(state_dict)
 
     def _after_optimizer_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         """Called after every optimizer step in the process; acts on those of this model's optimizer."""

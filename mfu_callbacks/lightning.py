@@ -49,25 +49,29 @@ class MFUCallback(Callback):
         self.session = MeterSession(
             self.options, "mfu_callbacks.lightning.MFUCallback", wandb_step_metric="trainer/global_step"
         )
-        self._micro_batches = 0
+        self._optimizer_stepped = False
         self.summary: dict[str, float] = {}
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.session.start_run()  # a second fit(), or one after an interrupted fit, starts clean
+        self._optimizer_stepped = False
+        self.session.summary_dir = trainer.log_dir
         dtype = dtype_from_lightning_precision(str(trainer.precision))
         self.session.attach(pl_module, dtype=dtype)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        if self._micro_batches % trainer.accumulate_grad_batches == 0:
-            self.session.begin_step(batch)
+        if self.session.step_open:
+            self.session.add_batch(batch)  # gradient accumulation: another micro-batch of the step
         else:
-            self.session.add_batch(batch)
-        self._micro_batches += 1
+            self.session.begin_step(batch)
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
+        self._optimizer_stepped = True  # the step ends with this batch, whatever the accumulation or epoch end
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        last_of_epoch = trainer.num_training_batches != float("inf") and batch_idx + 1 == trainer.num_training_batches
-        if self._micro_batches % trainer.accumulate_grad_batches != 0 and not last_of_epoch:
+        if not self._optimizer_stepped:
             return  # gradient accumulation: the optimizer has not stepped yet
-        self._micro_batches = 0
+        self._optimizer_stepped = False
         self.session.end_step()
         if not self.session.due(lightning_writes_logs_now(trainer)):
             return
@@ -77,6 +81,16 @@ class MFUCallback(Callback):
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.summary = self.session.finish()
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self.session.unwatch()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in Lightning checkpoints: the meter's run totals, so a resumed fit continues this run's summary."""
+        return self.session.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.session.load_state_dict(state_dict, when_attached=True)  # restored before on_train_start
 
     @staticmethod
     def _log(pl_module: LightningModule, metrics: dict[str, float]) -> None:

@@ -83,7 +83,7 @@ class MFUMeter:
         _validate.env_peak_tflops()
         self._dtype_given = _validate.compute_dtype(dtype)
         self._world_size_given = _validate.optional_whole_number(world_size, name="world_size", minimum=1)
-        self.device = torch.device(device) if device is not None else _device_of(model)
+        self.device = torch.device(device) if device is not None else device_of(model)
         self._timer = timer if timer is not None else StepTimer(warmup_steps, device=self.device)
         self._diagnostics = Diagnostics(silence_diagnostics)
         self.peak = peak if peak is not None else _resolve_peak(model, self.device, dtype, self._peak_tflops)
@@ -157,7 +157,7 @@ class MFUMeter:
 
     def join_as_failed(self) -> None:
         """Take part in a read on a rank whose measurement failed, so the other ranks never wait for it."""
-        combine_ranks(Window(world_size=_world_size(self._world_size_given), failed_ranks=1.0))
+        join_reduction_as_failed(_world_size(self._world_size_given))
 
     def _read_window(self) -> Window | None:
         """Resolve the pending steps and combine the ranks; None when no rank finished a measured step.
@@ -228,6 +228,11 @@ class MFUMeter:
         self._diagnostics.load_state_dict(state.get("diagnoses", []))
 
 
+def join_reduction_as_failed(world_size: int | None = None) -> None:
+    """Enter the reduction of a metrics read as a rank that has nothing to report (its meter failed)."""
+    combine_ranks(Window(world_size=world_size or distributed.world_size(), failed_ranks=1.0))
+
+
 def _world_size(given: int | None) -> int:
     """The process group's size; ``given`` (or 1) without one."""
     if distributed.is_distributed():
@@ -251,7 +256,8 @@ def _compute_dtype(peak: PeakInfo | None, model: nn.Module, override: Any, devic
         return None
 
 
-def _device_of(model: nn.Module) -> torch.device:
+def device_of(model: nn.Module) -> torch.device:
+    """The device of the model's first real parameter; the CPU when it has none."""
     for parameter in model.parameters():
         if parameter.device.type != "meta":
             return parameter.device

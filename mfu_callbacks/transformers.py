@@ -18,6 +18,7 @@ import logging
 from typing import Any
 
 from transformers import DefaultFlowCallback, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_callback import ExportableState
 
 from ._options import MFUOptions
 from ._session import MeterSession
@@ -26,7 +27,7 @@ from .precision import dtype_from_hf_args
 logger = logging.getLogger("mfu_callbacks")
 
 
-class MFUCallback(TrainerCallback):
+class MFUCallback(TrainerCallback, ExportableState):
     """Logs ``mfu``, ``hfu``, ``tflops_per_gpu``, ``tokens_per_sec`` ... beside ``loss``.
 
     Options are those of :class:`~mfu_callbacks._options.MFUOptions`; ``prefix`` defaults to ""
@@ -44,8 +45,19 @@ class MFUCallback(TrainerCallback):
             wandb_step_metric="train/global_step",
         )
         self.summary: dict[str, float] = {}
+        self.mfu_state: dict[str, Any] | None = None  # set by the Trainer when it restores callback states
+
+    def state(self) -> dict[str, Any]:
+        """What the Trainer saves in a checkpoint (``ExportableState``): the options that can be
+        written as JSON, and the meter's run totals, so a resumed run's summary continues this one."""
+        return {"args": _json_options(self.options), "attributes": {"mfu_state": self.session.state_dict()}}
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs):
+        self.session.start_run()  # a second train(), or one after an interrupted run, starts clean
+        if state.global_step > 0:  # resuming from a checkpoint
+            self.session.load_state_dict(self.mfu_state or _saved_state(state, type(self).__name__))
+        self.mfu_state = None
+        self.session.summary_dir = args.output_dir
         if self.session.guard.run(move_to_front_of_callback_lists, self) is False:
             logger.warning(
                 "mfu_callbacks: could not find the Trainer's callback list to run MFUCallback ahead of the "
@@ -72,7 +84,6 @@ class MFUCallback(TrainerCallback):
         add_to_saved_log_record(state, metrics)
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.session.unwatch()
         self.summary = self.session.finish()
 
 
@@ -108,3 +119,21 @@ def add_to_saved_log_record(state: TrainerState, metrics: dict[str, float]) -> N
     """
     if state.log_history and state.log_history[-1].get("step") == state.global_step:
         state.log_history[-1].update(metrics)
+
+
+def _json_options(options: MFUOptions) -> dict[str, Any]:
+    """The options a checkpoint can hold as JSON (functions such as ``token_counter`` cannot be)."""
+    values = {name: getattr(options, name) for name in ("peak_tflops", "warmup_steps", "log_interval", "prefix", "report")}
+    values["silence_diagnostics"] = list(options.silence_diagnostics)
+    if isinstance(options.dtype, str):
+        values["dtype"] = options.dtype
+    return values
+
+
+def _saved_state(state: TrainerState, name: str) -> dict[str, Any]:
+    """This callback's saved meter state in a resumed ``TrainerState`` (``stateful_callbacks``)."""
+    saved = (state.stateful_callbacks or {}).get(name)
+    if isinstance(saved, list):
+        saved = saved[0] if saved else None
+    attributes = saved.get("attributes", {}) if isinstance(saved, dict) else {}
+    return attributes.get("mfu_state") or {}
