@@ -116,9 +116,13 @@ class MeterSession:
     def step_open(self) -> bool:
         return self._step_open
 
+    # Steps are followed even without a working meter: the read cadence (``due``) must stay the same
+    # on every rank, since each read is a collective.
     def begin_step(self, batch: Any = None) -> None:
-        if self.meter is not None and not self._step_open:
-            self._step_open = True
+        if self._step_open:
+            return
+        self._step_open = True
+        if self.meter is not None:
             self.guard.run(self.meter.start_step, batch)
 
     def add_batch(self, batch: Any) -> None:
@@ -126,9 +130,11 @@ class MeterSession:
             self.guard.run(self.meter.add_batch, batch)
 
     def end_step(self) -> None:
-        if self.meter is not None and self._step_open:
-            self._step_open = False
-            self.optimizer_steps += 1
+        if not self._step_open:
+            return
+        self._step_open = False
+        self.optimizer_steps += 1
+        if self.meter is not None:
             self.guard.run(self.meter.end_step)
 
     def due(self, framework_logs_now: bool) -> bool:

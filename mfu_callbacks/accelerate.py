@@ -74,18 +74,18 @@ class MFUTracker:
         self.session.load_state_dict(state_dict)
 
     def _after_optimizer_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
-        """Called after every optimizer step in the process; acts on those of this model's optimizer."""
-        self.session.guard.run(self._optimizer_stepped, optimizer)
+        """Called after every optimizer step in the process; acts on those of this model's optimizer.
 
-    def _holds_model_parameters(self, optimizer: Optimizer) -> bool:
-        if isinstance(getattr(optimizer, "optimizer", None), Optimizer):
-            return False  # a wrapper (AcceleratedOptimizer): its inner optimizer's steps are the real ones
-        return any(id(p) in self._parameter_ids for group in optimizer.param_groups for p in group["params"])
-
-    def _optimizer_stepped(self, optimizer: Optimizer) -> None:
+        Not behind the session's guard: after a failure on this rank the read must still happen here,
+        at the same step as on the other ranks (the session then joins it as "failed").
+        """
         trains_model = self._trains_model.get(optimizer)
         if trains_model is None:
-            trains_model = self._trains_model[optimizer] = self._holds_model_parameters(optimizer)
+            try:
+                trains_model = self._holds_model_parameters(optimizer)
+            except Exception:  # noqa: BLE001 - an optimizer we cannot read is not ours
+                trains_model = False
+            self._trains_model[optimizer] = trains_model
         if not trains_model:
             return
         self.session.end_step()
@@ -94,6 +94,11 @@ class MFUTracker:
             if metrics:
                 self.latest = metrics
                 self._pending = metrics
+
+    def _holds_model_parameters(self, optimizer: Optimizer) -> bool:
+        if isinstance(getattr(optimizer, "optimizer", None), Optimizer):
+            return False  # a wrapper (AcceleratedOptimizer): its inner optimizer's steps are the real ones
+        return any(id(p) in self._parameter_ids for group in optimizer.param_groups for p in group["params"])
 
     def _wrap_log(self) -> None:
         """``accelerator.log(values, ...)`` gets the pending metrics merged into ``values``; every

@@ -1,0 +1,153 @@
+"""A fault on one rank never hangs or crashes a distributed job: two gloo processes under torchrun,
+rank 1 alone hit by a batch it cannot count, a token counter that raises, and a FLOP engine that
+breaks while metrics are read. Each run must finish, on both ranks, with the losses it has without
+the callback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.multiprocess
+
+COMMON = """
+import json, os, sys, time, torch
+sys.path.insert(0, {tests!r})
+import torch.distributed as dist
+from tiny_models import FixedLengthTokens, collate, tiny_llama
+from mfu_callbacks.flops import FlopEngine
+
+FAULT = {fault!r}
+RANK = int(os.environ["RANK"])
+
+
+def counter(batch):
+    # Rank 1 alone: a batch it cannot count at step 3, or a counter that raises at step 3.
+    counter.calls = getattr(counter, "calls", 0) + 1
+    if RANK == 1 and counter.calls == 3:
+        if FAULT == "uncountable":
+            return {{}}
+        if FAULT == "raising":
+            raise RuntimeError("the token counter failed on rank 1")
+    return {{"input_ids": batch["input_ids"]}}
+
+
+if FAULT == "engine" and RANK == 1:
+    evaluate = FlopEngine.evaluate
+    def broken(self, features):
+        raise RuntimeError("the FLOP engine failed on rank 1")
+    FlopEngine.evaluate = broken
+
+
+def finish(losses, metrics):
+    if RANK == 0:
+        print("RESULT", json.dumps({{"losses": losses, "metrics": metrics}}), flush=True)
+    sys.stdout.flush()
+    os._exit(0)  # gloo's teardown at interpreter exit can abort a process after its work is done
+"""
+
+ACCELERATE = COMMON + """
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
+from mfu_callbacks.accelerate import MFUTracker
+
+accelerator = Accelerator(cpu=True)
+torch.manual_seed(0)
+model = tiny_llama()
+optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+loader = DataLoader(FixedLengthTokens(64), batch_size=4, collate_fn=collate)
+model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+tracker = None
+if FAULT != "none":
+    tracker = MFUTracker(accelerator, model, peak_tflops=0.5, warmup_steps=0, log_interval=2, token_counter=counter)
+losses, metrics = [], []
+for step, batch in enumerate(loader):
+    loss = model(**batch).loss
+    accelerator.backward(loss)
+    optimizer.step()
+    optimizer.zero_grad()
+    losses.append(round(loss.item(), 6))
+    accelerator.log({{"train/loss": loss.item()}}, step=step)
+    if tracker is not None and tracker.latest:
+        metrics.append(tracker.latest)
+    if step == 7:
+        break
+if tracker is not None:
+    tracker.finish()
+finish(losses, metrics)
+"""
+
+TRAINER = COMMON + """
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from mfu_callbacks.transformers import MFUCallback
+
+class Losses(TrainerCallback):
+    def __init__(self):
+        self.losses, self.metrics = [], []
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.losses.append(round(logs["loss"], 6))
+            if "mfu" in logs or "step_time" in logs:
+                self.metrics.append(dict(logs))
+
+args = TrainingArguments(output_dir={out!r}, max_steps=8, per_device_train_batch_size=4, logging_steps=2,
+                         learning_rate=1e-3, report_to=[], save_strategy="no", disable_tqdm=True, use_cpu=True,
+                         seed=0, data_seed=0, dataloader_num_workers=0)
+recorder = Losses()
+callbacks = [recorder]
+if FAULT != "none":
+    callbacks.insert(0, MFUCallback(peak_tflops=0.5, warmup_steps=0, token_counter=counter))
+trainer = Trainer(model=tiny_llama(), args=args, train_dataset=FixedLengthTokens(64), data_collator=collate,
+                  callbacks=callbacks)
+trainer.train()
+finish(recorder.losses, recorder.metrics)
+"""
+
+
+def run(script: str, tmp_path: Path, fault: str) -> dict:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / f"{fault}.py"
+    path.write_text(textwrap.dedent(script).format(tests=str(Path(__file__).parent), fault=fault,
+                                                   out=str(tmp_path / f"out-{fault}")))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(path)]
+    # A hang (the old behaviour) runs into this limit; a healthy run takes seconds.
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = next(line for line in result.stdout.splitlines() if line.startswith("RESULT"))
+    return json.loads(line.split(" ", 1)[1])
+
+
+@pytest.fixture(scope="module")
+def plain_runs(tmp_path_factory) -> dict[str, dict]:
+    """Each loop without the callback, run once: the losses a faulty run must reproduce."""
+    folder = tmp_path_factory.mktemp("plain")
+    return {"accelerate": run(ACCELERATE, folder, "none"), "trainer": run(TRAINER, folder / "trainer", "none")}
+
+
+@pytest.mark.parametrize("fault", ["uncountable", "raising", "engine"])
+def test_accelerate_a_fault_on_one_rank_finishes_the_job(tmp_path, plain_runs, fault):
+    plain = plain_runs["accelerate"]
+    faulty = run(ACCELERATE, tmp_path, fault)
+    assert faulty["losses"] == plain["losses"]
+    assert faulty["metrics"], "rank 0 went on measuring"
+    if fault == "uncountable":  # one step left out on rank 1; MFU stays
+        assert "train/mfu" in faulty["metrics"][-1]
+    else:  # rank 1 stopped measuring: MFU of rank 0 alone would pass for the job's, so it is left out
+        assert "train/mfu" not in faulty["metrics"][-1] and "train/step_time" in faulty["metrics"][-1]
+
+
+@pytest.mark.parametrize("fault", ["uncountable", "raising", "engine"])
+def test_trainer_a_fault_on_one_rank_finishes_the_job(tmp_path, plain_runs, fault):
+    plain = plain_runs["trainer"]
+    faulty = run(TRAINER, tmp_path, fault)
+    assert faulty["losses"] == plain["losses"]
+    assert faulty["metrics"], "rank 0 went on measuring"
+    if fault == "uncountable":
+        assert "mfu" in faulty["metrics"][-1]
+    else:
+        assert "mfu" not in faulty["metrics"][-1] and "step_time" in faulty["metrics"][-1]
