@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import copy
-
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+
+from mfu_callbacks.testing import causal_lm, reference_step_flops
 
 SIZES = {
     # name: (hidden, layers, heads, kv_heads, intermediate, vocab, seq_len, batch)
@@ -17,19 +16,10 @@ SIZES = {
 
 
 def llama(size: str, *, moe: bool = False, attention: str = "sdpa") -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
-
+    """A Llama of one of the sizes above, or with ``moe`` a Mixtral (8 experts of half the MLP width, top 2)."""
     hidden, layers, heads, kv_heads, intermediate, vocab, seq_len, _ = SIZES[size]
-    common = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                  vocab_size=vocab, max_position_embeddings=seq_len)
-    torch.manual_seed(0)
-    if moe:
-        config = MixtralConfig(intermediate_size=intermediate // 2, num_local_experts=8, num_experts_per_tok=2, **common)
-        config._attn_implementation = attention
-        return MixtralForCausalLM(config)
-    config = LlamaConfig(intermediate_size=intermediate, **common)
-    config._attn_implementation = attention
-    return LlamaForCausalLM(config)
+    return causal_lm(hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads, vocab=vocab, max_positions=seq_len,
+                     intermediate=intermediate // 2 if moe else intermediate, experts=8 if moe else 0, attention=attention)
 
 
 def batch_for(size: str, device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -40,19 +30,9 @@ def batch_for(size: str, device: torch.device, seed: int = 0) -> dict[str, torch
 
 
 def truth_step_flops(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> int:
-    """FLOPs of one training step by torch's FlopCounterMode on an eager-attention, eager-experts copy."""
-    reference = copy.deepcopy(model)
-    for module in reference.modules():
-        config = getattr(module, "config", None)
-        if config is not None and hasattr(config, "_attn_implementation"):
-            config._attn_implementation = "eager"
-            config._experts_implementation = "eager"
-    with FlopCounterMode(display=False) as counter:
-        with torch.autocast(batch["input_ids"].device.type, dtype=torch.bfloat16, enabled=batch["input_ids"].is_cuda):
-            loss = reference(**batch).loss
-        loss.backward()
-    del reference
-    return counter.get_total_flops()
+    """FLOPs of one training step by torch's FlopCounterMode on an eager-attention, eager-experts copy (bf16 on a GPU)."""
+    autocast_dtype = torch.bfloat16 if batch["input_ids"].is_cuda else None
+    return reference_step_flops(model, batch, eager_copy=True, autocast_dtype=autocast_dtype)
 
 
 def six_n_tokens(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> int:

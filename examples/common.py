@@ -11,6 +11,8 @@ import argparse
 import torch
 from torch.utils.data import Dataset
 
+from mfu_callbacks.testing import causal_lm
+
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hidden-size", type=int, default=128, help="model width (2048 for a ~1B model on a GPU)")
@@ -28,25 +30,17 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_model(args: argparse.Namespace) -> torch.nn.Module:
-    """A Llama-style causal LM from a config, optionally with LoRA adapters."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        hidden_size=args.hidden_size,
-        intermediate_size=args.hidden_size * 8 // 3 // 64 * 64 or 64,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=max(args.heads // 4, 1),
-        vocab_size=args.vocab_size,
-        max_position_embeddings=args.seq_len,
+    """A Llama-style causal LM from a config (key/value heads a quarter of the heads), optionally with LoRA adapters."""
+    return causal_lm(
+        hidden=args.hidden_size,
+        layers=args.layers,
+        heads=args.heads,
+        kv_heads=max(args.heads // 4, 1),
+        intermediate=args.hidden_size * 8 // 3 // 64 * 64 or 64,
+        vocab=args.vocab_size,
+        max_positions=args.seq_len,
+        lora_rank=16 if args.lora else None,
     )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    if args.lora:
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
-    return model
 
 
 class RandomTokens(Dataset):

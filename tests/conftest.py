@@ -1,4 +1,4 @@
-"""Shared helpers for the FLOP engine tests: batches of known shape and torch's own FLOP counter as the truth.
+"""Shared test helpers: batches of known shape, tiny models, fakes, and torch's own FLOP counter as the truth.
 
 The truth of a step is ``torch.utils.flop_counter.FlopCounterMode`` around forward + backward of the
 real model on CPU, with eager attention and eager MoE experts (the kernels it counts exactly, see
@@ -9,18 +9,35 @@ checkpointing off; hardware FLOPs are the batch as it runs.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
+import pytest
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.data import Dataset
+
+from mfu_callbacks.flops import StepFlops
+from mfu_callbacks.flops.features import HARDWARE, MODEL, NUM_FEATURES, Feature
+from mfu_callbacks.meter import MFUMeter
+from mfu_callbacks.testing import causal_lm, configs_of, make_eager, reference_step_flops
+from mfu_callbacks.timer import StepTimer
+
+# Tiny models gain nothing from intra-op threads, and on a busy machine a test's threads spin
+# waiting for each other: one thread per test process (pytest-xdist runs a process per core).
+torch.set_num_threads(1)
 
 VOCAB = 128
 LENGTHS = (6, 11)  # every case is checked at two sequence lengths
 
 Forward = Callable[[nn.Module, Any], Any]
+
+
+# -- tiers -----------------------------------------------------------------------------------------
+def one_per_family(names: Iterable[str], representative: str) -> list[Any]:
+    """Parameters of an architecture sweep: the representative runs in the unit tier, the rest are marked slow."""
+    return [pytest.param(name, marks=() if name == representative else pytest.mark.slow) for name in names]
 
 
 # -- batches ---------------------------------------------------------------------------------------
@@ -111,26 +128,33 @@ def documents(batch: Mapping[str, torch.Tensor], *, encoder_decoder: bool = Fals
 
 
 # -- models ----------------------------------------------------------------------------------------
-def configs_of(model: nn.Module) -> Iterator[Any]:
-    seen: set[int] = set()
-    for module in model.modules():
-        config = getattr(module, "config", None)
-        if config is not None and hasattr(config, "to_dict") and id(config) not in seen:
-            seen.add(id(config))
-            yield config
-            for key in ("text_config", "vision_config", "encoder", "decoder"):
-                sub = getattr(config, key, None)
-                if sub is not None and hasattr(sub, "to_dict") and id(sub) not in seen:
-                    seen.add(id(sub))
-                    yield sub
+TINY_VOCAB = 64  # the integration tests' tiny Llama
+SEQ = 16
 
 
-def make_eager(model: nn.Module) -> nn.Module:
-    """Eager attention and eager experts: the kernels FlopCounterMode counts exactly (the truth's setting)."""
-    for config in configs_of(model):
-        config._attn_implementation = "eager"
-        config._experts_implementation = "eager"
-    return model
+def tiny_llama(lora: bool = False, seed: int = 0) -> nn.Module:
+    """The integration tests' model: a 2-layer Llama with eager attention (so the truth counts it as it runs)."""
+    return causal_lm(hidden=32, intermediate=64, layers=2, heads=4, kv_heads=2, vocab=TINY_VOCAB, attention="eager",
+                     lora_rank=4 if lora else None, lora_targets=["q_proj", "v_proj"], seed=seed)
+
+
+class FixedLengthTokens(Dataset):
+    """Rows of equal length: every step then needs the same FLOPs, which makes MFU checkable."""
+
+    def __init__(self, size: int, length: int = SEQ, seed: int = 0) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        self.rows = torch.randint(0, TINY_VOCAB, (size, length), generator=generator)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        row = self.rows[index]
+        return {"input_ids": row, "attention_mask": torch.ones_like(row), "labels": row.clone()}
+
+
+def collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {key: torch.stack([row[key] for row in rows]) for key in rows[0]}
 
 
 @contextmanager
@@ -146,27 +170,70 @@ def checkpointing_off(model: nn.Module) -> Iterator[None]:
             module.gradient_checkpointing = flag
 
 
+# -- fakes -----------------------------------------------------------------------------------------
+class FakeClock:
+    """A host clock that moves only when told to (from 100 s: a duration is never a reading)."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+FLOPS_PER_TOKEN = 1e9  # what the fake engine counts per real token (per computed token for hardware FLOPs)
+SECONDS_PER_BATCH = 0.25  # what each micro-batch takes on the fake clock
+
+
+class TokenEngine:
+    """The FlopEngine interface for the integration tests: FLOPs proportional to tokens, no model traced.
+
+    Each micro-batch it counts moves the fake clock on by SECONDS_PER_BATCH, so a step's time is
+    known exactly from its micro-batches (and input waits are zero).
+    """
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+
+    def count(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        self.clock.advance(SECONDS_PER_BATCH)
+        mask = batch["attention_mask"]
+        features = torch.zeros(2, NUM_FEATURES, dtype=torch.int64)
+        features[MODEL, Feature.TOKENS] = int(mask.sum())
+        features[HARDWARE, Feature.TOKENS] = mask.numel()
+        return features
+
+    def evaluate(self, features: torch.Tensor) -> StepFlops:
+        tokens, computed = int(features[MODEL, Feature.TOKENS]), int(features[HARDWARE, Feature.TOKENS])
+        return StepFlops(round(tokens * FLOPS_PER_TOKEN), round(computed * FLOPS_PER_TOKEN), tokens, computed)
+
+
+@pytest.fixture
+def fake_meter(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    """Every MFUMeter the integrations build in this test counts with a TokenEngine and times with a fake clock."""
+    clock = FakeClock()
+    build = MFUMeter.__init__
+
+    def build_with_fakes(self: MFUMeter, model: nn.Module, **options: Any) -> None:
+        options.setdefault("engine", TokenEngine(clock))
+        options.setdefault("timer", StepTimer(options.get("warmup_steps", 2), clock=clock, force_cpu=True))
+        build(self, model, **options)
+
+    monkeypatch.setattr(MFUMeter, "__init__", build_with_fakes)
+    return clock
+
+
 # -- the truth -------------------------------------------------------------------------------------
 def keyword_forward(model: nn.Module, batch: Any) -> Any:
     return model(**batch)
 
 
-def _loss(output: Any) -> torch.Tensor:
-    loss = getattr(output, "loss", None)
-    if loss is not None:
-        return loss
-    logits = getattr(output, "logits", output)
-    if isinstance(logits, (tuple, list)):
-        logits = logits[0]
-    return logits.float().sum()
-
-
 def step_truth(model: nn.Module, batch: Any, forward: Forward = keyword_forward) -> int:
     """FLOPs of one training step (forward + backward) as torch's FlopCounterMode counts them."""
-    with FlopCounterMode(display=False) as counter:
-        _loss(forward(model, batch)).backward()
-    model.zero_grad(set_to_none=True)
-    return counter.get_total_flops()
+    return reference_step_flops(model, batch, forward)
 
 
 def model_truth(model: nn.Module, batch: Mapping[str, torch.Tensor], forward: Forward = keyword_forward) -> int:

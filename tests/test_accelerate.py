@@ -12,7 +12,15 @@ import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
-from tiny_models import FixedLengthTokens, collate, tiny_llama, truth_flops
+from conftest import (
+    FLOPS_PER_TOKEN,
+    SECONDS_PER_BATCH,
+    SEQ,
+    FixedLengthTokens,
+    collate,
+    step_truth,
+    tiny_llama,
+)
 from torch.utils.data import DataLoader
 
 from mfu_callbacks.accelerate import MFUTracker
@@ -70,19 +78,20 @@ def test_mfu_reaches_the_tracker_with_the_loss_and_matches_an_independent_count(
     records, _, _ = run_loop(lora=lora)
     measured = [(step, values) for step, values in records if "train/mfu" in values]
     assert len(measured) >= 2, records
-    step_flops = truth_flops(tiny_llama(lora=lora), collate([FixedLengthTokens(8)[i] for i in range(BATCH)]))
+    step_flops = step_truth(tiny_llama(lora=lora), collate([FixedLengthTokens(8)[i] for i in range(BATCH)]))
     for _, values in measured:
         assert "train/loss" in values
         step_time = values["train/step_time"]
         assert values["train/mfu"] == pytest.approx(step_flops / (step_time * PEAK_TFLOPS * 1e12), rel=1e-6)
 
 
-def test_gradient_accumulation_ends_a_step_only_when_the_optimizer_steps():
+def test_gradient_accumulation_ends_a_step_only_when_the_optimizer_steps(fake_meter):
     records, _, _ = run_loop(accumulation=2, steps=8)
     measured = [values for _, values in records if "train/mfu" in values]
     assert measured
-    micro_flops = truth_flops(tiny_llama(), collate([FixedLengthTokens(8)[i] for i in range(BATCH)]))
+    micro_flops = BATCH * SEQ * FLOPS_PER_TOKEN
     for values in measured:
+        assert values["train/step_time"] == pytest.approx(2 * SECONDS_PER_BATCH)
         assert values["train/tflops_per_gpu"] == pytest.approx(2 * micro_flops / values["train/step_time"] / 1e12, rel=1e-6)
 
 
@@ -100,7 +109,7 @@ SCRIPT = textwrap.dedent(
     sys.path.insert(0, {tests!r})
     from accelerate import Accelerator
     from torch.utils.data import DataLoader
-    from tiny_models import FixedLengthTokens, collate, tiny_llama
+    from conftest import FixedLengthTokens, collate, tiny_llama
     from mfu_callbacks.accelerate import MFUTracker
 
     accelerator = Accelerator(cpu=True)
@@ -128,6 +137,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.multiprocess
 def test_two_processes_under_torchrun(tmp_path):
     script = tmp_path / "loop.py"
     script.write_text(SCRIPT.format(tests=str(Path(__file__).parent)))
@@ -143,7 +153,7 @@ def test_two_processes_under_torchrun(tmp_path):
     assert metrics["train/step_time_max"] >= metrics["train/step_time_min"]
 
 
-def test_an_internal_error_is_logged_once_and_training_goes_on(monkeypatch, caplog):
+def test_an_internal_error_is_logged_once_and_training_goes_on(monkeypatch, caplog, fake_meter):
     import logging
 
     from mfu_callbacks.meter import MFUMeter

@@ -16,9 +16,17 @@ from typing import Any
 import pytest
 import torch
 import transformers
-from conftest import VOCAB, checkpointing_off, full_batch, make_eager, model_truth, padded_batch, step_truth
+from conftest import (
+    VOCAB,
+    FakeClock,
+    checkpointing_off,
+    full_batch,
+    make_eager,
+    model_truth,
+    padded_batch,
+    step_truth,
+)
 from peft import LoraConfig, get_peft_model
-from test_meter import FakeClock
 from torch import nn
 
 import mfu_callbacks.diagnostics.checks as diagnostics_module

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_meter import FakeClock, FakeEngine, FakePeak, batch, run_step
+from conftest import FakeClock
+from test_meter import FakeEngine, FakePeak, batch, run_step
 from torch import nn
 
 from mfu_callbacks import distributed
@@ -84,6 +85,7 @@ def test_helpers_without_a_process_group():
     assert distributed.sum_and_max_over_ranks([1.0, 2.0], [3.0]) == ([1.0, 2.0], [3.0])
 
 
+@pytest.mark.multiprocess
 def test_ranks_and_the_raw_reduction(reports):
     assert [r["rank"] for r in reports] == [0, 1]
     assert all(r["world_size"] == 2 for r in reports)
@@ -91,6 +93,7 @@ def test_ranks_and_the_raw_reduction(reports):
         assert report["sum_and_max"] == [[3.0, 20.0], [1.0, 0.0]]
 
 
+@pytest.mark.multiprocess
 def test_flops_and_tokens_are_summed_over_ranks_and_divided_by_both_gpus(reports):
     # Two measured steps per rank: rank 0 did 2 x 100 tokens in 2 x (0.2 + 0.05 wait) = 0.5 s,
     # rank 1 (slower) 2 x 50 in 0.6 s; the faster rank waits for the slower one.
@@ -107,23 +110,27 @@ def test_flops_and_tokens_are_summed_over_ranks_and_divided_by_both_gpus(reports
     assert metrics["input_wait_fraction"] == pytest.approx(0.1 / 1.1)
 
 
+@pytest.mark.multiprocess
 def test_step_time_max_and_min_show_the_slower_rank(reports):
     for report in reports:
         assert report["metrics"]["step_time_max"] == pytest.approx(0.3)
         assert report["metrics"]["step_time_min"] == pytest.approx(0.2)  # the input wait is not step time
 
 
+@pytest.mark.multiprocess
 def test_every_rank_reports_the_same_numbers(reports):
     assert reports[0]["metrics"] == reports[1]["metrics"]
     assert reports[0]["summary"] == reports[1]["summary"]
     assert reports[0]["summary"]["mfu"] == pytest.approx(reports[0]["metrics"]["mfu"])
 
 
+@pytest.mark.multiprocess
 def test_no_collective_per_step_and_two_small_ones_per_read_on_the_cpu_for_gloo(reports):
     for report in reports:
         assert report["collectives_during_steps"] == 0
         assert report["collectives_per_read"] == ["cpu", "cpu"]
 
 
+@pytest.mark.multiprocess
 def test_a_world_size_that_contradicts_the_process_group_is_refused(reports):
     assert "the process group has 2 ranks" in reports[0]["mismatch"]

@@ -15,6 +15,7 @@ from conftest import (
     check_engine,
     full_batch,
     make_eager,
+    one_per_family,
     packed_batch,
     padded_batch,
 )
@@ -54,18 +55,18 @@ def lora(model):
     return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
 
 
-@pytest.mark.parametrize("name", ARCHITECTURES)
+@pytest.mark.parametrize("name", one_per_family(ARCHITECTURES, "llama"))
 def test_full_fine_tuning(name: str) -> None:
     check_engine(build(name), full_batch(2, 9), [full_batch(2, length) for length in LENGTHS])
 
 
-@pytest.mark.parametrize("name", ARCHITECTURES)
+@pytest.mark.parametrize("name", one_per_family(ARCHITECTURES, "llama"))
 def test_lora(name: str) -> None:
     check_engine(lora(build(name)), full_batch(2, 9), [full_batch(3, length) for length in LENGTHS])
 
 
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
-@pytest.mark.parametrize("name", ARCHITECTURES)
+@pytest.mark.parametrize("name", one_per_family(ARCHITECTURES, "llama"))
 def test_gradient_checkpointing(name: str, reentrant: bool) -> None:
     """Hardware FLOPs include the recompute that torch's checkpoint really runs; model FLOPs do not."""
     model = build(name)
@@ -73,7 +74,7 @@ def test_gradient_checkpointing(name: str, reentrant: bool) -> None:
     check_engine(model, full_batch(2, 9), [full_batch(2, length) for length in LENGTHS])
 
 
-@pytest.mark.parametrize("name", ARCHITECTURES)
+@pytest.mark.parametrize("name", one_per_family(ARCHITECTURES, "llama"))
 def test_lora_with_gradient_checkpointing(name: str) -> None:
     model = build(name)
     model.gradient_checkpointing_enable()
@@ -81,21 +82,21 @@ def test_lora_with_gradient_checkpointing(name: str) -> None:
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
-@pytest.mark.parametrize("name", ARCHITECTURES)
+@pytest.mark.parametrize("name", one_per_family(ARCHITECTURES, "llama"))
 def test_padded_batch(name: str, side: str) -> None:
     """Model FLOPs count each row's real tokens; hardware FLOPs the padded rectangle."""
     batches = [padded_batch([length, length - 3, 2], side=side) for length in LENGTHS]
     check_engine(build(name), padded_batch([9, 4], side=side), batches)
 
 
-@pytest.mark.parametrize("name", [name for name, spec in ARCHITECTURES.items() if spec[3]])
+@pytest.mark.parametrize("name", one_per_family([name for name, spec in ARCHITECTURES.items() if spec[3]], "llama"))
 def test_packed_rows(name: str) -> None:
     """Attention per document for model FLOPs; eager attention computes the whole row's square."""
     batches = [packed_batch([length - 4, 4]) for length in LENGTHS] + [packed_batch([2, 3, LENGTHS[1]])]
     check_engine(build(name), packed_batch([5, 4]), batches)
 
 
-@pytest.mark.parametrize("name", ARCHITECTURES)
+@pytest.mark.parametrize("name", one_per_family(ARCHITECTURES, "llama"))
 def test_sdpa_and_eager_models_give_the_same_engine(name: str) -> None:
     batch = padded_batch([LENGTHS[1], 4])
     model = build(name)

@@ -11,8 +11,16 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from conftest import (
+    FLOPS_PER_TOKEN,
+    SECONDS_PER_BATCH,
+    SEQ,
+    FixedLengthTokens,
+    collate,
+    step_truth,
+    tiny_llama,
+)
 from lightning.pytorch.loggers import CSVLogger
-from tiny_models import FixedLengthTokens, collate, tiny_llama, truth_flops
 from torch.utils.data import DataLoader
 
 from mfu_callbacks.lightning import MFUCallback
@@ -58,7 +66,7 @@ def test_mfu_is_in_the_same_csv_row_as_the_loss_and_matches_an_independent_count
     _, rows = fit(tmp_path, MFUCallback(peak_tflops=PEAK_TFLOPS, warmup_steps=1), lora=lora)
     measured = [row for row in rows if row.get("train/mfu")]
     assert len(measured) >= 2, rows
-    step_flops = truth_flops(tiny_llama(lora=lora), collate([FixedLengthTokens(64)[i] for i in range(BATCH)]))
+    step_flops = step_truth(tiny_llama(lora=lora), collate([FixedLengthTokens(64)[i] for i in range(BATCH)]))
     for row in measured:
         assert row["train/loss"], "MFU must share its row (and step) with the loss"
         step_time = float(row["train/step_time"])
@@ -66,13 +74,14 @@ def test_mfu_is_in_the_same_csv_row_as_the_loss_and_matches_an_independent_count
         assert float(row["train/tokens_per_sec"]) == pytest.approx(BATCH * 16 / step_time, rel=1e-5)
 
 
-def test_gradient_accumulation_counts_every_micro_batch(tmp_path):
+def test_gradient_accumulation_counts_every_micro_batch(tmp_path, fake_meter):
     _, rows = fit(tmp_path, MFUCallback(peak_tflops=PEAK_TFLOPS, warmup_steps=1), accumulation=2)
     measured = [row for row in rows if row.get("train/mfu")]
     assert measured
-    micro_flops = truth_flops(tiny_llama(), collate([FixedLengthTokens(64)[i] for i in range(BATCH)]))
+    micro_flops = BATCH * SEQ * FLOPS_PER_TOKEN
     for row in measured:
         step_time = float(row["train/step_time"])
+        assert step_time == pytest.approx(2 * SECONDS_PER_BATCH)
         assert float(row["train/tflops_per_gpu"]) == pytest.approx(2 * micro_flops / step_time / 1e12, rel=1e-5)
 
 
@@ -98,6 +107,7 @@ def test_an_internal_error_is_logged_once_and_training_goes_on(tmp_path, monkeyp
     assert len([r for r in caplog.records if "stopped measuring MFU" in r.getMessage()]) == 1
 
 
+@pytest.mark.multiprocess
 def test_two_process_ddp_on_cpu_reports_both_ranks(tmp_path):
     _, rows = fit(tmp_path, MFUCallback(peak_tflops=PEAK_TFLOPS, warmup_steps=1), devices=2, strategy="ddp_spawn")
     measured = [row for row in rows if row.get("train/mfu")]
@@ -110,6 +120,7 @@ def test_two_process_ddp_on_cpu_reports_both_ranks(tmp_path):
         assert float(row["train/step_time_max"]) >= float(row["train/step_time_min"])
 
 
+@pytest.mark.slow
 def test_lightning_cli_config_turns_mfu_on(tmp_path):
     """The YAML in configs/ enables the callback with its class_path alone."""
     root = Path(__file__).parent.parent

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from conftest import FakeClock
 from torch import nn
 
 import mfu_callbacks.meter as meter_module
@@ -21,19 +22,6 @@ from mfu_callbacks.timer import StepTimer
 MODEL_FLOPS_PER_TOKEN = 1e9  # FLOPs the fake model needs per real token
 HARDWARE_FLOPS_PER_TOKEN = 1.5e9  # FLOPs it runs per computed token (as if with recompute)
 PEAK_FLOPS = 1e12
-
-
-class FakeClock:
-    """A host clock that moves only when told to."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def batch(tokens: int, padded: int | None = None) -> dict[str, int]:
@@ -348,7 +336,7 @@ def test_bad_options_are_refused(options, message):
 
 
 def test_with_the_real_flop_engine_on_a_tiny_llama():
-    from tiny_models import FixedLengthTokens, collate, tiny_llama, truth_flops
+    from conftest import FixedLengthTokens, collate, step_truth, tiny_llama
 
     model = tiny_llama()
     full = collate([FixedLengthTokens(4)[i] for i in range(4)])  # 4 rows x 16 tokens
@@ -360,7 +348,7 @@ def test_with_the_real_flop_engine_on_a_tiny_llama():
     run_step(meter, clock, full, seconds=1.0)  # warm-up: builds the engine
     run_step(meter, clock, full, full, seconds=2.0)  # two micro-batches
     metrics = meter.metrics()
-    expected = 2 * truth_flops(model, full)
+    expected = 2 * step_truth(model, full)
     assert metrics["mfu"] == pytest.approx(expected / 2.0 / PEAK_FLOPS, rel=1e-9)
     assert metrics["tokens_per_sec"] == pytest.approx(2 * 64 / 2.0)
     assert metrics["padding_fraction"] == 0.0
@@ -368,7 +356,7 @@ def test_with_the_real_flop_engine_on_a_tiny_llama():
     metrics = meter.metrics()
     assert metrics["tokens_per_sec"] == pytest.approx(48.0)
     assert metrics["padding_fraction"] == pytest.approx(0.25)
-    assert metrics["hfu"] == pytest.approx(truth_flops(model, full) / PEAK_FLOPS, rel=1e-9)
+    assert metrics["hfu"] == pytest.approx(step_truth(model, full) / PEAK_FLOPS, rel=1e-9)
     assert metrics["mfu"] < metrics["hfu"]
 
 

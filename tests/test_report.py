@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tiny_models import FixedLengthTokens, collate, tiny_llama
+from conftest import FixedLengthTokens, collate, tiny_llama
 from transformers import Trainer, TrainingArguments
 
 from mfu_callbacks.flops import StepFlops
@@ -58,6 +58,6 @@ def test_the_trainer_prints_the_report_once_at_the_end(tmp_path, capsys):
     assert "mlp" in out and "attention_scores" in out
 
 
-def test_report_false_keeps_it_quiet(tmp_path, capsys):
+def test_report_false_keeps_it_quiet(tmp_path, capsys, fake_meter):
     train(tmp_path, report=False)
     assert "MFU report" not in capsys.readouterr().out

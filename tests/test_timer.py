@@ -4,21 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import FakeClock
 
 from mfu_callbacks.timer import StepTimer, StepTiming
-
-
-class FakeClock:
-    """A host clock that moves only when told to."""
-
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def timed_step(timer: StepTimer, clock: FakeClock, *, wait: float, seconds: float) -> None:

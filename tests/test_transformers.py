@@ -6,7 +6,15 @@ import logging
 
 import pytest
 import torch
-from tiny_models import FixedLengthTokens, collate, tiny_llama, truth_flops
+from conftest import (
+    FLOPS_PER_TOKEN,
+    SECONDS_PER_BATCH,
+    SEQ,
+    FixedLengthTokens,
+    collate,
+    step_truth,
+    tiny_llama,
+)
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from mfu_callbacks.transformers import MFUCallback
@@ -51,7 +59,7 @@ def test_mfu_is_logged_with_the_loss_and_matches_an_independent_count(tmp_path, 
     assert [row["step"] for row in rows] == [2, 4, 6]
     measured = [row for row in rows if "mfu" in row]
     assert len(measured) >= 2, rows
-    step_flops = truth_flops(tiny_llama(lora=lora), collate([FixedLengthTokens(64)[i] for i in range(BATCH)]))
+    step_flops = step_truth(tiny_llama(lora=lora), collate([FixedLengthTokens(64)[i] for i in range(BATCH)]))
     for row in measured:
         expected = step_flops / (row["step_time"] * PEAK_TFLOPS * 1e12)
         assert row["mfu"] == pytest.approx(expected, rel=1e-6)
@@ -63,12 +71,13 @@ def test_mfu_is_logged_with_the_loss_and_matches_an_independent_count(tmp_path, 
     assert len(reported) == len(measured)
 
 
-def test_gradient_accumulation_counts_every_micro_batch(tmp_path):
+def test_gradient_accumulation_counts_every_micro_batch(tmp_path, fake_meter):
     trainer, _ = train(tmp_path, callback=MFUCallback(peak_tflops=PEAK_TFLOPS, warmup_steps=1), accumulation=2)
     measured = [row for row in trainer.state.log_history if "mfu" in row]
     assert measured
-    micro_flops = truth_flops(tiny_llama(), collate([FixedLengthTokens(64)[i] for i in range(BATCH)]))
+    micro_flops = BATCH * SEQ * FLOPS_PER_TOKEN
     for row in measured:
+        assert row["step_time"] == pytest.approx(2 * SECONDS_PER_BATCH)
         assert row["tflops_per_gpu"] == pytest.approx(2 * micro_flops / row["step_time"] / 1e12, rel=1e-6)
         assert row["tokens_per_sec"] == pytest.approx(2 * BATCH * 16 / row["step_time"], rel=1e-6)
 
@@ -83,7 +92,7 @@ def test_losses_and_weights_are_identical_with_and_without_the_callback(tmp_path
         assert torch.equal(a, b), name
 
 
-def test_an_internal_error_is_logged_once_and_training_goes_on(tmp_path, monkeypatch, caplog):
+def test_an_internal_error_is_logged_once_and_training_goes_on(tmp_path, monkeypatch, caplog, fake_meter):
     from mfu_callbacks.meter import MFUMeter
 
     def broken(self, *args, **kwargs):
@@ -103,7 +112,7 @@ import json, sys, time, torch
 sys.path.insert(0, {tests!r})
 import torch.distributed as dist
 from transformers import Trainer, TrainingArguments
-from tiny_models import FixedLengthTokens, collate, tiny_llama
+from conftest import FixedLengthTokens, collate, tiny_llama
 from mfu_callbacks.transformers import MFUCallback
 
 def late_collate(rows):
@@ -129,6 +138,7 @@ os._exit(0)
 """
 
 
+@pytest.mark.multiprocess
 def test_two_ranks_under_torchrun_count_both_and_show_the_wait_for_the_late_one(tmp_path):
     import json
     import subprocess

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import FixedLengthTokens, collate, tiny_llama
+from conftest import FixedLengthTokens, collate, tiny_llama
 from torch.utils.data import DataLoader
 
 from mfu_callbacks._runlog import wandb_records
