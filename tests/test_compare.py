@@ -115,7 +115,7 @@ def test_summary_round_trip_is_atomic_and_keeps_the_previous_file_on_a_failed_wr
 
 
 def test_setup_describes_peak_flops_and_a_lora_model():
-    from tiny_models import tiny_llama
+    from conftest import tiny_llama
 
     model = tiny_llama(lora=True)
     peak = PeakInfo(989.4e12, "NVIDIA H100 SXM", "bf16", "NVIDIA H100 datasheet")
@@ -139,7 +139,7 @@ def test_setup_describes_peak_flops_and_a_lora_model():
 def test_a_plain_loop_with_the_meter_writes_a_summary_that_compare_reads(capsys, tmp_path):
     """The module docstring's example, with the real meter on a tiny model."""
     import torch
-    from tiny_models import FixedLengthTokens, collate, tiny_llama
+    from conftest import FixedLengthTokens, collate, tiny_llama
     from torch.utils.data import DataLoader
 
     from mfu_callbacks import MFUMeter

@@ -19,7 +19,7 @@ COMMON = """
 import json, os, sys, time, torch
 sys.path.insert(0, {tests!r})
 import torch.distributed as dist
-from tiny_models import FixedLengthTokens, collate, tiny_llama
+from conftest import FixedLengthTokens, collate, tiny_llama
 from mfu_callbacks.flops import FlopEngine
 
 FAULT = {fault!r}

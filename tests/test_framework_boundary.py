@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 
 import torch
-from tiny_models import FixedLengthTokens, collate, tiny_llama
+from conftest import FixedLengthTokens, collate, tiny_llama
 from torch.utils.data import DataLoader
 
 PEAK_TFLOPS = 0.5

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from tiny_models import FixedLengthTokens, collate, tiny_llama
+from conftest import FixedLengthTokens, collate, tiny_llama
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 

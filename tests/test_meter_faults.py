@@ -13,7 +13,8 @@ from collections.abc import Sequence
 
 import pytest
 import torch
-from test_meter import FakeClock, FakeEngine, FakePeak, batch, make_meter, run_step
+from conftest import FakeClock
+from test_meter import FakeEngine, FakePeak, batch, make_meter, run_step
 from torch import nn
 
 from mfu_callbacks import MFUMeter, MFUOptions, distributed

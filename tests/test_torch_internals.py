@@ -189,7 +189,7 @@ def test_meta_autocast_is_accepted_only_in_this_thread_and_only_while_active():
 
 # -- one module for all of them --------------------------------------------------------------------
 PRIVATE_TORCH = re.compile(
-    r"torch(\.\w+)*\._\w"  # torch._dynamo, torch.utils._python_dispatch, ...
+    r"torch(\.\w+)*\._(?!_)\w"  # torch._dynamo, torch.utils._python_dispatch, ... (not dunders: __version__)
     r"|aten\._\w"  # private aten kernels
     r"|\._base\b|_orig_mod|_forward_hooks|_forward_pre_hooks|_backward_hooks|_backward_pre_hooks"
     r"|_state_dict_hooks|_state_dict_pre_hooks|_load_state_dict_\w*hooks|\._modules\b|__composable_api"
