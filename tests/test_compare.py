@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 
@@ -390,3 +391,15 @@ def test_plot_overlays_several_runs_with_a_legend(capsys, tmp_path):
     assert code == 0
     assert "a/version_0 (20 MFU, 40 loss points), b/version_0 (20 MFU, 40 loss points), c (20 MFU, 0 loss points)" in out
     assert (tmp_path / "runs.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_recorded_h100_runs_give_the_verdicts_of_benchmarks_results(capsys):
+    """Run summaries written on an H100 (benchmarks/bench_compare_vocab.py): the unaligned vocabulary
+    fails the gate, the rerun of the baseline passes it."""
+    from mfu_callbacks.cli import main
+
+    recorded = Path(__file__).parent.parent / "benchmarks" / "results" / "compare_vocab"
+    baseline = str(recorded / "vocab-32064.json")
+    assert main(["compare", baseline, str(recorded / "vocab-32064-rerun.json"), "--max-drop", "2"]) == 0
+    assert main(["compare", baseline, str(recorded / "vocab-32001.json"), "--max-drop", "2", "--json"]) == 1
+    assert "-18.2" in capsys.readouterr().out
