@@ -1,4 +1,5 @@
-"""A fault on one rank never hangs or crashes a distributed job: two gloo processes under torchrun,
+"""A fault on one rank never hangs or crashes a distributed job: two gloo processes under torchrun
+(Accelerate, the HF Trainer, Lightning DDP),
 rank 1 alone hit by a batch it cannot count, a token counter that raises, and a FLOP engine that
 breaks while metrics are read. Each run must finish, on both ranks, with the losses it has without
 the callback."""
@@ -108,6 +109,42 @@ trainer.train()
 finish(recorder.losses, recorder.metrics)
 """
 
+LIGHTNING = COMMON + """
+import lightning as L
+from torch.utils.data import DataLoader
+from mfu_callbacks.lightning import MFUCallback
+
+class Module(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.model = tiny_llama()
+        self.logged = []
+    def training_step(self, batch, batch_idx):
+        return self.model(**batch).loss
+    def log_dict(self, dictionary, *args, **kwargs):  # what the MFU callback logs, window by window
+        self.logged.append({{key: float(value) for key, value in dictionary.items()}})
+        return super().log_dict(dictionary, *args, **kwargs)
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+class Losses(L.Callback):
+    def __init__(self):
+        self.losses = []
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.losses.append(round(outputs["loss"].item(), 6))
+
+torch.manual_seed(0)
+module = Module()
+losses = Losses()
+callbacks = [losses]
+if FAULT != "none":
+    callbacks.insert(0, MFUCallback(peak_tflops=0.5, warmup_steps=0, log_interval=2, token_counter=counter))
+trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=8, logger=False, callbacks=callbacks,
+                    enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+trainer.fit(module, DataLoader(FixedLengthTokens(64), batch_size=4, collate_fn=collate))
+finish(losses.losses, module.logged)
+"""
+
 
 def run(script: str, tmp_path: Path, fault: str) -> dict:
     tmp_path.mkdir(parents=True, exist_ok=True)
@@ -126,7 +163,8 @@ def run(script: str, tmp_path: Path, fault: str) -> dict:
 def plain_runs(tmp_path_factory) -> dict[str, dict]:
     """Each loop without the callback, run once: the losses a faulty run must reproduce."""
     folder = tmp_path_factory.mktemp("plain")
-    return {"accelerate": run(ACCELERATE, folder, "none"), "trainer": run(TRAINER, folder / "trainer", "none")}
+    return {"accelerate": run(ACCELERATE, folder, "none"), "trainer": run(TRAINER, folder / "trainer", "none"),
+            "lightning": run(LIGHTNING, folder / "lightning", "none")}
 
 
 @pytest.mark.parametrize("fault", ["uncountable", "raising", "engine"])
@@ -151,3 +189,15 @@ def test_trainer_a_fault_on_one_rank_finishes_the_job(tmp_path, plain_runs, faul
         assert "mfu" in faulty["metrics"][-1]
     else:
         assert "mfu" not in faulty["metrics"][-1] and "step_time" in faulty["metrics"][-1]
+
+
+@pytest.mark.parametrize("fault", ["uncountable", "raising", "engine"])
+def test_lightning_a_fault_on_one_rank_finishes_the_job(tmp_path, plain_runs, fault):
+    plain = plain_runs["lightning"]
+    faulty = run(LIGHTNING, tmp_path, fault)
+    assert faulty["losses"] == plain["losses"]
+    assert faulty["metrics"], "rank 0 went on measuring"
+    if fault == "uncountable":
+        assert "train/mfu" in faulty["metrics"][-1]
+    else:
+        assert "train/mfu" not in faulty["metrics"][-1] and "train/step_time" in faulty["metrics"][-1]
