@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -153,10 +154,16 @@ def run(script: str, tmp_path: Path, fault: str) -> dict:
                                                    out=str(tmp_path / f"out-{fault}")))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(path)]
     # A hang (the old behaviour) runs into this limit; a healthy run takes seconds.
+    start = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stderr[-3000:]
     line = next(line for line in result.stdout.splitlines() if line.startswith("RESULT"))
-    return json.loads(line.split(" ", 1)[1])
+    return {**json.loads(line.split(" ", 1)[1]), "seconds": time.perf_counter() - start}
+
+
+def finishes_like_the_plain_run(faulty: dict, plain: dict) -> None:
+    """Within the plain run's time, give or take the engine build and a busy machine's noise."""
+    assert faulty["seconds"] < 2 * plain["seconds"] + 15, (faulty["seconds"], plain["seconds"])
 
 
 @pytest.fixture(scope="module")
@@ -172,6 +179,7 @@ def test_accelerate_a_fault_on_one_rank_finishes_the_job(tmp_path, plain_runs, f
     plain = plain_runs["accelerate"]
     faulty = run(ACCELERATE, tmp_path, fault)
     assert faulty["losses"] == plain["losses"]
+    finishes_like_the_plain_run(faulty, plain)
     assert faulty["metrics"], "rank 0 went on measuring"
     if fault == "uncountable":  # one step left out on rank 1; MFU stays
         assert "train/mfu" in faulty["metrics"][-1]
@@ -184,6 +192,7 @@ def test_trainer_a_fault_on_one_rank_finishes_the_job(tmp_path, plain_runs, faul
     plain = plain_runs["trainer"]
     faulty = run(TRAINER, tmp_path, fault)
     assert faulty["losses"] == plain["losses"]
+    finishes_like_the_plain_run(faulty, plain)
     assert faulty["metrics"], "rank 0 went on measuring"
     if fault == "uncountable":
         assert "mfu" in faulty["metrics"][-1]
@@ -196,6 +205,7 @@ def test_lightning_a_fault_on_one_rank_finishes_the_job(tmp_path, plain_runs, fa
     plain = plain_runs["lightning"]
     faulty = run(LIGHTNING, tmp_path, fault)
     assert faulty["losses"] == plain["losses"]
+    finishes_like_the_plain_run(faulty, plain)
     assert faulty["metrics"], "rank 0 went on measuring"
     if fault == "uncountable":
         assert "train/mfu" in faulty["metrics"][-1]

@@ -283,3 +283,45 @@ def test_accelerate_save_and_load_state_continue_the_run_totals(tmp_path):
     resumed.close()
     written = json.loads((tmp_path / "mfu_summary.json").read_text())
     assert written["windows"], "the run summary is written beside the project's outputs"
+
+
+def accelerate_losses(model: nn.Module, *, tracker_before_prepare: bool = False, with_tracker: bool = True,
+                      steps: int = 6) -> tuple[list[float], list[torch.Tensor], object]:
+    from accelerate import Accelerator
+
+    from mfu_callbacks.accelerate import MFUTracker
+
+    accelerator = Accelerator(cpu=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
+    tracker = None
+    if with_tracker and tracker_before_prepare:
+        tracker = MFUTracker(accelerator, model, peak_tflops=PEAK_TFLOPS, warmup_steps=0, log_interval=2)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if with_tracker and not tracker_before_prepare:
+        tracker = MFUTracker(accelerator, model, peak_tflops=PEAK_TFLOPS, warmup_steps=0, log_interval=2)
+    batch = collate([FixedLengthTokens(BATCH)[i] for i in range(BATCH)])
+    losses = []
+    for _ in range(steps):
+        loss = model(**batch).loss
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    if tracker is not None:
+        tracker.close()
+    return losses, [p.detach().clone() for p in model.parameters()], tracker
+
+
+def test_accelerate_training_is_bit_identical_with_and_without_the_tracker():
+    torch.manual_seed(0)
+    losses_without, weights_without, _ = accelerate_losses(StochasticDepthLlama(), with_tracker=False)
+    torch.manual_seed(0)
+    losses_with, weights_with, _ = accelerate_losses(StochasticDepthLlama())
+    assert losses_with == losses_without
+    assert all(torch.equal(a, b) for a, b in zip(weights_with, weights_without))
+
+
+def test_accelerate_a_tracker_made_before_prepare_sees_every_step():
+    _, _, tracker = accelerate_losses(tiny_llama(), tracker_before_prepare=True)
+    assert tracker.session.optimizer_steps == 6
+    assert tracker.latest["train/tokens_per_sec"] > 0
