@@ -130,6 +130,8 @@ def read_run(path: str | Path, order: tuple[str, ...] = SUMMARY_FIRST) -> RunLog
 
     A run without a single MFU window is returned as read: the caller says what it needed.
     """
+    if not Path(path).exists() and _ONLINE_RUN.fullmatch(str(path)):
+        return read_online_wandb_run(str(path))
     folder = Path(path)
     path, choices = find_log(path, order)
     try:
@@ -184,6 +186,39 @@ def wandb_records(path: Path) -> list[dict]:
     if not records:
         raise RunLogError(f"{path} holds no W&B records{f' ({said})' if said else ''}: {_EXPECTED_BY_SUFFIX['.wandb']}")
     return records
+
+
+_ONLINE_RUN = re.compile(r"[\w.-]+/[\w.-]+/[\w-]+")  # entity/project/run_id, as the W&B API names a run
+
+
+def read_online_wandb_run(path: str, api: Any = None) -> RunLog:
+    """A run on a W&B server, by ``entity/project/run_id`` (needs the network and a W&B login).
+
+    The same rows and config as an offline run: its history (every logged row) and the setup the
+    callbacks wrote into the run's config under ``mfu_callbacks``.
+    """
+    if api is None:
+        try:
+            import wandb
+        except ImportError:
+            raise RunLogError(f"reading the W&B run {path} needs wandb: pip install wandb") from None
+        api = wandb.Api()
+    try:
+        online = api.run(path)
+        rows = list(online.scan_history())
+        config = dict(online.config)
+    except Exception as error:  # noqa: BLE001 - network, login, a run that does not exist: one line
+        raise RunLogError(f"cannot read the W&B run {path} ({' '.join(str(error).split())[:300]}): expected "
+                          "entity/project/run_id of a run you can read, with the network and a W&B login") from None
+    run = RunLog(source=path, kind="W&B run")
+    for row in rows:
+        run.add(row)
+    described = config.get(_WANDB_CONFIG_KEY)
+    if isinstance(described, dict):
+        run.setup.update(described)
+    run.windows.sort(key=lambda window: window[0])
+    run.loss.sort()
+    return run
 
 
 def _read_wandb(path: Path) -> RunLog:

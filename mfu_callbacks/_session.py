@@ -19,7 +19,7 @@ from ._guard import Guard
 from ._options import MFUOptions
 from .meter import MFUMeter, device_of, join_reduction_as_failed
 from .report import format_report
-from .run_summary import RunSummary, describe_setup
+from .run_summary import RunSummary, describe_setup, library_versions
 
 
 class MeterSession:
@@ -170,23 +170,32 @@ class MeterSession:
         meter = self.meter
         if meter is None or self.summary_dir is None or distributed.rank() != 0:
             return
-        self.run_summary.setup.update(describe_setup(
-            peak=meter.peak, world_size=distributed.world_size(), flops=meter.run_flops(), model=self._model,
-            device=meter.device, dtype=meter.peak.dtype if meter.peak is not None else None,
-        ))
+        self.run_summary.setup.update(self._setup())
         self.run_summary.add_window(self.optimizer_steps, metrics)
         self.run_summary.write(self.summary_dir)
 
     def _describe_wandb_run(self) -> None:
+        """The run config says how MFU was measured: the run summary's setup and the library versions."""
         run = _wandb.active_run()
         if run is None or self.meter is None:
             return
         self._wandb_described = True
-        engine = self.meter.engine
-        config = _wandb.run_config(
-            self.meter.peak, engine.flops_per_token if engine is not None else None, self.meter.run_flops()
-        )
+        meter, engine = self.meter, self.meter.engine
+        config = {
+            **self._setup(),
+            **_wandb.run_config(meter.peak, engine.flops_per_token if engine is not None else None, meter.run_flops()),
+            "versions": library_versions(),
+        }
         _wandb.describe_run(run, config, self._wandb_prefix, self._wandb_step_metric)
+
+    def _setup(self) -> dict[str, Any]:
+        meter = self.meter
+        if meter is None:
+            return {}
+        return describe_setup(
+            peak=meter.peak, world_size=distributed.world_size(), flops=meter.run_flops(), model=self._model,
+            device=str(meter.device), dtype=meter.peak.dtype if meter.peak is not None else None,
+        )
 
     def summary(self) -> dict[str, float]:
         """The run's means (a collective when distributed, joined as "failed" after a failure)."""
