@@ -152,7 +152,7 @@ class MeterSession:
         if self.meter is None or self.guard.failed:
             self._join_as_failed()
             return {}
-        metrics = self.guard.run(self.meter.metrics, default={}) or {}
+        metrics: dict[str, float] = self.guard.run(self.meter.metrics, default={}) or {}
         if metrics:
             # Reporting extras have a guard of their own: a failure there never stops the measurement.
             if not self._wandb_described:
@@ -209,11 +209,11 @@ class MeterSession:
         printed as the end-of-run report on rank 0 and written to the W&B run summary."""
         self.unwatch()
         summary = self.summary()
-        if self.meter is None or not summary:
+        meter = self.meter
+        if meter is None or not summary:
             return summary
 
         def report() -> None:
-            meter = self.meter
             diagnoses = meter.diagnostics()
             if distributed.rank() != 0:
                 return

@@ -77,6 +77,7 @@ COMPILED_ORIGINAL = "_orig_mod"
 # Every caller of torch.utils.checkpoint.checkpoint (transformers holds it in a functools.partial,
 # FSDP's CheckpointWrapper too) ends in one of two module-level names that checkpoint() looks up
 # when it runs: CheckpointFunction (reentrant) and _checkpoint_without_reentrant_generator.
+_REENTRANT = "CheckpointFunction"
 _NON_REENTRANT = "_checkpoint_without_reentrant_generator"
 # set_checkpoint_early_stop (public) sets this; when not None it overrides the early_stop argument.
 _EARLY_STOP_OVERRIDE = "_enable_checkpoint_early_stop"
@@ -105,13 +106,13 @@ def checkpoint_routed_to(reentrant: Callable[..., Any], non_reentrant_region: No
         with non_reentrant_region(early_stop if override is None else override):
             yield  # checkpoint() runs the region between its two next() calls
 
-    original_function = torch_checkpoint.CheckpointFunction
-    torch_checkpoint.CheckpointFunction = Reentrant
+    original_function = getattr(torch_checkpoint, _REENTRANT)
+    setattr(torch_checkpoint, _REENTRANT, Reentrant)
     setattr(torch_checkpoint, _NON_REENTRANT, generator)
     try:
         yield
     finally:
-        torch_checkpoint.CheckpointFunction = original_function
+        setattr(torch_checkpoint, _REENTRANT, original_function)
         setattr(torch_checkpoint, _NON_REENTRANT, original_generator)
 
 
@@ -123,6 +124,7 @@ def checkpoint_routed_to(reentrant: Callable[..., Any], non_reentrant_region: No
 # the meta forwards of a model that needs it (see ``raised_by_meta_autocast``), and only for the
 # thread that runs them; any other use, in any thread, behaves exactly like ``torch.autocast``.
 _AUTOCAST_SOURCE = torch.amp.autocast_mode.__file__
+_AUTOCAST = "autocast"  # the class's name in both torch and torch.amp
 
 
 def raised_by_meta_autocast(error: BaseException) -> bool:
@@ -143,8 +145,10 @@ def meta_autocast_as_cpu() -> Iterator[None]:
                 device_type = "cpu"
             super().__init__(device_type, *args, **kwargs)
 
-    torch.autocast = torch.amp.autocast = MetaAutocast
+    setattr(torch, _AUTOCAST, MetaAutocast)
+    setattr(torch.amp, _AUTOCAST, MetaAutocast)
     try:
         yield
     finally:
-        torch.autocast = torch.amp.autocast = original
+        setattr(torch, _AUTOCAST, original)
+        setattr(torch.amp, _AUTOCAST, original)

@@ -13,7 +13,7 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from . import compare
 
@@ -44,7 +44,7 @@ class CliError(Exception):
 class _Parser(argparse.ArgumentParser):
     """Reports a bad command line as one line, as every other error is (not usage, then the error)."""
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         raise CliError(f"{message} (see: {self.prog} --help)")
 
 
@@ -122,6 +122,7 @@ def _model_factory(config: Any, path: str):
         AutoModelForSeq2SeqLM,
     )
 
+    factory: type[AutoModelForCausalLM] | type[AutoModelForSeq2SeqLM]
     if getattr(config, "is_encoder_decoder", False):
         kind, factory, mapping = "seq2seq", AutoModelForSeq2SeqLM, MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING
     else:

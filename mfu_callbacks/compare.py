@@ -395,14 +395,14 @@ def _setup_notes(baseline: RunSamples, run: RunSamples, allow_mismatch: bool) ->
         notes.append(f"{run.label}: {' and '.join(unchecked)} not checked against {baseline.label} "
                      f"({', '.join(f'{side.label} ({side.log.kind})' for side in silent)} records none)")
     peaks = baseline.setup.get("peak_tflops"), run.setup.get("peak_tflops")
-    if None not in peaks and not math.isclose(float(peaks[0]), float(peaks[1]), rel_tol=1e-6):
+    if peaks[0] is not None and peaks[1] is not None and not math.isclose(float(peaks[0]), float(peaks[1]), rel_tol=1e-6):
         notes.append(f"{run.label}: peak {peaks[1]} TFLOP/s vs {peaks[0]}: MFU divides by different peaks; "
                      "TFLOP/s per GPU compares the work done")
     worlds = baseline.setup.get("world_size"), run.setup.get("world_size")
     if None not in worlds and worlds[0] != worlds[1]:
         notes.append(f"{run.label}: {worlds[1]} GPUs vs {worlds[0]}: per-GPU figures compare, totals do not")
     work = baseline.mean(FLOPS_PER_TOKEN), run.mean(FLOPS_PER_TOKEN)
-    if None not in work and work[0] and abs(work[1] / work[0] - 1.0) > _FLOPS_PER_TOKEN_TOLERANCE:
+    if work[0] is not None and work[1] is not None and work[0] and abs(work[1] / work[0] - 1.0) > _FLOPS_PER_TOKEN_TOLERANCE:
         notes.append(f"{run.label}: FLOPs per token differ ({work[1]:.4g} vs {work[0]:.4g}, "
                      f"{100 * (work[1] / work[0] - 1):+.1f}%: another model, sequence length or LoRA): tokens/s per "
                      "GPU answers 'is it faster', MFU answers 'does it use the GPU better'")
@@ -504,7 +504,7 @@ def format_table(comparison: Comparison) -> str:
 def _verdict_line(candidate: Candidate, level: str) -> str:
     speed = candidate.differences.get(candidate.verdict_metric) if candidate.verdict_metric else None
     line = f"{candidate.run.label}: {candidate.verdict}"
-    if speed is not None:
+    if speed is not None and candidate.verdict_metric:
         line += f" ({_ROW[candidate.verdict_metric].label} {_format_difference(speed)})"
     gate = candidate.gate
     if gate.change is not None:

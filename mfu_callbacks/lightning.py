@@ -105,8 +105,9 @@ def lightning_writes_logs_now(trainer: Trainer) -> bool:
     (0 turns step logging off), when training is about to stop, and on every step of a
     ``fast_dev_run``. At this moment ``global_step`` already counts this batch's optimizer step.
     """
-    if trainer.fast_dev_run:
+    # fast_dev_run and log_every_n_steps are set on the Trainer by Lightning's setup code, never declared in its class
+    if trainer.fast_dev_run:  # type: ignore[attr-defined]
         return True
-    if trainer.log_every_n_steps == 0:
+    if trainer.log_every_n_steps == 0:  # type: ignore[attr-defined]
         return False
-    return trainer.global_step % trainer.log_every_n_steps == 0 or trainer.should_stop
+    return trainer.global_step % trainer.log_every_n_steps == 0 or trainer.should_stop  # type: ignore[attr-defined]

@@ -48,6 +48,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
 
 if TYPE_CHECKING:
@@ -173,7 +174,7 @@ def describe_setup(
     world_size: int | None = None,
     flops: StepFlops | None = None,
     model: nn.Module | None = None,
-    device: str | None = None,
+    device: str | torch.device | None = None,
     dtype: str | None = None,
 ) -> dict[str, Any]:
     """The setup keys of a run summary, from what the meter knows; a key is left out when unknown.
@@ -214,7 +215,8 @@ def model_fingerprint(model: nn.Module) -> dict[str, Any]:
     from .flops.unwrap import unwrap_model
 
     inner = unwrap_model(model)
-    base = inner.get_base_model() if callable(getattr(inner, "get_base_model", None)) else inner
+    get_base_model = getattr(inner, "get_base_model", None)
+    base = get_base_model() if callable(get_base_model) else inner
     fingerprint: dict[str, Any] = {
         "architecture": type(base).__name__,
         "parameters": sum(parameter.numel() for parameter in inner.parameters()),

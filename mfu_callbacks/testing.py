@@ -55,7 +55,7 @@ def causal_lm(
     """
     from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
-    sizes = dict(
+    sizes: dict[str, Any] = dict(
         hidden_size=hidden,
         num_hidden_layers=layers,
         num_attention_heads=heads,
@@ -64,15 +64,14 @@ def causal_lm(
         vocab_size=vocab,
         max_position_embeddings=max_positions,
     )
+    config: MixtralConfig | LlamaConfig
     if experts:
         config = MixtralConfig(num_local_experts=experts, num_experts_per_tok=experts_per_token, **sizes)
-        model_class = MixtralForCausalLM
     else:
         config = LlamaConfig(**sizes)
-        model_class = LlamaForCausalLM
     config._attn_implementation = attention
     torch.manual_seed(seed)
-    model = model_class(config)
+    model: nn.Module = MixtralForCausalLM(config) if isinstance(config, MixtralConfig) else LlamaForCausalLM(config)
     if lora_rank:
         from peft import LoraConfig, get_peft_model
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import gc
 import logging
-from typing import Any
+from typing import Any, cast
 
 from transformers import DefaultFlowCallback, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ExportableState
@@ -132,7 +132,9 @@ def _json_options(options: MFUOptions) -> dict[str, Any]:
 
 def _saved_state(state: TrainerState, name: str) -> dict[str, Any]:
     """This callback's saved meter state in a resumed ``TrainerState`` (``stateful_callbacks``)."""
-    saved = (state.stateful_callbacks or {}).get(name)
+    # Annotated as the list of callbacks TrainerState is given; its __post_init__ turns that into a dict.
+    callbacks = cast("dict[str, Any] | None", state.stateful_callbacks)
+    saved = (callbacks or {}).get(name)
     if isinstance(saved, list):
         saved = saved[0] if saved else None
     attributes = saved.get("attributes", {}) if isinstance(saved, dict) else {}

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext, suppress
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -45,6 +46,15 @@ _FIT_TOLERANCE = 1e-6
 
 class ModelIntrospectionError(RuntimeError):
     """The model could be neither introspected nor traced."""
+
+
+@dataclass
+class ComponentCoefficients:
+    """Forward, backward and recompute FLOPs of one component per unit of each feature (length NUM_FEATURES)."""
+
+    forward: list[float]
+    backward: list[float]
+    recompute: list[float]
 
 
 def _design_row(rows: int, main: int, decoder: int) -> list[float]:
@@ -173,8 +183,7 @@ def _probe_hooks(replica: Replica, current: list[MatmulRecorder], *, meta_autoca
 class FlopEngine:
     """Exact training FLOPs of one model, per step, from the step's token counts."""
 
-    def __init__(self, coefficients: dict[str, ComponentFlops], counting: TokenCounting, description: str) -> None:
-        # coefficients[component].forward etc. hold per-feature lists (length NUM_FEATURES)
+    def __init__(self, coefficients: dict[str, ComponentCoefficients], counting: TokenCounting, description: str) -> None:
         self.counting = counting
         self.description = description
         self.components = {name: [f + b for f, b in zip(c.forward, c.backward)] for name, c in coefficients.items()}
@@ -196,7 +205,7 @@ class FlopEngine:
         )
         probes = _ProbeBatches(batch, counting, custom_forward=forward is not None)
         if probes.main_length is None and probes.decoder_length is None:
-            shapes = _PROBES_ROWS
+            shapes: Sequence[tuple[int, int, int]] = _PROBES_ROWS
         elif probes.decoder_length is not None and probes.main_length is not None:
             shapes = _PROBES_ENCODER_DECODER
         elif probes.main_length is None:
@@ -302,7 +311,7 @@ class _CurrentRecorder:
         self._current[0].note_saved()
 
 
-def _fit(totals: list[dict[str, ComponentFlops]], shapes: Sequence[tuple[int, int, int]]) -> dict[str, ComponentFlops]:
+def _fit(totals: list[dict[str, ComponentFlops]], shapes: Sequence[tuple[int, int, int]]) -> dict[str, ComponentCoefficients]:
     """Solve totals = design @ coefficients exactly, per component and per pass."""
     design = torch.tensor([_design_row(*shape) for shape in shapes], dtype=torch.float64)
     active = [i for i in range(NUM_FEATURES) if design[:, i].abs().sum() > 0]
@@ -319,7 +328,7 @@ def _fit(totals: list[dict[str, ComponentFlops]], shapes: Sequence[tuple[int, in
     if residual > _FIT_TOLERANCE * scale:
         logger.warning("mfu_callbacks: FLOPs of this model are not linear in tokens and squared lengths "
                        "(fit residual %.3g of %.3g); counts are approximate", residual, scale)
-    coefficients: dict[str, ComponentFlops] = {}
+    coefficients: dict[str, ComponentCoefficients] = {}
     for index, name in enumerate(components):
         parts = []
         for offset in range(3):
@@ -329,11 +338,11 @@ def _fit(totals: list[dict[str, ComponentFlops]], shapes: Sequence[tuple[int, in
                 full[feature] = 0.0 if abs(value) < 1e-9 * scale else value
             parts.append(full)
         if any(any(p) for p in parts):
-            coefficients[name] = ComponentFlops(*parts)
+            coefficients[name] = ComponentCoefficients(*parts)
     return coefficients
 
 
-def _describe(base: nn.Module, replica: Replica, substituted: list[str], coefficients: dict[str, ComponentFlops]) -> str:
+def _describe(base: nn.Module, replica: Replica, substituted: list[str], coefficients: dict[str, ComponentCoefficients]) -> str:
     folded = f"; repeated layers traced once: {', '.join(replica.folded)}" if replica.folded else ""
     analytic = f"; counted from shapes: {', '.join(substituted)}" if substituted else ""
     scores = " (attention scores from head dimensions x squared lengths)" if ATTENTION_SCORES in coefficients else ""

@@ -98,7 +98,7 @@ def _fold_plan(model: nn.Module) -> tuple[dict[int, list[int]], dict[int, int]]:
     return keep, multiplicity
 
 
-def _filtered_hooks(hooks: OrderedDict) -> OrderedDict:
+def _filtered_hooks(hooks: dict) -> OrderedDict:
     """Only the hooks of the model libraries, which shape the computation (PEFT's and transformers'
     ``enable_input_require_grads``, output recording): a user's hooks never run on the copy, where they
     would see meta tensors and could change what the run counts or does."""
@@ -127,7 +127,7 @@ def _refuses_deepcopy(module: nn.Module) -> bool:
 
 def _copy_as_plain_module(module: nn.Module, memo: dict[int, object]) -> None:
     """Copy a module of such a class as the user's own class (the first base the wrapper did not add)."""
-    plain = next(c for c in type(module).__mro__[1:] if not c.__module__.startswith(_FOREIGN_HOOK_PACKAGES))
+    plain: type[nn.Module] = next(c for c in type(module).__mro__[1:] if not c.__module__.startswith(_FOREIGN_HOOK_PACKAGES))
     copied = plain.__new__(plain)
     memo[id(module)] = copied
     # The wrapper's own state (process groups, sharding plans) lives under composable-API keys: not copied.
@@ -142,7 +142,7 @@ def build_replica(model: nn.Module, *, fold: bool = True) -> Replica:
     memo: dict[int, object] = {}
     dropped: set[int] = set()
     for container in model.modules():
-        if id(container) in keep:
+        if id(container) in keep and isinstance(container, (nn.ModuleList, nn.Sequential)):  # as _fold_plan chose them
             kept = set(keep[id(container)])
             for index, block in enumerate(container):
                 if index not in kept:
@@ -169,6 +169,7 @@ def build_replica(model: nn.Module, *, fold: bool = True) -> Replica:
 
     for container_id in keep:
         copied = memo[container_id]
+        assert isinstance(copied, (nn.ModuleList, nn.Sequential))  # the copy of a list _fold_plan chose
         for index in reversed(range(len(copied))):  # deleting renumbers the blocks that follow
             if copied[index] is placeholder:
                 del copied[index]

@@ -10,14 +10,28 @@ from __future__ import annotations
 
 import types
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 from torch import nn
 
-from .trace import MatmulRecorder
-
 _QUANTIZED_LINEARS = frozenset({"Linear4bit", "Linear8bitLt", "LinearNF4", "LinearFP4", "Linear8bit"})
 _SECOND_STAGE = ("down", "w2", "wo")  # expert weights applied to the first stage's output
+
+
+class Recorder(Protocol):
+    """What the substitutes record into: a ``MatmulRecorder``, or one that passes on to the current one."""
+
+    def record_module_matmul(self, forward: float, operands_requiring_grad: int, output: torch.Tensor | None) -> None: ...
+
+    def note_saved(self) -> None: ...
+
+
+class _QuantizedLinear(Protocol):
+    """What the substitute of a quantized linear reads from it."""
+
+    in_features: int
+    out_features: int
 
 
 class _Opaque(torch.autograd.Function):
@@ -47,7 +61,7 @@ def is_quantized_linear(module: nn.Module) -> bool:
     return type(module).__name__ in _QUANTIZED_LINEARS and hasattr(module, "in_features")
 
 
-def _experts_forward(recorder: MatmulRecorder, names: list[str]) -> Callable:
+def _experts_forward(recorder: Recorder, names: list[str]) -> Callable:
     def forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights=None, *args, **kwargs):
         routed_tokens = top_k_index.numel()  # every token goes to exactly top_k experts
         grad = torch.is_grad_enabled()
@@ -73,8 +87,8 @@ def _experts_forward(recorder: MatmulRecorder, names: list[str]) -> Callable:
     return forward
 
 
-def _quantized_linear_forward(recorder: MatmulRecorder) -> Callable:
-    def forward(self: nn.Module, x: torch.Tensor, *args, **kwargs):
+def _quantized_linear_forward(recorder: Recorder) -> Callable:
+    def forward(self: _QuantizedLinear, x: torch.Tensor, *args, **kwargs):
         tokens = x.numel() // self.in_features
         flops = 2.0 * tokens * self.in_features * self.out_features
         bias = getattr(self, "bias", None)
@@ -89,7 +103,7 @@ def _quantized_linear_forward(recorder: MatmulRecorder) -> Callable:
     return forward
 
 
-def install_substitutes(replica: nn.Module, recorder: MatmulRecorder) -> list[str]:
+def install_substitutes(replica: nn.Module, recorder: Recorder) -> list[str]:
     """Replace forwards on the replica (never on the user's model); return what was replaced."""
     replaced: list[str] = []
     for name, module in replica.named_modules():

@@ -110,9 +110,9 @@ class TokenCounting:
                 if decoder_mask is None and decoder_ids is view.get("labels"):
                     decoder_mask = decoder_ids != -100
                 decoder = _stream(decoder_ids, decoder_mask, None, None, self.attention_per_document)
-            if main is not None or decoder is not None:
-                ids = main_ids if main_ids is not None else decoder_ids
-                return main, decoder, (main or decoder).rows, ids.device
+            for stream, ids in ((main, main_ids), (decoder, decoder_ids)):
+                if stream is not None and ids is not None:  # a stream exists exactly when its ids do
+                    return main, decoder, stream.rows, ids.device
             images = _lookup(view, IMAGE_KEYS)
             if images is not None:
                 return None, None, images.shape[0], images.device
@@ -158,7 +158,7 @@ class TokenCounting:
             put(HARDWARE, squares, stream.hardware_squares)
         if main is not None and decoder is not None:
             if main.lengths is not None and decoder.lengths is not None:
-                cross = (main.lengths * decoder.lengths).sum()
+                cross: torch.Tensor | int = (main.lengths * decoder.lengths).sum()
             elif main.lengths is not None:  # real_tokens is already the sum of the lengths
                 cross = main.real_tokens * decoder.length
             elif decoder.lengths is not None:
