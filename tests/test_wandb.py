@@ -95,6 +95,37 @@ def test_hf_trainer_with_report_to_wandb(offline):
             summary.update(record["summary"].get("update", {}))
     assert "25.0%" in summary["mfu_diagnosis/padding_waste"]
     assert summary["mfu_diagnosis/padding_waste/mfu_cost"] > 0
+    check_online_reading_of(records, offline)
+
+
+class FakeOnlineRun:
+    """What the W&B API returns for a run on a server, filled from an offline run's records."""
+
+    def __init__(self, records: list[dict]) -> None:
+        self.rows = [record["history"]["item"] for record in records if record["type"] == "history"]
+        self.config: dict = {}
+        for record in records:
+            if record["type"] == "config":
+                self.config.update(record["config"].get("update", {}))
+
+    def scan_history(self):
+        return iter(self.rows)
+
+
+def check_online_reading_of(records: list[dict], offline: Path) -> None:
+    """`compare` reads a run by entity/project/run_id as it reads the offline files of the same run."""
+    from mfu_callbacks._runlog import read_online_wandb_run, read_run
+
+    class Api:
+        def run(self, path):
+            assert path == "team/project/abc123"
+            return FakeOnlineRun(records)
+
+    online = read_online_wandb_run("team/project/abc123", api=Api())
+    offline_run = read_run(next(offline.rglob("run-*.wandb")))
+    assert online.windows == offline_run.windows and online.windows
+    assert online.setup == offline_run.setup
+    assert online.setup["world_size"] == 1 and online.setup["model"]["architecture"] == "LlamaForCausalLM"
 
 
 def test_lightning_with_wandb_logger(offline):
@@ -133,3 +164,16 @@ def test_accelerate_with_log_with_wandb(offline):
         accelerator.log({"train/loss": loss.item()}, step=step)
     accelerator.end_training()
     check_run(read_run(offline), "train/loss", "train/mfu", None)
+
+
+def test_an_online_run_that_cannot_be_reached_is_one_line_naming_it():
+    from mfu_callbacks._runlog import RunLogError, read_online_wandb_run
+
+    class Offline:
+        def run(self, path):
+            raise ConnectionError("Max retries exceeded with url: /graphql\n(Caused by NameResolutionError)")
+
+    with pytest.raises(RunLogError) as raised:
+        read_online_wandb_run("team/project/abc123", api=Offline())
+    message = str(raised.value)
+    assert "team/project/abc123" in message and "\n" not in message and "W&B login" in message
