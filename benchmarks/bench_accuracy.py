@@ -84,6 +84,7 @@ class SyncLedger:
                 others += 1
         return ours, build, reads, others
 
+
 SyncLedger.active = None
 
 
@@ -116,8 +117,12 @@ def prove_no_sync_in_a_plain_loop(steps: int = 30) -> str:
         return "no CUDA: skipped"
     device = torch.device("cuda")
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Embedding(1024, 512), torch.nn.Linear(512, 2048), torch.nn.GELU(),
-                                torch.nn.Linear(2048, 1024)).to(device)
+    model = torch.nn.Sequential(
+        torch.nn.Embedding(1024, 512),
+        torch.nn.Linear(512, 2048),
+        torch.nn.GELU(),
+        torch.nn.Linear(2048, 1024),
+    ).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, foreach=True)
     ids = torch.randint(0, 1024, (8, 256), device=device)
     batch = {"input_ids": ids}
@@ -205,7 +210,9 @@ def run_plain(model, batch, warmup, measured, peak_tflops):
             sync()
             begin = time.perf_counter()
         meter.start_step(batch)
-        with torch.autocast(batch["input_ids"].device.type, dtype=torch.bfloat16, enabled=torch.cuda.is_available()):
+        with torch.autocast(
+            batch["input_ids"].device.type, dtype=torch.bfloat16, enabled=torch.cuda.is_available()
+        ):
             loss = model(**batch).loss
         loss.backward()
         optimizer.step()
@@ -235,11 +242,24 @@ def run_hf(model, batch, warmup, measured, peak_tflops):
                 clock["end"] = time.perf_counter()
 
     rows = len(batch["input_ids"])
-    args = TrainingArguments(output_dir=tempfile.mkdtemp(), max_steps=warmup + measured, per_device_train_batch_size=rows,
-                             logging_steps=warmup + measured, bf16=torch.cuda.is_available(), report_to=[],
-                             save_strategy="no", disable_tqdm=True, learning_rate=1e-5, use_cpu=not torch.cuda.is_available())
-    trainer = Trainer(model=model, args=args, train_dataset=FixedBatches(batch, rows * (warmup + measured)),
-                      callbacks=[MFUCallback(warmup_steps=warmup, peak_tflops=peak_tflops), WallClock()])
+    args = TrainingArguments(
+        output_dir=tempfile.mkdtemp(),
+        max_steps=warmup + measured,
+        per_device_train_batch_size=rows,
+        logging_steps=warmup + measured,
+        bf16=torch.cuda.is_available(),
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+        learning_rate=1e-5,
+        use_cpu=not torch.cuda.is_available(),
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=FixedBatches(batch, rows * (warmup + measured)),
+        callbacks=[MFUCallback(warmup_steps=warmup, peak_tflops=peak_tflops), WallClock()],
+    )
     trainer.train()
     logged = next(row for row in trainer.state.log_history if "loss" in row)
     metrics = {k: v for k, v in logged.items() if k in ("mfu", "hfu", "tflops_per_gpu", "step_time")}
@@ -281,15 +301,26 @@ def run_lightning(model, batch, warmup, measured, peak_tflops):
     rows = len(batch["input_ids"])
     loader = torch.utils.data.DataLoader(FixedBatches(batch, rows * (warmup + measured)), batch_size=rows)
     logs = tempfile.mkdtemp()
-    trainer = L.Trainer(max_steps=warmup + measured, accelerator="auto", devices=1,
-                        precision="bf16-mixed" if torch.cuda.is_available() else "32-true",
-                        log_every_n_steps=warmup + measured, logger=CSVLogger(logs, name="run"), enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[MFUCallback(warmup_steps=warmup, peak_tflops=peak_tflops), WallClock()])
+    trainer = L.Trainer(
+        max_steps=warmup + measured,
+        accelerator="auto",
+        devices=1,
+        precision="bf16-mixed" if torch.cuda.is_available() else "32-true",
+        log_every_n_steps=warmup + measured,
+        logger=CSVLogger(logs, name="run"),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[MFUCallback(warmup_steps=warmup, peak_tflops=peak_tflops), WallClock()],
+    )
     trainer.fit(Module(), loader)
     with open(Path(trainer.logger.log_dir) / "metrics.csv") as handle:
         row = next(r for r in csv.DictReader(handle) if r.get("train/step_time"))
-    metrics = {k.split("/")[1]: float(v) for k, v in row.items() if v and k.startswith("train/") and k != "train/loss"}
+    metrics = {
+        k.split("/")[1]: float(v)
+        for k, v in row.items()
+        if v and k.startswith("train/") and k != "train/loss"
+    }
     return metrics, clock["end"] - clock["begin"]
 
 
@@ -303,7 +334,9 @@ def run_accelerate(model, batch, warmup, measured, peak_tflops):
     rows = len(batch["input_ids"])
     loader = torch.utils.data.DataLoader(FixedBatches(batch, rows * (warmup + measured)), batch_size=rows)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    tracker = MFUTracker(accelerator, model, warmup_steps=warmup, log_interval=warmup + measured, peak_tflops=peak_tflops)
+    tracker = MFUTracker(
+        accelerator, model, warmup_steps=warmup, log_interval=warmup + measured, peak_tflops=peak_tflops
+    )
     for step, b in enumerate(loader):
         if step == warmup:
             sync()
@@ -322,7 +355,9 @@ RUNNERS = {"plain": run_plain, "hf_trainer": run_hf, "lightning": run_lightning,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--size", default="mid", choices=sorted(SIZES))
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--measured", type=int, default=20)
@@ -333,19 +368,25 @@ def main() -> None:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ledger_marks_reads_and_builds()
-    peak_info = resolve_peak(device, "bf16" if device.type == "cuda" else "fp32", override_tflops=args.peak_tflops)
+    peak_info = resolve_peak(
+        device, "bf16" if device.type == "cuda" else "fp32", override_tflops=args.peak_tflops
+    )
     peak = peak_info.flops
     import accelerate
     import lightning
     import peft
     import transformers
 
-    print(f"device: {peak_info.device_name}; peak {peak / 1e12:.1f} TFLOP/s ({peak_info.source}); torch {torch.__version__}, "
-          f"transformers {transformers.__version__}, lightning {lightning.__version__}, accelerate {accelerate.__version__}, "
-          f"peft {peft.__version__}; model {args.size}, {args.warmup} warm-up + {args.measured} measured steps")
-    header = (f"{'integration':<12} {'config':<10} {'truth MFU':>9} {'ours':>8} {'ours/truth':>10} {'6N MFU':>8} "
-              f"{'measure_flops MFU':>20} {'our syncs':>9} {'build syncs':>11} {'read syncs':>10} "
-              f"{'framework syncs/step':>20}")
+    print(
+        f"device: {peak_info.device_name}; peak {peak / 1e12:.1f} TFLOP/s ({peak_info.source}); torch {torch.__version__}, "
+        f"transformers {transformers.__version__}, lightning {lightning.__version__}, accelerate {accelerate.__version__}, "
+        f"peft {peft.__version__}; model {args.size}, {args.warmup} warm-up + {args.measured} measured steps"
+    )
+    header = (
+        f"{'integration':<12} {'config':<10} {'truth MFU':>9} {'ours':>8} {'ours/truth':>10} {'6N MFU':>8} "
+        f"{'measure_flops MFU':>20} {'our syncs':>9} {'build syncs':>11} {'read syncs':>10} "
+        f"{'framework syncs/step':>20}"
+    )
     print(header)
     results = []
     for config in args.configs.split(","):
@@ -356,16 +397,23 @@ def main() -> None:
             six_n = six_n_tokens(model, batch)
             measured_flops = lightning_measure_flops(model, batch)
             with SyncLedger() as ledger:
-                metrics, wall = RUNNERS[integration](model, batch, args.warmup, args.measured, args.peak_tflops)
+                metrics, wall = RUNNERS[integration](
+                    model, batch, args.warmup, args.measured, args.peak_tflops
+                )
             ours_syncs, build_syncs, read_syncs, other_syncs = ledger.syncs()
             truth_mfu = truth * args.measured / wall / peak
             ours = metrics.get("mfu")
-            lightning_mfu = (f"{measured_flops * args.measured / wall / peak:.4f}" if isinstance(measured_flops, int)
-                             else measured_flops[:20])
-            row = (f"{integration:<12} {config:<10} {truth_mfu:>9.4f} {ours if ours is None else f'{ours:.4f}':>8} "
-                   f"{'' if ours is None else f'{ours / truth_mfu:.4f}':>10} {six_n * args.measured / wall / peak:>8.4f} "
-                   f"{lightning_mfu:>20} {ours_syncs:>9} {build_syncs:>11} {read_syncs:>10} "
-                   f"{other_syncs / (args.warmup + args.measured):>20.1f}")
+            lightning_mfu = (
+                f"{measured_flops * args.measured / wall / peak:.4f}"
+                if isinstance(measured_flops, int)
+                else measured_flops[:20]
+            )
+            row = (
+                f"{integration:<12} {config:<10} {truth_mfu:>9.4f} {ours if ours is None else f'{ours:.4f}':>8} "
+                f"{'' if ours is None else f'{ours / truth_mfu:.4f}':>10} {six_n * args.measured / wall / peak:>8.4f} "
+                f"{lightning_mfu:>20} {ours_syncs:>9} {build_syncs:>11} {read_syncs:>10} "
+                f"{other_syncs / (args.warmup + args.measured):>20.1f}"
+            )
             print(row, flush=True)
             results.append(row)
             del model

@@ -44,22 +44,40 @@ def train(out: Path, *, pad_vocab: bool, args: argparse.Namespace) -> float:
 
     from mfu_callbacks.transformers import MFUCallback
 
-    model = causal_lm(hidden=args.hidden, layers=args.layers, heads=args.hidden // 128 or 2, kv_heads=None,
-                      intermediate=args.hidden * 8 // 3 // 64 * 64, vocab=UNPADDED_VOCAB,
-                      max_positions=args.seq_len)
+    model = causal_lm(
+        hidden=args.hidden,
+        layers=args.layers,
+        heads=args.hidden // 128 or 2,
+        kv_heads=None,
+        intermediate=args.hidden * 8 // 3 // 64 * 64,
+        vocab=UNPADDED_VOCAB,
+        max_positions=args.seq_len,
+    )
     if pad_vocab:
         model.resize_token_embeddings(UNPADDED_VOCAB, pad_to_multiple_of=64)
     training = TrainingArguments(
-        output_dir=str(out), max_steps=args.steps, per_device_train_batch_size=args.batch_size, logging_steps=10,
-        learning_rate=1e-4, bf16=not args.cpu, use_cpu=args.cpu, report_to=[], save_strategy="no",
-        disable_tqdm=True, dataloader_num_workers=2 if not args.cpu else 0, seed=0,
+        output_dir=str(out),
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch_size,
+        logging_steps=10,
+        learning_rate=1e-4,
+        bf16=not args.cpu,
+        use_cpu=args.cpu,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=2 if not args.cpu else 0,
+        seed=0,
     )
     data = RandomRows(args.steps * args.batch_size, args.seq_len, UNPADDED_VOCAB)
     callback = MFUCallback(peak_tflops=1.0) if args.cpu else MFUCallback()
     start = time.perf_counter()
     Trainer(model=model, args=training, train_dataset=data, callbacks=[callback]).train()
-    print(f"{out.name}: vocabulary {model.get_output_embeddings().out_features}, "
-          f"{time.perf_counter() - start:.1f} s, summary {callback.summary}", flush=True)
+    print(
+        f"{out.name}: vocabulary {model.get_output_embeddings().out_features}, "
+        f"{time.perf_counter() - start:.1f} s, summary {callback.summary}",
+        flush=True,
+    )
     return time.perf_counter() - start
 
 
@@ -72,7 +90,9 @@ def compare(*runs: Path, gate: bool = False) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--layers", type=int, default=8)
@@ -81,12 +101,18 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("vocab-runs"))
     parser.add_argument("--cpu", action="store_true", help="a smoke test on the CPU (peak 1 TFLOP/s)")
     args = parser.parse_args()
-    padded, rerun, unpadded = args.out / "vocab-32064", args.out / "vocab-32064-rerun", args.out / "vocab-32001"
+    padded, rerun, unpadded = (
+        args.out / "vocab-32064",
+        args.out / "vocab-32064-rerun",
+        args.out / "vocab-32001",
+    )
     for out, pad in ((padded, True), (unpadded, False), (rerun, True)):
         train(out, pad_vocab=pad, args=args)
     compare(padded, rerun, unpadded)
     print("gate, rerun against the baseline: exit", compare(padded, rerun, gate=True), flush=True)
-    print("gate, unpadded against the padded baseline: exit", compare(padded, unpadded, gate=True), flush=True)
+    print(
+        "gate, unpadded against the padded baseline: exit", compare(padded, unpadded, gate=True), flush=True
+    )
 
 
 if __name__ == "__main__":

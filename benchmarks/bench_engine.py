@@ -26,8 +26,15 @@ def _rss_mb() -> float:
 
 
 def llama_70b() -> torch.nn.Module:
-    config = LlamaConfig(hidden_size=8192, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
-                         intermediate_size=28672, vocab_size=128256, max_position_embeddings=8192)
+    config = LlamaConfig(
+        hidden_size=8192,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        intermediate_size=28672,
+        vocab_size=128256,
+        max_position_embeddings=8192,
+    )
     with torch.device("meta"):
         return LlamaForCausalLM(config).train()
 
@@ -39,7 +46,10 @@ def with_lora(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def measure(label: str, model: torch.nn.Module) -> None:
-    batch = {"input_ids": torch.randint(0, 1000, (4, 2048)), "attention_mask": torch.ones(4, 2048, dtype=torch.long)}
+    batch = {
+        "input_ids": torch.randint(0, 1000, (4, 2048)),
+        "attention_mask": torch.ones(4, 2048, dtype=torch.long),
+    }
     gc.collect()
     rss_before = _rss_mb()
     tracemalloc.start()
@@ -56,10 +66,12 @@ def measure(label: str, model: torch.nn.Module) -> None:
         engine.evaluate(features)
         timings.append(time.perf_counter_ns() - start)
     step = engine.evaluate(features)
-    print(f"{label}: build {build_seconds:.2f} s, peak traced {peak_traced / 2**20:.1f} MB, "
-          f"extra RSS {rss_extra:.1f} MB, evaluate median {statistics.median(timings) / 1000:.1f} us "
-          f"(p90 {sorted(timings)[int(0.9 * len(timings))] / 1000:.1f} us), "
-          f"{step.model_flops / 1e15:.2f} PFLOP per step of 4 x 2048 tokens")
+    print(
+        f"{label}: build {build_seconds:.2f} s, peak traced {peak_traced / 2**20:.1f} MB, "
+        f"extra RSS {rss_extra:.1f} MB, evaluate median {statistics.median(timings) / 1000:.1f} us "
+        f"(p90 {sorted(timings)[int(0.9 * len(timings))] / 1000:.1f} us), "
+        f"{step.model_flops / 1e15:.2f} PFLOP per step of 4 x 2048 tokens"
+    )
 
 
 def main() -> None:

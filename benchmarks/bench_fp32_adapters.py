@@ -34,9 +34,14 @@ def build(adapters_in_fp32: bool) -> tuple[torch.nn.Module, torch.optim.Optimize
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        hidden_size=HIDDEN, num_hidden_layers=LAYERS, intermediate_size=INTERMEDIATE,
-        num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, vocab_size=VOCAB,
-        max_position_embeddings=SEQUENCE, use_cache=False,
+        hidden_size=HIDDEN,
+        num_hidden_layers=LAYERS,
+        intermediate_size=INTERMEDIATE,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        vocab_size=VOCAB,
+        max_position_embeddings=SEQUENCE,
+        use_cache=False,
     )
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
@@ -53,7 +58,9 @@ def build(adapters_in_fp32: bool) -> tuple[torch.nn.Module, torch.optim.Optimize
     return model, torch.optim.AdamW(trainable, lr=1e-4)
 
 
-def train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: torch.Tensor, steps: int) -> float:
+def train_steps(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: torch.Tensor, steps: int
+) -> float:
     """Mean seconds per training step over ``steps`` steps, timed with CUDA events."""
     start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -69,10 +76,14 @@ def train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds (default 10)")
-    parser.add_argument("--steps-per-round", type=int, default=5, help="steps of each variant per round (default 5)")
+    parser.add_argument(
+        "--steps-per-round", type=int, default=5, help="steps of each variant per round (default 5)"
+    )
     arguments = parser.parse_args()
     if not torch.cuda.is_available():
-        sys.exit("bench_fp32_adapters.py needs a CUDA GPU: the cost it measures is that of tensor-core matmuls")
+        sys.exit(
+            "bench_fp32_adapters.py needs a CUDA GPU: the cost it measures is that of tensor-core matmuls"
+        )
     began = time.perf_counter()
     variants = {"fp32": build(adapters_in_fp32=True), "bf16": build(adapters_in_fp32=False)}
     generator = torch.Generator(device="cuda").manual_seed(0)
@@ -87,11 +98,15 @@ def main() -> None:
             seconds[name].append(train_steps(*variants[name], batch, arguments.steps_per_round))
         ratios.append(seconds["fp32"][-1] / seconds["bf16"][-1])
     fp32, bf16 = statistics.median(seconds["fp32"]), statistics.median(seconds["bf16"])
-    print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; "
-          f"{arguments.rounds} rounds x {arguments.steps_per_round} steps per variant; "
-          f"{time.perf_counter() - began:.0f} s in all")
-    print(f"median step time: fp32 adapters {fp32 * 1e3:.1f} ms, bf16 adapters {bf16 * 1e3:.1f} ms; "
-          f"per-round ratio min {min(ratios):.3f}, max {max(ratios):.3f}")
+    print(
+        f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; "
+        f"{arguments.rounds} rounds x {arguments.steps_per_round} steps per variant; "
+        f"{time.perf_counter() - began:.0f} s in all"
+    )
+    print(
+        f"median step time: fp32 adapters {fp32 * 1e3:.1f} ms, bf16 adapters {bf16 * 1e3:.1f} ms; "
+        f"per-round ratio min {min(ratios):.3f}, max {max(ratios):.3f}"
+    )
     print(f"fp32 adapters / bf16 adapters step time: {fp32 / bf16:.3f} ({arguments.rounds} rounds)")
 
 

@@ -49,8 +49,12 @@ def make_variants(model, batch, device):
         step()
         torch.cuda.synchronize(device) if device.type == "cuda" else None
         counters["throughput_monitor"] += 1
-        throughput.update(time=time.perf_counter() - started, batches=counters["throughput_monitor"],
-                          samples=counters["throughput_monitor"] * len(batch["input_ids"]), lengths=counters["throughput_monitor"] * tokens)
+        throughput.update(
+            time=time.perf_counter() - started,
+            batches=counters["throughput_monitor"],
+            samples=counters["throughput_monitor"] * len(batch["input_ids"]),
+            lengths=counters["throughput_monitor"] * tokens,
+        )
         if counters["throughput_monitor"] % 50 == 0:
             throughput.compute()
 
@@ -59,7 +63,9 @@ def make_variants(model, batch, device):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--size", default="small", choices=sorted(SIZES))
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--steps", type=int, default=40, help="steps per variant per round")
@@ -88,7 +94,7 @@ def main() -> None:
     per_step: dict[str, list[float]] = {name: [] for name in variants}
     names = list(variants)
     for round_index in range(args.rounds):
-        order = names[round_index % len(names):] + names[: round_index % len(names)]
+        order = names[round_index % len(names) :] + names[: round_index % len(names)]
         for name in order:
             sync()
             begin = time.perf_counter()
@@ -96,21 +102,30 @@ def main() -> None:
                 variants[name](step)
             sync()
             per_step[name].append((time.perf_counter() - begin) / args.steps)
-    print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; model {args.size}; "
-          f"{args.rounds} rounds x {args.steps} steps per variant, rotating order; torch {torch.__version__}")
-    print(f"{'variant':<20} {'median ms':>10} {'median of round ratios':>23} {'quartiles':>16} {'ratio of medians':>17}")
+    print(
+        f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; model {args.size}; "
+        f"{args.rounds} rounds x {args.steps} steps per variant, rotating order; torch {torch.__version__}"
+    )
+    print(
+        f"{'variant':<20} {'median ms':>10} {'median of round ratios':>23} {'quartiles':>16} {'ratio of medians':>17}"
+    )
     base = statistics.median(per_step["none"])
     for name in names:
         # Each round's blocks ran back to back, so a round's ratio cancels drift between rounds.
         ratios = sorted(t / b for t, b in zip(per_step[name], per_step["none"]))
         quartiles = statistics.quantiles(ratios, n=4)
-        print(f"{name:<20} {statistics.median(per_step[name]) * 1e3:>10.2f} {statistics.median(ratios):>23.4f} "
-              f"{quartiles[0]:>7.4f}..{quartiles[2]:<7.4f} {statistics.median(per_step[name]) / base:>17.4f}")
+        print(
+            f"{name:<20} {statistics.median(per_step[name]) * 1e3:>10.2f} {statistics.median(ratios):>23.4f} "
+            f"{quartiles[0]:>7.4f}..{quartiles[2]:<7.4f} {statistics.median(per_step[name]) / base:>17.4f}"
+        )
     # The meter's own host time bounds its cost in a loop bound by the host (every microsecond
     # there delays the GPU); it is measured per step, without the round-to-round noise above.
-    host = sorted(host_seconds[len(host_seconds) // 10:])  # after the warm-up steps
-    print(f"host time in start_step + end_step (real FLOP engine, this batch): median {statistics.median(host) * 1e6:.1f} us, "
-          f"p90 {host[int(0.9 * len(host))] * 1e6:.1f} us = {statistics.median(host) / base:.4%} of the median step")
+    host = sorted(host_seconds[len(host_seconds) // 10 :])  # after the warm-up steps
+    print(
+        f"host time in start_step + end_step (real FLOP engine, this batch): median {statistics.median(host) * 1e6:.1f} us, "
+        f"p90 {host[int(0.9 * len(host))] * 1e6:.1f} us = {statistics.median(host) / base:.4%} of the median step"
+    )
+
 
 if __name__ == "__main__":
     main()

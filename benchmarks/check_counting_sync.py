@@ -1,6 +1,6 @@
 """Token counting of batches of new shapes, padded, packed and encoder-decoder, under sync debug "error".
 
-    python benchmarks/check_counting_sync.py
+python benchmarks/check_counting_sync.py
 """
 
 from __future__ import annotations
@@ -22,15 +22,20 @@ def main() -> None:
         mask = torch.ones_like(ids)
         mask[:, length // 2 :] = 0
         positions = torch.arange(length, device=device).remainder(7).expand(4, length)
-        batches += [(counting, {"input_ids": ids}), (counting, {"input_ids": ids, "attention_mask": mask}),
-                    (counting, {"input_ids": ids, "position_ids": positions}),
-                    (seq2seq, {"input_ids": ids, "attention_mask": mask, "labels": ids[:, : length // 2]})]
+        batches += [
+            (counting, {"input_ids": ids}),
+            (counting, {"input_ids": ids, "attention_mask": mask}),
+            (counting, {"input_ids": ids, "position_ids": positions}),
+            (seq2seq, {"input_ids": ids, "attention_mask": mask, "labels": ids[:, : length // 2]}),
+        ]
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     features = [counter.count(batch) for counter, batch in batches]
     torch.cuda.set_sync_debug_mode(0)
-    print(f"{len(features)} batches of {len(batches) // 4} layouts and 4 new lengths counted under "
-          f"set_sync_debug_mode('error'): no host sync")
+    print(
+        f"{len(features)} batches of {len(batches) // 4} layouts and 4 new lengths counted under "
+        f"set_sync_debug_mode('error'): no host sync"
+    )
 
 
 if __name__ == "__main__":

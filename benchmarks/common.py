@@ -18,15 +18,28 @@ SIZES = {
 def llama(size: str, *, moe: bool = False, attention: str = "sdpa") -> torch.nn.Module:
     """A Llama of one of the sizes above, or with ``moe`` a Mixtral (8 experts of half the MLP width, top 2)."""
     hidden, layers, heads, kv_heads, intermediate, vocab, seq_len, _ = SIZES[size]
-    return causal_lm(hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads, vocab=vocab, max_positions=seq_len,
-                     intermediate=intermediate // 2 if moe else intermediate, experts=8 if moe else 0, attention=attention)
+    return causal_lm(
+        hidden=hidden,
+        layers=layers,
+        heads=heads,
+        kv_heads=kv_heads,
+        vocab=vocab,
+        max_positions=seq_len,
+        intermediate=intermediate // 2 if moe else intermediate,
+        experts=8 if moe else 0,
+        attention=attention,
+    )
 
 
 def batch_for(size: str, device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
     _, _, _, _, _, vocab, seq_len, batch = SIZES[size]
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch, seq_len), generator=generator)
-    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device), "labels": ids.to(device)}
+    return {
+        "input_ids": ids.to(device),
+        "attention_mask": torch.ones_like(ids).to(device),
+        "labels": ids.to(device),
+    }
 
 
 def truth_step_flops(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> int:

@@ -15,7 +15,9 @@ from mfu_callbacks.testing import causal_lm
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--hidden-size", type=int, default=128, help="model width (2048 for a ~1B model on a GPU)")
+    parser.add_argument(
+        "--hidden-size", type=int, default=128, help="model width (2048 for a ~1B model on a GPU)"
+    )
     parser.add_argument("--layers", type=int, default=2, help="decoder layers")
     parser.add_argument("--heads", type=int, default=4, help="attention heads (key/value heads: a quarter)")
     parser.add_argument("--vocab-size", type=int, default=512)
@@ -25,8 +27,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora", action="store_true", help="train LoRA adapters (r=16) through PEFT")
     parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision (on a GPU)")
     parser.add_argument("--wandb", action="store_true", help="report to Weights & Biases")
-    parser.add_argument("--peak-tflops", type=float, default=None,
-                        help="dense peak TFLOP/s per device; needed on a CPU, which has no datasheet peak")
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="dense peak TFLOP/s per device; needed on a CPU, which has no datasheet peak",
+    )
 
 
 def build_model(args: argparse.Namespace) -> torch.nn.Module:

@@ -1,8 +1,8 @@
 """MFU beside the loss in a Hugging Face Trainer run: one added line, ``callbacks=[MFUCallback()]``.
 
-    python examples/hf_trainer.py --peak-tflops 1            # CPU: a tiny model, well under a minute
-    python examples/hf_trainer.py --hidden-size 2048 --layers 16 --heads 16 --seq-len 2048 --bf16   # GPU
-    python examples/hf_trainer.py --lora --wandb              # LoRA through PEFT, logged to W&B
+python examples/hf_trainer.py --peak-tflops 1            # CPU: a tiny model, well under a minute
+python examples/hf_trainer.py --hidden-size 2048 --layers 16 --heads 16 --seq-len 2048 --bf16   # GPU
+python examples/hf_trainer.py --lora --wandb              # LoRA through PEFT, logged to W&B
 """
 
 from __future__ import annotations
@@ -18,14 +18,18 @@ from mfu_callbacks.transformers import MFUCallback
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_model_arguments(parser)
     parser.add_argument("--gradient-accumulation-steps", type=int, default=1)
     parser.add_argument("--output-dir", default=os.path.join(tempfile.gettempdir(), "mfu-hf-trainer"))
     args = parser.parse_args()
 
     model = build_model(args)
-    data = RandomTokens(args.steps * args.batch_size * args.gradient_accumulation_steps, args.seq_len, args.vocab_size)
+    data = RandomTokens(
+        args.steps * args.batch_size * args.gradient_accumulation_steps, args.seq_len, args.vocab_size
+    )
     training_args = TrainingArguments(
         output_dir=args.output_dir,
         max_steps=args.steps,
@@ -52,8 +56,10 @@ def main() -> None:
         if "loss" in row and "tflops_per_gpu" in row:
             mfu = f"{row['mfu']:.4f}" if "mfu" in row else "    n/a"
             hfu = f"{row['hfu']:.4f}" if "hfu" in row else "    n/a"
-            print(f"{row['step']:>5} {row['loss']:>8.4f} {mfu:>7} {hfu:>7} {row['tflops_per_gpu']:>8.4f} "
-                  f"{row['tokens_per_sec']:>9.0f} {row['padding_fraction']:>8.1%}")
+            print(
+                f"{row['step']:>5} {row['loss']:>8.4f} {mfu:>7} {hfu:>7} {row['tflops_per_gpu']:>8.4f} "
+                f"{row['tokens_per_sec']:>9.0f} {row['padding_fraction']:>8.1%}"
+            )
     state_file = os.path.join(args.output_dir, "trainer_state.json")
     trainer.state.save_to_json(state_file)
     print(f"curves: mfu-callbacks plot {state_file} -o mfu.png")

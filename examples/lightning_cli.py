@@ -24,12 +24,28 @@ from common import RandomTokens, build_model, pad_batch  # noqa: E402
 class TinyCausalLM(L.LightningModule):
     """A Llama-style language model built from a config (nothing downloaded)."""
 
-    def __init__(self, hidden_size: int = 128, layers: int = 2, heads: int = 4, vocab_size: int = 512,
-                 seq_len: int = 128, lora: bool = False, learning_rate: float = 1e-3) -> None:
+    def __init__(
+        self,
+        hidden_size: int = 128,
+        layers: int = 2,
+        heads: int = 4,
+        vocab_size: int = 512,
+        seq_len: int = 128,
+        lora: bool = False,
+        learning_rate: float = 1e-3,
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.model = build_model(argparse.Namespace(hidden_size=hidden_size, layers=layers, heads=heads,
-                                                    vocab_size=vocab_size, seq_len=seq_len, lora=lora))
+        self.model = build_model(
+            argparse.Namespace(
+                hidden_size=hidden_size,
+                layers=layers,
+                heads=heads,
+                vocab_size=vocab_size,
+                seq_len=seq_len,
+                lora=lora,
+            )
+        )
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.model(**batch).loss
@@ -37,17 +53,23 @@ class TinyCausalLM(L.LightningModule):
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW((p for p in self.parameters() if p.requires_grad), lr=self.hparams.learning_rate)
+        return torch.optim.AdamW(
+            (p for p in self.parameters() if p.requires_grad), lr=self.hparams.learning_rate
+        )
 
 
 class RandomTokenData(L.LightningDataModule):
-    def __init__(self, batch_size: int = 8, seq_len: int = 128, vocab_size: int = 512, size: int = 256) -> None:
+    def __init__(
+        self, batch_size: int = 8, seq_len: int = 128, vocab_size: int = 512, size: int = 256
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
 
     def train_dataloader(self) -> DataLoader:
         h = self.hparams
-        return DataLoader(RandomTokens(h.size, h.seq_len, h.vocab_size), batch_size=h.batch_size, collate_fn=pad_batch)
+        return DataLoader(
+            RandomTokens(h.size, h.seq_len, h.vocab_size), batch_size=h.batch_size, collate_fn=pad_batch
+        )
 
 
 def main() -> None:

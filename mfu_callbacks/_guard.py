@@ -17,12 +17,16 @@ class Guard:
         self.owner = owner
         self.failed = False
 
-    def run(self, function: Callable[..., T], *args: Any, default: T | None = None, **kwargs: Any) -> T | None:
+    def run(
+        self, function: Callable[..., T], *args: Any, default: T | None = None, **kwargs: Any
+    ) -> T | None:
         if self.failed:
             return default
         try:
             return function(*args, **kwargs)
         except Exception:  # noqa: BLE001 - training goes on whatever went wrong here
             self.failed = True
-            logger.exception("%s stopped measuring MFU after an internal error; training continues unaffected", self.owner)
+            logger.exception(
+                "%s stopped measuring MFU after an internal error; training continues unaffected", self.owner
+            )
             return default

@@ -23,8 +23,14 @@ logger = logging.getLogger("mfu_callbacks")
 class StepRecorder:
     """Timings and token counts of the measured steps since the last ``take``."""
 
-    def __init__(self, model: nn.Module, timer: StepTimer, engine: FlopEngine | None,
-                 forward: Forward | None, token_counter: TokenCounter | None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        timer: StepTimer,
+        engine: FlopEngine | None,
+        forward: Forward | None,
+        token_counter: TokenCounter | None,
+    ) -> None:
         self.engine = engine
         self.timer = timer
         self.step_open = False
@@ -43,7 +49,9 @@ class StepRecorder:
 
     def start_step(self, batch: Any = None) -> None:
         if self.step_open:
-            raise ValueError("start_step() called while a step is open: call end_step() after each optimizer step")
+            raise ValueError(
+                "start_step() called while a step is open: call end_step() after each optimizer step"
+            )
         self.step_open = True
         self._left_out = False
         self.timer.start()
@@ -52,14 +60,18 @@ class StepRecorder:
 
     def add_batch(self, batch: Any) -> None:
         if not self.step_open:
-            raise ValueError("add_batch() called outside a step: call start_step() at the beginning of each optimizer step")
+            raise ValueError(
+                "add_batch() called outside a step: call start_step() at the beginning of each optimizer step"
+            )
         if batch is None:
             raise TypeError("add_batch() needs the micro-batch the model was given, got None")
         self._count(batch)
 
     def end_step(self) -> None:
         if not self.step_open:
-            raise ValueError("end_step() called without start_step(): call start_step() at the beginning of each optimizer step")
+            raise ValueError(
+                "end_step() called without start_step(): call start_step() at the beginning of each optimizer step"
+            )
         self.step_open = False
         if self.timer.measuring:
             self._unread += 1
@@ -84,8 +96,9 @@ class StepRecorder:
             return
         try:
             if self.engine is None:
-                self.engine = FlopEngine.from_model(self._model, batch, forward=self._forward,
-                                                    token_counter=self._token_counter)
+                self.engine = FlopEngine.from_model(
+                    self._model, batch, forward=self._forward, token_counter=self._token_counter
+                )
                 self.timer.discard_current()  # this step's time went into building the engine, not into training
                 return
             if self.timer.measuring:
@@ -100,5 +113,8 @@ class StepRecorder:
             self._counts.discard_step()
         self.timer.discard_current()
         if self.steps_left_out == 1:
-            logger.warning("mfu_callbacks: a step was left out of the measurement, its batch could not be "
-                           "counted (%s); measuring goes on with the next step", error)
+            logger.warning(
+                "mfu_callbacks: a step was left out of the measurement, its batch could not be "
+                "counted (%s); measuring goes on with the next step",
+                error,
+            )

@@ -27,15 +27,17 @@ from .run_summary import DEFAULT_FILENAME, RunSummary, RunSummaryError
 _LOSS_KEYS = ("train/loss", "loss")
 _STEP_KEYS = ("train/global_step", "trainer/global_step", "step", "_step")
 _WANDB_CONFIG_KEY = "mfu_callbacks"  # where the integrations describe the measurement in a W&B run's config
-EXPECTED = ("an mfu-callbacks run summary (mfu_summary.json), a W&B run (run-*.wandb), a Lightning metrics.csv "
-            "or a Trainer trainer_state.json")
+EXPECTED = (
+    "an mfu-callbacks run summary (mfu_summary.json), a W&B run (run-*.wandb), a Lightning metrics.csv "
+    "or a Trainer trainer_state.json"
+)
 
 # What a folder is searched for, in order of preference, per purpose.
 _EXPECTED_BY_SUFFIX = {
     ".wandb": "expected the run-*.wandb log of a W&B run that has logged at least once",
     ".csv": "expected a Lightning CSVLogger metrics.csv (a header row with step and train/mfu, then one row per log)",
     ".json": "expected a Trainer trainer_state.json (saved in each checkpoint-N folder) or an mfu-callbacks "
-             "run summary (mfu_summary.json)",
+    "run summary (mfu_summary.json)",
 }
 SUMMARY_FIRST = (DEFAULT_FILENAME, "run-*.wandb", "metrics.csv", "trainer_state.json")
 LOSS_FIRST = ("run-*.wandb", "metrics.csv", "trainer_state.json", DEFAULT_FILENAME)
@@ -88,8 +90,10 @@ def metric_values(row: dict) -> dict[str, float]:
         if name in NUMERIC_METRICS and name not in suffixes and _is_number(row[key]):
             suffixes[name] = key
     for name in NUMERIC_METRICS:
-        key = next((key for key in (f"train/{name}", name, suffixes.get(name)) if key and _is_number(row.get(key))),
-                   None)
+        key = next(
+            (key for key in (f"train/{name}", name, suffixes.get(name)) if key and _is_number(row.get(key))),
+            None,
+        )
         if key is not None:
             values[name] = float(row[key])
     return values
@@ -162,7 +166,9 @@ def read_curves(path: str | Path) -> Curves:
     curves = Curves(source=run.source, loss=run.loss)
     curves.mfu = [(step, metrics[MFU]) for step, metrics in run.windows if MFU in metrics]
     if not curves.mfu:
-        raise RunLogError(f"no MFU in {run.source}: was the MFU callback in the run, and did it log (after warm-up)?")
+        raise RunLogError(
+            f"no MFU in {run.source}: was the MFU callback in the run, and did it log (after warm-up)?"
+        )
     return curves
 
 
@@ -170,21 +176,31 @@ def wandb_records(path: Path) -> list[dict]:
     """The records of a W&B run log (``run-*.wandb``), as W&B's own reader prints them."""
     executable = shutil.which("wandb") or str(Path(sys.executable).parent / "wandb")
     try:
-        result = subprocess.run([executable, "leet", "inspect", "--json", str(path)], capture_output=True, text=True,
-                                timeout=300, stdin=subprocess.DEVNULL)
+        result = subprocess.run(
+            [executable, "leet", "inspect", "--json", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            stdin=subprocess.DEVNULL,
+        )
     except OSError as error:
         raise RunLogError(f"reading a W&B run needs the wandb command (pip install wandb): {error}") from None
     said = " ".join(result.stderr.split())[-300:]
     if result.returncode != 0:
-        raise RunLogError(f"wandb could not read {path} ({said or f'exit code {result.returncode}'}): expected a "
-                          "W&B run log, run-*.wandb")
+        raise RunLogError(
+            f"wandb could not read {path} ({said or f'exit code {result.returncode}'}): expected a "
+            "W&B run log, run-*.wandb"
+        )
     try:
         records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     except json.JSONDecodeError as error:
-        raise RunLogError(f"wandb printed {path} in a form this version cannot read ({error}): "
-                          "try another version of wandb") from None
+        raise RunLogError(
+            f"wandb printed {path} in a form this version cannot read ({error}): try another version of wandb"
+        ) from None
     if not records:
-        raise RunLogError(f"{path} holds no W&B records{f' ({said})' if said else ''}: {_EXPECTED_BY_SUFFIX['.wandb']}")
+        raise RunLogError(
+            f"{path} holds no W&B records{f' ({said})' if said else ''}: {_EXPECTED_BY_SUFFIX['.wandb']}"
+        )
     return records
 
 
@@ -208,8 +224,10 @@ def read_online_wandb_run(path: str, api: Any = None) -> RunLog:
         rows = list(online.scan_history())
         config = dict(online.config)
     except Exception as error:  # noqa: BLE001 - network, login, a run that does not exist: one line
-        raise RunLogError(f"cannot read the W&B run {path} ({' '.join(str(error).split())[:300]}): expected "
-                          "entity/project/run_id of a run you can read, with the network and a W&B login") from None
+        raise RunLogError(
+            f"cannot read the W&B run {path} ({' '.join(str(error).split())[:300]}): expected "
+            "entity/project/run_id of a run you can read, with the network and a W&B login"
+        ) from None
     run = RunLog(source=path, kind="W&B run")
     for row in rows:
         run.add(row)
@@ -244,8 +262,10 @@ def _read_csv(path: Path) -> RunLog:
             if not reader.fieldnames:
                 raise RunLogError(f"{path} is empty: {expected}")
             if not any(key in reader.fieldnames for key in _STEP_KEYS):
-                raise RunLogError(f"{path} has no step column (its columns: {', '.join(reader.fieldnames)[:200]}): "
-                                  f"{expected}")
+                raise RunLogError(
+                    f"{path} has no step column (its columns: {', '.join(reader.fieldnames)[:200]}): "
+                    f"{expected}"
+                )
             for row in reader:
                 run.add(row)
     except (OSError, csv.Error, UnicodeDecodeError) as error:
@@ -265,8 +285,10 @@ def _read_json(path: Path) -> RunLog:
         if not text.strip():
             raise RunLogError(f"{path} is empty: {expected}") from None
         if error.pos >= len(text.rstrip()):
-            raise RunLogError(f"{path} is cut off: its JSON ends early (line {error.lineno}), as when a file is "
-                              f"read while being written; {expected}") from None
+            raise RunLogError(
+                f"{path} is cut off: its JSON ends early (line {error.lineno}), as when a file is "
+                f"read while being written; {expected}"
+            ) from None
         raise RunLogError(f"cannot read {path} as JSON ({error}): {expected}") from None
     if isinstance(document, dict) and "format" in document:
         try:

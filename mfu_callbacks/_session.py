@@ -25,8 +25,14 @@ from .run_summary import RunSummary, describe_setup, library_versions
 class MeterSession:
     """One training run's meter, built lazily, with every call guarded."""
 
-    def __init__(self, options: MFUOptions, owner: str, *, wandb_prefix: str | None = None,
-                 wandb_step_metric: str | None = None) -> None:
+    def __init__(
+        self,
+        options: MFUOptions,
+        owner: str,
+        *,
+        wandb_prefix: str | None = None,
+        wandb_step_metric: str | None = None,
+    ) -> None:
         """``wandb_prefix``: how the metric names appear in W&B (the framework may add its own prefix);
         ``wandb_step_metric``: the framework's global-step key in W&B, the axis MFU is plotted against.
         """
@@ -183,7 +189,9 @@ class MeterSession:
         meter, engine = self.meter, self.meter.engine
         config = {
             **self._setup(),
-            **_wandb.run_config(meter.peak, engine.flops_per_token if engine is not None else None, meter.run_flops()),
+            **_wandb.run_config(
+                meter.peak, engine.flops_per_token if engine is not None else None, meter.run_flops()
+            ),
             "versions": library_versions(),
         }
         _wandb.describe_run(run, config, self._wandb_prefix, self._wandb_step_metric)
@@ -193,8 +201,12 @@ class MeterSession:
         if meter is None:
             return {}
         return describe_setup(
-            peak=meter.peak, world_size=distributed.world_size(), flops=meter.run_flops(), model=self._model,
-            device=str(meter.device), dtype=meter.peak.dtype if meter.peak is not None else None,
+            peak=meter.peak,
+            world_size=distributed.world_size(),
+            flops=meter.run_flops(),
+            model=self._model,
+            device=str(meter.device),
+            dtype=meter.peak.dtype if meter.peak is not None else None,
         )
 
     def summary(self) -> dict[str, float]:

@@ -29,7 +29,9 @@ class StepCounts:
     def add(self, features: torch.Tensor) -> None:
         """Add one micro-batch's features to the open step."""
         if self._rows is None:
-            self._rows = torch.zeros((self._capacity, *features.shape), dtype=features.dtype, device=features.device)
+            self._rows = torch.zeros(
+                (self._capacity, *features.shape), dtype=features.dtype, device=features.device
+            )
             self._views = list(self._rows.unbind(0))
         row = self._views[self._current]
         if features.device != row.device:

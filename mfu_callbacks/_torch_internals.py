@@ -27,8 +27,12 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: F401 - re-ex
 _aten = torch.ops.aten
 
 # -- aten kernels ----------------------------------------------------------------------------------
-READ_SCALAR = _aten._local_scalar_dense.default  # a value read back to Python: .item(), bool(tensor), `x in tensor`
-CONVOLUTION_KERNEL = _aten._convolution.default  # the kernel behind aten.convolution; same first nine arguments
+READ_SCALAR = (
+    _aten._local_scalar_dense.default
+)  # a value read back to Python: .item(), bool(tensor), `x in tensor`
+CONVOLUTION_KERNEL = (
+    _aten._convolution.default
+)  # the kernel behind aten.convolution; same first nine arguments
 # Fused attention kernels (query, key, value first). On the meta device SDPA decomposes into bmm
 # today; these count it should a fused kernel be dispatched instead.
 FUSED_ATTENTION_NAMES = (
@@ -53,8 +57,14 @@ def view_base(tensor: torch.Tensor) -> torch.Tensor:
 # The per-module hook dictionaries (torch has APIs to add hooks, none to list them). Forward hooks
 # are copied to a replica minus those of distributed wrappers; the others never run on it.
 FORWARD_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks")
-OTHER_HOOK_DICTS = ("_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks", "_state_dict_pre_hooks",
-                    "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+OTHER_HOOK_DICTS = (
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_state_dict_hooks",
+    "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
 
 
 def module_hook_dicts(module: nn.Module, names: tuple[str, ...]) -> Iterator[dict]:
@@ -87,7 +97,9 @@ NonReentrantRegion = Callable[[bool], Any]
 
 
 @contextmanager
-def checkpoint_routed_to(reentrant: Callable[..., Any], non_reentrant_region: NonReentrantRegion) -> Iterator[None]:
+def checkpoint_routed_to(
+    reentrant: Callable[..., Any], non_reentrant_region: NonReentrantRegion
+) -> Iterator[None]:
     """While active, ``checkpoint(function, *args)`` runs ``reentrant(function, *args)`` for
     ``use_reentrant=True``, and ``function`` inside ``non_reentrant_region(early_stop)`` otherwise
     (torch's own choice between the two variants is left as it is)."""
@@ -130,7 +142,9 @@ _AUTOCAST = "autocast"  # the class's name in both torch and torch.amp
 def raised_by_meta_autocast(error: BaseException) -> bool:
     """Whether ``error`` was raised inside ``torch.autocast``'s constructor (for the meta device: the
     only device type a replica's forward has)."""
-    return any(frame.f_code.co_filename == _AUTOCAST_SOURCE for frame, _ in traceback.walk_tb(error.__traceback__))
+    return any(
+        frame.f_code.co_filename == _AUTOCAST_SOURCE for frame, _ in traceback.walk_tb(error.__traceback__)
+    )
 
 
 @contextmanager

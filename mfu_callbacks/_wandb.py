@@ -23,11 +23,15 @@ def active_run() -> Any | None:
     return getattr(wandb, "run", None) if wandb is not None else None
 
 
-def run_config(peak: PeakInfo | None, flops_per_token: float | None, flops: StepFlops | None) -> dict[str, Any]:
+def run_config(
+    peak: PeakInfo | None, flops_per_token: float | None, flops: StepFlops | None
+) -> dict[str, Any]:
     """What a run's config should say about how MFU was computed."""
     values: dict[str, Any] = {}
     if peak is not None:
-        values.update(peak_tflops=peak.tflops, device=peak.device_name, dtype=peak.dtype, peak_source=peak.source)
+        values.update(
+            peak_tflops=peak.tflops, device=peak.device_name, dtype=peak.dtype, peak_source=peak.source
+        )
     if flops_per_token is not None:
         values["model_flops_per_token_linear"] = flops_per_token
     if flops is not None and flops.model_flops:

@@ -59,8 +59,9 @@ class Window:
     failed_ranks: float = 0.0
 
 
-def rank_window(world_size: int, timings: Sequence[StepTiming], flops: StepFlops | None,
-                last_flops: StepFlops | None) -> Window:
+def rank_window(
+    world_size: int, timings: Sequence[StepTiming], flops: StepFlops | None, last_flops: StepFlops | None
+) -> Window:
     """This rank's window from its step timings and the FLOPs of its steps (None: nothing counted)."""
     steps = sum(timing.steps for timing in timings)
     step_seconds = sum(timing.step_seconds for timing in timings)
@@ -110,10 +111,14 @@ def combine_ranks(local: Window) -> Window:
     Without a process group the other ``world_size - 1`` ranks are assumed to do what this one did.
     """
     if not distributed.is_distributed():
-        assumed: dict[str, Any] = {name: getattr(local, name) * local.world_size for name in _SUMMED_OVER_RANKS}
+        assumed: dict[str, Any] = {
+            name: getattr(local, name) * local.world_size for name in _SUMMED_OVER_RANKS
+        }
         return replace(local, **assumed)
     sums = [getattr(local, name) for name in _SUMMED_OVER_RANKS]
-    maxima = [getattr(local, name) for name in _SLOWEST_RANK] + [-getattr(local, name) for name in _FASTEST_RANK]
+    maxima = [getattr(local, name) for name in _SLOWEST_RANK] + [
+        -getattr(local, name) for name in _FASTEST_RANK
+    ]
     sums, maxima = distributed.sum_and_max_over_ranks(sums, maxima)
     slowest, negated_fastest = maxima[: len(_SLOWEST_RANK)], maxima[len(_SLOWEST_RANK) :]
     combined: dict[str, Any] = {
@@ -124,8 +129,16 @@ def combine_ranks(local: Window) -> Window:
     return replace(local, **combined)
 
 
-_RUN_SUMMED = ("model_flops", "hardware_flops", "tokens", "padded_tokens", "step_seconds", "input_wait_seconds",
-               "wall_seconds", "steps")
+_RUN_SUMMED = (
+    "model_flops",
+    "hardware_flops",
+    "tokens",
+    "padded_tokens",
+    "step_seconds",
+    "input_wait_seconds",
+    "wall_seconds",
+    "steps",
+)
 
 
 @dataclass

@@ -1,9 +1,9 @@
 """The ``mfu-callbacks`` command line: plan a run's FLOPs before starting it, plot MFU after it.
 
-    mfu-callbacks estimate --config config.json --seq-len 4096 --batch-size 8 --gpu h100
-    mfu-callbacks estimate --config config.json --seq-len 2048 --batch-size 4 --lora-r 16 --lora-targets q_proj,v_proj
-    mfu-callbacks plot wandb/offline-run-20261124_120000-abc123 -o mfu.png
-    mfu-callbacks plot lightning_logs/version_0/metrics.csv -o mfu.png
+mfu-callbacks estimate --config config.json --seq-len 4096 --batch-size 8 --gpu h100
+mfu-callbacks estimate --config config.json --seq-len 2048 --batch-size 4 --lora-r 16 --lora-targets q_proj,v_proj
+mfu-callbacks plot wandb/offline-run-20261124_120000-abc123 -o mfu.png
+mfu-callbacks plot lightning_logs/version_0/metrics.csv -o mfu.png
 """
 
 from __future__ import annotations
@@ -24,17 +24,33 @@ _MFU_LEVELS = (1.0, 0.5, 0.4)
 _TEMPLATE_SHAPE = (2, 8)
 _MAX_DPI = 1200  # 9600 x 6600 pixels for the 8 x 5.5 inch figure
 _REASON_CHARS = 300  # of a library's error message, quoted in ours
-_ESTIMATE_IN_PYTHON = ("build the model in Python and call mfu_callbacks.estimate_step_flops(model, batch) "
-                       "on one batch of its inputs")
+_ESTIMATE_IN_PYTHON = (
+    "build the model in Python and call mfu_callbacks.estimate_step_flops(model, batch) "
+    "on one batch of its inputs"
+)
 
 # Config fields that hold a size or a count: never negative ("num_*", "n_*", "*_size", "head_dim", "d_model", ...).
-_SIZE_FIELD = re.compile(r"^(num|n)_|(^|_)(size|dim|heads|layers|experts|embd|positions|inner|ff|kv|model|rank)$")
+_SIZE_FIELD = re.compile(
+    r"^(num|n)_|(^|_)(size|dim|heads|layers|experts|embd|positions|inner|ff|kv|model|rank)$"
+)
 # Sizes no model can be built with at zero, by the names model families give them.
-_NONZERO_FIELDS = frozenset({
-    "hidden_size", "n_embd", "d_model", "vocab_size", "head_dim", "d_kv",
-    "num_attention_heads", "num_heads", "n_head", "n_heads", "num_key_value_heads",
-    "encoder_attention_heads", "decoder_attention_heads",
-})
+_NONZERO_FIELDS = frozenset(
+    {
+        "hidden_size",
+        "n_embd",
+        "d_model",
+        "vocab_size",
+        "head_dim",
+        "d_kv",
+        "num_attention_heads",
+        "num_heads",
+        "n_head",
+        "n_heads",
+        "num_key_value_heads",
+        "encoder_attention_heads",
+        "decoder_attention_heads",
+    }
+)
 
 
 class CliError(Exception):
@@ -55,13 +71,17 @@ def _reason(error: BaseException) -> str:
 
 
 def _check_arguments(args: argparse.Namespace) -> None:
-    for flag, value, meaning in (("--seq-len", args.seq_len, "tokens in one row"),
-                                 ("--batch-size", args.batch_size, "rows in one optimizer step of one GPU")):
+    for flag, value, meaning in (
+        ("--seq-len", args.seq_len, "tokens in one row"),
+        ("--batch-size", args.batch_size, "rows in one optimizer step of one GPU"),
+    ):
         if value <= 0:
             raise CliError(f"{flag} must be positive (got {value}): the {meaning}")
     if args.lora_r < 0:
-        raise CliError(f"--lora-r must be positive (got {args.lora_r}): the LoRA rank, e.g. 16; leave it out "
-                       "for full fine-tuning")
+        raise CliError(
+            f"--lora-r must be positive (got {args.lora_r}): the LoRA rank, e.g. 16; leave it out "
+            "for full fine-tuning"
+        )
     if args.lora_targets and not args.lora_r:
         raise CliError("--lora-targets needs --lora-r (the LoRA rank, e.g. --lora-r 16)")
 
@@ -76,8 +96,10 @@ def _check_sizes(values: dict, path: str, prefix: str = "") -> None:
             continue
         if value < 0 or (value == 0 and key in _NONZERO_FIELDS):
             least = "positive" if key in _NONZERO_FIELDS else "zero or more"
-            raise CliError(f"{path}: {prefix}{key} is {value}, but it is a size and must be {least}: "
-                           "correct it in the config")
+            raise CliError(
+                f"{path}: {prefix}{key} is {value}, but it is a size and must be {least}: "
+                "correct it in the config"
+            )
 
 
 def _load_config(path: str) -> Any:
@@ -91,10 +113,14 @@ def _load_config(path: str) -> Any:
     except UnicodeDecodeError:
         raise CliError(f"{path} is not UTF-8 text: expected a Hugging Face config.json (JSON text)") from None
     except (OSError, json.JSONDecodeError) as error:
-        raise CliError(f"cannot read {path} as JSON ({_reason(error)}): expected a Hugging Face config.json") from None
+        raise CliError(
+            f"cannot read {path} as JSON ({_reason(error)}): expected a Hugging Face config.json"
+        ) from None
     if not isinstance(values, dict):
-        raise CliError(f"{path} holds a JSON {type(values).__name__}, not an object: expected a Hugging Face "
-                       'config.json ({"model_type": ..., "hidden_size": ..., ...})')
+        raise CliError(
+            f"{path} holds a JSON {type(values).__name__}, not an object: expected a Hugging Face "
+            'config.json ({"model_type": ..., "hidden_size": ..., ...})'
+        )
     try:
         import transformers
         from transformers import CONFIG_MAPPING, AutoConfig
@@ -104,8 +130,10 @@ def _load_config(path: str) -> Any:
     if not model_type:
         raise CliError(f"{path} has no 'model_type': is it a Hugging Face config.json?")
     if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
-        raise CliError(f"{path}: model_type {model_type!r} is not one that transformers {transformers.__version__} "
-                       f"knows: upgrade transformers, or {_ESTIMATE_IN_PYTHON}")
+        raise CliError(
+            f"{path}: model_type {model_type!r} is not one that transformers {transformers.__version__} "
+            f"knows: upgrade transformers, or {_ESTIMATE_IN_PYTHON}"
+        )
     _check_sizes(values, path)
     try:
         return AutoConfig.for_model(**values)
@@ -128,8 +156,10 @@ def _model_factory(config: Any, path: str):
     else:
         kind, factory, mapping = "causal", AutoModelForCausalLM, MODEL_FOR_CAUSAL_LM_MAPPING
     if type(config) not in mapping:
-        raise CliError(f"{path} is a {type(config).__name__} ({config.model_type!r}), which transformers does not "
-                       f"build as a {kind} language model, and estimate builds only those: {_ESTIMATE_IN_PYTHON}")
+        raise CliError(
+            f"{path} is a {type(config).__name__} ({config.model_type!r}), which transformers does not "
+            f"build as a {kind} language model, and estimate builds only those: {_ESTIMATE_IN_PYTHON}"
+        )
     return factory
 
 
@@ -141,8 +171,10 @@ def _build_model(config: Any, args: argparse.Namespace):
         with torch.device("meta"):
             model = factory.from_config(config)
     except Exception as error:  # noqa: BLE001 - the model's own code may reject a config with any exception
-        raise CliError(f"cannot build the {config.model_type!r} model of {args.config} ({_reason(error)}): check "
-                       "its sizes, or " + _ESTIMATE_IN_PYTHON) from None
+        raise CliError(
+            f"cannot build the {config.model_type!r} model of {args.config} ({_reason(error)}): check "
+            "its sizes, or " + _ESTIMATE_IN_PYTHON
+        ) from None
     model.train()
     if args.gradient_checkpointing:
         try:
@@ -155,13 +187,22 @@ def _build_model(config: Any, args: argparse.Namespace):
         except ImportError:
             raise CliError("--lora-r needs peft: pip install 'mfu-callbacks[transformers]'") from None
         targets = [name.strip() for name in args.lora_targets.split(",") if name.strip()] or "all-linear"
-        linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                         if isinstance(module, torch.nn.Linear)})
+        linear = sorted(
+            {
+                name.rsplit(".", 1)[-1]
+                for name, module in model.named_modules()
+                if isinstance(module, torch.nn.Linear)
+            }
+        )
         try:
-            model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules=targets))
+            model = get_peft_model(
+                model, LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules=targets)
+            )
         except ValueError as error:
-            raise CliError(f"cannot put LoRA on --lora-targets {args.lora_targets or 'all-linear'} "
-                           f"({_reason(error)}): the model's linear layers are {', '.join(linear)}") from None
+            raise CliError(
+                f"cannot put LoRA on --lora-targets {args.lora_targets or 'all-linear'} "
+                f"({_reason(error)}): the model's linear layers are {', '.join(linear)}"
+            ) from None
     return model
 
 
@@ -187,11 +228,13 @@ def _estimate(args: argparse.Namespace) -> dict[str, Any]:
     try:
         engine = FlopEngine.from_model(model, template)
     except (BatchError, ModelIntrospectionError) as error:
-        raise CliError(f"cannot count the FLOPs of the {config.model_type!r} model of {args.config}: "
-                       f"{_reason(error)}") from None
+        raise CliError(
+            f"cannot count the FLOPs of the {config.model_type!r} model of {args.config}: {_reason(error)}"
+        ) from None
     # batch_size full rows of seq_len tokens (the decoder of an encoder-decoder as long as its encoder)
-    step = engine.evaluate(features_of_full_rows(args.batch_size, args.seq_len,
-                                                 args.seq_len if encoder_decoder else None))
+    step = engine.evaluate(
+        features_of_full_rows(args.batch_size, args.seq_len, args.seq_len if encoder_decoder else None)
+    )
     result: dict[str, Any] = {
         "model_type": config.model_type,
         "tokens_per_step": step.tokens,
@@ -208,8 +251,10 @@ def _estimate(args: argparse.Namespace) -> dict[str, Any]:
         result["gpu"] = gpu.name
         result["peak_tflops"] = tflops
         result["at_mfu"] = {
-            f"{level:.0%}": {"step_seconds": step.model_flops / (peak * level),
-                             "tokens_per_sec": step.tokens * peak * level / step.model_flops}
+            f"{level:.0%}": {
+                "step_seconds": step.model_flops / (peak * level),
+                "tokens_per_sec": step.tokens * peak * level / step.model_flops,
+            }
             for level in _MFU_LEVELS
         }
     return result
@@ -227,8 +272,10 @@ def _print_estimate(result: dict[str, Any]) -> None:
     if "gpu" in result:
         print(f"  on {result['gpu']} ({result['peak_tflops']:.1f} TFLOP/s dense peak):")
         for level, numbers in result["at_mfu"].items():
-            print(f"    at {level:>4} MFU: {numbers['step_seconds'] * 1e3:10.1f} ms per step, "
-                  f"{numbers['tokens_per_sec']:12,.0f} tokens/s per GPU")
+            print(
+                f"    at {level:>4} MFU: {numbers['step_seconds'] * 1e3:10.1f} ms per step, "
+                f"{numbers['tokens_per_sec']:12,.0f} tokens/s per GPU"
+            )
 
 
 def _image_path(output: str, supported: dict[str, str]) -> Path:
@@ -237,8 +284,9 @@ def _image_path(output: str, supported: dict[str, str]) -> Path:
     if path.is_dir():
         raise CliError(f"-o {output} is a folder: name an image file, e.g. {path / 'mfu.png'}")
     if not path.parent.is_dir():
-        raise CliError(f"cannot write {output}: the folder {path.parent} does not exist; create it or choose "
-                       "another -o")
+        raise CliError(
+            f"cannot write {output}: the folder {path.parent} does not exist; create it or choose another -o"
+        )
     if not path.suffix:  # matplotlib would append .png; say so in what is printed
         return path.with_name(path.name + ".png")
     if path.suffix[1:].lower() not in supported:
@@ -251,7 +299,9 @@ def _plot(args: argparse.Namespace) -> None:
     from ._runlog import RunLogError, read_curves
 
     if not 1 <= args.dpi <= _MAX_DPI:
-        raise CliError(f"--dpi must be between 1 and {_MAX_DPI} (got {args.dpi}): 120 is the default, 300 suits print")
+        raise CliError(
+            f"--dpi must be between 1 and {_MAX_DPI} (got {args.dpi}): 120 is the default, 300 suits print"
+        )
     try:
         import matplotlib
     except ImportError:
@@ -291,14 +341,19 @@ def _plot(args: argparse.Namespace) -> None:
         raise CliError(f"cannot write {output}: {_reason(error)}") from None
     finally:
         plt.close(figure)
-    print(f"wrote {output}: {len(curves.mfu)} MFU points, {len(curves.loss)} loss points from {curves.source}")
+    print(
+        f"wrote {output}: {len(curves.mfu)} MFU points, {len(curves.loss)} loss points from {curves.source}"
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="mfu-callbacks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(
+        prog="mfu-callbacks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     estimate = commands.add_parser(
-        "estimate", help="FLOPs per step and per token of a Hugging Face config, and what a GPU would need",
+        "estimate",
+        help="FLOPs per step and per token of a Hugging Face config, and what a GPU would need",
         description="Builds the model on the meta device from a local config.json (nothing is downloaded).",
         epilog="example: mfu-callbacks estimate --config config.json --seq-len 4096 --batch-size 8 --gpu h100",
     )
@@ -306,26 +361,35 @@ def _parser() -> argparse.ArgumentParser:
     estimate.add_argument("--seq-len", type=int, required=True)
     estimate.add_argument("--batch-size", type=int, required=True)
     estimate.add_argument("--lora-r", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
-    estimate.add_argument("--lora-targets", default="", help="comma-separated module names (default: all linear)")
+    estimate.add_argument(
+        "--lora-targets", default="", help="comma-separated module names (default: all linear)"
+    )
     estimate.add_argument("--gradient-checkpointing", action="store_true")
-    estimate.add_argument("--gpu", help="e.g. h100, h200, a100, mi300x: adds step times at 100%%, 50%%, 40%% MFU")
+    estimate.add_argument(
+        "--gpu", help="e.g. h100, h200, a100, mi300x: adds step times at 100%%, 50%%, 40%% MFU"
+    )
     estimate.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp8", "tf32", "fp32"))
     estimate.add_argument("--json", action="store_true", help="print JSON")
     estimate.set_defaults(handler=_run_estimate)
     plot = commands.add_parser(
-        "plot", help="the MFU curve above the loss curve, from a finished or running run",
+        "plot",
+        help="the MFU curve above the loss curve, from a finished or running run",
         description="Reads a W&B offline run (folder or .wandb file), a Lightning metrics.csv or a Trainer "
-                    "trainer_state.json.",
+        "trainer_state.json.",
         epilog="examples:\n  mfu-callbacks plot wandb/offline-run-20261124_120000-abc123 -o mfu.png\n"
-               "  mfu-callbacks plot lightning_logs/version_0/metrics.csv -o mfu.png\n"
-               "  mfu-callbacks plot out/checkpoint-500/trainer_state.json -o mfu.png",
+        "  mfu-callbacks plot lightning_logs/version_0/metrics.csv -o mfu.png\n"
+        "  mfu-callbacks plot out/checkpoint-500/trainer_state.json -o mfu.png",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    plot.add_argument("run", nargs="+", help="W&B run folder or .wandb file, metrics.csv, or trainer_state.json; "
-                                             "several runs are overlaid")
+    plot.add_argument(
+        "run",
+        nargs="+",
+        help="W&B run folder or .wandb file, metrics.csv, or trainer_state.json; several runs are overlaid",
+    )
     plot.add_argument("-o", "--output", default="mfu.png", help="image to write (default: mfu.png)")
-    plot.add_argument("--dpi", type=int, default=120,
-                      help=f"resolution of a raster image, 1 to {_MAX_DPI} (default: 120)")
+    plot.add_argument(
+        "--dpi", type=int, default=120, help=f"resolution of a raster image, 1 to {_MAX_DPI} (default: 120)"
+    )
     plot.set_defaults(handler=_plot)
     compare.add_parser(commands)
     return parser

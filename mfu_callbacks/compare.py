@@ -99,8 +99,10 @@ def _continued_fraction(a: float, b: float, x: float) -> float:
     d = 1.0 / (d if abs(d) > tiny else tiny)
     result = d
     for step in range(1, 500):
-        for numerator in (step * (b - step) * x / ((a + 2 * step - 1) * (a + 2 * step)),
-                          -(a + step) * (a + b + step) * x / ((a + 2 * step) * (a + 2 * step + 1))):
+        for numerator in (
+            step * (b - step) * x / ((a + 2 * step - 1) * (a + 2 * step)),
+            -(a + step) * (a + b + step) * x / ((a + 2 * step) * (a + 2 * step + 1)),
+        ):
             d = 1.0 + numerator * d
             d = 1.0 / (d if abs(d) > tiny else tiny)
             c = 1.0 + numerator / c
@@ -117,7 +119,9 @@ def _beta_regularized(a: float, b: float, x: float) -> float:
         return 0.0
     if x >= 1.0:
         return 1.0
-    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    front = math.exp(
+        math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    )
     if x < (a + 1.0) / (a + b + 2.0):
         return front * _continued_fraction(a, b, x) / a
     return 1.0 - front * _continued_fraction(b, a, 1.0 - x) / b
@@ -163,12 +167,18 @@ class Difference:
     scale: str  # "percent" (relative to the baseline mean) or "points" (percentage points)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"estimate": self.estimate, "low": self.low, "high": self.high,
-                "df": self.df if math.isfinite(self.df) else None, "scale": self.scale}
+        return {
+            "estimate": self.estimate,
+            "low": self.low,
+            "high": self.high,
+            "df": self.df if math.isfinite(self.df) else None,
+            "scale": self.scale,
+        }
 
 
-def welch_difference(baseline: list[float], candidate: list[float], confidence: float, *,
-                     points: bool = False) -> Difference | None:
+def welch_difference(
+    baseline: list[float], candidate: list[float], confidence: float, *, points: bool = False
+) -> Difference | None:
     """Welch's t-interval on mean(candidate) - mean(baseline), relative to mean(baseline) in percent
     (or in percentage points of a fraction); None with fewer than 2 samples a side or a zero baseline."""
     n1, n2 = len(baseline), len(candidate)
@@ -189,8 +199,13 @@ def welch_difference(baseline: list[float], candidate: list[float], confidence: 
         scale = 100.0 / abs(mean1)
     else:
         return None
-    return Difference(difference * scale, (difference - half) * scale, (difference + half) * scale, df,
-                      "points" if points else "percent")
+    return Difference(
+        difference * scale,
+        (difference - half) * scale,
+        (difference + half) * scale,
+        df,
+        "points" if points else "percent",
+    )
 
 
 # -- runs ------------------------------------------------------------------------------------------
@@ -213,8 +228,13 @@ class RunSamples:
 
     def describe(self) -> dict[str, Any]:
         return {
-            "label": self.label, "source": self.log.source, "kind": self.log.kind, "setup": self.log.setup,
-            "versions": self.log.versions, "windows": len(self.log.windows), "windows_used": self.windows_used,
+            "label": self.label,
+            "source": self.log.source,
+            "kind": self.log.kind,
+            "setup": self.log.setup,
+            "versions": self.log.versions,
+            "windows": len(self.log.windows),
+            "windows_used": self.windows_used,
             "means": {key: self.mean(key) for key in self.samples},
         }
 
@@ -226,8 +246,10 @@ def load_run(path: str, label: str, warmup_windows: int) -> RunSamples:
     except RunLogError as error:
         raise CompareError(str(error)) from None
     if not log.windows:
-        raise CompareError(f"no MFU metrics in {log.source} ({log.kind}): expected windows logged by the MFU "
-                           f"callback ({', '.join(m.SUMMARY_METRICS)}, ...); was it in the run, past its warm-up?")
+        raise CompareError(
+            f"no MFU metrics in {log.source} ({log.kind}): expected windows logged by the MFU "
+            f"callback ({', '.join(m.SUMMARY_METRICS)}, ...); was it in the run, past its warm-up?"
+        )
     used = log.windows[warmup_windows:]
     samples: dict[str, list[float]] = {}
     for _, values in used:
@@ -253,7 +275,9 @@ def default_labels(paths: list[str]) -> list[str]:
     labels = [names[-1] for names in parts]
     for depth in (2, 3, 4):
         repeated = {label for label in labels if labels.count(label) > 1}
-        labels = ["/".join(names[-depth:]) if label in repeated else label for label, names in zip(labels, parts)]
+        labels = [
+            "/".join(names[-depth:]) if label in repeated else label for label, names in zip(labels, parts)
+        ]
     repeated = {label for label in labels if labels.count(label) > 1}
     return [f"{label}#{index + 1}" if label in repeated else label for index, label in enumerate(labels)]
 
@@ -293,24 +317,40 @@ class Comparison:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "method": "welch-t", "confidence": self.confidence, "exit_code": self.exit_code,
+            "method": "welch-t",
+            "confidence": self.confidence,
+            "exit_code": self.exit_code,
             "baseline": self.baseline.describe(),
             "candidates": [
-                {**candidate.run.describe(),
-                 "differences": {key: value.to_dict() for key, value in candidate.differences.items()},
-                 "verdict": candidate.verdict, "verdict_metric": candidate.verdict_metric,
-                 "gate": {"metric": candidate.gate.metric, "max_drop_pct": candidate.gate.max_drop,
-                          "change": candidate.gate.change.to_dict() if candidate.gate.change else None,
-                          "failed": candidate.gate.failed, "resolvable": candidate.gate.resolvable},
-                 "notes": candidate.notes}
+                {
+                    **candidate.run.describe(),
+                    "differences": {key: value.to_dict() for key, value in candidate.differences.items()},
+                    "verdict": candidate.verdict,
+                    "verdict_metric": candidate.verdict_metric,
+                    "gate": {
+                        "metric": candidate.gate.metric,
+                        "max_drop_pct": candidate.gate.max_drop,
+                        "change": candidate.gate.change.to_dict() if candidate.gate.change else None,
+                        "failed": candidate.gate.failed,
+                        "resolvable": candidate.gate.resolvable,
+                    },
+                    "notes": candidate.notes,
+                }
                 for candidate in self.candidates
             ],
             "notes": self.notes,
         }
 
 
-def compare_runs(baseline: RunSamples, candidates: list[RunSamples], *, metric: str = m.MFU, max_drop: float = 2.0,
-                 confidence: float = 0.95, allow_mismatch: bool = False) -> Comparison:
+def compare_runs(
+    baseline: RunSamples,
+    candidates: list[RunSamples],
+    *,
+    metric: str = m.MFU,
+    max_drop: float = 2.0,
+    confidence: float = 0.95,
+    allow_mismatch: bool = False,
+) -> Comparison:
     """Each candidate against the baseline: differences with intervals, a verdict, and the gate on ``metric``."""
     if metric not in GATE_METRICS:
         raise CompareError(f"--metric {metric!r} cannot gate; choose one of {', '.join(GATE_METRICS)}")
@@ -323,23 +363,34 @@ def compare_runs(baseline: RunSamples, candidates: list[RunSamples], *, metric: 
             raise CompareError(
                 f"{run.log.source} has {len(run.samples.get(metric, []))} window(s) with {metric} after warm-up "
                 f"({run.windows_used} of {len(run.log.windows)} windows used): a comparison needs at least 2 "
-                + ("(lower --warmup-windows or log more often)" if metric in _any_window_keys(run)
-                   else f"(this run did not log {metric}; was a peak known? try --metric {SPEED_METRIC})"))
+                + (
+                    "(lower --warmup-windows or log more often)"
+                    if metric in _any_window_keys(run)
+                    else f"(this run did not log {metric}; was a peak known? try --metric {SPEED_METRIC})"
+                )
+            )
     comparison = Comparison(baseline, [], confidence)
     comparison.notes.extend(baseline.log.notes)
     for run in candidates:
         notes = [*run.log.notes, *_setup_notes(baseline, run, allow_mismatch)]
         differences = {}
         for key, row in _ROW.items():
-            difference = welch_difference(baseline.samples.get(key, []), run.samples.get(key, []), confidence,
-                                          points=row.points)
+            difference = welch_difference(
+                baseline.samples.get(key, []), run.samples.get(key, []), confidence, points=row.points
+            )
             if difference is not None:
                 differences[key] = difference
         verdict_metric = SPEED_METRIC if SPEED_METRIC in differences else metric
-        comparison.candidates.append(Candidate(run, differences, _verdict(differences.get(verdict_metric),
-                                                                           _ROW[verdict_metric]),
-                                               verdict_metric, _gate(differences.get(metric), metric, max_drop),
-                                               notes))
+        comparison.candidates.append(
+            Candidate(
+                run,
+                differences,
+                _verdict(differences.get(verdict_metric), _ROW[verdict_metric]),
+                verdict_metric,
+                _gate(differences.get(metric), metric, max_drop),
+                notes,
+            )
+        )
     return comparison
 
 
@@ -351,7 +402,9 @@ def _oriented(difference: Difference | None, row: _Row) -> Difference | None:
     """The difference with its sign turned where lower is better: negative is then always worse."""
     if difference is None or row.better >= 0:
         return difference
-    return Difference(-difference.estimate, -difference.high, -difference.low, difference.df, difference.scale)
+    return Difference(
+        -difference.estimate, -difference.high, -difference.low, difference.df, difference.scale
+    )
 
 
 def _verdict(difference: Difference | None, row: _Row) -> str:
@@ -389,23 +442,40 @@ def _setup_notes(baseline: RunSamples, run: RunSamples, allow_mismatch: bool) ->
             message = f"{run.label} was measured on other {what} than {baseline.label}: {theirs} vs {mine}"
             if not allow_mismatch:
                 raise CompareError(message + " (--allow-mismatch compares them anyway)")
-            notes.append(message + ": MFU compares how well each uses its GPU; tokens/s compares the hardware too")
+            notes.append(
+                message + ": MFU compares how well each uses its GPU; tokens/s compares the hardware too"
+            )
     if unchecked:
         silent = [side for side in (baseline, run) if any(side.setup.get(key) is None for key in unchecked)]
-        notes.append(f"{run.label}: {' and '.join(unchecked)} not checked against {baseline.label} "
-                     f"({', '.join(f'{side.label} ({side.log.kind})' for side in silent)} records none)")
+        notes.append(
+            f"{run.label}: {' and '.join(unchecked)} not checked against {baseline.label} "
+            f"({', '.join(f'{side.label} ({side.log.kind})' for side in silent)} records none)"
+        )
     peaks = baseline.setup.get("peak_tflops"), run.setup.get("peak_tflops")
-    if peaks[0] is not None and peaks[1] is not None and not math.isclose(float(peaks[0]), float(peaks[1]), rel_tol=1e-6):
-        notes.append(f"{run.label}: peak {peaks[1]} TFLOP/s vs {peaks[0]}: MFU divides by different peaks; "
-                     "TFLOP/s per GPU compares the work done")
+    if (
+        peaks[0] is not None
+        and peaks[1] is not None
+        and not math.isclose(float(peaks[0]), float(peaks[1]), rel_tol=1e-6)
+    ):
+        notes.append(
+            f"{run.label}: peak {peaks[1]} TFLOP/s vs {peaks[0]}: MFU divides by different peaks; "
+            "TFLOP/s per GPU compares the work done"
+        )
     worlds = baseline.setup.get("world_size"), run.setup.get("world_size")
     if None not in worlds and worlds[0] != worlds[1]:
         notes.append(f"{run.label}: {worlds[1]} GPUs vs {worlds[0]}: per-GPU figures compare, totals do not")
     work = baseline.mean(FLOPS_PER_TOKEN), run.mean(FLOPS_PER_TOKEN)
-    if work[0] is not None and work[1] is not None and work[0] and abs(work[1] / work[0] - 1.0) > _FLOPS_PER_TOKEN_TOLERANCE:
-        notes.append(f"{run.label}: FLOPs per token differ ({work[1]:.4g} vs {work[0]:.4g}, "
-                     f"{100 * (work[1] / work[0] - 1):+.1f}%: another model, sequence length or LoRA): tokens/s per "
-                     "GPU answers 'is it faster', MFU answers 'does it use the GPU better'")
+    if (
+        work[0] is not None
+        and work[1] is not None
+        and work[0]
+        and abs(work[1] / work[0] - 1.0) > _FLOPS_PER_TOKEN_TOLERANCE
+    ):
+        notes.append(
+            f"{run.label}: FLOPs per token differ ({work[1]:.4g} vs {work[0]:.4g}, "
+            f"{100 * (work[1] / work[0] - 1):+.1f}%: another model, sequence length or LoRA): tokens/s per "
+            "GPU answers 'is it faster', MFU answers 'does it use the GPU better'"
+        )
     torch_versions = baseline.log.versions.get("torch"), run.log.versions.get("torch")
     if None not in torch_versions and torch_versions[0] != torch_versions[1]:
         notes.append(f"{run.label}: torch {torch_versions[1]} vs {torch_versions[0]}")
@@ -432,7 +502,9 @@ def _format_difference(difference: Difference | None) -> str:
         return ""
     digits = 2 if difference.high - difference.low < 2 else 1
     unit = "%" if difference.scale == "percent" else " pt"
-    estimate, low, high = (round(value, digits) + 0.0 for value in (difference.estimate, difference.low, difference.high))
+    estimate, low, high = (
+        round(value, digits) + 0.0 for value in (difference.estimate, difference.low, difference.high)
+    )
     return f"{estimate:+.{digits}f}{unit} [{low:+.{digits}f}, {high:+.{digits}f}]"
 
 
@@ -472,8 +544,13 @@ def format_table(comparison: Comparison) -> str:
         lines.append(row)
 
     add("read from", [run.log.kind for run in runs])
-    for key, label in (("device", "device"), ("peak", "peak TFLOP/s"), ("dtype", "dtype"), ("world_size", "world size"),
-                       ("model", "model")):
+    for key, label in (
+        ("device", "device"),
+        ("peak", "peak TFLOP/s"),
+        ("dtype", "dtype"),
+        ("world_size", "world size"),
+        ("model", "model"),
+    ):
         cells = [_setup_cell(run, key) for run in runs]
         if any(cell != "-" for cell in cells):
             add(label, cells)
@@ -481,11 +558,19 @@ def format_table(comparison: Comparison) -> str:
     for row in ROWS:
         if not any(row.key in run.samples for run in runs):
             continue
-        add(row.label, [_format_value(run.mean(row.key), row.unit) for run in runs],
-            [_format_difference(candidate.differences.get(row.key)) for candidate in comparison.candidates])
+        add(
+            row.label,
+            [_format_value(run.mean(row.key), row.unit) for run in runs],
+            [_format_difference(candidate.differences.get(row.key)) for candidate in comparison.candidates],
+        )
     widths = [max(len(line[column]) for line in lines) for column in range(len(header))]
-    text = ["  ".join(cell.ljust(width) if column == 0 else cell.rjust(width)
-                      for column, (cell, width) in enumerate(zip(line, widths))).rstrip() for line in lines]
+    text = [
+        "  ".join(
+            cell.ljust(width) if column == 0 else cell.rjust(width)
+            for column, (cell, width) in enumerate(zip(line, widths))
+        ).rstrip()
+        for line in lines
+    ]
     text.append("")
     for candidate in comparison.candidates:
         text.append(_verdict_line(candidate, level))
@@ -493,8 +578,10 @@ def format_table(comparison: Comparison) -> str:
     for candidate in comparison.candidates:
         gate = candidate.gate
         if gate.change is not None and not gate.resolvable:
-            notes.append(f"{candidate.run.label}: the {gate.metric} interval is wider than ±{gate.max_drop:g}%: a "
-                         f"drop of {gate.max_drop:g}% could pass unseen; more windows narrow it")
+            notes.append(
+                f"{candidate.run.label}: the {gate.metric} interval is wider than ±{gate.max_drop:g}%: a "
+                f"drop of {gate.max_drop:g}% could pass unseen; more windows narrow it"
+            )
     if notes:
         text.append("notes:")
         text.extend(f"  - {note}" for note in notes)
@@ -509,8 +596,11 @@ def _verdict_line(candidate: Candidate, level: str) -> str:
     gate = candidate.gate
     if gate.change is not None:
         bound = f"{gate.change.high:+.2f}%"
-        line += (f"; gate on {gate.metric}: FAIL, dropped more than {gate.max_drop:g}% ({level} interval ends at {bound})"
-                 if gate.failed else f"; gate on {gate.metric}: pass (max drop {gate.max_drop:g}%)")
+        line += (
+            f"; gate on {gate.metric}: FAIL, dropped more than {gate.max_drop:g}% ({level} interval ends at {bound})"
+            if gate.failed
+            else f"; gate on {gate.metric}: pass (max drop {gate.max_drop:g}%)"
+        )
     return line
 
 
@@ -554,8 +644,10 @@ def plot_runs(paths: list[str], output: str, dpi: int = 120) -> None:
         raise CompareError(f"cannot write {output}: {error}") from None
     finally:
         plt.close(figure)
-    counts = ", ".join(f"{label} ({len(curves.mfu)} MFU, {len(curves.loss)} loss points)"
-                       for label, curves in zip(labels, runs))
+    counts = ", ".join(
+        f"{label} ({len(curves.mfu)} MFU, {len(curves.loss)} loss points)"
+        for label, curves in zip(labels, runs)
+    )
     print(f"wrote {output}: {counts}")
 
 
@@ -563,22 +655,42 @@ def plot_runs(paths: list[str], output: str, dpi: int = 120) -> None:
 def add_parser(subcommands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``compare`` command to the ``mfu-callbacks`` subcommands; its handler is :func:`run`."""
     parser = subcommands.add_parser(
-        "compare", help="compare runs' MFU and throughput with confidence intervals; gate CI on a drop",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        "compare",
+        help="compare runs' MFU and throughput with confidence intervals; gate CI on a drop",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="exit codes: 0 no drop beyond --max-drop, 1 a candidate dropped, 2 a run could not be read or "
-               "compared.\nexamples:\n  mfu-callbacks compare runs/main runs/pr\n"
-               "  mfu-callbacks compare main/mfu_summary.json pr/mfu_summary.json --max-drop 3 --json",
+        "compared.\nexamples:\n  mfu-callbacks compare runs/main runs/pr\n"
+        "  mfu-callbacks compare main/mfu_summary.json pr/mfu_summary.json --max-drop 3 --json",
     )
     parser.add_argument("baseline", help="the run to compare against")
     parser.add_argument("candidates", nargs="+", metavar="candidate", help="runs compared with the baseline")
-    parser.add_argument("--metric", default=m.MFU, choices=GATE_METRICS, help="what the gate watches (default: mfu)")
-    parser.add_argument("--max-drop", type=float, default=2.0, metavar="PCT",
-                        help="fail when the metric dropped by more than PCT percent with confidence (default: 2)")
-    parser.add_argument("--confidence", type=float, default=0.95, help="two-sided interval level (default: 0.95)")
-    parser.add_argument("--warmup-windows", type=int, default=1, metavar="N",
-                        help="windows left out at the start of every run (default: 1)")
-    parser.add_argument("--names", help="comma-separated labels, baseline first (default: file or folder names)")
-    parser.add_argument("--allow-mismatch", action="store_true", help="compare runs on different GPUs or dtypes")
+    parser.add_argument(
+        "--metric", default=m.MFU, choices=GATE_METRICS, help="what the gate watches (default: mfu)"
+    )
+    parser.add_argument(
+        "--max-drop",
+        type=float,
+        default=2.0,
+        metavar="PCT",
+        help="fail when the metric dropped by more than PCT percent with confidence (default: 2)",
+    )
+    parser.add_argument(
+        "--confidence", type=float, default=0.95, help="two-sided interval level (default: 0.95)"
+    )
+    parser.add_argument(
+        "--warmup-windows",
+        type=int,
+        default=1,
+        metavar="N",
+        help="windows left out at the start of every run (default: 1)",
+    )
+    parser.add_argument(
+        "--names", help="comma-separated labels, baseline first (default: file or folder names)"
+    )
+    parser.add_argument(
+        "--allow-mismatch", action="store_true", help="compare runs on different GPUs or dtypes"
+    )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.set_defaults(handler=run)
     return parser
@@ -608,8 +720,15 @@ def _compare(args: argparse.Namespace) -> Comparison:
     if args.names:
         labels = [name.strip() for name in args.names.split(",")]
         if len(labels) != len(paths) or len(set(labels)) != len(labels) or not all(labels):
-            raise CompareError(f"--names needs {len(paths)} distinct names, baseline first; got {args.names!r}")
+            raise CompareError(
+                f"--names needs {len(paths)} distinct names, baseline first; got {args.names!r}"
+            )
     runs = [load_run(path, label, args.warmup_windows) for path, label in zip(paths, labels)]
-    return compare_runs(runs[0], runs[1:], metric=args.metric, max_drop=args.max_drop, confidence=args.confidence,
-                        allow_mismatch=args.allow_mismatch)
-
+    return compare_runs(
+        runs[0],
+        runs[1:],
+        metric=args.metric,
+        max_drop=args.max_drop,
+        confidence=args.confidence,
+        allow_mismatch=args.allow_mismatch,
+    )

@@ -59,16 +59,22 @@ class MFUCallback(Callback):
         dtype = dtype_from_lightning_precision(str(trainer.precision))
         self.session.attach(pl_module, dtype=dtype)
 
-    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self.session.step_open:
             self.session.add_batch(batch)  # gradient accumulation: another micro-batch of the step
         else:
             self.session.begin_step(batch)
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
-        self._optimizer_stepped = True  # the step ends with this batch, whatever the accumulation or epoch end
+        self._optimizer_stepped = (
+            True  # the step ends with this batch, whatever the accumulation or epoch end
+        )
 
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if not self._optimizer_stepped:
             return  # gradient accumulation: the optimizer has not stepped yet
         self._optimizer_stepped = False
@@ -94,7 +100,9 @@ class MFUCallback(Callback):
 
     @staticmethod
     def _log(pl_module: LightningModule, metrics: dict[str, float]) -> None:
-        pl_module.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False, sync_dist=False, rank_zero_only=False)
+        pl_module.log_dict(
+            metrics, on_step=True, on_epoch=False, prog_bar=False, sync_dist=False, rank_zero_only=False
+        )
 
 
 def lightning_writes_logs_now(trainer: Trainer) -> bool:

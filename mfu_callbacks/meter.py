@@ -97,7 +97,11 @@ class MFUMeter:
         self._autocast = AutocastWatch(model, self.device, on_first_forward=self._check_peak_dtype)
 
     def _check_peak_dtype(self, module: nn.Module) -> None:
-        if self._repick_peak and self.peak is not None and detect_compute_dtype(module, device=self.device) != self.peak.dtype:
+        if (
+            self._repick_peak
+            and self.peak is not None
+            and detect_compute_dtype(module, device=self.device) != self.peak.dtype
+        ):
             self.peak = _resolve_peak(module, self.device, None, self._peak_tflops)
 
     @property
@@ -168,7 +172,9 @@ class MFUMeter:
         failure: Exception | None = None
         with self._timer.paused():  # the GPU drain waited for here is not input wait
             try:
-                if self._recorder.unread_steps:  # before the drain, while the GPU still runs the steps to be read
+                if (
+                    self._recorder.unread_steps
+                ):  # before the drain, while the GPU still runs the steps to be read
                     self._diagnostics.sample_clock(self.device)
                 local = self._local_window(world)
             except Exception as error:  # noqa: BLE001 - re-raised after the collective
@@ -191,7 +197,9 @@ class MFUMeter:
                 engine=self.engine,
                 run_features=self._run_features,
                 peak_flops=self.peak.flops if self.peak is not None else None,
-                compute_dtype=_compute_dtype(self.peak, self._model, self._dtype_given or self._autocast.dtype, self.device),
+                compute_dtype=_compute_dtype(
+                    self.peak, self._model, self._dtype_given or self._autocast.dtype, self.device
+                ),
                 autocast_in_training=self._autocast.enabled_at_first_forward,
             )
         except Exception:  # noqa: BLE001 - diagnoses are advice: they never cost the run its metrics
@@ -202,8 +210,12 @@ class MFUMeter:
         if counted is None or self.engine is None:
             return rank_window(world, timings, None, None)
         window_features, last_features = counted
-        self._run_features = window_features if self._run_features is None else self._run_features + window_features
-        return rank_window(world, timings, self.engine.evaluate(window_features), self.engine.evaluate(last_features))
+        self._run_features = (
+            window_features if self._run_features is None else self._run_features + window_features
+        )
+        return rank_window(
+            world, timings, self.engine.evaluate(window_features), self.engine.evaluate(last_features)
+        )
 
     # -- resuming ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -214,14 +226,20 @@ class MFUMeter:
         not carried over: a resumed process compiles and warms its allocator again.
         """
         features = self._run_features.tolist() if self._run_features is not None else None
-        return {"version": _STATE_VERSION, "run": self._run.state_dict(), "run_features": features,
-                "diagnoses": self._diagnostics.state_dict()}
+        return {
+            "version": _STATE_VERSION,
+            "run": self._run.state_dict(),
+            "run_features": features,
+            "diagnoses": self._diagnostics.state_dict(),
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue from ``state_dict()`` of an earlier run (before its first step is read)."""
         if state.get("version") != _STATE_VERSION:
-            raise ValueError(f"cannot resume MFU from state version {state.get('version')!r}: "
-                             f"this mfu-callbacks writes version {_STATE_VERSION}")
+            raise ValueError(
+                f"cannot resume MFU from state version {state.get('version')!r}: "
+                f"this mfu-callbacks writes version {_STATE_VERSION}"
+            )
         self._run = RunTotals.from_state_dict(state["run"])
         features = state.get("run_features")
         self._run_features = torch.tensor(features, dtype=torch.int64) if features is not None else None
@@ -246,7 +264,9 @@ def _world_size(given: int | None) -> int:
     return given or 1
 
 
-def _compute_dtype(peak: PeakInfo | None, model: nn.Module, override: Any, device: torch.device) -> str | None:
+def _compute_dtype(
+    peak: PeakInfo | None, model: nn.Module, override: Any, device: torch.device
+) -> str | None:
     """The dtype the matmuls run in: the peak's, else as given, seen under autocast, or stored."""
     if peak is not None:
         return peak.dtype

@@ -220,8 +220,12 @@ class AutocastWatch:
     in is known only then. The hook removes itself after one call and never changes the forward.
     """
 
-    def __init__(self, model: nn.Module, device: torch.device,
-                 on_first_forward: Callable[[nn.Module], None] | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        device: torch.device,
+        on_first_forward: Callable[[nn.Module], None] | None = None,
+    ) -> None:
         self.dtype: str | None = None  # autocast's dtype key at the first forward; None without autocast
         self.seen = False
         self._device = device

@@ -18,7 +18,9 @@ def format_report(
     """The report as printed when training ends; ``summary`` is ``MFUMeter.summary()``."""
     lines = ["MFU report (mfu-callbacks), measured steps after warm-up"]
     if peak is not None:
-        lines.append(f"  peak: {peak.device_name}, {peak.dtype}, {peak.tflops:.1f} TFLOP/s dense per GPU ({peak.source})")
+        lines.append(
+            f"  peak: {peak.device_name}, {peak.dtype}, {peak.tflops:.1f} TFLOP/s dense per GPU ({peak.source})"
+        )
     else:
         lines.append("  peak: unknown GPU, MFU not computed (pass peak_tflops= or set MFU_PEAK_TFLOPS)")
     figures = [
@@ -27,7 +29,10 @@ def format_report(
         ("model TFLOP/s per GPU", summary.get("tflops_per_gpu"), "{:.1f}"),
         ("tokens/s per GPU", summary.get("tokens_per_sec_per_gpu"), "{:,.0f}"),
     ]
-    lines.append("  " + "   ".join(f"{name} {form.format(value)}" for name, value, form in figures if value is not None))
+    lines.append(
+        "  "
+        + "   ".join(f"{name} {form.format(value)}" for name, value, form in figures if value is not None)
+    )
     if run_flops is not None and run_flops.model_flops > 0:
         lines.append("  model FLOPs by component:")
         total = run_flops.model_flops

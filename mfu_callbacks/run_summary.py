@@ -77,7 +77,9 @@ class RunSummary:
     the metrics are already combined over the ranks).
     """
 
-    def __init__(self, setup: Mapping[str, Any] | None = None, *, versions: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, setup: Mapping[str, Any] | None = None, *, versions: Mapping[str, str] | None = None
+    ) -> None:
         self.setup: dict[str, Any] = dict(setup or {})
         self.versions: dict[str, str] = dict(versions) if versions is not None else library_versions()
         self.windows: list[dict[str, Any]] = []
@@ -94,8 +96,13 @@ class RunSummary:
         self.windows.append({"step": step, "metrics": values})
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": FORMAT, "format_version": FORMAT_VERSION, "setup": _plain(self.setup),
-                "versions": dict(self.versions), "windows": list(self.windows)}
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "setup": _plain(self.setup),
+            "versions": dict(self.versions),
+            "windows": list(self.windows),
+        }
 
     def write(self, path: str | os.PathLike[str]) -> Path:
         """Write the summary to ``path``; return the file written.
@@ -128,21 +135,29 @@ class RunSummary:
     def from_dict(cls, document: Any) -> RunSummary:
         """Rebuild a summary from its JSON document; RunSummaryError says what does not fit."""
         if not isinstance(document, dict) or document.get("format") != FORMAT:
-            raise RunSummaryError(f"not an mfu-callbacks run summary (no \"format\": \"{FORMAT}\")")
+            raise RunSummaryError(f'not an mfu-callbacks run summary (no "format": "{FORMAT}")')
         version = document.get("format_version")
         if version != FORMAT_VERSION:
-            raise RunSummaryError(f"run summary format version {version!r}; this mfu-callbacks reads "
-                                  f"version {FORMAT_VERSION}")
-        setup, versions, windows = document.get("setup", {}), document.get("versions", {}), document.get("windows")
+            raise RunSummaryError(
+                f"run summary format version {version!r}; this mfu-callbacks reads version {FORMAT_VERSION}"
+            )
+        setup, versions, windows = (
+            document.get("setup", {}),
+            document.get("versions", {}),
+            document.get("windows"),
+        )
         if not isinstance(setup, dict) or not isinstance(versions, dict) or not isinstance(windows, list):
-            raise RunSummaryError("run summary without a 'setup' object, a 'versions' object and a 'windows' list")
+            raise RunSummaryError(
+                "run summary without a 'setup' object, a 'versions' object and a 'windows' list"
+            )
         summary = cls(setup, versions=versions)
         for index, window in enumerate(windows):
             try:
                 summary.add_window(window["step"], window["metrics"])
             except (TypeError, KeyError, ValueError, AttributeError):
-                raise RunSummaryError(f"window {index} is not {{\"step\": int, \"metrics\": {{name: number}}}}: "
-                                      f"{str(window)[:80]}") from None
+                raise RunSummaryError(
+                    f'window {index} is not {{"step": int, "metrics": {{name: number}}}}: {str(window)[:80]}'
+                ) from None
         return summary
 
     @classmethod
@@ -160,8 +175,9 @@ class RunSummary:
         try:
             document = json.loads(text)
         except json.JSONDecodeError as error:
-            raise RunSummaryError(f"{target} is not complete JSON ({error}): expected an mfu-callbacks run "
-                                  "summary") from None
+            raise RunSummaryError(
+                f"{target} is not complete JSON ({error}): expected an mfu-callbacks run summary"
+            ) from None
         try:
             return cls.from_dict(document)
         except RunSummaryError as error:
@@ -192,7 +208,9 @@ def describe_setup(
     if dtype is not None:
         setup["dtype"] = dtype
     if peak is not None:
-        setup.update(device=peak.device_name, peak_tflops=peak.tflops, peak_source=peak.source, dtype=peak.dtype)
+        setup.update(
+            device=peak.device_name, peak_tflops=peak.tflops, peak_source=peak.source, dtype=peak.dtype
+        )
     if world_size is not None:
         setup["world_size"] = int(world_size)
     if flops is not None and flops.tokens > 0:
@@ -220,7 +238,9 @@ def model_fingerprint(model: nn.Module) -> dict[str, Any]:
     fingerprint: dict[str, Any] = {
         "architecture": type(base).__name__,
         "parameters": sum(parameter.numel() for parameter in inner.parameters()),
-        "trainable_parameters": sum(parameter.numel() for parameter in inner.parameters() if parameter.requires_grad),
+        "trainable_parameters": sum(
+            parameter.numel() for parameter in inner.parameters() if parameter.requires_grad
+        ),
     }
     lora = _lora_config(inner)
     if lora is not None:
@@ -241,7 +261,12 @@ def _lora_config(model: nn.Module) -> dict[str, Any] | None:
     targets = getattr(config, "target_modules", None)
     if isinstance(targets, (set, frozenset, list, tuple)):
         targets = sorted(str(target) for target in targets)
-    return {"r": config.r, "alpha": getattr(config, "lora_alpha", None), "target_modules": targets, "adapter": name}
+    return {
+        "r": config.r,
+        "alpha": getattr(config, "lora_alpha", None),
+        "target_modules": targets,
+        "adapter": name,
+    }
 
 
 def library_versions() -> dict[str, str]:

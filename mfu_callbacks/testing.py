@@ -71,7 +71,9 @@ def causal_lm(
         config = LlamaConfig(**sizes)
     config._attn_implementation = attention
     torch.manual_seed(seed)
-    model: nn.Module = MixtralForCausalLM(config) if isinstance(config, MixtralConfig) else LlamaForCausalLM(config)
+    model: nn.Module = (
+        MixtralForCausalLM(config) if isinstance(config, MixtralConfig) else LlamaForCausalLM(config)
+    )
     if lora_rank:
         from peft import LoraConfig, get_peft_model
 

@@ -195,7 +195,9 @@ class StepTimer:
         cut = len(self._finished) - _KEEP_STEPS // 2
         old = self._finished[:cut]
         folded = StepTiming(
-            sum(t.step_seconds for t in old), sum(t.input_wait_seconds for t in old), sum(t.steps for t in old)
+            sum(t.step_seconds for t in old),
+            sum(t.input_wait_seconds for t in old),
+            sum(t.steps for t in old),
         )
         self._finished[:cut] = [folded]
 

@@ -52,7 +52,9 @@ class MFUCallback(TrainerCallback, ExportableState):
         written as JSON, and the meter's run totals, so a resumed run's summary continues this one."""
         return {"args": _json_options(self.options), "attributes": {"mfu_state": self.session.state_dict()}}
 
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs):
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs
+    ):
         self.session.start_run()  # a second train(), or one after an interrupted run, starts clean
         if state.global_step > 0:  # resuming from a checkpoint
             self.session.load_state_dict(self.mfu_state or _saved_state(state, type(self).__name__))
@@ -123,7 +125,10 @@ def add_to_saved_log_record(state: TrainerState, metrics: dict[str, float]) -> N
 
 def _json_options(options: MFUOptions) -> dict[str, Any]:
     """The options a checkpoint can hold as JSON (functions such as ``token_counter`` cannot be)."""
-    values = {name: getattr(options, name) for name in ("peak_tflops", "warmup_steps", "log_interval", "prefix", "report")}
+    values = {
+        name: getattr(options, name)
+        for name in ("peak_tflops", "warmup_steps", "log_interval", "prefix", "report")
+    }
     values["silence_diagnostics"] = list(options.silence_diagnostics)
     if isinstance(options.dtype, str):
         values["dtype"] = options.dtype

@@ -55,7 +55,9 @@ def full_batch(rows: int, length: int, *, labels: bool = True, seed: int = 0) ->
     return batch
 
 
-def padded_batch(lengths: list[int], *, side: str = "right", labels: bool = True, seed: int = 1) -> dict[str, torch.Tensor]:
+def padded_batch(
+    lengths: list[int], *, side: str = "right", labels: bool = True, seed: int = 1
+) -> dict[str, torch.Tensor]:
     """Rows of mixed real lengths padded to the longest (pad id 0, label -100 on padding)."""
     width = max(lengths)
     ids = _tokens(len(lengths), width, seed)
@@ -96,7 +98,9 @@ def seq2seq_batch(encoder: list[int], decoder: list[int], *, seed: int = 3) -> d
 DECODER_KEYS = ("labels", "decoder_input_ids", "decoder_attention_mask")
 
 
-def documents(batch: Mapping[str, torch.Tensor], *, encoder_decoder: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+def documents(
+    batch: Mapping[str, torch.Tensor], *, encoder_decoder: bool = False
+) -> Iterator[dict[str, torch.Tensor]]:
     """Each real sequence of a batch alone, without padding: rows by their attention mask (and, for an
     encoder-decoder, the decoder side by its own mask or its labels' -100), packed rows split where
     the positions restart."""
@@ -119,7 +123,11 @@ def documents(batch: Mapping[str, torch.Tensor], *, encoder_decoder: bool = Fals
         piece = {}
         for key, value in batch.items():
             if encoder_decoder and key in DECODER_KEYS:
-                piece[key] = value[row : row + 1][:, decoder_mask[row]] if decoder_mask is not None else value[row : row + 1]
+                piece[key] = (
+                    value[row : row + 1][:, decoder_mask[row]]
+                    if decoder_mask is not None
+                    else value[row : row + 1]
+                )
             elif value.dim() >= 2 and value.shape[1] == mask.shape[1]:
                 piece[key] = value[row : row + 1][:, mask[row]]
             else:
@@ -134,8 +142,18 @@ SEQ = 16
 
 def tiny_llama(lora: bool = False, seed: int = 0) -> nn.Module:
     """The integration tests' model: a 2-layer Llama with eager attention (so the truth counts it as it runs)."""
-    return causal_lm(hidden=32, intermediate=64, layers=2, heads=4, kv_heads=2, vocab=TINY_VOCAB, attention="eager",
-                     lora_rank=4 if lora else None, lora_targets=["q_proj", "v_proj"], seed=seed)
+    return causal_lm(
+        hidden=32,
+        intermediate=64,
+        layers=2,
+        heads=4,
+        kv_heads=2,
+        vocab=TINY_VOCAB,
+        attention="eager",
+        lora_rank=4 if lora else None,
+        lora_targets=["q_proj", "v_proj"],
+        seed=seed,
+    )
 
 
 class FixedLengthTokens(Dataset):
@@ -160,7 +178,11 @@ def collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 @contextmanager
 def checkpointing_off(model: nn.Module) -> Iterator[None]:
     """The same model with activation checkpointing switched off (hooks and frozen state unchanged)."""
-    flags = [(m, m.gradient_checkpointing) for m in model.modules() if isinstance(getattr(m, "gradient_checkpointing", None), bool)]
+    flags = [
+        (m, m.gradient_checkpointing)
+        for m in model.modules()
+        if isinstance(getattr(m, "gradient_checkpointing", None), bool)
+    ]
     for module, _ in flags:
         module.gradient_checkpointing = False
     try:
@@ -236,26 +258,37 @@ def step_truth(model: nn.Module, batch: Any, forward: Forward = keyword_forward)
     return reference_step_flops(model, batch, forward)
 
 
-def model_truth(model: nn.Module, batch: Mapping[str, torch.Tensor], forward: Forward = keyword_forward) -> int:
+def model_truth(
+    model: nn.Module, batch: Mapping[str, torch.Tensor], forward: Forward = keyword_forward
+) -> int:
     """Model FLOPs: every real sequence alone (a batch without padding as it is), no recompute."""
     masks = [batch.get("attention_mask"), batch.get("decoder_attention_mask")]
     labels = batch.get("labels")
-    unpadded = ("position_ids" not in batch and all(m is None or bool(m.all()) for m in masks)
-                and (labels is None or bool((labels != -100).all())))
+    unpadded = (
+        "position_ids" not in batch
+        and all(m is None or bool(m.all()) for m in masks)
+        and (labels is None or bool((labels != -100).all()))
+    )
     encoder_decoder = any(getattr(config, "is_encoder_decoder", False) for config in configs_of(model))
     with checkpointing_off(model):
         if unpadded:
             return step_truth(model, batch, forward)
-        return sum(step_truth(model, piece, forward) for piece in documents(batch, encoder_decoder=encoder_decoder))
+        return sum(
+            step_truth(model, piece, forward) for piece in documents(batch, encoder_decoder=encoder_decoder)
+        )
 
 
 def assert_flops(actual: int, expected: int, what: str, rel: float = 0.0) -> None:
     """Exact unless a tolerance is given (at most 1%)."""
     assert expected > 0, f"{what}: the truth is zero, nothing was checked"
-    assert abs(actual - expected) <= rel * expected, f"{what}: engine {actual:,} vs truth {expected:,} ({actual / expected - 1:+.3%})"
+    assert abs(actual - expected) <= rel * expected, (
+        f"{what}: engine {actual:,} vs truth {expected:,} ({actual / expected - 1:+.3%})"
+    )
 
 
-def check_engine(model: nn.Module, template: Any, batches: list[Any], forward: Forward | None = None, **engine_options: Any) -> None:
+def check_engine(
+    model: nn.Module, template: Any, batches: list[Any], forward: Forward | None = None, **engine_options: Any
+) -> None:
     """Engine built from the model as the user left it (default attention: sdpa) against the truth
     of each batch, taken with eager attention and experts."""
     from mfu_callbacks.flops import FlopEngine
@@ -265,5 +298,6 @@ def check_engine(model: nn.Module, template: Any, batches: list[Any], forward: F
     for batch in batches:
         step = engine.estimate(batch)
         assert_flops(step.model_flops, model_truth(model, batch, forward or keyword_forward), "model FLOPs")
-        assert_flops(step.hardware_flops, step_truth(model, batch, forward or keyword_forward), "hardware FLOPs")
-
+        assert_flops(
+            step.hardware_flops, step_truth(model, batch, forward or keyword_forward), "hardware FLOPs"
+        )

@@ -92,7 +92,9 @@ def test_gradient_accumulation_ends_a_step_only_when_the_optimizer_steps(fake_me
     micro_flops = BATCH * SEQ * FLOPS_PER_TOKEN
     for values in measured:
         assert values["train/step_time"] == pytest.approx(2 * SECONDS_PER_BATCH)
-        assert values["train/tflops_per_gpu"] == pytest.approx(2 * micro_flops / values["train/step_time"] / 1e12, rel=1e-6)
+        assert values["train/tflops_per_gpu"] == pytest.approx(
+            2 * micro_flops / values["train/step_time"] / 1e12, rel=1e-6
+        )
 
 
 def test_losses_and_weights_are_identical_with_and_without_the_tracker():
@@ -142,14 +144,24 @@ def test_two_processes_under_torchrun(tmp_path):
     script = tmp_path / "loop.py"
     script.write_text(SCRIPT.format(tests=str(Path(__file__).parent)))
     # torchrun sets the environment Accelerate reads; `accelerate launch --cpu` would start one process.
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(script),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stderr[-3000:]
     line = next(line for line in result.stdout.splitlines() if line.startswith("METRICS"))
     metrics = json.loads(line.split(" ", 1)[1])
     # 32 sequences per step over two ranks (each 4 rows x 16 tokens... per rank): tokens/s counts both ranks.
     assert metrics["train/tokens_per_sec"] == pytest.approx(2 * 4 * 16 / metrics["train/step_time"], rel=0.05)
-    assert metrics["train/tokens_per_sec_per_gpu"] == pytest.approx(4 * 16 / metrics["train/step_time"], rel=0.05)
+    assert metrics["train/tokens_per_sec_per_gpu"] == pytest.approx(
+        4 * 16 / metrics["train/step_time"], rel=0.05
+    )
     assert metrics["train/step_time_max"] >= metrics["train/step_time_min"]
 
 

@@ -18,8 +18,15 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture
 def config_file(tmp_path):
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=256, max_position_embeddings=128)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        max_position_embeddings=128,
+    )
     path = tmp_path / "config.json"
     path.write_text(config.to_json_string())
     return path, config
@@ -27,7 +34,9 @@ def config_file(tmp_path):
 
 @pytest.fixture
 def t5_config_file(tmp_path):
-    config = T5Config(d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2, num_decoder_layers=2, vocab_size=128)
+    config = T5Config(
+        d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2, num_decoder_layers=2, vocab_size=128
+    )
     path = tmp_path / "t5_config.json"
     path.write_text(config.to_json_string())
     return path, config
@@ -41,8 +50,19 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
 
 def test_estimate_matches_the_engine_on_the_real_model_and_a_gpu_peak(capsys, config_file):
     path, config = config_file
-    code, out, _ = run_cli(capsys, "estimate", "--config", str(path), "--seq-len", "32", "--batch-size", "2",
-                           "--gpu", "h100", "--json")
+    code, out, _ = run_cli(
+        capsys,
+        "estimate",
+        "--config",
+        str(path),
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "2",
+        "--gpu",
+        "h100",
+        "--json",
+    )
     assert code == 0
     result = json.loads(out)
     torch.manual_seed(0)
@@ -56,21 +76,29 @@ def test_estimate_matches_the_engine_on_the_real_model_and_a_gpu_peak(capsys, co
     assert result["at_mfu"]["40%"]["step_seconds"] == pytest.approx(expected.model_flops / (0.4 * 989.4e12))
 
 
-def test_estimate_with_lora_and_checkpointing_counts_less_model_work_and_more_hardware_work(capsys, config_file):
+def test_estimate_with_lora_and_checkpointing_counts_less_model_work_and_more_hardware_work(
+    capsys, config_file
+):
     path, _ = config_file
     base = ["estimate", "--config", str(path), "--seq-len", "32", "--batch-size", "2", "--json"]
     full = json.loads(run_cli(capsys, *base)[1])
-    lora = json.loads(run_cli(capsys, *base, "--lora-r", "8", "--lora-targets", "q_proj,v_proj",
-                              "--gradient-checkpointing")[1])
-    assert lora["model_flops_per_step"] < full["model_flops_per_step"]  # no weight gradients of the frozen base
+    lora = json.loads(
+        run_cli(
+            capsys, *base, "--lora-r", "8", "--lora-targets", "q_proj,v_proj", "--gradient-checkpointing"
+        )[1]
+    )
+    assert (
+        lora["model_flops_per_step"] < full["model_flops_per_step"]
+    )  # no weight gradients of the frozen base
     assert lora["hardware_flops_per_step"] > lora["model_flops_per_step"]  # the recompute
     assert lora["breakdown"]["adapters"] > 0
 
 
 def test_estimate_prints_a_table_a_person_can_read(capsys, config_file):
     path, _ = config_file
-    code, out, _ = run_cli(capsys, "estimate", "--config", str(path), "--seq-len", "16", "--batch-size", "1",
-                           "--gpu", "a100")
+    code, out, _ = run_cli(
+        capsys, "estimate", "--config", str(path), "--seq-len", "16", "--batch-size", "1", "--gpu", "a100"
+    )
     assert code == 0
     assert "model FLOPs per token" in out and "at  40% MFU" in out and "NVIDIA A100" in out
 
@@ -78,10 +106,16 @@ def test_estimate_prints_a_table_a_person_can_read(capsys, config_file):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["estimate", "--config", "missing.json", "--seq-len", "8", "--batch-size", "1"], "config file not found"),
+        (
+            ["estimate", "--config", "missing.json", "--seq-len", "8", "--batch-size", "1"],
+            "config file not found",
+        ),
         (["estimate", "--config", "{bad}", "--seq-len", "8", "--batch-size", "1"], "cannot read"),
         (["estimate", "--config", "{no_type}", "--seq-len", "8", "--batch-size", "1"], "no 'model_type'"),
-        (["estimate", "--config", "{good}", "--seq-len", "8", "--batch-size", "1", "--gpu", "h1000"], "known: "),
+        (
+            ["estimate", "--config", "{good}", "--seq-len", "8", "--batch-size", "1", "--gpu", "h1000"],
+            "known: ",
+        ),
         (["estimate", "--config", "{good}", "--seq-len", "0", "--batch-size", "1"], "must be positive"),
         (["plot", "missing-run", "-o", "x.png"], "no such file or folder"),
         (["plot", "{no_mfu_csv}", "-o", "x.png"], "no MFU in"),
@@ -124,10 +158,17 @@ def test_plot_from_a_lightning_csv_and_a_trainer_state(capsys, tmp_path):
     code, out, _ = run_cli(capsys, "plot", str(csv_path), "-o", str(tmp_path / "a.png"))
     assert code == 0 and "2 MFU points, 4 loss points" in out
     check_png(tmp_path / "a.png")
-    state = {"log_history": [{"loss": 2.0, "mfu": 0.3, "step": 10}, {"loss": 1.5, "mfu": 0.32, "step": 20},
-                             {"train_runtime": 5.0, "step": 20}]}
+    state = {
+        "log_history": [
+            {"loss": 2.0, "mfu": 0.3, "step": 10},
+            {"loss": 1.5, "mfu": 0.32, "step": 20},
+            {"train_runtime": 5.0, "step": 20},
+        ]
+    }
     (tmp_path / "trainer_state.json").write_text(json.dumps(state))
-    code, out, _ = run_cli(capsys, "plot", str(tmp_path / "trainer_state.json"), "-o", str(tmp_path / "b.png"))
+    code, out, _ = run_cli(
+        capsys, "plot", str(tmp_path / "trainer_state.json"), "-o", str(tmp_path / "b.png")
+    )
     assert code == 0 and "2 MFU points, 2 loss points" in out
     check_png(tmp_path / "b.png")
 
@@ -155,7 +196,9 @@ def full_rows(rows: int, length: int, decoder_length: int | None, *, mask: bool)
     if mask:
         batch["attention_mask"] = torch.ones_like(ids)
     if decoder_length is not None:
-        decoder_ids = torch.randint(3, 100, (rows, decoder_length), generator=torch.Generator().manual_seed(1))
+        decoder_ids = torch.randint(
+            3, 100, (rows, decoder_length), generator=torch.Generator().manual_seed(1)
+        )
         batch["decoder_input_ids"] = decoder_ids
         batch["labels"] = decoder_ids.clone()
         if mask:
@@ -165,8 +208,9 @@ def full_rows(rows: int, length: int, decoder_length: int | None, *, mask: bool)
 
 @pytest.mark.parametrize("mask", [False, True], ids=["no-mask", "all-ones-mask"])
 @pytest.mark.parametrize("architecture", ["decoder", "encoder-decoder"])
-def test_features_of_full_rows_are_what_the_engine_counts_in_a_real_batch(config_file, t5_config_file,
-                                                                          architecture, mask):
+def test_features_of_full_rows_are_what_the_engine_counts_in_a_real_batch(
+    config_file, t5_config_file, architecture, mask
+):
     from mfu_callbacks.flops.features import features_of_full_rows
 
     torch.manual_seed(0)
@@ -182,12 +226,15 @@ def test_features_of_full_rows_are_what_the_engine_counts_in_a_real_batch(config
 
 def test_estimate_of_an_encoder_decoder_matches_the_engine_on_the_real_model(capsys, t5_config_file):
     path, config = t5_config_file
-    code, out, err = run_cli(capsys, "estimate", "--config", str(path), "--seq-len", "12", "--batch-size", "3",
-                             "--json")
+    code, out, err = run_cli(
+        capsys, "estimate", "--config", str(path), "--seq-len", "12", "--batch-size", "3", "--json"
+    )
     assert code == 0, err
     torch.manual_seed(0)
     ids = torch.zeros(3, 12, dtype=torch.long)
-    expected = estimate_step_flops(T5ForConditionalGeneration(config), {"input_ids": ids, "decoder_input_ids": ids})
+    expected = estimate_step_flops(
+        T5ForConditionalGeneration(config), {"input_ids": ids, "decoder_input_ids": ids}
+    )
     result = json.loads(out)
     assert result["model_flops_per_step"] == expected.model_flops
     assert result["tokens_per_step"] == expected.tokens == 2 * 3 * 12  # encoder and decoder tokens
@@ -198,8 +245,19 @@ def test_estimate_plans_a_huge_step_from_its_sizes_without_allocating_it(capsys,
     path, config = config_file
     rows, length = 4096, 1_048_576
     start = time.perf_counter()
-    code, out, err = run_cli(capsys, "estimate", "--config", str(path), "--seq-len", str(length),
-                             "--batch-size", str(rows), "--gpu", "h100", "--json")
+    code, out, err = run_cli(
+        capsys,
+        "estimate",
+        "--config",
+        str(path),
+        "--seq-len",
+        str(length),
+        "--batch-size",
+        str(rows),
+        "--gpu",
+        "h100",
+        "--json",
+    )
     elapsed = time.perf_counter() - start
     assert code == 0, err
     assert elapsed < 5.0
@@ -209,13 +267,19 @@ def test_estimate_plans_a_huge_step_from_its_sizes_without_allocating_it(capsys,
     breakdown = result["breakdown"]
     assert result["tokens_per_step"] == tokens
     # A training step is 3 forward passes of 2 FLOPs per multiply-add (forward, then two backward matmuls).
-    assert breakdown["mlp"] == pytest.approx(6 * tokens * 3 * hidden * config.intermediate_size * layers, rel=1e-9)
+    assert breakdown["mlp"] == pytest.approx(
+        6 * tokens * 3 * hidden * config.intermediate_size * layers, rel=1e-9
+    )
     assert breakdown["head"] == pytest.approx(6 * tokens * hidden * config.vocab_size, rel=1e-9)
     # Eager attention: Q K^T and the weighted sum of V, each length**2 * hidden multiply-adds per row and layer.
-    assert breakdown["attention_scores"] == pytest.approx(6 * 2 * rows * length**2 * hidden * layers, rel=1e-9)
+    assert breakdown["attention_scores"] == pytest.approx(
+        6 * 2 * rows * length**2 * hidden * layers, rel=1e-9
+    )
     assert result["model_flops_per_step"] == result["hardware_flops_per_step"]  # no padding, no recompute
     assert sum(breakdown.values()) == pytest.approx(result["model_flops_per_step"], rel=1e-12)  # float64 sums
-    assert result["at_mfu"]["40%"]["step_seconds"] == pytest.approx(result["model_flops_per_step"] / (0.4 * 989.4e12))
+    assert result["at_mfu"]["40%"]["step_seconds"] == pytest.approx(
+        result["model_flops_per_step"] / (0.4 * 989.4e12)
+    )
 
 
 # -- bad input: one line naming the problem and the fix, exit code 2 -------------------------------
@@ -258,7 +322,9 @@ def bad_files(tmp_path, config_file):
     files["{foreign_csv}"].write_text("name,price\napple,3\n")
     files["{latin1_csv}"].write_bytes("step,train/mfu,note\n1,0.4,caf\u00e9\n".encode("latin-1"))
     files["{empty_json}"].write_text("")
-    state = json.dumps({"log_history": [{"step": 1, "mfu": 0.4, "loss": 2.0}, {"step": 2, "mfu": 0.41, "loss": 1.9}]})
+    state = json.dumps(
+        {"log_history": [{"step": 1, "mfu": 0.4, "loss": 2.0}, {"step": 2, "mfu": 0.41, "loss": 1.9}]}
+    )
     files["{truncated_json}"].write_text(state[: len(state) // 2])
     files["{foreign_json}"].write_text(json.dumps({"name": "my-app", "version": "1.0.0"}))
     files["{empty_wandb}"].write_bytes(b"")
@@ -272,53 +338,91 @@ def estimate(*extra: str, config: str = "{good}", seq_len: str = "8", batch_size
 
 BAD_INPUTS = {
     # estimate: the config file
-    "config-json-list": (estimate(config="{list}"), ["list.json", "JSON list", "expected a Hugging Face config.json"]),
+    "config-json-list": (
+        estimate(config="{list}"),
+        ["list.json", "JSON list", "expected a Hugging Face config.json"],
+    ),
     "config-not-utf8": (estimate(config="{latin1}"), ["latin1.json", "not UTF-8"]),
     "config-zero-heads": (estimate(config="{zero_heads}"), ["num_attention_heads is 0", "must be positive"]),
     "config-negative-width": (estimate(config="{negative_width}"), ["hidden_size is -8", "correct it"]),
-    "config-negative-layers": (estimate(config="{negative_layers}"), ["num_hidden_layers is -1", "zero or more"]),
-    "config-vision-language": (estimate(config="{llava}"), ["LlavaConfig", "mfu_callbacks.estimate_step_flops"]),
-    "config-unknown-model-type": (estimate(config="{unknown_type}"), ["'not-a-model' is not one that transformers",
-                                                                      "upgrade transformers"]),
+    "config-negative-layers": (
+        estimate(config="{negative_layers}"),
+        ["num_hidden_layers is -1", "zero or more"],
+    ),
+    "config-vision-language": (
+        estimate(config="{llava}"),
+        ["LlavaConfig", "mfu_callbacks.estimate_step_flops"],
+    ),
+    "config-unknown-model-type": (
+        estimate(config="{unknown_type}"),
+        ["'not-a-model' is not one that transformers", "upgrade transformers"],
+    ),
     "config-is-a-folder": (estimate(config="{folder}"), ["is a folder", "config.json"]),
     # estimate: the sizes
     "negative-lora-rank": (estimate("--lora-r", "-1"), ["--lora-r must be positive (got -1)"]),
     "lora-targets-without-rank": (estimate("--lora-targets", "q_proj"), ["--lora-targets needs --lora-r"]),
-    "lora-targets-not-in-model": (estimate("--lora-r", "4", "--lora-targets", "qkv"),
-                                  ["--lora-targets qkv", "linear layers are", "q_proj"]),
+    "lora-targets-not-in-model": (
+        estimate("--lora-r", "4", "--lora-targets", "qkv"),
+        ["--lora-targets qkv", "linear layers are", "q_proj"],
+    ),
     "zero-seq-len": (estimate(seq_len="0"), ["--seq-len must be positive (got 0)"]),
     "negative-seq-len": (estimate(seq_len="-8"), ["--seq-len must be positive (got -8)"]),
     "zero-batch-size": (estimate(batch_size="0"), ["--batch-size must be positive (got 0)"]),
     "negative-batch-size": (estimate(batch_size="-2"), ["--batch-size must be positive (got -2)"]),
-    "dtype-the-gpu-lacks": (estimate("--gpu", "v100", "--dtype", "fp8"), ["no fp8 peak", "choose another --dtype"]),
+    "dtype-the-gpu-lacks": (
+        estimate("--gpu", "v100", "--dtype", "fp8"),
+        ["no fp8 peak", "choose another --dtype"],
+    ),
     # the command line itself
-    "seq-len-not-a-number": (estimate(seq_len="4k"), ["invalid int value: '4k'", "mfu-callbacks estimate --help"]),
-    "required-option-missing": (["estimate", "--config", "{good}"], ["--seq-len, --batch-size",
-                                                                    "mfu-callbacks estimate --help"]),
+    "seq-len-not-a-number": (
+        estimate(seq_len="4k"),
+        ["invalid int value: '4k'", "mfu-callbacks estimate --help"],
+    ),
+    "required-option-missing": (
+        ["estimate", "--config", "{good}"],
+        ["--seq-len, --batch-size", "mfu-callbacks estimate --help"],
+    ),
     "no-command": ([], ["required: command", "mfu-callbacks --help"]),
     # plot: the image
     "image-type-unsupported": (["plot", "{metrics}", "-o", "mfu.xyz"], ["cannot write .xyz images", ".png"]),
     "dpi-zero": (["plot", "{metrics}", "-o", "mfu.png", "--dpi", "0"], ["--dpi must be between 1 and"]),
     "dpi-negative": (["plot", "{metrics}", "-o", "mfu.png", "--dpi", "-5"], ["--dpi must be between 1 and"]),
-    "dpi-too-large": (["plot", "{metrics}", "-o", "mfu.png", "--dpi", "100000"], ["--dpi must be between 1 and"]),
+    "dpi-too-large": (
+        ["plot", "{metrics}", "-o", "mfu.png", "--dpi", "100000"],
+        ["--dpi must be between 1 and"],
+    ),
     "image-is-a-folder": (["plot", "{metrics}", "-o", "{folder}"], ["is a folder", "plots/mfu.png"]),
-    "image-folder-missing": (["plot", "{metrics}", "-o", "no-such-folder/mfu.png"],
-                             ["folder no-such-folder does not exist", "create it"]),
+    "image-folder-missing": (
+        ["plot", "{metrics}", "-o", "no-such-folder/mfu.png"],
+        ["folder no-such-folder does not exist", "create it"],
+    ),
     # plot: the run
-    "run-missing": (["plot", "no-such-run.csv"], ["no-such-run.csv", "expected an mfu-callbacks run summary"]),
-    "metrics-csv-empty": (["plot", "{empty_csv}"], ["metrics.csv is empty", "expected a Lightning CSVLogger"]),
-    "csv-foreign": (["plot", "{foreign_csv}"], ["foreign.csv has no step column", "name, price",
-                                                "expected a Lightning CSVLogger"]),
+    "run-missing": (
+        ["plot", "no-such-run.csv"],
+        ["no-such-run.csv", "expected an mfu-callbacks run summary"],
+    ),
+    "metrics-csv-empty": (
+        ["plot", "{empty_csv}"],
+        ["metrics.csv is empty", "expected a Lightning CSVLogger"],
+    ),
+    "csv-foreign": (
+        ["plot", "{foreign_csv}"],
+        ["foreign.csv has no step column", "name, price", "expected a Lightning CSVLogger"],
+    ),
     "csv-not-utf8": (["plot", "{latin1_csv}"], ["metrics.csv", "expected a Lightning CSVLogger"]),
     "trainer-state-empty": (["plot", "{empty_json}"], ["trainer_state.json is empty", "expected a Trainer"]),
-    "trainer-state-truncated": (["plot", "{truncated_json}"], ["trainer_state.json is cut off", "expected a Trainer"]),
+    "trainer-state-truncated": (
+        ["plot", "{truncated_json}"],
+        ["trainer_state.json is cut off", "expected a Trainer"],
+    ),
     "json-foreign": (["plot", "{foreign_json}"], ["package.json has no 'log_history'", "expected a Trainer"]),
 }
 WANDB_INPUTS = {
-    "wandb-log-empty": (["plot", "{empty_wandb}"], ["run-empty.wandb is empty",
-                                                     "expected the run-*.wandb"]),
-    "wandb-log-foreign": (["plot", "{foreign_wandb}"], ["wandb could not read", "run-foreign.wandb",
-                                                         "expected a W&B run log"]),
+    "wandb-log-empty": (["plot", "{empty_wandb}"], ["run-empty.wandb is empty", "expected the run-*.wandb"]),
+    "wandb-log-foreign": (
+        ["plot", "{foreign_wandb}"],
+        ["wandb could not read", "run-foreign.wandb", "expected a W&B run log"],
+    ),
 }
 
 
@@ -333,8 +437,9 @@ def check_one_line_error(capsys, bad_files, argv, fragments) -> None:
 
 
 @pytest.mark.parametrize(("argv", "fragments"), list(BAD_INPUTS.values()), ids=list(BAD_INPUTS))
-def test_bad_input_exits_2_with_one_line_naming_the_problem_and_fix(capsys, tmp_path, monkeypatch, bad_files,
-                                                                    argv, fragments):
+def test_bad_input_exits_2_with_one_line_naming_the_problem_and_fix(
+    capsys, tmp_path, monkeypatch, bad_files, argv, fragments
+):
     monkeypatch.chdir(tmp_path)
     check_one_line_error(capsys, bad_files, argv, fragments)
     assert not (tmp_path / "mfu.xyz").exists() and not (tmp_path / "plots.png").exists()

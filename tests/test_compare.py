@@ -15,16 +15,27 @@ from mfu_callbacks.flops import StepFlops
 from mfu_callbacks.hardware import PeakInfo
 from mfu_callbacks.run_summary import DEFAULT_FILENAME, FORMAT_VERSION, RunSummary, describe_setup
 
-H100 = {"device": "NVIDIA H100 SXM", "peak_tflops": 989.4, "peak_source": "datasheet", "dtype": "bf16",
-        "world_size": 8}
+H100 = {
+    "device": "NVIDIA H100 SXM",
+    "peak_tflops": 989.4,
+    "peak_source": "datasheet",
+    "dtype": "bf16",
+    "world_size": 8,
+}
 TOKENS_PER_STEP = 16384  # per GPU
 FLOPS_PER_TOKEN = 6.0e9
 STEP_SECONDS = 0.25
 NOISE = 0.02  # relative spread of one window's step time
 
 
-def windows(seed: int, count: int = 20, *, slower: float = 1.0, flops_per_token: float = FLOPS_PER_TOKEN,
-            peak_tflops: float = 989.4) -> list[tuple[int, dict[str, float]]]:
+def windows(
+    seed: int,
+    count: int = 20,
+    *,
+    slower: float = 1.0,
+    flops_per_token: float = FLOPS_PER_TOKEN,
+    peak_tflops: float = 989.4,
+) -> list[tuple[int, dict[str, float]]]:
     """Windows of a run whose step time is STEP_SECONDS × slower, with NOISE; the rest follows from it."""
     rng = random.Random(seed)
     result = []
@@ -32,17 +43,28 @@ def windows(seed: int, count: int = 20, *, slower: float = 1.0, flops_per_token:
         seconds = STEP_SECONDS * slower * (1.0 + rng.gauss(0.0, NOISE))
         tokens_per_sec = TOKENS_PER_STEP / seconds
         flops_per_sec = tokens_per_sec * flops_per_token
-        result.append((10 * (index + 1), {
-            "mfu": flops_per_sec / (peak_tflops * 1e12), "hfu": 1.1 * flops_per_sec / (peak_tflops * 1e12),
-            "tflops_per_gpu": flops_per_sec / 1e12, "tokens_per_sec": 8 * tokens_per_sec,
-            "tokens_per_sec_per_gpu": tokens_per_sec, "step_time": seconds, "padding_fraction": 0.05,
-            "input_wait_fraction": 0.01 + rng.random() * 0.002,
-        }))
+        result.append(
+            (
+                10 * (index + 1),
+                {
+                    "mfu": flops_per_sec / (peak_tflops * 1e12),
+                    "hfu": 1.1 * flops_per_sec / (peak_tflops * 1e12),
+                    "tflops_per_gpu": flops_per_sec / 1e12,
+                    "tokens_per_sec": 8 * tokens_per_sec,
+                    "tokens_per_sec_per_gpu": tokens_per_sec,
+                    "step_time": seconds,
+                    "padding_fraction": 0.05,
+                    "input_wait_fraction": 0.01 + rng.random() * 0.002,
+                },
+            )
+        )
     return result
 
 
 def summary_file(folder, name: str, seed: int, setup: dict | None = None, **options) -> str:
-    summary = RunSummary(H100 if setup is None else setup, versions={"torch": "2.11.0", "mfu_callbacks": "0.1.0"})
+    summary = RunSummary(
+        H100 if setup is None else setup, versions={"torch": "2.11.0", "mfu_callbacks": "0.1.0"}
+    )
     for step, values in windows(seed, **options):
         summary.add_window(step, values)
     return str(summary.write(folder / name / DEFAULT_FILENAME))
@@ -55,11 +77,21 @@ def compare(capsys, *argv: str) -> tuple[int, str, str]:
 
 
 # -- statistics -----------------------------------------------------------------------------------
-@pytest.mark.parametrize(("probability", "df", "printed"), [
-    # Student's t table (e.g. NIST/SEMATECH e-Handbook 1.3.6.7.2), three decimals
-    (0.975, 1, 12.706), (0.975, 2, 4.303), (0.975, 5, 2.571), (0.975, 10, 2.228), (0.975, 30, 2.042),
-    (0.95, 10, 1.812), (0.995, 4, 4.604), (0.975, 100, 1.984), (0.975, float("inf"), 1.960),
-])
+@pytest.mark.parametrize(
+    ("probability", "df", "printed"),
+    [
+        # Student's t table (e.g. NIST/SEMATECH e-Handbook 1.3.6.7.2), three decimals
+        (0.975, 1, 12.706),
+        (0.975, 2, 4.303),
+        (0.975, 5, 2.571),
+        (0.975, 10, 2.228),
+        (0.975, 30, 2.042),
+        (0.95, 10, 1.812),
+        (0.995, 4, 4.604),
+        (0.975, 100, 1.984),
+        (0.975, float("inf"), 1.960),
+    ],
+)
 def test_t_quantile_matches_the_printed_table(probability, df, printed):
     assert t_quantile(probability, df) == pytest.approx(printed, abs=6e-4)
 
@@ -120,8 +152,13 @@ def test_setup_describes_peak_flops_and_a_lora_model():
 
     model = tiny_llama(lora=True)
     peak = PeakInfo(989.4e12, "NVIDIA H100 SXM", "bf16", "NVIDIA H100 datasheet")
-    flops = StepFlops(model_flops=3000, hardware_flops=3600, tokens=10, padded_tokens=12,
-                      breakdown={"linear": 2500, "attention": 500, "adapters": 0})
+    flops = StepFlops(
+        model_flops=3000,
+        hardware_flops=3600,
+        tokens=10,
+        padded_tokens=12,
+        breakdown={"linear": 2500, "attention": 500, "adapters": 0},
+    )
     setup = describe_setup(peak=peak, world_size=4, flops=flops, model=model)
     assert setup["device"] == "NVIDIA H100 SXM" and setup["dtype"] == "bf16"
     assert setup["peak_tflops"] == pytest.approx(989.4) and setup["peak_source"] == "NVIDIA H100 datasheet"
@@ -132,7 +169,12 @@ def test_setup_describes_peak_flops_and_a_lora_model():
     assert fingerprint["architecture"] == "LlamaForCausalLM"
     assert fingerprint["parameters"] == sum(parameter.numel() for parameter in model.parameters())
     assert 0 < fingerprint["trainable_parameters"] < fingerprint["parameters"]
-    assert fingerprint["lora"] == {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"], "adapter": "default"}
+    assert fingerprint["lora"] == {
+        "r": 4,
+        "alpha": 8,
+        "target_modules": ["q_proj", "v_proj"],
+        "adapter": "default",
+    }
     assert "transformers" in RunSummary(setup).versions and "peft" in RunSummary(setup).versions
     assert "lora" not in describe_setup(model=tiny_llama())["model"]
 
@@ -149,7 +191,9 @@ def test_a_plain_loop_with_the_meter_writes_a_summary_that_compare_reads(capsys,
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     meter = MFUMeter(model, peak_tflops=0.5, warmup_steps=1)
     summary = RunSummary()
-    for step, batch in enumerate(DataLoader(FixedLengthTokens(12), batch_size=2, collate_fn=collate), start=1):
+    for step, batch in enumerate(
+        DataLoader(FixedLengthTokens(12), batch_size=2, collate_fn=collate), start=1
+    ):
         meter.start_step(batch)
         model(**batch).loss.backward()
         optimizer.step()
@@ -157,12 +201,20 @@ def test_a_plain_loop_with_the_meter_writes_a_summary_that_compare_reads(capsys,
         meter.end_step()
         if step % 2 == 0:
             metrics = meter.metrics()
-            summary.setup.update(describe_setup(peak=meter.peak, world_size=1, flops=meter.run_flops(), model=model))
+            summary.setup.update(
+                describe_setup(peak=meter.peak, world_size=1, flops=meter.run_flops(), model=model)
+            )
             summary.add_window(step, metrics)
             summary.write(tmp_path / "main")
     written = RunSummary.read(tmp_path / "main")
     assert len(written.windows) == 3 and written.windows[0]["step"] == 2
-    assert set(written.windows[-1]["metrics"]) >= {"mfu", "hfu", "tflops_per_gpu", "tokens_per_sec_per_gpu", "step_time"}
+    assert set(written.windows[-1]["metrics"]) >= {
+        "mfu",
+        "hfu",
+        "tflops_per_gpu",
+        "tokens_per_sec_per_gpu",
+        "step_time",
+    }
     assert written.setup["dtype"] == "fp32" and written.setup["model"]["lora"]["r"] == 4
     flops_per_token = written.setup["model_flops_per_token"]
     code, out, _ = compare(capsys, str(tmp_path / "main"), str(tmp_path / "main"), "--json")
@@ -179,8 +231,19 @@ def test_a_rerun_of_the_same_configuration_passes_the_gate(capsys, tmp_path):
     assert code == 0, out + err
     assert "rerun: no difference within noise" in out
     assert "gate on mfu: pass" in out
-    for label in ("MFU", "HFU", "TFLOP/s per GPU", "tokens/s per GPU", "step time", "FLOPs per token", "padding",
-                  "input wait", "NVIDIA H100 SXM", "989.4", "bf16"):
+    for label in (
+        "MFU",
+        "HFU",
+        "TFLOP/s per GPU",
+        "tokens/s per GPU",
+        "step time",
+        "FLOPs per token",
+        "padding",
+        "input wait",
+        "NVIDIA H100 SXM",
+        "989.4",
+        "bf16",
+    ):
         assert label in out
 
 
@@ -217,7 +280,9 @@ def test_the_gate_watches_the_metric_named_and_turns_step_time_around(capsys, tm
     assert compare(capsys, baseline, slower, "--metric", "step_time")[0] == 1
 
 
-@pytest.mark.parametrize(("key", "value", "word"), [("device", "NVIDIA A100 SXM4 80GB", "GPUs"), ("dtype", "fp8", "dtypes")])
+@pytest.mark.parametrize(
+    ("key", "value", "word"), [("device", "NVIDIA A100 SXM4 80GB", "GPUs"), ("dtype", "fp8", "dtypes")]
+)
 def test_runs_on_other_gpus_or_dtypes_are_refused_unless_allowed(capsys, tmp_path, key, value, word):
     baseline = summary_file(tmp_path, "main", seed=1)
     other = summary_file(tmp_path, "other", seed=2, setup={**H100, key: value})
@@ -274,8 +339,10 @@ def csv_run(folder, seed: int) -> str:
 def test_lightning_csv_and_trainer_state_compare_with_a_summary(capsys, tmp_path):
     baseline = summary_file(tmp_path, "main", seed=1)
     lightning = csv_run(tmp_path / "lightning_logs" / "version_0", seed=2)
-    state = {"log_history": [{"loss": 1.5, "step": step, **values} for step, values in windows(3)]
-             + [{"train_runtime": 50.0, "step": 200}]}
+    state = {
+        "log_history": [{"loss": 1.5, "step": step, **values} for step, values in windows(3)]
+        + [{"train_runtime": 50.0, "step": 200}]
+    }
     (tmp_path / "hf" / "checkpoint-200").mkdir(parents=True)
     (tmp_path / "hf" / "checkpoint-200" / "trainer_state.json").write_text(json.dumps(state))
     code, out, _ = compare(capsys, baseline, lightning, str(tmp_path / "hf"), "--names", "main,pl,hf")
@@ -286,20 +353,40 @@ def test_lightning_csv_and_trainer_state_compare_with_a_summary(capsys, tmp_path
     assert len(read_curves(lightning).loss) == 40  # plot still reads the loss beside MFU
 
 
-@pytest.mark.parametrize(("content", "name", "message"), [
-    ("", DEFAULT_FILENAME, "is empty: expected a Trainer trainer_state.json (saved in each checkpoint-N folder) or an "
-                           "mfu-callbacks run summary"),
-    ("{half", DEFAULT_FILENAME, "is cut off"),
-    ('{"name": "left-pad", "version": "1.3.0"}', "package.json", "has no 'log_history' (nor a run summary's 'format')"),
-    ('{"format": "mfu-callbacks run summary", "format_version": 99, "windows": []}', "new.json", "version 99"),
-    ('{"format": "mfu-callbacks run summary", "format_version": 1, "windows": [{"step": 1}]}', "bad.json",
-     "window 0 is not"),
-    ("epoch,step,val/acc\n0,1,0.5\n", "metrics.csv", "no MFU metrics in"),
-    ("hello", "notes.txt", "expected an mfu-callbacks run summary (mfu_summary.json), a W&B run"),
-    (None, "missing.json", "no such file or folder"),
-    (None, "empty-folder", "holds none of"),
-])
-def test_unreadable_runs_get_one_line_naming_the_file_and_what_was_expected(capsys, tmp_path, content, name, message):
+@pytest.mark.parametrize(
+    ("content", "name", "message"),
+    [
+        (
+            "",
+            DEFAULT_FILENAME,
+            "is empty: expected a Trainer trainer_state.json (saved in each checkpoint-N folder) or an "
+            "mfu-callbacks run summary",
+        ),
+        ("{half", DEFAULT_FILENAME, "is cut off"),
+        (
+            '{"name": "left-pad", "version": "1.3.0"}',
+            "package.json",
+            "has no 'log_history' (nor a run summary's 'format')",
+        ),
+        (
+            '{"format": "mfu-callbacks run summary", "format_version": 99, "windows": []}',
+            "new.json",
+            "version 99",
+        ),
+        (
+            '{"format": "mfu-callbacks run summary", "format_version": 1, "windows": [{"step": 1}]}',
+            "bad.json",
+            "window 0 is not",
+        ),
+        ("epoch,step,val/acc\n0,1,0.5\n", "metrics.csv", "no MFU metrics in"),
+        ("hello", "notes.txt", "expected an mfu-callbacks run summary (mfu_summary.json), a W&B run"),
+        (None, "missing.json", "no such file or folder"),
+        (None, "empty-folder", "holds none of"),
+    ],
+)
+def test_unreadable_runs_get_one_line_naming_the_file_and_what_was_expected(
+    capsys, tmp_path, content, name, message
+):
     baseline = summary_file(tmp_path, "main", seed=1)
     path = tmp_path / name
     if content is not None:
@@ -317,8 +404,11 @@ def test_unreadable_runs_get_one_line_naming_the_file_and_what_was_expected(caps
 
 
 def test_three_runs_side_by_side_and_the_worst_decides_the_exit_code(capsys, tmp_path):
-    runs = [summary_file(tmp_path, "main", seed=1), summary_file(tmp_path, "same", seed=2),
-            summary_file(tmp_path, "slow", seed=3, slower=1.10)]
+    runs = [
+        summary_file(tmp_path, "main", seed=1),
+        summary_file(tmp_path, "same", seed=2),
+        summary_file(tmp_path, "slow", seed=3, slower=1.10),
+    ]
     code, out, _ = compare(capsys, *runs)
     assert code == 1
     header = out.splitlines()[0]
@@ -333,7 +423,13 @@ def test_a_real_wandb_offline_run_against_a_summary(capsys, tmp_path, monkeypatc
     run = wandb.init(project="compare", dir=str(tmp_path))
     run.config.update({"mfu_callbacks": {"device": "NVIDIA H100 SXM", "dtype": "bf16", "peak_tflops": 989.4}})
     for step, values in windows(seed=2, slower=1.10):
-        run.log({"train/loss": 2.0, "train/global_step": step, **{f"train/{key}": value for key, value in values.items()}})
+        run.log(
+            {
+                "train/loss": 2.0,
+                "train/global_step": step,
+                **{f"train/{key}": value for key, value in values.items()},
+            }
+        )
     run.finish()
     wandb.teardown()
     (folder,) = (tmp_path / "wandb").glob("offline-run-*")
@@ -367,7 +463,9 @@ def test_a_folder_of_several_runs_says_which_one_it_read(capsys, tmp_path):
     summary_file(tmp_path / "sweep", "lr-1e-4", seed=2)
     summary_file(tmp_path / "sweep", "lr-3e-4", seed=3)
     code, out, _ = compare(capsys, baseline, str(tmp_path / "sweep"))
-    assert code == 0 and "holds 2 files like mfu_summary.json: read the last by name" in out and "lr-3e-4" in out
+    assert (
+        code == 0 and "holds 2 files like mfu_summary.json: read the last by name" in out and "lr-3e-4" in out
+    )
 
 
 def test_a_run_without_a_peak_gates_on_throughput_instead(capsys, tmp_path):
@@ -384,12 +482,18 @@ def test_a_run_without_a_peak_gates_on_throughput_instead(capsys, tmp_path):
 
 def test_plot_overlays_several_runs_with_a_legend(capsys, tmp_path):
     pytest.importorskip("matplotlib")
-    runs = [csv_run(tmp_path / "a" / "version_0", seed=1), csv_run(tmp_path / "b" / "version_0", seed=2),
-            summary_file(tmp_path, "c", seed=3)]
+    runs = [
+        csv_run(tmp_path / "a" / "version_0", seed=1),
+        csv_run(tmp_path / "b" / "version_0", seed=2),
+        summary_file(tmp_path, "c", seed=3),
+    ]
     code = main(["plot", *runs, "-o", str(tmp_path / "runs.png")])
     out = capsys.readouterr().out
     assert code == 0
-    assert "a/version_0 (20 MFU, 40 loss points), b/version_0 (20 MFU, 40 loss points), c (20 MFU, 0 loss points)" in out
+    assert (
+        "a/version_0 (20 MFU, 40 loss points), b/version_0 (20 MFU, 40 loss points), c (20 MFU, 0 loss points)"
+        in out
+    )
     assert (tmp_path / "runs.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

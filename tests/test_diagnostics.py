@@ -52,22 +52,33 @@ class FakePeak:
 
 def llama(vocab: int = VOCAB, intermediate: int = 128, dtype: torch.dtype = torch.float32) -> nn.Module:
     config = transformers.LlamaConfig(
-        vocab_size=vocab, hidden_size=HIDDEN, intermediate_size=intermediate, num_hidden_layers=LAYERS,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        vocab_size=vocab,
+        hidden_size=HIDDEN,
+        intermediate_size=intermediate,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(config).to(dtype)
 
 
-def make_meter(model: nn.Module, clock: FakeClock, template: Any, *, dtype: str = "bf16", **kwargs: Any) -> MFUMeter:
+def make_meter(
+    model: nn.Module, clock: FakeClock, template: Any, *, dtype: str = "bf16", **kwargs: Any
+) -> MFUMeter:
     """A meter on a fake clock with the engine built up front (no warm-up step needed)."""
     timer = StepTimer(0, clock=clock, force_cpu=True)
     engine = FlopEngine.from_model(model, template)
     return MFUMeter(model, engine=engine, timer=timer, peak=FakePeak(dtype=dtype), **kwargs)
 
 
-def run_steps(meter: MFUMeter, clock: FakeClock, batch: Any, steps: int, *, seconds: float = 1.0, wait: float = 0.0) -> None:
+def run_steps(
+    meter: MFUMeter, clock: FakeClock, batch: Any, steps: int, *, seconds: float = 1.0, wait: float = 0.0
+) -> None:
     for _ in range(steps):
         clock.advance(wait)
         meter.start_step(batch)
@@ -109,7 +120,9 @@ def test_a_clean_run_fires_nothing(clean_model, monkeypatch):
 def test_checks_run_at_read_time_only(clean_model, monkeypatch):
     reviews = []
     review = Diagnostics.review
-    monkeypatch.setattr(Diagnostics, "review", lambda self, *a, **k: reviews.append(1) or review(self, *a, **k))
+    monkeypatch.setattr(
+        Diagnostics, "review", lambda self, *a, **k: reviews.append(1) or review(self, *a, **k)
+    )
     clock = FakeClock()
     batch = full_batch(2, 16)
     meter = make_meter(clean_model, clock, batch)
@@ -263,7 +276,9 @@ def test_gradient_checkpointing_reports_the_hfu_mfu_gap():
     assert diagnosis.value == pytest.approx(1 - without / with_recompute, rel=1e-9)
     summary = meter.summary()
     # No padding here: the whole HFU - MFU gap is recompute.
-    assert diagnosis.details["hfu_mfu_gap_from_recompute"] == pytest.approx(summary["hfu"] - summary["mfu"], rel=1e-9)
+    assert diagnosis.details["hfu_mfu_gap_from_recompute"] == pytest.approx(
+        summary["hfu"] - summary["mfu"], rel=1e-9
+    )
     # Without checkpointing each 1 s step would take without / with_recompute of a second.
     assert diagnosis.mfu_cost == pytest.approx(summary["mfu"] * (with_recompute / without - 1), rel=1e-9)
     assert "gradient checkpointing" in diagnosis.message
@@ -296,12 +311,16 @@ def test_misaligned_matmuls_report_their_share_of_flops(intermediate: int, dtype
 # -- fp32 adapters ---------------------------------------------------------------------------------
 def lora_in_bf16() -> nn.Module:
     """A bf16 base whose LoRA adapters PEFT keeps in fp32 (its default autocast_adapter_dtype=True)."""
-    model = get_peft_model(make_eager(llama(dtype=torch.bfloat16)), LoraConfig(r=8, target_modules="all-linear"))
+    model = get_peft_model(
+        make_eager(llama(dtype=torch.bfloat16)), LoraConfig(r=8, target_modules="all-linear")
+    )
     assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
     return model
 
 
-def run_real_steps(meter: MFUMeter, clock: FakeClock, model: nn.Module, batch: Any, steps: int, *, autocast: bool) -> None:
+def run_real_steps(
+    meter: MFUMeter, clock: FakeClock, model: nn.Module, batch: Any, steps: int, *, autocast: bool
+) -> None:
     for _ in range(steps):
         meter.start_step(batch)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
@@ -425,7 +444,9 @@ def test_a_silenced_diagnosis_never_fires(clean_model):
 
 
 def test_unknown_ids_are_refused_with_the_known_ones():
-    with pytest.raises(ValueError, match="padding_wast'.*known ids are vocab_not_multiple_of_64, padding_waste"):
+    with pytest.raises(
+        ValueError, match="padding_wast'.*known ids are vocab_not_multiple_of_64, padding_waste"
+    ):
         MFUMeter(nn.Linear(2, 2), peak=FakePeak(), silence_diagnostics=["padding_wast"])
     with pytest.raises(ValueError, match="list of diagnosis ids"):
         Diagnostics("padding_waste")

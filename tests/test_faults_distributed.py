@@ -53,7 +53,9 @@ def finish(losses, metrics):
     os._exit(0)  # gloo's teardown at interpreter exit can abort a process after its work is done
 """
 
-ACCELERATE = COMMON + """
+ACCELERATE = (
+    COMMON
+    + """
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
 from mfu_callbacks.accelerate import MFUTracker
@@ -83,8 +85,11 @@ if tracker is not None:
     tracker.finish()
 finish(losses, metrics)
 """
+)
 
-TRAINER = COMMON + """
+TRAINER = (
+    COMMON
+    + """
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from mfu_callbacks.transformers import MFUCallback
 
@@ -109,8 +114,11 @@ trainer = Trainer(model=tiny_llama(), args=args, train_dataset=FixedLengthTokens
 trainer.train()
 finish(recorder.losses, recorder.metrics)
 """
+)
 
-LIGHTNING = COMMON + """
+LIGHTNING = (
+    COMMON
+    + """
 import lightning as L
 from torch.utils.data import DataLoader
 from mfu_callbacks.lightning import MFUCallback
@@ -145,14 +153,26 @@ trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=8, l
 trainer.fit(module, DataLoader(FixedLengthTokens(64), batch_size=4, collate_fn=collate))
 finish(losses.losses, module.logged)
 """
+)
 
 
 def run(script: str, tmp_path: Path, fault: str) -> dict:
     tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / f"{fault}.py"
-    path.write_text(textwrap.dedent(script).format(tests=str(Path(__file__).parent), fault=fault,
-                                                   out=str(tmp_path / f"out-{fault}")))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(path)]
+    path.write_text(
+        textwrap.dedent(script).format(
+            tests=str(Path(__file__).parent), fault=fault, out=str(tmp_path / f"out-{fault}")
+        )
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(path),
+    ]
     # A hang (the old behaviour) runs into this limit; a healthy run takes seconds.
     start = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
@@ -170,8 +190,11 @@ def finishes_like_the_plain_run(faulty: dict, plain: dict) -> None:
 def plain_runs(tmp_path_factory) -> dict[str, dict]:
     """Each loop without the callback, run once: the losses a faulty run must reproduce."""
     folder = tmp_path_factory.mktemp("plain")
-    return {"accelerate": run(ACCELERATE, folder, "none"), "trainer": run(TRAINER, folder / "trainer", "none"),
-            "lightning": run(LIGHTNING, folder / "lightning", "none")}
+    return {
+        "accelerate": run(ACCELERATE, folder, "none"),
+        "trainer": run(TRAINER, folder / "trainer", "none"),
+        "lightning": run(LIGHTNING, folder / "lightning", "none"),
+    }
 
 
 @pytest.mark.parametrize("fault", ["uncountable", "raising", "engine"])

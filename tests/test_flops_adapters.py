@@ -22,7 +22,11 @@ def padded_batches() -> list[dict[str, torch.Tensor]]:
 
 
 def check_lora(model: nn.Module, **lora_options) -> None:
-    check_engine(get_peft_model(model, LoraConfig(r=4, lora_alpha=8, **lora_options)), padded_batch([9, 4]), padded_batches())
+    check_engine(
+        get_peft_model(model, LoraConfig(r=4, lora_alpha=8, **lora_options)),
+        padded_batch([9, 4]),
+        padded_batches(),
+    )
 
 
 # name: LoraConfig arguments on a tiny Llama
@@ -44,7 +48,10 @@ def test_lora_target_sets(case: str) -> None:
 def test_dora() -> None:
     """DoRA's weight norm needs lora_B @ lora_A (and its backward) once per forward call, whatever the
     tokens. Full rows: the truth of a padded batch runs each row as its own call, which would repeat it."""
-    model = get_peft_model(build_decoder("llama"), LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True))
+    model = get_peft_model(
+        build_decoder("llama"),
+        LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True),
+    )
     check_engine(model, full_batch(2, 9), [full_batch(3, length) for length in LENGTHS])
 
 
@@ -58,13 +65,17 @@ def test_several_adapters_one_active() -> None:
 def test_merged_adapter_runs_no_adapter() -> None:
     """After ``merge_adapter()`` the adapters' weights stay trainable but no adapter matmul runs (the
     head, saved as trainable, keeps a backward to count)."""
-    model = get_peft_model(build_decoder("llama"), LoraConfig(r=4, target_modules="all-linear", modules_to_save=["lm_head"]))
+    model = get_peft_model(
+        build_decoder("llama"), LoraConfig(r=4, target_modules="all-linear", modules_to_save=["lm_head"])
+    )
     model.merge_adapter()
     check_engine(model, padded_batch([9, 4]), padded_batches())
 
 
 def test_lora_on_conv() -> None:
-    model = get_peft_model(TinyCNN().train(), LoraConfig(r=2, target_modules=["features.0", "features.2", "head"]))
+    model = get_peft_model(
+        TinyCNN().train(), LoraConfig(r=2, target_modules=["features.0", "features.2", "head"])
+    )
     check_engine(model, image_batch(2), [image_batch(1), image_batch(3)], forward=cnn_forward)
 
 
@@ -72,7 +83,9 @@ def test_lora_on_conv() -> None:
 def test_lora_on_expert_parameters(name: str) -> None:
     """``target_parameters``: the experts' 3-D weights get a LoRA delta (parametrization) per call."""
     targets = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
-    model = get_peft_model(build_moe(name), LoraConfig(r=2, target_modules=["q_proj"], target_parameters=targets))
+    model = get_peft_model(
+        build_moe(name), LoraConfig(r=2, target_modules=["q_proj"], target_parameters=targets)
+    )
     check_engine(model, full_batch(2, 9), [full_batch(2, length) for length in LENGTHS])
 
 

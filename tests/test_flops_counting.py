@@ -42,7 +42,9 @@ def batches(length: int) -> list[tuple[bool, dict[str, torch.Tensor]]]:
 
 @pytest.mark.parametrize("length", [9, 16])
 def test_counting_new_and_repeated_shapes_never_reads_the_device(length: int) -> None:
-    counters = {flag: TokenCounting(encoder_decoder=flag, attention_per_document=False) for flag in (False, True)}
+    counters = {
+        flag: TokenCounting(encoder_decoder=flag, attention_per_document=False) for flag in (False, True)
+    }
     for _ in range(2):  # the first count of a shape builds its layout, the second reuses it
         for encoder_decoder, batch in batches(length):
             with OperationLog() as log:
@@ -57,5 +59,9 @@ def test_a_repeated_shape_costs_few_operations() -> None:
     counting.count(batch)
     with OperationLog() as log:
         counting.count(batch)
-    kernels = [op for op in log.operations if op not in ("aten.view", "aten.unsqueeze", "aten.select", "aten._to_copy")]
+    kernels = [
+        op
+        for op in log.operations
+        if op not in ("aten.view", "aten.unsqueeze", "aten.select", "aten._to_copy")
+    ]
     assert len(kernels) <= 7, kernels

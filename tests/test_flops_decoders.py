@@ -24,7 +24,14 @@ from peft import LoraConfig, get_peft_model
 from mfu_callbacks.flops import FlopEngine
 
 _IDS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
-_SMALL = {**_IDS, "vocab_size": VOCAB, "hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 4, "max_position_embeddings": 64}
+_SMALL = {
+    **_IDS,
+    "vocab_size": VOCAB,
+    "hidden_size": 32,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 64,
+}
 _LLAMA_LIKE = {**_SMALL, "intermediate_size": 64, "num_key_value_heads": 2}
 
 # name: (config class, model class, config arguments, accepts position_ids)
@@ -33,14 +40,39 @@ ARCHITECTURES = {
     "mistral": ("MistralConfig", "MistralForCausalLM", _LLAMA_LIKE, True),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", _LLAMA_LIKE, True),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {**_LLAMA_LIKE, "head_dim": 8}, True),
-    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {**_LLAMA_LIKE, "head_dim": 8, "sliding_window": 4}, True),
-    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {**_LLAMA_LIKE, "head_dim": 8, "sliding_window": 4}, True),
+    "gemma2": (
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        {**_LLAMA_LIKE, "head_dim": 8, "sliding_window": 4},
+        True,
+    ),
+    "gemma3": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        {**_LLAMA_LIKE, "head_dim": 8, "sliding_window": 4},
+        True,
+    ),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", _LLAMA_LIKE, True),
-    "gpt2": ("GPT2Config", "GPT2LMHeadModel", {**_IDS, "vocab_size": VOCAB, "n_embd": 32, "n_layer": 3, "n_head": 4, "n_positions": 64}, True),
+    "gpt2": (
+        "GPT2Config",
+        "GPT2LMHeadModel",
+        {**_IDS, "vocab_size": VOCAB, "n_embd": 32, "n_layer": 3, "n_head": 4, "n_positions": 64},
+        True,
+    ),
     "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {**_SMALL, "intermediate_size": 64}, True),
     "opt": ("OPTConfig", "OPTForCausalLM", {**_SMALL, "ffn_dim": 64, "word_embed_proj_dim": 32}, True),
-    "bloom": ("BloomConfig", "BloomForCausalLM", {**_IDS, "vocab_size": VOCAB, "hidden_size": 32, "n_layer": 3, "n_head": 4}, False),
-    "falcon": ("FalconConfig", "FalconForCausalLM", {**_SMALL, "new_decoder_architecture": True, "num_kv_heads": 2}, True),
+    "bloom": (
+        "BloomConfig",
+        "BloomForCausalLM",
+        {**_IDS, "vocab_size": VOCAB, "hidden_size": 32, "n_layer": 3, "n_head": 4},
+        False,
+    ),
+    "falcon": (
+        "FalconConfig",
+        "FalconForCausalLM",
+        {**_SMALL, "new_decoder_architecture": True, "num_kv_heads": 2},
+        True,
+    ),
 }
 
 
@@ -89,7 +121,9 @@ def test_padded_batch(name: str, side: str) -> None:
     check_engine(build(name), padded_batch([9, 4], side=side), batches)
 
 
-@pytest.mark.parametrize("name", one_per_family([name for name, spec in ARCHITECTURES.items() if spec[3]], "llama"))
+@pytest.mark.parametrize(
+    "name", one_per_family([name for name, spec in ARCHITECTURES.items() if spec[3]], "llama")
+)
 def test_packed_rows(name: str) -> None:
     """Attention per document for model FLOPs; eager attention computes the whole row's square."""
     batches = [packed_batch([length - 4, 4]) for length in LENGTHS] + [packed_batch([2, 3, LENGTHS[1]])]

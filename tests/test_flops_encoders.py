@@ -15,26 +15,76 @@ import transformers
 from conftest import LENGTHS, VOCAB, check_engine, full_batch, one_per_family, padded_batch, seq2seq_batch
 from peft import LoraConfig, get_peft_model
 
-_BERT_LIKE = {"vocab_size": VOCAB, "hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 4,
-              "intermediate_size": 64, "max_position_embeddings": 64, "pad_token_id": 0}
+_BERT_LIKE = {
+    "vocab_size": VOCAB,
+    "hidden_size": 32,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "intermediate_size": 64,
+    "max_position_embeddings": 64,
+    "pad_token_id": 0,
+}
 
 # name: (config class, model class, config arguments, LoRA targets)
 ENCODERS = {
     "bert_mlm": ("BertConfig", "BertForMaskedLM", _BERT_LIKE, ["query", "value"]),
-    "bert_classifier": ("BertConfig", "BertForSequenceClassification", {**_BERT_LIKE, "num_labels": 3}, ["query", "value"]),
-    "roberta_mlm": ("RobertaConfig", "RobertaForMaskedLM", {**_BERT_LIKE, "bos_token_id": 1, "eos_token_id": 2},
-                    ["query", "value"]),
-    "roberta_classifier": ("RobertaConfig", "RobertaForSequenceClassification",
-                           {**_BERT_LIKE, "bos_token_id": 1, "eos_token_id": 2, "num_labels": 3}, ["query", "value"]),
+    "bert_classifier": (
+        "BertConfig",
+        "BertForSequenceClassification",
+        {**_BERT_LIKE, "num_labels": 3},
+        ["query", "value"],
+    ),
+    "roberta_mlm": (
+        "RobertaConfig",
+        "RobertaForMaskedLM",
+        {**_BERT_LIKE, "bos_token_id": 1, "eos_token_id": 2},
+        ["query", "value"],
+    ),
+    "roberta_classifier": (
+        "RobertaConfig",
+        "RobertaForSequenceClassification",
+        {**_BERT_LIKE, "bos_token_id": 1, "eos_token_id": 2, "num_labels": 3},
+        ["query", "value"],
+    ),
 }
 SEQ2SEQ = {
-    "t5": ("T5Config", "T5ForConditionalGeneration",
-           {"vocab_size": VOCAB, "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 3, "num_decoder_layers": 3,
-            "num_heads": 4, "pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0}, ["q", "v"]),
-    "bart": ("BartConfig", "BartForConditionalGeneration",
-             {"vocab_size": VOCAB, "d_model": 32, "encoder_layers": 3, "decoder_layers": 3, "encoder_attention_heads": 4,
-              "decoder_attention_heads": 4, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64, "max_position_embeddings": 64,
-              "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "decoder_start_token_id": 2}, ["q_proj", "v_proj"]),
+    "t5": (
+        "T5Config",
+        "T5ForConditionalGeneration",
+        {
+            "vocab_size": VOCAB,
+            "d_model": 32,
+            "d_kv": 8,
+            "d_ff": 64,
+            "num_layers": 3,
+            "num_decoder_layers": 3,
+            "num_heads": 4,
+            "pad_token_id": 0,
+            "eos_token_id": 1,
+            "decoder_start_token_id": 0,
+        },
+        ["q", "v"],
+    ),
+    "bart": (
+        "BartConfig",
+        "BartForConditionalGeneration",
+        {
+            "vocab_size": VOCAB,
+            "d_model": 32,
+            "encoder_layers": 3,
+            "decoder_layers": 3,
+            "encoder_attention_heads": 4,
+            "decoder_attention_heads": 4,
+            "encoder_ffn_dim": 64,
+            "decoder_ffn_dim": 64,
+            "max_position_embeddings": 64,
+            "pad_token_id": 0,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "decoder_start_token_id": 2,
+        },
+        ["q_proj", "v_proj"],
+    ),
 }
 ALL = {**ENCODERS, **SEQ2SEQ}
 
@@ -158,8 +208,16 @@ def test_seq2seq_with_padded_decoder_inputs_of_the_encoder_width(name: str) -> N
 
 
 # -- vision ------------------------------------------------------------------------------------------
-_VIT = {"image_size": 16, "patch_size": 4, "num_channels": 3, "hidden_size": 32, "num_hidden_layers": 3,
-        "num_attention_heads": 4, "intermediate_size": 64, "num_labels": 5}
+_VIT = {
+    "image_size": 16,
+    "patch_size": 4,
+    "num_channels": 3,
+    "hidden_size": 32,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "intermediate_size": 64,
+    "num_labels": 5,
+}
 
 
 def vit(image_size: int = 16) -> torch.nn.Module:
@@ -170,7 +228,10 @@ def vit(image_size: int = 16) -> torch.nn.Module:
 
 def images(rows: int, size: int = 16) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(rows)
-    return {"pixel_values": torch.randn(rows, 3, size, size, generator=generator), "labels": torch.arange(rows) % 5}
+    return {
+        "pixel_values": torch.randn(rows, 3, size, size, generator=generator),
+        "labels": torch.arange(rows) % 5,
+    }
 
 
 def test_vit_full_fine_tuning() -> None:
@@ -185,7 +246,10 @@ def test_vit_image_sizes(size: int) -> None:
 
 
 def test_vit_lora() -> None:
-    model = get_peft_model(vit(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["classifier"]))
+    model = get_peft_model(
+        vit(),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["classifier"]),
+    )
     check_engine(model, images(2), [images(1), images(3)])
 
 

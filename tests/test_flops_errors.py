@@ -25,8 +25,12 @@ def test_batch_without_tokens_names_the_keys_and_token_counter() -> None:
 
 def test_token_counter_supplies_the_tokens() -> None:
     batch = {"tokens": full_batch(2, 7)["input_ids"]}
-    step = estimate_step_flops(gpt(), batch, forward=lambda model, b: model(b["tokens"]),
-                               token_counter=lambda b: {"input_ids": b["tokens"]})
+    step = estimate_step_flops(
+        gpt(),
+        batch,
+        forward=lambda model, b: model(b["tokens"]),
+        token_counter=lambda b: {"input_ids": b["tokens"]},
+    )
     assert step.tokens == 14 and step.model_flops > 0
 
 
@@ -54,7 +58,9 @@ class ReadsItsData(nn.Module):
 
 def test_model_reading_its_data_is_an_introspection_error() -> None:
     with pytest.raises(ModelIntrospectionError, match="forward="):
-        FlopEngine.from_model(ReadsItsData(), full_batch(2, 5), forward=lambda model, batch: model(batch["input_ids"]))
+        FlopEngine.from_model(
+            ReadsItsData(), full_batch(2, 5), forward=lambda model, batch: model(batch["input_ids"])
+        )
 
 
 @pytest.mark.parametrize("shape", [(2, 0), (0, 5)], ids=["zero_length", "zero_rows"])

@@ -13,22 +13,47 @@ from conftest import LENGTHS, VOCAB, check_engine, full_batch, one_per_family, p
 from peft import LoraConfig, get_peft_model
 
 _BASE = {
-    "vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4,
-    "num_key_value_heads": 2, "max_position_embeddings": 64, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
+    "vocab_size": VOCAB,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
     "num_experts_per_tok": 2,
 }
 
 # name: (config class, model class, config arguments)
 ARCHITECTURES = {
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", {**_BASE, "num_local_experts": 4}),
-    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
-                  {**_BASE, "num_experts": 4, "moe_intermediate_size": 16, "shared_expert_intermediate_size": 48}),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        "Qwen2MoeForCausalLM",
+        {**_BASE, "num_experts": 4, "moe_intermediate_size": 16, "shared_expert_intermediate_size": 48},
+    ),
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", {**_BASE, "num_experts": 4}),
-    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", {
-        **_BASE, "n_routed_experts": 4, "n_shared_experts": 1, "moe_intermediate_size": 16, "first_k_dense_replace": 1,
-        "n_group": 2, "topk_group": 2, "q_lora_rank": 16, "kv_lora_rank": 16, "qk_rope_head_dim": 4,
-        "qk_nope_head_dim": 8, "v_head_dim": 8, "num_key_value_heads": 4,
-    }),
+    "deepseek_v3": (
+        "DeepseekV3Config",
+        "DeepseekV3ForCausalLM",
+        {
+            **_BASE,
+            "n_routed_experts": 4,
+            "n_shared_experts": 1,
+            "moe_intermediate_size": 16,
+            "first_k_dense_replace": 1,
+            "n_group": 2,
+            "topk_group": 2,
+            "q_lora_rank": 16,
+            "kv_lora_rank": 16,
+            "qk_rope_head_dim": 4,
+            "qk_nope_head_dim": 8,
+            "v_head_dim": 8,
+            "num_key_value_heads": 4,
+        },
+    ),
 }
 
 
@@ -73,6 +98,8 @@ def test_packed_rows(name: str) -> None:
 def test_first_dense_layers_of_deepseek_are_counted_dense() -> None:
     """first_k_dense_replace=2: two dense MLP layers, then MoE layers; each kind traced as itself."""
     config_class, model_class, arguments = ARCHITECTURES["deepseek_v3"]
-    config = getattr(transformers, config_class)(**{**arguments, "first_k_dense_replace": 2, "num_hidden_layers": 5})
+    config = getattr(transformers, config_class)(
+        **{**arguments, "first_k_dense_replace": 2, "num_hidden_layers": 5}
+    )
     model = getattr(transformers, model_class)(config).train()
     check_engine(model, full_batch(2, 9), [full_batch(2, length) for length in LENGTHS])

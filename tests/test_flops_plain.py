@@ -46,7 +46,9 @@ class TinyGPT(nn.Module):
         self.tokens = nn.Embedding(VOCAB, width)
         self.positions = nn.Embedding(64, width)
         self.blocks = nn.ModuleList(Block(width, heads) for _ in range(layers))
-        self.projection = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, 2 * width), nn.Tanh(), nn.Linear(2 * width, VOCAB))
+        self.projection = nn.Sequential(
+            nn.LayerNorm(width), nn.Linear(width, 2 * width), nn.Tanh(), nn.Linear(2 * width, VOCAB)
+        )
         self.gradient_checkpointing = checkpointing
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -78,7 +80,9 @@ def test_gpt_full_fine_tuning() -> None:
 
 
 def test_gpt_lora() -> None:
-    model = get_peft_model(gpt(), LoraConfig(r=4, target_modules=["out_proj", "mlp.0", "mlp.2", "projection.3"]))
+    model = get_peft_model(
+        gpt(), LoraConfig(r=4, target_modules=["out_proj", "mlp.0", "mlp.2", "projection.3"])
+    )
     check_engine(model, full_batch(2, 9, labels=False), text_batches(3), forward=gpt_forward)
 
 
@@ -95,7 +99,10 @@ class TinyCNN(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(8, 16, 3, stride=2, padding=1),
+            nn.ReLU(),
             nn.AdaptiveAvgPool2d(2),
         )
         self.head = nn.Linear(64, 10)

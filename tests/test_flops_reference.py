@@ -56,7 +56,9 @@ class AttentionBlock(nn.Module):
     def __init__(self, vocab: int = 32, width: int = 16, heads: int = 2) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab, width)
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(width, width, bias=False) for _ in range(4))
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (
+            nn.Linear(width, width, bias=False) for _ in range(4)
+        )
         self.heads = heads
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:

@@ -26,13 +26,28 @@ def hf_train(tmp_path, callback, reporter=None, steps: int = 6):
     from transformers import Trainer, TrainingArguments
 
     args = TrainingArguments(
-        output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=BATCH, logging_steps=2,
-        learning_rate=1e-3, report_to=[], save_strategy="no", disable_tqdm=True, use_cpu=True, seed=0,
+        output_dir=str(tmp_path),
+        max_steps=steps,
+        per_device_train_batch_size=BATCH,
+        logging_steps=2,
+        learning_rate=1e-3,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=0,
     )
     callbacks = [c for c in (reporter, callback) if c is not None]
-    trainer = Trainer(model=tiny_llama(), args=args, train_dataset=FixedLengthTokens(64), data_collator=collate,
-                      callbacks=callbacks)
-    if reporter is not None:  # where the Trainer puts its own reporters (W&B, TensorBoard): before user callbacks
+    trainer = Trainer(
+        model=tiny_llama(),
+        args=args,
+        train_dataset=FixedLengthTokens(64),
+        data_collator=collate,
+        callbacks=callbacks,
+    )
+    if (
+        reporter is not None
+    ):  # where the Trainer puts its own reporters (W&B, TensorBoard): before user callbacks
         trainer.callback_handler.pop_callback(reporter)
         trainer.callback_handler.callbacks.insert(1, reporter)
     trainer.train()
@@ -133,9 +148,16 @@ def test_lightning_the_logging_decision_matches_lightnings_own(tmp_path):
 
     compare = Compare()
     trainer = L.Trainer(
-        max_steps=20, accelerator="cpu", devices=1, log_every_n_steps=3, accumulate_grad_batches=2,
-        logger=CSVLogger(tmp_path, name="run", version=0), enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[compare, MFUCallback(peak_tflops=PEAK_TFLOPS, warmup_steps=1)],
+        max_steps=20,
+        accelerator="cpu",
+        devices=1,
+        log_every_n_steps=3,
+        accumulate_grad_batches=2,
+        logger=CSVLogger(tmp_path, name="run", version=0),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[compare, MFUCallback(peak_tflops=PEAK_TFLOPS, warmup_steps=1)],
     )
     # 7 batches per epoch: steps end on batches 2, 4, 6 and 7 (the epoch's end) of each epoch.
     trainer.fit(TinyModule(), DataLoader(FixedLengthTokens(7 * BATCH), batch_size=BATCH, collate_fn=collate))

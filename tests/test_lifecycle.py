@@ -16,22 +16,47 @@ BATCH = 4
 
 
 def our_forward_hooks(model: nn.Module) -> int:
-    return sum("before_forward" in getattr(hook, "__qualname__", "") for hook in model._forward_pre_hooks.values())
+    return sum(
+        "before_forward" in getattr(hook, "__qualname__", "") for hook in model._forward_pre_hooks.values()
+    )
 
 
 # -- Hugging Face Trainer ------------------------------------------------------------------------------
-def hf_trainer(tmp_path, callback, *, steps: int = 6, save_steps: int | None = None, callbacks=(), seed: int = 0,
-               model: nn.Module | None = None):
+def hf_trainer(
+    tmp_path,
+    callback,
+    *,
+    steps: int = 6,
+    save_steps: int | None = None,
+    callbacks=(),
+    seed: int = 0,
+    model: nn.Module | None = None,
+):
     from transformers import Trainer, TrainingArguments
 
     args = TrainingArguments(
-        output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=BATCH, logging_steps=1,
-        learning_rate=1e-3, report_to=[], disable_tqdm=True, use_cpu=True, seed=seed, data_seed=0,
-        save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500, dataloader_num_workers=0,
+        output_dir=str(tmp_path),
+        max_steps=steps,
+        per_device_train_batch_size=BATCH,
+        logging_steps=1,
+        learning_rate=1e-3,
+        report_to=[],
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=seed,
+        data_seed=0,
+        save_strategy="steps" if save_steps else "no",
+        save_steps=save_steps or 500,
+        dataloader_num_workers=0,
     )
     model = model if model is not None else tiny_llama()
-    return Trainer(model=model, args=args, train_dataset=FixedLengthTokens(64), data_collator=collate,
-                   callbacks=[*callbacks, *([callback] if callback is not None else [])])
+    return Trainer(
+        model=model,
+        args=args,
+        train_dataset=FixedLengthTokens(64),
+        data_collator=collate,
+        callbacks=[*callbacks, *([callback] if callback is not None else [])],
+    )
 
 
 class Interrupt(Exception):
@@ -169,8 +194,17 @@ def lightning_module(noise: bool = False):
 def lightning_trainer(tmp_path, callbacks, **options):
     import lightning as L
 
-    options = {"max_epochs": 1, "log_every_n_steps": 1, "accelerator": "cpu", "devices": 1, "logger": False,
-               "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False, **options}
+    options = {
+        "max_epochs": 1,
+        "log_every_n_steps": 1,
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        **options,
+    }
     return L.Trainer(default_root_dir=str(tmp_path), callbacks=callbacks, **options)
 
 
@@ -193,10 +227,14 @@ def test_lightning_resumed_fit_continues_the_summary_of_the_first(tmp_path):
     loader = DataLoader(FixedLengthTokens(6 * BATCH), batch_size=BATCH, collate_fn=collate)
     first = MFUCallback(peak_tflops=PEAK_TFLOPS, warmup_steps=0)
     saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
-    lightning_trainer(tmp_path, [first, saver], max_steps=3, enable_checkpointing=True).fit(lightning_module(), loader)
+    lightning_trainer(tmp_path, [first, saver], max_steps=3, enable_checkpointing=True).fit(
+        lightning_module(), loader
+    )
     resumed = MFUCallback(peak_tflops=PEAK_TFLOPS, warmup_steps=0)
     checkpoint = next((tmp_path / "ckpt").glob("*.ckpt"))
-    lightning_trainer(tmp_path, [resumed], max_steps=6).fit(lightning_module(), loader, ckpt_path=str(checkpoint))
+    lightning_trainer(tmp_path, [resumed], max_steps=6).fit(
+        lightning_module(), loader, ckpt_path=str(checkpoint)
+    )
     first_steps = first.session.meter._run.steps
     assert first_steps == 2  # the first step builds the engine
     assert resumed.session.meter._run.steps == 2 * first_steps
@@ -248,7 +286,9 @@ def test_accelerate_positional_inputs_are_counted(tmp_path):
         optimizer.step()
         optimizer.zero_grad()
     assert tracker.latest["train/tokens_per_sec"] > 0
-    assert tracker.session.meter.run_flops().tokens == 2 * BATCH * 16  # steps 2 and 3 (the first built the engine)
+    assert (
+        tracker.session.meter.run_flops().tokens == 2 * BATCH * 16
+    )  # steps 2 and 3 (the first built the engine)
 
 
 def test_accelerate_save_and_load_state_continue_the_run_totals(tmp_path):
@@ -285,8 +325,9 @@ def test_accelerate_save_and_load_state_continue_the_run_totals(tmp_path):
     assert written["windows"], "the run summary is written beside the project's outputs"
 
 
-def accelerate_losses(model: nn.Module, *, tracker_before_prepare: bool = False, with_tracker: bool = True,
-                      steps: int = 6) -> tuple[list[float], list[torch.Tensor], object]:
+def accelerate_losses(
+    model: nn.Module, *, tracker_before_prepare: bool = False, with_tracker: bool = True, steps: int = 6
+) -> tuple[list[float], list[torch.Tensor], object]:
     from accelerate import Accelerator
 
     from mfu_callbacks.accelerate import MFUTracker

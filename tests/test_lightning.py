@@ -47,13 +47,29 @@ def loader() -> DataLoader:
     return DataLoader(FixedLengthTokens(64), batch_size=BATCH, collate_fn=collate)
 
 
-def fit(tmp_path: Path, callback: MFUCallback | None, *, lora: bool = False, accumulation: int = 1, steps: int = 6,
-        devices: int = 1, **trainer_kwargs) -> tuple[TinyModule, list[dict[str, str]]]:
+def fit(
+    tmp_path: Path,
+    callback: MFUCallback | None,
+    *,
+    lora: bool = False,
+    accumulation: int = 1,
+    steps: int = 6,
+    devices: int = 1,
+    **trainer_kwargs,
+) -> tuple[TinyModule, list[dict[str, str]]]:
     module = TinyModule(lora=lora)
     trainer = L.Trainer(
-        max_steps=steps, accelerator="cpu", devices=devices, log_every_n_steps=2, accumulate_grad_batches=accumulation,
-        logger=CSVLogger(tmp_path, name="run", version=0), callbacks=[callback] if callback else [], enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, **trainer_kwargs,
+        max_steps=steps,
+        accelerator="cpu",
+        devices=devices,
+        log_every_n_steps=2,
+        accumulate_grad_batches=accumulation,
+        logger=CSVLogger(tmp_path, name="run", version=0),
+        callbacks=[callback] if callback else [],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **trainer_kwargs,
     )
     trainer.fit(module, loader())
     with open(Path(trainer.logger.log_dir) / "metrics.csv") as handle:
@@ -70,7 +86,9 @@ def test_mfu_is_in_the_same_csv_row_as_the_loss_and_matches_an_independent_count
     for row in measured:
         assert row["train/loss"], "MFU must share its row (and step) with the loss"
         step_time = float(row["train/step_time"])
-        assert float(row["train/mfu"]) == pytest.approx(step_flops / (step_time * PEAK_TFLOPS * 1e12), rel=1e-5)
+        assert float(row["train/mfu"]) == pytest.approx(
+            step_flops / (step_time * PEAK_TFLOPS * 1e12), rel=1e-5
+        )
         assert float(row["train/tokens_per_sec"]) == pytest.approx(BATCH * 16 / step_time, rel=1e-5)
 
 
@@ -82,13 +100,17 @@ def test_gradient_accumulation_counts_every_micro_batch(tmp_path, fake_meter):
     for row in measured:
         step_time = float(row["train/step_time"])
         assert step_time == pytest.approx(2 * SECONDS_PER_BATCH)
-        assert float(row["train/tflops_per_gpu"]) == pytest.approx(2 * micro_flops / step_time / 1e12, rel=1e-5)
+        assert float(row["train/tflops_per_gpu"]) == pytest.approx(
+            2 * micro_flops / step_time / 1e12, rel=1e-5
+        )
 
 
 def test_losses_and_weights_are_identical_with_and_without_the_callback(tmp_path):
     module_a, rows_a = fit(tmp_path / "a", MFUCallback(peak_tflops=PEAK_TFLOPS))
     module_b, rows_b = fit(tmp_path / "b", None)
-    assert [r["train/loss"] for r in rows_a if r.get("train/loss")] == [r["train/loss"] for r in rows_b if r.get("train/loss")]
+    assert [r["train/loss"] for r in rows_a if r.get("train/loss")] == [
+        r["train/loss"] for r in rows_b if r.get("train/loss")
+    ]
     for (name, a), (_, b) in zip(module_a.state_dict().items(), module_b.state_dict().items()):
         assert torch.equal(a, b), name
 
@@ -109,7 +131,9 @@ def test_an_internal_error_is_logged_once_and_training_goes_on(tmp_path, monkeyp
 
 @pytest.mark.multiprocess
 def test_two_process_ddp_on_cpu_reports_both_ranks(tmp_path):
-    _, rows = fit(tmp_path, MFUCallback(peak_tflops=PEAK_TFLOPS, warmup_steps=1), devices=2, strategy="ddp_spawn")
+    _, rows = fit(
+        tmp_path, MFUCallback(peak_tflops=PEAK_TFLOPS, warmup_steps=1), devices=2, strategy="ddp_spawn"
+    )
     measured = [row for row in rows if row.get("train/mfu")]
     assert measured
     for row in measured:
@@ -124,12 +148,32 @@ def test_two_process_ddp_on_cpu_reports_both_ranks(tmp_path):
 def test_lightning_cli_config_turns_mfu_on(tmp_path):
     """The YAML in configs/ enables the callback with its class_path alone."""
     root = Path(__file__).parent.parent
-    command = [sys.executable, str(root / "examples" / "lightning_cli.py"), "fit", "--config",
-               str(root / "configs" / "lightning.yaml"), "--trainer.max_steps", "6", "--trainer.log_every_n_steps", "2",
-               "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.accelerator", "cpu",
-               "--trainer.callbacks.init_args.peak_tflops", "0.5",
-               "--model.hidden_size", "32", "--model.seq_len", "16", "--data.seq_len", "16"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL, cwd=tmp_path)
+    command = [
+        sys.executable,
+        str(root / "examples" / "lightning_cli.py"),
+        "fit",
+        "--config",
+        str(root / "configs" / "lightning.yaml"),
+        "--trainer.max_steps",
+        "6",
+        "--trainer.log_every_n_steps",
+        "2",
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path),
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.callbacks.init_args.peak_tflops",
+        "0.5",
+        "--model.hidden_size",
+        "32",
+        "--model.seq_len",
+        "16",
+        "--data.seq_len",
+        "16",
+    ]
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL, cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "stopped measuring" not in result.stderr, result.stderr[-3000:]
     (metrics_file,) = tmp_path.rglob("metrics.csv")

@@ -171,8 +171,16 @@ def test_a_bad_peak_in_the_environment_is_refused_at_construction(monkeypatch, v
         MFUMeter(nn.Linear(2, 2))
 
 
-@pytest.mark.parametrize("name, value", [("warmup_steps", -1), ("warmup_steps", True), ("log_interval", 0),
-                                         ("report", "yes"), ("silence_diagnostics", "padding_waste")])
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("warmup_steps", -1),
+        ("warmup_steps", True),
+        ("log_interval", 0),
+        ("report", "yes"),
+        ("silence_diagnostics", "padding_waste"),
+    ],
+)
 def test_other_bad_options_are_refused_at_construction(name, value):
     with pytest.raises(ValueError, match=name):
         MFUOptions(**{name: value})

@@ -20,11 +20,18 @@ class Diagnosis:
 
 
 def test_the_report_states_the_run_figures_and_the_breakdown_shares():
-    flops = StepFlops(model_flops=1000, hardware_flops=1300, tokens=90, padded_tokens=100,
-                      breakdown={"mlp": 600, "attention_scores": 150, "attention_projections": 250, "router": 0})
+    flops = StepFlops(
+        model_flops=1000,
+        hardware_flops=1300,
+        tokens=90,
+        padded_tokens=100,
+        breakdown={"mlp": 600, "attention_scores": 150, "attention_projections": 250, "router": 0},
+    )
     peak = PeakInfo(flops=989.4e12, device_name="NVIDIA H100 80GB HBM3", dtype="bf16", source="datasheet")
     summary = {"mfu": 0.4123, "hfu": 0.45, "tflops_per_gpu": 407.9, "tokens_per_sec_per_gpu": 12345.6}
-    text = format_report(summary, flops, peak, [Diagnosis("padding_waste", "10.0% of computed tokens are padding")])
+    text = format_report(
+        summary, flops, peak, [Diagnosis("padding_waste", "10.0% of computed tokens are padding")]
+    )
     assert "NVIDIA H100 80GB HBM3, bf16, 989.4 TFLOP/s" in text
     assert "MFU 41.2%" in text and "HFU 45.0%" in text and "tokens/s per GPU 12,346" in text
     lines = text.splitlines()
@@ -41,10 +48,23 @@ def test_an_unknown_peak_says_how_to_supply_one():
 
 
 def train(tmp_path, **options):
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=5, per_device_train_batch_size=4, logging_steps=2,
-                             report_to=[], save_strategy="no", disable_tqdm=True, use_cpu=True)
-    trainer = Trainer(model=tiny_llama(), args=args, train_dataset=FixedLengthTokens(64), data_collator=collate,
-                      callbacks=[MFUCallback(peak_tflops=0.5, warmup_steps=1, **options)])
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=5,
+        per_device_train_batch_size=4,
+        logging_steps=2,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+        use_cpu=True,
+    )
+    trainer = Trainer(
+        model=tiny_llama(),
+        args=args,
+        train_dataset=FixedLengthTokens(64),
+        data_collator=collate,
+        callbacks=[MFUCallback(peak_tflops=0.5, warmup_steps=1, **options)],
+    )
     trainer.train()
     return trainer
 

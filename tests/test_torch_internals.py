@@ -48,8 +48,21 @@ def test_reading_a_value_back_dispatches_the_read_scalar_kernel():
 def test_the_convolution_kernel_takes_the_arguments_of_convolution_first():
     public = [argument.name for argument in torch.ops.aten.convolution.default._schema.arguments]
     kernel = [argument.name for argument in internals.CONVOLUTION_KERNEL._schema.arguments]
-    assert kernel[:9] == public[:9] == ["input", "weight", "bias", "stride", "padding", "dilation", "transposed",
-                                        "output_padding", "groups"]
+    assert (
+        kernel[:9]
+        == public[:9]
+        == [
+            "input",
+            "weight",
+            "bias",
+            "stride",
+            "padding",
+            "dilation",
+            "transposed",
+            "output_padding",
+            "groups",
+        ]
+    )
 
 
 def test_every_fused_attention_kernel_exists_and_is_counted_on_the_meta_device():
@@ -102,7 +115,9 @@ def test_composable_distributed_apis_keep_their_state_under_the_prefixed_keys():
         pytest.skip("torch built without torch.distributed")
     import importlib
 
-    contract = importlib.import_module("torch.distributed._composable.contract")  # the package shadows it with a function
+    contract = importlib.import_module(
+        "torch.distributed._composable.contract"
+    )  # the package shadows it with a function
 
     assert contract.STATE_KEY.startswith(internals.COMPOSABLE_STATE_KEY_PREFIX)
     assert contract.REGISTRY_KEY.startswith(internals.COMPOSABLE_STATE_KEY_PREFIX)
@@ -122,7 +137,14 @@ def test_checkpoint_internals_exist_with_the_parameters_the_routing_binds():
     assert hasattr(torch_checkpoint.CheckpointFunction, "apply")
     generator = getattr(torch_checkpoint, internals._NON_REENTRANT)
     parameters = list(inspect.signature(generator).parameters)
-    assert parameters[:6] == ["fn", "preserve_rng_state", "context_fn", "determinism_check", "debug", "early_stop"]
+    assert parameters[:6] == [
+        "fn",
+        "preserve_rng_state",
+        "context_fn",
+        "determinism_check",
+        "debug",
+        "early_stop",
+    ]
     assert getattr(torch_checkpoint, internals._EARLY_STOP_OVERRIDE) is None
     with torch_checkpoint.set_checkpoint_early_stop(False):
         assert getattr(torch_checkpoint, internals._EARLY_STOP_OVERRIDE) is False
@@ -151,7 +173,10 @@ def test_checkpoint_calls_are_routed_while_active_and_restored_after():
         with torch_checkpoint.set_checkpoint_early_stop(False):
             torch_checkpoint.checkpoint(torch.sin, x, use_reentrant=False, early_stop=True)
     assert calls == [("reentrant",), ("region", True), ("region", False), ("region", False)]
-    assert (torch_checkpoint.CheckpointFunction, getattr(torch_checkpoint, internals._NON_REENTRANT)) == original
+    assert (
+        torch_checkpoint.CheckpointFunction,
+        getattr(torch_checkpoint, internals._NON_REENTRANT),
+    ) == original
 
 
 # -- autocast on the meta device -------------------------------------------------------------------
@@ -206,4 +231,6 @@ def test_no_other_module_of_the_package_names_a_private_torch_attribute():
         for number, line in enumerate(path.read_text().splitlines(), 1):
             if PRIVATE_TORCH.search(line):
                 offenders.append(f"{path.relative_to(PACKAGE.parent)}:{number}: {line.strip()}")
-    assert not offenders, "private torch names belong in mfu_callbacks/_torch_internals.py:\n" + "\n".join(offenders)
+    assert not offenders, "private torch names belong in mfu_callbacks/_torch_internals.py:\n" + "\n".join(
+        offenders
+    )

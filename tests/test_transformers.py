@@ -33,16 +33,39 @@ class RecordingReporter(TrainerCallback):
         self.records.append(dict(logs))
 
 
-def train(tmp_path, *, callback: MFUCallback | None, lora: bool = False, accumulation: int = 1, steps: int = 6,
-          reporter: TrainerCallback | None = None):
+def train(
+    tmp_path,
+    *,
+    callback: MFUCallback | None,
+    lora: bool = False,
+    accumulation: int = 1,
+    steps: int = 6,
+    reporter: TrainerCallback | None = None,
+):
     model = tiny_llama(lora=lora)
     args = TrainingArguments(
-        output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=BATCH, gradient_accumulation_steps=accumulation,
-        logging_steps=2, learning_rate=1e-3, report_to=[], save_strategy="no", disable_tqdm=True, use_cpu=True,
-        seed=0, data_seed=0, dataloader_num_workers=0,
+        output_dir=str(tmp_path),
+        max_steps=steps,
+        per_device_train_batch_size=BATCH,
+        gradient_accumulation_steps=accumulation,
+        logging_steps=2,
+        learning_rate=1e-3,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        dataloader_num_workers=0,
     )
     callbacks = [c for c in (reporter, callback) if c is not None]
-    trainer = Trainer(model=model, args=args, train_dataset=FixedLengthTokens(64), data_collator=collate, callbacks=callbacks)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=FixedLengthTokens(64),
+        data_collator=collate,
+        callbacks=callbacks,
+    )
     if reporter is not None:  # a reporter of the Trainer's own kind runs before user callbacks: put it there
         trainer.callback_handler.callbacks.remove(reporter)
         trainer.callback_handler.callbacks.insert(1, reporter)
@@ -53,8 +76,9 @@ def train(tmp_path, *, callback: MFUCallback | None, lora: bool = False, accumul
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_mfu_is_logged_with_the_loss_and_matches_an_independent_count(tmp_path, lora):
     reporter = RecordingReporter()
-    trainer, model = train(tmp_path, callback=MFUCallback(peak_tflops=PEAK_TFLOPS, warmup_steps=1), lora=lora,
-                           reporter=reporter)
+    trainer, model = train(
+        tmp_path, callback=MFUCallback(peak_tflops=PEAK_TFLOPS, warmup_steps=1), lora=lora, reporter=reporter
+    )
     rows = [row for row in trainer.state.log_history if "loss" in row]
     assert [row["step"] for row in rows] == [2, 4, 6]
     measured = [row for row in rows if "mfu" in row]
@@ -72,7 +96,9 @@ def test_mfu_is_logged_with_the_loss_and_matches_an_independent_count(tmp_path, 
 
 
 def test_gradient_accumulation_counts_every_micro_batch(tmp_path, fake_meter):
-    trainer, _ = train(tmp_path, callback=MFUCallback(peak_tflops=PEAK_TFLOPS, warmup_steps=1), accumulation=2)
+    trainer, _ = train(
+        tmp_path, callback=MFUCallback(peak_tflops=PEAK_TFLOPS, warmup_steps=1), accumulation=2
+    )
     measured = [row for row in trainer.state.log_history if "mfu" in row]
     assert measured
     micro_flops = BATCH * SEQ * FLOPS_PER_TOKEN
@@ -147,8 +173,18 @@ def test_two_ranks_under_torchrun_count_both_and_show_the_wait_for_the_late_one(
 
     delay = 0.05
     script = tmp_path / "train.py"
-    script.write_text(TWO_RANKS_SCRIPT.format(tests=str(Path(__file__).parent), out=str(tmp_path / "out"), delay=delay))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    script.write_text(
+        TWO_RANKS_SCRIPT.format(tests=str(Path(__file__).parent), out=str(tmp_path / "out"), delay=delay)
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(script),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=400, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stderr[-3000:]
     line = next(line for line in result.stdout.splitlines() if line.startswith("RESULT"))

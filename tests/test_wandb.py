@@ -44,7 +44,9 @@ def check_run(records: list[dict], loss_key: str, mfu_key: str, step_metric: str
     for row in with_mfu:
         assert loss_key in row, f"{mfu_key} is not in the same history row as {loss_key}: {row}"
         assert 0 < row[mfu_key] < 1
-    defined = {record["metric"].get("name"): record["metric"] for record in records if record["type"] == "metric"}
+    defined = {
+        record["metric"].get("name"): record["metric"] for record in records if record["type"] == "metric"
+    }
     assert mfu_key in defined
     if step_metric:
         assert defined[mfu_key].get("step_metric") == step_metric
@@ -80,11 +82,24 @@ def test_hf_trainer_with_report_to_wandb(offline):
 
     from mfu_callbacks.transformers import MFUCallback
 
-    args = TrainingArguments(output_dir=str(offline / "out"), max_steps=STEPS, per_device_train_batch_size=BATCH,
-                             logging_steps=2, report_to=["wandb"], save_strategy="no", disable_tqdm=True,
-                             use_cpu=True, run_name="hf")
-    trainer = Trainer(model=tiny_llama(), args=args, train_dataset=FixedLengthTokens(64),
-                      data_collator=collate_with_padding, callbacks=[MFUCallback(peak_tflops=PEAK_TFLOPS, warmup_steps=1)])
+    args = TrainingArguments(
+        output_dir=str(offline / "out"),
+        max_steps=STEPS,
+        per_device_train_batch_size=BATCH,
+        logging_steps=2,
+        report_to=["wandb"],
+        save_strategy="no",
+        disable_tqdm=True,
+        use_cpu=True,
+        run_name="hf",
+    )
+    trainer = Trainer(
+        model=tiny_llama(),
+        args=args,
+        train_dataset=FixedLengthTokens(64),
+        data_collator=collate_with_padding,
+        callbacks=[MFUCallback(peak_tflops=PEAK_TFLOPS, warmup_steps=1)],
+    )
     trainer.train()
     wandb.finish()
     records = read_run(offline)
@@ -135,10 +150,17 @@ def test_lightning_with_wandb_logger(offline):
 
     from mfu_callbacks.lightning import MFUCallback
 
-    trainer = L.Trainer(max_steps=STEPS, accelerator="cpu", devices=1, log_every_n_steps=2,
-                        logger=WandbLogger(project="lightning", save_dir=str(offline), offline=True),
-                        callbacks=[MFUCallback(peak_tflops=PEAK_TFLOPS, warmup_steps=1)], enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        max_steps=STEPS,
+        accelerator="cpu",
+        devices=1,
+        log_every_n_steps=2,
+        logger=WandbLogger(project="lightning", save_dir=str(offline), offline=True),
+        callbacks=[MFUCallback(peak_tflops=PEAK_TFLOPS, warmup_steps=1)],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(TinyModule(), DataLoader(FixedLengthTokens(64), batch_size=BATCH, collate_fn=collate))
     wandb.finish()
     check_run(read_run(offline), "train/loss", "train/mfu", "trainer/global_step")

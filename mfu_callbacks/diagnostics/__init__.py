@@ -43,7 +43,9 @@ def validate_ids(ids: Iterable[str]) -> tuple[str, ...]:
     ids = tuple(ids)
     unknown = [item for item in ids if item not in DIAGNOSIS_IDS]
     if unknown:
-        raise ValueError(f"unknown diagnosis id(s) {', '.join(map(repr, unknown))}: known ids are {', '.join(DIAGNOSIS_IDS)}")
+        raise ValueError(
+            f"unknown diagnosis id(s) {', '.join(map(repr, unknown))}: known ids are {', '.join(DIAGNOSIS_IDS)}"
+        )
     return ids
 
 
@@ -75,8 +77,16 @@ class Diagnostics:
         (None when no forward was seen).
         """
         self._model = model
-        review = Review(run, model, split_flops(engine, run_features), peak_flops, compute_dtype,
-                        autocast_in_training, self._clocks, self._model_shapes)
+        review = Review(
+            run,
+            model,
+            split_flops(engine, run_features),
+            peak_flops,
+            compute_dtype,
+            autocast_in_training,
+            self._clocks,
+            self._model_shapes,
+        )
         done = {diagnosis.id for diagnosis in self.fired} | self.silenced
         new: list[Diagnosis] = []
         for diagnosis_id, check in CHECKS.items():

@@ -98,7 +98,11 @@ class Review:
 
     def share_of_model_flops(self, component: str) -> float:
         split = self.split
-        return split.breakdown.get(component, 0.0) / split.model_flops if split is not None and split.model_flops else 0.0
+        return (
+            split.breakdown.get(component, 0.0) / split.model_flops
+            if split is not None and split.model_flops
+            else 0.0
+        )
 
 
 Check = Callable[[Review], "Diagnosis | None"]

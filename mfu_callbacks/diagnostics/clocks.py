@@ -22,7 +22,11 @@ _CLOCK_REASONS: Mapping[int, str] = {
 
 def _nvml_index(device: torch.device) -> int:
     """NVML numbers all GPUs of the host; CUDA numbers the visible ones (CUDA_VISIBLE_DEVICES)."""
-    index = device.index if device.index is not None else (torch.cuda.current_device() if torch.cuda.is_available() else 0)
+    index = (
+        device.index
+        if device.index is not None
+        else (torch.cuda.current_device() if torch.cuda.is_available() else 0)
+    )
     visible = [item.strip() for item in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if item.strip()]
     if index < len(visible) and visible[index].isdigit():
         return int(visible[index])

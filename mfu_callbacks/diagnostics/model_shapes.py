@@ -61,14 +61,20 @@ def read_shapes(model: nn.Module) -> ModelShapes:
         tables = [module for module in base.modules() if isinstance(module, nn.Embedding)]
         embeddings = max(tables, key=lambda table: table.num_embeddings, default=None)
     if head is None:
-        head = next((module for name, module in base.named_modules() if name.rsplit(".", 1)[-1] == "lm_head"), None)
+        head = next(
+            (module for name, module in base.named_modules() if name.rsplit(".", 1)[-1] == "lm_head"), None
+        )
     vocab_sizes = tuple(dict.fromkeys(size for size in (_rows(embeddings), _rows(head)) if size))
     head_modules = {id(module) for module in head.modules()} if isinstance(head, nn.Module) else set()
     linears = []
     for name, module in base.named_modules():
         if isinstance(module, nn.Linear):
             in_features, out_features = module.in_features, module.out_features
-        elif type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None and module.weight.dim() == 2:
+        elif (
+            type(module).__name__ == "Conv1D"
+            and getattr(module, "weight", None) is not None
+            and module.weight.dim() == 2
+        ):
             in_features, out_features = module.weight.shape  # transformers' GPT-2 Conv1D stores (in, out)
         else:
             continue

@@ -11,8 +11,9 @@ from .step_flops import StepFlops
 from .tokens import BatchError, TokenCounter
 
 
-def estimate_step_flops(model: nn.Module, batch: Any, *, forward: Forward | None = None,
-                        token_counter: TokenCounter | None = None) -> StepFlops:
+def estimate_step_flops(
+    model: nn.Module, batch: Any, *, forward: Forward | None = None, token_counter: TokenCounter | None = None
+) -> StepFlops:
     """FLOPs of one training step of ``model`` on ``batch`` (forward + backward, per the model's trainable state).
 
     ``forward(model, batch)`` tells how a batch reaches a model that does not take it as keyword arguments.
@@ -21,4 +22,12 @@ def estimate_step_flops(model: nn.Module, batch: Any, *, forward: Forward | None
     return FlopEngine.from_model(model, batch, forward=forward, token_counter=token_counter).estimate(batch)
 
 
-__all__ = ["BatchError", "FlopEngine", "Forward", "ModelIntrospectionError", "StepFlops", "TokenCounter", "estimate_step_flops"]
+__all__ = [
+    "BatchError",
+    "FlopEngine",
+    "Forward",
+    "ModelIntrospectionError",
+    "StepFlops",
+    "TokenCounter",
+    "estimate_step_flops",
+]

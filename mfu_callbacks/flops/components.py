@@ -20,14 +20,41 @@ EMBEDDINGS = "embeddings"
 OTHER = "other"
 
 _HEAD_NAMES = frozenset(
-    {"lm_head", "classifier", "score", "qa_outputs", "pooler", "head", "heads", "cls", "proj_out", "output_projection", "fc_out"}
+    {
+        "lm_head",
+        "classifier",
+        "score",
+        "qa_outputs",
+        "pooler",
+        "head",
+        "heads",
+        "cls",
+        "proj_out",
+        "output_projection",
+        "fc_out",
+    }
 )
-_MLP_PARTS = ("mlp", "ffn", "feed_forward", "feedforward", "intermediate", "fc1", "fc2", "c_fc", "dense_h_to_4h", "dense_4h_to_h", "wi", "wo")
+_MLP_PARTS = (
+    "mlp",
+    "ffn",
+    "feed_forward",
+    "feedforward",
+    "intermediate",
+    "fc1",
+    "fc2",
+    "c_fc",
+    "dense_h_to_4h",
+    "dense_4h_to_h",
+    "wi",
+    "wo",
+)
 _ROUTER_LEAVES = frozenset({"gate", "router", "shared_expert_gate", "switch"})
 
 
 def _is_attention(parts: Sequence[str], class_names: Sequence[str]) -> bool:
-    return any("attn" in p or "attention" in p for p in parts) or any("attention" in c.lower() for c in class_names)
+    return any("attn" in p or "attention" in p for p in parts) or any(
+        "attention" in c.lower() for c in class_names
+    )
 
 
 def classify(path: str, class_names: Sequence[str], *, activation_matmul: bool) -> str:
@@ -50,7 +77,9 @@ def classify(path: str, class_names: Sequence[str], *, activation_matmul: bool) 
         return ATTENTION_SCORES if activation_matmul else ATTENTION_PROJECTIONS
     if any(part in _HEAD_NAMES for part in parts):
         return HEAD
-    if any(any(key in part for key in _MLP_PARTS) for part in parts) or (len(parts) > 1 and parts[-2] == "output"):
+    if any(any(key in part for key in _MLP_PARTS) for part in parts) or (
+        len(parts) > 1 and parts[-2] == "output"
+    ):
         return MLP
     if any("embed" in part or "patch" in part or "stem" in part for part in parts):
         return EMBEDDINGS

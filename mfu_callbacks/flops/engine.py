@@ -39,7 +39,17 @@ Forward = Callable[[nn.Module, Any], Any]
 
 # Probe shapes (rows, main length, decoder length): distinct enough that the design matrix has full rank.
 _PROBES_MAIN = ((1, 5, 0), (1, 7, 0), (1, 9, 0), (2, 5, 0), (3, 7, 0), (2, 8, 0))
-_PROBES_ENCODER_DECODER = ((1, 5, 3), (1, 7, 3), (1, 9, 4), (2, 5, 6), (1, 5, 6), (3, 7, 4), (2, 9, 3), (1, 6, 7), (2, 7, 7))
+_PROBES_ENCODER_DECODER = (
+    (1, 5, 3),
+    (1, 7, 3),
+    (1, 9, 4),
+    (2, 5, 6),
+    (1, 5, 6),
+    (3, 7, 4),
+    (2, 9, 3),
+    (1, 6, 7),
+    (2, 7, 7),
+)
 _PROBES_ROWS = ((1, 0, 0), (2, 0, 0), (3, 0, 0))
 _FIT_TOLERANCE = 1e-6
 
@@ -97,13 +107,17 @@ class _ProbeBatches:
         self.encoder_decoder = counting.encoder_decoder
 
     def _stream_of(self, key: str | None, tensor: torch.Tensor) -> str | None:
-        if key is not None and (key in DECODER_KEYS or key.startswith("decoder_") or (key == "labels" and self.encoder_decoder)):
+        if key is not None and (
+            key in DECODER_KEYS or key.startswith("decoder_") or (key == "labels" and self.encoder_decoder)
+        ):
             return "decoder"
         if tensor.dim() >= 2 and tensor.shape[0] == self.rows and tensor.shape[1] == self.main_length:
             return "main"
         return None
 
-    def _convert(self, key: str | None, value: torch.Tensor, rows: int, main: int, decoder: int) -> torch.Tensor:
+    def _convert(
+        self, key: str | None, value: torch.Tensor, rows: int, main: int, decoder: int
+    ) -> torch.Tensor:
         if value.dim() == 0 or value.shape[0] != self.rows:
             return torch.empty(value.shape, dtype=value.dtype, device="meta")
         stream = self._stream_of(key, value)
@@ -130,7 +144,9 @@ def _configs(model: nn.Module) -> Iterator[Any]:
                 continue
             seen.add(id(config))
             yield config
-            stack.extend(getattr(config, key, None) for key in ("text_config", "vision_config", "encoder", "decoder"))
+            stack.extend(
+                getattr(config, key, None) for key in ("text_config", "vision_config", "encoder", "decoder")
+            )
 
 
 def _attention_implementation(model: nn.Module) -> str:
@@ -183,19 +199,31 @@ def _probe_hooks(replica: Replica, current: list[MatmulRecorder], *, meta_autoca
 class FlopEngine:
     """Exact training FLOPs of one model, per step, from the step's token counts."""
 
-    def __init__(self, coefficients: dict[str, ComponentCoefficients], counting: TokenCounting, description: str) -> None:
+    def __init__(
+        self, coefficients: dict[str, ComponentCoefficients], counting: TokenCounting, description: str
+    ) -> None:
         self.counting = counting
         self.description = description
-        self.components = {name: [f + b for f, b in zip(c.forward, c.backward)] for name, c in coefficients.items()}
+        self.components = {
+            name: [f + b for f, b in zip(c.forward, c.backward)] for name, c in coefficients.items()
+        }
         self._model = [sum(values) for values in zip(*self.components.values())] or [0.0] * NUM_FEATURES
-        recompute = [sum(values) for values in zip(*(c.recompute for c in coefficients.values()))] or [0.0] * NUM_FEATURES
+        recompute = [sum(values) for values in zip(*(c.recompute for c in coefficients.values()))] or [
+            0.0
+        ] * NUM_FEATURES
         self._hardware = [m + r for m, r in zip(self._model, recompute)]
         self._has_tokens = any(self._model[i] or self._hardware[i] for i in (Feature.TOKENS, Feature.SQUARES))
 
     # -- building -------------------------------------------------------------------------------
     @classmethod
-    def from_model(cls, model: nn.Module, batch: Any, *, forward: Forward | None = None,
-                   token_counter: TokenCounter | None = None) -> FlopEngine:
+    def from_model(
+        cls,
+        model: nn.Module,
+        batch: Any,
+        *,
+        forward: Forward | None = None,
+        token_counter: TokenCounter | None = None,
+    ) -> FlopEngine:
         """Introspect ``model`` (any wrapper) with ``batch`` as the template of what a step sees."""
         base = unwrap_model(model)
         counting = TokenCounting(
@@ -209,7 +237,9 @@ class FlopEngine:
         elif probes.decoder_length is not None and probes.main_length is not None:
             shapes = _PROBES_ENCODER_DECODER
         elif probes.main_length is None:
-            raise BatchError("a decoder stream without an encoder stream: pass token_counter= to name the streams")
+            raise BatchError(
+                "a decoder stream without an encoder stream: pass token_counter= to name the streams"
+            )
         else:
             shapes = _PROBES_MAIN
         run = forward or default_forward
@@ -244,8 +274,10 @@ class FlopEngine:
         values = features.tolist() if isinstance(features, torch.Tensor) else features
         model_features, hardware_features = values[MODEL], values[HARDWARE]
         if min(model_features) < 0 or min(hardware_features) < 0:
-            raise ValueError(f"negative token counts or lengths in the features {values}: counts come from "
-                             "FlopEngine.count(batch) (summed over micro-batches), never below zero")
+            raise ValueError(
+                f"negative token counts or lengths in the features {values}: counts come from "
+                "FlopEngine.count(batch) (summed over micro-batches), never below zero"
+            )
         model_flops = _dot(self._model, model_features)
         hardware_flops = _dot(self._hardware, hardware_features)
         breakdown = {name: round(_dot(c, model_features)) for name, c in self.components.items()}
@@ -270,8 +302,14 @@ def _dot(coefficients: Sequence[float], features: Sequence[float]) -> float:
     return sum(c * f for c, f in zip(coefficients, features) if c)
 
 
-def _trace(base: nn.Module, probes: _ProbeBatches, shapes: Sequence[tuple[int, int, int]], run: Forward,
-           *, fold: bool) -> tuple[list[dict[str, ComponentFlops]], Replica, list[str]]:
+def _trace(
+    base: nn.Module,
+    probes: _ProbeBatches,
+    shapes: Sequence[tuple[int, int, int]],
+    run: Forward,
+    *,
+    fold: bool,
+) -> tuple[list[dict[str, ComponentFlops]], Replica, list[str]]:
     replica = build_replica(base, fold=fold)
     _use_eager_kernels(replica.module)
     current: list[MatmulRecorder] = [MatmulRecorder(replica.parameter_ids)]
@@ -279,7 +317,11 @@ def _trace(base: nn.Module, probes: _ProbeBatches, shapes: Sequence[tuple[int, i
 
     def run_probes(meta_autocast: bool) -> list[dict[str, ComponentFlops]]:
         totals = []
-        with preserved_random_state(), _probe_hooks(replica, current, meta_autocast=meta_autocast), torch.enable_grad():
+        with (
+            preserved_random_state(),
+            _probe_hooks(replica, current, meta_autocast=meta_autocast),
+            torch.enable_grad(),
+        ):
             for rows, main, decoder in shapes:
                 recorder = MatmulRecorder(replica.parameter_ids)
                 current[0] = recorder
@@ -304,30 +346,44 @@ class _CurrentRecorder:
     def __init__(self, current: list[MatmulRecorder]) -> None:
         self._current = current
 
-    def record_module_matmul(self, forward: float, operands_requiring_grad: int, output: torch.Tensor | None) -> None:
+    def record_module_matmul(
+        self, forward: float, operands_requiring_grad: int, output: torch.Tensor | None
+    ) -> None:
         self._current[0].record_module_matmul(forward, operands_requiring_grad, output)
 
     def note_saved(self) -> None:
         self._current[0].note_saved()
 
 
-def _fit(totals: list[dict[str, ComponentFlops]], shapes: Sequence[tuple[int, int, int]]) -> dict[str, ComponentCoefficients]:
+def _fit(
+    totals: list[dict[str, ComponentFlops]], shapes: Sequence[tuple[int, int, int]]
+) -> dict[str, ComponentCoefficients]:
     """Solve totals = design @ coefficients exactly, per component and per pass."""
     design = torch.tensor([_design_row(*shape) for shape in shapes], dtype=torch.float64)
     active = [i for i in range(NUM_FEATURES) if design[:, i].abs().sum() > 0]
     reduced = design[:, active]
     components = sorted({name for probe in totals for name in probe})
     targets = torch.tensor(
-        [[getattr(probe.get(name, ComponentFlops()), part) for name in components for part in ("forward", "backward", "recompute")]
-         for probe in totals],
+        [
+            [
+                getattr(probe.get(name, ComponentFlops()), part)
+                for name in components
+                for part in ("forward", "backward", "recompute")
+            ]
+            for probe in totals
+        ],
         dtype=torch.float64,
     )
     solution = torch.linalg.lstsq(reduced, targets).solution if components else torch.zeros(len(active), 0)
     residual = (reduced @ solution - targets).abs().max().item() if components else 0.0
     scale = max(targets.abs().max().item(), 1.0) if components else 1.0
     if residual > _FIT_TOLERANCE * scale:
-        logger.warning("mfu_callbacks: FLOPs of this model are not linear in tokens and squared lengths "
-                       "(fit residual %.3g of %.3g); counts are approximate", residual, scale)
+        logger.warning(
+            "mfu_callbacks: FLOPs of this model are not linear in tokens and squared lengths "
+            "(fit residual %.3g of %.3g); counts are approximate",
+            residual,
+            scale,
+        )
     coefficients: dict[str, ComponentCoefficients] = {}
     for index, name in enumerate(components):
         parts = []
@@ -342,9 +398,17 @@ def _fit(totals: list[dict[str, ComponentFlops]], shapes: Sequence[tuple[int, in
     return coefficients
 
 
-def _describe(base: nn.Module, replica: Replica, substituted: list[str], coefficients: dict[str, ComponentCoefficients]) -> str:
+def _describe(
+    base: nn.Module, replica: Replica, substituted: list[str], coefficients: dict[str, ComponentCoefficients]
+) -> str:
     folded = f"; repeated layers traced once: {', '.join(replica.folded)}" if replica.folded else ""
     analytic = f"; counted from shapes: {', '.join(substituted)}" if substituted else ""
-    scores = " (attention scores from head dimensions x squared lengths)" if ATTENTION_SCORES in coefficients else ""
-    return (f"mfu_callbacks: FLOPs of {type(base).__name__} traced on a meta-device replica{scores}{folded}{analytic}; "
-            f"components: {', '.join(sorted(coefficients))}")
+    scores = (
+        " (attention scores from head dimensions x squared lengths)"
+        if ATTENTION_SCORES in coefficients
+        else ""
+    )
+    return (
+        f"mfu_callbacks: FLOPs of {type(base).__name__} traced on a meta-device replica{scores}{folded}{analytic}; "
+        f"components: {', '.join(sorted(coefficients))}"
+    )

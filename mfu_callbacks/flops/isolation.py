@@ -24,7 +24,9 @@ import torch
 def preserved_random_state() -> Iterator[None]:
     """Every global random generator leaves this block in the state it entered it."""
     cpu = torch.get_rng_state()
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    cuda = (
+        torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    )
     python = random.getstate()
     numpy = sys.modules.get("numpy")
     numpy_state = numpy.random.get_state() if numpy is not None else None
@@ -39,7 +41,9 @@ def preserved_random_state() -> Iterator[None]:
             numpy.random.set_state(numpy_state)
 
 
-def map_tensors(value: Any, convert: Callable[[str | None, torch.Tensor], Any], key: str | None = None) -> Any:
+def map_tensors(
+    value: Any, convert: Callable[[str | None, torch.Tensor], Any], key: str | None = None
+) -> Any:
     """``value`` with every tensor inside (mappings, lists, tuples, named tuples, dataclasses) replaced
     by ``convert(key, tensor)``, where ``key`` is the nearest mapping key or field name above it."""
     if isinstance(value, torch.Tensor):
@@ -51,7 +55,8 @@ def map_tensors(value: Any, convert: Callable[[str | None, torch.Tensor], Any], 
     if isinstance(value, (list, tuple)):
         return type(value)(map_tensors(v, convert, key) for v in value)
     if is_dataclass(value) and not isinstance(value, type):
-        return replace(value, **{f.name: map_tensors(getattr(value, f.name), convert, f.name) for f in fields(value)
-                                 if f.init})
+        return replace(
+            value,
+            **{f.name: map_tensors(getattr(value, f.name), convert, f.name) for f in fields(value) if f.init},
+        )
     return value
-

@@ -28,7 +28,14 @@ from .isolation import map_tensors
 # Hooks from these packages move data between devices or ranks (or measure, like ours); on a replica they must not run.
 # Hooks of the model libraries change autograd or record outputs: they run on the copy. No other hook does.
 _MODEL_HOOK_PACKAGES = ("transformers", "peft")
-_FOREIGN_HOOK_PACKAGES = ("torch.distributed", "accelerate", "deepspeed", "lightning", "pytorch_lightning", "mfu_callbacks")
+_FOREIGN_HOOK_PACKAGES = (
+    "torch.distributed",
+    "accelerate",
+    "deepspeed",
+    "lightning",
+    "pytorch_lightning",
+    "mfu_callbacks",
+)
 # A LightningModule's references back to the training machinery (Trainer, Fabric, device mesh):
 # never copied. tests/test_framework_boundary.py checks that Lightning still names them so.
 _BACK_REFERENCES = ("_trainer", "_fabric", "_device_mesh")
@@ -60,7 +67,9 @@ def _to_meta(tensor: torch.Tensor, parameter: bool) -> torch.Tensor:
 def _block_signature(block: nn.Module) -> tuple:
     """Everything about a block that can change its FLOPs, and nothing that only names its position."""
     modules = tuple((name, type(m).__name__, m.training) for name, m in block.named_modules())
-    parameters = tuple((n, tuple(logical_shape(p)), p.dtype, p.requires_grad) for n, p in block.named_parameters())
+    parameters = tuple(
+        (n, tuple(logical_shape(p)), p.dtype, p.requires_grad) for n, p in block.named_parameters()
+    )
     scalars = tuple(
         (name, key, value)
         for name, m in block.named_modules()
@@ -102,7 +111,9 @@ def _filtered_hooks(hooks: dict) -> OrderedDict:
     """Only the hooks of the model libraries, which shape the computation (PEFT's and transformers'
     ``enable_input_require_grads``, output recording): a user's hooks never run on the copy, where they
     would see meta tensors and could change what the run counts or does."""
-    return OrderedDict((key, hook) for key, hook in hooks.items() if _hook_package(hook).startswith(_MODEL_HOOK_PACKAGES))
+    return OrderedDict(
+        (key, hook) for key, hook in hooks.items() if _hook_package(hook).startswith(_MODEL_HOOK_PACKAGES)
+    )
 
 
 def _hook_package(hook: object) -> str:
@@ -116,7 +127,9 @@ def _plain_tensors_to_meta(module: nn.Module, memo: dict[int, object]) -> None:
     copied as meta tensors, nested in lists and dicts too: the copy never allocates real memory."""
     for value in module.__dict__.values():
         if isinstance(value, (torch.Tensor, list, tuple, dict)):
-            map_tensors(value, lambda _, tensor: memo.setdefault(id(tensor), _to_meta(tensor, parameter=False)))
+            map_tensors(
+                value, lambda _, tensor: memo.setdefault(id(tensor), _to_meta(tensor, parameter=False))
+            )
 
 
 def _refuses_deepcopy(module: nn.Module) -> bool:
@@ -127,7 +140,9 @@ def _refuses_deepcopy(module: nn.Module) -> bool:
 
 def _copy_as_plain_module(module: nn.Module, memo: dict[int, object]) -> None:
     """Copy a module of such a class as the user's own class (the first base the wrapper did not add)."""
-    plain: type[nn.Module] = next(c for c in type(module).__mro__[1:] if not c.__module__.startswith(_FOREIGN_HOOK_PACKAGES))
+    plain: type[nn.Module] = next(
+        c for c in type(module).__mro__[1:] if not c.__module__.startswith(_FOREIGN_HOOK_PACKAGES)
+    )
     copied = plain.__new__(plain)
     memo[id(module)] = copied
     # The wrapper's own state (process groups, sharding plans) lives under composable-API keys: not copied.
@@ -142,7 +157,9 @@ def build_replica(model: nn.Module, *, fold: bool = True) -> Replica:
     memo: dict[int, object] = {}
     dropped: set[int] = set()
     for container in model.modules():
-        if id(container) in keep and isinstance(container, (nn.ModuleList, nn.Sequential)):  # as _fold_plan chose them
+        if id(container) in keep and isinstance(
+            container, (nn.ModuleList, nn.Sequential)
+        ):  # as _fold_plan chose them
             kept = set(keep[id(container)])
             for index, block in enumerate(container):
                 if index not in kept:

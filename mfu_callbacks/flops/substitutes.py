@@ -22,7 +22,9 @@ _SECOND_STAGE = ("down", "w2", "wo")  # expert weights applied to the first stag
 class Recorder(Protocol):
     """What the substitutes record into: a ``MatmulRecorder``, or one that passes on to the current one."""
 
-    def record_module_matmul(self, forward: float, operands_requiring_grad: int, output: torch.Tensor | None) -> None: ...
+    def record_module_matmul(
+        self, forward: float, operands_requiring_grad: int, output: torch.Tensor | None
+    ) -> None: ...
 
     def note_saved(self) -> None: ...
 
@@ -62,7 +64,14 @@ def is_quantized_linear(module: nn.Module) -> bool:
 
 
 def _experts_forward(recorder: Recorder, names: list[str]) -> Callable:
-    def forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights=None, *args, **kwargs):
+    def forward(
+        self: nn.Module,
+        hidden_states: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights=None,
+        *args,
+        **kwargs,
+    ):
         routed_tokens = top_k_index.numel()  # every token goes to exactly top_k experts
         grad = torch.is_grad_enabled()
         # Read by attribute: a weight that PEFT's target_parameters wraps in a parametrization
@@ -79,8 +88,12 @@ def _experts_forward(recorder: Recorder, names: list[str]) -> Callable:
         intermediate_grad = input_grad or (grad and any(w.requires_grad for w in first.values()))
         for weight in second.values():
             flops = 2.0 * routed_tokens * weight.shape[1] * weight.shape[2]
-            recorder.record_module_matmul(flops, int(intermediate_grad) + int(grad and weight.requires_grad), output)
-        if output.requires_grad:  # the real experts save tensors after their last matmul (routing-weight product)
+            recorder.record_module_matmul(
+                flops, int(intermediate_grad) + int(grad and weight.requires_grad), output
+            )
+        if (
+            output.requires_grad
+        ):  # the real experts save tensors after their last matmul (routing-weight product)
             recorder.note_saved()
         return output
 
@@ -108,7 +121,9 @@ def install_substitutes(replica: nn.Module, recorder: Recorder) -> list[str]:
     replaced: list[str] = []
     for name, module in replica.named_modules():
         if is_experts(module):
-            module.forward = types.MethodType(_experts_forward(recorder, _expert_weight_names(module)), module)
+            module.forward = types.MethodType(
+                _experts_forward(recorder, _expert_weight_names(module)), module
+            )
             replaced.append(f"{name} (MoE experts: routed tokens x expert matmuls)")
         elif is_quantized_linear(module):
             module.forward = types.MethodType(_quantized_linear_forward(recorder), module)

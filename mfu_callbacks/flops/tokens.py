@@ -50,17 +50,26 @@ def _first_tensor(value: Any) -> torch.Tensor | None:
     return None
 
 
-def _stream(ids: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor | None,
-            cu_seqlens: torch.Tensor | None, attention_per_document: bool) -> _Stream:
+def _stream(
+    ids: torch.Tensor,
+    mask: torch.Tensor | None,
+    positions: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    attention_per_document: bool,
+) -> _Stream:
     rows, length = ids.shape[0], ids.shape[1]
     if rows <= 0 or length <= 0:
-        raise BatchError(f"a batch of shape {tuple(ids.shape)} has no tokens to count (rows and sequence length "
-                         "must be positive): an empty batch has no training step to measure")
+        raise BatchError(
+            f"a batch of shape {tuple(ids.shape)} has no tokens to count (rows and sequence length "
+            "must be positive): an empty batch has no training step to measure"
+        )
     full_squares = rows * length * length
     if cu_seqlens is not None:  # flattened documents: one row, boundaries given
         documents = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
         squares = (documents * documents).sum()
-        return _Stream(rows, length, documents.sum(), squares, squares if attention_per_document else full_squares, None)
+        return _Stream(
+            rows, length, documents.sum(), squares, squares if attention_per_document else full_squares, None
+        )
     if mask is not None:
         if mask.dim() != 2:  # a prepared 4-D mask: nothing to read lengths from
             return _Stream(rows, length, rows * length, full_squares, full_squares, None)
@@ -71,7 +80,9 @@ def _stream(ids: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tenso
     if positions is not None:  # packed rows: positions restart at 0 for each document
         positions = positions.reshape(-1, positions.shape[-1]).long()
         squares = (2 * positions + 1).sum()
-        return _Stream(rows, length, rows * length, squares, squares if attention_per_document else full_squares, None)
+        return _Stream(
+            rows, length, rows * length, squares, squares if attention_per_document else full_squares, None
+        )
     return _Stream(rows, length, rows * length, full_squares, full_squares, None)
 
 
@@ -86,8 +97,13 @@ def _lookup(batch: Mapping[str, Any], keys: Sequence[str]) -> torch.Tensor | Non
 class TokenCounting:
     """Counts batches of one layout: which keys hold the streams, and how attention ran."""
 
-    def __init__(self, *, encoder_decoder: bool, attention_per_document: bool,
-                 token_counter: TokenCounter | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        encoder_decoder: bool,
+        attention_per_document: bool,
+        token_counter: TokenCounter | None = None,
+    ) -> None:
         self.encoder_decoder = encoder_decoder
         self.attention_per_document = attention_per_document
         self.token_counter = token_counter
@@ -103,8 +119,13 @@ class TokenCounting:
                 decoder_ids = _lookup(view, ("labels",))
             main = decoder = None
             if main_ids is not None:
-                main = _stream(main_ids, _lookup(view, ("attention_mask",)), _lookup(view, ("position_ids",)),
-                               _lookup(view, PACKED_KEYS), self.attention_per_document)
+                main = _stream(
+                    main_ids,
+                    _lookup(view, ("attention_mask",)),
+                    _lookup(view, ("position_ids",)),
+                    _lookup(view, PACKED_KEYS),
+                    self.attention_per_document,
+                )
             if decoder_ids is not None:
                 decoder_mask = _lookup(view, ("decoder_attention_mask",))
                 if decoder_mask is None and decoder_ids is view.get("labels"):
@@ -128,7 +149,12 @@ class TokenCounting:
                 "dimension. Pass token_counter=fn, where fn(batch) returns a dict with 'input_ids'."
             )
         if tensor.dim() == 2 and not tensor.is_floating_point():
-            return _stream(tensor, None, None, None, self.attention_per_document), None, tensor.shape[0], tensor.device
+            return (
+                _stream(tensor, None, None, None, self.attention_per_document),
+                None,
+                tensor.shape[0],
+                tensor.device,
+            )
         return None, None, tensor.shape[0], tensor.device
 
     def count(self, batch: Any) -> torch.Tensor:
@@ -148,8 +174,10 @@ class TokenCounting:
         for row in (MODEL, HARDWARE):
             put(row, Feature.ROWS, rows)
             put(row, CALLS_INDEX, 1)
-        for stream, tokens, squares in ((main, Feature.TOKENS, Feature.SQUARES),
-                                        (decoder, Feature.DECODER_TOKENS, Feature.DECODER_SQUARES)):
+        for stream, tokens, squares in (
+            (main, Feature.TOKENS, Feature.SQUARES),
+            (decoder, Feature.DECODER_TOKENS, Feature.DECODER_SQUARES),
+        ):
             if stream is None:
                 continue
             put(MODEL, tokens, stream.real_tokens)
@@ -173,8 +201,9 @@ class TokenCounting:
         stacked = torch.stack([value.reshape(()).to(torch.int64) for value in values])
         return base.index_add(0, index, stacked).view(2, NUM_FEATURES)
 
-    def _layout(self, device: torch.device, constants: tuple[int, ...],
-                positions: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _layout(
+        self, device: torch.device, constants: tuple[int, ...], positions: tuple[int, ...]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The host-known cells and the device cells' positions, as device tensors, kept per batch shape.
 
         Built with fills (no host-to-device copy, which would sync); a batch of a shape seen before

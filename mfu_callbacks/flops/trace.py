@@ -96,8 +96,13 @@ class MatmulRecorder(TorchDispatchMode):
         when one of its tensor arguments requires a gradient (parameters inside do not count: with
         none, the output requires no gradient and nothing inside gets a backward).
         """
-        backward_runs = torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
-        with self.recompute_region(early_stop=False, backward_runs=backward_runs), torch.set_grad_enabled(backward_runs):
+        backward_runs = torch.is_grad_enabled() and any(
+            isinstance(a, torch.Tensor) and a.requires_grad for a in args
+        )
+        with (
+            self.recompute_region(early_stop=False, backward_runs=backward_runs),
+            torch.set_grad_enabled(backward_runs),
+        ):
             return function(*args)
 
     @contextmanager
@@ -147,10 +152,14 @@ class MatmulRecorder(TorchDispatchMode):
         if self._regions:
             self._regions[-1].append(matmul)
 
-    def record_module_matmul(self, forward: float, operands_requiring_grad: int, output: torch.Tensor | None) -> None:
+    def record_module_matmul(
+        self, forward: float, operands_requiring_grad: int, output: torch.Tensor | None
+    ) -> None:
         """For analytic substitutes: a matmul of the current module, counted from its shapes."""
         weight = self._weight
-        self.record(self._component(False), forward * weight, forward * operands_requiring_grad * weight, output)
+        self.record(
+            self._component(False), forward * weight, forward * operands_requiring_grad * weight, output
+        )
 
     def finish(self, result: Any) -> dict[str, ComponentFlops]:
         """Totals per component, given what the forward returned (the root of its backward)."""
