@@ -151,9 +151,8 @@ class MFUMeter:
 
     def run_flops(self) -> StepFlops | None:
         """This rank's FLOPs over every measured step read so far (with the per-component breakdown)."""
-        if self._run_features is None or self.engine is None:
-            return None
-        return self.engine.evaluate(self._run_features)
+        features, engine = self._run_features, self.engine
+        return engine.evaluate(features) if features is not None and engine is not None else None
 
     def diagnostics(self) -> list[Diagnosis]:
         """Every diagnosis fired so far (each at most once per run); checked when metrics are read."""
@@ -172,9 +171,8 @@ class MFUMeter:
         failure: Exception | None = None
         with self._timer.paused():  # the GPU drain waited for here is not input wait
             try:
-                if (
-                    self._recorder.unread_steps
-                ):  # before the drain, while the GPU still runs the steps to be read
+                # Before the drain, while the GPU still runs the steps to be read.
+                if self._recorder.unread_steps:
                     self._diagnostics.sample_clock(self.device)
                 local = self._local_window(world)
             except Exception as error:  # noqa: BLE001 - re-raised after the collective
@@ -191,15 +189,14 @@ class MFUMeter:
     def _diagnose(self) -> None:
         """Run the diagnoses on what was just read (host-side numbers only: no sync, no collective)."""
         try:
+            dtype = _compute_dtype(self)
             self._diagnostics.review(
                 self._run,
                 model=self._model,
                 engine=self.engine,
                 run_features=self._run_features,
                 peak_flops=self.peak.flops if self.peak is not None else None,
-                compute_dtype=_compute_dtype(
-                    self.peak, self._model, self._dtype_given or self._autocast.dtype, self.device
-                ),
+                compute_dtype=dtype,
                 autocast_in_training=self._autocast.enabled_at_first_forward,
             )
         except Exception:  # noqa: BLE001 - diagnoses are advice: they never cost the run its metrics
@@ -207,15 +204,12 @@ class MFUMeter:
 
     def _local_window(self, world: int) -> Window:
         timings, counted = self._recorder.take()
-        if counted is None or self.engine is None:
+        engine = self.engine
+        if counted is None or engine is None:
             return rank_window(world, timings, None, None)
-        window_features, last_features = counted
-        self._run_features = (
-            window_features if self._run_features is None else self._run_features + window_features
-        )
-        return rank_window(
-            world, timings, self.engine.evaluate(window_features), self.engine.evaluate(last_features)
-        )
+        window, last = counted
+        self._run_features = window if self._run_features is None else self._run_features + window
+        return rank_window(world, timings, engine.evaluate(window), engine.evaluate(last))
 
     # -- resuming ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -264,14 +258,13 @@ def _world_size(given: int | None) -> int:
     return given or 1
 
 
-def _compute_dtype(
-    peak: PeakInfo | None, model: nn.Module, override: Any, device: torch.device
-) -> str | None:
+def _compute_dtype(meter: MFUMeter) -> str | None:
     """The dtype the matmuls run in: the peak's, else as given, seen under autocast, or stored."""
-    if peak is not None:
-        return peak.dtype
+    if meter.peak is not None:
+        return meter.peak.dtype
     try:
-        return detect_compute_dtype(model, override=override, device=device)
+        override = meter._dtype_given or meter._autocast.dtype
+        return detect_compute_dtype(meter._model, override=override, device=meter.device)
     except (ValueError, RuntimeError):
         return None
 
