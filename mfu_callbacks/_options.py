@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,9 @@ class MFUOptions:
     forward: fn(model, batch) for models that do not take the batch as keyword arguments.
     report: print the end-of-run report (rank 0) when training ends.
     silence_diagnostics: ids of diagnoses never to report (see ``mfu_callbacks.diagnostics``).
+    summary_dir: the folder of the run summary, ``mfu_summary.json`` (read by ``mfu-callbacks compare``);
+        default: the framework's output folder (HF ``output_dir``, Lightning ``log_dir``, Accelerate
+        ``project_dir``).
     """
 
     peak_tflops: float | None = None
@@ -37,6 +41,7 @@ class MFUOptions:
     forward: Callable[[torch.nn.Module, Any], Any] | None = None
     report: bool = True
     silence_diagnostics: tuple[str, ...] = ()
+    summary_dir: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "peak_tflops", _validate.peak_tflops(self.peak_tflops))
@@ -51,5 +56,7 @@ class MFUOptions:
             value = getattr(self, name)
             if value is not None and not callable(value):
                 raise ValueError(f"{name} must be a function, got {type(value).__name__}")
+        if self.summary_dir is not None and not isinstance(self.summary_dir, (str, os.PathLike)):
+            raise ValueError(f"summary_dir must be a folder path or None, got {self.summary_dir!r}")
         if not isinstance(self.report, bool):
             raise ValueError(f"report must be True or False, got {self.report!r}")

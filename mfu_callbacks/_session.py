@@ -7,6 +7,7 @@ the framework's logger.
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Mapping
 from contextlib import suppress
 from typing import Any
@@ -171,13 +172,19 @@ class MeterSession:
             with suppress(Exception):  # the collective itself failed: nothing more to do here
                 join_reduction_as_failed()
 
-    def _write_run_summary(self, metrics: Mapping[str, float]) -> None:
+    def write_summary_to(self, framework_folder: str | os.PathLike[str] | None) -> None:
+        """Write the run summary into the ``summary_dir`` option, else the framework's output folder."""
+        folder = self.options.summary_dir or framework_folder
+        self.summary_dir = str(folder) if folder is not None else None
+
+    def _write_run_summary(self, metrics: Mapping[str, float] | None) -> None:
         """Add the window to the run summary and write it beside the framework's outputs (rank 0)."""
         meter = self.meter
         if meter is None or self.summary_dir is None or distributed.rank() != 0:
             return
         self.run_summary.setup.update(self._setup())
-        self.run_summary.add_window(self.optimizer_steps, metrics)
+        if metrics is not None:
+            self.run_summary.add_window(self.optimizer_steps, metrics)
         self.run_summary.write(self.summary_dir)
 
     def _describe_wandb_run(self) -> None:
@@ -221,6 +228,7 @@ class MeterSession:
         printed as the end-of-run report on rank 0 and written to the W&B run summary."""
         self.unwatch()
         summary = self.summary()
+        self._extras_guard.run(self._write_run_summary, None)  # the setup as the run ended
         meter = self.meter
         if meter is None or not summary:
             return summary

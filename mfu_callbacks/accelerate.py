@@ -61,7 +61,7 @@ class MFUTracker:
         self._wrap_log()
         self._wrap_end_training()
         self.final_summary: dict[str, float] | None = None
-        self.session.summary_dir = accelerator.project_dir
+        self.session.write_summary_to(accelerator.project_dir)
         # accelerator.save_state / load_state keep the meter's run totals, so a resumed loop continues them.
         accelerator.register_for_checkpointing(self)
 

@@ -55,7 +55,7 @@ class MFUCallback(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.session.start_run()  # a second fit(), or one after an interrupted fit, starts clean
         self._optimizer_stepped = False
-        self.session.summary_dir = trainer.log_dir
+        self.session.write_summary_to(trainer.log_dir)
         dtype = dtype_from_lightning_precision(str(trainer.precision))
         self.session.attach(pl_module, dtype=dtype)
 

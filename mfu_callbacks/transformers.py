@@ -59,7 +59,7 @@ class MFUCallback(TrainerCallback, ExportableState):
         if state.global_step > 0:  # resuming from a checkpoint
             self.session.load_state_dict(self.mfu_state or _saved_state(state, type(self).__name__))
         self.mfu_state = None
-        self.session.summary_dir = args.output_dir
+        self.session.write_summary_to(args.output_dir)
         if self.session.guard.run(move_to_front_of_callback_lists, self) is False:
             logger.warning(
                 "mfu_callbacks: could not find the Trainer's callback list to run MFUCallback ahead of the "
@@ -132,6 +132,8 @@ def _json_options(options: MFUOptions) -> dict[str, Any]:
     values["silence_diagnostics"] = list(options.silence_diagnostics)
     if isinstance(options.dtype, str):
         values["dtype"] = options.dtype
+    if options.summary_dir is not None:
+        values["summary_dir"] = str(options.summary_dir)
     return values
 
 

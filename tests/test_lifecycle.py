@@ -117,6 +117,18 @@ def test_hf_writes_a_run_summary_beside_its_outputs(tmp_path):
     assert summary.setup["peak_tflops"] == PEAK_TFLOPS
 
 
+def test_hf_writes_the_run_summary_where_the_option_says(tmp_path):
+    from mfu_callbacks.run_summary import RunSummary
+    from mfu_callbacks.transformers import MFUCallback
+
+    elsewhere = tmp_path / "summaries"
+    hf_trainer(
+        tmp_path / "out", MFUCallback(peak_tflops=PEAK_TFLOPS, warmup_steps=1, summary_dir=str(elsewhere))
+    ).train()
+    assert not (tmp_path / "out" / "mfu_summary.json").exists()
+    assert len(RunSummary.read(elsewhere / "mfu_summary.json").windows) == 5
+
+
 class StochasticDepthLlama(nn.Module):
     """A tiny Llama whose forward draws from torch's CPU generator (stochastic depth, layerdrop)."""
 
