@@ -144,7 +144,30 @@ class StochasticDepthLlama(nn.Module):
         return output
 
 
-def test_hf_training_is_bit_identical_with_and_without_the_callback(tmp_path):
+def bart_with_layerdrop() -> nn.Module:
+    """BART's layerdrop skips each layer with probability 0.5, drawn with torch.rand on the CPU generator."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    config = BartConfig(
+        vocab_size=64,
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=64,
+        encoder_layerdrop=0.5,
+        decoder_layerdrop=0.5,
+    )
+    return BartForConditionalGeneration(config)
+
+
+@pytest.mark.parametrize(
+    "build", [StochasticDepthLlama, bart_with_layerdrop], ids=["stochastic_depth", "bart_layerdrop"]
+)
+def test_hf_training_is_bit_identical_with_and_without_the_callback(tmp_path, build):
     from transformers import TrainerCallback
 
     from mfu_callbacks.transformers import MFUCallback
@@ -160,7 +183,7 @@ def test_hf_training_is_bit_identical_with_and_without_the_callback(tmp_path):
     def run(callback):
         losses = Losses()
         torch.manual_seed(0)
-        trainer = hf_trainer(tmp_path, callback, callbacks=[losses], model=StochasticDepthLlama())
+        trainer = hf_trainer(tmp_path, callback, callbacks=[losses], model=build())
         trainer.train()
         return losses.values, [p.detach().clone() for p in trainer.model.parameters()]
 
