@@ -9,6 +9,9 @@ from .flops import StepFlops
 from .hardware import PeakInfo
 
 
+_SHOWN_SHARE = 0.0005  # a component under this share of the model FLOPs would print as 0.0%
+
+
 def format_report(
     summary: Mapping[str, float],
     run_flops: StepFlops | None,
@@ -37,7 +40,7 @@ def format_report(
         lines.append("  model FLOPs by component:")
         total = run_flops.model_flops
         for component, flops in sorted(run_flops.breakdown.items(), key=lambda item: -item[1]):
-            if flops:
+            if abs(flops) >= _SHOWN_SHARE * total:  # leaves out rounding residue of the fit ("-0.0%")
                 lines.append(f"    {component:<24} {flops / total:>6.1%}")
         if run_flops.padded_tokens:
             lines.append(f"  padding: {run_flops.padding_fraction:.1%} of computed tokens")

@@ -25,7 +25,13 @@ def test_the_report_states_the_run_figures_and_the_breakdown_shares():
         hardware_flops=1300,
         tokens=90,
         padded_tokens=100,
-        breakdown={"mlp": 600, "attention_scores": 150, "attention_projections": 250, "router": 0},
+        breakdown={
+            "mlp": 600,
+            "attention_scores": 150,
+            "attention_projections": 250,
+            "router": 0,
+            "other": -0.001,
+        },
     )
     peak = PeakInfo(flops=989.4e12, device_name="NVIDIA H100 80GB HBM3", dtype="bf16", source="datasheet")
     summary = {"mfu": 0.4123, "hfu": 0.45, "tflops_per_gpu": 407.9, "tokens_per_sec_per_gpu": 12345.6}
@@ -38,6 +44,7 @@ def test_the_report_states_the_run_figures_and_the_breakdown_shares():
     shares = [line.split() for line in lines if line.strip().startswith(("mlp", "attention"))]
     assert shares == [["mlp", "60.0%"], ["attention_projections", "25.0%"], ["attention_scores", "15.0%"]]
     assert not any("router" in line for line in lines), "components without FLOPs are left out"
+    assert not any("other" in line for line in lines), "a fit's rounding residue is not a component"
     assert "padding: 10.0% of computed tokens" in text
     assert "[padding_waste] 10.0% of computed tokens are padding" in text
 
