@@ -8,7 +8,6 @@ from typing import Any
 from .flops import StepFlops
 from .hardware import PeakInfo
 
-
 _SHOWN_SHARE = 0.0005  # a component under this share of the model FLOPs would print as 0.0%
 
 
