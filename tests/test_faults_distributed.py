@@ -186,51 +186,32 @@ def finishes_like_the_plain_run(faulty: dict, plain: dict) -> None:
     assert faulty["seconds"] < 2 * plain["seconds"] + 15, (faulty["seconds"], plain["seconds"])
 
 
+# Each integration's script and the prefix its logged metrics carry (the Trainer's reporters add their own).
+INTEGRATIONS = {
+    "accelerate": (ACCELERATE, "train/"),
+    "trainer": (TRAINER, ""),
+    "lightning": (LIGHTNING, "train/"),
+}
+
+
 @pytest.fixture(scope="module")
 def plain_runs(tmp_path_factory) -> dict[str, dict]:
     """Each loop without the callback, run once: the losses a faulty run must reproduce."""
     folder = tmp_path_factory.mktemp("plain")
-    return {
-        "accelerate": run(ACCELERATE, folder, "none"),
-        "trainer": run(TRAINER, folder / "trainer", "none"),
-        "lightning": run(LIGHTNING, folder / "lightning", "none"),
-    }
+    return {name: run(script, folder / name, "none") for name, (script, _) in INTEGRATIONS.items()}
 
 
 @pytest.mark.parametrize("fault", ["uncountable", "raising", "engine"])
-def test_accelerate_a_fault_on_one_rank_finishes_the_job(tmp_path, plain_runs, fault):
-    plain = plain_runs["accelerate"]
-    faulty = run(ACCELERATE, tmp_path, fault)
+@pytest.mark.parametrize("integration", list(INTEGRATIONS))
+def test_a_fault_on_one_rank_finishes_the_job(tmp_path, plain_runs, integration, fault):
+    script, prefix = INTEGRATIONS[integration]
+    plain = plain_runs[integration]
+    faulty = run(script, tmp_path, fault)
     assert faulty["losses"] == plain["losses"]
     finishes_like_the_plain_run(faulty, plain)
     assert faulty["metrics"], "rank 0 went on measuring"
+    last = faulty["metrics"][-1]
     if fault == "uncountable":  # one step left out on rank 1; MFU stays
-        assert "train/mfu" in faulty["metrics"][-1]
+        assert prefix + "mfu" in last
     else:  # rank 1 stopped measuring: MFU of rank 0 alone would pass for the job's, so it is left out
-        assert "train/mfu" not in faulty["metrics"][-1] and "train/step_time" in faulty["metrics"][-1]
-
-
-@pytest.mark.parametrize("fault", ["uncountable", "raising", "engine"])
-def test_trainer_a_fault_on_one_rank_finishes_the_job(tmp_path, plain_runs, fault):
-    plain = plain_runs["trainer"]
-    faulty = run(TRAINER, tmp_path, fault)
-    assert faulty["losses"] == plain["losses"]
-    finishes_like_the_plain_run(faulty, plain)
-    assert faulty["metrics"], "rank 0 went on measuring"
-    if fault == "uncountable":
-        assert "mfu" in faulty["metrics"][-1]
-    else:
-        assert "mfu" not in faulty["metrics"][-1] and "step_time" in faulty["metrics"][-1]
-
-
-@pytest.mark.parametrize("fault", ["uncountable", "raising", "engine"])
-def test_lightning_a_fault_on_one_rank_finishes_the_job(tmp_path, plain_runs, fault):
-    plain = plain_runs["lightning"]
-    faulty = run(LIGHTNING, tmp_path, fault)
-    assert faulty["losses"] == plain["losses"]
-    finishes_like_the_plain_run(faulty, plain)
-    assert faulty["metrics"], "rank 0 went on measuring"
-    if fault == "uncountable":
-        assert "train/mfu" in faulty["metrics"][-1]
-    else:
-        assert "train/mfu" not in faulty["metrics"][-1] and "train/step_time" in faulty["metrics"][-1]
+        assert prefix + "mfu" not in last and prefix + "step_time" in last
