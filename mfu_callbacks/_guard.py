@@ -13,8 +13,9 @@ T = TypeVar("T")
 class Guard:
     """Runs callback work; the first exception disables all further work and is logged with its traceback."""
 
-    def __init__(self, owner: str) -> None:
+    def __init__(self, owner: str, stops: str = "measuring MFU") -> None:
         self.owner = owner
+        self.stops = stops  # what goes quiet after a failure, for the log line
         self.failed = False
 
     def run(
@@ -27,6 +28,6 @@ class Guard:
         except Exception:  # noqa: BLE001 - training goes on whatever went wrong here
             self.failed = True
             logger.exception(
-                "%s stopped measuring MFU after an internal error; training continues unaffected", self.owner
+                "%s stopped %s after an internal error; training continues unaffected", self.owner, self.stops
             )
             return default

@@ -50,7 +50,7 @@ class MeterSession:
         """A run starts: whatever an earlier run left (finished, failed or interrupted) is cleared."""
         self.unwatch()
         self.guard = Guard(self._owner)
-        self._extras_guard = Guard(self._owner + " (W&B description and run summary)")
+        self._extras_guard = Guard(self._owner, stops="writing the run summary and the W&B run description")
         self.meter: MFUMeter | None = None
         self.optimizer_steps = 0
         self._step_open = False
