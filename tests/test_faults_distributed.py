@@ -149,7 +149,7 @@ callbacks = [losses]
 if FAULT != "none":
     callbacks.insert(0, MFUCallback(peak_tflops=0.5, warmup_steps=0, log_interval=2, token_counter=counter))
 trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=8, logger=False, callbacks=callbacks,
-                    enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+                    default_root_dir={out!r}, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
 trainer.fit(module, DataLoader(FixedLengthTokens(64), batch_size=4, collate_fn=collate))
 finish(losses.losses, module.logged)
 """
