@@ -30,6 +30,9 @@ class MFUOptions:
     summary_dir: the folder of the run summary, ``mfu_summary.json`` (read by ``mfu-callbacks compare``);
         default: the framework's output folder (HF ``output_dir``, Lightning ``log_dir``, Accelerate
         ``project_dir``).
+    real_step: "check" (default) counts a meta-device copy of the model and checks it against the first
+        measured step as it really runs (used instead where the copy cannot be traced or disagrees);
+        "only" counts the real step alone; "off" never watches the real step.
     """
 
     peak_tflops: float | None = None
@@ -42,6 +45,7 @@ class MFUOptions:
     report: bool = True
     silence_diagnostics: tuple[str, ...] = ()
     summary_dir: str | None = None
+    real_step: str = "check"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "peak_tflops", _validate.peak_tflops(self.peak_tflops))
@@ -58,5 +62,6 @@ class MFUOptions:
                 raise ValueError(f"{name} must be a function, got {type(value).__name__}")
         if self.summary_dir is not None and not isinstance(self.summary_dir, (str, os.PathLike)):
             raise ValueError(f"summary_dir must be a folder path or None, got {self.summary_dir!r}")
+        _validate.real_step(self.real_step)
         if not isinstance(self.report, bool):
             raise ValueError(f"report must be True or False, got {self.report!r}")

@@ -3,6 +3,11 @@
 The FLOP engine is built from the first batch that can be counted (that step's time went into
 building it and is left out). A batch the engine cannot count costs its own step, not the run:
 the step is left out of timing and counts, once said in the log.
+
+With ``real_step="check"`` (the default) the same first step also runs under the real-step
+observer (``flops/observe.py``): its count checks the meta-device copy's, and replaces it when the
+copy cannot be traced or disagrees by more than 0.5%. The observation is fitted at the next read,
+where the host waits for the GPU anyway; until then the steps' features are counted as usual.
 """
 
 from __future__ import annotations
@@ -14,8 +19,14 @@ import torch
 from torch import nn
 
 from ._step_counts import StepCounts
-from .flops import BatchError, FlopEngine, Forward, TokenCounter
+from .flops import BatchError, FlopEngine, Forward, ModelIntrospectionError, TokenCounter
+from .flops.engine import is_compiled, observe_step, token_counting
+from .flops.observe import RealStepObserver
+from .flops.tokens import TokenCounting
 from .timer import StepTimer, StepTiming
+
+_AGREEMENT = 0.005  # the copy's count stands if within 0.5% of the real step's
+_OBSERVATION_ATTEMPTS = 3
 
 logger = logging.getLogger("mfu_callbacks")
 
@@ -30,9 +41,19 @@ class StepRecorder:
         engine: FlopEngine | None,
         forward: Forward | None,
         token_counter: TokenCounter | None,
+        real_step: str = "check",
     ) -> None:
         self.engine = engine
         self.timer = timer
+        self.real_step = real_step if engine is None else "off"
+        # What reduces a batch to features: a ready-made engine itself, or the counting built with one.
+        self._counting: TokenCounting | FlopEngine | None = engine
+        self._token_counting: TokenCounting | None = None  # built with the engine, here
+        self._observer: RealStepObserver | None = None
+        self._observed: tuple[RealStepObserver, torch.Tensor] | None = (
+            None  # awaiting its fit at the next read
+        )
+        self._observations_left = _OBSERVATION_ATTEMPTS
         self.step_open = False
         self.steps_left_out = 0
         self._model = model
@@ -52,6 +73,7 @@ class StepRecorder:
             raise ValueError(
                 "start_step() called while a step is open: call end_step() after each optimizer step"
             )
+        self._close_observation()
         self.step_open = True
         self._left_out = False
         self.timer.start()
@@ -65,6 +87,7 @@ class StepRecorder:
             )
         if batch is None:
             raise TypeError("add_batch() needs the micro-batch the model was given, got None")
+        self._close_observation()
         self._count(batch)
 
     def end_step(self) -> None:
@@ -72,6 +95,7 @@ class StepRecorder:
             raise ValueError(
                 "end_step() called without start_step(): call start_step() at the beginning of each optimizer step"
             )
+        self._close_observation()
         self.step_open = False
         if self.timer.measuring:
             self._unread += 1
@@ -88,6 +112,7 @@ class StepRecorder:
         if steps != self._unread:
             raise RuntimeError(f"the timer reported {steps} steps but the meter counted {self._unread}")
         self._unread = 0
+        self._fit_observation()
         counted = self._counts.take(self.step_open) if steps and self.engine is not None else None
         return timings, counted
 
@@ -95,18 +120,96 @@ class StepRecorder:
         if self._left_out:
             return
         try:
-            if self.engine is None:
-                self.engine = FlopEngine.from_model(
-                    self._model, batch, forward=self._forward, token_counter=self._token_counter
-                )
-                self.timer.discard_current()  # this step's time went into building the engine, not into training
+            if self._counting is None:
+                self._build(batch)
+                return
+            if (
+                self.real_step != "off"
+                and self._observations_left
+                and self.engine is None
+                and not self._observed
+            ):
+                self._observe(batch)  # an earlier observation saw no backward: try again
                 return
             if self.timer.measuring:
-                self._counts.add(self.engine.count(batch))
+                self._counts.add(self._counting.count(batch))
         except (BatchError, ValueError) as error:
             self._leave_step_out(error)
 
+    # -- building the engine --------------------------------------------------------------------
+    def _build(self, batch: Any) -> None:
+        """From the first countable batch: the copy's engine and/or an observation of this step."""
+        self.timer.discard_current()  # this step's time goes into building the engine, not into training
+        if self.real_step == "check" and is_compiled(self._model):
+            self.real_step = (
+                "off"  # a compiled step is not observed (README: how compiled models are counted)
+            )
+        if self.real_step != "only":
+            try:
+                self.engine = FlopEngine.from_model(
+                    self._model, batch, forward=self._forward, token_counter=self._token_counter
+                )
+                self._counting = self.engine
+            except ModelIntrospectionError as error:
+                if self.real_step == "off":
+                    raise
+                logger.info("mfu_callbacks: %s; counting a real step instead", error)
+        if self.real_step == "off":
+            return
+        try:
+            self._observe(batch)
+        except Exception as error:  # noqa: BLE001 - the check is optional where the copy counted
+            if self.engine is None:
+                raise
+            self.real_step = "off"  # the copy's count stands unchecked
+            logger.info("mfu_callbacks: the real step cannot be observed (%s)", error)
+
+    def _observe(self, batch: Any) -> None:
+        """Watch this micro-batch's forward and backward (until the recorder's next event)."""
+        counting = self._token_counting or token_counting(self._model, self._token_counter)
+        observer = observe_step(self._model, batch, counting)
+        features = counting.count(batch)
+        self._token_counting = counting
+        self._counting = self._counting or counting
+        self._observations_left -= 1
+        self.timer.discard_current()  # the observed step runs slower: left out of timing
+        observer.__enter__()
+        self._observer, self._observed = observer, (observer, features)
+
+    def stop_observing(self) -> None:
+        """Leave the real step's dispatch mode now (the run ended or failed before the recorder's next event)."""
+        self._close_observation()
+
+    def _close_observation(self) -> None:
+        observer, self._observer = self._observer, None
+        if observer is not None:
+            observer.__exit__(None, None, None)
+
+    def _fit_observation(self) -> None:
+        """Fit the observed step (at a read: its features are read back with the rest) and settle
+        which count the run uses."""
+        self._close_observation()
+        observed, self._observed = self._observed, None
+        if observed is None:
+            return
+        observer, features = observed
+        assert self._token_counting is not None
+        try:
+            measured = FlopEngine.from_observation(
+                self._model, observer.observation, self._token_counting, features[1].tolist()
+            )
+        except (ModelIntrospectionError, ValueError) as error:
+            if self.engine is None and not self._observations_left:
+                raise ModelIntrospectionError(
+                    f"{error}. Pass forward= (a function that runs the model on a batch and returns the loss) "
+                    "or declare the FLOPs of the modules it cannot see (mfu_callbacks.declare_flops)"
+                ) from error
+            logger.info("mfu_callbacks: %s", error)
+            return
+        self.engine = _settle(self.engine, measured, features.tolist())
+
     def _leave_step_out(self, error: Exception) -> None:
+        self._close_observation()
         self._left_out = True
         self.steps_left_out += 1
         if self.timer.measuring:
@@ -118,3 +221,28 @@ class StepRecorder:
                 "counted (%s); measuring goes on with the next step",
                 error,
             )
+
+
+def _settle(copied: FlopEngine | None, measured: FlopEngine, features: list[list[float]]) -> FlopEngine:
+    """The count a run uses: the copy's where it agrees with the real step, else the real step's."""
+    if copied is None:
+        logger.info(measured.description)
+        return measured
+    ours, theirs = copied.evaluate(features), measured.evaluate(features)
+    difference = ours.model_flops / max(theirs.model_flops, 1) - 1
+    if abs(difference) <= _AGREEMENT:
+        logger.info("mfu_callbacks: the real step's FLOPs agree with the copy's (%+.3f%%)", 100 * difference)
+        return copied
+    components = sorted(set(ours.breakdown) | set(theirs.breakdown))
+    differing = ", ".join(
+        f"{name} {ours.breakdown.get(name, 0):.4g} vs {theirs.breakdown.get(name, 0):.4g}"
+        for name in components
+        if ours.breakdown.get(name, 0) != theirs.breakdown.get(name, 0)
+    )
+    logger.warning(
+        "mfu_callbacks: the meta-device copy counted %+.2f%% FLOPs against the real step; the real step's "
+        "count is used (model FLOPs of the observed step by component, copy vs real: %s)",
+        100 * difference,
+        differing,
+    )
+    return measured

@@ -72,6 +72,7 @@ class MeterSession:
                 token_counter=self.options.token_counter,
                 device=device_of(model),
                 silence_diagnostics=self.options.silence_diagnostics,
+                real_step=self.options.real_step,
             )
             if self._resume_state is not None:
                 self.meter.load_state_dict(self._resume_state)
@@ -114,9 +115,14 @@ class MeterSession:
         self._hook = model.register_forward_pre_hook(before_forward, with_kwargs=True)
 
     def unwatch(self) -> None:
+        """Remove the forward hook, and leave a real step being observed (however the run ended)."""
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+        meter = getattr(self, "meter", None)
+        if meter is not None:
+            with suppress(Exception):  # the run is over: nothing more to measure
+                meter.stop_observing()
 
     # -- step events ------------------------------------------------------------------------------
     @property

@@ -33,6 +33,12 @@ READ_SCALAR = (
 CONVOLUTION_KERNEL = (
     _aten._convolution.default
 )  # the kernel behind aten.convolution; same first nine arguments
+# Matmul kernels a real step may run besides mm/bmm (MoE grouped GEMMs, fp8): their packets.
+EXTRA_MATMULS = tuple(
+    getattr(_aten, name)
+    for name in ("_grouped_mm", "_scaled_mm", "_scaled_grouped_mm")
+    if hasattr(_aten, name)
+)
 # Fused attention kernels (query, key, value first). On the meta device SDPA decomposes into bmm
 # today; these count it should a fused kernel be dispatched instead.
 FUSED_ATTENTION_NAMES = (
@@ -41,16 +47,50 @@ FUSED_ATTENTION_NAMES = (
     "_scaled_dot_product_flash_attention_for_cpu",
     "_scaled_dot_product_cudnn_attention",
 )
-FUSED_ATTENTION = frozenset(
-    getattr(packet, overload)
-    for packet in (getattr(_aten, name) for name in FUSED_ATTENTION_NAMES if hasattr(_aten, name))
-    for overload in packet.overloads()
+
+
+def _overloads(names: tuple[str, ...]) -> frozenset:
+    return frozenset(
+        getattr(packet, overload)
+        for packet in (getattr(_aten, name) for name in names if hasattr(_aten, name))
+        for overload in packet.overloads()
+    )
+
+
+FUSED_ATTENTION = _overloads(FUSED_ATTENTION_NAMES)
+# What a real step may run besides: the kernels under SDPA on CUDA, called directly by some models
+# (layout [batch, length, heads, dim], or [tokens, heads, dim] for variable lengths), and every
+# attention backward kernel (grad_output first, then query, key, value).
+ATTENTION_KERNEL_NAMES = ("_flash_attention_forward", "_efficient_attention_forward")
+ATTENTION_BACKWARD_NAMES = (
+    "_scaled_dot_product_efficient_attention_backward",
+    "_scaled_dot_product_flash_attention_backward",
+    "_scaled_dot_product_flash_attention_for_cpu_backward",
+    "_scaled_dot_product_cudnn_attention_backward",
+    "_flash_attention_backward",
+    "_efficient_attention_backward",
 )
+ATTENTION_FORWARD = FUSED_ATTENTION | _overloads(ATTENTION_KERNEL_NAMES)
+ATTENTION_BACKWARD = _overloads(ATTENTION_BACKWARD_NAMES)
+HEADS_SECOND_TO_LAST = _overloads(ATTENTION_KERNEL_NAMES + ATTENTION_BACKWARD_NAMES[4:])
 
 
 def view_base(tensor: torch.Tensor) -> torch.Tensor:
     """The tensor a view was taken of (a weight's transpose inside ``F.linear`` is a view of the weight)."""
     return tensor._base if tensor._base is not None else tensor
+
+
+# -- the autograd engine ----------------------------------------------------------------------------
+
+
+def current_autograd_node() -> Any:
+    """The autograd node whose backward is running in this thread; None outside a backward."""
+    return torch._C._current_autograd_node()
+
+
+def queue_backward_callback(callback: Callable[[], None]) -> None:
+    """Run ``callback`` when the backward now running ends (call it from inside that backward)."""
+    torch.autograd.Variable._execution_engine.queue_callback(callback)
 
 
 # -- modules ---------------------------------------------------------------------------------------
@@ -82,6 +122,8 @@ COMPOSABLE_STATE_KEY_PREFIX = "__composable_api_state_key"
 # torch.compile's wrapper (torch._dynamo.eval_frame.OptimizedModule) and where it keeps the model.
 COMPILED_WRAPPER = "OptimizedModule"
 COMPILED_ORIGINAL = "_orig_mod"
+# Module.compile() compiles in place and keeps the compiled call here.
+COMPILED_IN_PLACE = "_compiled_call_impl"
 
 # -- activation checkpointing ----------------------------------------------------------------------
 # Every caller of torch.utils.checkpoint.checkpoint (transformers holds it in a functools.partial,

@@ -78,3 +78,15 @@ def compute_dtype(value: Any) -> Any:
 
         parse_compute_dtype(value)
     return value
+
+
+REAL_STEP_MODES = ("check", "only", "off")
+
+
+def real_step(value: object) -> str:
+    """How the real training step is used to count FLOPs (see ``MFUMeter``)."""
+    if value not in REAL_STEP_MODES:
+        raise ValueError(
+            f"real_step must be one of {', '.join(repr(m) for m in REAL_STEP_MODES)}, got {value!r}"
+        )
+    return str(value)

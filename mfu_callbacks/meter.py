@@ -59,6 +59,10 @@ class MFUMeter:
         the other ranks are assumed to do what this one does.
     engine / timer / peak: ready-made parts, for integrations that build them and for tests.
     silence_diagnostics: ids of diagnoses never to report (see ``mfu_callbacks.diagnostics``).
+    real_step: "check" (default): count a meta-device copy of the model, and check it against the
+        first measured step as it really runs, whose count is used where the copy cannot be traced or
+        disagrees (custom autograd backward, data-dependent routing); "only": count the real step
+        alone; "off": never watch the real step.
 
     Every value is checked here: a bad one raises ValueError naming it, before training starts.
     """
@@ -78,6 +82,7 @@ class MFUMeter:
         timer: StepTimer | None = None,
         peak: PeakInfo | None = None,
         silence_diagnostics: Iterable[str] = (),
+        real_step: str = "check",
     ) -> None:
         self._peak_tflops = _validate.peak_tflops(peak_tflops)
         _validate.env_peak_tflops()
@@ -88,7 +93,9 @@ class MFUMeter:
         self._diagnostics = Diagnostics(silence_diagnostics)
         self.peak = peak if peak is not None else _resolve_peak(model, self.device, dtype, self._peak_tflops)
         self._model = model
-        self._recorder = StepRecorder(model, self._timer, engine, forward, token_counter)
+        self._recorder = StepRecorder(
+            model, self._timer, engine, forward, token_counter, _validate.real_step(real_step)
+        )
         self._run = RunTotals()
         self._run_features: torch.Tensor | None = None  # summed features of every step read so far
         # Autocast is entered around the forward, after the meter is built: look at the first forward
@@ -124,6 +131,10 @@ class MFUMeter:
     def end_step(self) -> None:
         """The optimizer step ends (its kernels may still run: they are timed by events)."""
         self._recorder.end_step()
+
+    def stop_observing(self) -> None:
+        """Stop watching the real step, if a step is being observed (a run ends or fails)."""
+        self._recorder.stop_observing()
 
     # -- at log time -----------------------------------------------------------------------------
     def metrics(self) -> dict[str, float]:

@@ -127,7 +127,7 @@ def _json_options(options: MFUOptions) -> dict[str, Any]:
     """The options a checkpoint can hold as JSON (functions such as ``token_counter`` cannot be)."""
     values = {
         name: getattr(options, name)
-        for name in ("peak_tflops", "warmup_steps", "log_interval", "prefix", "report")
+        for name in ("peak_tflops", "warmup_steps", "log_interval", "prefix", "report", "real_step")
     }
     values["silence_diagnostics"] = list(options.silence_diagnostics)
     if isinstance(options.dtype, str):

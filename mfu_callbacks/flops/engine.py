@@ -21,11 +21,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._torch_internals import meta_autocast_as_cpu, raised_by_meta_autocast
+from .._torch_internals import (
+    COMPILED_IN_PLACE,
+    COMPILED_WRAPPER,
+    meta_autocast_as_cpu,
+    raised_by_meta_autocast,
+)
 from .checkpoint import checkpoint_to
 from .components import ATTENTION_SCORES
 from .features import HARDWARE, MODEL, NUM_FEATURES, Feature
 from .isolation import map_tensors, preserved_random_state
+from .observe import Observation, RealStepObserver
 from .replica import Replica, build_replica
 from .step_flops import StepFlops
 from .substitutes import install_substitutes
@@ -226,11 +232,7 @@ class FlopEngine:
     ) -> FlopEngine:
         """Introspect ``model`` (any wrapper) with ``batch`` as the template of what a step sees."""
         base = unwrap_model(model)
-        counting = TokenCounting(
-            encoder_decoder=_is_encoder_decoder(base),
-            attention_per_document="flash" in _attention_implementation(base),
-            token_counter=token_counter,
-        )
+        counting = token_counting(model, token_counter)
         probes = _ProbeBatches(batch, counting, custom_forward=forward is not None)
         if probes.main_length is None and probes.decoder_length is None:
             shapes: Sequence[tuple[int, int, int]] = _PROBES_ROWS
@@ -262,6 +264,25 @@ class FlopEngine:
         coefficients = _fit(totals, shapes)
         description = _describe(base, replica, substituted, coefficients)
         logger.info(description)
+        return cls(coefficients, counting, description)
+
+    @classmethod
+    def from_observation(
+        cls, model: nn.Module, observation: Observation, counting: TokenCounting, features: Sequence[float]
+    ) -> FlopEngine:
+        """The engine fitted to one observed real step (``observe.py``) whose hardware features are given."""
+        if observation.failure is not None or not observation.complete:
+            raise ModelIntrospectionError(
+                f"the observed step of {type(unwrap_model(model)).__name__} could not be counted: "
+                + (observation.failure or "no backward ran while it was observed")
+            )
+        coefficients = {
+            name: ComponentCoefficients(*parts) for name, parts in observation.fit(features).items()
+        }
+        description = (
+            f"mfu_callbacks: FLOPs of {type(unwrap_model(model)).__name__} counted on a real training step; "
+            f"components: {', '.join(sorted(coefficients))}"
+        )
         return cls(coefficients, counting, description)
 
     # -- per step -------------------------------------------------------------------------------
@@ -296,6 +317,37 @@ class FlopEngine:
     def flops_per_token(self) -> float:
         """Model FLOPs per token, attention excluded (the part linear in tokens)."""
         return self._model[Feature.TOKENS] + self._model[Feature.DECODER_TOKENS]
+
+
+def token_counting(model: nn.Module, token_counter: TokenCounter | None = None) -> TokenCounting:
+    """How batches of ``model`` are reduced to features (what its attention kernel computes decides
+    whether packed rows count attention per document in hardware FLOPs)."""
+    base = unwrap_model(model)
+    return TokenCounting(
+        encoder_decoder=_is_encoder_decoder(base),
+        attention_per_document="flash" in _attention_implementation(base),
+        token_counter=token_counter,
+    )
+
+
+def is_compiled(model: nn.Module) -> bool:
+    """Whether ``model`` runs through torch.compile (a wrapper, or ``Module.compile()`` in place)."""
+    return any(
+        type(module).__name__ == COMPILED_WRAPPER or getattr(module, COMPILED_IN_PLACE, None) is not None
+        for module in model.modules()
+    )
+
+
+def observe_step(model: nn.Module, batch: Any, counting: TokenCounting) -> RealStepObserver:
+    """A dispatch mode that counts the real step about to run on ``batch`` (enter it before the
+    forward, leave it after the backward); ``from_observation`` turns it into an engine."""
+    main, decoder, rows, _ = counting.streams(batch)
+    if decoder is not None:
+        raise ModelIntrospectionError(
+            "counting a real step of an encoder-decoder is not supported: its matmuls cannot be told "
+            "apart by stream from shapes alone"
+        )
+    return RealStepObserver(model, batch)
 
 
 def _dot(coefficients: Sequence[float], features: Sequence[float]) -> float:

@@ -1,0 +1,422 @@
+"""Count the matmuls of one real training step as it runs: for models a meta-device copy cannot
+trace (data-dependent routing, values read back to the host, patched instances), for what only the
+real step shows (custom autograd backward code, which outputs reach the loss), and to check the copy.
+
+While one micro-batch's forward and backward run, a dispatch mode watches every aten op. It only
+observes: each op runs exactly as it would, on the real tensors, and no value is read back. From the
+dataflow it sees, it follows for every tensor whether it derives from the batch and whether it
+carries a gradient that training needs (one that reaches a trainable parameter), and it tells the
+phases apart: the forward, the backward (autograd executing a node), and checkpoint recompute (a
+forward rerun inside the backward).
+
+- **Model FLOPs** follow the convention of ``trace.py``: each forward matmul, plus one product of the
+  same cost for each operand that carries a needed gradient, counted when its result reaches the
+  loss (its autograd node ran in the backward; for ops inside a custom ``autograd.Function``, the
+  Function's output's node). A fused head that recomputes its logits in the backward therefore
+  counts like its unfused twin, and a gradient forced onto the embeddings (PEFT's
+  ``enable_input_require_grads``) is not a model FLOP.
+- **Hardware FLOPs** are every matmul that ran: the backward as observed, recompute included.
+
+Each matmul is assigned to a component (by the module that owns its parameter operand, else the
+innermost module running) and to the feature it scales with (``features.py``): a product of two
+batch-derived operands scales with squared lengths (attention), one with a weight operand with
+tokens (or rows, for per-sequence heads), one of weights alone once per call. ``Observation.fit``
+turns the totals into per-feature coefficients, exact at the observed step's shape.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import flop_registry
+from torch.utils.weak import WeakIdKeyDictionary
+
+from .._torch_internals import (
+    ATTENTION_BACKWARD,
+    ATTENTION_FORWARD,
+    CONVOLUTION_KERNEL,
+    EXTRA_MATMULS,
+    HEADS_SECOND_TO_LAST,
+    TorchDispatchMode,
+    current_autograd_node,
+    queue_backward_callback,
+    view_base,
+)
+from .components import OTHER, classify
+from .features import NUM_FEATURES, Feature
+from .trace import ComponentFlops
+
+aten = torch.ops.aten
+
+_CONVOLUTIONS = (aten.convolution, CONVOLUTION_KERNEL.overloadpacket)
+# Matmul-like ops (by packet) and the argument positions of their two operands.
+_MATMULS = {
+    aten.mm: (0, 1),
+    aten.addmm: (1, 2),
+    aten.bmm: (0, 1),
+    aten.baddbmm: (1, 2),
+    **{packet: (0, 1) for packet in (*_CONVOLUTIONS, *EXTRA_MATMULS)},
+}
+
+
+def matmul_flops(func: Any, args: Sequence[Any], out: Any) -> float:
+    """FLOPs of one matmul-like op from its operands' shapes: 2 * m * n * k per product."""
+    packet = func.overloadpacket
+    first, second = (args[i] for i in _MATMULS[packet])
+    if packet in _CONVOLUTIONS:
+        return float(flop_registry[aten.convolution](*args[:9], out_val=out))
+    if first.dim() == 2 and second.dim() == 3:  # grouped: each row of `first` meets one expert matrix
+        return 2.0 * first.shape[0] * first.shape[1] * second.shape[-1]
+    if first.dim() == 3 and second.dim() == 2:
+        return 2.0 * first.shape[0] * first.shape[1] * first.shape[2] * second.shape[-1]
+    batch = first.shape[0] if first.dim() == 3 else 1
+    return 2.0 * batch * first.shape[-2] * first.shape[-1] * second.shape[-1]
+
+
+def attention_flops_per_square(func: Any, query: torch.Tensor, value: torch.Tensor) -> float:
+    """Forward FLOPs of fused attention per (query, key) pair of one sequence: 2 * heads * (d_qk + d_v).
+
+    Scores and values, each 2 * d per pair and head (FACTS.md). Query layouts: [B, H, L, D] (SDPA),
+    [B, L, H, D] and [T, H, D] (the flash and memory-efficient kernels, variable lengths).
+    """
+    heads = query.shape[-2] if func in HEADS_SECOND_TO_LAST or query.dim() == 3 else query.shape[1]
+    return 2.0 * heads * (query.shape[-1] + value.shape[-1])
+
+
+@dataclass
+class _TensorFacts:
+    from_batch: bool
+    needs_grad: bool  # carries a gradient that training needs (derives from a trainable parameter)
+    made_with_grad: bool
+    tags: frozenset[int] = frozenset()  # gradient-free forward matmuls upstream (inside a custom Function)
+
+
+@dataclass
+class _Matmul:
+    component: str
+    feature: Feature
+    forward: float  # FLOPs at the observed step, or per unit of the feature (per_unit)
+    products: (
+        float  # backward products the model needs, in forwards: one per operand carrying a needed gradient
+    )
+    per_unit: bool = False
+    node: Any = None  # the autograd node of its output (grad mode on), read after the op returns
+    reached: bool = False
+
+
+@dataclass
+class Observation:
+    """What one observed micro-batch ran, per component and feature."""
+
+    matmuls: list[_Matmul] = field(default_factory=list)
+    hardware: dict[tuple[str, Feature, bool], float] = field(default_factory=lambda: defaultdict(float))
+    complete: bool = False  # a backward ran to its end
+    failure: str | None = None  # why observing stopped, if it failed
+
+    def totals(self) -> dict[tuple[str, Feature, bool], ComponentFlops]:
+        """Forward, model backward and hardware extra per (component, feature, per-unit)."""
+        totals: dict[tuple[str, Feature, bool], ComponentFlops] = defaultdict(ComponentFlops)
+        for matmul in self.matmuls:
+            key = (matmul.component, matmul.feature, matmul.per_unit)
+            totals[key].forward += matmul.forward
+            if matmul.reached:
+                totals[key].backward += matmul.forward * matmul.products
+        for key, hardware in self.hardware.items():
+            totals[key].recompute += hardware
+        for component in totals.values():  # hardware beyond the model's forward and backward
+            component.recompute -= component.backward
+        return dict(totals)
+
+    def fit(self, hardware_features: Sequence[float]) -> dict[str, list[list[float]]]:
+        """Per component: [forward, backward, extra] coefficients per feature, exact at this step.
+
+        ``hardware_features`` is the observed micro-batch's hardware row (what its tensors held).
+        """
+        coefficients: dict[str, list[list[float]]] = {}
+        for (component, feature, per_unit), flops in self.totals().items():
+            if not hardware_features[Feature.TOKENS] and feature in (Feature.TOKENS, Feature.SQUARES):
+                feature = Feature.ROWS  # a batch without token streams (images, tables): all scales by rows
+            units = hardware_features[feature]
+            if not per_unit and units <= 0:
+                raise ValueError(
+                    f"the observed step ran {component} matmuls that scale with {feature.name.lower()}, "
+                    "of which its batch has none"
+                )
+            parts = coefficients.setdefault(component, [[0.0] * NUM_FEATURES for _ in range(3)])
+            for part, value in zip(parts, (flops.forward, flops.backward, flops.recompute)):
+                part[feature] += value if per_unit else value / units
+        return coefficients
+
+
+class RealStepObserver(TorchDispatchMode):
+    """Watches one micro-batch's forward and backward on the real model (enter before the forward,
+    leave any time after the backward: ops after the first backward ends are ignored)."""
+
+    def __init__(self, model: nn.Module, batch: Any) -> None:
+        super().__init__()
+        self.observation = Observation()
+        self._facts: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self._names: dict[int, tuple[str, list[str]]] = {}  # id(module) -> (path, classes along it)
+        self._owners: dict[int, int] = {}  # id(parameter or buffer) -> id(owning module)
+        self._trainable: set[int] = set()
+        self._stack: list[int] = []  # ids of the modules running, innermost last
+        self._handles: list[Any] = []
+        self._last: list[tuple[_Matmul, torch.Tensor]] = []  # matmuls whose autograd node is not read yet
+        self._nodes: dict[Any, tuple[str, Feature]] = {}  # autograd node -> its forward matmul's place
+        self._node_components: dict[Any, str] = {}  # node -> component of a parameter it multiplies
+        self._unplaced: list[tuple[Any, Feature, float]] = []  # backward matmuls placed at the end
+        self._ran: set[Any] = set()
+        self._function_outputs: list[tuple[Any, frozenset[int]]] = []
+        self._tagged: WeakIdKeyDictionary = (
+            WeakIdKeyDictionary()
+        )  # tensors carrying tags, to check at backward
+        self._in_backward = False
+        self._done = False
+        self._describe(model)
+        for tensor in _tensors(batch):
+            self._facts[tensor] = _TensorFacts(from_batch=True, needs_grad=False, made_with_grad=True)
+
+    # -- the model's structure ------------------------------------------------------------------
+    def _describe(self, model: nn.Module) -> None:
+        classes: dict[str, list[str]] = {"": [type(model).__name__]}
+        for path, module in model.named_modules():
+            if path:
+                parent = path.rpartition(".")[0]
+                classes[path] = [*classes.get(parent, []), type(module).__name__]
+            self._names.setdefault(id(module), (path, classes[path]))
+            for tensor in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
+                self._owners.setdefault(id(tensor), id(module))
+                if tensor.requires_grad:
+                    self._trainable.add(id(tensor))
+
+            def enter(mod: nn.Module, args: Any, _id: int = id(module)) -> None:
+                self._stack.append(_id)
+
+            def leave(mod: nn.Module, args: Any, output: Any) -> None:
+                if self._stack:
+                    self._stack.pop()
+
+            self._handles.append(module.register_forward_pre_hook(enter))
+            self._handles.append(module.register_forward_hook(leave, always_call=True))
+
+    def remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove_hooks()
+        self._read_nodes()
+        self._resolve()
+        super().__exit__(*exc)
+
+    # -- facts about tensors --------------------------------------------------------------------
+    def _fact(self, tensor: torch.Tensor) -> _TensorFacts:
+        facts = self._facts.get(tensor)
+        if facts is not None:
+            return facts
+        base = view_base(tensor)
+        if id(base) in self._owners:  # a parameter or buffer of the model (or a view of one)
+            return _TensorFacts(False, id(base) in self._trainable, True)
+        # Anything else from outside the step (a tensor the batch carried indirectly): batch data.
+        return _TensorFacts(True, tensor.requires_grad and tensor.is_leaf, True)
+
+    def _carries_grad(self, tensor: torch.Tensor, grad_enabled: bool) -> bool:
+        facts = self._fact(tensor)
+        if not facts.needs_grad:
+            return False
+        if grad_enabled or facts.made_with_grad:
+            # Autograd decides: a result made without grad flows only as a custom Function's output.
+            return tensor.requires_grad or not facts.made_with_grad and not grad_enabled
+        return True
+
+    # -- component and feature ------------------------------------------------------------------
+    def _owner_component(self, operands: Sequence[torch.Tensor]) -> str | None:
+        """The component of the module that owns a parameter operand (a fused head multiplies by
+        ``lm_head.weight`` outside ``lm_head``'s forward: it is still the head)."""
+        for operand in operands:
+            owner = self._owners.get(id(view_base(operand)))
+            if owner is not None:
+                path, classes = self._names[owner]
+                return classify(path, classes, activation_matmul=False)
+        return None
+
+    def _component_of(self, operands: Sequence[torch.Tensor], activation: bool) -> str:
+        if not activation:
+            owner = self._owner_component(operands)
+            if owner is not None:
+                return owner
+        if not self._stack:
+            return OTHER
+        path, classes = self._names[self._stack[-1]]
+        return classify(path, classes, activation_matmul=activation)
+
+    # -- the dispatch mode ----------------------------------------------------------------------
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self._done:
+            return out
+        try:
+            self._observe(func, args, kwargs, out)
+        except Exception as error:  # noqa: BLE001 - observing never breaks the step: the observation is void
+            self._done = True
+            self.observation.failure = f"{type(error).__name__}: {error}"
+        return out
+
+    def _observe(self, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
+        self._read_nodes()
+        node = current_autograd_node()
+        if node is not None:
+            self._in_backward_op(func, args, kwargs, out, node)
+            return
+        grad_enabled = torch.is_grad_enabled()
+        inputs = [t for t in _leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        outputs = [t for t in _leaves(out) if isinstance(t, torch.Tensor)]
+        facts = [self._fact(t) for t in inputs]
+        carries = [self._carries_grad(t, grad_enabled) for t in inputs]
+        from_batch = any(f.from_batch for f in facts) or not inputs  # a factory op: sized by the batch
+        tags: frozenset[int] = (
+            frozenset().union(*(f.tags for f in facts)) if not grad_enabled else frozenset()
+        )
+        if grad_enabled:
+            for tensor, fact in zip(inputs, facts):
+                if fact.tags and tensor.grad_fn is not None:  # a custom Function's output, used on
+                    self._function_outputs.append((tensor.grad_fn, fact.tags))
+        matmul = self._matmul(func, args, out, grad_enabled)
+        if matmul is not None and not grad_enabled:
+            tags = tags | {len(self.observation.matmuls) - 1}
+        result = _TensorFacts(from_batch, any(carries), grad_enabled, tags)
+        for tensor in outputs:
+            self._facts[tensor] = result
+            if tags:
+                self._tagged[tensor] = True
+
+    def _classify(self, operands: Sequence[torch.Tensor]) -> tuple[str, Feature]:
+        """Component and feature of a matmul seen in a forward (or recompute): two batch-derived
+        operands scale with squared lengths (attention), one with tokens, none once per call."""
+        from_batch = [self._fact(t).from_batch for t in operands]
+        feature = Feature.SQUARES if all(from_batch) else Feature.TOKENS if any(from_batch) else Feature.CALLS
+        return self._component_of(operands, all(from_batch)), feature
+
+    def _matmul(self, func: Any, args: tuple, out: Any, grad_enabled: bool) -> _Matmul | None:
+        packet = func.overloadpacket
+        if packet in _MATMULS:
+            operands = [args[i] for i in _MATMULS[packet]]
+            component, feature = self._classify(operands)
+            products = sum(self._carries_grad(t, grad_enabled) for t in operands)
+            matmul = _Matmul(component, feature, matmul_flops(func, args, out), products)
+        elif func in ATTENTION_FORWARD:
+            query, key, value = args[:3]
+            needed = [self._carries_grad(t, grad_enabled) for t in (query, key, value)]
+            # Backward products, each half the forward: dV = P^T dO, dP = dO V^T, dQ = dS K, dK = dS^T Q.
+            halves = needed[2] + (needed[0] or needed[1]) + needed[0] + needed[1]
+            component = self._component_of((query,), True)
+            per_square = attention_flops_per_square(func, query, value)
+            matmul = _Matmul(component, Feature.SQUARES, per_square, halves / 2, per_unit=True)
+            out = out[0]
+        else:
+            return None
+        self.observation.matmuls.append(matmul)
+        if grad_enabled:
+            self._last.append((matmul, out))
+        return matmul
+
+    def _in_backward_op(self, func: Any, args: tuple, kwargs: dict, out: Any, node: Any) -> None:
+        """Hardware FLOPs of the backward: each matmul belongs to the component of the forward op whose
+        node runs it, or of the parameter it multiplies, or of another matmul of the same node."""
+        if not self._in_backward:
+            self._in_backward = True
+            self._start_backward()
+        self._ran.add(node)
+        recompute = torch.is_grad_enabled()  # checkpoint recompute: a forward rerun inside the backward
+        if recompute:
+            inputs = [t for t in _leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+            from_batch = any(self._fact(t).from_batch for t in inputs) or not inputs
+            for tensor in _leaves(out):
+                if isinstance(tensor, torch.Tensor):
+                    self._facts[tensor] = _TensorFacts(from_batch, False, True)
+        if func.overloadpacket in _MATMULS:
+            operands = [args[i] for i in _MATMULS[func.overloadpacket]]
+            flops, per_unit = matmul_flops(func, args, out), False
+            component: str | None
+            if recompute:
+                component, feature = self._classify(operands)
+            else:
+                component, feature = self._nodes.get(node, (None, Feature.TOKENS))
+                owner = self._owner_component(operands)
+                if component is None and owner is not None:
+                    component = self._node_components.setdefault(node, owner)
+        elif func in ATTENTION_FORWARD or func in ATTENTION_BACKWARD:
+            query, value = (args[0], args[2]) if func in ATTENTION_FORWARD else (args[1], args[3])
+            factor = 1.0 if func in ATTENTION_FORWARD else 2.0  # dQ, dK, dV and dP: four halves
+            flops, per_unit, feature = (
+                factor * attention_flops_per_square(func, query, value),
+                True,
+                Feature.SQUARES,
+            )
+            component = self._nodes.get(node, (self._component_of((query,), True),))[0]
+            out = out[0]
+        else:
+            return
+        if recompute:  # the recomputed graph has nodes of its own: their backward belongs here too
+            self._last.append((_Matmul(component or OTHER, feature, 0.0, 0.0), out))
+        if component is None:
+            self._unplaced.append((node, feature, flops))
+        else:
+            self.observation.hardware[(component, feature, per_unit)] += flops
+
+    def _start_backward(self) -> None:
+        queue_backward_callback(self._backward_finished)
+        for tensor in list(self._tagged.keys()):
+            if tensor.grad_fn is not None:
+                self._function_outputs.append((tensor.grad_fn, self._fact(tensor).tags))
+
+    def _backward_finished(self) -> None:
+        self._done = True
+        self.observation.complete = True
+
+    def _read_nodes(self) -> None:
+        """The autograd node of each grad-mode matmul's output (set by autograd after the op returns)."""
+        for matmul, output in self._last:
+            if isinstance(output, torch.Tensor) and output.grad_fn is not None:
+                matmul.node = output.grad_fn
+                self._nodes.setdefault(output.grad_fn, (matmul.component, matmul.feature))
+        self._last.clear()
+
+    def _resolve(self) -> None:
+        """Which matmuls' backward the model needs: their result reached the loss."""
+        reached_tags: set[int] = set()
+        for node, tags in self._function_outputs:
+            if node in self._ran:
+                reached_tags |= tags
+        for node, feature, flops in self._unplaced:
+            self.observation.hardware[(self._node_components.get(node, OTHER), feature, False)] += flops
+        for index, matmul in enumerate(self.observation.matmuls):
+            matmul.reached = (matmul.node is not None and matmul.node in self._ran) or index in reached_tags
+            matmul.node = None
+        self._nodes.clear()
+        self._node_components.clear()
+        self._unplaced.clear()
+        self._ran.clear()
+        self._function_outputs.clear()
+
+
+def _leaves(value: Any) -> list[Any]:
+    """Every item of nested lists, tuples and dicts (an op's arguments and results)."""
+    if isinstance(value, (list, tuple)):
+        return [leaf for item in value for leaf in _leaves(item)]
+    if isinstance(value, dict):
+        return [leaf for item in value.values() for leaf in _leaves(item)]
+    return [value]
+
+
+def _tensors(value: Any) -> Iterator[torch.Tensor]:
+    for leaf in _leaves(value):
+        if isinstance(leaf, torch.Tensor):
+            yield leaf

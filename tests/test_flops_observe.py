@@ -1,0 +1,235 @@
+"""Counting a real step (``flops/observe.py``) against FlopCounterMode on the same step: models the
+meta-device copy cannot trace or would miscount, at more than one shape."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import (
+    VOCAB,
+    assert_flops,
+    full_batch,
+    keyword_forward,
+    model_truth,
+    packed_batch,
+    padded_batch,
+    step_truth,
+)
+from torch import nn
+
+from mfu_callbacks.flops import FlopEngine
+from mfu_callbacks.flops.engine import observe_step, token_counting
+from mfu_callbacks.testing import causal_lm, make_eager, reference_step_flops
+
+
+def _loss(output: Any) -> torch.Tensor:
+    return output.loss if hasattr(output, "loss") else output
+
+
+def observed_engine(model: nn.Module, batch: Any, forward=keyword_forward) -> FlopEngine:
+    """The engine fitted to one real step of ``model`` on ``batch``, as a training loop runs it."""
+    counting = token_counting(model)
+    observer = observe_step(model, batch, counting)
+    with observer:
+        _loss(forward(model, batch)).backward()
+    model.zero_grad(set_to_none=True)
+    features = counting.count(batch)[1].tolist()
+    return FlopEngine.from_observation(model, observer.observation, counting, features)
+
+
+def llama(lora: bool = False, attention: str = "eager", **options: Any) -> nn.Module:
+    return make_eager(
+        causal_lm(vocab=VOCAB, kv_heads=2, lora_rank=4 if lora else None, attention=attention, **options)
+    )
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_a_real_step_is_counted_exactly_and_the_fit_holds_at_other_shapes(lora: bool) -> None:
+    model = llama(lora)
+    engine = observed_engine(model, padded_batch([5, 12]))
+    for batch in (padded_batch([5, 12]), full_batch(3, 24), padded_batch([7, 3, 16])):
+        step = engine.estimate(batch)
+        assert_flops(step.model_flops, model_truth(model, batch), "model FLOPs")
+        assert_flops(step.hardware_flops, step_truth(model, batch), "hardware FLOPs")
+
+
+def test_sdpa_with_grouped_query_attention_is_counted_from_its_kernel() -> None:
+    model = causal_lm(vocab=VOCAB, kv_heads=2, attention="sdpa")
+    engine = observed_engine(model, full_batch(2, 16))
+    eager = make_eager(model)
+    for batch in (full_batch(2, 16), full_batch(1, 40)):
+        assert_flops(engine.estimate(batch).model_flops, model_truth(eager, batch), "model FLOPs")
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+def test_checkpointing_under_lora_is_recompute_not_model_flops(reentrant: bool) -> None:
+    model = llama(lora=True)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    model.enable_input_require_grads()
+    model.train()
+    engine = observed_engine(model, full_batch(2, 16))
+    plain = llama(lora=True)  # the same model without checkpointing, nor the gradient it forces on the inputs
+    for batch in (full_batch(2, 16), full_batch(3, 24)):
+        step = engine.estimate(batch)
+        assert_flops(step.model_flops, model_truth(plain, batch), "model FLOPs (checkpointing off)")
+        assert_flops(step.hardware_flops, step_truth(model, batch), "hardware FLOPs (recompute)")
+
+
+def test_packed_rows_count_attention_per_document() -> None:
+    model = llama()
+    engine = observed_engine(model, full_batch(1, 20))
+    for documents in ([5, 9, 6], [12, 4]):
+        batch = packed_batch(documents)
+        assert_flops(engine.estimate(batch).model_flops, model_truth(model, batch), "model FLOPs")
+
+
+# -- a fused head whose backward recomputes the logits ------------------------------------------------
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Loss of ``hidden @ weight.T`` without keeping the logits: the backward computes them again."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk):
+        ctx.save_for_backward(hidden, weight, labels)
+        ctx.chunk = chunk
+        total = hidden.new_zeros(())
+        for start in range(0, hidden.shape[0], chunk):
+            logits = hidden[start : start + chunk] @ weight.t()
+            total = total + F.cross_entropy(logits.float(), labels[start : start + chunk], reduction="sum")
+        return total / hidden.shape[0]
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, labels = ctx.saved_tensors
+        grad_hidden, grad_weight = torch.zeros_like(hidden), torch.zeros_like(weight)
+        for start in range(0, hidden.shape[0], ctx.chunk):
+            piece = hidden[start : start + ctx.chunk]
+            logits = (piece @ weight.t()).float()
+            delta = torch.softmax(logits, dim=-1)
+            delta[torch.arange(piece.shape[0]), labels[start : start + ctx.chunk]] -= 1
+            delta = (delta * grad / hidden.shape[0]).to(hidden.dtype)
+            grad_hidden[start : start + ctx.chunk] = delta @ weight
+            if ctx.needs_input_grad[1]:
+                grad_weight += delta.t() @ piece
+        return grad_hidden, grad_weight, None, None
+
+
+def _causal_lm(model: nn.Module) -> nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def fused_head_forward(model: nn.Module, batch: dict) -> torch.Tensor:
+    """Next-token loss through the fused head (targets rolled so that every position has one)."""
+    lm = _causal_lm(model)
+    hidden = lm.model(input_ids=batch["input_ids"]).last_hidden_state
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    labels = batch["labels"].roll(-1, dims=1).reshape(-1)
+    return ChunkedLinearCrossEntropy.apply(hidden, lm.lm_head.weight, labels, 8)
+
+
+def unfused_forward(model: nn.Module, batch: dict) -> torch.Tensor:
+    lm = _causal_lm(model)
+    logits = lm.lm_head(lm.model(input_ids=batch["input_ids"]).last_hidden_state)
+    labels = batch["labels"].roll(-1, dims=1).reshape(-1)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels)
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_a_fused_head_counts_like_its_unfused_twin_and_its_recompute_as_hardware(lora: bool) -> None:
+    model = llama(lora)
+    engine = observed_engine(model, full_batch(2, 17), fused_head_forward)
+    for batch in (full_batch(2, 17), full_batch(3, 25)):
+        step = engine.estimate(batch)
+        twin = reference_step_flops(model, batch, unfused_forward)
+        fused = reference_step_flops(model, batch, fused_head_forward)
+        head_once = 2 * batch["input_ids"].numel() * 32 * VOCAB
+        assert fused == twin + head_once, "the fused head recomputes its logits once"
+        assert_flops(step.model_flops, twin, "model FLOPs: the unfused twin's")
+        assert_flops(step.hardware_flops, fused, "hardware FLOPs: the recompute too")
+        assert step.breakdown["head"] > 0
+
+
+# -- hand-written top-k routing that a meta-device copy cannot run ----------------------------------
+class TopKMoE(nn.Module):
+    """Top-k experts dispatched with nonzero and index_add (data-dependent shapes)."""
+
+    def __init__(self, hidden: int, inner: int, experts: int, top_k: int) -> None:
+        super().__init__()
+        self.top_k = top_k
+        self.router = nn.Linear(hidden, experts, bias=False)
+        self.experts = nn.ModuleList(
+            nn.Sequential(
+                nn.Linear(hidden, inner, bias=False), nn.SiLU(), nn.Linear(inner, hidden, bias=False)
+            )
+            for _ in range(experts)
+        )
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        weights, chosen = torch.softmax(self.router(flat), dim=-1).topk(self.top_k, dim=-1)
+        out = torch.zeros_like(flat)
+        for index, expert in enumerate(self.experts):
+            token, slot = torch.where(chosen == index)
+            if token.numel():
+                out.index_add_(0, token, expert(flat[token]) * weights[token, slot, None])
+        return out.reshape(hidden.shape)
+
+
+class TinyMoELM(nn.Module):
+    def __init__(self, hidden: int = 32, layers: int = 2) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(VOCAB, hidden)
+        self.blocks = nn.ModuleList(TopKMoE(hidden, 48, experts=4, top_k=2) for _ in range(layers))
+        self.lm_head = nn.Linear(hidden, VOCAB, bias=False)
+
+    def forward(
+        self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: Any = None
+    ) -> torch.Tensor:
+        hidden = self.embed(input_ids)
+        for block in self.blocks:
+            hidden = hidden + block(hidden)
+        logits = self.lm_head(hidden)
+        return F.cross_entropy(logits.reshape(-1, VOCAB).float(), labels.reshape(-1))
+
+
+def test_hand_written_top_k_routing_counts_the_routed_experts() -> None:
+    model = TinyMoELM()
+    engine = observed_engine(model, full_batch(2, 16))
+    for batch in (full_batch(2, 16), full_batch(3, 30)):
+        truth = reference_step_flops(model, batch)
+        step = engine.estimate(batch)
+        assert_flops(step.model_flops, truth, "model FLOPs")
+        assert step.breakdown["router"] > 0 and step.breakdown["experts"] > 0
+
+
+# -- an output that never reaches the loss ------------------------------------------------------------
+class WithProbe(nn.Module):
+    """Returns the loss and an auxiliary projection nothing trains through."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 4)
+        self.probe = nn.Linear(16, 64)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.body(x)
+        return self.head(hidden).square().mean(), self.probe(hidden)
+
+
+def test_an_output_that_never_reaches_the_loss_gets_no_backward() -> None:
+    model = WithProbe()
+
+    def forward(module: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        return module(batch)[0]
+
+    batch = torch.randn(8, 16)
+    engine = observed_engine(model, batch, forward)
+    for rows in (8, 20):
+        batch = torch.randn(rows, 16)
+        truth = reference_step_flops(model, batch, forward)
+        assert_flops(engine.estimate(batch).model_flops, truth, "model FLOPs")
