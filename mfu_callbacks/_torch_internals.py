@@ -17,6 +17,7 @@ import threading
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -118,6 +119,64 @@ def module_hook_dicts(module: nn.Module, names: tuple[str, ...]) -> Iterator[dic
 # Composable distributed APIs (fully_shard, replicate) keep their state in a module's __dict__
 # under keys that start with this (torch.distributed._composable.contract.generate_state_key).
 COMPOSABLE_STATE_KEY_PREFIX = "__composable_api_state_key"
+
+# FSDP1's FullyShardedDataParallel keeps the module it wraps under this attribute, and in its handle
+# one FlatParameter for the parameters of that module's subtree: each original's owning module, name
+# and unsharded shape (``_param_infos``, ``_shapes``) and the ties (``_shared_param_infos``). Between
+# steps the owning modules hold sharded views of it (use_orig_params=True: 1-D parameters) or plain
+# non-leaf views, or nothing (use_orig_params=False).
+FSDP1_WRAPPER = "FullyShardedDataParallel"
+_FSDP1_INNER = "_fsdp_wrapped_module"
+
+
+@dataclass(frozen=True)
+class FlattenedParameter:
+    """One parameter that an FSDP1 unit flattened, as the module it belongs to declared it."""
+
+    module: nn.Module
+    name: str
+    shape: torch.Size
+    dtype: torch.dtype
+    requires_grad: bool
+    tied_to: tuple[nn.Module, str] | None  # the module and name of the parameter it is, if tied
+
+
+def fsdp1_inner_module(module: nn.Module) -> nn.Module | None:
+    """The module an FSDP1 unit wraps; None for any other module."""
+    inner = getattr(module, _FSDP1_INNER, None) if type(module).__name__ == FSDP1_WRAPPER else None
+    return inner if isinstance(inner, nn.Module) else None
+
+
+def fsdp1_flattened_parameters(unit: nn.Module) -> list[FlattenedParameter]:
+    """The parameters an FSDP1 unit flattened, ties last (each after the parameter it is tied to); none
+    for any other module."""
+    handle = getattr(unit, "_handle", None) if fsdp1_inner_module(unit) is not None else None
+    flat = getattr(handle, "flat_param", None)
+    if flat is None:
+        return []
+    own = [
+        FlattenedParameter(
+            info.module,
+            info.param_name,
+            torch.Size(shape),
+            flat.dtype,
+            getattr(getattr(info.module, info.param_name, None), "requires_grad", flat.requires_grad),
+            None,
+        )
+        for info, shape in zip(flat._param_infos, flat._shapes)
+    ]
+    by_name = {(id(p.module), p.name): p for p in own}
+    tied = [
+        replace(
+            by_name[(id(info.prim_module), info.prim_param_name)],
+            module=info.module,
+            name=info.param_name,
+            tied_to=(info.prim_module, info.prim_param_name),
+        )
+        for info in flat._shared_param_infos
+    ]
+    return own + tied
+
 
 # torch.compile's wrapper (torch._dynamo.eval_frame.OptimizedModule) and where it keeps the model.
 COMPILED_WRAPPER = "OptimizedModule"

@@ -219,6 +219,7 @@ PRIVATE_TORCH = re.compile(
     r"|\._base\b|_orig_mod|_forward_hooks|_forward_pre_hooks|_backward_hooks|_backward_pre_hooks"
     r"|_state_dict_hooks|_state_dict_pre_hooks|_load_state_dict_\w*hooks|\._modules\b|__composable_api"
     r"|CheckpointFunction|_checkpoint_without_reentrant|_enable_checkpoint_early_stop"
+    r"|_fsdp_wrapped_module|_param_infos|_shared_param_infos|\bflat_param\b"
     r"|torch\.(amp\.)?autocast\s*="
 )
 

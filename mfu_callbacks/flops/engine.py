@@ -248,7 +248,7 @@ class FlopEngine:
         errors: list[str] = []
         for fold in (True, False):
             try:
-                totals, replica, substituted = _trace(base, probes, shapes, run, fold=fold)
+                totals, replica, substituted = _trace(model, probes, shapes, run, fold=fold)
                 break
             except BatchError:
                 raise
@@ -355,14 +355,14 @@ def _dot(coefficients: Sequence[float], features: Sequence[float]) -> float:
 
 
 def _trace(
-    base: nn.Module,
+    model: nn.Module,
     probes: _ProbeBatches,
     shapes: Sequence[tuple[int, int, int]],
     run: Forward,
     *,
     fold: bool,
 ) -> tuple[list[dict[str, ComponentFlops]], Replica, list[str]]:
-    replica = build_replica(base, fold=fold)
+    replica = build_replica(model, fold=fold)
     _use_eager_kernels(replica.module)
     current: list[MatmulRecorder] = [MatmulRecorder(replica.parameter_ids)]
     substituted = install_substitutes(replica.module, _CurrentRecorder(current))

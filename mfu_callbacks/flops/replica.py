@@ -1,16 +1,22 @@
 """A meta-device copy of the model's structure, cheap to run, with repeated layers folded.
 
-The copy shares no tensors with the model (parameters, buffers and tensors held as plain attributes
-become meta tensors of the same logical shape, dtype and ``requires_grad``), keeps only the hooks of
-the model libraries (PEFT's and transformers' ``enable_input_require_grads``, output recording) and
-drops every other: the user's own hooks and those of distributed wrappers (FSDP all-gathers,
-Accelerate device hooks). A run of identical blocks in a ``ModuleList`` keeps one representative
-per distinct kind, standing for all of them: a 70B model traces as two layers.
+The copy shares no tensors with the model and copies none: every tensor it reaches (parameters,
+buffers, attributes, inside any object at any depth; views, non-leaf tensors, DTensors, FSDP's flat
+parameters) becomes a meta tensor of the same logical shape and dtype, a parameter keeping its
+``requires_grad``; FSDP1 units become the modules they wrap, their parameters unflattened. It keeps
+only the hooks of the model libraries (PEFT's and transformers' ``enable_input_require_grads``,
+output recording) and drops every other: the user's own hooks and those of distributed wrappers
+(FSDP all-gathers, Accelerate device hooks). A run of identical blocks in a ``ModuleList`` keeps one
+representative per distinct kind, standing for all of them: a 70B model traces as two layers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import gc
+import types
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -21,9 +27,12 @@ from .._torch_internals import (
     COMPOSABLE_STATE_KEY_PREFIX,
     FORWARD_HOOK_DICTS,
     OTHER_HOOK_DICTS,
+    FlattenedParameter,
+    fsdp1_flattened_parameters,
+    fsdp1_inner_module,
     module_hook_dicts,
 )
-from .isolation import map_tensors
+from .unwrap import unwrap_model
 
 # Hooks from these packages move data between devices or ranks (or measure, like ours); on a replica they must not run.
 # Hooks of the model libraries change autograd or record outputs: they run on the copy. No other hook does.
@@ -42,6 +51,22 @@ _BACK_REFERENCES = ("_trainer", "_fabric", "_device_mesh")
 # Attributes that differ between otherwise identical layers without changing their FLOPs.
 _POSITION_ATTRIBUTES = ("idx", "index", "layer_id", "layer_number", "block_id", "layer_num")
 _MIN_RUN_TO_FOLD = 3
+# What copy.deepcopy shares instead of copying (or cannot copy: modules): never searched for tensors.
+_SHARED = (
+    type,
+    types.ModuleType,
+    types.FunctionType,
+    types.BuiltinFunctionType,
+    types.CodeType,
+    weakref.ref,
+    property,
+    str,
+    bytes,
+    int,
+    float,
+    complex,
+    range,
+)
 
 
 @dataclass
@@ -54,7 +79,8 @@ class Replica:
 
 
 def logical_shape(tensor: torch.Tensor) -> torch.Size:
-    """The full shape of a possibly sharded parameter (DeepSpeed ZeRO-3 keeps it in ``ds_shape``)."""
+    """The full shape of a possibly sharded parameter (DeepSpeed ZeRO-3 keeps it in ``ds_shape``; a
+    DTensor's shape is already the global one: the replica counts the whole model, not one rank's shard)."""
     ds_shape = getattr(tensor, "ds_shape", None)
     return torch.Size(ds_shape) if ds_shape is not None else tensor.shape
 
@@ -62,6 +88,26 @@ def logical_shape(tensor: torch.Tensor) -> torch.Size:
 def _to_meta(tensor: torch.Tensor, parameter: bool) -> torch.Tensor:
     meta = torch.empty(logical_shape(tensor), dtype=tensor.dtype, device="meta")
     return nn.Parameter(meta, requires_grad=tensor.requires_grad) if parameter else meta
+
+
+def _tensors_to_meta(root: object, memo: dict[int, object]) -> None:
+    """Put a meta tensor into the memo for every tensor reachable from ``root`` through attributes,
+    containers and slots (what copy.deepcopy copies), past objects the memo already settles: the copy
+    then never meets a real tensor. Tensors of any subclass, views and non-leaf tensors included."""
+    seen: set[int] = set()
+    stack = [root]
+    while stack:
+        value = stack.pop()
+        if id(value) in seen or id(value) in memo or isinstance(value, _SHARED):
+            continue
+        seen.add(id(value))
+        if isinstance(value, torch.Tensor):
+            # A tensor with no single shape (nested, a lazy module's uninitialized parameter) is left
+            # to its own __deepcopy__, as before.
+            with contextlib.suppress(RuntimeError):
+                memo[id(value)] = _to_meta(value, parameter=isinstance(value, nn.Parameter))
+        else:
+            stack.extend(gc.get_referents(value))
 
 
 def _block_signature(block: nn.Module) -> tuple:
@@ -122,16 +168,6 @@ def _hook_package(hook: object) -> str:
     return module or ""
 
 
-def _plain_tensors_to_meta(module: nn.Module, memo: dict[int, object]) -> None:
-    """Tensors a module holds as plain attributes (caches, tables; not parameters or buffers) are
-    copied as meta tensors, nested in lists and dicts too: the copy never allocates real memory."""
-    for value in module.__dict__.values():
-        if isinstance(value, (torch.Tensor, list, tuple, dict)):
-            map_tensors(
-                value, lambda _, tensor: memo.setdefault(id(tensor), _to_meta(tensor, parameter=False))
-            )
-
-
 def _refuses_deepcopy(module: nn.Module) -> bool:
     """FSDP2's ``fully_shard`` (and composable ``replicate``) swap in a class whose ``__deepcopy__`` raises."""
     deepcopy = getattr(type(module), "__deepcopy__", None)
@@ -150,8 +186,27 @@ def _copy_as_plain_module(module: nn.Module, memo: dict[int, object]) -> None:
     copied.__dict__.update(copy.deepcopy(state, memo))
 
 
+def _unflatten(parameters: list[FlattenedParameter], memo: dict[int, object]) -> None:
+    """Give each copied module back the parameters FSDP1 flattened, unsharded, tied as they were."""
+    restored: dict[tuple[int, str], nn.Parameter] = {}
+    for p in parameters:
+        copied = memo.get(id(p.module))
+        if not isinstance(copied, nn.Module):  # in a block that folding dropped
+            continue
+        if p.tied_to is not None:
+            parameter = restored[(id(p.tied_to[0]), p.tied_to[1])]
+        else:
+            meta = torch.empty(p.shape, dtype=p.dtype, device="meta")
+            parameter = nn.Parameter(meta, requires_grad=p.requires_grad)
+        restored[(id(p.module), p.name)] = parameter
+        copied.__dict__.pop(p.name, None)  # a plain view (use_orig_params=False)
+        copied.register_parameter(p.name, parameter)
+
+
 def build_replica(model: nn.Module, *, fold: bool = True) -> Replica:
-    """Copy ``model``'s structure onto the meta device without touching its data."""
+    """Copy ``model``'s structure (inside its wrappers) onto the meta device without touching its data."""
+    flattened = [p for unit in model.modules() for p in fsdp1_flattened_parameters(unit)]
+    model = unwrap_model(model)
     keep, multiplicity = _fold_plan(model) if fold else ({}, {})
     placeholder = nn.Module()
     memo: dict[int, object] = {}
@@ -166,11 +221,6 @@ def build_replica(model: nn.Module, *, fold: bool = True) -> Replica:
                     memo[id(block)] = placeholder
                     dropped.add(id(block))
     for module in model.modules():
-        for parameter in module.parameters(recurse=False):
-            memo.setdefault(id(parameter), _to_meta(parameter, parameter=True))
-        for buffer in module.buffers(recurse=False):
-            memo.setdefault(id(buffer), _to_meta(buffer, parameter=False))
-        _plain_tensors_to_meta(module, memo)
         for hooks in module_hook_dicts(module, FORWARD_HOOK_DICTS):
             memo[id(hooks)] = _filtered_hooks(hooks)
         for hooks in module_hook_dicts(module, OTHER_HOOK_DICTS):
@@ -179,10 +229,17 @@ def build_replica(model: nn.Module, *, fold: bool = True) -> Replica:
             value = module.__dict__.get(attribute)
             if value is not None:
                 memo[id(value)] = None
+    _tensors_to_meta(model, memo)
     for module in reversed(list(model.modules())):  # descendants before their ancestors
-        if id(module) not in memo and _refuses_deepcopy(module):
+        if id(module) in memo:
+            continue
+        inner = fsdp1_inner_module(module)
+        if inner is not None:  # the unit's own state (process group, flat parameter) is not copied
+            memo[id(module)] = copy.deepcopy(inner, memo)
+        elif _refuses_deepcopy(module):
             _copy_as_plain_module(module, memo)
     replica = copy.deepcopy(model, memo)
+    _unflatten(flattened, memo)
 
     for container_id in keep:
         copied = memo[container_id]
