@@ -126,14 +126,21 @@ def _load_config(path: str) -> Any:
         from transformers import CONFIG_MAPPING, AutoConfig
     except ImportError:
         raise CliError("estimate needs transformers: pip install 'mfu-callbacks[transformers]'") from None
-    model_type = values.get("model_type")
-    if not model_type:
+    if not values.get("model_type"):
         raise CliError(f"{path} has no 'model_type': is it a Hugging Face config.json?")
-    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
-        raise CliError(
-            f"{path}: model_type {model_type!r} is not one that transformers {transformers.__version__} "
-            f"knows: upgrade transformers, or {_ESTIMATE_IN_PYTHON}"
-        )
+    # the config's own model_type, then those of sub-configs (text_config, vision_config, ...)
+    types = [("model_type", values["model_type"])] + [
+        (f"{key}.model_type", value["model_type"])
+        for key, value in values.items()
+        if isinstance(value, dict) and "model_type" in value
+    ]
+    for field, model_type in types:
+        if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+            raise CliError(
+                f"{path}: {field} {model_type!r} is not one that transformers {transformers.__version__} "
+                f"knows: upgrade transformers, or {_ESTIMATE_IN_PYTHON}"
+            )
+    model_type = values["model_type"]
     _check_sizes(values, path)
     try:
         return AutoConfig.for_model(**values)
@@ -156,11 +163,45 @@ def _model_factory(config: Any, path: str):
     else:
         kind, factory, mapping = "causal", AutoModelForCausalLM, MODEL_FOR_CAUSAL_LM_MAPPING
     if type(config) not in mapping:
-        raise CliError(
-            f"{path} is a {type(config).__name__} ({config.model_type!r}), which transformers does not "
-            f"build as a {kind} language model, and estimate builds only those: {_ESTIMATE_IN_PYTHON}"
-        )
+        raise _not_a_language_model(config, path, kind)
     return factory
+
+
+def _not_a_language_model(config: Any, path: str, kind: str) -> CliError:
+    """Why estimate cannot plan this config, and what can: it plans token rows from --seq-len alone."""
+    name = f"{type(config).__name__} ({config.model_type!r})"
+    if (
+        getattr(config, "vision_config", None) is not None
+        and getattr(config, "text_config", None) is not None
+    ):
+        # The Python engine traces its model on the meta device, where the check that image tokens
+        # match image features cannot run: no remedy counts the image work yet.
+        return CliError(
+            f"{path} is a {name}, a vision-language model: estimate plans rows of text tokens and cannot "
+            "count the work on its images; to plan its language model alone, save the config's "
+            "'text_config' as a config.json of its own and pass that"
+        )
+    main_input = _main_input_name(config)
+    if main_input not in (None, "input_ids"):
+        return CliError(
+            f"{path} is a {name}, whose model takes {main_input}, not token ids: estimate plans rows of text "
+            f"tokens from --seq-len; {_ESTIMATE_IN_PYTHON}"
+        )
+    return CliError(
+        f"{path} is a {name}, which transformers does not build as a {kind} language model, and estimate "
+        f"builds only those: {_ESTIMATE_IN_PYTHON}"
+    )
+
+
+def _main_input_name(config: Any) -> str | None:
+    """What the config's base model takes first (``input_ids``, ``pixel_values``, ``input_features``, ...)."""
+    from transformers import MODEL_MAPPING
+
+    try:
+        name = getattr(MODEL_MAPPING[type(config)], "main_input_name", None)
+    except Exception:  # noqa: BLE001 - no base model, or its module fails to import: nothing to add
+        return None
+    return name if isinstance(name, str) else None
 
 
 def _build_model(config: Any, args: argparse.Namespace):

@@ -7,11 +7,20 @@ import time
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, LlavaConfig, T5Config, T5ForConditionalGeneration
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlavaConfig,
+    T5Config,
+    T5ForConditionalGeneration,
+    ViTConfig,
+)
 
 from mfu_callbacks import estimate_step_flops
 from mfu_callbacks.cli import main
 from mfu_callbacks.flops import FlopEngine
+from mfu_callbacks.testing import reference_step_flops
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -38,6 +47,19 @@ def t5_config_file(tmp_path):
         d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2, num_decoder_layers=2, vocab_size=128
     )
     path = tmp_path / "t5_config.json"
+    path.write_text(config.to_json_string())
+    return path, config
+
+
+TINY_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
+
+
+@pytest.fixture
+def llava_config_file(tmp_path, config_file):
+    """A Llava config with a tiny Llama text model and a tiny CLIP vision tower."""
+    vision = CLIPVisionConfig(**TINY_VISION, image_size=32, patch_size=8)
+    config = LlavaConfig(text_config=config_file[1], vision_config=vision, image_token_index=255)
+    path = tmp_path / "llava.json"
     path.write_text(config.to_json_string())
     return path, config
 
@@ -240,6 +262,24 @@ def test_estimate_of_an_encoder_decoder_matches_the_engine_on_the_real_model(cap
     assert result["tokens_per_step"] == expected.tokens == 2 * 3 * 12  # encoder and decoder tokens
 
 
+@pytest.mark.parametrize("seq_len", [6, 11])
+def test_the_language_model_of_a_vision_language_config_is_planned_from_its_text_config(
+    capsys, tmp_path, llava_config_file, seq_len
+):
+    """What the vision-language error says to do works: the text_config alone is a config estimate plans."""
+    path, config = llava_config_file
+    text = tmp_path / "text_config.json"
+    text.write_text(json.dumps(json.loads(path.read_text())["text_config"]))
+    code, out, err = run_cli(
+        capsys, "estimate", "--config", str(text), "--seq-len", str(seq_len), "--batch-size", "2", "--json"
+    )
+    assert code == 0, err
+    ids = torch.zeros(2, seq_len, dtype=torch.long)
+    truth = reference_step_flops(LlamaForCausalLM(config.text_config), {"input_ids": ids}, eager_copy=True)
+    result = json.loads(out)
+    assert result["model_flops_per_step"] == result["hardware_flops_per_step"] == truth
+
+
 def test_estimate_plans_a_huge_step_from_its_sizes_without_allocating_it(capsys, config_file):
     """4096 rows of 1M tokens: a token batch would take 32 GiB; the plan takes none and no time."""
     path, config = config_file
@@ -284,7 +324,7 @@ def test_estimate_plans_a_huge_step_from_its_sizes_without_allocating_it(capsys,
 
 # -- bad input: one line naming the problem and the fix, exit code 2 -------------------------------
 @pytest.fixture
-def bad_files(tmp_path, config_file):
+def bad_files(tmp_path, config_file, llava_config_file):
     """Files a new user might hand the command line, by placeholder."""
     good = json.loads(config_file[0].read_text())
     files = {
@@ -294,7 +334,9 @@ def bad_files(tmp_path, config_file):
         "{zero_heads}": tmp_path / "zero_heads.json",
         "{negative_width}": tmp_path / "negative_width.json",
         "{negative_layers}": tmp_path / "negative_layers.json",
-        "{llava}": tmp_path / "llava.json",
+        "{llava}": llava_config_file[0],
+        "{vit}": tmp_path / "vit.json",
+        "{unknown_text_type}": tmp_path / "unknown_text_type.json",
         "{unknown_type}": tmp_path / "unknown_type.json",
         "{metrics}": tmp_path / "metrics.csv",
         "{empty_csv}": tmp_path / "empty" / "metrics.csv",
@@ -315,7 +357,10 @@ def bad_files(tmp_path, config_file):
     files["{zero_heads}"].write_text(json.dumps({**good, "num_attention_heads": 0}))
     files["{negative_width}"].write_text(json.dumps({**good, "hidden_size": -8}))
     files["{negative_layers}"].write_text(json.dumps({**good, "num_hidden_layers": -1}))
-    files["{llava}"].write_text(LlavaConfig().to_json_string())
+    llava = json.loads(llava_config_file[0].read_text())
+    llava["text_config"]["model_type"] = "not-a-model"
+    files["{unknown_text_type}"].write_text(json.dumps(llava))
+    files["{vit}"].write_text(ViTConfig(**TINY_VISION, image_size=32, patch_size=8).to_json_string())
     files["{unknown_type}"].write_text(json.dumps({**good, "model_type": "not-a-model"}))
     files["{metrics}"].write_text("step,train/mfu,train/loss\n1,0.4,2.0\n2,0.41,1.9\n")
     files["{empty_csv}"].write_text("")
@@ -351,11 +396,19 @@ BAD_INPUTS = {
     ),
     "config-vision-language": (
         estimate(config="{llava}"),
-        ["LlavaConfig", "mfu_callbacks.estimate_step_flops"],
+        ["LlavaConfig ('llava')", "vision-language model", "save the config's 'text_config'"],
+    ),
+    "config-needs-pixel-inputs": (
+        estimate(config="{vit}"),
+        ["ViTConfig ('vit')", "takes pixel_values", "mfu_callbacks.estimate_step_flops"],
     ),
     "config-unknown-model-type": (
         estimate(config="{unknown_type}"),
         ["'not-a-model' is not one that transformers", "upgrade transformers"],
+    ),
+    "config-unknown-sub-config-type": (
+        estimate(config="{unknown_text_type}"),
+        ["text_config.model_type 'not-a-model' is not one that transformers", "upgrade transformers"],
     ),
     "config-is-a-folder": (estimate(config="{folder}"), ["is a folder", "config.json"]),
     # estimate: the sizes

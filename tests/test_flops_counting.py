@@ -32,18 +32,24 @@ def batches(length: int) -> list[tuple[bool, dict[str, torch.Tensor]]]:
     mask = torch.ones(4, length, dtype=torch.int64, device="meta")
     positions = torch.zeros(4, length, dtype=torch.int64, device="meta")
     labels = torch.zeros(4, length // 2, dtype=torch.int64, device="meta")
+    boundaries = torch.zeros(5, dtype=torch.int32, device="meta")
     return [
         (False, {"input_ids": ids}),
         (False, {"input_ids": ids, "attention_mask": mask}),
         (False, {"input_ids": ids, "position_ids": positions}),
+        (False, {"input_ids": ids, "position_ids": positions, "cu_seq_lens_q": boundaries}),
         (True, {"input_ids": ids, "attention_mask": mask, "labels": labels}),
     ]
 
 
+@pytest.mark.parametrize("pad_token_id", [None, 0])  # a pad id makes packed rows look for trailing pads
 @pytest.mark.parametrize("length", [9, 16])
-def test_counting_new_and_repeated_shapes_never_reads_the_device(length: int) -> None:
+def test_counting_new_and_repeated_shapes_never_reads_the_device(
+    length: int, pad_token_id: int | None
+) -> None:
     counters = {
-        flag: TokenCounting(encoder_decoder=flag, attention_per_document=False) for flag in (False, True)
+        flag: TokenCounting(encoder_decoder=flag, attention_per_document=False, pad_token_id=pad_token_id)
+        for flag in (False, True)
     }
     for _ in range(2):  # the first count of a shape builds its layout, the second reuses it
         for encoder_decoder, batch in batches(length):

@@ -8,20 +8,26 @@ two sequence lengths with one engine, built from a batch of a third shape.
 from __future__ import annotations
 
 import pytest
+import torch
 import transformers
 from conftest import (
     LENGTHS,
     VOCAB,
+    assert_flops,
     check_engine,
     full_batch,
     make_eager,
+    model_truth,
     one_per_family,
     packed_batch,
     padded_batch,
+    step_truth,
 )
 from peft import LoraConfig, get_peft_model
 
 from mfu_callbacks.flops import FlopEngine
+from mfu_callbacks.flops.features import HARDWARE, MODEL, Feature
+from mfu_callbacks.flops.tokens import TokenCounting
 
 _IDS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
 _SMALL = {
@@ -138,3 +144,62 @@ def test_sdpa_and_eager_models_give_the_same_engine(name: str) -> None:
     from_eager = FlopEngine.from_model(make_eager(model), batch).estimate(batch)
     assert model.config._attn_implementation == "eager"
     assert from_sdpa == from_eager
+
+
+def _trl_batches(length: int) -> tuple[dict, dict]:
+    """TRL's padding-free rows of the same documents (the last a genuine one-token document, not a pad)
+    without and with ``pad_to_multiple_of=8``."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    ids = torch.randint(3, VOCAB, (length + 1,), generator=torch.Generator().manual_seed(length)).tolist()
+    examples = [
+        {"input_ids": ids[: length - 4]},
+        {"input_ids": ids[length - 4 : length]},
+        {"input_ids": ids[-1:]},
+    ]
+    collate = {
+        multiple: DataCollatorForLanguageModeling(
+            pad_token_id=0, padding_free=True, pad_to_multiple_of=multiple
+        )
+        for multiple in (None, 8)
+    }
+    return collate[None](examples), collate[8](examples)
+
+
+def _model_inputs(batch: dict) -> dict:
+    return {key: batch[key] for key in ("input_ids", "position_ids", "labels")}
+
+
+@pytest.mark.parametrize("length", LENGTHS)
+def test_trl_padding_free_pads_are_padding(length: int) -> None:
+    """TRL's pad_to_multiple_of adds pad tokens that look like one-token documents: they are padding."""
+    unpadded, padded = _trl_batches(length)
+    pads = padded["input_ids"].shape[1] - (length + 1)
+    assert pads > 0 and padded["cu_seq_lens_q"].numel() == 4 + pads  # each pad is a document to the kernels
+    model = build("llama")
+    engine = FlopEngine.from_model(model, _trl_batches(9)[1])
+    step = engine.estimate(padded)
+    assert (step.tokens, step.padded_tokens) == (length + 1, length + 1 + pads)
+    assert step.padding_fraction == pytest.approx(pads / (length + 1 + pads))
+    make_eager(model)
+    assert_flops(step.model_flops, model_truth(model, _model_inputs(unpadded)), "model FLOPs")
+    assert_flops(step.hardware_flops, step_truth(model, _model_inputs(padded)), "hardware FLOPs")
+
+
+@pytest.mark.parametrize("per_document", [True, False])
+@pytest.mark.parametrize("length", LENGTHS)
+def test_trl_padding_free_features(length: int, per_document: bool) -> None:
+    """The same documents' features, plus the pads in the hardware row only (squares of 1 each under a
+    per-document kernel such as flash attention, the whole row's square otherwise)."""
+    unpadded, padded = _trl_batches(length)
+    width = padded["input_ids"].shape[1]
+    pads = width - (length + 1)
+    counting = TokenCounting(encoder_decoder=False, attention_per_document=per_document, pad_token_id=0)
+    plain, counted = counting.count(unpadded), counting.count(padded)
+    expected = plain.clone()
+    expected[HARDWARE, Feature.TOKENS] += pads
+    expected[HARDWARE, Feature.SQUARES] = (
+        plain[HARDWARE, Feature.SQUARES] + pads if per_document else width**2
+    )
+    assert torch.equal(counted, expected)
+    assert counted[MODEL, Feature.SQUARES] == (length - 4) ** 2 + 4**2 + 1  # the one-token document is real

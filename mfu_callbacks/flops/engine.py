@@ -167,6 +167,15 @@ def _is_encoder_decoder(model: nn.Module) -> bool:
     return any(getattr(config, "is_encoder_decoder", False) for config in _configs(model))
 
 
+def _pad_token_id(model: nn.Module) -> int | None:
+    """The pad id the model's config names (TRL's SFTTrainer copies the tokenizer's onto it)."""
+    for config in _configs(model):
+        pad = getattr(config, "pad_token_id", None)
+        if isinstance(pad, int):
+            return pad
+    return None
+
+
 def _use_eager_kernels(replica: nn.Module) -> None:
     """Eager attention and experts on the replica: every matmul is then visible to the trace."""
     for config in _configs(replica):
@@ -327,6 +336,7 @@ def token_counting(model: nn.Module, token_counter: TokenCounter | None = None) 
         encoder_decoder=_is_encoder_decoder(base),
         attention_per_document="flash" in _attention_implementation(base),
         token_counter=token_counter,
+        pad_token_id=_pad_token_id(base),
     )
 
 

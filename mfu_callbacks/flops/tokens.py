@@ -3,6 +3,8 @@
 Lengths come from the attention mask; packed rows (restarting ``position_ids``, or ``cu_seq_lens``
 from Hugging Face's flattening collator) count attention per document: the sum of l**2 over
 documents equals the sum over real tokens of (2 * position + 1), which needs no host round trip.
+TRL's padding-free collator with ``pad_to_multiple_of`` ends a flattened row with pad tokens that
+each look like a one-token document (position 0); they count as padding (see ``_trailing_pads``).
 All arithmetic on the batch's tensors stays on their device.
 """
 
@@ -50,12 +52,30 @@ def _first_tensor(value: Any) -> torch.Tensor | None:
     return None
 
 
+def _trailing_pads(
+    ids: torch.Tensor, positions: torch.Tensor | None, pad_token_id: int | None
+) -> torch.Tensor | int:
+    """Pad tokens at the end of packed rows: the trailing run of tokens at position 0 holding the pad id.
+
+    TRL's ``DataCollatorForLanguageModeling(padding_free=True, pad_to_multiple_of=N)`` flattens the
+    documents into one row and right-pads it with the pad id at position 0 (labels -100), so each pad
+    token is a one-token document to the attention kernels. A genuine one-token document ends the row
+    at position 0 too, so the pad id tells them apart: only a last document made of the pad token
+    itself is taken for padding. Without a pad id nothing is.
+    """
+    if pad_token_id is None or positions is None or ids.is_floating_point() or positions.shape != ids.shape:
+        return 0
+    pads = (ids == pad_token_id) & (positions == 0)
+    return pads.flip(-1).cumprod(-1).sum()  # per row, the run of pads counted back from the end
+
+
 def _stream(
     ids: torch.Tensor,
     mask: torch.Tensor | None,
     positions: torch.Tensor | None,
     cu_seqlens: torch.Tensor | None,
     attention_per_document: bool,
+    pad_token_id: int | None = None,
 ) -> _Stream:
     rows, length = ids.shape[0], ids.shape[1]
     if rows <= 0 or length <= 0:
@@ -67,8 +87,14 @@ def _stream(
     if cu_seqlens is not None:  # flattened documents: one row, boundaries given
         documents = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
         squares = (documents * documents).sum()
+        pads = _trailing_pads(ids, positions, pad_token_id)  # one-token documents: a square of 1 each
         return _Stream(
-            rows, length, documents.sum(), squares, squares if attention_per_document else full_squares, None
+            rows,
+            length,
+            documents.sum() - pads,
+            squares - pads,
+            squares if attention_per_document else full_squares,
+            None,
         )
     if mask is not None:
         if mask.dim() != 2:  # a prepared 4-D mask: nothing to read lengths from
@@ -78,10 +104,15 @@ def _stream(
         moments = (lengths.unsqueeze(0) ** _exponents(lengths.device)).sum(dim=1)
         return _Stream(rows, length, moments[0], moments[1], full_squares, lengths)
     if positions is not None:  # packed rows: positions restart at 0 for each document
-        positions = positions.reshape(-1, positions.shape[-1]).long()
-        squares = (2 * positions + 1).sum()
+        pads = _trailing_pads(ids, positions, pad_token_id)  # position 0: a square of 1 each
+        squares = (2 * positions.reshape(-1, positions.shape[-1]).long() + 1).sum()
         return _Stream(
-            rows, length, rows * length, squares, squares if attention_per_document else full_squares, None
+            rows,
+            length,
+            rows * length - pads,
+            squares - pads,
+            squares if attention_per_document else full_squares,
+            None,
         )
     return _Stream(rows, length, rows * length, full_squares, full_squares, None)
 
@@ -103,10 +134,12 @@ class TokenCounting:
         encoder_decoder: bool,
         attention_per_document: bool,
         token_counter: TokenCounter | None = None,
+        pad_token_id: int | None = None,
     ) -> None:
         self.encoder_decoder = encoder_decoder
         self.attention_per_document = attention_per_document
         self.token_counter = token_counter
+        self.pad_token_id = pad_token_id  # tells padding from a one-token document in packed rows
         self._layouts: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def streams(self, batch: Any) -> tuple[_Stream | None, _Stream | None, int, torch.device]:
@@ -125,6 +158,7 @@ class TokenCounting:
                     _lookup(view, ("position_ids",)),
                     _lookup(view, PACKED_KEYS),
                     self.attention_per_document,
+                    self.pad_token_id,
                 )
             if decoder_ids is not None:
                 decoder_mask = _lookup(view, ("decoder_attention_mask",))
