@@ -9,7 +9,14 @@ from __future__ import annotations
 
 from ._options import MFUOptions
 from .diagnostics import Diagnosis
-from .flops import BatchError, FlopEngine, ModelIntrospectionError, StepFlops, estimate_step_flops
+from .flops import (
+    BatchError,
+    FlopEngine,
+    ModelIntrospectionError,
+    StepFlops,
+    declare_flops,
+    estimate_step_flops,
+)
 from .hardware import peak_flops
 from .meter import MFUMeter
 
@@ -24,6 +31,7 @@ __all__ = [
     "ModelIntrospectionError",
     "StepFlops",
     "__version__",
+    "declare_flops",
     "estimate_step_flops",
     "peak_flops",
 ]

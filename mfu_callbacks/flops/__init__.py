@@ -6,6 +6,7 @@ from typing import Any
 
 from torch import nn
 
+from .declared import declare_flops
 from .engine import FlopEngine, Forward, ModelIntrospectionError
 from .step_flops import StepFlops
 from .tokens import BatchError, TokenCounter
@@ -29,5 +30,6 @@ __all__ = [
     "ModelIntrospectionError",
     "StepFlops",
     "TokenCounter",
+    "declare_flops",
     "estimate_step_flops",
 ]

@@ -193,14 +193,19 @@ def _probe_hooks(replica: Replica, current: list[MatmulRecorder], *, meta_autoca
         path = replica.names.get(id(module), "")
         multiplicity = replica.multiplicity.get(id(module), 1)
         class_name = type(module).__name__
+        declaration = replica.declarations.get(id(module))
 
-        def enter(mod, args, _path=path, _name=class_name, _mult=multiplicity):
+        def enter(mod, args, kwargs, _path=path, _name=class_name, _mult=multiplicity, _declared=declaration):
             current[0].enter(_path, _name, _mult)
+            if _declared is not None:
+                current[0].enter_declared(_declared.component, *_declared.flops_of_call(mod, args, kwargs))
 
-        def leave(mod, args, output):
+        def leave(mod, args, output, _declared=declaration):
+            if _declared is not None:
+                current[0].exit_declared(output)
             current[0].exit()
 
-        handles.append(module.register_forward_pre_hook(enter))
+        handles.append(module.register_forward_pre_hook(enter, with_kwargs=True))
         handles.append(module.register_forward_hook(leave, always_call=True))
 
     try:
@@ -374,7 +379,8 @@ def _trace(
 ) -> tuple[list[dict[str, ComponentFlops]], Replica, list[str]]:
     replica = build_replica(model, fold=fold)
     _use_eager_kernels(replica.module)
-    current: list[MatmulRecorder] = [MatmulRecorder(replica.parameter_ids)]
+    owners = replica.parameter_owners()
+    current: list[MatmulRecorder] = [MatmulRecorder(replica.parameter_ids, owners)]
     substituted = install_substitutes(replica.module, _CurrentRecorder(current))
 
     def run_probes(meta_autocast: bool) -> list[dict[str, ComponentFlops]]:
@@ -385,7 +391,7 @@ def _trace(
             torch.enable_grad(),
         ):
             for rows, main, decoder in shapes:
-                recorder = MatmulRecorder(replica.parameter_ids)
+                recorder = MatmulRecorder(replica.parameter_ids, owners)
                 current[0] = recorder
                 with recorder:
                     result = run(replica.module, probes.make(rows, main, decoder))
@@ -465,6 +471,8 @@ def _describe(
 ) -> str:
     folded = f"; repeated layers traced once: {', '.join(replica.folded)}" if replica.folded else ""
     analytic = f"; counted from shapes: {', '.join(substituted)}" if substituted else ""
+    declared = [replica.names.get(i, "") or type(base).__name__ for i in replica.declarations]
+    analytic += f"; FLOPs declared: {', '.join(declared)}" if declared else ""
     scores = (
         " (attention scores from head dimensions x squared lengths)"
         if ATTENTION_SCORES in coefficients

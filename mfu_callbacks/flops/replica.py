@@ -32,6 +32,7 @@ from .._torch_internals import (
     fsdp1_inner_module,
     module_hook_dicts,
 )
+from .declared import Declaration, declared
 from .unwrap import unwrap_model
 
 # Hooks from these packages move data between devices or ranks (or measure, like ours); on a replica they must not run.
@@ -76,6 +77,16 @@ class Replica:
     multiplicity: dict[int, int]  # id(replica block) -> how many identical blocks it stands for
     parameter_ids: set[int]
     folded: list[str] = field(default_factory=list)
+    declarations: dict[int, Declaration] = field(default_factory=dict)  # id(replica submodule) -> its FLOPs
+
+    def parameter_owners(self) -> dict[int, tuple[str, ...]]:
+        """id(replica parameter) -> the paths of the modules holding it (two for tied weights)."""
+        owners: dict[int, tuple[str, ...]] = {}
+        for module in self.module.modules():
+            path = self.names.get(id(module), "")
+            for parameter in module.parameters(recurse=False):
+                owners[id(parameter)] = (*owners.get(id(parameter), ()), path)
+        return owners
 
 
 def logical_shape(tensor: torch.Tensor) -> torch.Size:
@@ -112,7 +123,7 @@ def _tensors_to_meta(root: object, memo: dict[int, object]) -> None:
 
 def _block_signature(block: nn.Module) -> tuple:
     """Everything about a block that can change its FLOPs, and nothing that only names its position."""
-    modules = tuple((name, type(m).__name__, m.training) for name, m in block.named_modules())
+    modules = tuple((name, type(m).__name__, m.training, declared(m)) for name, m in block.named_modules())
     parameters = tuple(
         (n, tuple(logical_shape(p)), p.dtype, p.requires_grad) for n, p in block.named_parameters()
     )
@@ -250,14 +261,20 @@ def build_replica(model: nn.Module, *, fold: bool = True) -> Replica:
 
     names: dict[int, str] = {}
     folded_multiplicity: dict[int, int] = {}
+    declarations: dict[int, Declaration] = {}
     for name, original in model.named_modules(remove_duplicate=False):
         if id(original) in dropped or id(original) not in memo:
             continue
         copied = model if original is model else memo[id(original)]
         copied = replica if original is model else copied
         names.setdefault(id(copied), name)
+        declaration = declared(original)  # an instance declaration names the user's module, not its copy
+        if declaration is None and isinstance(copied, nn.Module):
+            declaration = declared(copied)  # copied as its plain class (FSDP2's wrapper class dropped)
+        if declaration is not None:
+            declarations[id(copied)] = declaration
         if id(original) in multiplicity and multiplicity[id(original)] > 1:
             folded_multiplicity[id(copied)] = multiplicity[id(original)]
     folded = [f"{names[i]} x{n}" for i, n in folded_multiplicity.items()]
     parameter_ids = {id(p) for p in replica.parameters()}
-    return Replica(replica, names, folded_multiplicity, parameter_ids, folded)
+    return Replica(replica, names, folded_multiplicity, parameter_ids, folded, declarations)

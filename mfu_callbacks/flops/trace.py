@@ -22,7 +22,7 @@ import torch
 from torch.utils.flop_counter import flop_registry
 
 from .._torch_internals import CONVOLUTION_KERNEL, FUSED_ATTENTION, READ_SCALAR, TorchDispatchMode, view_base
-from .components import classify
+from .components import classify, component_of_parameter
 
 aten = torch.ops.aten
 
@@ -58,14 +58,19 @@ class MatmulRecorder(TorchDispatchMode):
     """Sums matmul FLOPs per component while a replica runs forward.
 
     Modules of the replica report entry and exit through hooks (``enter``/``exit``) so that each
-    op is attributed to the innermost module; a module's multiplicity scales ops inside a module
-    that stands for several identical ones. ``finish`` turns the record into per-component totals.
+    op is attributed to the innermost module, or to the module owning a parameter it multiplies by
+    when that is not the innermost one (``owners``: parameter id -> paths of the modules holding it);
+    a module's multiplicity scales ops inside a module that stands for several identical ones.
+    Inside a module with declared FLOPs (``enter_declared``) no op is recorded: the declaration is.
+    ``finish`` turns the record into per-component totals.
     """
 
-    def __init__(self, parameter_ids: set[int]) -> None:
+    def __init__(self, parameter_ids: set[int], owners: Mapping[int, tuple[str, ...]] | None = None) -> None:
         super().__init__()
         self._parameter_ids = parameter_ids
+        self._owners = owners or {}
         self._stack: list[tuple[str, str, int]] = []  # (path, class name, multiplicity)
+        self._declared: list[tuple[str | None, float, float] | None] = []  # open declared modules
         self._regions: list[list[_Matmul | None]] = []  # open checkpoint regions, innermost last
         self._matmuls: list[_Matmul] = []
         self._recompute: dict[str, float] = defaultdict(float)
@@ -84,9 +89,34 @@ class MatmulRecorder(TorchDispatchMode):
             weight *= multiplicity
         return weight
 
-    def _component(self, activation_matmul: bool) -> str:
+    def _component(self, activation_matmul: bool, operands: tuple[object, ...] = ()) -> str:
         path = self._stack[-1][0] if self._stack else ""
+        for operand in operands:
+            owners = self._owners_of(operand)
+            if owners and path not in owners:  # e.g. a fused loss multiplying by lm_head.weight itself
+                return component_of_parameter(owners[0])
         return classify(path, [name for _, name, _ in self._stack], activation_matmul=activation_matmul)
+
+    def _owners_of(self, tensor: object) -> tuple[str, ...]:
+        if not isinstance(tensor, torch.Tensor):
+            return ()
+        return self._owners.get(id(view_base(tensor))) or self._owners.get(id(tensor)) or ()
+
+    # -- declared FLOPs (declared.py) -------------------------------------------------------------
+    def enter_declared(self, component: str | None, forward: float, backward: float) -> None:
+        """A module with declared FLOPs starts (after ``enter``); inside a declared one, it adds nothing."""
+        self._declared.append(None if self._declared else (component, forward, backward))
+
+    def exit_declared(self, output: Any) -> None:
+        """It returned ``output`` (before ``exit``): record its declared FLOPs, scaled by the multiplicity."""
+        entry = self._declared.pop() if self._declared else None  # None: its flops function raised
+        if entry is None:
+            return
+        component, forward, backward = entry
+        tensors = list(_tensors(output))
+        reaching = next((t for t in tensors if t.grad_fn is not None), tensors[0] if tensors else None)
+        weight = self._weight
+        self.record(component or self._component(False), forward * weight, backward * weight, reaching)
 
     # -- activation checkpointing ---------------------------------------------------------------
     def checkpoint_reentrant(self, function: Callable, *args):
@@ -156,6 +186,8 @@ class MatmulRecorder(TorchDispatchMode):
         self, forward: float, operands_requiring_grad: int, output: torch.Tensor | None
     ) -> None:
         """For analytic substitutes: a matmul of the current module, counted from its shapes."""
+        if self._declared:
+            return
         weight = self._weight
         self.record(
             self._component(False), forward * weight, forward * operands_requiring_grad * weight, output
@@ -186,6 +218,8 @@ class MatmulRecorder(TorchDispatchMode):
             # never the matmuls; the replica takes the False branch. Other reads still fail.
             return False
         out = func(*args, **kwargs)
+        if self._declared:
+            return out
         if func in _OPERANDS:
             first, second = (args[i] for i in _OPERANDS[func])
             if func in _CONVOLUTIONS:
@@ -197,7 +231,8 @@ class MatmulRecorder(TorchDispatchMode):
                 grads = sum(bool(getattr(t, "requires_grad", False)) for t in (first, second))
             activation = not (self._is_parameter(first) or self._is_parameter(second))
             weight = self._weight
-            self.record(self._component(activation), forward * weight, forward * grads * weight, out)
+            component = self._component(activation, (first, second))
+            self.record(component, forward * weight, forward * grads * weight, out)
         elif func in FUSED_ATTENTION:
             query, key, value = args[:3]
             forward = _attention_flops(query, key, value)
