@@ -32,7 +32,9 @@ from mfu_callbacks.flops import FlopEngine
 
 
 def lora() -> nn.Module:
-    return get_peft_model(build_decoder("llama"), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    return get_peft_model(
+        build_decoder("llama"), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    )
 
 
 def qlora() -> nn.Module:

@@ -69,7 +69,8 @@ class ComponentCoefficients:
     forced: list[float]
 
 
-_PARTS = ("forward", "backward", "recompute", "forced")  # the fields of ComponentFlops and ComponentCoefficients
+# The fields of ComponentFlops and ComponentCoefficients, in the order the fit solves them.
+_PARTS = ("forward", "backward", "recompute", "forced")
 
 
 def _design_row(rows: int, main: int, decoder: int) -> list[float]:
@@ -214,7 +215,9 @@ class FlopEngine:
         }
         self._model = [sum(values) for values in zip(*self.components.values())] or [0.0] * NUM_FEATURES
         # Hardware FLOPs add what runs beyond the model's needs: the recompute and the forced input gradients.
-        extra = [sum(c.recompute[i] + c.forced[i] for c in coefficients.values()) for i in range(NUM_FEATURES)]
+        extra = [
+            sum(c.recompute[i] + c.forced[i] for c in coefficients.values()) for i in range(NUM_FEATURES)
+        ]
         self._hardware = [m + e for m, e in zip(self._model, extra)]
         self._has_tokens = any(self._model[i] or self._hardware[i] for i in (Feature.TOKENS, Feature.SQUARES))
 
@@ -372,11 +375,7 @@ def _fit(
     components = sorted({name for probe in totals for name in probe})
     targets = torch.tensor(
         [
-            [
-                getattr(probe.get(name, ComponentFlops()), part)
-                for name in components
-                for part in _PARTS
-            ]
+            [getattr(probe.get(name, ComponentFlops()), part) for name in components for part in _PARTS]
             for probe in totals
         ],
         dtype=torch.float64,

@@ -199,31 +199,37 @@ class MatmulRecorder(TorchDispatchMode):
         A tensor that requires a gradient only because a hook said so (``requires_grad_()`` on an
         activation: a leaf that is no parameter) does not count, nor does anything derived from it alone.
         """
-        if not _requires_grad(tensor):
+        if not isinstance(tensor, torch.Tensor) or not tensor.requires_grad:
             return False
-        assert isinstance(tensor, torch.Tensor)  # _requires_grad checked it
         if tensor.grad_fn is None:
             return self._is_parameter(tensor)
         return self._reaches_parameter(tensor.grad_fn)
 
     def _reaches_parameter(self, root: Any) -> bool:
-        """Walk the autograd graph below ``root`` (each node once per probe) to the leaves it accumulates into."""
+        """Depth first through the autograd graph below ``root`` to the leaves it accumulates into. Every
+        node on the path to a trainable parameter reaches it too; each node is decided once per probe."""
         memo = self._trains
-        stack = [root]
+        if root in memo:
+            return memo[root]
+        stack = [(root, iter(root.next_functions))]
         while stack:
-            node = stack[-1]
-            if node in memo:
+            node, children = stack[-1]
+            for child, _ in children:
+                if child is None:
+                    continue
+                known = memo.get(child)
+                if known is None and not child.next_functions:  # AccumulateGrad: the leaf it fills
+                    known = memo[child] = self._is_parameter(getattr(child, "variable", None))
+                if known is None:
+                    stack.append((child, iter(child.next_functions)))
+                    break
+                if known:
+                    memo.update((ancestor, True) for ancestor, _ in stack)
+                    return True
+            else:
+                memo[node] = False
                 stack.pop()
-                continue
-            children = [child for child, _ in node.next_functions if child is not None]
-            pending = [child for child in children if child not in memo]
-            if pending:
-                stack.extend(pending)
-                continue
-            stack.pop()
-            leaf = getattr(node, "variable", None)  # an AccumulateGrad node: the leaf it fills
-            memo[node] = self._is_parameter(leaf) if leaf is not None else any(memo[c] for c in children)
-        return memo[root]
+        return False
 
     def finish(self, result: Any) -> dict[str, ComponentFlops]:
         """Totals per component, given what the forward returned (the root of its backward)."""
@@ -261,16 +267,22 @@ class MatmulRecorder(TorchDispatchMode):
             activation = not (self._is_parameter(first) or self._is_parameter(second))
             weight = self._weight
             self.record(
-                self._component(activation), forward * weight, forward * needed * weight, out, forward * forced * weight
+                self._component(activation),
+                forward * weight,
+                forward * needed * weight,
+                out,
+                forward * forced * weight,
             )
         elif func in FUSED_ATTENTION:
             query, key, value = args[:3]
             forward = _attention_flops(query, key, value)
             grad = torch.is_grad_enabled()
-            needed = _attention_backward(forward, *(grad and self.trains(t) for t in (query, key, value)))
-            run = _attention_backward(forward, *(grad and _requires_grad(t) for t in (query, key, value)))
+            backward = _attention_backward(forward, *(grad and self.trains(t) for t in (query, key, value)))
+            runs = _attention_backward(forward, *(grad and _requires_grad(t) for t in (query, key, value)))
             weight = self._weight
-            self.record(self._component(True), forward * weight, needed * weight, out[0], (run - needed) * weight)
+            self.record(
+                self._component(True), forward * weight, backward * weight, out[0], (runs - backward) * weight
+            )
         return out
 
 
