@@ -4,7 +4,8 @@ The truth of a step is ``torch.utils.flop_counter.FlopCounterMode`` around forwa
 real model on CPU, with eager attention and eager MoE experts (the kernels it counts exactly, see
 the traps in the project's FACTS). Model FLOPs exclude padding and recompute, so their truth runs
 each real sequence (each row without its padding, each document of a packed row) alone with
-checkpointing off; hardware FLOPs are the batch as it runs.
+checkpointing off (and without the hook that forces an input gradient); hardware FLOPs are the
+batch as it runs.
 """
 
 from __future__ import annotations
@@ -192,6 +193,26 @@ def checkpointing_off(model: nn.Module) -> Iterator[None]:
             module.gradient_checkpointing = flag
 
 
+# The forward hook of ``enable_input_require_grads`` (transformers' name, then PEFT's): it makes the input
+# embeddings' output require a gradient that no trainable parameter asks for.
+_FORCED_GRADIENT_HOOKS = ("make_inputs_require_grads", "make_inputs_require_grad")
+
+
+@contextmanager
+def input_gradients_unforced(model: nn.Module) -> Iterator[None]:
+    """The same model without the hooks that make its input embeddings require a gradient."""
+    removed = []
+    for module in model.modules():
+        for key, hook in list(module._forward_hooks.items()):
+            if getattr(hook, "__name__", "") in _FORCED_GRADIENT_HOOKS:
+                removed.append((module, key, module._forward_hooks.pop(key)))
+    try:
+        yield
+    finally:
+        for module, key, hook in removed:
+            module._forward_hooks[key] = hook
+
+
 # -- fakes -----------------------------------------------------------------------------------------
 class FakeClock:
     """A host clock that moves only when told to (from 100 s: a duration is never a reading)."""
@@ -261,7 +282,8 @@ def step_truth(model: nn.Module, batch: Any, forward: Forward = keyword_forward)
 def model_truth(
     model: nn.Module, batch: Mapping[str, torch.Tensor], forward: Forward = keyword_forward
 ) -> int:
-    """Model FLOPs: every real sequence alone (a batch without padding as it is), no recompute."""
+    """Model FLOPs: every real sequence alone (a batch without padding as it is), no recompute, and no
+    input gradients that only a hook asks for."""
     masks = [batch.get("attention_mask"), batch.get("decoder_attention_mask")]
     labels = batch.get("labels")
     unpadded = (
@@ -270,7 +292,7 @@ def model_truth(
         and (labels is None or bool((labels != -100).all()))
     )
     encoder_decoder = any(getattr(config, "is_encoder_decoder", False) for config in configs_of(model))
-    with checkpointing_off(model):
+    with checkpointing_off(model), input_gradients_unforced(model):
         if unpadded:
             return step_truth(model, batch, forward)
         return sum(

@@ -72,14 +72,17 @@ def test_every_fused_attention_kernel_exists_and_is_counted_on_the_meta_device()
         getattr(torch.ops.aten, name) for name in internals.FUSED_ATTENTION_NAMES
     }
     batch, heads, length, dim = 2, 3, 5, 8
-    query = torch.empty(batch, heads, length, dim, device="meta", requires_grad=True)
-    recorder = MatmulRecorder(set())
-    with torch.enable_grad(), recorder:
-        output = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, query, query)
-    totals = recorder.finish(output[0])
+    query = nn.Parameter(torch.empty(batch, heads, length, dim, device="meta"))
     forward = 2 * batch * heads * length * length * (dim + dim)
-    assert sum(c.forward for c in totals.values()) == forward
-    assert sum(c.backward for c in totals.values()) == 2 * forward
+    # A trainable parameter's gradient is needed; a tensor merely made to require one is only run.
+    for parameter_ids, needed, forced in (({id(query)}, 2 * forward, 0), (set(), 0, 2 * forward)):
+        recorder = MatmulRecorder(parameter_ids)
+        with torch.enable_grad(), recorder:
+            output = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, query, query)
+        totals = recorder.finish(output[0])
+        assert sum(c.forward for c in totals.values()) == forward
+        assert sum(c.backward for c in totals.values()) == needed
+        assert sum(c.forced for c in totals.values()) == forced
 
 
 def test_view_base_is_the_parameter_a_transpose_was_taken_of():

@@ -41,6 +41,7 @@ def train(
     accumulation: int = 1,
     steps: int = 6,
     reporter: TrainerCallback | None = None,
+    gradient_checkpointing: bool = False,
 ):
     model = tiny_llama(lora=lora)
     args = TrainingArguments(
@@ -57,6 +58,7 @@ def train(
         seed=0,
         data_seed=0,
         dataloader_num_workers=0,
+        gradient_checkpointing=gradient_checkpointing,
     )
     callbacks = [c for c in (reporter, callback) if c is not None]
     trainer = Trainer(
@@ -93,6 +95,29 @@ def test_mfu_is_logged_with_the_loss_and_matches_an_independent_count(tmp_path, 
     # The reporting callback saw MFU in the same dict as the loss.
     reported = [r for r in reporter.records if "loss" in r and "mfu" in r]
     assert len(reported) == len(measured)
+
+
+def test_lora_with_gradient_checkpointing_logs_the_model_flops_of_the_run_without(tmp_path):
+    """The logged model FLOPs are those of the same run with checkpointing off (what the test above logs:
+    the truth of the model as built); the recompute and the input gradients that checkpointing's hook
+    forces show in HFU alone."""
+    trainer, model = train(
+        tmp_path,
+        callback=MFUCallback(peak_tflops=PEAK_TFLOPS, warmup_steps=1),
+        lora=True,
+        gradient_checkpointing=True,
+    )
+    rows = [row for row in trainer.state.log_history if "mfu" in row]
+    assert len(rows) >= 2, trainer.state.log_history
+    batch = collate([FixedLengthTokens(64)[i] for i in range(BATCH)])
+    without_checkpointing = step_truth(tiny_llama(lora=True), batch)
+    as_run = step_truth(model, batch)  # checkpointed, with the hook
+    assert as_run > without_checkpointing
+    for row in rows:
+        assert row["tflops_per_gpu"] * row["step_time"] * 1e12 == pytest.approx(
+            without_checkpointing, rel=1e-6
+        )
+        assert row["hfu"] / row["mfu"] == pytest.approx(as_run / without_checkpointing, rel=1e-6)
 
 
 def test_gradient_accumulation_counts_every_micro_batch(tmp_path, fake_meter):

@@ -66,11 +66,17 @@ class ModelIntrospectionError(RuntimeError):
 
 @dataclass
 class ComponentCoefficients:
-    """Forward, backward and recompute FLOPs of one component per unit of each feature (length NUM_FEATURES)."""
+    """Forward, backward, recompute and forced-backward FLOPs of one component per unit of each feature
+    (length NUM_FEATURES); the last two are hardware FLOPs only (see ``ComponentFlops``)."""
 
     forward: list[float]
     backward: list[float]
     recompute: list[float]
+    forced: list[float]
+
+
+# The fields of ComponentFlops and ComponentCoefficients, in the order the fit solves them.
+_PARTS = ("forward", "backward", "recompute", "forced")
 
 
 def _design_row(rows: int, main: int, decoder: int) -> list[float]:
@@ -228,10 +234,11 @@ class FlopEngine:
             name: [f + b for f, b in zip(c.forward, c.backward)] for name, c in coefficients.items()
         }
         self._model = [sum(values) for values in zip(*self.components.values())] or [0.0] * NUM_FEATURES
-        recompute = [sum(values) for values in zip(*(c.recompute for c in coefficients.values()))] or [
-            0.0
-        ] * NUM_FEATURES
-        self._hardware = [m + r for m, r in zip(self._model, recompute)]
+        # Hardware FLOPs add what runs beyond the model's needs: the recompute and the forced input gradients.
+        extra = [
+            sum(c.recompute[i] + c.forced[i] for c in coefficients.values()) for i in range(NUM_FEATURES)
+        ]
+        self._hardware = [m + e for m, e in zip(self._model, extra)]
         self._has_tokens = any(self._model[i] or self._hardware[i] for i in (Feature.TOKENS, Feature.SQUARES))
 
     # -- building -------------------------------------------------------------------------------
@@ -415,9 +422,12 @@ class _CurrentRecorder:
         self._current = current
 
     def record_module_matmul(
-        self, forward: float, operands_requiring_grad: int, output: torch.Tensor | None
+        self, forward: float, operands_requiring_grad: int, output: torch.Tensor | None, forced: int = 0
     ) -> None:
-        self._current[0].record_module_matmul(forward, operands_requiring_grad, output)
+        self._current[0].record_module_matmul(forward, operands_requiring_grad, output, forced)
+
+    def backward_products(self, *operands: Sequence[torch.Tensor]) -> tuple[int, int]:
+        return self._current[0].backward_products(*operands)
 
     def note_saved(self) -> None:
         self._current[0].note_saved()
@@ -433,11 +443,7 @@ def _fit(
     components = sorted({name for probe in totals for name in probe})
     targets = torch.tensor(
         [
-            [
-                getattr(probe.get(name, ComponentFlops()), part)
-                for name in components
-                for part in ("forward", "backward", "recompute")
-            ]
+            [getattr(probe.get(name, ComponentFlops()), part) for name in components for part in _PARTS]
             for probe in totals
         ],
         dtype=torch.float64,
@@ -455,10 +461,10 @@ def _fit(
     coefficients: dict[str, ComponentCoefficients] = {}
     for index, name in enumerate(components):
         parts = []
-        for offset in range(3):
+        for offset in range(len(_PARTS)):
             full = [0.0] * NUM_FEATURES
             for column, feature in enumerate(active):
-                value = solution[column, 3 * index + offset].item()
+                value = solution[column, len(_PARTS) * index + offset].item()
                 full[feature] = 0.0 if abs(value) < 1e-9 * scale else value
             parts.append(full)
         if any(any(p) for p in parts):

@@ -9,7 +9,7 @@ they do, from their shapes, and returns an output of the right shape.
 from __future__ import annotations
 
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import torch
@@ -23,8 +23,10 @@ class Recorder(Protocol):
     """What the substitutes record into: a ``MatmulRecorder``, or one that passes on to the current one."""
 
     def record_module_matmul(
-        self, forward: float, operands_requiring_grad: int, output: torch.Tensor | None
+        self, forward: float, operands_requiring_grad: int, output: torch.Tensor | None, forced: int = 0
     ) -> None: ...
+
+    def backward_products(self, *operands: Sequence[torch.Tensor]) -> tuple[int, int]: ...
 
     def note_saved(self) -> None: ...
 
@@ -73,7 +75,6 @@ def _experts_forward(recorder: Recorder, names: list[str]) -> Callable:
         **kwargs,
     ):
         routed_tokens = top_k_index.numel()  # every token goes to exactly top_k experts
-        grad = torch.is_grad_enabled()
         # Read by attribute: a weight that PEFT's target_parameters wraps in a parametrization
         # (base weight + LoRA delta) is computed here, as in the real forward.
         weights = {name: getattr(self, name) for name in names}
@@ -81,16 +82,15 @@ def _experts_forward(recorder: Recorder, names: list[str]) -> Callable:
         second = {name: w for name, w in weights.items() if name not in first}
         inputs = [t for t in (hidden_states, top_k_weights, *weights.values()) if isinstance(t, torch.Tensor)]
         output = _Opaque.apply(hidden_states.shape, hidden_states, *inputs)
-        input_grad = grad and hidden_states.requires_grad
         for weight in first.values():
             flops = 2.0 * routed_tokens * weight.shape[1] * weight.shape[2]
-            recorder.record_module_matmul(flops, int(input_grad) + int(grad and weight.requires_grad), output)
-        intermediate_grad = input_grad or (grad and any(w.requires_grad for w in first.values()))
+            needed, forced = recorder.backward_products([hidden_states], [weight])
+            recorder.record_module_matmul(flops, needed, output, forced)
+        intermediate = [hidden_states, *first.values()]  # what the second stage's input derives from
         for weight in second.values():
             flops = 2.0 * routed_tokens * weight.shape[1] * weight.shape[2]
-            recorder.record_module_matmul(
-                flops, int(intermediate_grad) + int(grad and weight.requires_grad), output
-            )
+            needed, forced = recorder.backward_products(intermediate, [weight])
+            recorder.record_module_matmul(flops, needed, output, forced)
         if (
             output.requires_grad
         ):  # the real experts save tensors after their last matmul (routing-weight product)
@@ -107,10 +107,11 @@ def _quantized_linear_forward(recorder: Recorder) -> Callable:
         bias = getattr(self, "bias", None)
         inputs = [t for t in (x, bias) if isinstance(t, torch.Tensor)]
         output = _Opaque.apply(torch.Size((*x.shape[:-1], self.out_features)), x, *inputs)
-        # A quantized base weight never trains; its input gradient is needed if the input requires
-        # one. bitsandbytes keeps what its backward needs on ctx, not through autograd's saved
-        # tensors, so a checkpoint's early stop never waits for it: no save is noted.
-        recorder.record_module_matmul(flops, int(x.requires_grad and torch.is_grad_enabled()), output)
+        # A quantized base weight never trains: only the input gradient can run. bitsandbytes keeps
+        # what its backward needs on ctx, not through autograd's saved tensors, so a checkpoint's
+        # early stop never waits for it: no save is noted.
+        needed, forced = recorder.backward_products([x])
+        recorder.record_module_matmul(flops, needed, output, forced)
         return output
 
     return forward

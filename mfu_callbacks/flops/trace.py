@@ -8,12 +8,19 @@ the weight trains), each as costly as the forward, provided its output reaches w
 returns (autograd never runs the backward of a result that was thrown away, e.g. the trial
 evaluation of a parametrization at registration). That is exactly what autograd will run, so
 no backward pass is executed here.
+
+An operand can require a gradient that the model does not need: PEFT's and transformers'
+``enable_input_require_grads`` (switched on with gradient checkpointing) make the input embeddings'
+output require one, so every first-layer input gradient runs although no trainable parameter lies
+upstream. Model FLOPs count a backward product only where its operand derives from a trainable
+parameter; the products that run only because of such a tensor are counted apart (``forced``), as
+hardware FLOPs.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -39,11 +46,13 @@ _OPERANDS: dict[object, tuple[int, int]] = {
 
 @dataclass
 class ComponentFlops:
-    """Forward, backward and recompute FLOPs of one component in one probe."""
+    """Forward, backward and recompute FLOPs of one component in one probe, and the backward products
+    that run only because a tensor was made to require a gradient the model does not need."""
 
     forward: float = 0.0
     backward: float = 0.0
     recompute: float = 0.0
+    forced: float = 0.0
 
 
 @dataclass
@@ -52,6 +61,7 @@ class _Matmul:
     forward: float
     backward: float  # its backward products, run if its output reaches the forward's result
     output: torch.Tensor | None
+    forced: float = 0.0  # backward products that run (as above) although the model needs no such gradient
 
 
 class MatmulRecorder(TorchDispatchMode):
@@ -74,6 +84,7 @@ class MatmulRecorder(TorchDispatchMode):
         self._regions: list[list[_Matmul | None]] = []  # open checkpoint regions, innermost last
         self._matmuls: list[_Matmul] = []
         self._recompute: dict[str, float] = defaultdict(float)
+        self._trains: dict[Any, bool] = {}  # autograd node -> whether a trainable parameter lies upstream
 
     # -- module stack -------------------------------------------------------------------------
     def enter(self, path: str, class_name: str, multiplicity: int) -> None:
@@ -175,23 +186,82 @@ class MatmulRecorder(TorchDispatchMode):
             self._regions[-1].append(None)
 
     # -- recording -------------------------------------------------------------------------------
-    def record(self, component: str, forward: float, backward: float, output: torch.Tensor | None) -> None:
+    def record(
+        self,
+        component: str,
+        forward: float,
+        backward: float,
+        output: torch.Tensor | None,
+        forced: float = 0.0,
+    ) -> None:
         """Add one matmul's FLOPs (already scaled by the module multiplicity) and the tensor it made."""
-        matmul = _Matmul(component, forward, backward, output)
+        matmul = _Matmul(component, forward, backward, output, forced)
         self._matmuls.append(matmul)
         if self._regions:
             self._regions[-1].append(matmul)
 
     def record_module_matmul(
-        self, forward: float, operands_requiring_grad: int, output: torch.Tensor | None
+        self, forward: float, operands_requiring_grad: int, output: torch.Tensor | None, forced: int = 0
     ) -> None:
-        """For analytic substitutes: a matmul of the current module, counted from its shapes."""
+        """For analytic substitutes: a matmul of the current module, counted from its shapes, with the
+        backward products the model needs and those forced on it (see ``backward_products``)."""
         if self._declared:
             return
         weight = self._weight
         self.record(
-            self._component(False), forward * weight, forward * operands_requiring_grad * weight, output
+            self._component(False),
+            forward * weight,
+            forward * operands_requiring_grad * weight,
+            output,
+            forward * forced * weight,
         )
+
+    def backward_products(self, *operands: Sequence[torch.Tensor]) -> tuple[int, int]:
+        """Of a matmul whose operands derive from the given tensors (one sequence per operand): how
+        many gradient products the model needs, and how many more run only because a gradient was forced."""
+        if not torch.is_grad_enabled():
+            return 0, 0
+        needed = sum(any(self.trains(t) for t in sources) for sources in operands)
+        run = sum(any(_requires_grad(t) for t in sources) for sources in operands)
+        return needed, run - needed
+
+    def trains(self, tensor: object) -> bool:
+        """Whether the model needs this tensor's gradient: a trainable parameter lies upstream of it.
+
+        A tensor that requires a gradient only because a hook said so (``requires_grad_()`` on an
+        activation: a leaf that is no parameter) does not count, nor does anything derived from it alone.
+        """
+        if not isinstance(tensor, torch.Tensor) or not tensor.requires_grad:
+            return False
+        if tensor.grad_fn is None:
+            return self._is_parameter(tensor)
+        return self._reaches_parameter(tensor.grad_fn)
+
+    def _reaches_parameter(self, root: Any) -> bool:
+        """Depth first through the autograd graph below ``root`` to the leaves it accumulates into. Every
+        node on the path to a trainable parameter reaches it too; each node is decided once per probe."""
+        memo = self._trains
+        if root in memo:
+            return memo[root]
+        stack = [(root, iter(root.next_functions))]
+        while stack:
+            node, children = stack[-1]
+            for child, _ in children:
+                if child is None:
+                    continue
+                known = memo.get(child)
+                if known is None and not child.next_functions:  # AccumulateGrad: the leaf it fills
+                    known = memo[child] = self._is_parameter(getattr(child, "variable", None))
+                if known is None:
+                    stack.append((child, iter(child.next_functions)))
+                    break
+                if known:
+                    memo.update((ancestor, True) for ancestor, _ in stack)
+                    return True
+            else:
+                memo[node] = False
+                stack.pop()
+        return False
 
     def finish(self, result: Any) -> dict[str, ComponentFlops]:
         """Totals per component, given what the forward returned (the root of its backward)."""
@@ -201,6 +271,7 @@ class MatmulRecorder(TorchDispatchMode):
             totals[matmul.component].forward += matmul.forward
             if graph is None or matmul.output is None or matmul.output.grad_fn in graph:
                 totals[matmul.component].backward += matmul.backward
+                totals[matmul.component].forced += matmul.forced
         for component, flops in self._recompute.items():
             totals[component].recompute += flops
         return dict(totals)
@@ -226,22 +297,37 @@ class MatmulRecorder(TorchDispatchMode):
                 forward = flop_registry[aten.convolution](*args[:9], out_val=out)
             else:
                 forward = flop_registry[func.overloadpacket](*args, **kwargs, out_val=out)
-            grads = 0
-            if torch.is_grad_enabled():
-                grads = sum(bool(getattr(t, "requires_grad", False)) for t in (first, second))
+            needed, forced = self.backward_products([first], [second])
             activation = not (self._is_parameter(first) or self._is_parameter(second))
             weight = self._weight
-            component = self._component(activation, (first, second))
-            self.record(component, forward * weight, forward * grads * weight, out)
+            self.record(
+                self._component(activation, (first, second)),
+                forward * weight,
+                forward * needed * weight,
+                out,
+                forward * forced * weight,
+            )
         elif func in FUSED_ATTENTION:
             query, key, value = args[:3]
             forward = _attention_flops(query, key, value)
-            q, k, v = (bool(t.requires_grad) and torch.is_grad_enabled() for t in (query, key, value))
-            # Backward products, each half the forward: dV = P^T dO, dP = dO V^T, dQ = dS K, dK = dS^T Q.
-            backward = forward / 2 * (v + (q or k) + q + k)
+            grad = torch.is_grad_enabled()
+            backward = _attention_backward(forward, *(grad and self.trains(t) for t in (query, key, value)))
+            runs = _attention_backward(forward, *(grad and _requires_grad(t) for t in (query, key, value)))
             weight = self._weight
-            self.record(self._component(True), forward * weight, backward * weight, out[0])
+            self.record(
+                self._component(True), forward * weight, backward * weight, out[0], (runs - backward) * weight
+            )
         return out
+
+
+def _requires_grad(tensor: object) -> bool:
+    return bool(getattr(tensor, "requires_grad", False))
+
+
+def _attention_backward(forward: float, q: bool, k: bool, v: bool) -> float:
+    """Backward products of fused attention, each half the forward: dV = P^T dO, dP = dO V^T (for dQ or
+    dK), dQ = dS K, dK = dS^T Q."""
+    return forward / 2 * (v + (q or k) + q + k)
 
 
 def _unpacked(tensor: torch.Tensor) -> torch.Tensor:
