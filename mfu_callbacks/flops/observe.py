@@ -114,26 +114,31 @@ class Observation:
     """What one observed micro-batch ran, per component and feature."""
 
     matmuls: list[_Matmul] = field(default_factory=list)
-    hardware: dict[tuple[str, Feature, bool], float] = field(default_factory=lambda: defaultdict(float))
+    hardware: dict[tuple[str, Feature, bool], float] = field(default_factory=lambda: defaultdict(float))  # backward
+    recomputed: dict[tuple[str, Feature, bool], float] = field(default_factory=lambda: defaultdict(float))
     complete: bool = False  # a backward ran to its end
     failure: str | None = None  # why observing stopped, if it failed
 
     def totals(self) -> dict[tuple[str, Feature, bool], ComponentFlops]:
-        """Forward, model backward and hardware extra per (component, feature, per-unit)."""
+        """Per (component, feature, per-unit): forward, model backward, checkpoint recompute, and the
+        rest of the observed backward beyond the model's (``forced``: a custom backward's recompute,
+        gradients forced onto inputs)."""
         totals: dict[tuple[str, Feature, bool], ComponentFlops] = defaultdict(ComponentFlops)
         for matmul in self.matmuls:
             key = (matmul.component, matmul.feature, matmul.per_unit)
             totals[key].forward += matmul.forward
             if matmul.reached:
                 totals[key].backward += matmul.forward * matmul.products
-        for key, hardware in self.hardware.items():
-            totals[key].recompute += hardware
-        for component in totals.values():  # hardware beyond the model's forward and backward
-            component.recompute -= component.backward
+        for key, flops in self.recomputed.items():
+            totals[key].recompute += flops
+        for key, flops in self.hardware.items():
+            totals[key].forced += flops
+        for component in totals.values():  # the observed backward beyond the model's
+            component.forced -= component.backward
         return dict(totals)
 
     def fit(self, hardware_features: Sequence[float]) -> dict[str, list[list[float]]]:
-        """Per component: [forward, backward, extra] coefficients per feature, exact at this step.
+        """Per component: [forward, backward, recompute, forced] coefficients per feature, exact at this step.
 
         ``hardware_features`` is the observed micro-batch's hardware row (what its tensors held).
         """
@@ -147,8 +152,8 @@ class Observation:
                     f"the observed step ran {component} matmuls that scale with {feature.name.lower()}, "
                     "of which its batch has none"
                 )
-            parts = coefficients.setdefault(component, [[0.0] * NUM_FEATURES for _ in range(3)])
-            for part, value in zip(parts, (flops.forward, flops.backward, flops.recompute)):
+            parts = coefficients.setdefault(component, [[0.0] * NUM_FEATURES for _ in range(4)])
+            for part, value in zip(parts, (flops.forward, flops.backward, flops.recompute, flops.forced)):
                 part[feature] += value if per_unit else value / units
         return coefficients
 
@@ -366,7 +371,9 @@ class RealStepObserver(TorchDispatchMode):
             return
         if recompute:  # the recomputed graph has nodes of its own: their backward belongs here too
             self._last.append((_Matmul(component or OTHER, feature, 0.0, 0.0), out))
-        if component is None:
+        if recompute:
+            self.observation.recomputed[(component or OTHER, feature, per_unit)] += flops
+        elif component is None:
             self._unplaced.append((node, feature, flops))
         else:
             self.observation.hardware[(component, feature, per_unit)] += flops
