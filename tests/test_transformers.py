@@ -11,6 +11,7 @@ from conftest import (
     SECONDS_PER_BATCH,
     SEQ,
     FixedLengthTokens,
+    HookSpy,
     collate,
     step_truth,
     tiny_llama,
@@ -41,8 +42,11 @@ def train(
     accumulation: int = 1,
     steps: int = 6,
     reporter: TrainerCallback | None = None,
+    spy: HookSpy | None = None,
 ):
     model = tiny_llama(lora=lora)
+    if spy is not None:
+        spy.attach(model, model.model.layers[0])
     args = TrainingArguments(
         output_dir=str(tmp_path),
         max_steps=steps,
@@ -93,6 +97,19 @@ def test_mfu_is_logged_with_the_loss_and_matches_an_independent_count(tmp_path, 
     # The reporting callback saw MFU in the same dict as the loss.
     reported = [r for r in reporter.records if "loss" in r and "mfu" in r]
     assert len(reported) == len(measured)
+
+
+def test_user_hooks_never_see_the_engine_build_and_mfu_stays_on(tmp_path):
+    with HookSpy() as spy:
+        trainer, _ = train(
+            tmp_path, callback=MFUCallback(peak_tflops=PEAK_TFLOPS, warmup_steps=1), steps=4, spy=spy
+        )
+    assert spy.calls > 0 and spy.meta_calls == 0
+    measured = [row for row in trainer.state.log_history if "mfu" in row]
+    assert len(measured) >= 2, trainer.state.log_history
+    step_flops = step_truth(tiny_llama(), collate([FixedLengthTokens(64)[i] for i in range(BATCH)]))
+    for row in measured:
+        assert row["mfu"] == pytest.approx(step_flops / (row["step_time"] * PEAK_TFLOPS * 1e12), rel=1e-6)
 
 
 def test_gradient_accumulation_counts_every_micro_batch(tmp_path, fake_meter):

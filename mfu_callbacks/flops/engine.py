@@ -21,12 +21,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._torch_internals import meta_autocast_as_cpu, raised_by_meta_autocast
+from .._torch_internals import (
+    flex_attention_on_meta,
+    global_module_hooks_limited_to,
+    meta_autocast_as_cpu,
+    raised_by_meta_autocast,
+)
 from .checkpoint import checkpoint_to
 from .components import ATTENTION_SCORES
 from .features import HARDWARE, MODEL, NUM_FEATURES, Feature
+from .flex import FlexKernel
 from .isolation import map_tensors, preserved_random_state
-from .replica import Replica, build_replica
+from .replica import Replica, build_replica, is_model_library_hook
 from .step_flops import StepFlops
 from .substitutes import install_substitutes
 from .tokens import DECODER_KEYS, PACKED_KEYS, BatchError, TokenCounter, TokenCounting
@@ -52,6 +58,7 @@ _PROBES_ENCODER_DECODER = (
 )
 _PROBES_ROWS = ((1, 0, 0), (2, 0, 0), (3, 0, 0))
 _FIT_TOLERANCE = 1e-6
+_PARTS = ("forward", "backward", "recompute", "kernel")  # the fields of ComponentFlops, fitted alike
 
 
 class ModelIntrospectionError(RuntimeError):
@@ -60,11 +67,13 @@ class ModelIntrospectionError(RuntimeError):
 
 @dataclass
 class ComponentCoefficients:
-    """Forward, backward and recompute FLOPs of one component per unit of each feature (length NUM_FEATURES)."""
+    """Forward, backward, recompute and kernel FLOPs (see ``ComponentFlops``) of one component per unit of
+    each feature (length NUM_FEATURES)."""
 
     forward: list[float]
     backward: list[float]
     recompute: list[float]
+    kernel: list[float]
 
 
 def _design_row(rows: int, main: int, decoder: int) -> list[float]:
@@ -170,9 +179,13 @@ def _use_eager_kernels(replica: nn.Module) -> None:
 
 
 @contextmanager
-def _probe_hooks(replica: Replica, current: list[MatmulRecorder], *, meta_autocast: bool) -> Iterator[None]:
-    """Module-stack bookkeeping and checkpoint interception for the replica's forward; with
-    ``meta_autocast``, ``torch.autocast(device_type="meta")`` does nothing instead of failing."""
+def _probe_hooks(
+    replica: Replica, current: list[MatmulRecorder], *, meta_autocast: bool, build_length: int | None
+) -> Iterator[None]:
+    """Module-stack bookkeeping, checkpoint interception and flex_attention on meta tensors for the
+    replica's forward, with only the model libraries' hooks among those registered for every module
+    (a user's global hook never sees the probes); with ``meta_autocast``,
+    ``torch.autocast(device_type="meta")`` does nothing instead of failing."""
     handles = []
     for module in replica.module.modules():
         path = replica.names.get(id(module), "")
@@ -189,7 +202,12 @@ def _probe_hooks(replica: Replica, current: list[MatmulRecorder], *, meta_autoca
         handles.append(module.register_forward_hook(leave, always_call=True))
 
     try:
-        with checkpoint_to(current), meta_autocast_as_cpu() if meta_autocast else nullcontext():
+        with (
+            checkpoint_to(current),
+            flex_attention_on_meta(FlexKernel(lambda: current[0], build_length)),
+            global_module_hooks_limited_to(is_model_library_hook),
+            meta_autocast_as_cpu() if meta_autocast else nullcontext(),
+        ):
             yield
     finally:
         for handle in handles:
@@ -211,7 +229,10 @@ class FlopEngine:
         recompute = [sum(values) for values in zip(*(c.recompute for c in coefficients.values()))] or [
             0.0
         ] * NUM_FEATURES
-        self._hardware = [m + r for m, r in zip(self._model, recompute)]
+        kernel = [sum(values) for values in zip(*(c.kernel for c in coefficients.values()))] or [
+            0.0
+        ] * NUM_FEATURES
+        self._hardware = [m + r + k for m, r, k in zip(self._model, recompute, kernel)]
         self._has_tokens = any(self._model[i] or self._hardware[i] for i in (Feature.TOKENS, Feature.SQUARES))
 
     # -- building -------------------------------------------------------------------------------
@@ -319,7 +340,7 @@ def _trace(
         totals = []
         with (
             preserved_random_state(),
-            _probe_hooks(replica, current, meta_autocast=meta_autocast),
+            _probe_hooks(replica, current, meta_autocast=meta_autocast, build_length=probes.main_length),
             torch.enable_grad(),
         ):
             for rows, main, decoder in shapes:
@@ -365,11 +386,7 @@ def _fit(
     components = sorted({name for probe in totals for name in probe})
     targets = torch.tensor(
         [
-            [
-                getattr(probe.get(name, ComponentFlops()), part)
-                for name in components
-                for part in ("forward", "backward", "recompute")
-            ]
+            [getattr(probe.get(name, ComponentFlops()), part) for name in components for part in _PARTS]
             for probe in totals
         ],
         dtype=torch.float64,
@@ -387,10 +404,10 @@ def _fit(
     coefficients: dict[str, ComponentCoefficients] = {}
     for index, name in enumerate(components):
         parts = []
-        for offset in range(3):
+        for offset in range(len(_PARTS)):
             full = [0.0] * NUM_FEATURES
             for column, feature in enumerate(active):
-                value = solution[column, 3 * index + offset].item()
+                value = solution[column, len(_PARTS) * index + offset].item()
                 full[feature] = 0.0 if abs(value) < 1e-9 * scale else value
             parts.append(full)
         if any(any(p) for p in parts):

@@ -39,11 +39,13 @@ _OPERANDS: dict[object, tuple[int, int]] = {
 
 @dataclass
 class ComponentFlops:
-    """Forward, backward and recompute FLOPs of one component in one probe."""
+    """Forward, backward and recompute FLOPs of one component in one probe; ``kernel``: what a kernel
+    computes beyond the model count, forward and backward (negative for the blocks flex_attention skips)."""
 
     forward: float = 0.0
     backward: float = 0.0
     recompute: float = 0.0
+    kernel: float = 0.0
 
 
 @dataclass
@@ -52,6 +54,7 @@ class _Matmul:
     forward: float
     backward: float  # its backward products, run if its output reaches the forward's result
     output: torch.Tensor | None
+    share: float = 1.0  # of forward and backward, what the kernel computes
 
 
 class MatmulRecorder(TorchDispatchMode):
@@ -131,7 +134,7 @@ class MatmulRecorder(TorchDispatchMode):
                 end = (saves[-1] if saves else 0) if early_stop else len(events)
                 for event in events[:end]:
                     if event is not None:
-                        self._recompute[event.component] += event.forward
+                        self._recompute[event.component] += event.forward * event.share
             if self._regions:  # a nested region is recomputed as part of the outer one too
                 self._regions[-1].extend(events)
 
@@ -145,9 +148,12 @@ class MatmulRecorder(TorchDispatchMode):
             self._regions[-1].append(None)
 
     # -- recording -------------------------------------------------------------------------------
-    def record(self, component: str, forward: float, backward: float, output: torch.Tensor | None) -> None:
-        """Add one matmul's FLOPs (already scaled by the module multiplicity) and the tensor it made."""
-        matmul = _Matmul(component, forward, backward, output)
+    def record(
+        self, component: str, forward: float, backward: float, output: torch.Tensor | None, share: float = 1.0
+    ) -> None:
+        """Add one matmul's FLOPs (already scaled by the module multiplicity) and the tensor it made; the
+        kernel computes ``share`` of them."""
+        matmul = _Matmul(component, forward, backward, output, share)
         self._matmuls.append(matmul)
         if self._regions:
             self._regions[-1].append(matmul)
@@ -166,9 +172,12 @@ class MatmulRecorder(TorchDispatchMode):
         graph = _autograd_graph(result)
         totals: dict[str, ComponentFlops] = defaultdict(ComponentFlops)
         for matmul in self._matmuls:
-            totals[matmul.component].forward += matmul.forward
+            flops = matmul.forward
             if graph is None or matmul.output is None or matmul.output.grad_fn in graph:
                 totals[matmul.component].backward += matmul.backward
+                flops += matmul.backward
+            totals[matmul.component].forward += matmul.forward
+            totals[matmul.component].kernel += flops * (matmul.share - 1.0)
         for component, flops in self._recompute.items():
             totals[component].recompute += flops
         return dict(totals)
@@ -200,13 +209,24 @@ class MatmulRecorder(TorchDispatchMode):
             self.record(self._component(activation), forward * weight, forward * grads * weight, out)
         elif func in FUSED_ATTENTION:
             query, key, value = args[:3]
-            forward = _attention_flops(query, key, value)
-            q, k, v = (bool(t.requires_grad) and torch.is_grad_enabled() for t in (query, key, value))
-            # Backward products, each half the forward: dV = P^T dO, dP = dO V^T, dQ = dS K, dK = dS^T Q.
-            backward = forward / 2 * (v + (q or k) + q + k)
-            weight = self._weight
-            self.record(self._component(True), forward * weight, backward * weight, out[0])
+            self.record_attention(query, key, value, out[0])
         return out
+
+    def record_attention(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        output: torch.Tensor,
+        share: float = 1.0,
+    ) -> None:
+        """A fused attention kernel of the current module, of which the kernel computes ``share``."""
+        forward = _attention_flops(query, key, value)
+        q, k, v = (bool(t.requires_grad) and torch.is_grad_enabled() for t in (query, key, value))
+        # Backward products, each half the forward: dV = P^T dO, dP = dO V^T, dQ = dS K, dK = dS^T Q.
+        backward = forward / 2 * (v + (q or k) + q + k)
+        weight = self._weight
+        self.record(self._component(True), forward * weight, backward * weight, output, share)
 
 
 def _unpacked(tensor: torch.Tensor) -> torch.Tensor:
