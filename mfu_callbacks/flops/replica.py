@@ -4,8 +4,10 @@ The copy shares no tensors with the model (parameters, buffers and tensors held 
 become meta tensors of the same logical shape, dtype and ``requires_grad``), keeps only the hooks of
 the model libraries (PEFT's and transformers' ``enable_input_require_grads``, output recording) and
 drops every other: the user's own hooks and those of distributed wrappers (FSDP all-gathers,
-Accelerate device hooks). A run of identical blocks in a ``ModuleList`` keeps one representative
-per distinct kind, standing for all of them: a 70B model traces as two layers.
+Accelerate device hooks). Methods replaced on an instance (``module.forward = ...``) run on the
+copy's own module, or the copy is refused by the attribute's name. A run of identical blocks in a
+``ModuleList`` keeps one representative per distinct kind, standing for all of them: a 70B model
+traces as two layers.
 """
 
 from __future__ import annotations
@@ -211,13 +213,18 @@ def _holds_module(function: object, originals: set[int]) -> bool:
         elif isinstance(value, types.MethodType):
             stack.extend([value.__func__, value.__self__])
         elif isinstance(value, types.FunctionType):
-            stack.extend(
-                cell.cell_contents for cell in value.__closure__ or () if cell.cell_contents is not None
-            )
+            stack.extend(_cell_contents(cell) for cell in value.__closure__ or ())
             wrapped = getattr(value, "__wrapped__", None)
             if wrapped is not None:
                 stack.append(wrapped)
     return False
+
+
+def _cell_contents(cell: types.CellType) -> object:
+    try:
+        return cell.cell_contents
+    except ValueError:  # a cell not yet assigned
+        return None
 
 
 def build_replica(model: nn.Module, *, fold: bool = True) -> Replica:
