@@ -3,7 +3,8 @@
 The FLOP engine runs a meta-device copy of the model under a dispatch mode and needs a few things
 torch has no public API for: the dispatch mode class itself, the names of internal aten kernels,
 a way to route activation checkpointing to its recorder, the dictionaries in which a module keeps
-its hooks, the module inside a ``torch.compile`` wrapper, and (one patch of a public name) an
+its hooks (per module and for every module at once), the module inside a ``torch.compile``
+wrapper, a way to run ``flex_attention`` on meta tensors, and (one patch of a public name) an
 autocast that accepts the meta device. Each is named here with what it is for;
 ``tests/test_torch_internals.py`` checks that every one still exists in the installed torch, so an
 upgrade that renames one fails that test (the callbacks' guard would otherwise reduce the breakage
@@ -114,6 +115,41 @@ def module_hook_dicts(module: nn.Module, names: tuple[str, ...]) -> Iterator[dic
         hooks = getattr(module, name, None)
         if hooks:
             yield hooks
+
+
+# Hooks registered for every module at once (torch.nn.modules.module.register_module_forward_hook
+# and its siblings) live in module-level dictionaries that every module call reads. The
+# with_kwargs / always_call flags sit in side dictionaries keyed by the same handle ids, and only
+# matter for a hook that is still in its main dictionary.
+_GLOBAL_HOOK_DICTS = (
+    "_global_forward_pre_hooks",
+    "_global_forward_hooks",
+    "_global_backward_pre_hooks",
+    "_global_backward_hooks",
+)
+
+
+def global_module_hooks() -> Iterator[dict]:
+    """The dictionaries of the hooks that torch runs for every module."""
+    for name in _GLOBAL_HOOK_DICTS:
+        yield getattr(nn.modules.module, name)
+
+
+@contextmanager
+def global_module_hooks_limited_to(keep: Callable[[Any], bool]) -> Iterator[None]:
+    """While active, the hooks torch runs for every module are only those ``keep`` accepts; all of them are
+    back, in their order, afterwards. For every thread: hold it only around the replica's probe forwards."""
+    saved = [(hooks, dict(hooks)) for hooks in global_module_hooks()]
+    for hooks, original in saved:
+        for key, hook in original.items():
+            if not keep(hook):
+                del hooks[key]
+    try:
+        yield
+    finally:
+        for hooks, original in saved:
+            hooks.clear()
+            hooks.update(original)
 
 
 # Composable distributed APIs (fully_shard, replicate) keep their state in a module's __dict__
@@ -227,6 +263,62 @@ def checkpoint_routed_to(
     finally:
         setattr(torch_checkpoint, _REENTRANT, original_function)
         setattr(torch_checkpoint, _NON_REENTRANT, original_generator)
+
+
+# -- flex_attention on the meta device ------------------------------------------------------------
+# torch.nn.attention.flex_attention.flex_attention refuses meta tensors (_validate_device) and runs
+# its higher-order op through torch.compile (skipped when _FLEX_ATTENTION_DISABLE_COMPILE_DEBUG is
+# set). It looks all three names up in its module when it runs, so they can be rerouted there for
+# every caller, however the function was imported. The op takes the BlockMask as
+# ``BlockMask.as_tuple()``: (q_len, kv_len, kv_num_blocks, kv_indices, full_kv_num_blocks, ...,
+# Q_BLOCK_SIZE, KV_BLOCK_SIZE, mask_mod).
+_FLEX_MODULE = "torch.nn.attention.flex_attention"
+_FLEX_VALIDATE_DEVICE = "_validate_device"
+_FLEX_OP = "flex_attention_hop"
+_FLEX_NO_COMPILE = "_FLEX_ATTENTION_DISABLE_COMPILE_DEBUG"
+FLEX_MASK_LENGTHS = slice(0, 2)
+FLEX_MASK_KV_NUM_BLOCKS = 2
+FLEX_MASK_FULL_KV_NUM_BLOCKS = 4
+FLEX_MASK_BLOCK_SIZES = slice(-3, -1)  # (Q_BLOCK_SIZE, KV_BLOCK_SIZE)
+FLEX_MASK_MOD = -1
+
+# kernel(query, key, value, score_mod, block_mask_tuple, scale, kernel_options, ...) -> (out, lse, max_scores)
+FlexKernel = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+@contextmanager
+def flex_attention_on_meta(kernel: FlexKernel) -> Iterator[None]:
+    """While active, in this thread, ``flex_attention`` on meta tensors runs ``kernel`` in place of its compiled
+    higher-order op; calls on other devices or from other threads run as they do without it."""
+    import importlib
+
+    module = importlib.import_module(_FLEX_MODULE)
+    validate, op, no_compile = (
+        getattr(module, name) for name in (_FLEX_VALIDATE_DEVICE, _FLEX_OP, _FLEX_NO_COMPILE)
+    )
+    thread = threading.get_ident()
+
+    def on_meta(query: torch.Tensor) -> bool:
+        return query.device.type == "meta" and threading.get_ident() == thread
+
+    def validate_device(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+        if not on_meta(query):
+            validate(query, key, value)
+            return
+        setattr(module, _FLEX_NO_COMPILE, True)  # this call only: reset when the op runs
+
+    def route(query: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        setattr(module, _FLEX_NO_COMPILE, no_compile)
+        return (kernel if on_meta(query) else op)(query, *args, **kwargs)
+
+    setattr(module, _FLEX_VALIDATE_DEVICE, validate_device)
+    setattr(module, _FLEX_OP, route)
+    try:
+        yield
+    finally:
+        setattr(module, _FLEX_VALIDATE_DEVICE, validate)
+        setattr(module, _FLEX_OP, op)
+        setattr(module, _FLEX_NO_COMPILE, no_compile)
 
 
 # -- autocast on the meta device -------------------------------------------------------------------

@@ -213,6 +213,66 @@ def input_gradients_unforced(model: nn.Module) -> Iterator[None]:
             module._forward_hooks[key] = hook
 
 
+# -- user hooks ------------------------------------------------------------------------------------
+class HookSpy:
+    """An activation monitor on every kind of user hook: each call reads a value back (``.item()``, which
+    fails on a meta tensor) and counts the calls that were handed a meta tensor. Per-module hooks go on
+    the modules given to ``attach``; hooks for every module are registered while the spy is entered."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.meta_calls = 0
+        self._handles: list[Any] = []
+
+    def _seen(self, *values: Any) -> None:
+        tensors = [t for t in _flat(values) if isinstance(t, torch.Tensor)]
+        self.calls += 1
+        self.meta_calls += any(t.device.type == "meta" for t in tensors)
+        for tensor in tensors[:1]:
+            tensor.detach().float().abs().max().item()
+
+    def hook(self, *values: Any) -> None:
+        self._seen(*values)
+
+    def attach(self, *modules: nn.Module) -> None:
+        for module in modules:
+            self._handles += [
+                module.register_forward_pre_hook(self.hook),
+                module.register_forward_pre_hook(self.hook, with_kwargs=True),
+                module.register_forward_hook(self.hook, with_kwargs=True),
+                module.register_forward_hook(self.hook, always_call=True),
+                module.register_full_backward_hook(self.hook),
+                module.register_full_backward_pre_hook(self.hook),
+            ]
+
+    def __enter__(self) -> HookSpy:
+        from torch.nn.modules import module as torch_module
+
+        self._handles += [
+            torch_module.register_module_forward_pre_hook(self.hook),
+            torch_module.register_module_forward_hook(self.hook),
+            torch_module.register_module_forward_hook(self.hook, always_call=True),
+            torch_module.register_module_full_backward_hook(self.hook),
+            torch_module.register_module_full_backward_pre_hook(self.hook),
+        ]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def _flat(value: Any) -> Iterator[Any]:
+    if isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _flat(item)
+    elif isinstance(value, Mapping):
+        for item in value.values():
+            yield from _flat(item)
+    else:
+        yield value
+
+
 # -- fakes -----------------------------------------------------------------------------------------
 class FakeClock:
     """A host clock that moves only when told to (from 100 s: a duration is never a reading)."""

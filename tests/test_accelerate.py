@@ -17,6 +17,7 @@ from conftest import (
     SECONDS_PER_BATCH,
     SEQ,
     FixedLengthTokens,
+    HookSpy,
     collate,
     step_truth,
     tiny_llama,
@@ -50,11 +51,20 @@ class MemoryTracker(GeneralTracker):
         self.records.append((step, dict(values)))
 
 
-def run_loop(*, lora: bool = False, accumulation: int = 1, steps: int = 8, with_tracker: bool = True):
+def run_loop(
+    *,
+    lora: bool = False,
+    accumulation: int = 1,
+    steps: int = 8,
+    with_tracker: bool = True,
+    spy: HookSpy | None = None,
+):
     memory = MemoryTracker()
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=accumulation, log_with=[memory])
     accelerator.init_trackers("test")
     model = tiny_llama(lora=lora)
+    if spy is not None:
+        spy.attach(model, model.model.layers[0])
     optimizer = torch.optim.SGD((p for p in model.parameters() if p.requires_grad), lr=0.1)
     loader = DataLoader(FixedLengthTokens(BATCH * steps * accumulation), batch_size=BATCH, collate_fn=collate)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
@@ -83,6 +93,19 @@ def test_mfu_reaches_the_tracker_with_the_loss_and_matches_an_independent_count(
         assert "train/loss" in values
         step_time = values["train/step_time"]
         assert values["train/mfu"] == pytest.approx(step_flops / (step_time * PEAK_TFLOPS * 1e12), rel=1e-6)
+
+
+def test_user_hooks_never_see_the_engine_build_and_mfu_stays_on():
+    with HookSpy() as spy:
+        records, _, _ = run_loop(spy=spy)
+    assert spy.calls > 0 and spy.meta_calls == 0
+    measured = [values for _, values in records if "train/mfu" in values]
+    assert len(measured) >= 2, records
+    step_flops = step_truth(tiny_llama(), collate([FixedLengthTokens(8)[i] for i in range(BATCH)]))
+    for values in measured:
+        assert values["train/mfu"] == pytest.approx(
+            step_flops / (values["train/step_time"] * PEAK_TFLOPS * 1e12), rel=1e-6
+        )
 
 
 def test_gradient_accumulation_ends_a_step_only_when_the_optimizer_steps(fake_meter):

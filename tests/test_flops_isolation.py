@@ -4,12 +4,15 @@ user hooks and memory."""
 from __future__ import annotations
 
 import random
+import types
 
 import numpy
+import pytest
 import torch
+from conftest import HookSpy, step_truth
 from torch import nn
 
-from mfu_callbacks.flops import FlopEngine
+from mfu_callbacks.flops import FlopEngine, ModelIntrospectionError
 from mfu_callbacks.flops.replica import build_replica
 
 
@@ -74,6 +77,83 @@ def test_user_hooks_do_not_run_on_the_copy():
     assert calls == []
     model(**_batch())
     assert calls == ["pre-hook", "hook"], "the user's model keeps its hooks"
+
+
+def test_no_user_hook_of_any_kind_sees_the_probes_and_a_monitor_that_reads_values_still_builds():
+    model = StochasticDepthNet()
+    spy = HookSpy()
+    spy.attach(model, model.layers[0], model.head)
+    with spy:
+        FlopEngine.from_model(model, _batch())
+        assert spy.meta_calls == 0 and spy.calls == 0
+        model(**_batch()).backward()
+    assert spy.calls > 0 and spy.meta_calls == 0, "the user's model keeps every hook, global ones too"
+
+
+def test_hooks_of_the_model_libraries_registered_for_every_module_still_run_on_the_copy():
+    from torch.nn.modules import module as torch_module
+
+    from mfu_callbacks.flops import replica
+
+    seen: list[str] = []
+
+    def library_hook(module, args):
+        seen.append(args[0].device.type if args and isinstance(args[0], torch.Tensor) else "")
+
+    library_hook.__module__ = "transformers.fake_integration"
+    handle = torch_module.register_module_forward_pre_hook(library_hook)
+    try:
+        assert replica.is_model_library_hook(library_hook)
+        FlopEngine.from_model(StochasticDepthNet(), _batch())
+    finally:
+        handle.remove()
+    assert "meta" in seen
+
+
+class Doubled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(8, 8)
+        self.other = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)
+
+
+def through_both(self: Doubled, x: torch.Tensor) -> torch.Tensor:
+    return self.other(self.inner(x))
+
+
+@pytest.mark.parametrize("length", [5, 9])
+def test_a_forward_bound_to_the_instance_runs_on_the_copy(length):
+    model = Doubled()
+    model.forward = types.MethodType(through_both, model)
+    batch = (torch.randn(2, length, 8),)
+    estimate = FlopEngine.from_model(model, batch).estimate(batch)
+    assert estimate.model_flops == step_truth(model, batch, lambda m, b: m(b[0]).sum())
+
+
+@pytest.mark.slow  # torch.compile's first call imports dynamo: about 2 s
+@pytest.mark.parametrize("length", [5, 9])
+def test_a_compiled_method_put_on_the_instance_runs_uncompiled_on_the_copy(length):
+    model = Doubled()
+    bound = types.MethodType(through_both, model)
+    model.forward = torch.compile(bound)  # the wrapper Lightning puts on a compiled LightningModule's methods
+    batch = (torch.randn(2, length, 8),)
+    estimate = FlopEngine.from_model(model, batch).estimate(batch)
+    assert estimate.model_flops == step_truth(model, batch, lambda m, b: bound(b[0]).sum())
+
+
+def test_a_forward_closing_over_the_model_is_refused_by_name():
+    model = Doubled()
+    original = model.forward
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return original(x) * 2
+
+    model.forward = forward
+    with pytest.raises(ModelIntrospectionError, match=r"Doubled\.forward"):
+        FlopEngine.from_model(model, (torch.randn(2, 5, 8),))
 
 
 def test_tensors_held_as_plain_attributes_are_not_copied():

@@ -6,7 +6,9 @@ import csv
 import logging
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import pytest
@@ -16,6 +18,7 @@ from conftest import (
     SECONDS_PER_BATCH,
     SEQ,
     FixedLengthTokens,
+    HookSpy,
     collate,
     step_truth,
     tiny_llama,
@@ -55,9 +58,11 @@ def fit(
     accumulation: int = 1,
     steps: int = 6,
     devices: int = 1,
+    wrap: Callable[[TinyModule], Any] = lambda module: module,
+    module_class: type[TinyModule] = TinyModule,
     **trainer_kwargs,
 ) -> tuple[TinyModule, list[dict[str, str]]]:
-    module = TinyModule(lora=lora)
+    module = module_class(lora=lora)
     trainer = L.Trainer(
         max_steps=steps,
         accelerator="cpu",
@@ -71,7 +76,7 @@ def fit(
         enable_model_summary=False,
         **trainer_kwargs,
     )
-    trainer.fit(module, loader())
+    trainer.fit(wrap(module), loader())
     with open(Path(trainer.logger.log_dir) / "metrics.csv") as handle:
         rows = list(csv.DictReader(handle))
     return module, rows
@@ -113,6 +118,51 @@ def test_losses_and_weights_are_identical_with_and_without_the_callback(tmp_path
     ]
     for (name, a), (_, b) in zip(module_a.state_dict().items(), module_b.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def assert_mfu_matches_the_truth(rows: list[dict[str, str]]) -> None:
+    measured = [row for row in rows if row.get("train/mfu")]
+    assert len(measured) >= 2, rows
+    step_flops = step_truth(tiny_llama(), collate([FixedLengthTokens(64)[i] for i in range(BATCH)]))
+    for row in measured:
+        step_time = float(row["train/step_time"])
+        assert float(row["train/mfu"]) == pytest.approx(
+            step_flops / (step_time * PEAK_TFLOPS * 1e12), rel=1e-5
+        )
+
+
+def test_user_hooks_never_see_the_engine_build_and_mfu_stays_on(tmp_path):
+    spy = HookSpy()
+
+    def hooked(module: TinyModule) -> TinyModule:
+        spy.attach(module, module.model.model.layers[0])
+        return module
+
+    with spy:
+        _, rows = fit(tmp_path, MFUCallback(peak_tflops=PEAK_TFLOPS, warmup_steps=1), wrap=hooked)
+    assert spy.calls > 0 and spy.meta_calls == 0
+    assert_mfu_matches_the_truth(rows)
+
+
+class UnloggedModule(TinyModule):
+    """``self.log`` inside a compiled training_step fails in dynamo with torch 2.13 (with or without callbacks)."""
+
+    def training_step(self, batch, batch_idx):
+        return self.model(**batch).loss
+
+
+@pytest.mark.slow  # torch.compile on the CPU: about 8 s
+def test_a_compiled_lightning_module_is_counted_as_the_module(tmp_path, caplog):
+    """Lightning puts compiled wrappers of the module's own methods on the instance; the copy runs them uncompiled."""
+    with caplog.at_level(logging.ERROR, logger="mfu_callbacks"):
+        _, rows = fit(
+            tmp_path,
+            MFUCallback(peak_tflops=PEAK_TFLOPS, warmup_steps=1),
+            wrap=torch.compile,
+            module_class=UnloggedModule,
+        )
+    assert not [r for r in caplog.records if "stopped measuring MFU" in r.getMessage()]
+    assert_mfu_matches_the_truth(rows)
 
 
 def test_an_internal_error_is_logged_once_and_training_goes_on(tmp_path, monkeypatch, caplog):

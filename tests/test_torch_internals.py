@@ -113,6 +113,44 @@ def test_every_public_hook_registration_lands_in_a_named_hook_dict():
     assert len(hooks) == 8  # each registration found in exactly one of the dicts
 
 
+def test_every_global_hook_registration_lands_in_a_named_dict_and_is_back_after_the_limit():
+    from torch.nn.modules import module as torch_module
+
+    def hook(*args, **kwargs):
+        return None
+
+    def kept(*args, **kwargs):
+        return None
+
+    registrations = (
+        torch_module.register_module_forward_pre_hook,
+        torch_module.register_module_forward_hook,
+        torch_module.register_module_full_backward_pre_hook,
+        torch_module.register_module_full_backward_hook,
+    )
+    before = [dict(hooks) for hooks in internals.global_module_hooks()]
+    handles = [register(hook) for register in registrations] + [register(kept) for register in registrations]
+    try:
+        added = [
+            [h for key, h in hooks.items() if key not in old]
+            for hooks, old in zip(internals.global_module_hooks(), before)
+        ]
+        assert added == [[hook, kept]] * 4  # each registration found in exactly one of the dicts
+        with internals.global_module_hooks_limited_to(lambda h: h is not hook):
+            assert all(
+                hook not in hooks.values() and kept in hooks.values()
+                for hooks in internals.global_module_hooks()
+            )
+        after = [
+            [h for key, h in hooks.items() if key not in old]
+            for hooks, old in zip(internals.global_module_hooks(), before)
+        ]
+        assert after == added, "every hook is back, in its order"
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def test_composable_distributed_apis_keep_their_state_under_the_prefixed_keys():
     if not torch.distributed.is_available():
         pytest.skip("torch built without torch.distributed")
@@ -182,6 +220,66 @@ def test_checkpoint_calls_are_routed_while_active_and_restored_after():
     ) == original
 
 
+# -- flex_attention on the meta device ------------------------------------------------------------
+def test_flex_attention_looks_up_the_rerouted_names_in_its_module_and_its_mask_tuple_is_laid_out_as_read():
+    import importlib
+
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    module = importlib.import_module(internals._FLEX_MODULE)
+    for name in (internals._FLEX_VALIDATE_DEVICE, internals._FLEX_OP, internals._FLEX_NO_COMPILE):
+        assert hasattr(module, name), name
+    names = module.flex_attention.__code__.co_names
+    assert internals._FLEX_VALIDATE_DEVICE in names and internals._FLEX_NO_COMPILE in names
+
+    def causal(batch, head, q, kv):
+        return q >= kv
+
+    mask = create_block_mask(causal, 1, 2, 32, 48, device="cpu", BLOCK_SIZE=(16, 8))
+    layout = mask.as_tuple()
+    assert layout[internals.FLEX_MASK_LENGTHS] == (32, 48)
+    assert layout[internals.FLEX_MASK_KV_NUM_BLOCKS] is mask.kv_num_blocks
+    assert layout[internals.FLEX_MASK_FULL_KV_NUM_BLOCKS] is mask.full_kv_num_blocks
+    assert layout[internals.FLEX_MASK_BLOCK_SIZES] == (16, 8)
+    assert layout[internals.FLEX_MASK_MOD] is causal
+
+
+def test_flex_attention_on_meta_runs_the_kernel_in_this_thread_only_and_is_undone_after():
+    import importlib
+
+    from torch.nn.attention.flex_attention import flex_attention
+
+    module = importlib.import_module(internals._FLEX_MODULE)
+    names = (internals._FLEX_VALIDATE_DEVICE, internals._FLEX_OP, internals._FLEX_NO_COMPILE)
+    original = [getattr(module, name) for name in names]
+    query = torch.empty(1, 2, 8, 4, device="meta", requires_grad=True)
+    calls = []
+
+    def kernel(q, k, v, score_mod, block_mask, *args):
+        calls.append(block_mask[internals.FLEX_MASK_LENGTHS])
+        empty = torch.empty(1, 2, 8, device="meta")
+        return torch.empty(1, 2, 8, 4, device="meta"), empty, empty
+
+    in_other_thread = []
+    with internals.flex_attention_on_meta(kernel):
+        assert flex_attention(query, query, query).shape == (1, 2, 8, 4)
+        worker = threading.Thread(target=lambda: in_other_thread.append(raised(flex_attention, query)))
+        worker.start()
+        worker.join()
+    assert len(calls) == 1
+    assert isinstance(in_other_thread[0], ValueError)  # meta is refused as without the context
+    assert [getattr(module, name) for name in names] == original
+    assert isinstance(raised(flex_attention, query), ValueError)
+
+
+def raised(function, query: torch.Tensor) -> BaseException | None:
+    try:
+        function(query, query, query)
+    except Exception as error:  # noqa: BLE001
+        return error
+    return None
+
+
 # -- autocast on the meta device -------------------------------------------------------------------
 def meta_autocast_error() -> BaseException | None:
     try:
@@ -223,6 +321,7 @@ PRIVATE_TORCH = re.compile(
     r"|_state_dict_hooks|_state_dict_pre_hooks|_load_state_dict_\w*hooks|\._modules\b|__composable_api"
     r"|CheckpointFunction|_checkpoint_without_reentrant|_enable_checkpoint_early_stop"
     r"|_fsdp_wrapped_module|_param_infos|_shared_param_infos|\bflat_param\b"
+    r"|_global_\w*hooks|_validate_device|flex_attention_hop|_FLEX_ATTENTION"
     r"|torch\.(amp\.)?autocast\s*="
 )
 

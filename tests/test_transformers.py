@@ -11,6 +11,7 @@ from conftest import (
     SECONDS_PER_BATCH,
     SEQ,
     FixedLengthTokens,
+    HookSpy,
     collate,
     step_truth,
     tiny_llama,
@@ -42,8 +43,11 @@ def train(
     steps: int = 6,
     reporter: TrainerCallback | None = None,
     gradient_checkpointing: bool = False,
+    spy: HookSpy | None = None,
 ):
     model = tiny_llama(lora=lora)
+    if spy is not None:
+        spy.attach(model, model.model.layers[0])
     args = TrainingArguments(
         output_dir=str(tmp_path),
         max_steps=steps,
@@ -118,6 +122,19 @@ def test_lora_with_gradient_checkpointing_logs_the_model_flops_of_the_run_withou
             without_checkpointing, rel=1e-6
         )
         assert row["hfu"] / row["mfu"] == pytest.approx(as_run / without_checkpointing, rel=1e-6)
+
+
+def test_user_hooks_never_see_the_engine_build_and_mfu_stays_on(tmp_path):
+    with HookSpy() as spy:
+        trainer, _ = train(
+            tmp_path, callback=MFUCallback(peak_tflops=PEAK_TFLOPS, warmup_steps=1), steps=4, spy=spy
+        )
+    assert spy.calls > 0 and spy.meta_calls == 0
+    measured = [row for row in trainer.state.log_history if "mfu" in row]
+    assert len(measured) >= 2, trainer.state.log_history
+    step_flops = step_truth(tiny_llama(), collate([FixedLengthTokens(64)[i] for i in range(BATCH)]))
+    for row in measured:
+        assert row["mfu"] == pytest.approx(step_flops / (row["step_time"] * PEAK_TFLOPS * 1e12), rel=1e-6)
 
 
 def test_gradient_accumulation_counts_every_micro_batch(tmp_path, fake_meter):

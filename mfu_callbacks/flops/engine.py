@@ -24,15 +24,18 @@ from torch import nn
 from .._torch_internals import (
     COMPILED_IN_PLACE,
     COMPILED_WRAPPER,
+    flex_attention_on_meta,
+    global_module_hooks_limited_to,
     meta_autocast_as_cpu,
     raised_by_meta_autocast,
 )
 from .checkpoint import checkpoint_to
 from .components import ATTENTION_SCORES
 from .features import HARDWARE, MODEL, NUM_FEATURES, Feature
+from .flex import FlexKernel
 from .isolation import map_tensors, preserved_random_state
 from .observe import Observation, RealStepObserver
-from .replica import Replica, build_replica
+from .replica import Replica, build_replica, is_model_library_hook
 from .step_flops import StepFlops
 from .substitutes import install_substitutes
 from .tokens import DECODER_KEYS, PACKED_KEYS, BatchError, TokenCounter, TokenCounting
@@ -66,17 +69,18 @@ class ModelIntrospectionError(RuntimeError):
 
 @dataclass
 class ComponentCoefficients:
-    """Forward, backward, recompute and forced-backward FLOPs of one component per unit of each feature
-    (length NUM_FEATURES); the last two are hardware FLOPs only (see ``ComponentFlops``)."""
+    """Forward, backward, recompute, forced-backward and kernel FLOPs of one component per unit of each
+    feature (length NUM_FEATURES); the last three are hardware FLOPs only (see ``ComponentFlops``)."""
 
     forward: list[float]
     backward: list[float]
     recompute: list[float]
     forced: list[float]
+    kernel: list[float]
 
 
 # The fields of ComponentFlops and ComponentCoefficients, in the order the fit solves them.
-_PARTS = ("forward", "backward", "recompute", "forced")
+_PARTS = ("forward", "backward", "recompute", "forced", "kernel")
 
 
 def _design_row(rows: int, main: int, decoder: int) -> list[float]:
@@ -191,9 +195,13 @@ def _use_eager_kernels(replica: nn.Module) -> None:
 
 
 @contextmanager
-def _probe_hooks(replica: Replica, current: list[MatmulRecorder], *, meta_autocast: bool) -> Iterator[None]:
-    """Module-stack bookkeeping and checkpoint interception for the replica's forward; with
-    ``meta_autocast``, ``torch.autocast(device_type="meta")`` does nothing instead of failing."""
+def _probe_hooks(
+    replica: Replica, current: list[MatmulRecorder], *, meta_autocast: bool, build_length: int | None
+) -> Iterator[None]:
+    """Module-stack bookkeeping, checkpoint interception and flex_attention on meta tensors for the
+    replica's forward, with only the model libraries' hooks among those registered for every module
+    (a user's global hook never sees the probes); with ``meta_autocast``,
+    ``torch.autocast(device_type="meta")`` does nothing instead of failing."""
     handles = []
     for module in replica.module.modules():
         path = replica.names.get(id(module), "")
@@ -215,7 +223,12 @@ def _probe_hooks(replica: Replica, current: list[MatmulRecorder], *, meta_autoca
         handles.append(module.register_forward_hook(leave, always_call=True))
 
     try:
-        with checkpoint_to(current), meta_autocast_as_cpu() if meta_autocast else nullcontext():
+        with (
+            checkpoint_to(current),
+            flex_attention_on_meta(FlexKernel(lambda: current[0], build_length)),
+            global_module_hooks_limited_to(is_model_library_hook),
+            meta_autocast_as_cpu() if meta_autocast else nullcontext(),
+        ):
             yield
     finally:
         for handle in handles:
@@ -234,9 +247,11 @@ class FlopEngine:
             name: [f + b for f, b in zip(c.forward, c.backward)] for name, c in coefficients.items()
         }
         self._model = [sum(values) for values in zip(*self.components.values())] or [0.0] * NUM_FEATURES
-        # Hardware FLOPs add what runs beyond the model's needs: the recompute and the forced input gradients.
+        # Hardware FLOPs add what runs beyond the model's needs: the recompute, the forced input gradients
+        # and what the attention kernel computes beyond (or short of) every pair.
         extra = [
-            sum(c.recompute[i] + c.forced[i] for c in coefficients.values()) for i in range(NUM_FEATURES)
+            sum(c.recompute[i] + c.forced[i] + c.kernel[i] for c in coefficients.values())
+            for i in range(NUM_FEATURES)
         ]
         self._hardware = [m + e for m, e in zip(self._model, extra)]
         self._has_tokens = any(self._model[i] or self._hardware[i] for i in (Feature.TOKENS, Feature.SQUARES))
@@ -394,7 +409,7 @@ def _trace(
         totals = []
         with (
             preserved_random_state(),
-            _probe_hooks(replica, current, meta_autocast=meta_autocast),
+            _probe_hooks(replica, current, meta_autocast=meta_autocast, build_length=probes.main_length),
             torch.enable_grad(),
         ):
             for rows, main, decoder in shapes:

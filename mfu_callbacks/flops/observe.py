@@ -114,7 +114,9 @@ class Observation:
     """What one observed micro-batch ran, per component and feature."""
 
     matmuls: list[_Matmul] = field(default_factory=list)
-    hardware: dict[tuple[str, Feature, bool], float] = field(default_factory=lambda: defaultdict(float))  # backward
+    hardware: dict[tuple[str, Feature, bool], float] = field(
+        default_factory=lambda: defaultdict(float)
+    )  # backward
     recomputed: dict[tuple[str, Feature, bool], float] = field(default_factory=lambda: defaultdict(float))
     complete: bool = False  # a backward ran to its end
     failure: str | None = None  # why observing stopped, if it failed
@@ -138,7 +140,7 @@ class Observation:
         return dict(totals)
 
     def fit(self, hardware_features: Sequence[float]) -> dict[str, list[list[float]]]:
-        """Per component: [forward, backward, recompute, forced] coefficients per feature, exact at this step.
+        """Per component: [forward, backward, recompute, forced, kernel] coefficients per feature, exact at this step.
 
         ``hardware_features`` is the observed micro-batch's hardware row (what its tensors held).
         """
@@ -152,7 +154,7 @@ class Observation:
                     f"the observed step ran {component} matmuls that scale with {feature.name.lower()}, "
                     "of which its batch has none"
                 )
-            parts = coefficients.setdefault(component, [[0.0] * NUM_FEATURES for _ in range(4)])
+            parts = coefficients.setdefault(component, [[0.0] * NUM_FEATURES for _ in range(5)])
             for part, value in zip(parts, (flops.forward, flops.backward, flops.recompute, flops.forced)):
                 part[feature] += value if per_unit else value / units
         return coefficients

@@ -8,13 +8,17 @@ only the hooks of the model libraries (PEFT's and transformers' ``enable_input_r
 output recording) and drops every other: the user's own hooks and those of distributed wrappers
 (FSDP all-gathers, Accelerate device hooks). A run of identical blocks in a ``ModuleList`` keeps one
 representative per distinct kind, standing for all of them: a 70B model traces as two layers.
+Methods replaced on an instance (``module.forward = ...``) run on the copy's own module, or the
+copy is refused by the attribute's name.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import gc
+import inspect
 import types
 import weakref
 from collections import OrderedDict
@@ -68,6 +72,10 @@ _SHARED = (
     complex,
     range,
 )
+
+
+class ReplicaError(RuntimeError):
+    """The model cannot be copied so that the copy runs on its own tensors."""
 
 
 @dataclass
@@ -168,9 +176,12 @@ def _filtered_hooks(hooks: dict) -> OrderedDict:
     """Only the hooks of the model libraries, which shape the computation (PEFT's and transformers'
     ``enable_input_require_grads``, output recording): a user's hooks never run on the copy, where they
     would see meta tensors and could change what the run counts or does."""
-    return OrderedDict(
-        (key, hook) for key, hook in hooks.items() if _hook_package(hook).startswith(_MODEL_HOOK_PACKAGES)
-    )
+    return OrderedDict((key, hook) for key, hook in hooks.items() if is_model_library_hook(hook))
+
+
+def is_model_library_hook(hook: object) -> bool:
+    """Whether a hook belongs to a model library (transformers, PEFT): the only hooks that run on the copy."""
+    return _hook_package(hook).startswith(_MODEL_HOOK_PACKAGES)
 
 
 def _hook_package(hook: object) -> str:
@@ -214,6 +225,71 @@ def _unflatten(parameters: list[FlattenedParameter], memo: dict[int, object]) ->
         copied.register_parameter(p.name, parameter)
 
 
+def _rebind_patched_methods(model: nn.Module, memo: dict[int, object]) -> None:
+    """Methods replaced on an instance (``module.forward = ...``) run on the copy's own module.
+
+    A bound method is rebound by the copy itself. A wrapper around one (``torch.compile``'s, as
+    Lightning puts on ``forward`` and ``training_step`` of a compiled LightningModule) is unwrapped
+    to that method, rebound: the same code, uncompiled, whose FLOPs are the same. A function that
+    holds a module of the model any other way (a closure) would run on the real tensors: refused.
+    """
+    originals = {id(module) for module in model.modules()}
+    for path, module in model.named_modules():
+        copied = memo.get(id(module))
+        if not isinstance(copied, nn.Module):
+            continue
+        for attribute, value in vars(module).items():
+            if (
+                not callable(value)
+                or isinstance(value, nn.Module)
+                or not callable(getattr(type(module), attribute, None))
+            ):
+                continue
+            method = inspect.unwrap(value)
+            owner = getattr(method, "__self__", None)
+            if isinstance(owner, nn.Module) and id(owner) in originals:
+                setattr(copied, attribute, types.MethodType(method.__func__, memo[id(owner)]))
+            elif _holds_module(value, originals):
+                name = f"{path}.{attribute}" if path else attribute
+                raise ReplicaError(
+                    f"{type(module).__name__}.{attribute} ('{name}') was replaced on the instance by a function that "
+                    "holds the model itself (a closure): on the meta-device copy it would run the real model on its "
+                    "real tensors"
+                )
+
+
+def _holds_module(function: object, originals: set[int]) -> bool:
+    """Whether a function reaches one of the model's modules through its closure or partial arguments."""
+    seen: set[int] = set()
+    stack = [function]
+    while stack:
+        value = stack.pop()
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        if isinstance(value, nn.Module):
+            if id(value) in originals:
+                return True
+            continue
+        if isinstance(value, functools.partial):
+            stack.extend([value.func, *value.args, *value.keywords.values()])
+        elif isinstance(value, types.MethodType):
+            stack.extend([value.__func__, value.__self__])
+        elif isinstance(value, types.FunctionType):
+            stack.extend(_cell_contents(cell) for cell in value.__closure__ or ())
+            wrapped = getattr(value, "__wrapped__", None)
+            if wrapped is not None:
+                stack.append(wrapped)
+    return False
+
+
+def _cell_contents(cell: types.CellType) -> object:
+    try:
+        return cell.cell_contents
+    except ValueError:  # a cell not yet assigned
+        return None
+
+
 def build_replica(model: nn.Module, *, fold: bool = True) -> Replica:
     """Copy ``model``'s structure (inside its wrappers) onto the meta device without touching its data."""
     flattened = [p for unit in model.modules() for p in fsdp1_flattened_parameters(unit)]
@@ -251,6 +327,7 @@ def build_replica(model: nn.Module, *, fold: bool = True) -> Replica:
             _copy_as_plain_module(module, memo)
     replica = copy.deepcopy(model, memo)
     _unflatten(flattened, memo)
+    _rebind_patched_methods(model, memo)
 
     for container_id in keep:
         copied = memo[container_id]

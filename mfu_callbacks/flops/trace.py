@@ -46,13 +46,16 @@ _OPERANDS: dict[object, tuple[int, int]] = {
 
 @dataclass
 class ComponentFlops:
-    """Forward, backward and recompute FLOPs of one component in one probe, and the backward products
-    that run only because a tensor was made to require a gradient the model does not need."""
+    """Forward, backward and recompute FLOPs of one component in one probe; ``forced``: the backward
+    products that run only because a tensor was made to require a gradient the model does not need;
+    ``kernel``: what a kernel computes beyond the model count, forward and backward (negative for the
+    blocks flex_attention skips)."""
 
     forward: float = 0.0
     backward: float = 0.0
     recompute: float = 0.0
     forced: float = 0.0
+    kernel: float = 0.0
 
 
 @dataclass
@@ -62,6 +65,7 @@ class _Matmul:
     backward: float  # its backward products, run if its output reaches the forward's result
     output: torch.Tensor | None
     forced: float = 0.0  # backward products that run (as above) although the model needs no such gradient
+    share: float = 1.0  # of forward and backward, what the kernel computes
 
 
 class MatmulRecorder(TorchDispatchMode):
@@ -172,7 +176,7 @@ class MatmulRecorder(TorchDispatchMode):
                 end = (saves[-1] if saves else 0) if early_stop else len(events)
                 for event in events[:end]:
                     if event is not None:
-                        self._recompute[event.component] += event.forward
+                        self._recompute[event.component] += event.forward * event.share
             if self._regions:  # a nested region is recomputed as part of the outer one too
                 self._regions[-1].extend(events)
 
@@ -193,9 +197,11 @@ class MatmulRecorder(TorchDispatchMode):
         backward: float,
         output: torch.Tensor | None,
         forced: float = 0.0,
+        share: float = 1.0,
     ) -> None:
-        """Add one matmul's FLOPs (already scaled by the module multiplicity) and the tensor it made."""
-        matmul = _Matmul(component, forward, backward, output, forced)
+        """Add one matmul's FLOPs (already scaled by the module multiplicity) and the tensor it made; the
+        kernel computes ``share`` of them."""
+        matmul = _Matmul(component, forward, backward, output, forced, share)
         self._matmuls.append(matmul)
         if self._regions:
             self._regions[-1].append(matmul)
@@ -268,10 +274,13 @@ class MatmulRecorder(TorchDispatchMode):
         graph = _autograd_graph(result)
         totals: dict[str, ComponentFlops] = defaultdict(ComponentFlops)
         for matmul in self._matmuls:
-            totals[matmul.component].forward += matmul.forward
+            flops = matmul.forward
             if graph is None or matmul.output is None or matmul.output.grad_fn in graph:
                 totals[matmul.component].backward += matmul.backward
                 totals[matmul.component].forced += matmul.forced
+                flops += matmul.backward
+            totals[matmul.component].forward += matmul.forward
+            totals[matmul.component].kernel += flops * (matmul.share - 1.0)
         for component, flops in self._recompute.items():
             totals[component].recompute += flops
         return dict(totals)
@@ -309,15 +318,31 @@ class MatmulRecorder(TorchDispatchMode):
             )
         elif func in FUSED_ATTENTION:
             query, key, value = args[:3]
-            forward = _attention_flops(query, key, value)
-            grad = torch.is_grad_enabled()
-            backward = _attention_backward(forward, *(grad and self.trains(t) for t in (query, key, value)))
-            runs = _attention_backward(forward, *(grad and _requires_grad(t) for t in (query, key, value)))
-            weight = self._weight
-            self.record(
-                self._component(True), forward * weight, backward * weight, out[0], (runs - backward) * weight
-            )
+            self.record_attention(query, key, value, out[0])
         return out
+
+    def record_attention(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        output: torch.Tensor,
+        share: float = 1.0,
+    ) -> None:
+        """A fused attention kernel of the current module, of which the kernel computes ``share``."""
+        forward = _attention_flops(query, key, value)
+        grad = torch.is_grad_enabled()
+        backward = _attention_backward(forward, *(grad and self.trains(t) for t in (query, key, value)))
+        runs = _attention_backward(forward, *(grad and _requires_grad(t) for t in (query, key, value)))
+        weight = self._weight
+        self.record(
+            self._component(True),
+            forward * weight,
+            backward * weight,
+            output,
+            (runs - backward) * weight,
+            share,
+        )
 
 
 def _requires_grad(tensor: object) -> bool:
