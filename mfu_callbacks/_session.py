@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import inspect
 import os
-from collections.abc import Mapping
+import warnings
+from collections.abc import Callable, Mapping
 from contextlib import suppress
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import _wandb, distributed
+from . import _status, _wandb, distributed
 from ._guard import Guard
 from ._options import MFUOptions
+from ._status import Status
 from .meter import MFUMeter, device_of, join_reduction_as_failed
+from .metrics import MFU_STATUS, MFUStatus
 from .report import format_report
 from .run_summary import RunSummary, describe_setup, library_versions
 
@@ -33,14 +36,17 @@ class MeterSession:
         *,
         wandb_prefix: str | None = None,
         wandb_step_metric: str | None = None,
+        warn: Callable[[str], None] | None = None,
     ) -> None:
         """``wandb_prefix``: how the metric names appear in W&B (the framework may add its own prefix);
-        ``wandb_step_metric``: the framework's global-step key in W&B, the axis MFU is plotted against.
+        ``wandb_step_metric``: the framework's global-step key in W&B, the axis MFU is plotted against;
+        ``warn``: says that MFU is not measured where the framework's users look (default: a warning).
         """
         self.options = options
         self._owner = owner
         self._wandb_prefix = options.prefix if wandb_prefix is None else wandb_prefix
         self._wandb_step_metric = wandb_step_metric
+        self._warn = warn or _warn
         self._hook: torch.utils.hooks.RemovableHandle | None = None
         self._resume_state: Mapping[str, Any] | None = None
         self.summary_dir: str | None = None  # where the run summary (mfu_summary.json) is written
@@ -58,6 +64,8 @@ class MeterSession:
         self._wandb_described = False
         self._model: nn.Module | None = None
         self.run_summary = RunSummary()
+        self.status: Status = _status.WARMING_UP  # what the last read (or the end of the run) found
+        self._warned: set[MFUStatus] = set()
 
     def attach(self, model: nn.Module, *, dtype: str | None = None) -> None:
         """Create the meter for ``model`` (continuing a resumed run's totals, if any were loaded)."""
@@ -164,14 +172,50 @@ class MeterSession:
         """
         if self.meter is None or self.guard.failed:
             self._join_as_failed()
-            return {}
+            return self._prefixed(self._with_status({}))
         metrics: dict[str, float] = self.guard.run(self.meter.metrics, default={}) or {}
         if metrics:
             # Reporting extras have a guard of their own: a failure there never stops the measurement.
             if not self._wandb_described:
                 self._extras_guard.run(self._describe_wandb_run)
             self._extras_guard.run(self._write_run_summary, metrics)
+        return self._prefixed(self._with_status(metrics))
+
+    def _prefixed(self, metrics: Mapping[str, float]) -> dict[str, float]:
         return {self.options.prefix + key: value for key, value in metrics.items()}
+
+    # -- the status: whether MFU is measured, said where users look ----------------------------------
+    def _with_status(self, metrics: dict[str, float]) -> dict[str, float]:
+        """``metrics`` with ``mfu_status``; a status without MFU is warned about once per run."""
+        self._set_status(self._judge(metrics))
+        return {**metrics, MFU_STATUS: float(self.status.code)}
+
+    def _judge(self, values: Mapping[str, float]) -> Status:
+        meter = self.meter
+        if self.guard.failed:
+            return _status.stopped(self.guard.reason or "", self.guard.fix or "")
+        if meter is None:
+            return _status.stopped("no model was given to measure", "pass the model when training starts")
+        return _status.judge(
+            values,
+            self.status,
+            engine_built=meter.engine is not None,
+            past_warmup=self.optimizer_steps > self.options.warmup_steps,
+            peak_device=str(meter.device) if meter.peak is None else None,
+        )
+
+    def _set_status(self, status: Status) -> None:
+        self.status = status
+        if status.code not in (MFUStatus.MEASURING, MFUStatus.WARMING_UP) and status.code not in self._warned:
+            self._warned.add(status.code)
+            self._warn(status.message())
+
+    def _final_status(self, summary: Mapping[str, float]) -> None:
+        """The run's status as it ends: a window left without MFU by a rank's failure still counts."""
+        status = self._judge(summary)
+        if status.measuring and self.status.code == MFUStatus.NOT_COUNTED:
+            status = self.status
+        self._set_status(status)
 
     def _join_as_failed(self) -> None:
         if self._attached and distributed.is_distributed():
@@ -185,9 +229,9 @@ class MeterSession:
 
     def _write_run_summary(self, metrics: Mapping[str, float] | None) -> None:
         """Add the window to the run summary and write it beside the framework's outputs (rank 0)."""
-        meter = self.meter
-        if meter is None or self.summary_dir is None or distributed.rank() != 0:
+        if self.summary_dir is None or distributed.rank() != 0:
             return
+        self.run_summary.status = self.status.as_dict()
         self.run_summary.setup.update(self._setup())
         if metrics is not None:
             self.run_summary.add_window(self.optimizer_steps, metrics)
@@ -234,9 +278,11 @@ class MeterSession:
         printed as the end-of-run report on rank 0 and written to the W&B run summary."""
         self.unwatch()
         summary = self.summary()
+        self._final_status(summary)
         self._extras_guard.run(self._write_run_summary, None)  # the setup as the run ended
         meter = self.meter
         if meter is None or not summary:
+            self._extras_guard.run(self._report_not_measured)
             return summary
 
         def report() -> None:
@@ -244,13 +290,31 @@ class MeterSession:
             if distributed.rank() != 0:
                 return
             if self.options.report:
-                print(format_report(summary, meter.run_flops(), meter.peak, diagnoses), flush=True)
+                print(
+                    format_report(summary, meter.run_flops(), meter.peak, diagnoses, self.status), flush=True
+                )
             run = _wandb.active_run()
             if run is not None:
-                _wandb.summarize_run(run, summary, diagnoses)
+                _wandb.summarize_run(run, summary, diagnoses, self.status)
 
         self.guard.run(report)
         return summary
+
+    def _report_not_measured(self) -> None:
+        """A run that measured nothing still ends with the report and the W&B summary saying why (rank 0)."""
+        if distributed.rank() != 0:
+            return
+        peak = self.meter.peak if self.meter is not None else None
+        if self.options.report:
+            print(format_report({}, None, peak, (), self.status), flush=True)
+        run = _wandb.active_run()
+        if run is not None:
+            _wandb.summarize_run(run, {}, (), self.status)
+
+
+def _warn(message: str) -> None:
+    """The default way to say that MFU is not measured: a Python warning, shown by default."""
+    warnings.warn(message, UserWarning, stacklevel=2)
 
 
 def _call_as_batch(module: nn.Module, args: tuple, kwargs: dict) -> Any:

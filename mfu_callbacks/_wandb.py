@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .flops import StepFlops
 from .hardware import PeakInfo
 from .metrics import NUMERIC_METRICS
+
+if TYPE_CHECKING:
+    from ._status import Status
 
 CONFIG_KEY = "mfu_callbacks"
 SUMMARY_PREFIX = "mfu_run/"
@@ -51,10 +54,19 @@ def describe_run(run: Any, config: Mapping[str, Any], metric_prefix: str, step_m
             run.define_metric(metric_prefix + name)
 
 
-def summarize_run(run: Any, summary: Mapping[str, float], diagnoses: Iterable[Any] = ()) -> None:
-    """The run's means after warm-up (token- and time-weighted, not a mean of logged points)."""
+def summarize_run(
+    run: Any, summary: Mapping[str, float], diagnoses: Iterable[Any] = (), status: Status | None = None
+) -> None:
+    """The run's means after warm-up (token- and time-weighted, not a mean of logged points), and
+    whether MFU was measured: ``mfu_run/status`` (a code of ``metrics.MFUStatus``) with its reason and fix."""
     for name, value in summary.items():
         run.summary[SUMMARY_PREFIX + name] = value
+    if status is not None:
+        run.summary[SUMMARY_PREFIX + "status"] = int(status.code)
+        run.summary[SUMMARY_PREFIX + "status_name"] = status.name
+        if not status.measuring:
+            run.summary[SUMMARY_PREFIX + "status_reason"] = status.reason
+            run.summary[SUMMARY_PREFIX + "status_fix"] = status.fix
     for diagnosis in diagnoses:
         key = f"mfu_diagnosis/{getattr(diagnosis, 'id', 'unknown')}"
         run.summary[key] = str(getattr(diagnosis, "message", diagnosis))

@@ -26,6 +26,7 @@ import weakref
 from typing import Any
 
 from accelerate import Accelerator
+from accelerate.logging import get_logger
 from torch import nn
 from torch.optim import Optimizer
 from torch.optim.optimizer import register_optimizer_step_post_hook
@@ -52,7 +53,11 @@ class MFUTracker:
         self.accelerator = accelerator
         self.latest: dict[str, float] = {}
         self._pending: dict[str, float] = {}
-        self.session = MeterSession(self.options, "mfu_callbacks.accelerate.MFUTracker")
+        self.session = MeterSession(
+            self.options,
+            "mfu_callbacks.accelerate.MFUTracker",
+            warn=get_logger("mfu_callbacks.accelerate").warning,
+        )
         self.session.attach(model, dtype=_PRECISION_TO_DTYPE.get(str(accelerator.mixed_precision)))
         self.session.watch_forward(model)
         self._parameter_ids = {id(parameter) for parameter in model.parameters()}

@@ -15,7 +15,9 @@ import warnings
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
+from ._guard import Guard
 from ._options import MFUOptions
 from ._session import MeterSession
 from .precision import dtype_from_lightning_precision
@@ -47,13 +49,19 @@ class MFUCallback(Callback):
             options["forward"] = _training_step
         self.options = MFUOptions(**options)
         self.session = MeterSession(
-            self.options, "mfu_callbacks.lightning.MFUCallback", wandb_step_metric="trainer/global_step"
+            self.options,
+            "mfu_callbacks.lightning.MFUCallback",
+            wandb_step_metric="trainer/global_step",
+            warn=rank_zero_warn,
         )
+        # Logging has a guard of its own: after the meter's failure, rows still carry mfu_status.
+        self._log_guard = Guard("mfu_callbacks.lightning.MFUCallback", stops="logging MFU")
         self._optimizer_stepped = False
         self.summary: dict[str, float] = {}
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.session.start_run()  # a second fit(), or one after an interrupted fit, starts clean
+        self._log_guard = Guard(self._log_guard.owner, stops=self._log_guard.stops)
         self._optimizer_stepped = False
         self.session.write_summary_to(trainer.log_dir)
         dtype = dtype_from_lightning_precision(str(trainer.precision))
@@ -83,7 +91,7 @@ class MFUCallback(Callback):
             return
         metrics = self.session.read()
         if metrics:
-            self.session.guard.run(self._log, pl_module, metrics)
+            self._log_guard.run(self._log, pl_module, metrics)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.summary = self.session.finish()

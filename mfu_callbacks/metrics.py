@@ -17,7 +17,27 @@ key                        meaning
 ``hfu_last_step``          HFU of the window's last step alone
 ``step_time_max``          slowest rank's mean step time, input wait excluded (distributed runs only)
 ``step_time_min``          fastest rank's mean step time, input wait excluded (distributed runs only)
+``mfu_status``             whether ``mfu`` is in the row, and if not why: a code of ``MFUStatus`` below
 =========================  ==============================================================================
+
+``mfu_status`` is added by the integrations at every read, so it is logged on the rows without MFU too,
+from the first read on (warm-up included), and after a failure for as long as training goes on:
+
+====  ===============  ==================================================================================
+code  name             meaning
+====  ===============  ==================================================================================
+ 1    ``MEASURING``    ``mfu`` is in the row
+ 2    ``WARMING_UP``   no measured step yet: warm-up steps and the step that built the FLOP engine
+ 0    ``OFF``          MFU is not measured on this rank: the FLOP engine could not be built (no batch
+                       could be counted) or the callback stopped after an error
+-1    ``NO_PEAK``      the GPU's peak FLOP/s is unknown: throughput is logged, MFU cannot be
+-2    ``NOT_COUNTED``  some rank could not count its FLOPs in this window: MFU of the others alone
+                       would pass for the whole job's, so it is left out
+====  ===============  ==================================================================================
+
+The reason and the fix are said once per run in the framework's log (a warning), at the end of the
+run in the report, in the W&B run summary (``mfu_run/status``, ``mfu_run/status_reason``) and in
+the run summary file (``status``).
 
 The run summary (``MFUMeter.summary()``, the W&B summary under ``mfu_run/``) holds ``mfu``, ``hfu``,
 ``tflops_per_gpu`` and ``tokens_per_sec_per_gpu`` over all measured steps.
@@ -26,6 +46,8 @@ Averages are totals over totals (FLOPs over seconds), never means of per-step ra
 """
 
 from __future__ import annotations
+
+from enum import IntEnum
 
 from ._window import RunTotals, Window, per_gpu_per_second, utilization
 
@@ -41,6 +63,18 @@ MFU_LAST_STEP = "mfu_last_step"
 HFU_LAST_STEP = "hfu_last_step"
 STEP_TIME_MAX = "step_time_max"
 STEP_TIME_MIN = "step_time_min"
+MFU_STATUS = "mfu_status"
+
+
+class MFUStatus(IntEnum):
+    """The codes of ``mfu_status`` (a number, as W&B, TensorBoard and CSV loggers want): table above."""
+
+    WARMING_UP = 2
+    MEASURING = 1
+    OFF = 0
+    NO_PEAK = -1
+    NOT_COUNTED = -2
+
 
 NUMERIC_METRICS = (
     MFU,

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .flops import StepFlops
 from .hardware import PeakInfo
+from .metrics import MFUStatus
+
+if TYPE_CHECKING:
+    from ._status import Status
 
 _SHOWN_SHARE = 0.0005  # a component under this share of the model FLOPs would print as 0.0%
 
@@ -16,14 +20,21 @@ def format_report(
     run_flops: StepFlops | None,
     peak: PeakInfo | None,
     diagnoses: Sequence[Any] = (),
+    status: Status | None = None,
 ) -> str:
-    """The report as printed when training ends; ``summary`` is ``MFUMeter.summary()``."""
+    """The report as printed when training ends; ``summary`` is ``MFUMeter.summary()``, ``status``
+    whether MFU was measured (a run without it says why and what to do)."""
     lines = ["MFU report (mfu-callbacks), measured steps after warm-up"]
+    # Without a peak, the peak line below says what is missing and how to supply it.
+    if status is not None and not status.measuring and status.code != MFUStatus.NO_PEAK:
+        where = " in every window" if status.code == MFUStatus.NOT_COUNTED else ""
+        lines.append(f"  MFU not measured{where} ({status.name}): {status.reason}")
+        lines.append(f"  fix: {status.fix}")
     if peak is not None:
         lines.append(
             f"  peak: {peak.device_name}, {peak.dtype}, {peak.tflops:.1f} TFLOP/s dense per GPU ({peak.source})"
         )
-    else:
+    elif status is None or status.code == MFUStatus.NO_PEAK:
         lines.append("  peak: unknown GPU, MFU not computed (pass peak_tflops= or set MFU_PEAK_TFLOPS)")
     figures = [
         ("MFU", summary.get("mfu"), "{:.1%}"),
@@ -31,10 +42,9 @@ def format_report(
         ("model TFLOP/s per GPU", summary.get("tflops_per_gpu"), "{:.1f}"),
         ("tokens/s per GPU", summary.get("tokens_per_sec_per_gpu"), "{:,.0f}"),
     ]
-    lines.append(
-        "  "
-        + "   ".join(f"{name} {form.format(value)}" for name, value, form in figures if value is not None)
-    )
+    shown = [f"{name} {form.format(value)}" for name, value, form in figures if value is not None]
+    if shown:
+        lines.append("  " + "   ".join(shown))
     if run_flops is not None and run_flops.model_flops > 0:
         lines.append("  model FLOPs by component:")
         total = run_flops.model_flops

@@ -31,10 +31,12 @@ The document (``FORMAT_VERSION`` 1)::
                          "trainable_parameters": 4194304,
                          "lora": {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]}}},
      "versions": {"torch": "2.11.0", "transformers": "5.17.0", "mfu_callbacks": "0.1.0"},
-     "windows": [{"step": 10, "metrics": {"mfu": 0.412, "tokens_per_sec_per_gpu": 9012.5, ...}}, ...]}
+     "windows": [{"step": 10, "metrics": {"mfu": 0.412, "tokens_per_sec_per_gpu": 9012.5, ...}}, ...],
+     "status": {"code": 1, "name": "measuring", "reason": "", "fix": ""}}
 
-Every setup key is optional: a reader shows what is there. Only torch and the standard library
-are imported here.
+``status`` (optional) says whether MFU was measured when the file was last written, and if not, why
+and what to do (codes in :mod:`mfu_callbacks.metrics`). Every setup key is optional: a reader shows
+what is there. Only torch and the standard library are imported here.
 """
 
 from __future__ import annotations
@@ -83,6 +85,7 @@ class RunSummary:
         self.setup: dict[str, Any] = dict(setup or {})
         self.versions: dict[str, str] = dict(versions) if versions is not None else library_versions()
         self.windows: list[dict[str, Any]] = []
+        self.status: dict[str, Any] | None = None  # {"code", "name", "reason", "fix"}, as in the docstring
 
     def add_window(self, step: int, metrics: Mapping[str, float]) -> None:
         """One window: the optimizer step it was read at and its metrics (non-finite values are left out)."""
@@ -102,6 +105,7 @@ class RunSummary:
             "setup": _plain(self.setup),
             "versions": dict(self.versions),
             "windows": list(self.windows),
+            **({"status": _plain(self.status)} if self.status is not None else {}),
         }
 
     def write(self, path: str | os.PathLike[str]) -> Path:
@@ -151,6 +155,8 @@ class RunSummary:
                 "run summary without a 'setup' object, a 'versions' object and a 'windows' list"
             )
         summary = cls(setup, versions=versions)
+        status = document.get("status")
+        summary.status = dict(status) if isinstance(status, dict) else None
         for index, window in enumerate(windows):
             try:
                 summary.add_window(window["step"], window["metrics"])

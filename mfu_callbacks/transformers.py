@@ -19,12 +19,15 @@ from typing import Any, cast
 
 from transformers import DefaultFlowCallback, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ExportableState
+from transformers.utils import logging as transformers_logging
 
 from ._options import MFUOptions
 from ._session import MeterSession
 from .precision import dtype_from_hf_args
 
 logger = logging.getLogger("mfu_callbacks")
+# Under the "transformers" logger: what Trainer users see, at the verbosity they set for the Trainer.
+trainer_logger = transformers_logging.get_logger("transformers.mfu_callbacks")
 
 
 class MFUCallback(TrainerCallback, ExportableState):
@@ -43,6 +46,7 @@ class MFUCallback(TrainerCallback, ExportableState):
             "mfu_callbacks.transformers.MFUCallback",
             wandb_prefix="train/" + self.options.prefix,  # the Trainer's WandbCallback adds "train/"
             wandb_step_metric="train/global_step",
+            warn=trainer_logger.warning,
         )
         self.summary: dict[str, float] = {}
         self.mfu_state: dict[str, Any] | None = None  # set by the Trainer when it restores callback states

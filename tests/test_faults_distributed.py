@@ -212,6 +212,7 @@ def test_a_fault_on_one_rank_finishes_the_job(tmp_path, plain_runs, integration,
     assert faulty["metrics"], "rank 0 went on measuring"
     last = faulty["metrics"][-1]
     if fault == "uncountable":  # one step left out on rank 1; MFU stays
-        assert prefix + "mfu" in last
+        assert prefix + "mfu" in last and last[prefix + "mfu_status"] == 1
     else:  # rank 1 stopped measuring: MFU of rank 0 alone would pass for the job's, so it is left out
         assert prefix + "mfu" not in last and prefix + "step_time" in last
+        assert last[prefix + "mfu_status"] == -2, "rank 0's rows say that a rank could not count"

@@ -67,6 +67,9 @@ def check_run(records: list[dict], loss_key: str, mfu_key: str, step_metric: str
             summary.update(record["summary"].get("update", {}))
     assert 0 < summary["mfu_run/mfu"] < 1
     assert summary["mfu_run/hfu"] >= summary["mfu_run/mfu"]
+    assert summary["mfu_run/status"] == 1 and summary["mfu_run/status_name"] == "measuring"
+    status_key = mfu_key.removesuffix("mfu") + "mfu_status"
+    assert all(row[status_key] == 1 for row in with_mfu), "a row with MFU says it is measuring"
 
 
 def collate_with_padding(rows):
@@ -199,3 +202,101 @@ def test_an_online_run_that_cannot_be_reached_is_one_line_naming_it():
         read_online_wandb_run("team/project/abc123", api=Offline())
     message = str(raised.value)
     assert "team/project/abc123" in message and "\n" not in message and "W&B login" in message
+
+
+def failing_forward(model, batch):
+    raise RuntimeError("no meta kernel for fused_op")
+
+
+def check_run_without_mfu(records: list[dict], status_key: str) -> None:
+    """Rows keep coming after the FLOP engine failed, each saying so; the run summary says why and the fix."""
+    rows = [record["history"]["item"] for record in records if record["type"] == "history"]
+    with_status = [row for row in rows if status_key in row]
+    assert len(with_status) >= 2 and all(row[status_key] == 0 for row in with_status), rows
+    assert not any(status_key.removesuffix("_status") in row for row in rows)
+    summary = {}
+    for record in records:
+        if record["type"] == "summary":
+            summary.update(record["summary"].get("update", {}))
+    assert summary["mfu_run/status"] == 0 and summary["mfu_run/status_name"] == "off"
+    assert "no meta kernel for fused_op" in summary["mfu_run/status_reason"]
+    assert summary["mfu_run/status_fix"].startswith("pass forward=")
+
+
+@pytest.mark.slow
+def test_hf_trainer_run_without_mfu_says_why_in_wandb(offline):
+    from transformers import Trainer, TrainingArguments
+
+    from mfu_callbacks.transformers import MFUCallback
+
+    args = TrainingArguments(
+        output_dir=str(offline / "out"),
+        max_steps=STEPS,
+        per_device_train_batch_size=BATCH,
+        logging_steps=2,
+        report_to=["wandb"],
+        save_strategy="no",
+        disable_tqdm=True,
+        use_cpu=True,
+        run_name="hf",
+    )
+    callback = MFUCallback(peak_tflops=PEAK_TFLOPS, warmup_steps=1, forward=failing_forward)
+    trainer = Trainer(
+        model=tiny_llama(),
+        args=args,
+        train_dataset=FixedLengthTokens(64),
+        data_collator=collate,
+        callbacks=[callback],
+    )
+    trainer.train()
+    wandb.finish()
+    check_run_without_mfu(read_run(offline), "train/mfu_status")
+
+
+@pytest.mark.slow
+def test_lightning_run_without_mfu_says_why_in_wandb(offline):
+    import lightning as L
+    from lightning.pytorch.loggers import WandbLogger
+    from test_lightning import TinyModule
+
+    from mfu_callbacks.lightning import MFUCallback
+
+    trainer = L.Trainer(
+        max_steps=STEPS,
+        accelerator="cpu",
+        devices=1,
+        log_every_n_steps=2,
+        logger=WandbLogger(project="lightning", save_dir=str(offline), offline=True),
+        callbacks=[MFUCallback(peak_tflops=PEAK_TFLOPS, warmup_steps=1, forward=failing_forward)],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(TinyModule(), DataLoader(FixedLengthTokens(64), batch_size=BATCH, collate_fn=collate))
+    wandb.finish()
+    check_run_without_mfu(read_run(offline), "train/mfu_status")
+
+
+@pytest.mark.slow
+def test_accelerate_run_without_mfu_says_why_in_wandb(offline):
+    from accelerate import Accelerator
+
+    from mfu_callbacks.accelerate import MFUTracker
+
+    accelerator = Accelerator(cpu=True, log_with="wandb")
+    accelerator.init_trackers("accelerate", init_kwargs={"wandb": {"dir": str(offline)}})
+    model = tiny_llama()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = DataLoader(FixedLengthTokens(BATCH * STEPS), batch_size=BATCH, collate_fn=collate)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    MFUTracker(
+        accelerator, model, peak_tflops=PEAK_TFLOPS, warmup_steps=1, log_interval=2, forward=failing_forward
+    )
+    for step, batch in enumerate(loader):
+        loss = model(**batch).loss
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        accelerator.log({"train/loss": loss.item()}, step=step)
+    accelerator.end_training()
+    check_run_without_mfu(read_run(offline), "train/mfu_status")
