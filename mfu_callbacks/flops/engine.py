@@ -29,7 +29,7 @@ from .isolation import map_tensors, preserved_random_state
 from .replica import Replica, build_replica
 from .step_flops import StepFlops
 from .substitutes import install_substitutes
-from .tokens import DECODER_KEYS, PACKED_KEYS, BatchError, TokenCounter, TokenCounting
+from .tokens import DECODER_KEYS, IMAGE_KEYS, PACKED_KEYS, BatchError, TokenCounter, TokenCounting
 from .trace import ComponentFlops, MatmulRecorder
 from .unwrap import unwrap_model
 
@@ -96,7 +96,13 @@ def _resize(tensor: torch.Tensor, rows: int, length: int | None) -> torch.Tensor
 
 
 class _ProbeBatches:
-    """Makes meta-device batches shaped like the user's, at the probe sizes."""
+    """Makes meta-device batches shaped like the user's, at the probe sizes.
+
+    Tensors with a row per sequence follow the probe's rows; images (``pixel_values``) follow them
+    too, k per row where the template has k images a row. So a vision-language model's image work
+    (vision tower, projector) is counted per row: exact when every row has the same number of
+    images of the same size, as its text tokens (image placeholders included) are counted per token.
+    """
 
     def __init__(self, template: Any, counting: TokenCounting, custom_forward: bool) -> None:
         self.template = template
@@ -118,11 +124,23 @@ class _ProbeBatches:
     def _convert(
         self, key: str | None, value: torch.Tensor, rows: int, main: int, decoder: int
     ) -> torch.Tensor:
-        if value.dim() == 0 or value.shape[0] != self.rows:
+        per_row = self._items_per_row(key, value)
+        if per_row is None:
             return torch.empty(value.shape, dtype=value.dtype, device="meta")
         stream = self._stream_of(key, value)
         length = {"main": main, "decoder": decoder}.get(stream) if stream else None
-        return _resize(value, rows, length)
+        return _resize(value, rows * per_row, length)
+
+    def _items_per_row(self, key: str | None, value: torch.Tensor) -> int | None:
+        """Entries of the first dimension per row: 1 for per-row tensors, k for k images a row,
+        None for a tensor that does not follow the rows."""
+        if value.dim() == 0:
+            return None
+        if value.shape[0] == self.rows:
+            return 1
+        if key in IMAGE_KEYS and value.shape[0] % self.rows == 0:
+            return value.shape[0] // self.rows
+        return None
 
     def make(self, rows: int, main: int, decoder: int) -> Any:
         """A batch of the template's layout at the probe's sizes, every tensor in it (nested too) on meta."""

@@ -4,10 +4,10 @@ The forward runs on the meta device (no data, no arithmetic) under a dispatch mo
 aten matmul with its operands. Autograd has already run above the dispatcher, so each operand
 still says whether it requires a gradient; the backward of a matmul computes one product per
 operand that does (the input gradient where anything upstream trains, the weight gradient where
-the weight trains), each as costly as the forward, provided its output reaches what the forward
-returns (autograd never runs the backward of a result that was thrown away, e.g. the trial
-evaluation of a parametrization at registration). That is exactly what autograd will run, so
-no backward pass is executed here.
+the weight trains), each as costly as the forward, provided its output reaches the loss the forward
+returns, or without a loss anything it returns (autograd never runs the backward of a result that
+was thrown away, e.g. the trial evaluation of a parametrization at registration). That is exactly
+what autograd will run, so no backward pass is executed here.
 """
 
 from __future__ import annotations
@@ -21,7 +21,14 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import flop_registry
 
-from .._torch_internals import CONVOLUTION_KERNEL, FUSED_ATTENTION, READ_SCALAR, TorchDispatchMode, view_base
+from .._torch_internals import (
+    ASSERTION,
+    CONVOLUTION_KERNEL,
+    FUSED_ATTENTION,
+    READ_SCALAR,
+    TorchDispatchMode,
+    view_base,
+)
 from .components import classify
 
 aten = torch.ops.aten
@@ -69,6 +76,7 @@ class MatmulRecorder(TorchDispatchMode):
         self._regions: list[list[_Matmul | None]] = []  # open checkpoint regions, innermost last
         self._matmuls: list[_Matmul] = []
         self._recompute: dict[str, float] = defaultdict(float)
+        self._assertions: dict[int, torch.Tensor] = {}  # results of ASSERTION, by id
 
     # -- module stack -------------------------------------------------------------------------
     def enter(self, path: str, class_name: str, multiplicity: int) -> None:
@@ -162,8 +170,10 @@ class MatmulRecorder(TorchDispatchMode):
         )
 
     def finish(self, result: Any) -> dict[str, ComponentFlops]:
-        """Totals per component, given what the forward returned (the root of its backward)."""
-        graph = _autograd_graph(result)
+        """Totals per component, given what the forward returned: its loss, where it has one, is the
+        root of the backward; otherwise every tensor it returns is."""
+        loss = _loss(result)
+        graph = _autograd_graph(result if loss is None else loss)
         totals: dict[str, ComponentFlops] = defaultdict(ComponentFlops)
         for matmul in self._matmuls:
             totals[matmul.component].forward += matmul.forward
@@ -184,8 +194,12 @@ class MatmulRecorder(TorchDispatchMode):
             # A meta tensor has no value to read back. Boolean reads are checks such as
             # ``pad_token_id in input_ids`` or ``mask.any()`` that pick a warning or a mask layout,
             # never the matmuls; the replica takes the False branch. Other reads still fail.
-            return False
+            # An assertion about the data (ASSERTION, then a read) holds for any batch the model
+            # accepts, such as image tokens matching image features: it reads True.
+            return id(args[0]) in self._assertions
         out = func(*args, **kwargs)
+        if func is ASSERTION:
+            self._assertions[id(out)] = out  # held, so that its id is not reused during the probe
         if func in _OPERANDS:
             first, second = (args[i] for i in _OPERANDS[func])
             if func in _CONVOLUTIONS:
@@ -222,6 +236,18 @@ def _tensors(value: Any) -> Iterator[torch.Tensor]:
     elif isinstance(value, (list, tuple)):
         for item in value:
             yield from _tensors(item)
+
+
+def _loss(result: Any) -> torch.Tensor | None:
+    """The loss a forward returned: ``.loss`` of a ModelOutput, a mapping's 'loss', or a scalar tensor.
+
+    Autograd starts the backward there alone; other outputs (a VLM's image hidden states, the hidden
+    states of every layer) get no backward unless they lead to the loss.
+    """
+    if isinstance(result, torch.Tensor):
+        return result if result.dim() == 0 else None
+    loss = result.get("loss") if isinstance(result, Mapping) else getattr(result, "loss", None)
+    return loss if isinstance(loss, torch.Tensor) else None
 
 
 def _autograd_graph(result: Any) -> set | None:
