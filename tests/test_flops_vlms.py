@@ -75,8 +75,64 @@ def paligemma() -> torch.nn.Module:
     return transformers.PaliGemmaForConditionalGeneration(config)
 
 
+_GRID = (1, 4, 4)  # Qwen2-VL: an image of 1 x 4 x 4 patches, merged 2 x 2 into 4 tokens
+_QWEN_TOKENS = {
+    "image_token_id": 120,
+    "video_token_id": 121,
+    "vision_start_token_id": 122,
+    "vision_end_token_id": 123,
+}
+
+
+def qwen2_vl() -> torch.nn.Module:
+    """Qwen2-VL: images as flattened patches sized by ``image_grid_thw``, whose values the model reads
+    (per-image vision attention, M-RoPE positions of the text)."""
+    config = transformers.Qwen2VLConfig(
+        text_config={**_TEXT, "rope_scaling": {"type": "mrope", "mrope_section": [1, 1, 2]}},
+        vision_config={
+            "depth": 2,
+            "embed_dim": 32,
+            "hidden_size": 32,
+            "num_heads": 4,
+            "mlp_ratio": 2,
+            "patch_size": 2,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+        },
+        **_QWEN_TOKENS,
+    )
+    return transformers.Qwen2VLForConditionalGeneration(config)
+
+
+def qwen2_5_vl() -> torch.nn.Module:
+    """Qwen2.5-VL: as Qwen2-VL, with windowed attention in the vision tower but for its full-attention blocks."""
+    config = transformers.Qwen2_5_VLConfig(
+        text_config={**_TEXT, "rope_scaling": {"type": "mrope", "mrope_section": [1, 1, 2]}},
+        vision_config={
+            "depth": 2,
+            "hidden_size": 32,
+            "out_hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 4,
+            "patch_size": 2,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "window_size": 4,
+            "fullatt_block_indexes": [1],
+        },
+        **_QWEN_TOKENS,
+    )
+    return transformers.Qwen2_5_VLForConditionalGeneration(config)
+
+
 # name: (builder, placeholder tokens per image)
-ARCHITECTURES = {"llava": (llava, 16), "gemma3": (gemma3, 4), "paligemma": (paligemma, 16)}
+ARCHITECTURES = {
+    "llava": (llava, 16),
+    "gemma3": (gemma3, 4),
+    "paligemma": (paligemma, 16),
+    "qwen2_vl": (qwen2_vl, 4),
+    "qwen2_5_vl": (qwen2_5_vl, 4),
+}
 
 
 def build(name: str) -> torch.nn.Module:
@@ -98,12 +154,34 @@ def vlm_batch(name: str, rows: int, text: int, images_per_row: int = 1) -> dict[
     ids[:, :placeholders] = IMAGE_TOKEN
     image_tokens = torch.zeros_like(ids)
     image_tokens[:, :placeholders] = 1
-    pixels = torch.randn(rows * images_per_row, 3, _IMAGE_SIZE, _IMAGE_SIZE, generator=generator)
+    if name.startswith("qwen"):
+        images = _qwen_images(ids, placeholders, images_per_row, generator)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone(), **images}
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    pixels = torch.randn(rows * images_per_row, 3, _IMAGE_SIZE, _IMAGE_SIZE, generator=generator)
     batch["pixel_values"] = pixels
     if name != "llava":
         batch["token_type_ids"] = image_tokens  # Gemma's image attention and PaliGemma's prefix
     return batch
+
+
+def _qwen_images(
+    ids: torch.Tensor, placeholders: int, images_per_row: int, generator: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """Qwen2-VL's image inputs: the placeholders between vision start and end tokens (written into
+    ``ids``, one image a row), flattened patches, and each image's grid."""
+    ids[:, 0] = _QWEN_TOKENS["vision_start_token_id"]
+    ids[:, 1 : placeholders + 1] = _QWEN_TOKENS["image_token_id"]
+    ids[:, placeholders + 1] = _QWEN_TOKENS["vision_end_token_id"]
+    token_types = torch.zeros_like(ids)
+    token_types[:, 1 : placeholders + 1] = 1
+    images = ids.shape[0] * images_per_row
+    patches = _GRID[0] * _GRID[1] * _GRID[2]
+    return {
+        "mm_token_type_ids": token_types,
+        "pixel_values": torch.randn(images * patches, 3 * 2 * 2 * 2, generator=generator),
+        "image_grid_thw": torch.tensor([_GRID] * images),
+    }
 
 
 def batches(name: str) -> list[dict[str, torch.Tensor]]:

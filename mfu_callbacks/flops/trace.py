@@ -197,7 +197,7 @@ class MatmulRecorder(TorchDispatchMode):
             # An assertion about the data (ASSERTION, then a read) holds for any batch the model
             # accepts, such as image tokens matching image features: it reads True.
             return id(args[0]) in self._assertions
-        out = func(*args, **kwargs)
+        out = func(*_on_meta(args), **kwargs)
         if func is ASSERTION:
             self._assertions[id(out)] = out  # held, so that its id is not reused during the probe
         if func in _OPERANDS:
@@ -236,6 +236,18 @@ def _tensors(value: Any) -> Iterator[torch.Tensor]:
     elif isinstance(value, (list, tuple)):
         for item in value:
             yield from _tensors(item)
+
+
+def _on_meta(args: tuple) -> tuple:
+    """Arguments of one op, with CPU tensors moved to meta where they meet meta ones: a probe's image
+    grids are real (the model reads their values), and what the model derives from them (positions,
+    lengths) meets the replica's meta tensors. Zero-dimensional CPU tensors mix with any device."""
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    if not any(t.is_meta for t in tensors) or all(t.is_meta for t in tensors):
+        return args
+    return tuple(
+        a.to("meta") if isinstance(a, torch.Tensor) and not a.is_meta and a.dim() else a for a in args
+    )
 
 
 def _loss(result: Any) -> torch.Tensor | None:
