@@ -32,6 +32,9 @@ _aten = torch.ops.aten
 READ_SCALAR = (
     _aten._local_scalar_dense.default
 )  # a value read back to Python: .item(), bool(tensor), `x in tensor`
+# The reduction behind torch._check_tensor_all (transformers' ``torch_compilable_check``): an assertion
+# about the data, e.g. that a VLM's image tokens match its image features, whose value is then read.
+ASSERTION = _aten._is_all_true.default
 CONVOLUTION_KERNEL = (
     _aten._convolution.default
 )  # the kernel behind aten.convolution; same first nine arguments

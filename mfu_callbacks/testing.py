@@ -118,7 +118,7 @@ def reference_step_flops(
     """FLOPs of one training step (forward + backward) as torch's FlopCounterMode counts them.
 
     forward: fn(model, batch) -> output; default ``model(**batch)``. The backward starts from the
-        output's ``loss``, or else from the sum of its logits (the loss itself has no matmul).
+        output's ``loss`` (attribute or key), or else from the sum of its logits (the loss itself has no matmul).
     eager_copy: count on a deep copy switched to eager kernels (``make_eager``); otherwise the model
         runs as it is, and its gradients are cleared afterwards.
     autocast_dtype: run the forward under autocast at this dtype, on the batch's device.
@@ -136,7 +136,7 @@ def reference_step_flops(
 
 
 def _loss(output: Any) -> torch.Tensor:
-    loss = getattr(output, "loss", None)
+    loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
     if loss is not None:
         return loss
     logits = getattr(output, "logits", output)

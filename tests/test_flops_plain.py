@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -93,6 +94,36 @@ def test_gpt_gradient_checkpointing() -> None:
 def test_gpt_padded_batch() -> None:
     batches = [padded_batch([length, length - 3, 2], labels=False) for length in LENGTHS]
     check_engine(gpt(), padded_batch([9, 4], labels=False), batches, forward=gpt_forward)
+
+
+class AuxiliaryOutput(nn.Module):
+    """Returns its loss beside an output that never reaches it (like a VLM's image hidden states)."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(VOCAB, width)
+        self.body = nn.Linear(width, width)
+        self.head = nn.Linear(width, VOCAB)
+        self.probe = nn.Linear(width, 4 * width)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, **_: Any) -> dict[str, torch.Tensor]:
+        hidden = self.body(self.embedding(input_ids))
+        logits = self.head(hidden)
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
+        return {"loss": loss, "logits": logits, "probe": self.probe(hidden)}
+
+
+@pytest.mark.parametrize("form", ["mapping", "attribute"])
+def test_outputs_that_never_reach_the_loss_get_no_backward(form: str) -> None:
+    """The backward starts at the loss alone, whether the forward returns it in a mapping or as ``.loss``."""
+
+    def forward(model: nn.Module, batch: dict[str, torch.Tensor]) -> Any:
+        outputs = model(**batch)
+        return outputs if form == "mapping" else SimpleNamespace(**outputs)
+
+    torch.manual_seed(0)
+    batches = [full_batch(rows, length) for rows in (1, 2) for length in LENGTHS]
+    check_engine(AuxiliaryOutput(), full_batch(3, 9), batches, forward=forward)
 
 
 class TinyCNN(nn.Module):

@@ -45,6 +45,13 @@ def test_reading_a_value_back_dispatches_the_read_scalar_kernel():
     assert internals.READ_SCALAR in log.ops
 
 
+def test_a_tensor_assertion_reads_back_the_assertion_kernel():
+    """torch._check_tensor_all (transformers' torch_compilable_check) reduces with ASSERTION, then reads it."""
+    with OperationLog() as log:
+        torch._check_tensor_all(torch.tensor([True, True]))
+    assert log.ops[-2:] == [internals.ASSERTION, internals.READ_SCALAR]
+
+
 def test_the_convolution_kernel_takes_the_arguments_of_convolution_first():
     public = [argument.name for argument in torch.ops.aten.convolution.default._schema.arguments]
     kernel = [argument.name for argument in internals.CONVOLUTION_KERNEL._schema.arguments]

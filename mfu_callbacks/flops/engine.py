@@ -38,7 +38,16 @@ from .observe import Observation, RealStepObserver
 from .replica import Replica, build_replica, is_model_library_hook
 from .step_flops import StepFlops
 from .substitutes import install_substitutes
-from .tokens import DECODER_KEYS, PACKED_KEYS, BatchError, TokenCounter, TokenCounting
+from .tokens import (
+    DECODER_KEYS,
+    GRID_KEYS,
+    IMAGE_KEYS,
+    MAIN_KEYS,
+    PACKED_KEYS,
+    BatchError,
+    TokenCounter,
+    TokenCounting,
+)
 from .trace import ComponentFlops, MatmulRecorder
 from .unwrap import unwrap_model
 
@@ -111,8 +120,27 @@ def _resize(tensor: torch.Tensor, rows: int, length: int | None) -> torch.Tensor
     return torch.empty(shape, dtype=tensor.dtype, device="meta")
 
 
+def _extended(tensor: torch.Tensor, rows: int, length: int) -> torch.Tensor:
+    """The template's first row on the CPU, its last column repeated up to ``length``, once per row."""
+    row = tensor[:1].cpu()
+    extra = length - row.shape[1]
+    if extra > 0:
+        row = torch.cat([row, row[:, -1:].expand(1, extra, *row.shape[2:])], dim=1)
+    return row[:, :length].repeat(rows, *[1] * (row.dim() - 1))
+
+
 class _ProbeBatches:
-    """Makes meta-device batches shaped like the user's, at the probe sizes."""
+    """Makes meta-device batches shaped like the user's, at the probe sizes.
+
+    Tensors with a row per sequence follow the probe's rows; images (``pixel_values``) follow them
+    too, k per row where the template has k images a row. So a vision-language model's image work
+    (vision tower, projector) is counted per row: exact when every row has the same number of
+    images of the same size, as its text tokens (image placeholders included) are counted per token.
+
+    A model that reads its image grids (``image_grid_thw``: Qwen2-VL) gets them as real CPU tensors,
+    and with them the integer tensors of the text stream (attention mask, token types), whose values
+    place the image tokens: copies of the template's first row, extended with its last (text) column.
+    """
 
     def __init__(self, template: Any, counting: TokenCounting, custom_forward: bool) -> None:
         self.template = template
@@ -121,6 +149,9 @@ class _ProbeBatches:
         self.main_length = main.length if main is not None else None
         self.decoder_length = decoder.length if decoder is not None else None
         self.encoder_decoder = counting.encoder_decoder
+        self.grids = isinstance(template, Mapping) and any(
+            isinstance(template.get(key), torch.Tensor) for key in GRID_KEYS
+        )
 
     def _stream_of(self, key: str | None, tensor: torch.Tensor) -> str | None:
         if key is not None and (
@@ -134,11 +165,32 @@ class _ProbeBatches:
     def _convert(
         self, key: str | None, value: torch.Tensor, rows: int, main: int, decoder: int
     ) -> torch.Tensor:
-        if value.dim() == 0 or value.shape[0] != self.rows:
+        per_row = self._items_per_row(key, value)
+        if per_row is None:
             return torch.empty(value.shape, dtype=value.dtype, device="meta")
+        if self.grids and key in GRID_KEYS:
+            return value[:per_row].cpu().repeat(rows, 1)
         stream = self._stream_of(key, value)
+        if (
+            self.grids
+            and stream == "main"
+            and key not in (*MAIN_KEYS, "labels")
+            and not value.is_floating_point()
+        ):
+            return _extended(value, rows, main)
         length = {"main": main, "decoder": decoder}.get(stream) if stream else None
-        return _resize(value, rows, length)
+        return _resize(value, rows * per_row, length)
+
+    def _items_per_row(self, key: str | None, value: torch.Tensor) -> int | None:
+        """Entries of the first dimension per row: 1 for per-row tensors, k for k images a row,
+        None for a tensor that does not follow the rows."""
+        if value.dim() == 0:
+            return None
+        if value.shape[0] == self.rows:
+            return 1
+        if key in (*IMAGE_KEYS, *GRID_KEYS) and value.shape[0] % self.rows == 0:
+            return value.shape[0] // self.rows
+        return None
 
     def make(self, rows: int, main: int, decoder: int) -> Any:
         """A batch of the template's layout at the probe's sizes, every tensor in it (nested too) on meta."""
@@ -279,7 +331,9 @@ class FlopEngine:
                 "a decoder stream without an encoder stream: pass token_counter= to name the streams"
             )
         else:
-            shapes = _PROBES_MAIN
+            # Rows laid out by image grids keep the template's layout: probes add text after it.
+            offset = probes.main_length if probes.grids else 0
+            shapes = tuple((rows, offset + main, decoder) for rows, main, decoder in _PROBES_MAIN)
         run = forward or default_forward
         errors: list[str] = []
         for fold in (True, False):

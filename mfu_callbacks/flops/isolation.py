@@ -4,8 +4,9 @@ Building the engine runs the model's own Python code a few times on a meta-devic
 may draw random numbers (dropout masks are free on meta, but stochastic depth, layerdrop and noise
 drawn with ``torch.rand`` on the CPU generator or ``random.random()`` are not), so every global
 generator is put back exactly as it was: torch's CPU generator, every initialised CUDA generator,
-Python's ``random`` and NumPy's global generator. Batches reach the probes as meta tensors only,
-nested containers included, so no real tensor is ever read or written by a probe.
+Python's ``random`` and NumPy's global generator. Batches reach the probes as meta tensors, nested
+containers included, or as CPU copies (image grids), so no tensor of the run is ever read or
+written by a probe.
 """
 
 from __future__ import annotations

@@ -21,6 +21,8 @@ from .features import CALLS_INDEX, HARDWARE, MODEL, NUM_FEATURES, Feature
 MAIN_KEYS = ("input_ids", "inputs_embeds")
 DECODER_KEYS = ("decoder_input_ids", "decoder_inputs_embeds")
 IMAGE_KEYS = ("pixel_values", "images", "image")
+# Image sizes in patches, (images, 3), whose values the model reads (Qwen2-VL's vision tower and M-RoPE).
+GRID_KEYS = ("image_grid_thw",)
 PACKED_KEYS = ("cu_seq_lens_q", "cu_seqlens", "cu_seqlens_q")
 
 TokenCounter = Callable[[Any], Mapping[str, torch.Tensor]]

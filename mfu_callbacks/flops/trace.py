@@ -4,10 +4,10 @@ The forward runs on the meta device (no data, no arithmetic) under a dispatch mo
 aten matmul with its operands. Autograd has already run above the dispatcher, so each operand
 still says whether it requires a gradient; the backward of a matmul computes one product per
 operand that does (the input gradient where anything upstream trains, the weight gradient where
-the weight trains), each as costly as the forward, provided its output reaches what the forward
-returns (autograd never runs the backward of a result that was thrown away, e.g. the trial
-evaluation of a parametrization at registration). That is exactly what autograd will run, so
-no backward pass is executed here.
+the weight trains), each as costly as the forward, provided its output reaches the loss the forward
+returns, or without a loss anything it returns (autograd never runs the backward of a result that
+was thrown away, e.g. the trial evaluation of a parametrization at registration). That is exactly
+what autograd will run, so no backward pass is executed here.
 
 An operand can require a gradient that the model does not need: PEFT's and transformers'
 ``enable_input_require_grads`` (switched on with gradient checkpointing) make the input embeddings'
@@ -28,7 +28,14 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import flop_registry
 
-from .._torch_internals import CONVOLUTION_KERNEL, FUSED_ATTENTION, READ_SCALAR, TorchDispatchMode, view_base
+from .._torch_internals import (
+    ASSERTION,
+    CONVOLUTION_KERNEL,
+    FUSED_ATTENTION,
+    READ_SCALAR,
+    TorchDispatchMode,
+    view_base,
+)
 from .components import classify, component_of_parameter
 
 aten = torch.ops.aten
@@ -89,6 +96,7 @@ class MatmulRecorder(TorchDispatchMode):
         self._matmuls: list[_Matmul] = []
         self._recompute: dict[str, float] = defaultdict(float)
         self._trains: dict[Any, bool] = {}  # autograd node -> whether a trainable parameter lies upstream
+        self._assertions: dict[int, torch.Tensor] = {}  # results of ASSERTION, by id
 
     # -- module stack -------------------------------------------------------------------------
     def enter(self, path: str, class_name: str, multiplicity: int) -> None:
@@ -270,8 +278,10 @@ class MatmulRecorder(TorchDispatchMode):
         return False
 
     def finish(self, result: Any) -> dict[str, ComponentFlops]:
-        """Totals per component, given what the forward returned (the root of its backward)."""
-        graph = _autograd_graph(result)
+        """Totals per component, given what the forward returned: its loss, where it has one, is the
+        root of the backward; otherwise every tensor it returns is."""
+        loss = _loss(result)
+        graph = _autograd_graph(result if loss is None else loss)
         totals: dict[str, ComponentFlops] = defaultdict(ComponentFlops)
         for matmul in self._matmuls:
             flops = matmul.forward
@@ -296,8 +306,12 @@ class MatmulRecorder(TorchDispatchMode):
             # A meta tensor has no value to read back. Boolean reads are checks such as
             # ``pad_token_id in input_ids`` or ``mask.any()`` that pick a warning or a mask layout,
             # never the matmuls; the replica takes the False branch. Other reads still fail.
-            return False
-        out = func(*args, **kwargs)
+            # An assertion about the data (ASSERTION, then a read) holds for any batch the model
+            # accepts, such as image tokens matching image features: it reads True.
+            return id(args[0]) in self._assertions
+        out = func(*_on_meta(args), **kwargs)
+        if func is ASSERTION:
+            self._assertions[id(out)] = out  # held, so that its id is not reused during the probe
         if self._declared:
             return out
         if func in _OPERANDS:
@@ -368,6 +382,30 @@ def _tensors(value: Any) -> Iterator[torch.Tensor]:
     elif isinstance(value, (list, tuple)):
         for item in value:
             yield from _tensors(item)
+
+
+def _on_meta(args: tuple) -> tuple:
+    """Arguments of one op, with CPU tensors moved to meta where they meet meta ones: a probe's image
+    grids are real (the model reads their values), and what the model derives from them (positions,
+    lengths) meets the replica's meta tensors. Zero-dimensional CPU tensors mix with any device."""
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    if not any(t.is_meta for t in tensors) or all(t.is_meta for t in tensors):
+        return args
+    return tuple(
+        a.to("meta") if isinstance(a, torch.Tensor) and not a.is_meta and a.dim() else a for a in args
+    )
+
+
+def _loss(result: Any) -> torch.Tensor | None:
+    """The loss a forward returned: ``.loss`` of a ModelOutput, a mapping's 'loss', or a scalar tensor.
+
+    Autograd starts the backward there alone; other outputs (a VLM's image hidden states, the hidden
+    states of every layer) get no backward unless they lead to the loss.
+    """
+    if isinstance(result, torch.Tensor):
+        return result if result.dim() == 0 else None
+    loss = result.get("loss") if isinstance(result, Mapping) else getattr(result, "loss", None)
+    return loss if isinstance(loss, torch.Tensor) else None
 
 
 def _autograd_graph(result: Any) -> set | None:
