@@ -110,7 +110,11 @@ def documents(
         for row in range(positions.shape[0]):
             starts = (positions[row] == 0).nonzero().flatten().tolist() + [positions.shape[1]]
             for start, end in zip(starts[:-1], starts[1:]):
-                piece = {key: value[row : row + 1, start:end] for key, value in batch.items()}
+                piece = {  # the per-token tensors; boundaries (cu_seq_lens_*) describe the whole row
+                    key: value[row : row + 1, start:end]
+                    for key, value in batch.items()
+                    if value.shape == positions.shape
+                }
                 yield piece
         return
     mask = batch["attention_mask"].bool()

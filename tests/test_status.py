@@ -199,8 +199,8 @@ def empty_token_counter(batch: Any) -> Any:
 
 # fault: (option, a phrase of the reason, the start of the fix)
 FAULTS = {
-    "forward_on_meta": (
-        {"forward": forward_without_meta_kernel},
+    "forward_on_meta": (  # with the real step not watched (else it is counted: tests/test_real_step.py)
+        {"forward": forward_without_meta_kernel, "real_step": "off"},
         "no meta kernel for fused_op",
         "pass forward=",
     ),

@@ -58,8 +58,10 @@ _CONVOLUTIONS = (aten.convolution, CONVOLUTION_KERNEL.overloadpacket)
 _MATMULS = {
     aten.mm: (0, 1),
     aten.addmm: (1, 2),
+    aten.addmm_: (1, 2),
     aten.bmm: (0, 1),
     aten.baddbmm: (1, 2),
+    aten.baddbmm_: (1, 2),
     **{packet: (0, 1) for packet in (*_CONVOLUTIONS, *EXTRA_MATMULS)},
 }
 
@@ -94,6 +96,9 @@ class _TensorFacts:
     needs_grad: bool  # carries a gradient that training needs (derives from a trainable parameter)
     made_with_grad: bool
     tags: frozenset[int] = frozenset()  # gradient-free forward matmuls upstream (inside a custom Function)
+    owner: int | None = (
+        None  # id of the module whose parameter alone this tensor derives from (a cast weight)
+    )
 
 
 @dataclass
@@ -229,7 +234,7 @@ class RealStepObserver(TorchDispatchMode):
             return facts
         base = view_base(tensor)
         if id(base) in self._owners:  # a parameter or buffer of the model (or a view of one)
-            return _TensorFacts(False, id(base) in self._trainable, True)
+            return _TensorFacts(False, id(base) in self._trainable, True, owner=self._owners[id(base)])
         # Anything else from outside the step (a tensor the batch carried indirectly): batch data.
         return _TensorFacts(True, tensor.requires_grad and tensor.is_leaf, True)
 
@@ -247,7 +252,7 @@ class RealStepObserver(TorchDispatchMode):
         """The component of the module that owns a parameter operand (a fused head multiplies by
         ``lm_head.weight`` outside ``lm_head``'s forward: it is still the head)."""
         for operand in operands:
-            owner = self._owners.get(id(view_base(operand)))
+            owner = self._fact(operand).owner
             if owner is not None:
                 path, classes = self._names[owner]
                 return classify(path, classes, activation_matmul=False)
@@ -298,11 +303,24 @@ class RealStepObserver(TorchDispatchMode):
         matmul = self._matmul(func, args, out, grad_enabled)
         if matmul is not None and not grad_enabled:
             tags = tags | {len(self.observation.matmuls) - 1}
-        result = _TensorFacts(from_batch, any(carries), grad_enabled, tags)
+        owners = {f.owner for f in facts}
+        owner = owners.pop() if len(owners) == 1 and not from_batch else None
+        result = _TensorFacts(from_batch, any(carries), grad_enabled, tags, owner)
         for tensor in outputs:
             self._facts[tensor] = result
             if tags:
                 self._tagged[tensor] = True
+                base = tensor._base
+                if base is not None:  # written through a view (out=, copy_): the base holds the result
+                    known = self._fact(base)
+                    self._facts[base] = _TensorFacts(
+                        known.from_batch,
+                        known.needs_grad,
+                        known.made_with_grad,
+                        known.tags | tags,
+                        known.owner,
+                    )
+                    self._tagged[base] = True
 
     def _classify(self, operands: Sequence[torch.Tensor]) -> tuple[str, Feature]:
         """Component and feature of a matmul seen in a forward (or recompute): two batch-derived

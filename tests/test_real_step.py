@@ -1,0 +1,175 @@
+"""The callbacks count the real step where the meta-device copy cannot (or counts wrong): TRL's
+SFTTrainer, hand-written routing, a fused head with its own backward; every row after warm-up has MFU."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+import torch
+from conftest import VOCAB, assert_flops, full_batch, model_truth, padded_batch
+from test_flops_observe import TinyMoELM, fused_head_forward, llama, unfused_forward
+from torch import nn
+
+from mfu_callbacks import MFUMeter
+from mfu_callbacks.flops import ModelIntrospectionError
+from mfu_callbacks.testing import reference_step_flops
+
+
+def run_loop(model: nn.Module, batches: list[dict], forward, **options: Any) -> MFUMeter:
+    """A plain training loop with the meter, as README shows it."""
+    meter = MFUMeter(model, peak_tflops=1.0, warmup_steps=0, forward=forward, **options)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    for batch in batches:
+        meter.start_step(batch)
+        forward(model, batch).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        meter.end_step()
+    return meter
+
+
+def loss_of(model: nn.Module, batch: dict) -> torch.Tensor:
+    output = model(**batch)
+    return output.loss if hasattr(output, "loss") else output
+
+
+def test_a_model_the_copy_cannot_trace_is_counted_from_its_real_step(caplog) -> None:
+    model = TinyMoELM()
+    batches = [full_batch(2, 16), full_batch(3, 24), full_batch(2, 16)]
+    with caplog.at_level(logging.INFO, logger="mfu_callbacks"):
+        meter = run_loop(model, batches, loss_of)
+        meter.metrics()
+    assert "counted on a real training step" in caplog.text
+    flops = meter.run_flops()
+    assert flops is not None
+    truth = sum(reference_step_flops(model, batch) for batch in batches[1:])  # the first was observed
+    assert_flops(flops.model_flops, truth, "model FLOPs of the measured steps")
+
+
+def test_where_the_copy_miscounts_a_custom_backward_the_real_step_is_used(caplog) -> None:
+    model = llama()
+    batches = [full_batch(2, 17), full_batch(3, 25)]
+    with caplog.at_level(logging.INFO, logger="mfu_callbacks"):
+        meter = run_loop(model, batches, fused_head_forward)
+        meter.metrics()
+    assert "the real step's count is used" in caplog.text and "head" in caplog.text
+    flops = meter.run_flops()
+    assert flops is not None
+    assert_flops(flops.model_flops, reference_step_flops(model, batches[1], unfused_forward), "model FLOPs")
+
+
+def test_where_the_copy_agrees_it_is_kept(caplog) -> None:
+    model = llama()
+    with caplog.at_level(logging.INFO, logger="mfu_callbacks"):
+        meter = run_loop(model, [padded_batch([5, 12]), padded_batch([7, 3, 16])], loss_of)
+        meter.metrics()
+    assert "agree with the copy's" in caplog.text
+    assert meter.engine is not None and "meta-device replica" in meter.engine.description
+
+
+def test_real_step_off_never_watches_and_only_skips_the_copy() -> None:
+    model = TinyMoELM()
+    batches = [full_batch(2, 16), full_batch(2, 16)]
+    with pytest.raises(ModelIntrospectionError, match="could not trace"):
+        run_loop(model, batches, loss_of, real_step="off")
+    only = run_loop(llama(), batches, loss_of, real_step="only")
+    only.metrics()
+    assert only.engine is not None and "real training step" in only.engine.description
+
+
+def test_a_bad_real_step_option_is_refused_at_construction() -> None:
+    with pytest.raises(ValueError, match="real_step must be one of"):
+        MFUMeter(nn.Linear(2, 2), peak_tflops=1.0, real_step="sometimes")
+
+
+def test_losses_and_weights_are_identical_when_the_step_is_observed() -> None:
+    batches = [full_batch(2, 16, seed=s) for s in range(3)]
+    trained = []
+    for watched in (True, False):
+        model = TinyMoELM()
+        losses = []
+        meter = MFUMeter(model, peak_tflops=1.0, warmup_steps=0, real_step="only") if watched else None
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        for batch in batches:
+            if meter is not None:
+                meter.start_step(batch)
+            loss = loss_of(model, batch)
+            loss.backward()
+            losses.append(loss.item())
+            optimizer.step()
+            optimizer.zero_grad()
+            if meter is not None:
+                meter.end_step()
+        trained.append((losses, model.state_dict()))
+    (losses_a, weights_a), (losses_b, weights_b) = trained
+    assert losses_a == losses_b
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+
+
+# -- TRL ------------------------------------------------------------------------------------------
+def _tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocabulary = {"<pad>": 0, "<unk>": 1, "<eos>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocabulary, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>")
+
+
+TRL_SETUPS = {
+    "full": {},
+    "lora": {"lora": True},
+    "packing": {"packing": True},
+    "padding_free": {"padding_free": True, "max_length": None},
+    "lora_packing_checkpointing": {"lora": True, "packing": True, "gradient_checkpointing": True},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("setup", list(TRL_SETUPS))
+def test_trl_sft_trainer_logs_mfu_in_every_row_with_default_options(tmp_path, setup: str) -> None:
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from mfu_callbacks.transformers import MFUCallback
+
+    options = dict(TRL_SETUPS[setup])
+    lora = options.pop("lora", False)
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.randint(6, 30, (48,), generator=generator).tolist()
+    data = Dataset.from_list(
+        [{"input_ids": torch.randint(3, VOCAB, (n,), generator=generator).tolist()} for n in lengths]
+    )
+    model = llama()
+    seen: list[dict] = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(dict(kwargs)), with_kwargs=True)
+    callback = MFUCallback(peak_tflops=1.0, warmup_steps=1)
+    config = SFTConfig(
+        output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=4, logging_steps=1, report_to=[],
+        save_strategy="no", use_cpu=True, disable_tqdm=True, max_length=options.pop("max_length", 64),
+        gradient_checkpointing=options.pop("gradient_checkpointing", False), **options,
+    )  # fmt: skip
+    peft_config = (
+        LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM") if lora else None
+    )
+    trainer = SFTTrainer(
+        model=model, args=config, train_dataset=data, processing_class=_tokenizer(), callbacks=[callback],
+        peft_config=peft_config,
+    )  # fmt: skip
+    trainer.train()
+    rows = [row for row in trainer.state.log_history if "loss" in row]
+    assert len(rows) == 6
+    assert all("mfu" in row for row in rows[2:]), rows  # warm-up, then the step that built the engine
+    engine = callback.session.meter.engine
+    assert engine is not None
+    batch = {key: value for key, value in seen[-1].items() if isinstance(value, torch.Tensor)}
+    # TRL's fused head scores every position but the last of a row, the plain forward of the truth every
+    # position: one token's head per row apart, within 1% here.
+    assert_flops(
+        engine.estimate(batch).model_flops, model_truth(trainer.model, batch), "model FLOPs", rel=0.01
+    )
