@@ -131,7 +131,6 @@ TRL_SETUPS = {
 @pytest.mark.slow
 @pytest.mark.parametrize("setup", list(TRL_SETUPS))
 def test_trl_sft_trainer_logs_mfu_in_every_row_with_default_options(tmp_path, setup: str) -> None:
-    pytest.importorskip("trl")
     from datasets import Dataset
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
