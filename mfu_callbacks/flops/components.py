@@ -51,6 +51,12 @@ _MLP_PARTS = (
 _ROUTER_LEAVES = frozenset({"gate", "router", "shared_expert_gate", "switch"})
 
 
+def windowed_scores(slot: int) -> str:
+    """While tracing: the scores and values of layers with the engine's attention window ``slot``,
+    kept apart until their squares are moved to that window's feature, then counted as ATTENTION_SCORES."""
+    return f"{ATTENTION_SCORES}@window{slot}"
+
+
 def _is_attention(parts: Sequence[str], class_names: Sequence[str]) -> bool:
     return any("attn" in p or "attention" in p for p in parts) or any(
         "attention" in c.lower() for c in class_names

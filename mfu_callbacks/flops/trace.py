@@ -22,7 +22,7 @@ import torch
 from torch.utils.flop_counter import flop_registry
 
 from .._torch_internals import CONVOLUTION_KERNEL, FUSED_ATTENTION, READ_SCALAR, TorchDispatchMode, view_base
-from .components import classify
+from .components import ATTENTION_SCORES, classify, windowed_scores
 
 aten = torch.ops.aten
 
@@ -60,11 +60,14 @@ class MatmulRecorder(TorchDispatchMode):
     Modules of the replica report entry and exit through hooks (``enter``/``exit``) so that each
     op is attributed to the innermost module; a module's multiplicity scales ops inside a module
     that stands for several identical ones. ``finish`` turns the record into per-component totals.
+    ``windows`` maps the path of an attention module with a window of keys to that window's slot:
+    its scores and values are recorded as ``windowed_scores(slot)``.
     """
 
-    def __init__(self, parameter_ids: set[int]) -> None:
+    def __init__(self, parameter_ids: set[int], windows: Mapping[str, int] | None = None) -> None:
         super().__init__()
         self._parameter_ids = parameter_ids
+        self._windows = windows or {}
         self._stack: list[tuple[str, str, int]] = []  # (path, class name, multiplicity)
         self._regions: list[list[_Matmul | None]] = []  # open checkpoint regions, innermost last
         self._matmuls: list[_Matmul] = []
@@ -86,7 +89,13 @@ class MatmulRecorder(TorchDispatchMode):
 
     def _component(self, activation_matmul: bool) -> str:
         path = self._stack[-1][0] if self._stack else ""
-        return classify(path, [name for _, name, _ in self._stack], activation_matmul=activation_matmul)
+        component = classify(path, [name for _, name, _ in self._stack], activation_matmul=activation_matmul)
+        if component == ATTENTION_SCORES and self._windows:
+            for module_path, _, _ in reversed(self._stack):
+                slot = self._windows.get(module_path)
+                if slot is not None:
+                    return windowed_scores(slot)
+        return component
 
     # -- activation checkpointing ---------------------------------------------------------------
     def checkpoint_reentrant(self, function: Callable, *args):
