@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from mfu_callbacks.flops.tokens import TokenCounting
+from mfu_callbacks.flops.windows import Window
 
 
 def main() -> None:
@@ -16,17 +17,27 @@ def main() -> None:
     device = torch.device("cuda")
     counting = TokenCounting(encoder_decoder=False, attention_per_document=False)
     seq2seq = TokenCounting(encoder_decoder=True, attention_per_document=False)
+    windowed = TokenCounting(  # a sliding window the kernel computes (flash attention), and chunks
+        encoder_decoder=False,
+        attention_per_document=True,
+        windows=(Window(16), Window(32, chunked=True)),
+        kernel_windows=(Window(16), None),
+    )
     batches = []
     for length in (17, 33, 64, 65):
         ids = torch.randint(0, 100, (4, length), device=device)
         mask = torch.ones_like(ids)
         mask[:, length // 2 :] = 0
         positions = torch.arange(length, device=device).remainder(7).expand(4, length)
+        cumulative = torch.tensor([0, length // 3, length], device=device)
         batches += [
             (counting, {"input_ids": ids}),
             (counting, {"input_ids": ids, "attention_mask": mask}),
             (counting, {"input_ids": ids, "position_ids": positions}),
             (seq2seq, {"input_ids": ids, "attention_mask": mask, "labels": ids[:, : length // 2]}),
+            (windowed, {"input_ids": ids, "attention_mask": mask}),
+            (windowed, {"input_ids": ids, "position_ids": positions}),
+            (windowed, {"input_ids": ids[:1], "cu_seq_lens_q": cumulative}),
         ]
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")

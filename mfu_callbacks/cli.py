@@ -274,7 +274,13 @@ def _estimate(args: argparse.Namespace) -> dict[str, Any]:
         ) from None
     # batch_size full rows of seq_len tokens (the decoder of an encoder-decoder as long as its encoder)
     step = engine.evaluate(
-        features_of_full_rows(args.batch_size, args.seq_len, args.seq_len if encoder_decoder else None)
+        features_of_full_rows(
+            args.batch_size,
+            args.seq_len,
+            args.seq_len if encoder_decoder else None,
+            engine.counting.windows,
+            engine.counting.kernel_windows,
+        )
     )
     result: dict[str, Any] = {
         "model_type": config.model_type,

@@ -31,6 +31,7 @@ from ._recorder import StepRecorder
 from ._window import RunTotals, Window, combine_ranks, rank_window
 from .diagnostics import Diagnosis, Diagnostics
 from .flops import FlopEngine, Forward, StepFlops, TokenCounter
+from .flops.features import NUM_FEATURES
 from .precision import AutocastWatch, detect_compute_dtype
 from .timer import StepTimer
 
@@ -247,6 +248,8 @@ class MFUMeter:
             )
         self._run = RunTotals.from_state_dict(state["run"])
         features = state.get("run_features")
+        if features is not None:  # written before columns were appended (attention windows): they were 0
+            features = [list(row) + [0] * (NUM_FEATURES - len(row)) for row in features]
         self._run_features = torch.tensor(features, dtype=torch.int64) if features is not None else None
         self._diagnostics.load_state_dict(state.get("diagnoses", []))
 

@@ -12,7 +12,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from mfu_callbacks.flops.features import NUM_FEATURES
 from mfu_callbacks.flops.tokens import TokenCounting
+from mfu_callbacks.flops.windows import Window
 
 SYNCING = {"aten._local_scalar_dense", "aten.item", "aten.nonzero", "aten.is_nonzero", "aten.scalar_tensor"}
 
@@ -42,20 +44,27 @@ def batches(length: int) -> list[tuple[bool, dict[str, torch.Tensor]]]:
     ]
 
 
+WINDOWS = {"windows": (Window(4), Window(8, chunked=True)), "kernel_windows": (Window(4), None)}
+
+
 @pytest.mark.parametrize("pad_token_id", [None, 0])  # a pad id makes packed rows look for trailing pads
+@pytest.mark.parametrize("windowed", [False, True], ids=["full-attention", "attention-windows"])
 @pytest.mark.parametrize("length", [9, 16])
 def test_counting_new_and_repeated_shapes_never_reads_the_device(
-    length: int, pad_token_id: int | None
+    length: int, windowed: bool, pad_token_id: int | None
 ) -> None:
+    options: dict = WINDOWS if windowed else {}
     counters = {
-        flag: TokenCounting(encoder_decoder=flag, attention_per_document=False, pad_token_id=pad_token_id)
+        flag: TokenCounting(
+            encoder_decoder=flag, attention_per_document=windowed, pad_token_id=pad_token_id, **options
+        )
         for flag in (False, True)
     }
     for _ in range(2):  # the first count of a shape builds its layout, the second reuses it
         for encoder_decoder, batch in batches(length):
             with OperationLog() as log:
                 features = counters[encoder_decoder].count(batch)
-            assert features.shape == (2, 7) and features.device.type == "meta"
+            assert features.shape == (2, NUM_FEATURES) and features.device.type == "meta"
             assert not SYNCING & set(log.operations), log.operations
 
 

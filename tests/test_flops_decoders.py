@@ -39,6 +39,9 @@ _SMALL = {
     "max_position_embeddings": 64,
 }
 _LLAMA_LIKE = {**_SMALL, "intermediate_size": 64, "num_key_value_heads": 2}
+# Sliding windows longer than every sequence here: FlopCounterMode counts a window's layers as full
+# attention, so windows that bite are checked against a window-only twin in test_flops_windows.py.
+_WIDE_WINDOW = {"head_dim": 8, "sliding_window": 32}
 
 # name: (config class, model class, config arguments, accepts position_ids)
 ARCHITECTURES = {
@@ -49,13 +52,13 @@ ARCHITECTURES = {
     "gemma2": (
         "Gemma2Config",
         "Gemma2ForCausalLM",
-        {**_LLAMA_LIKE, "head_dim": 8, "sliding_window": 4},
+        {**_LLAMA_LIKE, **_WIDE_WINDOW},
         True,
     ),
     "gemma3": (
         "Gemma3TextConfig",
         "Gemma3ForCausalLM",
-        {**_LLAMA_LIKE, "head_dim": 8, "sliding_window": 4},
+        {**_LLAMA_LIKE, **_WIDE_WINDOW},
         True,
     ),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", _LLAMA_LIKE, True),

@@ -77,6 +77,12 @@ def _is_head(part: str) -> bool:
     return part in _HEAD_NAMES or part.endswith(("_head", "classifier"))
 
 
+def windowed_scores(slot: int) -> str:
+    """While tracing: the scores and values of layers with the engine's attention window ``slot``,
+    kept apart until their squares are moved to that window's feature, then counted as ATTENTION_SCORES."""
+    return f"{ATTENTION_SCORES}@window{slot}"
+
+
 def _is_attention(parts: Sequence[str], class_names: Sequence[str]) -> bool:
     return any("attn" in p or "attention" in p for p in parts) or any(
         "attention" in c.lower() for c in class_names

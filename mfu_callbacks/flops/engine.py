@@ -8,6 +8,8 @@ needs (``trace.py``), and fits the exact per-step formula
 
 per component, where the features are rows, tokens, squared lengths and calls (``features.py``).
 Transformer FLOPs are exactly linear in those features, so the fit is exact; it is checked.
+The probes are shorter than any attention window, so the trace sees windowed layers compute full
+squares: their scores and values are recorded apart and moved to their window's feature after the fit.
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ from .._torch_internals import (
     raised_by_meta_autocast,
 )
 from .checkpoint import checkpoint_to
-from .components import ATTENTION_SCORES
-from .features import HARDWARE, MODEL, NUM_FEATURES, Feature
+from .components import ATTENTION_SCORES, windowed_scores
+from .features import HARDWARE, MODEL, NUM_FEATURES, WINDOW_FEATURES, Feature
 from .flex import FlexKernel
 from .isolation import map_tensors, preserved_random_state
 from .observe import Observation, RealStepObserver
@@ -50,6 +52,7 @@ from .tokens import (
 )
 from .trace import ComponentFlops, MatmulRecorder
 from .unwrap import unwrap_model
+from .windows import Window, kernel_window, model_windows, window_of
 
 logger = logging.getLogger("mfu_callbacks")
 
@@ -321,6 +324,7 @@ class FlopEngine:
         """Introspect ``model`` (any wrapper) with ``batch`` as the template of what a step sees."""
         base = unwrap_model(model)
         counting = token_counting(model, token_counter)
+        windows = counting.windows
         probes = _ProbeBatches(batch, counting, custom_forward=forward is not None)
         if probes.main_length is None and probes.decoder_length is None:
             shapes: Sequence[tuple[int, int, int]] = _PROBES_ROWS
@@ -338,7 +342,7 @@ class FlopEngine:
         errors: list[str] = []
         for fold in (True, False):
             try:
-                totals, replica, substituted = _trace(model, probes, shapes, run, fold=fold)
+                totals, replica, substituted = _trace(model, probes, shapes, run, fold=fold, windows=windows)
                 break
             except BatchError:
                 raise
@@ -351,8 +355,8 @@ class FlopEngine:
                 "the loss); if its forward cannot run on the meta device (custom kernels without a meta "
                 "implementation), pass a forward= that runs an equivalent made of torch operations."
             )
-        coefficients = _fit(totals, shapes)
-        description = _describe(base, replica, substituted, coefficients)
+        coefficients = _assign_windows(_fit(totals, shapes))
+        description = _describe(base, replica, substituted, coefficients, windows)
         logger.info(description)
         return cls(coefficients, counting, description)
 
@@ -413,11 +417,15 @@ def token_counting(model: nn.Module, token_counter: TokenCounter | None = None) 
     """How batches of ``model`` are reduced to features (what its attention kernel computes decides
     whether packed rows count attention per document in hardware FLOPs)."""
     base = unwrap_model(model)
+    implementation = _attention_implementation(base)
+    windows = model_windows(base, len(WINDOW_FEATURES))
     return TokenCounting(
         encoder_decoder=_is_encoder_decoder(base),
-        attention_per_document="flash" in _attention_implementation(base),
+        attention_per_document="flash" in implementation,
         token_counter=token_counter,
         pad_token_id=_pad_token_id(base),
+        windows=windows,
+        kernel_windows=tuple(kernel_window(window, implementation) for window in windows),
     )
 
 
@@ -438,7 +446,7 @@ def observe_step(model: nn.Module, batch: Any, counting: TokenCounting) -> RealS
             "counting a real step of an encoder-decoder is not supported: its matmuls cannot be told "
             "apart by stream from shapes alone"
         )
-    return RealStepObserver(model, batch)
+    return RealStepObserver(model, batch, counting.windows)
 
 
 def _dot(coefficients: Sequence[float], features: Sequence[float]) -> float:
@@ -452,11 +460,17 @@ def _trace(
     run: Forward,
     *,
     fold: bool,
+    windows: tuple[Window, ...] = (),
 ) -> tuple[list[dict[str, ComponentFlops]], Replica, list[str]]:
     replica = build_replica(model, fold=fold)
     _use_eager_kernels(replica.module)
     owners = replica.parameter_owners()
-    current: list[MatmulRecorder] = [MatmulRecorder(replica.parameter_ids, owners)]
+    slots = {
+        replica.names[id(module)]: windows.index(window)
+        for module in replica.module.modules()
+        if (window := window_of(module)) in windows and id(module) in replica.names
+    }
+    current: list[MatmulRecorder] = [MatmulRecorder(replica.parameter_ids, owners, slots)]
     substituted = install_substitutes(replica.module, _CurrentRecorder(current))
 
     def run_probes(meta_autocast: bool) -> list[dict[str, ComponentFlops]]:
@@ -467,7 +481,7 @@ def _trace(
             torch.enable_grad(),
         ):
             for rows, main, decoder in shapes:
-                recorder = MatmulRecorder(replica.parameter_ids, owners)
+                recorder = MatmulRecorder(replica.parameter_ids, owners, slots)
                 current[0] = recorder
                 with recorder:
                     result = run(replica.module, probes.make(rows, main, decoder))
@@ -541,10 +555,34 @@ def _fit(
     return coefficients
 
 
+def _assign_windows(coefficients: dict[str, ComponentCoefficients]) -> dict[str, ComponentCoefficients]:
+    """Scores and values of windowed layers scale with their window's squares: the probes, shorter than
+    any window, fitted them to the full squares, the same per square. They join ATTENTION_SCORES."""
+    for slot, feature in enumerate(WINDOW_FEATURES):
+        windowed = coefficients.pop(windowed_scores(slot), None)
+        if windowed is None:
+            continue
+        scores = coefficients.setdefault(
+            ATTENTION_SCORES, ComponentCoefficients(*([0.0] * NUM_FEATURES for _ in _PARTS))
+        )
+        for part, into in zip(
+            (getattr(windowed, name) for name in _PARTS), (getattr(scores, name) for name in _PARTS)
+        ):
+            part[feature], part[Feature.SQUARES] = part[Feature.SQUARES], 0.0
+            for index, value in enumerate(part):
+                into[index] += value
+    return coefficients
+
+
 def _describe(
-    base: nn.Module, replica: Replica, substituted: list[str], coefficients: dict[str, ComponentCoefficients]
+    base: nn.Module,
+    replica: Replica,
+    substituted: list[str],
+    coefficients: dict[str, ComponentCoefficients],
+    windows: tuple[Window, ...] = (),
 ) -> str:
     folded = f"; repeated layers traced once: {', '.join(replica.folded)}" if replica.folded else ""
+    windowed = f"; attention windows: {', '.join(map(str, windows))}" if windows else ""
     analytic = f"; counted from shapes: {', '.join(substituted)}" if substituted else ""
     declared = [replica.names.get(i, "") or type(base).__name__ for i in replica.declarations]
     analytic += f"; FLOPs declared: {', '.join(declared)}" if declared else ""
@@ -554,6 +592,7 @@ def _describe(
         else ""
     )
     return (
-        f"mfu_callbacks: FLOPs of {type(base).__name__} traced on a meta-device replica{scores}{folded}{analytic}; "
+        f"mfu_callbacks: FLOPs of {type(base).__name__} traced on a meta-device replica{scores}{windowed}{folded}"
+        f"{analytic}; "
         f"components: {', '.join(sorted(coefficients))}"
     )

@@ -48,8 +48,9 @@ from .._torch_internals import (
     view_base,
 )
 from .components import OTHER, classify
-from .features import NUM_FEATURES, Feature
+from .features import NUM_FEATURES, WINDOW_FEATURES, Feature
 from .trace import ComponentFlops
+from .windows import Window, window_of
 
 aten = torch.ops.aten
 
@@ -169,9 +170,16 @@ class RealStepObserver(TorchDispatchMode):
     """Watches one micro-batch's forward and backward on the real model (enter before the forward,
     leave any time after the backward: ops after the first backward ends are ignored)."""
 
-    def __init__(self, model: nn.Module, batch: Any) -> None:
+    def __init__(self, model: nn.Module, batch: Any, windows: Sequence[Window] = ()) -> None:
+        """``windows``: the attention windows the batches are counted with (``TokenCounting.windows``):
+        attention inside a module with one of them scales with that window's squares."""
         super().__init__()
         self.observation = Observation()
+        self._slots = {
+            id(module): list(windows).index(window)
+            for module in model.modules()
+            if (window := window_of(module)) is not None and window in windows
+        }
         self._facts: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self._names: dict[int, tuple[str, list[str]]] = {}  # id(module) -> (path, classes along it)
         self._owners: dict[int, int] = {}  # id(parameter or buffer) -> id(owning module)
@@ -326,8 +334,16 @@ class RealStepObserver(TorchDispatchMode):
         """Component and feature of a matmul seen in a forward (or recompute): two batch-derived
         operands scale with squared lengths (attention), one with tokens, none once per call."""
         from_batch = [self._fact(t).from_batch for t in operands]
-        feature = Feature.SQUARES if all(from_batch) else Feature.TOKENS if any(from_batch) else Feature.CALLS
+        feature = self._squares() if all(from_batch) else Feature.TOKENS if any(from_batch) else Feature.CALLS
         return self._component_of(operands, all(from_batch)), feature
+
+    def _squares(self) -> Feature:
+        """Squared lengths, or those under the window of the innermost attention module that has one."""
+        for module in reversed(self._stack):
+            slot = self._slots.get(module)
+            if slot is not None:
+                return WINDOW_FEATURES[slot]
+        return Feature.SQUARES
 
     def _matmul(self, func: Any, args: tuple, out: Any, grad_enabled: bool) -> _Matmul | None:
         packet = func.overloadpacket
@@ -343,7 +359,7 @@ class RealStepObserver(TorchDispatchMode):
             halves = needed[2] + (needed[0] or needed[1]) + needed[0] + needed[1]
             component = self._component_of((query,), True)
             per_square = attention_flops_per_square(func, query, value)
-            matmul = _Matmul(component, Feature.SQUARES, per_square, halves / 2, per_unit=True)
+            matmul = _Matmul(component, self._squares(), per_square, halves / 2, per_unit=True)
             out = out[0]
         else:
             return None
@@ -380,12 +396,8 @@ class RealStepObserver(TorchDispatchMode):
         elif func in ATTENTION_FORWARD or func in ATTENTION_BACKWARD:
             query, value = (args[0], args[2]) if func in ATTENTION_FORWARD else (args[1], args[3])
             factor = 1.0 if func in ATTENTION_FORWARD else 2.0  # dQ, dK, dV and dP: four halves
-            flops, per_unit, feature = (
-                factor * attention_flops_per_square(func, query, value),
-                True,
-                Feature.SQUARES,
-            )
-            component = self._nodes.get(node, (self._component_of((query,), True),))[0]
+            flops, per_unit = factor * attention_flops_per_square(func, query, value), True
+            component, feature = self._nodes.get(node, (self._component_of((query,), True), self._squares()))
             out = out[0]
         else:
             return

@@ -38,6 +38,7 @@ from .._torch_internals import (
 )
 from .declared import Declaration, declared
 from .unwrap import unwrap_model
+from .windows import window_of
 
 # Hooks from these packages move data between devices or ranks (or measure, like ours); on a replica they must not run.
 # Hooks of the model libraries change autograd or record outputs: they run on the copy. No other hook does.
@@ -141,7 +142,8 @@ def _block_signature(block: nn.Module) -> tuple:
         for key, value in sorted(vars(m).items())
         if isinstance(value, (bool, int, float, str)) and not any(pos in key for pos in _POSITION_ATTRIBUTES)
     )
-    return (type(block), modules, parameters, scalars)
+    windows = tuple(window_of(m) for m in block.modules())  # a local layer never stands for a global one
+    return (type(block), modules, parameters, scalars, windows)
 
 
 def _fold_plan(model: nn.Module) -> tuple[dict[int, list[int]], dict[int, int]]:

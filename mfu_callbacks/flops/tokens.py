@@ -5,18 +5,20 @@ from Hugging Face's flattening collator) count attention per document: the sum o
 documents equals the sum over real tokens of (2 * position + 1), which needs no host round trip.
 TRL's padding-free collator with ``pad_to_multiple_of`` ends a flattened row with pad tokens that
 each look like a one-token document (position 0); they count as padding (see ``_trailing_pads``).
+Layers with a window of keys (``windows.py``) count their window's squares, per document too.
 All arithmetic on the batch's tensors stays on their device.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
-from .features import CALLS_INDEX, HARDWARE, MODEL, NUM_FEATURES, Feature
+from .features import CALLS_INDEX, HARDWARE, MODEL, NUM_FEATURES, WINDOW_FEATURES, Feature
+from .windows import Window
 
 MAIN_KEYS = ("input_ids", "inputs_embeds")
 DECODER_KEYS = ("decoder_input_ids", "decoder_inputs_embeds")
@@ -40,6 +42,16 @@ class _Stream:
     real_squares: torch.Tensor | int
     hardware_squares: torch.Tensor | int
     lengths: torch.Tensor | None  # per-row real lengths, for cross-attention
+    real_windowed: tuple[torch.Tensor | int, ...] = ()  # real squares per attention window
+    hardware_windowed: tuple[torch.Tensor | int, ...] = ()  # computed squares per attention window
+
+
+@dataclass(frozen=True)
+class _Windows:
+    """The attention windows a stream is counted for, and what the kernel computes for each (None: all squares)."""
+
+    model: tuple[Window, ...] = ()
+    kernel: tuple[Window | None, ...] = ()
 
 
 def _first_tensor(value: Any) -> torch.Tensor | None:
@@ -77,8 +89,40 @@ def _stream(
     positions: torch.Tensor | None,
     cu_seqlens: torch.Tensor | None,
     attention_per_document: bool,
+    windows: _Windows = _Windows(),
     pad_token_id: int | None = None,
 ) -> _Stream:
+    stream, documents, per_document, pads = _plain_stream(
+        ids, mask, positions, cu_seqlens, attention_per_document, pad_token_id
+    )
+    if not windows.model:
+        return stream
+
+    def computed(window: Window) -> torch.Tensor | int:
+        """Squares under the window over what the kernel attended: the documents, or the padded rows."""
+        return documents(window) if per_document else stream.rows * window.squares(stream.length)
+
+    return replace(
+        stream,
+        # A pad (a one-token document) has one square under any window.
+        real_windowed=tuple(documents(window) - pads for window in windows.model),
+        hardware_windowed=tuple(
+            stream.hardware_squares if kernel is None else computed(kernel) for kernel in windows.kernel
+        ),
+    )
+
+
+def _plain_stream(
+    ids: torch.Tensor,
+    mask: torch.Tensor | None,
+    positions: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    attention_per_document: bool,
+    pad_token_id: int | None = None,
+) -> tuple[_Stream, Callable[[Window], torch.Tensor | int], bool, torch.Tensor | int]:
+    """The stream; its documents' squares under a window (trailing pads included), as a function of
+    the window; whether attention ran per document (so the hardware squares are the documents' too);
+    the trailing pads of packed rows."""
     rows, length = ids.shape[0], ids.shape[1]
     if rows <= 0 or length <= 0:
         raise BatchError(
@@ -86,37 +130,33 @@ def _stream(
             "must be positive): an empty batch has no training step to measure"
         )
     full_squares = rows * length * length
+
+    def full_rows(window: Window) -> int:
+        return rows * window.squares(length)
+
     if cu_seqlens is not None:  # flattened documents: one row, boundaries given
         documents = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
         squares = (documents * documents).sum()
         pads = _trailing_pads(ids, positions, pad_token_id)  # one-token documents: a square of 1 each
-        return _Stream(
-            rows,
-            length,
-            documents.sum() - pads,
-            squares - pads,
-            squares if attention_per_document else full_squares,
-            None,
-        )
+        hardware = squares if attention_per_document else full_squares
+        stream = _Stream(rows, length, documents.sum() - pads, squares - pads, hardware, None)
+        return stream, lambda window: window.squares(documents).sum(), attention_per_document, pads
     if mask is not None:
         if mask.dim() != 2:  # a prepared 4-D mask: nothing to read lengths from
-            return _Stream(rows, length, rows * length, full_squares, full_squares, None)
+            return _Stream(rows, length, rows * length, full_squares, full_squares, None), full_rows, False, 0
         lengths = mask.sum(dim=1, dtype=torch.int64)
         # [sum of l, sum of l**2] in two kernels: each launch is host time on the training step.
         moments = (lengths.unsqueeze(0) ** _exponents(lengths.device)).sum(dim=1)
-        return _Stream(rows, length, moments[0], moments[1], full_squares, lengths)
+        stream = _Stream(rows, length, moments[0], moments[1], full_squares, lengths)
+        return stream, lambda window: window.squares(lengths).sum(), False, 0
     if positions is not None:  # packed rows: positions restart at 0 for each document
         pads = _trailing_pads(ids, positions, pad_token_id)  # position 0: a square of 1 each
-        squares = (2 * positions.reshape(-1, positions.shape[-1]).long() + 1).sum()
-        return _Stream(
-            rows,
-            length,
-            rows * length - pads,
-            squares - pads,
-            squares if attention_per_document else full_squares,
-            None,
-        )
-    return _Stream(rows, length, rows * length, full_squares, full_squares, None)
+        positions = positions.reshape(-1, positions.shape[-1]).long()
+        squares = (2 * positions + 1).sum()
+        hardware = squares if attention_per_document else full_squares
+        stream = _Stream(rows, length, rows * length - pads, squares - pads, hardware, None)
+        return stream, lambda window: window.squares_of_positions(positions), attention_per_document, pads
+    return _Stream(rows, length, rows * length, full_squares, full_squares, None), full_rows, False, 0
 
 
 def _lookup(batch: Mapping[str, Any], keys: Sequence[str]) -> torch.Tensor | None:
@@ -137,11 +177,22 @@ class TokenCounting:
         attention_per_document: bool,
         token_counter: TokenCounter | None = None,
         pad_token_id: int | None = None,
+        windows: tuple[Window, ...] = (),
+        kernel_windows: tuple[Window | None, ...] | None = None,
     ) -> None:
+        """``windows``: the attention windows of the main stream, one feature each (``WINDOW_FEATURES``);
+        ``kernel_windows``: what the kernel computes for each (None: every square), default all squares."""
+        if len(windows) > len(WINDOW_FEATURES):
+            raise ValueError(
+                f"at most {len(WINDOW_FEATURES)} attention windows are counted, got {len(windows)}"
+            )
         self.encoder_decoder = encoder_decoder
         self.attention_per_document = attention_per_document
         self.token_counter = token_counter
         self.pad_token_id = pad_token_id  # tells padding from a one-token document in packed rows
+        self.windows = windows
+        self.kernel_windows = kernel_windows if kernel_windows is not None else (None,) * len(windows)
+        self._main_windows = _Windows(self.windows, self.kernel_windows)
         self._layouts: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def streams(self, batch: Any) -> tuple[_Stream | None, _Stream | None, int, torch.device]:
@@ -160,6 +211,7 @@ class TokenCounting:
                     _lookup(view, ("position_ids",)),
                     _lookup(view, PACKED_KEYS),
                     self.attention_per_document,
+                    self._main_windows,
                     self.pad_token_id,
                 )
             if decoder_ids is not None:
@@ -186,7 +238,7 @@ class TokenCounting:
             )
         if tensor.dim() == 2 and not tensor.is_floating_point():
             return (
-                _stream(tensor, None, None, None, self.attention_per_document),
+                _stream(tensor, None, None, None, self.attention_per_document, self._main_windows),
                 None,
                 tensor.shape[0],
                 tensor.device,
@@ -220,6 +272,10 @@ class TokenCounting:
             put(MODEL, squares, stream.real_squares)
             put(HARDWARE, tokens, stream.rows * stream.length)
             put(HARDWARE, squares, stream.hardware_squares)
+        if main is not None:
+            for feature, real, computed in zip(WINDOW_FEATURES, main.real_windowed, main.hardware_windowed):
+                put(MODEL, feature, real)
+                put(HARDWARE, feature, computed)
         if main is not None and decoder is not None:
             if main.lengths is not None and decoder.lengths is not None:
                 cross: torch.Tensor | int = (main.lengths * decoder.lengths).sum()

@@ -36,7 +36,7 @@ from .._torch_internals import (
     TorchDispatchMode,
     view_base,
 )
-from .components import classify, component_of_parameter
+from .components import ATTENTION_SCORES, classify, component_of_parameter, windowed_scores
 
 aten = torch.ops.aten
 
@@ -83,13 +83,21 @@ class MatmulRecorder(TorchDispatchMode):
     when that is not the innermost one (``owners``: parameter id -> paths of the modules holding it);
     a module's multiplicity scales ops inside a module that stands for several identical ones.
     Inside a module with declared FLOPs (``enter_declared``) no op is recorded: the declaration is.
-    ``finish`` turns the record into per-component totals.
+    ``windows`` maps the path of an attention module with a window of keys to that window's slot:
+    its scores and values are recorded as ``windowed_scores(slot)``. ``finish`` turns the record
+    into per-component totals.
     """
 
-    def __init__(self, parameter_ids: set[int], owners: Mapping[int, tuple[str, ...]] | None = None) -> None:
+    def __init__(
+        self,
+        parameter_ids: set[int],
+        owners: Mapping[int, tuple[str, ...]] | None = None,
+        windows: Mapping[str, int] | None = None,
+    ) -> None:
         super().__init__()
         self._parameter_ids = parameter_ids
         self._owners = owners or {}
+        self._windows = windows or {}
         self._stack: list[tuple[str, str, int]] = []  # (path, class name, multiplicity)
         self._declared: list[tuple[str | None, float, float] | None] = []  # open declared modules
         self._regions: list[list[_Matmul | None]] = []  # open checkpoint regions, innermost last
@@ -118,7 +126,13 @@ class MatmulRecorder(TorchDispatchMode):
             owners = self._owners_of(operand)
             if owners and path not in owners:  # e.g. a fused loss multiplying by lm_head.weight itself
                 return component_of_parameter(owners[0])
-        return classify(path, [name for _, name, _ in self._stack], activation_matmul=activation_matmul)
+        component = classify(path, [name for _, name, _ in self._stack], activation_matmul=activation_matmul)
+        if component == ATTENTION_SCORES and self._windows:
+            for module_path, _, _ in reversed(self._stack):
+                slot = self._windows.get(module_path)
+                if slot is not None:
+                    return windowed_scores(slot)
+        return component
 
     def _owners_of(self, tensor: object) -> tuple[str, ...]:
         if not isinstance(tensor, torch.Tensor):
