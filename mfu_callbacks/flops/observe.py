@@ -318,8 +318,8 @@ class RealStepObserver(TorchDispatchMode):
             self._facts[tensor] = result
             if tags:
                 self._tagged[tensor] = True
-                base = tensor._base
-                if base is not None:  # written through a view (out=, copy_): the base holds the result
+                base = view_base(tensor)
+                if base is not tensor:  # written through a view (out=, copy_): the base holds the result
                     known = self._fact(base)
                     self._facts[base] = _TensorFacts(
                         known.from_batch,
