@@ -196,7 +196,7 @@ class StepRecorder:
         assert self._token_counting is not None
         try:
             measured = FlopEngine.from_observation(
-                self._model, observer.observation, self._token_counting, features[1].tolist()
+                self._model, observer.observation, self._token_counting, features.tolist()
             )
         except (ModelIntrospectionError, ValueError) as error:
             if self.engine is None and not self._observations_left:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy
 import pytest
 import torch
 import torch.nn.functional as F
@@ -36,7 +37,7 @@ def observed_engine(model: nn.Module, batch: Any, forward=keyword_forward) -> Fl
     with observer:
         _loss(forward(model, batch)).backward()
     model.zero_grad(set_to_none=True)
-    features = counting.count(batch)[1].tolist()
+    features = counting.count(batch).tolist()
     return FlopEngine.from_observation(model, observer.observation, counting, features)
 
 
@@ -233,3 +234,46 @@ def test_an_output_that_never_reaches_the_loss_gets_no_backward() -> None:
         batch = torch.randn(rows, 16)
         truth = reference_step_flops(model, batch, forward)
         assert_flops(engine.estimate(batch).model_flops, truth, "model FLOPs")
+
+
+# -- a fused head whose result a kernel the dispatcher never sees writes (as Triton kernels do) -----
+class OpaqueResultHead(torch.autograd.Function):
+    """Like ChunkedLinearCrossEntropy, but its loss leaves through NumPy: no aten op links it to the logits."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels):
+        ctx.save_for_backward(hidden, weight, labels)
+        logits = hidden @ weight.t()
+        value = F.cross_entropy(logits.float(), labels).item()
+        return torch.from_numpy(numpy.array(value, dtype=numpy.float32)).to(hidden.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, labels = ctx.saved_tensors
+        delta = torch.softmax((hidden @ weight.t()).float(), dim=-1)
+        delta[torch.arange(hidden.shape[0]), labels] -= 1
+        delta = (delta * grad / hidden.shape[0]).to(hidden.dtype)
+        grad_weight = delta.t() @ hidden if ctx.needs_input_grad[1] else None
+        return delta @ weight, grad_weight, None
+
+
+def labelled_head_forward(model: nn.Module, batch: dict) -> torch.Tensor:
+    """Scores the labelled tokens only (``hidden[mask]``), through the opaque head."""
+    lm = _causal_lm(model)
+    hidden = lm.model(
+        input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")
+    ).last_hidden_state
+    mask = batch["labels"] != -100
+    return OpaqueResultHead.apply(hidden[mask], lm.lm_head.weight, batch["labels"][mask])
+
+
+def test_a_head_whose_result_goes_dark_and_scores_labelled_tokens_counts_per_real_token() -> None:
+    model = llama()
+    engine = observed_engine(model, padded_batch([5, 12]), labelled_head_forward)
+    for batch in (padded_batch([5, 12]), padded_batch([7, 3, 16]), full_batch(2, 9)):
+        step = engine.estimate(batch)
+        labelled = int((batch["labels"] != -100).sum())
+        recompute = 2 * labelled * 32 * VOCAB  # the head's backward computes its logits again: not model work
+        truth = model_truth(model, batch, labelled_head_forward) - recompute
+        assert_flops(step.model_flops, truth, "model FLOPs")
+        assert step.breakdown["head"] > 0

@@ -362,9 +362,14 @@ class FlopEngine:
 
     @classmethod
     def from_observation(
-        cls, model: nn.Module, observation: Observation, counting: TokenCounting, features: Sequence[float]
+        cls,
+        model: nn.Module,
+        observation: Observation,
+        counting: TokenCounting,
+        features: Sequence[Sequence[float]],
     ) -> FlopEngine:
-        """The engine fitted to one observed real step (``observe.py``) whose hardware features are given."""
+        """The engine fitted to one observed real step (``observe.py``) whose features (model and
+        hardware rows, as ``count`` gives them) are given."""
         if observation.failure is not None or not observation.complete:
             raise ModelIntrospectionError(
                 f"the observed step of {type(unwrap_model(model)).__name__} could not be counted: "

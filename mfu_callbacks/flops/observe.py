@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.autograd.function import BackwardCFunction
 from torch.utils.flop_counter import flop_registry
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -48,7 +49,7 @@ from .._torch_internals import (
     view_base,
 )
 from .components import OTHER, classify
-from .features import NUM_FEATURES, WINDOW_FEATURES, Feature
+from .features import HARDWARE, MODEL, NUM_FEATURES, WINDOW_FEATURES, Feature
 from .trace import ComponentFlops
 from .windows import Window, window_of
 
@@ -97,9 +98,8 @@ class _TensorFacts:
     needs_grad: bool  # carries a gradient that training needs (derives from a trainable parameter)
     made_with_grad: bool
     tags: frozenset[int] = frozenset()  # gradient-free forward matmuls upstream (inside a custom Function)
-    owner: int | None = (
-        None  # id of the module whose parameter alone this tensor derives from (a cast weight)
-    )
+    owner: int | None = None  # id of the module whose parameter alone this tensor derives from
+    subset: bool = False  # a selection of the batch's tokens (a boolean-mask index), not all of them
 
 
 @dataclass
@@ -107,10 +107,10 @@ class _Matmul:
     component: str
     feature: Feature
     forward: float  # FLOPs at the observed step, or per unit of the feature (per_unit)
-    products: (
-        float  # backward products the model needs, in forwards: one per operand carrying a needed gradient
-    )
+    products: float  # backward products the model needs, in forwards (one per operand carrying one)
     per_unit: bool = False
+    with_grad: bool = True  # ran with grad mode on (off: inside a custom autograd Function, or no_grad)
+    subset: bool = False  # its batch operand holds a selection of the tokens (``hidden[mask]``)
     node: Any = None  # the autograd node of its output (grad mode on), read after the op returns
     reached: bool = False
 
@@ -127,42 +127,51 @@ class Observation:
     complete: bool = False  # a backward ran to its end
     failure: str | None = None  # why observing stopped, if it failed
 
-    def totals(self) -> dict[tuple[str, Feature, bool], ComponentFlops]:
+    def totals(self) -> dict[tuple[str, Feature, bool, bool], ComponentFlops]:
         """Per (component, feature, per-unit): forward, model backward, checkpoint recompute, and the
         rest of the observed backward beyond the model's (``forced``: a custom backward's recompute,
         gradients forced onto inputs)."""
-        totals: dict[tuple[str, Feature, bool], ComponentFlops] = defaultdict(ComponentFlops)
+        totals: dict[tuple[str, Feature, bool, bool], ComponentFlops] = defaultdict(ComponentFlops)
         for matmul in self.matmuls:
-            key = (matmul.component, matmul.feature, matmul.per_unit)
+            key = (matmul.component, matmul.feature, matmul.per_unit, matmul.subset)
             totals[key].forward += matmul.forward
             if matmul.reached:
                 totals[key].backward += matmul.forward * matmul.products
-        for key, flops in self.recomputed.items():
-            totals[key].recompute += flops
-        for key, flops in self.hardware.items():
-            totals[key].forced += flops
-        for component in totals.values():  # the observed backward beyond the model's
-            component.forced -= component.backward
+        for (name, feature, per_unit), flops in self.recomputed.items():
+            totals[(name, feature, per_unit, False)].recompute += flops
+        for (name, feature, per_unit), flops in self.hardware.items():
+            totals[(name, feature, per_unit, False)].forced += flops
+        for part in totals.values():  # the observed backward beyond the model's
+            part.forced -= part.backward
         return dict(totals)
 
-    def fit(self, hardware_features: Sequence[float]) -> dict[str, list[list[float]]]:
-        """Per component: [forward, backward, recompute, forced, kernel] coefficients per feature, exact at this step.
+    def fit(self, features: Sequence[Sequence[float]]) -> dict[str, list[list[float]]]:
+        """Per component: [forward, backward, recompute, forced, kernel] coefficients per feature, exact
+        at this step, whose features (``MODEL`` and ``HARDWARE`` rows) are given.
 
-        ``hardware_features`` is the observed micro-batch's hardware row (what its tensors held).
+        A matmul on a selection of the tokens (the labelled ones: a fused head that scores only those)
+        scales with the real tokens: its model coefficient is per real token, and ``kernel`` makes up
+        the hardware count of the observed step.
         """
+        model_row, hardware_row = features[MODEL], features[HARDWARE]
         coefficients: dict[str, list[list[float]]] = {}
-        for (component, feature, per_unit), flops in self.totals().items():
-            if not hardware_features[Feature.TOKENS] and feature in (Feature.TOKENS, Feature.SQUARES):
+        for (component, feature, per_unit, subset), flops in self.totals().items():
+            if not hardware_row[Feature.TOKENS] and feature in (Feature.TOKENS, Feature.SQUARES):
                 feature = Feature.ROWS  # a batch without token streams (images, tables): all scales by rows
-            units = hardware_features[feature]
+            units = hardware_row[feature]
             if not per_unit and units <= 0:
                 raise ValueError(
                     f"the observed step ran {component} matmuls that scale with {feature.name.lower()}, "
                     "of which its batch has none"
                 )
             parts = coefficients.setdefault(component, [[0.0] * NUM_FEATURES for _ in range(5)])
-            for part, value in zip(parts, (flops.forward, flops.backward, flops.recompute, flops.forced)):
-                part[feature] += value if per_unit else value / units
+            model_units = model_row[feature] if subset and model_row[feature] > 0 else units
+            values = (flops.forward, flops.backward, flops.recompute, flops.forced)
+            for index, (part, value) in enumerate(zip(parts, values)):
+                part[feature] += value if per_unit else value / (model_units if index < 2 else units)
+            if subset and not per_unit:
+                model = flops.forward + flops.backward
+                parts[4][feature] += model / units - model / model_units
         return coefficients
 
 
@@ -313,7 +322,8 @@ class RealStepObserver(TorchDispatchMode):
             tags = tags | {len(self.observation.matmuls) - 1}
         owners = {f.owner for f in facts}
         owner = owners.pop() if len(owners) == 1 and not from_batch else None
-        result = _TensorFacts(from_batch, any(carries), grad_enabled, tags, owner)
+        subset = any(f.subset for f in facts) or _selects_tokens(func, args)
+        result = _TensorFacts(from_batch, any(carries), grad_enabled, tags, owner, subset)
         for tensor in outputs:
             self._facts[tensor] = result
             if tags:
@@ -351,7 +361,8 @@ class RealStepObserver(TorchDispatchMode):
             operands = [args[i] for i in _MATMULS[packet]]
             component, feature = self._classify(operands)
             products = sum(self._carries_grad(t, grad_enabled) for t in operands)
-            matmul = _Matmul(component, feature, matmul_flops(func, args, out), products)
+            subset = feature == Feature.TOKENS and any(self._fact(t).subset for t in operands)
+            matmul = _Matmul(component, feature, matmul_flops(func, args, out), products, subset=subset)
         elif func in ATTENTION_FORWARD:
             query, key, value = args[:3]
             needed = [self._carries_grad(t, grad_enabled) for t in (query, key, value)]
@@ -363,6 +374,7 @@ class RealStepObserver(TorchDispatchMode):
             out = out[0]
         else:
             return None
+        matmul.with_grad = grad_enabled
         self.observation.matmuls.append(matmul)
         if grad_enabled:
             self._last.append((matmul, out))
@@ -436,14 +448,31 @@ class RealStepObserver(TorchDispatchMode):
                 reached_tags |= tags
         for node, feature, flops in self._unplaced:
             self.observation.hardware[(self._node_components.get(node, OTHER), feature, False)] += flops
+        # Inside a custom Function whose outputs a kernel the dispatcher does not see wrote (Triton), the
+        # dataflow goes dark: a gradient-free matmul with operands that carry needed gradients reaches
+        # the loss when a custom Function's backward ran.
+        custom_backward_ran = any(isinstance(node, BackwardCFunction) for node in self._ran)
         for index, matmul in enumerate(self.observation.matmuls):
-            matmul.reached = (matmul.node is not None and matmul.node in self._ran) or index in reached_tags
+            matmul.reached = (
+                (matmul.node is not None and matmul.node in self._ran)
+                or index in reached_tags
+                or (not matmul.with_grad and matmul.products > 0 and custom_backward_ran)
+            )
             matmul.node = None
         self._nodes.clear()
         self._node_components.clear()
         self._unplaced.clear()
         self._ran.clear()
         self._function_outputs.clear()
+
+
+def _selects_tokens(func: Any, args: tuple) -> bool:
+    """A boolean-mask selection (``hidden[mask]``, ``masked_select``): its result holds some tokens only."""
+    if func.overloadpacket is aten.masked_select:
+        return True
+    if func.overloadpacket is aten.index and len(args) > 1:
+        return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] or ())
+    return False
 
 
 def _leaves(value: Any) -> list[Any]:
