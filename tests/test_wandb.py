@@ -240,7 +240,7 @@ def test_hf_trainer_run_without_mfu_says_why_in_wandb(offline):
         use_cpu=True,
         run_name="hf",
     )
-    callback = MFUCallback(peak_tflops=PEAK_TFLOPS, warmup_steps=1, forward=failing_forward)
+    callback = MFUCallback(peak_tflops=PEAK_TFLOPS, warmup_steps=1, forward=failing_forward, real_step="off")
     trainer = Trainer(
         model=tiny_llama(),
         args=args,
@@ -267,7 +267,9 @@ def test_lightning_run_without_mfu_says_why_in_wandb(offline):
         devices=1,
         log_every_n_steps=2,
         logger=WandbLogger(project="lightning", save_dir=str(offline), offline=True),
-        callbacks=[MFUCallback(peak_tflops=PEAK_TFLOPS, warmup_steps=1, forward=failing_forward)],
+        callbacks=[
+            MFUCallback(peak_tflops=PEAK_TFLOPS, warmup_steps=1, forward=failing_forward, real_step="off")
+        ],
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -290,7 +292,13 @@ def test_accelerate_run_without_mfu_says_why_in_wandb(offline):
     loader = DataLoader(FixedLengthTokens(BATCH * STEPS), batch_size=BATCH, collate_fn=collate)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     MFUTracker(
-        accelerator, model, peak_tflops=PEAK_TFLOPS, warmup_steps=1, log_interval=2, forward=failing_forward
+        accelerator,
+        model,
+        peak_tflops=PEAK_TFLOPS,
+        warmup_steps=1,
+        log_interval=2,
+        forward=failing_forward,
+        real_step="off",
     )
     for step, batch in enumerate(loader):
         loss = model(**batch).loss
