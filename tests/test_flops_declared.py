@@ -150,3 +150,20 @@ def test_bad_declarations_are_refused() -> None:
     declare_flops(Negative, lambda module, args, kwargs: -1.0)
     with pytest.raises(ModelIntrospectionError, match="Negative must be a finite number"):
         FlopEngine.from_model(TinyLM(Negative), full_batch(2, 9))
+
+
+@pytest.mark.parametrize("trains", ["everything", "head_only"])
+def test_a_declaration_counts_on_the_real_step_too(trains: str) -> None:
+    """The real-step counter runs the kernel for real: it records the declaration instead of what runs
+    inside, with the backward only where the module's output reaches the loss."""
+    from test_flops_observe import observed_engine
+
+    declare_flops(NumpyMatmul, matmul_flops)
+    prepare = frozen_below_head if trains == "head_only" else (lambda model: model)
+    engine = observed_engine(prepare(TinyLM(NumpyMatmul)), full_batch(2, 9))
+    twin = prepare(TinyLM(PlainMatmul))
+    for length in LENGTHS:
+        batch = full_batch(3, length)
+        step = engine.estimate(batch)
+        assert_flops(step.model_flops, step_truth(twin, batch), f"model FLOPs, length {length}")
+        assert_flops(step.hardware_flops, step_truth(twin, batch), f"hardware FLOPs, length {length}")

@@ -172,3 +172,60 @@ def test_trl_sft_trainer_logs_mfu_in_every_row_with_default_options(tmp_path, se
     assert_flops(
         engine.estimate(batch).model_flops, model_truth(trainer.model, batch), "model FLOPs", rel=0.01
     )
+
+
+# -- the integrations ---------------------------------------------------------------------------------
+def _moe_rows() -> list[dict]:
+    return [full_batch(2, 16, seed=seed) for seed in range(6)]
+
+
+def test_lightning_counts_a_model_the_copy_cannot_trace_from_its_real_step(tmp_path) -> None:
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from mfu_callbacks.lightning import MFUCallback
+
+    class MoEModule(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = TinyMoELM()
+
+        def training_step(self, batch, batch_idx):
+            return self.model(**batch)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    callback = MFUCallback(peak_tflops=1.0, warmup_steps=1, log_interval=2)
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=6, logger=False, callbacks=[callback], default_root_dir=tmp_path,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    module = MoEModule()
+    trainer.fit(module, DataLoader(_moe_rows(), batch_size=None))
+    flops = callback.session.meter.run_flops()
+    assert flops is not None and callback.summary.get("mfu", 0) > 0
+    measured = flops.model_flops / reference_step_flops(module.model, _moe_rows()[0])
+    assert measured == pytest.approx(round(measured)) and round(measured) >= 3  # whole steps, exactly
+
+
+def test_accelerate_counts_a_model_the_copy_cannot_trace_from_its_real_step() -> None:
+    from accelerate import Accelerator
+
+    from mfu_callbacks.accelerate import MFUTracker
+
+    accelerator = Accelerator(cpu=True)
+    model = TinyMoELM()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    tracker = MFUTracker(accelerator, model, peak_tflops=1.0, warmup_steps=1, log_interval=2)
+    for batch in _moe_rows():
+        loss = model(**batch)
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+    accelerator.end_training()
+    flops = tracker.session.meter.run_flops()
+    assert flops is not None
+    measured = flops.model_flops / reference_step_flops(accelerator.unwrap_model(model), _moe_rows()[0])
+    assert measured == pytest.approx(round(measured)) and round(measured) >= 3

@@ -49,6 +49,7 @@ from .._torch_internals import (
     view_base,
 )
 from .components import OTHER, classify
+from .declared import Declaration, declared
 from .features import HARDWARE, MODEL, NUM_FEATURES, WINDOW_FEATURES, Feature
 from .trace import ComponentFlops
 from .windows import Window, window_of
@@ -111,6 +112,7 @@ class _Matmul:
     per_unit: bool = False
     with_grad: bool = True  # ran with grad mode on (off: inside a custom autograd Function, or no_grad)
     subset: bool = False  # its batch operand holds a selection of the tokens (``hidden[mask]``)
+    declared: bool = False  # a module's declared FLOPs (its backward is not observed but declared)
     node: Any = None  # the autograd node of its output (grad mode on), read after the op returns
     reached: bool = False
 
@@ -137,6 +139,8 @@ class Observation:
             totals[key].forward += matmul.forward
             if matmul.reached:
                 totals[key].backward += matmul.forward * matmul.products
+                if matmul.declared:  # what ran in its backward is the declaration, hardware too
+                    totals[key].forced += matmul.forward * matmul.products
         for (name, feature, per_unit), flops in self.recomputed.items():
             totals[(name, feature, per_unit, False)].recompute += flops
         for (name, feature, per_unit), flops in self.hardware.items():
@@ -206,6 +210,9 @@ class RealStepObserver(TorchDispatchMode):
         )  # tensors carrying tags, to check at backward
         self._in_backward = False
         self._done = False
+        self._declared_depth = 0  # inside a module with declared FLOPs: its ops are not recorded
+        self._declared_calls: list[_Matmul] = []
+        self._declared_nodes: set[Any] = set()  # autograd nodes made inside such a module
         self._describe(model)
         for tensor in _tensors(batch):
             self._facts[tensor] = _TensorFacts(from_batch=True, needs_grad=False, made_with_grad=True)
@@ -232,6 +239,37 @@ class RealStepObserver(TorchDispatchMode):
 
             self._handles.append(module.register_forward_pre_hook(enter))
             self._handles.append(module.register_forward_hook(leave, always_call=True))
+            declaration = declared(module)
+            if declaration is not None:
+                self._watch_declared(module, path, classes[path], declaration)
+
+    def _watch_declared(
+        self, module: nn.Module, path: str, classes: list[str], declaration: Declaration
+    ) -> None:
+        """A module with declared FLOPs (``declare_flops``): nothing inside it is recorded, its declared
+        forward is, with the declared backward where its output reaches the loss."""
+        component = declaration.component or classify(path, classes, activation_matmul=False)
+
+        def enter(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+            self._declared_depth += 1
+            if self._declared_depth > 1 or self._done or current_autograd_node() is not None:
+                return  # nested, after the backward, or rerun by checkpointing inside it
+            forward, backward = declaration.flops_of_call(mod, args, kwargs)
+            products = backward / forward if forward else 0.0
+            record = _Matmul(component, Feature.TOKENS, forward, products, declared=True)
+            self.observation.matmuls.append(record)
+            self._declared_calls.append(record)
+
+        def leave(mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            self._declared_depth -= 1
+            if self._declared_depth == 0 and self._declared_calls:
+                record = self._declared_calls.pop()
+                first = next(_tensors(output), None)
+                if first is not None:
+                    self._last.append((record, first))
+
+        self._handles.append(module.register_forward_pre_hook(enter, with_kwargs=True))
+        self._handles.append(module.register_forward_hook(leave, with_kwargs=True, always_call=True))
 
     def remove_hooks(self) -> None:
         for handle in self._handles:
@@ -317,7 +355,9 @@ class RealStepObserver(TorchDispatchMode):
             for tensor, fact in zip(inputs, facts):
                 if fact.tags and tensor.grad_fn is not None:  # a custom Function's output, used on
                     self._function_outputs.append((tensor.grad_fn, fact.tags))
-        matmul = self._matmul(func, args, out, grad_enabled)
+        matmul = None if self._declared_depth else self._matmul(func, args, out, grad_enabled)
+        if self._declared_depth and grad_enabled:
+            self._last.append((_INSIDE_DECLARED, out))
         if matmul is not None and not grad_enabled:
             tags = tags | {len(self.observation.matmuls) - 1}
         owners = {f.owner for f in facts}
@@ -387,6 +427,8 @@ class RealStepObserver(TorchDispatchMode):
             self._in_backward = True
             self._start_backward()
         self._ran.add(node)
+        if node in self._declared_nodes or self._declared_depth:
+            return  # the backward (or recompute) of a module with declared FLOPs: the declaration counts it
         recompute = torch.is_grad_enabled()  # checkpoint recompute: a forward rerun inside the backward
         if recompute:
             inputs = [t for t in _leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
@@ -435,6 +477,9 @@ class RealStepObserver(TorchDispatchMode):
     def _read_nodes(self) -> None:
         """The autograd node of each grad-mode matmul's output (set by autograd after the op returns)."""
         for matmul, output in self._last:
+            if matmul is _INSIDE_DECLARED:
+                self._declared_nodes.update(t.grad_fn for t in _tensors(output) if t.grad_fn is not None)
+                continue
             if isinstance(output, torch.Tensor) and output.grad_fn is not None:
                 matmul.node = output.grad_fn
                 self._nodes.setdefault(output.grad_fn, (matmul.component, matmul.feature))
@@ -464,6 +509,10 @@ class RealStepObserver(TorchDispatchMode):
         self._unplaced.clear()
         self._ran.clear()
         self._function_outputs.clear()
+
+
+# Marks, among the outputs whose autograd node is read, those of ops inside a module with declared FLOPs.
+_INSIDE_DECLARED = _Matmul("", Feature.CALLS, 0.0, 0.0)
 
 
 def _selects_tokens(func: Any, args: tuple) -> bool:
