@@ -12,16 +12,20 @@ forward rerun inside the backward).
 - **Model FLOPs** follow the convention of ``trace.py``: each forward matmul, plus one product of the
   same cost for each operand that carries a needed gradient, counted when its result reaches the
   loss (its autograd node ran in the backward; for ops inside a custom ``autograd.Function``, the
-  Function's output's node). A fused head that recomputes its logits in the backward therefore
-  counts like its unfused twin, and a gradient forced onto the embeddings (PEFT's
-  ``enable_input_require_grads``) is not a model FLOP.
+  Function's output's node, or, where a kernel the dispatcher never sees wrote that output, any
+  custom Function's backward having run). A fused head that recomputes its logits in the backward
+  therefore counts like its unfused twin, and a gradient forced onto the embeddings (PEFT's
+  ``enable_input_require_grads``) is not a model FLOP. A module with declared FLOPs
+  (``declared.py``) counts its declaration instead of what runs inside it.
 - **Hardware FLOPs** are every matmul that ran: the backward as observed, recompute included.
 
 Each matmul is assigned to a component (by the module that owns its parameter operand, else the
 innermost module running) and to the feature it scales with (``features.py``): a product of two
-batch-derived operands scales with squared lengths (attention), one with a weight operand with
-tokens (or rows, for per-sequence heads), one of weights alone once per call. ``Observation.fit``
-turns the totals into per-feature coefficients, exact at the observed step's shape.
+batch-derived operands scales with squared lengths (attention; inside a layer with a window, with
+that window's squares), one with a weight operand with tokens (the real tokens, for a selection of
+them such as a head that scores the labelled positions only), one of weights alone once per call.
+``Observation.fit`` turns the totals into per-feature coefficients, exact at the observed step's
+shape; a batch without token streams scales by rows.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ from .._torch_internals import (
     queue_backward_callback,
     view_base,
 )
-from .components import OTHER, classify
+from .components import EMBEDDINGS, HEAD, OTHER, classify
 from .declared import Declaration, declared
 from .features import HARDWARE, MODEL, NUM_FEATURES, WINDOW_FEATURES, Feature
 from .trace import ComponentFlops
@@ -122,9 +126,8 @@ class Observation:
     """What one observed micro-batch ran, per component and feature."""
 
     matmuls: list[_Matmul] = field(default_factory=list)
-    hardware: dict[tuple[str, Feature, bool], float] = field(
-        default_factory=lambda: defaultdict(float)
-    )  # backward
+    # The observed backward and checkpoint recompute, per (component, feature, per unit of the feature).
+    hardware: dict[tuple[str, Feature, bool], float] = field(default_factory=lambda: defaultdict(float))
     recomputed: dict[tuple[str, Feature, bool], float] = field(default_factory=lambda: defaultdict(float))
     complete: bool = False  # a backward ran to its end
     failure: str | None = None  # why observing stopped, if it failed
@@ -298,9 +301,9 @@ class RealStepObserver(TorchDispatchMode):
         if not facts.needs_grad:
             return False
         if grad_enabled or facts.made_with_grad:
-            # Autograd decides: a result made without grad flows only as a custom Function's output.
-            return tensor.requires_grad or not facts.made_with_grad and not grad_enabled
-        return True
+            # Autograd decides (a result made without grad carries one only as a custom Function's output).
+            return tensor.requires_grad
+        return True  # inside a custom Function's forward: as its inputs did
 
     # -- component and feature ------------------------------------------------------------------
     def _owner_component(self, operands: Sequence[torch.Tensor]) -> str | None:
@@ -310,7 +313,9 @@ class RealStepObserver(TorchDispatchMode):
             owner = self._fact(operand).owner
             if owner is not None:
                 path, classes = self._names[owner]
-                return classify(path, classes, activation_matmul=False)
+                component = classify(path, classes, activation_matmul=False)
+                # An embedding's weight in a matmul (a lookup is none) is a tied output projection.
+                return HEAD if component == EMBEDDINGS else component
         return None
 
     def _component_of(self, operands: Sequence[torch.Tensor], activation: bool) -> str:
