@@ -233,9 +233,10 @@ def test_hand_written_top_k_routing_counts_the_routed_experts(dispatch: str) -> 
     model = TinyMoELM(dispatch=dispatch)
     engine = observed_engine(model, full_batch(2, 16))
     for batch in (full_batch(2, 16), full_batch(3, 24), full_batch(1, 40)):
-        truth = reference_step_flops(model, batch)
+        truth = reference_step_flops(model, batch)  # rows without padding: model = hardware FLOPs
         step = engine.estimate(batch)
         assert_flops(step.model_flops, truth, "model FLOPs")
+        assert_flops(step.hardware_flops, truth, "hardware FLOPs")
         assert step.breakdown["router"] > 0 and step.breakdown["experts"] > 0
 
 
