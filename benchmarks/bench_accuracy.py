@@ -163,12 +163,22 @@ def build(size: str, config: str, device: torch.device) -> torch.nn.Module:
 
 
 def truth_flops_without_recompute(model: torch.nn.Module, batch) -> int:
+    """Model FLOPs: without checkpointing, and without the input gradient that checkpointing's
+    ``enable_input_require_grads`` forces on the embeddings (no trainable parameter needs it)."""
     was = getattr(model, "is_gradient_checkpointing", False)
     if was:
         model.gradient_checkpointing_disable()
+    forced = [  # the hook of transformers' and PEFT's enable_input_require_grads, set aside meanwhile
+        (module, key, module._forward_hooks.pop(key))
+        for module in model.modules()
+        for key, hook in list(module._forward_hooks.items())
+        if getattr(hook, "__name__", "") in ("make_inputs_require_grads", "make_inputs_require_grad")
+    ]
     try:
         return truth_step_flops(model, batch)
     finally:
+        for module, key, hook in forced:
+            module._forward_hooks[key] = hook
         if was:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
