@@ -113,8 +113,10 @@ class StepRecorder:
             raise RuntimeError(f"the timer reported {steps} steps but the meter counted {self._unread}")
         self._unread = 0
         self._fit_observation()
-        counted = self._counts.take(self.step_open) if steps and self.engine is not None else None
-        return timings, counted
+        counted = self._counts.take(self.step_open) if steps else None
+        # Without an engine yet (the real step not observed in full: it is tried again), the window's
+        # counts go with its timings: neither is measured.
+        return timings, counted if self.engine is not None else None
 
     def _count(self, batch: Any) -> None:
         if self._left_out:
@@ -141,9 +143,8 @@ class StepRecorder:
         """From the first countable batch: the copy's engine and/or an observation of this step."""
         self.timer.discard_current()  # this step's time goes into building the engine, not into training
         if self.real_step == "check" and is_compiled(self._model):
-            self.real_step = (
-                "off"  # a compiled step is not observed (README: how compiled models are counted)
-            )
+            # A compiled step is not observed (README says how compiled models are counted).
+            self.real_step = "off"
         if self.real_step != "only":
             try:
                 self.engine = FlopEngine.from_model(

@@ -229,3 +229,25 @@ def test_accelerate_counts_a_model_the_copy_cannot_trace_from_its_real_step() ->
     assert flops is not None
     measured = flops.model_flops / reference_step_flops(accelerator.unwrap_model(model), _moe_rows()[0])
     assert measured == pytest.approx(round(measured)) and round(measured) >= 3
+
+
+def test_an_observed_step_without_a_backward_is_observed_again_on_the_next() -> None:
+    model = TinyMoELM()
+    batches = _moe_rows()
+    meter = MFUMeter(model, peak_tflops=1.0, warmup_steps=0, real_step="only")
+    meter.start_step(batches[0])
+    with torch.no_grad():
+        model(**batches[0])  # a step without a backward: nothing to fit
+    meter.end_step()
+    assert meter.metrics() == {} and meter.engine is None
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    for batch in batches[1:]:
+        meter.start_step(batch)
+        model(**batch).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        meter.end_step()
+    assert "mfu" in meter.metrics()
+    flops = meter.run_flops()
+    assert flops is not None  # the second step was observed (left out); the rest were measured
+    assert_flops(flops.model_flops, 4 * reference_step_flops(model, batches[0]), "model FLOPs")
