@@ -1,0 +1,136 @@
+"""Host cost of counting one micro-batch, per batch layout: the operations it launches and its time.
+
+For each layout of the GPU table (padded rows, packed rows with ``position_ids``, packed rows with
+``cu_seq_lens``, encoder-decoder), the meter's per-step path with its real token counting:
+``start_step(batch)`` + ``end_step()`` of an ``MFUMeter`` whose FLOP engine is built from the model
+config, timed over many steps (no GPU work in between, so only the host cost shows), and the aten
+operations one ``count`` launches (a dispatch mode lists them). Median and p90 in microseconds.
+
+    python benchmarks/bench_host_cost.py --steps 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from mfu_callbacks import MFUMeter
+from mfu_callbacks._torch_internals import TorchDispatchMode
+from mfu_callbacks.flops.engine import token_counting
+from mfu_callbacks.testing import causal_lm
+
+VIEWS = {"aten.view", "aten.unsqueeze", "aten.select", "aten.slice", "aten._to_copy", "aten.reshape"}
+
+
+class Operations(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def layouts(device: torch.device, rows: int = 4, length: int = 2048) -> dict[str, tuple[nn.Module, dict]]:
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 32000, (rows, length), generator=generator)
+    lengths = torch.randint(length // 2, length + 1, (rows,), generator=generator)
+    mask = (torch.arange(length)[None, :] < lengths[:, None]).long()
+    documents = [length // 4, length // 2, length // 8, length - length // 4 - length // 2 - length // 8]
+    positions = torch.cat([torch.arange(n) for n in documents])[None, :]
+    bounds = torch.tensor([0, *torch.tensor(documents).cumsum(0).tolist()], dtype=torch.int32)
+    flat = ids[:1]
+    decoder = causal_lm(hidden=64, layers=2, heads=4, vocab=32000, max_positions=length)
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    seq2seq = T5ForConditionalGeneration(
+        T5Config(
+            vocab_size=32000,
+            d_model=64,
+            d_ff=128,
+            num_layers=2,
+            num_heads=4,
+            d_kv=16,
+            decoder_start_token_id=0,
+        )
+    )
+    on = {
+        k: v.to(device) for k, v in {"ids": ids, "mask": mask, "positions": positions, "flat": flat}.items()
+    }
+    return {
+        "padded rows": (decoder, {"input_ids": on["ids"], "attention_mask": on["mask"], "labels": on["ids"]}),
+        "packed, position_ids": (
+            decoder,
+            {"input_ids": on["flat"], "position_ids": on["positions"], "labels": on["flat"]},
+        ),
+        "packed, cu_seq_lens": (
+            decoder,
+            {
+                "input_ids": on["flat"],
+                "position_ids": on["positions"],
+                "cu_seq_lens_q": bounds.to(device),
+                "cu_seq_lens_k": bounds.to(device),
+                "labels": on["flat"],
+            },
+        ),
+        "encoder-decoder": (
+            seq2seq,
+            {
+                "input_ids": on["ids"],
+                "attention_mask": on["mask"],
+                "labels": on["ids"][:, : length // 4],
+            },
+        ),
+    }
+
+
+def measure(model: nn.Module, batch: dict, device: torch.device, steps: int) -> tuple[int, int, float, float]:
+    model.to(device)
+    meter = MFUMeter(model, peak_tflops=1.0, warmup_steps=0, real_step="off", device=device)
+    meter.start_step(batch)  # builds the engine
+    meter.end_step()
+    meter.metrics()
+    counting = token_counting(model)
+    counting.count(batch)
+    with Operations() as operations:
+        counting.count(batch)
+    kernels = [name for name in operations.names if name not in VIEWS]
+    times = []
+    for step in range(steps):
+        start = time.perf_counter()
+        meter.start_step(batch)
+        meter.end_step()
+        times.append(time.perf_counter() - start)
+        if step % 500 == 499:
+            meter.metrics()  # a read now and then, as a logger would (not timed)
+    times.sort()
+    return (
+        len(operations.names),
+        len(kernels),
+        1e6 * statistics.median(times),
+        1e6 * times[int(0.9 * len(times))],
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--steps", type=int, default=2000)
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"device: {name}; torch {torch.__version__}; {args.steps} steps per layout; start_step + end_step")
+    print(f"{'layout':24} {'aten ops':>9} {'kernels':>8} {'median µs':>10} {'p90 µs':>8}")
+    for layout, (model, batch) in layouts(device).items():
+        ops, kernels, median, p90 = measure(model, batch, device, args.steps)
+        print(f"{layout:24} {ops:9d} {kernels:8d} {median:10.1f} {p90:8.1f}")
+
+
+if __name__ == "__main__":
+    main()
