@@ -20,7 +20,7 @@ from torch import nn
 
 from ._step_counts import StepCounts
 from .flops import BatchError, FlopEngine, Forward, ModelIntrospectionError, TokenCounter
-from .flops.engine import is_compiled, observe_step, token_counting
+from .flops.engine import is_compiled, is_sharded, observe_step, token_counting
 from .flops.observe import RealStepObserver
 from .flops.tokens import TokenCounting
 from .timer import StepTimer, StepTiming
@@ -142,8 +142,8 @@ class StepRecorder:
     def _build(self, batch: Any) -> None:
         """From the first countable batch: the copy's engine and/or an observation of this step."""
         self.timer.discard_current()  # this step's time goes into building the engine, not into training
-        if self.real_step == "check" and is_compiled(self._model):
-            # A compiled step is not observed (README says how compiled models are counted).
+        if self.real_step == "check" and (is_compiled(self._model) or is_sharded(self._model)):
+            # Compiled and sharded models are counted from the copy (README says how).
             self.real_step = "off"
         if self.real_step != "only":
             try:

@@ -211,10 +211,13 @@ def test_lightning_counts_a_model_the_copy_cannot_trace_from_its_real_step(tmp_p
 
 def test_accelerate_counts_a_model_the_copy_cannot_trace_from_its_real_step() -> None:
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     from mfu_callbacks.accelerate import MFUTracker
 
-    accelerator = Accelerator(cpu=True)
+    # Accelerate keeps its state per process: a Trainer run before (TRL's bf16 default) would leave it.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    accelerator = Accelerator(cpu=True, mixed_precision="no")
     model = TinyMoELM()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -251,3 +254,13 @@ def test_an_observed_step_without_a_backward_is_observed_again_on_the_next() -> 
     flops = meter.run_flops()
     assert flops is not None  # the second step was observed (left out); the rest were measured
     assert_flops(flops.model_flops, 4 * reference_step_flops(model, batches[0]), "model FLOPs")
+
+
+def test_a_sharded_model_is_counted_from_the_copy_without_watching_the_step(caplog) -> None:
+    model = llama()
+    next(model.parameters()).ds_id = 0  # what DeepSpeed ZeRO-3 marks its partitioned parameters with
+    with caplog.at_level(logging.INFO, logger="mfu_callbacks"):
+        meter = run_loop(model, [padded_batch([5, 12]), padded_batch([7, 3, 16])], loss_of)
+        meter.metrics()
+    assert "agree with the copy's" not in caplog.text and "real step" not in caplog.text
+    assert meter.engine is not None and "meta-device replica" in meter.engine.description

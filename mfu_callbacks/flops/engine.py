@@ -442,6 +442,15 @@ def is_compiled(model: nn.Module) -> bool:
     )
 
 
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``model``'s parameters are sharded across ranks (FSDP, tensor parallel, DeepSpeed ZeRO-3):
+    a real step of one rank then runs its own share, which the per-rank count of the copy already is."""
+    return any(
+        type(parameter).__name__ in ("DTensor", "FlatParameter") or hasattr(parameter, "ds_id")
+        for parameter in model.parameters()
+    )
+
+
 def observe_step(model: nn.Module, batch: Any, counting: TokenCounting) -> RealStepObserver:
     """A dispatch mode that counts the real step about to run on ``batch`` (enter it before the
     forward, leave it after the backward); ``from_observation`` turns it into an engine."""

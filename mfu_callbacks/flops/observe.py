@@ -293,8 +293,9 @@ class RealStepObserver(TorchDispatchMode):
         base = view_base(tensor)
         if id(base) in self._owners:  # a parameter or buffer of the model (or a view of one)
             return _TensorFacts(False, id(base) in self._trainable, True, owner=self._owners[id(base)])
-        # Anything else from outside the step (a tensor the batch carried indirectly): batch data.
-        return _TensorFacts(True, tensor.requires_grad and tensor.is_leaf, True)
+        # Anything else made before the step is model state the step did not receive with the batch
+        # (a weight gathered or unsharded by FSDP or DeepSpeed, a cached table): trainable if it asks.
+        return _TensorFacts(False, tensor.requires_grad, True)
 
     def _carries_grad(self, tensor: torch.Tensor, grad_enabled: bool) -> bool:
         facts = self._fact(tensor)
@@ -435,12 +436,13 @@ class RealStepObserver(TorchDispatchMode):
         if node in self._declared_nodes or self._declared_depth:
             return  # the backward (or recompute) of a module with declared FLOPs: the declaration counts it
         recompute = torch.is_grad_enabled()  # checkpoint recompute: a forward rerun inside the backward
-        if recompute:
-            inputs = [t for t in _leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-            from_batch = any(self._fact(t).from_batch for t in inputs) or not inputs
-            for tensor in _leaves(out):
-                if isinstance(tensor, torch.Tensor):
-                    self._facts[tensor] = _TensorFacts(from_batch, False, True)
+        # What derives from the batch, for the recompute to classify its matmuls (its inputs may be
+        # detached copies made just before, with grad mode still off).
+        inputs = [t for t in _leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        from_batch = any(self._fact(t).from_batch for t in inputs) or not inputs
+        for tensor in _leaves(out):
+            if isinstance(tensor, torch.Tensor):
+                self._facts[tensor] = _TensorFacts(from_batch, False, True)
         if func.overloadpacket in _MATMULS:
             operands = [args[i] for i in _MATMULS[func.overloadpacket]]
             flops, per_unit = matmul_flops(func, args, out), False
