@@ -46,9 +46,7 @@ class StepRecorder:
         self.engine = engine
         self.timer = timer
         self.real_step = real_step if engine is None else "off"
-        # What reduces a batch to features: a ready-made engine itself, or the counting built with one.
-        self._counting: TokenCounting | FlopEngine | None = engine
-        self._token_counting: TokenCounting | None = None  # built with the engine, here
+        self._token_counting: TokenCounting | None = None  # built for an observed step, before any engine
         self._observer: RealStepObserver | None = None
         self._observed: tuple[RealStepObserver, torch.Tensor] | None = (
             None  # awaiting its fit at the next read
@@ -122,7 +120,8 @@ class StepRecorder:
         if self._left_out:
             return
         try:
-            if self._counting is None:
+            counter = self._counter
+            if counter is None:
                 self._build(batch)
                 return
             if (
@@ -134,9 +133,15 @@ class StepRecorder:
                 self._observe(batch)  # an earlier observation saw no backward: try again
                 return
             if self.timer.measuring:
-                self._counts.add(self._counting.count(batch))
+                self._counts.add(counter.count(batch))
         except (BatchError, ValueError) as error:
             self._leave_step_out(error)
+
+    @property
+    def _counter(self) -> FlopEngine | TokenCounting | None:
+        """What reduces a batch to features: the engine (a ready-made one included), else the counting
+        of a real step being observed before any engine exists."""
+        return self.engine if self.engine is not None else self._token_counting
 
     # -- building the engine --------------------------------------------------------------------
     def _build(self, batch: Any) -> None:
@@ -150,7 +155,6 @@ class StepRecorder:
                 self.engine = FlopEngine.from_model(
                     self._model, batch, forward=self._forward, token_counter=self._token_counter
                 )
-                self._counting = self.engine
             except ModelIntrospectionError as error:
                 if self.real_step == "off":
                     raise
@@ -171,7 +175,6 @@ class StepRecorder:
         observer = observe_step(self._model, batch, counting)
         features = counting.count(batch)
         self._token_counting = counting
-        self._counting = self._counting or counting
         self._observations_left -= 1
         self.timer.discard_current()  # the observed step runs slower: left out of timing
         observer.__enter__()

@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
+
+from .isolation import tensors_in
 
 FlopsOfCall = Callable[[nn.Module, tuple, dict], float]
 
@@ -54,7 +55,7 @@ class Declaration:
                 f"the FLOPs declared for {type(module).__name__} must be a finite number >= 0, got {forward!r}"
             )
         trains = torch.is_grad_enabled() and (
-            any(t.requires_grad for t in _tensors((args, kwargs)))
+            any(t.requires_grad for t in tensors_in((args, kwargs)))
             or any(p.requires_grad for p in module.parameters())
         )
         return forward, forward * self.backward if trains else 0.0
@@ -96,14 +97,3 @@ def declare_flops(
 def declared(module: nn.Module) -> Declaration | None:
     """The declaration that applies to ``module``: its own, else its exact class's, else None."""
     return _BY_INSTANCE.get(module) or _BY_CLASS.get(type(module))
-
-
-def _tensors(value: Any) -> Iterator[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, Mapping):
-        for item in value.values():
-            yield from _tensors(item)
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            yield from _tensors(item)

@@ -42,6 +42,19 @@ def preserved_random_state() -> Iterator[None]:
             numpy.random.set_state(numpy_state)
 
 
+def tensors_in(value: Any) -> Iterator[torch.Tensor]:
+    """Every tensor inside ``value``, through mappings, lists and tuples (a batch, an op's arguments,
+    a model's output)."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, Mapping):
+        for item in value.values():
+            yield from tensors_in(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from tensors_in(item)
+
+
 def map_tensors(
     value: Any, convert: Callable[[str | None, torch.Tensor], Any], key: str | None = None
 ) -> Any:

@@ -31,7 +31,7 @@ shape; a batch without token streams scales by rows.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +55,7 @@ from .._torch_internals import (
 from .components import EMBEDDINGS, HEAD, OTHER, classify
 from .declared import Declaration, declared
 from .features import HARDWARE, MODEL, NUM_FEATURES, WINDOW_FEATURES, Feature
+from .isolation import tensors_in
 from .trace import ComponentFlops
 from .windows import Window, window_of
 
@@ -217,7 +218,7 @@ class RealStepObserver(TorchDispatchMode):
         self._declared_calls: list[_Matmul] = []
         self._declared_nodes: set[Any] = set()  # autograd nodes made inside such a module
         self._describe(model)
-        for tensor in _tensors(batch):
+        for tensor in tensors_in(batch):
             self._facts[tensor] = _TensorFacts(from_batch=True, needs_grad=False, made_with_grad=True)
 
     # -- the model's structure ------------------------------------------------------------------
@@ -267,7 +268,7 @@ class RealStepObserver(TorchDispatchMode):
             self._declared_depth -= 1
             if self._declared_depth == 0 and self._declared_calls:
                 record = self._declared_calls.pop()
-                first = next(_tensors(output), None)
+                first = next(tensors_in(output), None)
                 if first is not None:
                     self._last.append((record, first))
 
@@ -349,8 +350,8 @@ class RealStepObserver(TorchDispatchMode):
             self._in_backward_op(func, args, kwargs, out, node)
             return
         grad_enabled = torch.is_grad_enabled()
-        inputs = [t for t in _leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-        outputs = [t for t in _leaves(out) if isinstance(t, torch.Tensor)]
+        inputs = list(tensors_in((args, kwargs)))
+        outputs = list(tensors_in(out))
         facts = [self._fact(t) for t in inputs]
         carries = [self._carries_grad(t, grad_enabled) for t in inputs]
         from_batch = any(f.from_batch for f in facts) or not inputs  # a factory op: sized by the batch
@@ -438,11 +439,10 @@ class RealStepObserver(TorchDispatchMode):
         recompute = torch.is_grad_enabled()  # checkpoint recompute: a forward rerun inside the backward
         # What derives from the batch, for the recompute to classify its matmuls (its inputs may be
         # detached copies made just before, with grad mode still off).
-        inputs = [t for t in _leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        inputs = list(tensors_in((args, kwargs)))
         from_batch = any(self._fact(t).from_batch for t in inputs) or not inputs
-        for tensor in _leaves(out):
-            if isinstance(tensor, torch.Tensor):
-                self._facts[tensor] = _TensorFacts(from_batch, False, True)
+        for tensor in tensors_in(out):
+            self._facts[tensor] = _TensorFacts(from_batch, False, True)
         if func.overloadpacket in _MATMULS:
             operands = [args[i] for i in _MATMULS[func.overloadpacket]]
             flops, per_unit = matmul_flops(func, args, out), False
@@ -485,7 +485,7 @@ class RealStepObserver(TorchDispatchMode):
         """The autograd node of each grad-mode matmul's output (set by autograd after the op returns)."""
         for matmul, output in self._last:
             if matmul is _INSIDE_DECLARED:
-                self._declared_nodes.update(t.grad_fn for t in _tensors(output) if t.grad_fn is not None)
+                self._declared_nodes.update(t.grad_fn for t in tensors_in(output) if t.grad_fn is not None)
                 continue
             if isinstance(output, torch.Tensor) and output.grad_fn is not None:
                 matmul.node = output.grad_fn
@@ -529,18 +529,3 @@ def _selects_tokens(func: Any, args: tuple) -> bool:
     if func.overloadpacket is aten.index and len(args) > 1:
         return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] or ())
     return False
-
-
-def _leaves(value: Any) -> list[Any]:
-    """Every item of nested lists, tuples and dicts (an op's arguments and results)."""
-    if isinstance(value, (list, tuple)):
-        return [leaf for item in value for leaf in _leaves(item)]
-    if isinstance(value, dict):
-        return [leaf for item in value.values() for leaf in _leaves(item)]
-    return [value]
-
-
-def _tensors(value: Any) -> Iterator[torch.Tensor]:
-    for leaf in _leaves(value):
-        if isinstance(leaf, torch.Tensor):
-            yield leaf

@@ -37,6 +37,7 @@ from .._torch_internals import (
     view_base,
 )
 from .components import ATTENTION_SCORES, classify, component_of_parameter, windowed_scores
+from .isolation import tensors_in
 
 aten = torch.ops.aten
 
@@ -150,7 +151,7 @@ class MatmulRecorder(TorchDispatchMode):
         if entry is None:
             return
         component, forward, backward = entry
-        tensors = list(_tensors(output))
+        tensors = list(tensors_in(output))
         reaching = next((t for t in tensors if t.grad_fn is not None), tensors[0] if tensors else None)
         weight = self._weight
         self.record(component or self._component(False), forward * weight, backward * weight, reaching)
@@ -387,17 +388,6 @@ def _unpacked(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def _tensors(value: Any) -> Iterator[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, Mapping):
-        for item in value.values():
-            yield from _tensors(item)
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            yield from _tensors(item)
-
-
 def _on_meta(args: tuple) -> tuple:
     """Arguments of one op, with CPU tensors moved to meta where they meet meta ones: a probe's image
     grids are real (the model reads their values), and what the model derives from them (positions,
@@ -425,7 +415,7 @@ def _loss(result: Any) -> torch.Tensor | None:
 def _autograd_graph(result: Any) -> set | None:
     """Every autograd node the result's backward can reach; None when the result holds no graph to
     go by (a custom forward that returns nothing): then every matmul counts as reaching it."""
-    stack = [t.grad_fn for t in _tensors(result) if t.grad_fn is not None]
+    stack = [t.grad_fn for t in tensors_in(result) if t.grad_fn is not None]
     if not stack:
         return None
     seen: set = set()
