@@ -27,17 +27,12 @@ import warnings
 from pathlib import Path
 
 import torch
-from common import SIZES, batch_for, llama, six_n_tokens, truth_step_flops
+from common import SIZES, batch_for, llama, six_n_tokens, sync, truth_step_flops
 
 from mfu_callbacks import FlopEngine, MFUMeter
 from mfu_callbacks.hardware import resolve_peak
 
 CONFIGS = ("full", "lora", "full+ckpt", "lora+ckpt", "moe")
-
-
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 class SyncLedger:

@@ -24,19 +24,13 @@ import warnings
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from common import SIZES, llama
+from common import SIZES, llama, sync
 from torch import nn
 
 from mfu_callbacks import MFUMeter
 from mfu_callbacks.flops.engine import observe_step, token_counting
 from mfu_callbacks.hardware import resolve_peak
-from mfu_callbacks.testing import make_eager, reference_step_flops
-
-
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+from mfu_callbacks.testing import make_eager, moe_lm, reference_step_flops, word_tokenizer
 
 
 def documents(batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
@@ -79,16 +73,6 @@ def _plain_copy(model: nn.Module) -> nn.Module:
 
 
 # -- 1. TRL SFTTrainer ---------------------------------------------------------------------------------
-def tokenizer(vocab: int):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = {"<pad>": 0, "<unk>": 1, "<eos>": 2, **{f"w{i}": i for i in range(3, vocab)}}
-    model = Tokenizer(models.WordLevel(vocab=words, unk_token="<unk>"))
-    model.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=model, pad_token="<pad>", eos_token="<eos>")
-
-
 def run_trl(size: str, setup: str, warmup: int, measured: int, peak_tflops: float | None) -> dict[str, Any]:
     from datasets import Dataset
     from peft import LoraConfig
@@ -143,7 +127,7 @@ def run_trl(size: str, setup: str, warmup: int, measured: int, peak_tflops: floa
         model=model,
         args=config,
         train_dataset=data,
-        processing_class=tokenizer(vocab),
+        processing_class=word_tokenizer(vocab),
         callbacks=[callback, WallClock()],
         peft_config=lora,
     )
@@ -167,49 +151,11 @@ def run_trl(size: str, setup: str, warmup: int, measured: int, peak_tflops: floa
 
 
 # -- 2. hand-written top-k MoE -------------------------------------------------------------------------
-class TopKMoE(nn.Module):
-    def __init__(self, hidden: int, inner: int, experts: int, top_k: int) -> None:
-        super().__init__()
-        self.top_k = top_k
-        self.router = nn.Linear(hidden, experts, bias=False)
-        self.experts = nn.ModuleList(
-            nn.Sequential(
-                nn.Linear(hidden, inner, bias=False), nn.SiLU(), nn.Linear(inner, hidden, bias=False)
-            )
-            for _ in range(experts)
-        )
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        flat = hidden.reshape(-1, hidden.shape[-1])
-        weights, chosen = torch.softmax(self.router(flat), dim=-1).topk(self.top_k, dim=-1)
-        out = torch.zeros_like(flat)
-        for index, expert in enumerate(self.experts):
-            token, slot = torch.where(chosen == index)
-            out.index_add_(0, token, (expert(flat[token]) * weights[token, slot, None]).to(out.dtype))
-        return out.reshape(hidden.shape)
-
-
-class MoELM(nn.Module):
-    def __init__(self, size: str) -> None:
-        super().__init__()
-        hidden, layers, _, _, inner, vocab, _, _ = SIZES[size]
-        self.embed = nn.Embedding(vocab, hidden)
-        self.blocks = nn.ModuleList(TopKMoE(hidden, inner // 2, experts=8, top_k=2) for _ in range(layers))
-        self.lm_head = nn.Linear(hidden, vocab, bias=False)
-
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        hidden = self.embed(input_ids)
-        for block in self.blocks:
-            hidden = hidden + block(hidden)
-        logits = self.lm_head(hidden).float()
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
-
-
 def run_moe(size: str, warmup: int, measured: int, peak_tflops: float | None) -> dict[str, Any]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     _, _, _, _, _, vocab, seq_len, rows = SIZES[size]
-    torch.manual_seed(0)
-    model = MoELM(size).to(device)
+    hidden, layers, _, _, inner, _, _, _ = SIZES[size]
+    model = moe_lm(vocab=vocab, hidden=hidden, inner=inner // 2, layers=layers, experts=8, top_k=2).to(device)
     ids = torch.randint(0, vocab, (rows, seq_len), device=device)
     batch = {"input_ids": ids, "labels": ids}
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -15,6 +15,12 @@ SIZES = {
 }
 
 
+def sync() -> None:
+    """Wait for the GPU (a wall clock around GPU work needs one at each end); nothing on a CPU."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def llama(size: str, *, moe: bool = False, attention: str = "sdpa") -> torch.nn.Module:
     """A Llama of one of the sizes above, or with ``moe`` a Mixtral (8 experts of half the MLP width, top 2)."""
     hidden, layers, heads, kv_heads, intermediate, vocab, seq_len, _ = SIZES[size]

@@ -22,10 +22,19 @@ from contextlib import nullcontext
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["causal_lm", "configs_of", "make_eager", "reference_step_flops"]
+__all__ = [
+    "TopKMoE",
+    "causal_lm",
+    "configs_of",
+    "make_eager",
+    "moe_lm",
+    "reference_step_flops",
+    "word_tokenizer",
+]
 
 
 def causal_lm(
@@ -156,3 +165,111 @@ def _device_type(batch: Any) -> str:
     )
     tensors = [value for value in values if isinstance(value, torch.Tensor)]
     return tensors[0].device.type if tensors else "cpu"
+
+
+# -- a mixture of experts routed by hand, which no meta-device copy can run ---------------------------
+class TopKMoE(nn.Module):
+    """Top-k experts with data-dependent dispatch, written the ways people write it by hand:
+    ``where`` (torch.where on the choices), ``nonzero``, ``split`` (tokens sorted by expert, sizes read
+    back with ``bincount(...).tolist()``) and ``capacity`` (GShard: one-hot dispatch and combine
+    einsums per sequence, each expert taking at most capacity tokens)."""
+
+    def __init__(self, hidden: int, inner: int, experts: int, top_k: int, dispatch: str = "where") -> None:
+        super().__init__()
+        self.top_k, self.dispatch = top_k, dispatch
+        self.router = nn.Linear(hidden, experts, bias=False)
+        self.experts = nn.ModuleList(
+            nn.Sequential(
+                nn.Linear(hidden, inner, bias=False), nn.SiLU(), nn.Linear(inner, hidden, bias=False)
+            )
+            for _ in range(experts)
+        )
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.dispatch == "capacity":
+            return self._capacity(hidden)
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        weights, chosen = torch.softmax(self.router(flat), dim=-1).topk(self.top_k, dim=-1)
+        out = torch.zeros_like(flat)
+        if self.dispatch == "split":
+            order = chosen.flatten().argsort()
+            token = order // self.top_k
+            sizes = chosen.flatten().bincount(minlength=len(self.experts)).tolist()
+            for expert, tokens, slots in zip(self.experts, token.split(sizes), order.split(sizes)):
+                if tokens.numel():
+                    routed = expert(flat[tokens]) * weights.flatten()[slots, None]
+                    out.index_add_(0, tokens, routed.to(out.dtype))
+            return out.reshape(hidden.shape)
+        for index, expert in enumerate(self.experts):
+            if self.dispatch == "nonzero":
+                token, slot = (chosen == index).nonzero(as_tuple=True)
+            else:
+                token, slot = torch.where(chosen == index)
+            if token.numel():
+                out.index_add_(0, token, (expert(flat[token]) * weights[token, slot, None]).to(out.dtype))
+        return out.reshape(hidden.shape)
+
+    def _capacity(self, hidden: torch.Tensor) -> torch.Tensor:
+        rows, length, _ = hidden.shape
+        experts = len(self.experts)
+        capacity = self.top_k * length // experts  # capacity factor 1: a sequence's fair share
+        weights, chosen = torch.softmax(self.router(hidden), dim=-1).topk(self.top_k, dim=-1)
+        mask = F.one_hot(chosen, experts).sum(dim=2).float()  # [rows, length, experts]
+        position = (mask.cumsum(dim=1) - 1) * mask  # each token's place in its expert's queue
+        kept = mask * (position < capacity)
+        slots = F.one_hot(position.long().clamp(max=capacity - 1), capacity).float()
+        dispatch = kept.unsqueeze(-1) * slots  # [rows, length, experts, capacity]: overflow dropped
+        gate = (F.one_hot(chosen, experts).float() * weights.unsqueeze(-1)).sum(dim=2)
+        combine = dispatch * gate.unsqueeze(-1)
+        routed = torch.einsum("rsec,rsm->recm", dispatch, hidden)
+        done = torch.stack([expert(routed[:, e]) for e, expert in enumerate(self.experts)], dim=1)
+        return torch.einsum("rsec,recm->rsm", combine, done)
+
+
+class _MoELM(nn.Module):
+    """Embedding, blocks of ``TopKMoE`` with residuals, a head; its forward returns the loss."""
+
+    def __init__(
+        self, vocab: int, hidden: int, inner: int, layers: int, experts: int, top_k: int, dispatch: str
+    ):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, hidden)
+        self.blocks = nn.ModuleList(TopKMoE(hidden, inner, experts, top_k, dispatch) for _ in range(layers))
+        self.lm_head = nn.Linear(hidden, vocab, bias=False)
+
+    def forward(
+        self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: Any = None
+    ) -> torch.Tensor:
+        hidden = self.embed(input_ids)
+        for block in self.blocks:
+            hidden = hidden + block(hidden)
+        logits = self.lm_head(hidden).float()
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+
+
+def moe_lm(
+    *,
+    vocab: int,
+    hidden: int,
+    inner: int,
+    layers: int,
+    experts: int,
+    top_k: int,
+    dispatch: str = "where",
+    seed: int = 0,
+) -> nn.Module:
+    """A language model of ``TopKMoE`` blocks (no attention), weights drawn after ``torch.manual_seed(seed)``."""
+    torch.manual_seed(seed)
+    return _MoELM(vocab, hidden, inner, layers, experts, top_k, dispatch)
+
+
+def word_tokenizer(vocab: int) -> Any:
+    """A tokenizer built in memory (nothing downloaded): words ``w3`` ... ``w{vocab-1}``, ids 0-2 for
+    pad, unknown and end of sequence. For trainers that want one (TRL's ``SFTTrainer``)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {"<pad>": 0, "<unk>": 1, "<eos>": 2, **{f"w{i}": i for i in range(3, vocab)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab=words, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>")

@@ -23,7 +23,7 @@ from torch import nn
 
 from mfu_callbacks.flops import FlopEngine
 from mfu_callbacks.flops.engine import observe_step, token_counting
-from mfu_callbacks.testing import causal_lm, make_eager, reference_step_flops
+from mfu_callbacks.testing import causal_lm, make_eager, moe_lm, reference_step_flops
 
 
 def _loss(output: Any) -> torch.Tensor:
@@ -153,84 +153,14 @@ def test_a_fused_head_counts_like_its_unfused_twin_and_its_recompute_as_hardware
 
 
 # -- hand-written top-k routing that a meta-device copy cannot run ----------------------------------
-class TopKMoE(nn.Module):
-    """Top-k experts with data-dependent dispatch, written the ways people write it by hand:
-    ``where`` (torch.where on the choices), ``nonzero``, ``split`` (tokens sorted by expert, sizes read
-    back with ``bincount(...).tolist()``) and ``capacity`` (GShard: one-hot dispatch and combine
-    einsums per sequence, each expert taking at most capacity tokens)."""
-
-    def __init__(self, hidden: int, inner: int, experts: int, top_k: int, dispatch: str = "where") -> None:
-        super().__init__()
-        self.top_k, self.dispatch = top_k, dispatch
-        self.router = nn.Linear(hidden, experts, bias=False)
-        self.experts = nn.ModuleList(
-            nn.Sequential(
-                nn.Linear(hidden, inner, bias=False), nn.SiLU(), nn.Linear(inner, hidden, bias=False)
-            )
-            for _ in range(experts)
-        )
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.dispatch == "capacity":
-            return self._capacity(hidden)
-        flat = hidden.reshape(-1, hidden.shape[-1])
-        weights, chosen = torch.softmax(self.router(flat), dim=-1).topk(self.top_k, dim=-1)
-        out = torch.zeros_like(flat)
-        if self.dispatch == "split":
-            order = chosen.flatten().argsort()
-            token = order // self.top_k
-            sizes = chosen.flatten().bincount(minlength=len(self.experts)).tolist()
-            for expert, tokens, slots in zip(self.experts, token.split(sizes), order.split(sizes)):
-                if tokens.numel():
-                    out.index_add_(0, tokens, expert(flat[tokens]) * weights.flatten()[slots, None])
-            return out.reshape(hidden.shape)
-        for index, expert in enumerate(self.experts):
-            if self.dispatch == "nonzero":
-                token, slot = (chosen == index).nonzero(as_tuple=True)
-            else:
-                token, slot = torch.where(chosen == index)
-            if token.numel():
-                out.index_add_(0, token, expert(flat[token]) * weights[token, slot, None])
-        return out.reshape(hidden.shape)
-
-    def _capacity(self, hidden: torch.Tensor) -> torch.Tensor:
-        rows, length, _ = hidden.shape
-        experts = len(self.experts)
-        capacity = self.top_k * length // experts  # capacity factor 1: a sequence's fair share
-        weights, chosen = torch.softmax(self.router(hidden), dim=-1).topk(self.top_k, dim=-1)
-        mask = F.one_hot(chosen, experts).sum(dim=2).float()  # [rows, length, experts]
-        position = (mask.cumsum(dim=1) - 1) * mask  # each token's place in its expert's queue
-        kept = mask * (position < capacity)
-        slots = F.one_hot(position.long().clamp(max=capacity - 1), capacity).float()
-        dispatch = kept.unsqueeze(-1) * slots  # [rows, length, experts, capacity]: overflow dropped
-        gate = (F.one_hot(chosen, experts).float() * weights.unsqueeze(-1)).sum(dim=2)
-        combine = dispatch * gate.unsqueeze(-1)
-        routed = torch.einsum("rsec,rsm->recm", dispatch, hidden)
-        done = torch.stack([expert(routed[:, e]) for e, expert in enumerate(self.experts)], dim=1)
-        return torch.einsum("rsec,recm->rsm", combine, done)
-
-
-class TinyMoELM(nn.Module):
-    def __init__(self, hidden: int = 32, layers: int = 2, dispatch: str = "where") -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.embed = nn.Embedding(VOCAB, hidden)
-        self.blocks = nn.ModuleList(TopKMoE(hidden, 48, 4, 2, dispatch) for _ in range(layers))
-        self.lm_head = nn.Linear(hidden, VOCAB, bias=False)
-
-    def forward(
-        self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: Any = None
-    ) -> torch.Tensor:
-        hidden = self.embed(input_ids)
-        for block in self.blocks:
-            hidden = hidden + block(hidden)
-        logits = self.lm_head(hidden)
-        return F.cross_entropy(logits.reshape(-1, VOCAB).float(), labels.reshape(-1))
+def tiny_moe_lm(dispatch: str = "where") -> nn.Module:
+    """Two layers of four experts, top-2, routed by hand (``mfu_callbacks.testing.TopKMoE``)."""
+    return moe_lm(vocab=VOCAB, hidden=32, inner=48, layers=2, experts=4, top_k=2, dispatch=dispatch)
 
 
 @pytest.mark.parametrize("dispatch", ["where", "nonzero", "split", "capacity"])
 def test_hand_written_top_k_routing_counts_the_routed_experts(dispatch: str) -> None:
-    model = TinyMoELM(dispatch=dispatch)
+    model = tiny_moe_lm(dispatch=dispatch)
     engine = observed_engine(model, full_batch(2, 16))
     for batch in (full_batch(2, 16), full_batch(3, 24), full_batch(1, 40)):
         truth = reference_step_flops(model, batch)  # rows without padding: model = hardware FLOPs

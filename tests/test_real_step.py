@@ -9,12 +9,12 @@ from typing import Any
 import pytest
 import torch
 from conftest import VOCAB, assert_flops, full_batch, model_truth, padded_batch
-from test_flops_observe import TinyMoELM, fused_head_forward, llama, unfused_forward
+from test_flops_observe import fused_head_forward, llama, tiny_moe_lm, unfused_forward
 from torch import nn
 
 from mfu_callbacks import MFUMeter
 from mfu_callbacks.flops import ModelIntrospectionError
-from mfu_callbacks.testing import reference_step_flops
+from mfu_callbacks.testing import reference_step_flops, word_tokenizer
 
 
 def run_loop(model: nn.Module, batches: list[dict], forward, **options: Any) -> MFUMeter:
@@ -36,7 +36,7 @@ def loss_of(model: nn.Module, batch: dict) -> torch.Tensor:
 
 
 def test_a_model_the_copy_cannot_trace_is_counted_from_its_real_step(caplog) -> None:
-    model = TinyMoELM()
+    model = tiny_moe_lm()
     batches = [full_batch(2, 16), full_batch(3, 24), full_batch(2, 16)]
     with caplog.at_level(logging.INFO, logger="mfu_callbacks"):
         meter = run_loop(model, batches, loss_of)
@@ -70,7 +70,7 @@ def test_where_the_copy_agrees_it_is_kept(caplog) -> None:
 
 
 def test_real_step_off_never_watches_and_only_skips_the_copy() -> None:
-    model = TinyMoELM()
+    model = tiny_moe_lm()
     batches = [full_batch(2, 16), full_batch(2, 16)]
     with pytest.raises(ModelIntrospectionError, match="could not trace"):
         run_loop(model, batches, loss_of, real_step="off")
@@ -88,7 +88,7 @@ def test_losses_and_weights_are_identical_when_the_step_is_observed() -> None:
     batches = [full_batch(2, 16, seed=s) for s in range(3)]
     trained = []
     for watched in (True, False):
-        model = TinyMoELM()
+        model = tiny_moe_lm()
         losses = []
         meter = MFUMeter(model, peak_tflops=1.0, warmup_steps=0, real_step="only") if watched else None
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -109,16 +109,6 @@ def test_losses_and_weights_are_identical_when_the_step_is_observed() -> None:
 
 
 # -- TRL ------------------------------------------------------------------------------------------
-def _tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocabulary = {"<pad>": 0, "<unk>": 1, "<eos>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
-    tokenizer = Tokenizer(models.WordLevel(vocab=vocabulary, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>")
-
-
 TRL_SETUPS = {
     "full": {},
     "lora": {"lora": True},
@@ -157,7 +147,7 @@ def test_trl_sft_trainer_logs_mfu_in_every_row_with_default_options(tmp_path, se
         LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM") if lora else None
     )
     trainer = SFTTrainer(
-        model=model, args=config, train_dataset=data, processing_class=_tokenizer(), callbacks=[callback],
+        model=model, args=config, train_dataset=data, processing_class=word_tokenizer(VOCAB), callbacks=[callback],
         peft_config=peft_config,
     )  # fmt: skip
     trainer.train()
@@ -188,7 +178,7 @@ def test_lightning_counts_a_model_the_copy_cannot_trace_from_its_real_step(tmp_p
     class MoEModule(L.LightningModule):
         def __init__(self) -> None:
             super().__init__()
-            self.model = TinyMoELM()
+            self.model = tiny_moe_lm()
 
         def training_step(self, batch, batch_idx):
             return self.model(**batch)
@@ -218,7 +208,7 @@ def test_accelerate_counts_a_model_the_copy_cannot_trace_from_its_real_step() ->
     # Accelerate keeps its state per process: a Trainer run before (TRL's bf16 default) would leave it.
     AcceleratorState._reset_state(reset_partial_state=True)
     accelerator = Accelerator(cpu=True, mixed_precision="no")
-    model = TinyMoELM()
+    model = tiny_moe_lm()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     model, optimizer = accelerator.prepare(model, optimizer)
     tracker = MFUTracker(accelerator, model, peak_tflops=1.0, warmup_steps=1, log_interval=2)
@@ -235,7 +225,7 @@ def test_accelerate_counts_a_model_the_copy_cannot_trace_from_its_real_step() ->
 
 
 def test_an_observed_step_without_a_backward_is_observed_again_on_the_next() -> None:
-    model = TinyMoELM()
+    model = tiny_moe_lm()
     batches = _moe_rows()
     meter = MFUMeter(model, peak_tflops=1.0, warmup_steps=0, real_step="only")
     meter.start_step(batches[0])
