@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -80,10 +81,9 @@ def collate_with_padding(rows):
     return batch
 
 
-def test_hf_trainer_with_report_to_wandb(offline):
+def train_hf(offline: Path, callback: Any, collator: Any = collate) -> None:
+    """A Trainer run reporting to offline W&B, with ``callback``."""
     from transformers import Trainer, TrainingArguments
-
-    from mfu_callbacks.transformers import MFUCallback
 
     args = TrainingArguments(
         output_dir=str(offline / "out"),
@@ -100,11 +100,17 @@ def test_hf_trainer_with_report_to_wandb(offline):
         model=tiny_llama(),
         args=args,
         train_dataset=FixedLengthTokens(64),
-        data_collator=collate_with_padding,
-        callbacks=[MFUCallback(peak_tflops=PEAK_TFLOPS, warmup_steps=1)],
+        data_collator=collator,
+        callbacks=[callback],
     )
     trainer.train()
     wandb.finish()
+
+
+def test_hf_trainer_with_report_to_wandb(offline):
+    from mfu_callbacks.transformers import MFUCallback
+
+    train_hf(offline, MFUCallback(peak_tflops=PEAK_TFLOPS, warmup_steps=1), collate_with_padding)
     records = read_run(offline)
     check_run(records, "train/loss", "train/mfu", "train/global_step")
     summary = {}
@@ -146,12 +152,11 @@ def check_online_reading_of(records: list[dict], offline: Path) -> None:
     assert online.setup["world_size"] == 1 and online.setup["model"]["architecture"] == "LlamaForCausalLM"
 
 
-def test_lightning_with_wandb_logger(offline):
+def fit_lightning(offline: Path, callback: Any) -> None:
+    """A Lightning fit logging to an offline WandbLogger, with ``callback``."""
     import lightning as L
     from lightning.pytorch.loggers import WandbLogger
     from test_lightning import TinyModule
-
-    from mfu_callbacks.lightning import MFUCallback
 
     trainer = L.Trainer(
         max_steps=STEPS,
@@ -159,17 +164,24 @@ def test_lightning_with_wandb_logger(offline):
         devices=1,
         log_every_n_steps=2,
         logger=WandbLogger(project="lightning", save_dir=str(offline), offline=True),
-        callbacks=[MFUCallback(peak_tflops=PEAK_TFLOPS, warmup_steps=1)],
+        callbacks=[callback],
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
     )
     trainer.fit(TinyModule(), DataLoader(FixedLengthTokens(64), batch_size=BATCH, collate_fn=collate))
     wandb.finish()
+
+
+def test_lightning_with_wandb_logger(offline):
+    from mfu_callbacks.lightning import MFUCallback
+
+    fit_lightning(offline, MFUCallback(peak_tflops=PEAK_TFLOPS, warmup_steps=1))
     check_run(read_run(offline), "train/loss", "train/mfu", "trainer/global_step")
 
 
-def test_accelerate_with_log_with_wandb(offline):
+def loop_accelerate(offline: Path, **tracker_options: Any) -> None:
+    """A hand-written Accelerate loop logging to W&B, with an ``MFUTracker`` of these options."""
     from accelerate import Accelerator
 
     from mfu_callbacks.accelerate import MFUTracker
@@ -180,7 +192,7 @@ def test_accelerate_with_log_with_wandb(offline):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     loader = DataLoader(FixedLengthTokens(BATCH * STEPS), batch_size=BATCH, collate_fn=collate)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    MFUTracker(accelerator, model, peak_tflops=PEAK_TFLOPS, warmup_steps=1, log_interval=2)
+    MFUTracker(accelerator, model, peak_tflops=PEAK_TFLOPS, warmup_steps=1, log_interval=2, **tracker_options)
     for step, batch in enumerate(loader):
         loss = model(**batch).loss
         accelerator.backward(loss)
@@ -188,6 +200,10 @@ def test_accelerate_with_log_with_wandb(offline):
         optimizer.zero_grad()
         accelerator.log({"train/loss": loss.item()}, step=step)
     accelerator.end_training()
+
+
+def test_accelerate_with_log_with_wandb(offline):
+    loop_accelerate(offline)
     check_run(read_run(offline), "train/loss", "train/mfu", None)
 
 
@@ -225,86 +241,27 @@ def check_run_without_mfu(records: list[dict], status_key: str) -> None:
 
 @pytest.mark.slow
 def test_hf_trainer_run_without_mfu_says_why_in_wandb(offline):
-    from transformers import Trainer, TrainingArguments
-
     from mfu_callbacks.transformers import MFUCallback
 
-    args = TrainingArguments(
-        output_dir=str(offline / "out"),
-        max_steps=STEPS,
-        per_device_train_batch_size=BATCH,
-        logging_steps=2,
-        report_to=["wandb"],
-        save_strategy="no",
-        disable_tqdm=True,
-        use_cpu=True,
-        run_name="hf",
+    train_hf(
+        offline,
+        MFUCallback(peak_tflops=PEAK_TFLOPS, warmup_steps=1, forward=failing_forward, real_step="off"),
     )
-    callback = MFUCallback(peak_tflops=PEAK_TFLOPS, warmup_steps=1, forward=failing_forward, real_step="off")
-    trainer = Trainer(
-        model=tiny_llama(),
-        args=args,
-        train_dataset=FixedLengthTokens(64),
-        data_collator=collate,
-        callbacks=[callback],
-    )
-    trainer.train()
-    wandb.finish()
     check_run_without_mfu(read_run(offline), "train/mfu_status")
 
 
 @pytest.mark.slow
 def test_lightning_run_without_mfu_says_why_in_wandb(offline):
-    import lightning as L
-    from lightning.pytorch.loggers import WandbLogger
-    from test_lightning import TinyModule
-
     from mfu_callbacks.lightning import MFUCallback
 
-    trainer = L.Trainer(
-        max_steps=STEPS,
-        accelerator="cpu",
-        devices=1,
-        log_every_n_steps=2,
-        logger=WandbLogger(project="lightning", save_dir=str(offline), offline=True),
-        callbacks=[
-            MFUCallback(peak_tflops=PEAK_TFLOPS, warmup_steps=1, forward=failing_forward, real_step="off")
-        ],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+    fit_lightning(
+        offline,
+        MFUCallback(peak_tflops=PEAK_TFLOPS, warmup_steps=1, forward=failing_forward, real_step="off"),
     )
-    trainer.fit(TinyModule(), DataLoader(FixedLengthTokens(64), batch_size=BATCH, collate_fn=collate))
-    wandb.finish()
     check_run_without_mfu(read_run(offline), "train/mfu_status")
 
 
 @pytest.mark.slow
 def test_accelerate_run_without_mfu_says_why_in_wandb(offline):
-    from accelerate import Accelerator
-
-    from mfu_callbacks.accelerate import MFUTracker
-
-    accelerator = Accelerator(cpu=True, log_with="wandb")
-    accelerator.init_trackers("accelerate", init_kwargs={"wandb": {"dir": str(offline)}})
-    model = tiny_llama()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    loader = DataLoader(FixedLengthTokens(BATCH * STEPS), batch_size=BATCH, collate_fn=collate)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    MFUTracker(
-        accelerator,
-        model,
-        peak_tflops=PEAK_TFLOPS,
-        warmup_steps=1,
-        log_interval=2,
-        forward=failing_forward,
-        real_step="off",
-    )
-    for step, batch in enumerate(loader):
-        loss = model(**batch).loss
-        accelerator.backward(loss)
-        optimizer.step()
-        optimizer.zero_grad()
-        accelerator.log({"train/loss": loss.item()}, step=step)
-    accelerator.end_training()
+    loop_accelerate(offline, forward=failing_forward, real_step="off")
     check_run_without_mfu(read_run(offline), "train/mfu_status")
