@@ -180,6 +180,16 @@ def collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {key: torch.stack([row[key] for row in rows]) for key in rows[0]}
 
 
+def accelerate_loop(accelerator: Any, model: nn.Module, optimizer: Any, loader: Any) -> None:
+    """The plain Accelerate loop of README: each batch a step, its loss logged to the trackers."""
+    for step, batch in enumerate(loader):
+        loss = model(**batch).loss
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        accelerator.log({"train/loss": loss.item()}, step=step)
+
+
 @contextmanager
 def checkpointing_off(model: nn.Module) -> Iterator[None]:
     """The same model with activation checkpointing switched off (hooks and frozen state unchanged)."""

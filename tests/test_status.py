@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import FixedLengthTokens, collate, full_batch, step_truth, tiny_llama
+from conftest import FixedLengthTokens, accelerate_loop, collate, full_batch, step_truth, tiny_llama
 from test_meter_faults import _pretend_two_ranks
 from torch.utils.data import DataLoader
 
@@ -141,12 +141,7 @@ def train_accelerate(tmp_path: Path, length: int, **options: Any) -> Run:
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     with records_of("mfu_callbacks.accelerate") as messages:
         MFUTracker(accelerator, model, log_interval=2, **options)
-        for step, batch in enumerate(loader):
-            loss = model(**batch).loss
-            accelerator.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad()
-            accelerator.log({"train/loss": loss.item()}, step=step)
+        accelerate_loop(accelerator, model, optimizer, loader)
         accelerator.end_training()
     rows = [
         {key.removeprefix("train/"): value for key, value in values.items()} for _, values in memory.records

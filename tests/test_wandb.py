@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import FixedLengthTokens, collate, tiny_llama
+from conftest import FixedLengthTokens, accelerate_loop, collate, tiny_llama
 from torch.utils.data import DataLoader
 
 from mfu_callbacks._runlog import wandb_records
@@ -193,12 +193,7 @@ def loop_accelerate(offline: Path, **tracker_options: Any) -> None:
     loader = DataLoader(FixedLengthTokens(BATCH * STEPS), batch_size=BATCH, collate_fn=collate)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     MFUTracker(accelerator, model, peak_tflops=PEAK_TFLOPS, warmup_steps=1, log_interval=2, **tracker_options)
-    for step, batch in enumerate(loader):
-        loss = model(**batch).loss
-        accelerator.backward(loss)
-        optimizer.step()
-        optimizer.zero_grad()
-        accelerator.log({"train/loss": loss.item()}, step=step)
+    accelerate_loop(accelerator, model, optimizer, loader)
     accelerator.end_training()
 
 
