@@ -41,6 +41,21 @@ def one_per_family(names: Iterable[str], representative: str) -> list[Any]:
     return [pytest.param(name, marks=() if name == representative else pytest.mark.slow) for name in names]
 
 
+# The config arguments of a small 4-layer decoder (grouped-query attention, two key/value heads).
+SMALL_DECODER = {
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "vocab_size": VOCAB,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+}
+
+
 # -- batches ---------------------------------------------------------------------------------------
 def _tokens(rows: int, length: int, seed: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)

@@ -9,22 +9,18 @@ from __future__ import annotations
 
 import pytest
 import transformers
-from conftest import LENGTHS, VOCAB, check_engine, full_batch, one_per_family, packed_batch, padded_batch
+from conftest import (
+    LENGTHS,
+    SMALL_DECODER,
+    check_engine,
+    full_batch,
+    one_per_family,
+    packed_batch,
+    padded_batch,
+)
 from peft import LoraConfig, get_peft_model
 
-_BASE = {
-    "vocab_size": VOCAB,
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 64,
-    "pad_token_id": 0,
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-    "num_experts_per_tok": 2,
-}
+_BASE = {**SMALL_DECODER, "num_experts_per_tok": 2}
 
 # name: (config class, model class, config arguments)
 ARCHITECTURES = {

@@ -23,7 +23,7 @@ import pytest
 import torch
 import transformers
 from conftest import (
-    VOCAB,
+    SMALL_DECODER,
     assert_flops,
     full_batch,
     make_eager,
@@ -44,37 +44,25 @@ from mfu_callbacks.flops.windows import Window
 
 TWIN = "window_only_reference"
 
-_SMALL = {
-    "pad_token_id": 0,
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-    "vocab_size": VOCAB,
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 64,
-}
 
 # name: (config class, model class, config arguments)
 FAMILIES = {
-    "mistral": ("MistralConfig", "MistralForCausalLM", {**_SMALL, "sliding_window": 4}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {**SMALL_DECODER, "sliding_window": 4}),
     "qwen2": (  # the last two of four layers slide
         "Qwen2Config",
         "Qwen2ForCausalLM",
-        {**_SMALL, "use_sliding_window": True, "max_window_layers": 2, "sliding_window": 8},
+        {**SMALL_DECODER, "use_sliding_window": True, "max_window_layers": 2, "sliding_window": 8},
     ),
     "gemma2": (  # local and global layers alternate
         "Gemma2Config",
         "Gemma2ForCausalLM",
-        {**_SMALL, "head_dim": 8, "sliding_window": 8},
+        {**SMALL_DECODER, "head_dim": 8, "sliding_window": 8},
     ),
     "gemma3": (
         "Gemma3TextConfig",
         "Gemma3ForCausalLM",
         {
-            **_SMALL,
+            **SMALL_DECODER,
             "head_dim": 8,
             "sliding_window": 4,
             "layer_types": ["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"],
@@ -83,7 +71,13 @@ FAMILIES = {
     "llama4": (  # chunks of 4 in the layers with rotary embeddings, the last layer global; dense MLPs
         "Llama4TextConfig",
         "Llama4ForCausalLM",
-        {**_SMALL, "head_dim": 8, "intermediate_size_mlp": 64, "moe_layers": [], "attention_chunk_size": 4},
+        {
+            **SMALL_DECODER,
+            "head_dim": 8,
+            "intermediate_size_mlp": 64,
+            "moe_layers": [],
+            "attention_chunk_size": 4,
+        },
     ),
 }
 
