@@ -10,6 +10,7 @@ batch as it runs.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -54,6 +55,16 @@ SMALL_DECODER = {
     "num_key_value_heads": 2,
     "max_position_embeddings": 64,
 }
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state() -> Iterator[None]:
+    """Accelerate keeps its state per process: what one test's Trainer or Accelerator set up (mixed
+    precision, say) would reach the next test run in the same worker. Each test leaves none behind."""
+    yield
+    state = sys.modules.get("accelerate.state")
+    if state is not None:
+        state.AcceleratorState._reset_state(reset_partial_state=True)
 
 
 # -- batches ---------------------------------------------------------------------------------------

@@ -201,13 +201,10 @@ def test_lightning_counts_a_model_the_copy_cannot_trace_from_its_real_step(tmp_p
 
 def test_accelerate_counts_a_model_the_copy_cannot_trace_from_its_real_step() -> None:
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
 
     from mfu_callbacks.accelerate import MFUTracker
 
-    # Accelerate keeps its state per process: a Trainer run before (TRL's bf16 default) would leave it.
-    AcceleratorState._reset_state(reset_partial_state=True)
-    accelerator = Accelerator(cpu=True, mixed_precision="no")
+    accelerator = Accelerator(cpu=True)
     model = tiny_moe_lm()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     model, optimizer = accelerator.prepare(model, optimizer)
