@@ -33,6 +33,11 @@ class MFUOptions:
     real_step: "check" (default) counts a meta-device copy of the model and checks it against the first
         measured step as it really runs (used instead where the copy cannot be traced or disagrees);
         "only" counts the real step alone; "off" never watches the real step.
+    profile_steps: profile this many optimizer steps with ``torch.profiler`` (0, the default: never) and
+        report where their time went, by bucket, with the changes that would raise MFU most: in the
+        end-of-run report, in W&B and in ``mfu_profile.json`` beside the run summary. The profiled steps
+        are left out of the MFU averages.
+    profile_start: the optimizer step (0-based) the profile starts at; default: the first after warm-up.
     """
 
     peak_tflops: float | None = None
@@ -46,6 +51,8 @@ class MFUOptions:
     silence_diagnostics: tuple[str, ...] = ()
     summary_dir: str | None = None
     real_step: str = "check"
+    profile_steps: int = 0
+    profile_start: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "peak_tflops", _validate.peak_tflops(self.peak_tflops))
@@ -63,5 +70,7 @@ class MFUOptions:
         if self.summary_dir is not None and not isinstance(self.summary_dir, (str, os.PathLike)):
             raise ValueError(f"summary_dir must be a folder path or None, got {self.summary_dir!r}")
         _validate.real_step(self.real_step)
+        _validate.whole_number(self.profile_steps, name="profile_steps", minimum=0)
+        _validate.optional_whole_number(self.profile_start, name="profile_start", minimum=0)
         if not isinstance(self.report, bool):
             raise ValueError(f"report must be True or False, got {self.report!r}")

@@ -78,6 +78,18 @@ class StepRecorder:
         if batch is not None:
             self._count(batch)
 
+    @property
+    def ready_to_profile(self) -> bool:
+        """Whether a step can be profiled now: the FLOP engine exists and no real step is being observed."""
+        return self.engine is not None and self._observer is None
+
+    def leave_step_out(self) -> None:
+        """Leave the open step out of timings and counts (it does one-off work: a profile)."""
+        if self.timer.measuring:
+            self._counts.discard_step()
+        self._left_out = True
+        self.timer.discard_current()
+
     def add_batch(self, batch: Any) -> None:
         if not self.step_open:
             raise ValueError(

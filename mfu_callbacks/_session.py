@@ -20,6 +20,7 @@ from . import _status, _wandb, distributed
 from ._guard import Guard
 from ._options import MFUOptions
 from ._status import Status
+from .attribution import format_breakdown, write_breakdown
 from .meter import MFUMeter, device_of, join_reduction_as_failed
 from .metrics import MFU_STATUS, MFUStatus
 from .report import format_report
@@ -81,6 +82,8 @@ class MeterSession:
                 device=device_of(model),
                 silence_diagnostics=self.options.silence_diagnostics,
                 real_step=self.options.real_step,
+                profile_steps=self.options.profile_steps,
+                profile_start=self.options.profile_start,
             )
             if self._resume_state is not None:
                 self.meter.load_state_dict(self._resume_state)
@@ -287,15 +290,23 @@ class MeterSession:
 
         def report() -> None:
             diagnoses = meter.diagnostics()
+            breakdown = meter.step_breakdown()
             if distributed.rank() != 0:
                 return
             if self.options.report:
-                print(
-                    format_report(summary, meter.run_flops(), meter.peak, diagnoses, self.status), flush=True
-                )
+                text = format_report(summary, meter.run_flops(), meter.peak, diagnoses, self.status)
+                if breakdown is not None:
+                    text += "\n" + format_breakdown(breakdown)
+                elif meter.profile_note:
+                    text += "\n  " + meter.profile_note
+                print(text, flush=True)
+            if breakdown is not None and self.summary_dir is not None:
+                write_breakdown(breakdown, self.summary_dir)
             run = _wandb.active_run()
             if run is not None:
                 _wandb.summarize_run(run, summary, diagnoses, self.status)
+                if breakdown is not None:
+                    _wandb.log_breakdown(run, breakdown)
 
         self.guard.run(report)
         return summary

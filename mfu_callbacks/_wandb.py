@@ -15,6 +15,7 @@ from .metrics import NUMERIC_METRICS
 
 if TYPE_CHECKING:
     from ._status import Status
+    from .attribution import Breakdown
 
 CONFIG_KEY = "mfu_callbacks"
 SUMMARY_PREFIX = "mfu_run/"
@@ -72,3 +73,32 @@ def summarize_run(
         run.summary[key] = str(getattr(diagnosis, "message", diagnosis))
         if getattr(diagnosis, "mfu_cost", None) is not None:
             run.summary[key + "/mfu_cost"] = diagnosis.mfu_cost
+
+
+def log_breakdown(run: Any, breakdown: Breakdown) -> None:
+    """The profiled step's time by bucket: a table and a bar chart, and the top advice in the summary."""
+    wandb = sys.modules["wandb"]
+    rows = [
+        [
+            b.name,
+            1e3 * b.seconds,
+            b.seconds / breakdown.step_seconds if breakdown.step_seconds else 0.0,
+            b.tflops,
+        ]
+        for b in breakdown.buckets
+    ]
+    table = wandb.Table(columns=["bucket", "ms_per_step", "share", "tflops"], data=rows)
+    run.log(
+        {
+            "mfu_profile/breakdown": table,
+            "mfu_profile/breakdown_chart": wandb.plot.bar(
+                table, "bucket", "ms_per_step", title="Where the step time goes"
+            ),
+        },
+        commit=False,
+    )
+    run.summary["mfu_profile/step_seconds"] = breakdown.step_seconds
+    for rank, advice in enumerate(breakdown.advice[:3], start=1):
+        run.summary[f"mfu_profile/advice_{rank}"] = (
+            f"{advice.bucket}: MFU {advice.mfu_if_fixed:.1%} (+{advice.mfu_gain:.1%}): {advice.change}"
+        )

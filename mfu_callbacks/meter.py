@@ -27,8 +27,10 @@ import torch
 from torch import nn
 
 from . import _validate, distributed, metrics
+from ._profile_window import ProfileWindow
 from ._recorder import StepRecorder
 from ._window import RunTotals, Window, combine_ranks, rank_window
+from .attribution import Breakdown
 from .diagnostics import Diagnosis, Diagnostics
 from .flops import FlopEngine, Forward, StepFlops, TokenCounter
 from .flops.features import NUM_FEATURES
@@ -64,6 +66,12 @@ class MFUMeter:
         first measured step as it really runs, whose count is used where the copy cannot be traced or
         disagrees (custom autograd backward, data-dependent routing); "only": count the real step
         alone; "off": never watch the real step.
+    profile_steps: profile this many optimizer steps with ``torch.profiler`` and split their time into
+        buckets (matmuls by component, attention, elementwise, optimizer, communication, idle GPU), with
+        ranked advice (``step_breakdown()``); 0 (default) never profiles. Profiled steps are left out of
+        the MFU averages.
+    profile_start: the optimizer step (0-based) the profile starts at; default: the one after warm-up
+        (later if the FLOP engine is not ready by then).
 
     Every value is checked here: a bad one raises ValueError naming it, before training starts.
     """
@@ -84,6 +92,8 @@ class MFUMeter:
         peak: PeakInfo | None = None,
         silence_diagnostics: Iterable[str] = (),
         real_step: str = "check",
+        profile_steps: int = 0,
+        profile_start: int | None = None,
     ) -> None:
         self._peak_tflops = _validate.peak_tflops(peak_tflops)
         _validate.env_peak_tflops()
@@ -97,6 +107,8 @@ class MFUMeter:
         self._recorder = StepRecorder(
             model, self._timer, engine, forward, token_counter, _validate.real_step(real_step)
         )
+        self._profile = _profile_window(model, self.device, warmup_steps, profile_steps, profile_start)
+        self._profiling = False  # whether the open step is profiled
         self._run = RunTotals()
         self._run_features: torch.Tensor | None = None  # summed features of every step read so far
         # Autocast is entered around the forward, after the meter is built: look at the first forward
@@ -120,7 +132,12 @@ class MFUMeter:
     # -- per step (hot path: no host sync) -------------------------------------------------------
     def start_step(self, batch: Any = None) -> None:
         """An optimizer step begins; ``batch`` is its first micro-batch, if known yet."""
+        self._profiling = self._profile is not None and self._profile_step_begins(self._profile)
         self._recorder.start_step(batch)
+        if self._profiling:
+            self._recorder.leave_step_out()  # the profiler and its syncs slow the step
+            if batch is not None:
+                self._profile.add_batch(batch, self.engine)  # type: ignore[union-attr]
 
     def add_batch(self, batch: Any) -> None:
         """Another micro-batch of the open step (gradient accumulation): its FLOPs add to the step's.
@@ -128,10 +145,50 @@ class MFUMeter:
         A batch the engine cannot count leaves its step out of the measurement (said once in the log).
         """
         self._recorder.add_batch(batch)
+        if self._profiling:
+            self._profile.add_batch(batch, self.engine)  # type: ignore[union-attr]
 
     def end_step(self) -> None:
         """The optimizer step ends (its kernels may still run: they are timed by events)."""
         self._recorder.end_step()
+        if self._profiling:
+            self._profile.step_ends()  # type: ignore[union-attr]
+
+    def _profile_step_begins(self, window: ProfileWindow) -> bool:
+        """Open, go on with or close the profile window at this step boundary; whether the step is profiled."""
+        if window.finished or (not window.is_open and not self._recorder.ready_to_profile):
+            return False
+        with self._timer.paused():  # the syncs and the analysis are neither step time nor input wait
+            return window.step_begins(self._timer.steps_started, self._profile_context)
+
+    def _profile_context(self) -> tuple[float | None, int]:
+        """The peak and the matmul size multiple the profile's advice is judged with, when it closes."""
+        from .diagnostics.checks import MATMUL_ALIGNMENT
+
+        dtype = _compute_dtype(self)
+        return (self.peak.flops if self.peak is not None else None), MATMUL_ALIGNMENT.get(dtype or "", 1)
+
+    def step_breakdown(self) -> Breakdown | None:
+        """Where the profiled steps' time went (``profile_steps``), once the window closed; else None.
+
+        A run that ends inside the window closes it here. The breakdown's ``measured_step_seconds``
+        is the mean step of the measured (unprofiled) steps read so far.
+        """
+        window = self._profile
+        if window is None:
+            return None
+        if window.is_open:
+            window.close(*self._profile_context())
+        if window.result is None:
+            return None
+        steps = self._run.steps
+        measured = self._run.wall_seconds / steps if steps else None  # the slowest rank's mean iteration
+        return replace(window.result, measured_step_seconds=measured)
+
+    @property
+    def profile_note(self) -> str | None:
+        """Why no breakdown was taken (profiler unavailable or busy, analysis failed), or None."""
+        return self._profile.skipped if self._profile is not None else None
 
     def stop_observing(self) -> None:
         """Stop watching the real step, if a step is being observed (a run ends or fails)."""
@@ -252,6 +309,16 @@ class MFUMeter:
             features = [list(row) + [0] * (NUM_FEATURES - len(row)) for row in features]
         self._run_features = torch.tensor(features, dtype=torch.int64) if features is not None else None
         self._diagnostics.load_state_dict(state.get("diagnoses", []))
+
+
+def _profile_window(
+    model: nn.Module, device: torch.device, warmup_steps: int, steps: int, start: int | None
+) -> ProfileWindow | None:
+    steps = _validate.whole_number(steps, name="profile_steps", minimum=0)
+    start = _validate.optional_whole_number(start, name="profile_start", minimum=0)
+    if not steps:
+        return None
+    return ProfileWindow(model, device, steps, start if start is not None else warmup_steps + 1)
 
 
 def join_reduction_as_failed(world_size: int | None = None) -> None:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
+import pytest
 from conftest import FixedLengthTokens, collate, tiny_llama
 from transformers import Trainer, TrainingArguments
 
+from mfu_callbacks.attribution import FILE_NAME, MATMUL
 from mfu_callbacks.flops import StepFlops
 from mfu_callbacks.hardware import PeakInfo
 from mfu_callbacks.report import format_report
@@ -88,3 +91,13 @@ def test_the_trainer_prints_the_report_once_at_the_end(tmp_path, capsys):
 def test_report_false_keeps_it_quiet(tmp_path, capsys, fake_meter):
     train(tmp_path, report=False)
     assert "MFU report" not in capsys.readouterr().out
+
+
+def test_a_profile_window_is_printed_after_the_report_and_written_beside_the_summary(tmp_path, capsys):
+    train(tmp_path, profile_steps=2)
+    printed = capsys.readouterr().out
+    assert printed.index("MFU report") < printed.index("Where the step time goes (2 profiled steps")
+    document = json.loads((tmp_path / FILE_NAME).read_text())
+    assert document["profiled_steps"] == 2
+    assert any(b["name"].startswith(MATMUL) for b in document["buckets"])
+    assert document["sum_of_buckets_seconds"] == pytest.approx(document["step_seconds"], rel=1e-9)
