@@ -282,6 +282,7 @@ def analyse(
     between = [(op.start * 1e-9, op.end * 1e-9) for op in host if op.name == _BETWEEN]
     components = _forward_components(host)
     if device.type == "cuda":
+        ranges = {op.name for op in host if not op.name.startswith("aten::")}
         # Kernels link to the operator that launched them (runtime calls link too: left out, their ids
         # are the driver's, not the operators').
         by_correlation = {
@@ -298,7 +299,7 @@ def analyse(
                 components,
             )
             for event in events
-            if not _on_host(event)
+            if not _on_host(event) and _is_device_work(event, ranges)
         ]
     else:
         kernels = _self_time_kernels(host, components)
@@ -336,6 +337,16 @@ def _self_time_kernels(host: Sequence[_Op], components: Mapping[tuple[int, int],
             flops = whole.flops if (start, end) == longest else 0.0
             kernels.append(replace(whole, start=start * 1e-9, end=end * 1e-9, flops=flops))
     return kernels
+
+
+def _is_device_work(event: Any, ranges: set[str]) -> bool:
+    """Kernels, copies and fills; not the device-side marks of ranges (``gpu_user_annotation``), which
+    span the kernels launched inside a ``record_function`` and would double their time. Older torch
+    has no activity type on its events: a mark carries the name of its range on the host."""
+    activity = getattr(event, "activity_type", None)
+    if activity is not None:
+        return any(kind in str(activity()).lower() for kind in ("kernel", "memcpy", "memset"))
+    return event.name() not in ranges
 
 
 def _on_host(event: Any) -> bool:

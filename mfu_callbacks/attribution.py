@@ -21,7 +21,7 @@ import json
 import os
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +35,13 @@ MEMORY = "memory copies"
 COMMUNICATION = "communication (exposed)"
 HOST_GAPS = "GPU idle: waiting for the host"
 INPUT_WAIT = "GPU idle: input wait between steps"
+_IDLE = (HOST_GAPS, INPUT_WAIT)
 
 _COMPUTE_KINDS = (MATMUL, ATTENTION, ELEMENTWISE, OPTIMIZER, MEMORY)
 # Matmuls are compared with the best one only where they take a visible share of the step.
 _BEST_RATE_MIN_SHARE = 0.01
+# Kernels may run this much longer than the measured step before the calibration says so.
+_BUSY_TOLERANCE = 0.05
 # The change that recovers a bucket's time, by bucket (matmul components are handled in ``_advice``).
 _CHANGES: Mapping[str, str] = {
     ATTENTION: "a fused attention kernel (attn_implementation='sdpa' or 'flash_attention_2') and packed sequences",
@@ -100,22 +103,38 @@ class Advice:
     mfu_if_fixed: float
     mfu_gain: float  # mfu_if_fixed - mfu, a fraction like mfu
     change: str
-    upper_bound: bool  # True where the bucket was taken to vanish (no rate to compare with)
+    upper_bound: bool  # True where busy work was taken to vanish (no rate to compare it with)
 
 
 @dataclass(frozen=True)
 class Breakdown:
-    """The mean profiled step's time by bucket; ``buckets`` sum to ``step_seconds``."""
+    """The mean profiled step's time by bucket; ``buckets`` sum to ``step_seconds``.
+
+    As profiled, ``step_seconds`` is the profiled steps' span over their number. Once calibrated
+    against the measured (unprofiled) step (``calibrated``), the kernels keep their profiled times and
+    the GPU's idle time is what the measured step leaves: a profiler slows the host, hardly the kernels.
+    """
 
     steps: int
-    step_seconds: float  # mean wall time of a profiled step (its span / steps)
+    step_seconds: float
     buckets: tuple[Bucket, ...]
     overlapped_communication: float  # seconds per step of communication hidden under compute
     best_matmul_tflops: float | None
-    mfu: float | None = None  # of the profiled steps: model FLOPs / (step time x peak)
-    measured_step_seconds: float | None = None  # the meter's mean step (unprofiled steps), to compare with
+    profiled_step_seconds: float  # the profiled steps' own mean wall time
+    mfu: float | None = None  # model FLOPs / (step_seconds x peak)
+    measured_step_seconds: float | None = None  # the meter's mean step (unprofiled steps)
     advice: tuple[Advice, ...] = ()
-    notes: tuple[str, ...] = field(default=())
+    notes: tuple[str, ...] = ()
+    model_flops: Mapping[str, float] = field(default_factory=dict)  # per step, by component
+    peak_flops: float | None = None
+    misaligned: Mapping[str, tuple[int, ...]] = field(
+        default_factory=dict
+    )  # sizes off the multiple, per bucket
+
+    @property
+    def busy_seconds(self) -> float:
+        """Seconds per step the device ran something (every bucket but the idle ones)."""
+        return sum(b.seconds for b in self.buckets if b.name not in _IDLE)
 
     @property
     def total_seconds(self) -> float:
@@ -131,6 +150,8 @@ class Breakdown:
         return {
             "profiled_steps": self.steps,
             "step_seconds": self.step_seconds,
+            "profiled_step_seconds": self.profiled_step_seconds,
+            "busy_seconds": self.busy_seconds,
             "measured_step_seconds": self.measured_step_seconds,
             "sum_of_buckets_seconds": self.total_seconds,
             "mfu_of_profiled_steps": self.mfu,
@@ -241,10 +262,9 @@ def breakdown(
     *,
     model_flops: Mapping[str, float] | None = None,
     peak_flops: float | None = None,
-    measured_step_seconds: float | None = None,
     alignment: int = 8,
 ) -> Breakdown:
-    """The breakdown of ``steps`` profiled steps that took ``span`` (see ``attribute``).
+    """The breakdown of ``steps`` profiled steps that took ``span`` (see ``attribute``), as profiled.
 
     model_flops: the model FLOPs per step by component (the FLOP engine's breakdown); with
     ``peak_flops`` they give MFU and the advice. ``alignment``: the multiple the matmul sizes should
@@ -255,38 +275,89 @@ def breakdown(
     seconds, flops, overlapped = attribute(kernels, span, steps, between_steps)
     step = (span[1] - span[0]) / steps
     model_flops = dict(model_flops or {})
-    buckets = []
-    for name, value in sorted(seconds.items(), key=lambda item: -item[1]):
-        component = name[len(MATMUL) + 2 :] if name.startswith(MATMUL + ": ") else None
-        buckets.append(
-            Bucket(
-                name,
-                value,
-                flops.get(name, 0.0),
-                model_flops.get(component) if component is not None else None,
-            )
-        )
-    best = _best_rate(buckets, step)
-    total_model = sum(model_flops.values()) if model_flops else 0.0
-    mfu = total_model / (step * peak_flops) if total_model and peak_flops and step > 0 else None
-    result = Breakdown(
-        steps=steps,
-        step_seconds=step,
-        buckets=tuple(buckets),
-        overlapped_communication=overlapped,
-        best_matmul_tflops=best / 1e12 if best else None,
-        mfu=mfu,
-        measured_step_seconds=measured_step_seconds,
-    )
-    if mfu is None or not best:
-        return result
-    misaligned = _misaligned_sizes(kernels, alignment)
-    advice = [
-        _advice(bucket, step, total_model, peak_flops or 0.0, best, model_flops, misaligned)
-        for bucket in buckets
+    buckets = [
+        Bucket(name, value, flops.get(name, 0.0), model_flops.get(name[len(MATMUL) + 2 :]))
+        if name.startswith(MATMUL + ": ")
+        else Bucket(name, value)
+        for name, value in seconds.items()
     ]
-    ranked = sorted((a for a in advice if a is not None and a.mfu_gain > 0), key=lambda a: -a.mfu_gain)
-    return Breakdown(**{**result.__dict__, "advice": tuple(ranked)})
+    misaligned = {name: tuple(sorted(sizes)) for name, sizes in _misaligned_sizes(kernels, alignment).items()}
+    return _judged(
+        Breakdown(
+            steps=steps,
+            step_seconds=step,
+            buckets=tuple(buckets),
+            overlapped_communication=overlapped,
+            best_matmul_tflops=None,
+            profiled_step_seconds=step,
+            model_flops=model_flops,
+            peak_flops=peak_flops,
+            misaligned=misaligned,
+        )
+    )
+
+
+def calibrated(result: Breakdown, measured_step_seconds: float) -> Breakdown:
+    """The breakdown of the measured (unprofiled) step: the kernels' times as profiled, the GPU's idle
+    time what the measured step leaves, split as the profile split it (all to host gaps if it had none).
+
+    A profiler costs the host time per operator, which shows as extra idle GPU time wherever the host
+    is the bottleneck; kernel times are hardly touched. Kernels longer than the measured step (a
+    larger batch in the profiled steps, or a device slowed by the profiler) keep their times, and a
+    note says so.
+    """
+    busy = result.busy_seconds
+    idle = {b.name: b.seconds for b in result.buckets if b.name in _IDLE}
+    profiled_idle = sum(idle.values())
+    left = max(measured_step_seconds - busy, 0.0)
+    shares = (
+        {name: value / profiled_idle for name, value in idle.items()} if profiled_idle else {HOST_GAPS: 1.0}
+    )
+    buckets = [b for b in result.buckets if b.name not in _IDLE]
+    buckets += [Bucket(name, left * share) for name, share in shares.items() if left * share > 0]
+    notes = list(result.notes)
+    if busy > measured_step_seconds * (1 + _BUSY_TOLERANCE):
+        notes.append(
+            f"the profiled steps' kernels took {1e3 * busy:.2f} ms, {busy / measured_step_seconds - 1:.1%} more "
+            f"than the measured step ({1e3 * measured_step_seconds:.2f} ms): their batches or the device differed"
+        )
+    elif profiled_idle > left:
+        notes.append(
+            f"under the profiler the GPU idled {1e3 * (profiled_idle - left):.2f} ms more per step "
+            "(the profiler's own host time); idle time is the measured step less the kernels' time"
+        )
+    return _judged(
+        replace(
+            result,
+            step_seconds=busy + left,
+            buckets=tuple(buckets),
+            measured_step_seconds=measured_step_seconds,
+            notes=tuple(notes),
+        )
+    )
+
+
+def _judged(result: Breakdown) -> Breakdown:
+    """The breakdown with buckets in order of time, its best matmul rate, MFU and ranked advice."""
+    buckets = tuple(sorted(result.buckets, key=lambda b: -b.seconds))
+    step = result.step_seconds
+    best = _best_rate(buckets, step)
+    total_model = sum(result.model_flops.values())
+    peak = result.peak_flops
+    mfu = total_model / (step * peak) if total_model and peak and step > 0 else None
+    judged = replace(
+        result, buckets=buckets, best_matmul_tflops=best / 1e12 if best else None, mfu=mfu, advice=()
+    )
+    if mfu is None or not best or not peak:
+        return judged
+    advice = [
+        _advice(b, step, total_model, peak, best, result.model_flops, result.misaligned) for b in buckets
+    ]
+    found = [a for a in advice if a is not None and a.mfu_gain > 0]
+    # Estimates from a measured rate (and idle time, which can vanish) first; then the upper bounds
+    # of busy work with no rate to compare with (elementwise kernels, the optimizer, ...).
+    ranked = sorted(found, key=lambda a: (a.upper_bound, -a.mfu_gain))
+    return replace(judged, advice=tuple(ranked))
 
 
 def _best_rate(buckets: Sequence[Bucket], step: float) -> float:
@@ -317,13 +388,13 @@ def _advice(
     peak: float,
     best: float,
     by_component: Mapping[str, float],
-    misaligned: Mapping[str, set[int]],
+    misaligned: Mapping[str, tuple[int, ...]],
 ) -> Advice | None:
     """MFU with this bucket at the best matmul's rate (matmuls, attention) or gone (the rest)."""
     if bucket.name.startswith(MATMUL):
         component = bucket.name[len(MATMUL) + 2 :]
         work = bucket.flops
-        off = sorted(misaligned.get(bucket.name, ()))
+        off = list(misaligned.get(bucket.name, ()))
         if off:
             sizes = ", ".join(f"{size:,}" for size in off[:3])
             change = f"pad the sizes {sizes} to multiples of 64 (the vocabulary: pad_to_multiple_of=64)"
@@ -333,8 +404,8 @@ def _advice(
     elif bucket.name == ATTENTION:
         work = by_component.get("attention_scores", 0.0)
         change, upper = _CHANGES[ATTENTION], not work
-    elif bucket.name in _CHANGES:
-        work, change, upper = 0.0, _CHANGES[bucket.name], True
+    elif bucket.name in _CHANGES:  # idle time can vanish; busy work has no rate to judge it by
+        work, change, upper = 0.0, _CHANGES[bucket.name], bucket.name not in _IDLE
     else:
         return None
     faster = work / best if work else 0.0
@@ -348,8 +419,9 @@ def _advice(
 
 def format_breakdown(result: Breakdown, top: int = 3) -> str:
     """The breakdown as a few lines of text, for the end-of-run report."""
-    step_ms = 1e3 * result.step_seconds
-    lines = [f"Where the step time goes ({result.steps} profiled steps, {step_ms:.2f} ms per step):"]
+    lines = [
+        f"Where the step time goes ({result.steps} profiled steps; {1e3 * result.step_seconds:.2f} ms per step):"
+    ]
     for bucket in result.buckets:
         share = bucket.seconds / result.step_seconds if result.step_seconds else 0.0
         rate = f"  {bucket.tflops:7.1f} TFLOP/s" if bucket.tflops is not None else ""
@@ -358,10 +430,9 @@ def format_breakdown(result: Breakdown, top: int = 3) -> str:
     if result.overlapped_communication:
         lines.append(f"  communication overlapped by compute: {1e3 * result.overlapped_communication:.3f} ms")
     if result.measured_step_seconds:
-        ratio = result.total_seconds / result.measured_step_seconds
         lines.append(
-            f"  measured step without the profiler: {1e3 * result.measured_step_seconds:.3f} ms "
-            f"(the sum is {ratio:.3f} of it)"
+            f"  measured step (without the profiler) {1e3 * result.measured_step_seconds:.3f} ms; "
+            f"profiled step {1e3 * result.profiled_step_seconds:.3f} ms; kernels {1e3 * result.busy_seconds:.3f} ms"
         )
     if result.advice:
         lines.append("What would raise MFU most:")

@@ -30,7 +30,7 @@ from . import _validate, distributed, metrics
 from ._profile_window import ProfileWindow
 from ._recorder import StepRecorder
 from ._window import RunTotals, Window, combine_ranks, rank_window
-from .attribution import Breakdown
+from .attribution import Breakdown, calibrated
 from .diagnostics import Diagnosis, Diagnostics
 from .flops import FlopEngine, Forward, StepFlops, TokenCounter
 from .flops.features import NUM_FEATURES
@@ -171,8 +171,9 @@ class MFUMeter:
     def step_breakdown(self) -> Breakdown | None:
         """Where the profiled steps' time went (``profile_steps``), once the window closed; else None.
 
-        A run that ends inside the window closes it here. The breakdown's ``measured_step_seconds``
-        is the mean step of the measured (unprofiled) steps read so far.
+        A run that ends inside the window closes it here. Once measured steps were read, the
+        breakdown is that of their mean step (``attribution.calibrated``): the profiled kernels' times,
+        and the idle time the measured step leaves.
         """
         window = self._profile
         if window is None:
@@ -182,8 +183,9 @@ class MFUMeter:
         if window.result is None:
             return None
         steps = self._run.steps
-        measured = self._run.wall_seconds / steps if steps else None  # the slowest rank's mean iteration
-        return replace(window.result, measured_step_seconds=measured)
+        if not steps:
+            return window.result
+        return calibrated(window.result, self._run.wall_seconds / steps)  # the slowest rank's mean iteration
 
     @property
     def profile_note(self) -> str | None:
