@@ -94,8 +94,7 @@ def log_breakdown(run: Any, breakdown: Breakdown) -> None:
             "mfu_profile/breakdown_chart": wandb.plot.bar(
                 table, "bucket", "ms_per_step", title="Where the step time goes"
             ),
-        },
-        commit=False,
+        }
     )
     run.summary["mfu_profile/step_seconds"] = breakdown.step_seconds
     for rank, advice in enumerate(breakdown.advice[:3], start=1):

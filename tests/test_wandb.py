@@ -110,7 +110,8 @@ def train_hf(offline: Path, callback: Any, collator: Any = collate) -> None:
 def test_hf_trainer_with_report_to_wandb(offline):
     from mfu_callbacks.transformers import MFUCallback
 
-    train_hf(offline, MFUCallback(peak_tflops=PEAK_TFLOPS, warmup_steps=1), collate_with_padding)
+    callback = MFUCallback(peak_tflops=PEAK_TFLOPS, warmup_steps=1, profile_steps=1)
+    train_hf(offline, callback, collate_with_padding)
     records = read_run(offline)
     check_run(records, "train/loss", "train/mfu", "train/global_step")
     summary = {}
@@ -119,6 +120,11 @@ def test_hf_trainer_with_report_to_wandb(offline):
             summary.update(record["summary"].get("update", {}))
     assert "25.0%" in summary["mfu_diagnosis/padding_waste"]
     assert summary["mfu_diagnosis/padding_waste/mfu_cost"] > 0
+    # The profile window's breakdown: a table with its bar chart, and its step time in the summary.
+    rows = [record["history"]["item"] for record in records if record["type"] == "history"]
+    logged = {key.partition(".")[0] for row in rows for key in row}
+    assert {"mfu_profile/breakdown", "mfu_profile/breakdown_chart_table"} <= logged
+    assert summary["mfu_profile/step_seconds"] > 0
     check_online_reading_of(records, offline)
 
 
