@@ -154,7 +154,7 @@ def hopper_row(shape_class: str, slowdown: float, tflops: float | None, role: st
     """A measurement made up for a test: Hopper, bf16, a 64-wide layer."""
     return Slowdown(
         family="hopper", dtype="bf16", shape_class=shape_class, role=role, slowdown=slowdown, tflops=tflops,
-        aligned_tflops=None, gpu="H100 SXM", in_features=64, tokens=32, sizes=(1001,),
+        aligned_tflops=None, gpu="H100 SXM", other_size=64, tokens=32, sizes=(1001,),
         source="test sweep", date="2026-11-25",
     )  # fmt: skip
 
@@ -219,7 +219,7 @@ def test_the_measured_table_gives_the_heads_cost_on_a_hopper_gpu(monkeypatch):
 
 
 def test_the_shipped_table_holds_the_h100_measurements():
-    row = slowdowns.find(H100, "bf16", 32001, OUT_FEATURES, in_features=2048)
+    row = slowdowns.find(H100, "bf16", 32001, OUT_FEATURES, other_size=2048)
     assert row is not None and row.slowdown > 5 and row.tflops is not None
     assert "bench_vocab_sweep.py" in row.source and row.date
     assert slowdowns.find(H100, "bf16", 32008, OUT_FEATURES).slowdown == 1.0

@@ -67,7 +67,7 @@ def from_table(
     dtype: str | None,
     size: int,
     role: str,
-    in_features: int,
+    other_size: int,
     flops: float,
     run_seconds: float,
     table: Iterable[Slowdown] | None = None,
@@ -77,7 +77,7 @@ def from_table(
 
     A row under ``TABLE_MIN_SLOWDOWN`` is a cost of 0: measured, nothing to gain.
     """
-    row = slowdowns.find(device_name, dtype, size, role, in_features=in_features, table=table)
+    row = slowdowns.find(device_name, dtype, size, role, other_size=other_size, table=table)
     if row is None:
         return None
     if row.slowdown < TABLE_MIN_SLOWDOWN:

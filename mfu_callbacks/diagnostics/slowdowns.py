@@ -64,7 +64,7 @@ class Slowdown:
     tflops: float | None
     aligned_tflops: float | None
     gpu: str
-    in_features: int  # the other size of the layer (hidden size for an LM head)
+    other_size: int  # the layer's other size (the hidden size of an LM head)
     tokens: int
     sizes: tuple[int, ...]  # the misaligned sizes measured; ``slowdown`` is the least of theirs
     source: str
@@ -82,8 +82,8 @@ class Slowdown:
     def label(self) -> str:
         """How a message names this measurement."""
         return (
-            f"{self.slowdown:.1f}x slower, measured on an {self.gpu} at {self.dtype} "
-            f"({self.role} {', '.join(map(str, self.sizes))}, {self.in_features} in, {self.tokens} tokens; "
+            f"{self.slowdown:.1f}x slower, measured on {self.gpu} at {self.dtype} "
+            f"({self.role} {', '.join(map(str, self.sizes))}, other size {self.other_size}, {self.tokens} tokens; "
             f"{self.source}, {self.date})"
         )
 
@@ -96,13 +96,13 @@ MEASURED: tuple[Slowdown, ...] = (
     # 128257: 131 against 677 at 128256 (5.2x), 151643: 130 against 693 at 151680 (5.3x).
     Slowdown(
         family="hopper", dtype="bf16", shape_class=NOT_MULTIPLE_OF_8, role=OUT_FEATURES,
-        slowdown=5.1, tflops=133.0, aligned_tflops=658.0, gpu="H100 SXM", in_features=4096, tokens=8192,
+        slowdown=5.1, tflops=133.0, aligned_tflops=658.0, gpu="H100 SXM", other_size=4096, tokens=8192,
         sizes=(32001, 50257, 128257, 151643), source=_SWEEP, date="2026-11-25",
     ),
     # 32008, 32016, 32040, 32048, 128264, 128288 ran at 681-711 TFLOP/s, as fast as multiples of 64.
     Slowdown(
         family="hopper", dtype="bf16", shape_class=MULTIPLE_OF_8_NOT_64, role=OUT_FEATURES,
-        slowdown=1.0, tflops=681.0, aligned_tflops=658.0, gpu="H100 SXM", in_features=4096, tokens=8192,
+        slowdown=1.0, tflops=681.0, aligned_tflops=658.0, gpu="H100 SXM", other_size=4096, tokens=8192,
         sizes=(32008, 32016, 32040, 32048, 128264, 128288), source=_SWEEP, date="2026-11-25",
     ),
 )
@@ -131,12 +131,12 @@ def find(
     dtype: str | None,
     size: int,
     role: str,
-    in_features: int | None = None,
+    other_size: int | None = None,
     table: Iterable[Slowdown] | None = None,
 ) -> Slowdown | None:
     """The measurement for a size in a role on this device and dtype; None where nothing was measured.
 
-    Of several rows, the one measured with the nearest other size (``in_features``) of the layer.
+    Of several rows, the one measured with the nearest other size of the layer (``other_size``).
     """
     family, wanted = gpu_family(device_name), shape_class(size)
     if family is None or wanted is None:
@@ -148,4 +148,4 @@ def find(
     ]
     if not rows:
         return None
-    return min(rows, key=lambda row: abs(row.in_features - (in_features or row.in_features)))
+    return min(rows, key=lambda row: abs(row.other_size - (other_size or row.other_size)))
