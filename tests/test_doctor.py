@@ -17,6 +17,7 @@ from conftest import make_eager
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM, T5Config
 
+import mfu_callbacks.doctor as doctor_module
 from mfu_callbacks.cli import main
 from mfu_callbacks.flops import FlopEngine
 from mfu_callbacks.testing import reference_step_flops
@@ -124,8 +125,13 @@ def test_the_floor_ceiling_and_prediction_add_up(full):
     floor = sum(row["seconds"] * row["count"] for row in full["matmuls"] + full["attention"])
     assert full["floor_seconds"] == pytest.approx(floor, rel=1e-12)
     parts = full["parts"]
-    assert parts["matmuls"]["how"] == parts["attention"]["how"] == parts["optimizer"]["how"] == "measured"
-    assert parts["other_ops"]["how"] == "modelled"
+    assert {name: part["how"] for name, part in parts.items()} == {
+        "matmuls": "measured",
+        "attention": "measured",
+        "optimizer": "measured",
+        "other_ops": "measured",
+        "other_ops_modelled": "modelled",
+    }
     assert full["predicted_seconds"] == pytest.approx(
         sum(part["seconds"] for part in parts.values()), rel=1e-12
     )
@@ -133,8 +139,21 @@ def test_the_floor_ceiling_and_prediction_add_up(full):
     assert full["predicted_mfu"] < full["mfu_ceiling"]
     other = full["other_ops"]
     assert other["ops"] > 0 and other["bytes"] > 0 and other["copy_bandwidth_gb_per_s"] > 0
+    assert other["modelled_ops"] == 0, "every op of a Llama step replays on made-up data"
     parameters = sum(p.numel() for p in real_model().parameters())
     assert full["optimizer"]["parameters"] == parameters
+
+
+def test_ops_that_cannot_be_replayed_are_modelled_from_their_bytes(config_path, monkeypatch):
+    monkeypatch.setattr(doctor_module, "time_op", lambda call, timer: None)
+    result = doctor(config_path)
+    other, parts = result["other_ops"], result["parts"]
+    assert other["modelled_ops"] == other["ops"] and parts["other_ops"]["seconds"] == 0
+    # Each op takes its bytes over the copy bandwidth, and never less than a tiny kernel.
+    modelled = parts["other_ops_modelled"]["seconds"]
+    by_bytes = other["bytes"] / (other["copy_bandwidth_gb_per_s"] * 1e9)
+    by_launches = other["ops"] * other["tiny_kernel_seconds"]
+    assert max(by_bytes, by_launches) <= modelled * (1 + 1e-12) and modelled <= by_bytes + by_launches
 
 
 def test_shapes_off_the_alignment_are_timed_padded(full):
@@ -172,7 +191,7 @@ def test_the_table_names_what_is_measured_and_modelled(capsys, config_path):
         == 0
     )
     out = capsys.readouterr().out
-    for text in ("compute floor", "measured: matmuls", "modelled:", "AdamW", "lm_head fwd", "predicted step"):
+    for text in ("compute floor", "measured: matmuls", "replayed", "AdamW", "lm_head fwd", "predicted step"):
         assert text in out
     assert "no peak for this device: pass --peak-tflops" in out
 

@@ -9,8 +9,10 @@ step can reach. The predicted step adds what is not a matmul:
 - matmuls, attention: measured (each distinct shape timed, times its count);
 - optimizer: measured (one AdamW step over the trainable parameters' shapes, scaled by the
   parameter count beyond the first 2^28);
-- other ops (norms, activations, residual adds, casts, the loss): modelled, each op's bytes read
-  and written over the measured copy bandwidth, and no less than a measured tiny kernel.
+- other ops (norms, activations, residual adds, casts, the loss): measured, each distinct op
+  replayed on made-up data of the traced layout; an op that cannot be replayed (it needs
+  particular values) is modelled: its bytes read and written over the measured copy bandwidth,
+  and no less than a measured tiny kernel.
 
 Not modelled: gaps where the host launches kernels slower than the GPU runs them, and the
 allocator; both show as measured time above the prediction.
@@ -29,7 +31,15 @@ import torch
 from torch import nn
 
 from .step_trace import AttentionShape, MatmulShape, StepTrace, trace_step
-from .timing import Timer, copy_bandwidth, time_attention, time_matmul, time_optimizer, tiny_kernel_seconds
+from .timing import (
+    Timer,
+    copy_bandwidth,
+    time_attention,
+    time_matmul,
+    time_op,
+    time_optimizer,
+    tiny_kernel_seconds,
+)
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "tf32": torch.float32, "fp32": torch.float32}
 MIXED_PRECISION = (
@@ -88,7 +98,9 @@ class Examination:
     attention: tuple[TimedAttention, ...]
     other_bytes: int
     other_ops: int
-    other_seconds: float  # modelled
+    other_seconds: float  # replayed ops measured, the rest modelled
+    other_modelled_seconds: float  # of which modelled
+    other_modelled_ops: int
     copy_bandwidth: float  # bytes/s, measured
     tiny_kernel_seconds: float  # measured
     optimizer_seconds: float  # measured (scaled beyond the parameters timed)
@@ -124,7 +136,8 @@ class Examination:
             "matmuls": (self.matmul_seconds, "measured"),
             "attention": (self.attention_seconds, "measured"),
             "optimizer": (self.optimizer_seconds, "measured"),
-            "other_ops": (self.other_seconds, "modelled"),
+            "other_ops": (self.other_seconds - self.other_modelled_seconds, "measured"),
+            "other_ops_modelled": (self.other_modelled_seconds, "modelled"),
         }
         return {
             "device": self.device,
@@ -163,6 +176,7 @@ class Examination:
             ],
             "other_ops": {
                 "ops": self.other_ops,
+                "modelled_ops": self.other_modelled_ops,
                 "bytes": self.other_bytes,
                 "copy_bandwidth_gb_per_s": self.copy_bandwidth / 1e9,
                 "tiny_kernel_seconds": self.tiny_kernel_seconds,
@@ -213,7 +227,15 @@ def examine(
         )
         attention = tuple(_time_attention(step.attention, packed, batch_size, torch_dtype, timer))
     bandwidth, tiny = copy_bandwidth(timer), tiny_kernel_seconds(timer)
-    other = sum(max(size / bandwidth, tiny) * count for size, count in step.other.items())
+    other = modelled = 0.0
+    modelled_ops = 0
+    for call, count in step.other.items():
+        seconds = time_op(call, timer)
+        if seconds is None:
+            seconds = max(call.moved / bandwidth, tiny)
+            modelled += seconds * count
+            modelled_ops += count
+        other += seconds * count
     shapes = [param.shape for param in model.parameters() if param.requires_grad]
     total = sum(size.numel() for size in shapes)
     optimizer, timed = time_optimizer(shapes, timer)
@@ -226,6 +248,8 @@ def examine(
         other_bytes=step.other_bytes,
         other_ops=step.other_ops,
         other_seconds=other,
+        other_modelled_seconds=modelled,
+        other_modelled_ops=modelled_ops,
         copy_bandwidth=bandwidth,
         tiny_kernel_seconds=tiny,
         optimizer_seconds=optimizer * total / timed if timed else 0.0,

@@ -158,10 +158,15 @@ def print_examination(result: Examination, *, packed: bool = False, lora: bool =
         )
     )
     print(
-        f"  other ops        {result.other_seconds * 1e3:9.2f} ms  modelled: {result.other_ops:,} ops moving "
-        f"{result.other_bytes / 1e9:.2f} GB at {result.copy_bandwidth / 1e9:.0f} GB/s (copy), at least "
-        f"{result.tiny_kernel_seconds * 1e6:.1f} us each"
+        f"  other ops        {result.other_seconds * 1e3:9.2f} ms  measured: {result.other_ops:,} ops "
+        f"(norms, activations, casts, loss) replayed, moving {result.other_bytes / 1e9:.2f} GB"
     )
+    if result.other_modelled_ops:
+        print(
+            f"    of which modelled {result.other_modelled_seconds * 1e3:.2f} ms: {result.other_modelled_ops} ops "
+            f"that cannot run on made-up data, their bytes at {result.copy_bandwidth / 1e9:.0f} GB/s (copy), "
+            f"at least {result.tiny_kernel_seconds * 1e6:.1f} us each"
+        )
     predicted_text = f" -> MFU {predicted:.1%}" if predicted is not None else ""
     print(f"  predicted step   {result.predicted_seconds * 1e3:9.2f} ms{predicted_text}")
     gains = [(item, item.padding_gain) for item in result.matmuls if item.padding_gain]

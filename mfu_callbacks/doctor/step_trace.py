@@ -4,8 +4,9 @@ Every matmul that autograd runs is recorded with its shape and operand layout, c
 attention (``scaled_dot_product_attention``) is recorded as one call per layer with its query, key
 and value shapes, and replaced by a stub that computes nothing, so its own matmuls do not show up
 among the GEMMs. Everything else that moves data (norms, activations, residual adds, casts, the
-loss) is recorded as memory traffic: the bytes each op reads and writes, as if each were one
-kernel (as eager PyTorch runs them). Views cost nothing and are left out.
+loss) is recorded op by op, with the layout of its tensors (to replay it on a device and time
+it) and the bytes it reads and writes (to model it where it cannot be replayed), as if each op
+were one kernel, as eager PyTorch runs them. Views cost nothing and are left out.
 
 Mixed precision: autocast does not run on the meta device, so it is done here as autocast does
 it, above autograd: the ops autocast runs in lower precision (linear, matmul, mm, bmm, addmm,
@@ -84,18 +85,37 @@ class AttentionShape:
         return self.forward_flops * (3.0 if self.backward else 1.0)
 
 
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor's layout without its data: enough to make one like it on a device."""
+
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int
+    dtype: torch.dtype
+
+
+@dataclass(frozen=True)
+class OpCall:
+    """One op that is neither matmul nor attention, its tensors as specs; ``moved``: bytes read and written."""
+
+    func: Any
+    args: tuple
+    kwargs: tuple[tuple[str, Any], ...]
+    moved: int
+
+
 @dataclass
 class StepTrace:
-    """What one step runs: GEMMs and attention calls with their counts, and the traffic of everything else."""
+    """What one step runs: GEMMs, attention calls and the other ops, each with its count per step."""
 
     matmuls: Counter[MatmulShape] = field(default_factory=Counter)
     attention: Counter[AttentionShape] = field(default_factory=Counter)
-    # The ops that are neither matmul nor attention: bytes each reads and writes -> how many ops move that many.
-    other: Counter[int] = field(default_factory=Counter)
+    other: Counter[OpCall] = field(default_factory=Counter)
 
     @property
     def other_bytes(self) -> int:
-        return sum(size * count for size, count in self.other.items())
+        return sum(call.moved * count for call, count in self.other.items())
 
     @property
     def other_ops(self) -> int:
@@ -214,7 +234,8 @@ class _Recorder(TorchDispatchMode):
                 t.numel() * t.element_size() for t in _tensors(args) + _tensors(kwargs) + _tensors(out)
             )
             if moved:
-                self.trace.other[moved] += 1
+                spec = tuple((key, _spec(value)) for key, value in kwargs.items())
+                self.trace.other[OpCall(func, _spec(args), spec, moved)] += 1
         return out
 
 
@@ -226,6 +247,15 @@ def _tensors(value: Any) -> list[torch.Tensor]:
     if isinstance(value, dict):
         return [t for item in value.values() for t in _tensors(item)]
     return []
+
+
+def _spec(value: Any) -> Any:
+    """Tensors as specs, lists as tuples (hashable); other values as they are."""
+    if isinstance(value, torch.Tensor):
+        return TensorSpec(tuple(value.shape), tuple(value.stride()), int(value.storage_offset()), value.dtype)
+    if isinstance(value, (list, tuple)):
+        return tuple(_spec(item) for item in value)
+    return value
 
 
 def _transposed(tensor: torch.Tensor) -> bool:

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .step_trace import AttentionShape, MatmulShape
+from .step_trace import AttentionShape, MatmulShape, OpCall, TensorSpec
 
 _F = torch.nn.functional
 COPY_BYTES = {"cuda": 1 << 30, "cpu": 1 << 24}  # bytes copied to measure bandwidth (past the caches)
@@ -134,3 +134,33 @@ def time_optimizer(shapes: Sequence[torch.Size], timer: Timer) -> tuple[float, i
     fused = timer.device.type == "cuda"
     optimizer = torch.optim.AdamW(params, lr=1e-5, fused=fused, foreach=None if fused else True)
     return timer.seconds(optimizer.step), total
+
+
+def materialize(value: object, device: torch.device) -> object:
+    """A spec'd value made real on ``device``: random floats, zero integers (valid indices), devices moved."""
+    if isinstance(value, TensorSpec):
+        extent = (
+            value.offset + sum((size - 1) * stride for size, stride in zip(value.shape, value.stride)) + 1
+        )
+        if value.dtype.is_floating_point:
+            storage = torch.randn(extent, device=device).to(value.dtype)
+        else:
+            storage = torch.zeros(extent, dtype=value.dtype, device=device)
+        return storage.as_strided(value.shape, value.stride, value.offset)
+    if isinstance(value, tuple):
+        return tuple(materialize(item, device) for item in value)
+    if isinstance(value, torch.device):
+        return device
+    return value
+
+
+def time_op(call: OpCall, timer: Timer) -> float | None:
+    """Seconds of one op replayed on the device with made-up data of the traced layout; None where it
+    cannot be replayed (an op that needs particular values)."""
+    args = materialize(call.args, timer.device)
+    kwargs = {key: materialize(value, timer.device) for key, value in call.kwargs}
+    assert isinstance(args, tuple)
+    try:
+        return timer.seconds(lambda: call.func(*args, **kwargs))
+    except Exception:  # noqa: BLE001 - any op that rejects made-up data is modelled instead
+        return None
