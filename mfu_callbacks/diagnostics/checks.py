@@ -193,7 +193,9 @@ def vocab_alignment(review: Review) -> Diagnosis | None:
     details.update(slowdown=cost.slowdown, measured_in_run=float(cost.in_run))
     if cost.time_share is not None:
         details["time_share"] = cost.time_share
-    time_text = f", about {cost.time_share:.1%} of the step's time" if cost.time_share is not None else ""
+    time_text = (
+        f", costing about {cost.time_share:.1%} of the step's time" if cost.time_share is not None else ""
+    )
     return Diagnosis(
         "vocab_alignment",
         f"{what}: {head_text} runs {_slowdown_text(cost)}{time_text}{_cost_text(review.mfu, mfu_cost)}; {fix}",
@@ -389,7 +391,7 @@ def matmul_alignment(review: Review) -> Diagnosis | None:
         details.update(slowdown=worst.slowdown, measured_in_run=float(worst.in_run))
         if time_share is not None:
             details["time_share"] = time_share
-        time_text = f", about {time_share:.1%} of the step's time" if time_share is not None else ""
+        time_text = f", costing about {time_share:.1%} of the step's time" if time_share is not None else ""
         text = f"{head} run up to {_slowdown_text(worst)}{time_text}{_cost_text(review.mfu, mfu_cost)}"
     return Diagnosis(
         "matmul_alignment",

@@ -88,10 +88,10 @@ class Slowdown:
         )
 
 
-_SWEEP = "benchmarks/bench_vocab_sweep.py"
+_SWEEP = "LM head forward + backward, torch 2.11; re-measure: benchmarks/bench_vocab_sweep.py"
 # fmt: off
 MEASURED: tuple[Slowdown, ...] = (
-    # LM head forward + backward, 8192 tokens, torch 2.11 (FACTS.md, "Vocabulary alignment"):
+    # LM head forward + backward, 8192 tokens, hidden 4096, torch 2.11 (what bench_vocab_sweep.py repeats):
     # 32001 ran at 129 TFLOP/s against 658 at 32000 (5.1x), 50257: 133 against 709 at 50304 (5.3x),
     # 128257: 131 against 677 at 128256 (5.2x), 151643: 130 against 693 at 151680 (5.3x).
     Slowdown(
