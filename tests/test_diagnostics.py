@@ -319,6 +319,14 @@ def test_the_old_ids_still_silence_their_checks():
         assert validate_ids(["matmul_shapes", "matmul_alignment"]) == ("matmul_alignment",)
 
 
+def test_a_checkpoint_with_the_old_id_does_not_report_again():
+    diagnostics = Diagnostics()
+    diagnostics.load_state_dict(
+        [{"id": "vocab_not_multiple_of_64", "message": "m", "value": 1.0, "threshold": 64.0}]
+    )
+    assert [diagnosis.id for diagnosis in diagnostics.fired] == ["vocab_alignment"]
+
+
 def test_gpu_families_follow_the_peak_table():
     assert slowdowns.gpu_family(H100) == "hopper"
     assert slowdowns.gpu_family("NVIDIA H200") == "hopper"

@@ -133,7 +133,8 @@ class Diagnostics:
         return [{**asdict(diagnosis), "details": dict(diagnosis.details)} for diagnosis in self.fired]
 
     def load_state_dict(self, fired: list[dict[str, Any]]) -> None:
-        self.fired = [Diagnosis(**diagnosis) for diagnosis in fired]
+        """The diagnoses a checkpoint fired; those saved under a renamed check's old id count as its new id."""
+        self.fired = [Diagnosis(**{**d, "id": RENAMED.get(d["id"], d["id"])}) for d in fired]
 
     def _model_shapes(self) -> ModelShapes:
         """The model's shapes, read at the first check that needs them."""
