@@ -1,7 +1,8 @@
-"""The ``mfu-callbacks`` command line: plan a run's FLOPs before starting it, plot MFU after it.
+"""The ``mfu-callbacks`` command line: plan a run's FLOPs and time its step before starting it, plot MFU after it.
 
 mfu-callbacks estimate --config config.json --seq-len 4096 --batch-size 8 --gpu h100
 mfu-callbacks estimate --config config.json --seq-len 2048 --batch-size 4 --lora-r 16 --lora-targets q_proj,v_proj
+mfu-callbacks doctor --config config.json --seq-len 2048 --batch-size 4
 mfu-callbacks plot wandb/offline-run-20261124_120000-abc123 -o mfu.png
 mfu-callbacks plot lightning_logs/version_0/metrics.csv -o mfu.png
 """
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from . import compare
+from .doctor import cli as doctor_cli
 
 EXIT_USAGE = 2
 _MFU_LEVELS = (1.0, 0.5, 0.4)
@@ -247,19 +249,13 @@ def _build_model(config: Any, args: argparse.Namespace):
     return model
 
 
-def _estimate(args: argparse.Namespace) -> dict[str, Any]:
+def _count(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """The config, its model built on the meta device, and the FLOPs of one step of the arguments' batch."""
     import torch
 
     from .flops import BatchError, FlopEngine, ModelIntrospectionError
     from .flops.features import features_of_full_rows
-    from .hardware import known_gpus, lookup_gpu
 
-    _check_arguments(args)
-    gpu = None
-    if args.gpu:
-        gpu = lookup_gpu(args.gpu)
-        if gpu is None:
-            raise CliError(f"unknown GPU {args.gpu!r}; known: {', '.join(known_gpus())}")
     config = _load_config(args.config)
     model = _build_model(config, args)
     encoder_decoder = getattr(config, "is_encoder_decoder", False)
@@ -282,6 +278,19 @@ def _estimate(args: argparse.Namespace) -> dict[str, Any]:
             engine.counting.kernel_windows,
         )
     )
+    return config, model, step
+
+
+def _estimate(args: argparse.Namespace) -> dict[str, Any]:
+    from .hardware import known_gpus, lookup_gpu
+
+    _check_arguments(args)
+    gpu = None
+    if args.gpu:
+        gpu = lookup_gpu(args.gpu)
+        if gpu is None:
+            raise CliError(f"unknown GPU {args.gpu!r}; known: {', '.join(known_gpus())}")
+    config, _, step = _count(args)
     result: dict[str, Any] = {
         "model_type": config.model_type,
         "tokens_per_step": step.tokens,
@@ -439,6 +448,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     plot.set_defaults(handler=_plot)
     compare.add_parser(commands)
+    doctor_cli.add_parser(commands)
     return parser
 
 

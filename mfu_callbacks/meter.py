@@ -269,6 +269,7 @@ class MFUMeter:
                 peak_flops=self.peak.flops if self.peak is not None else None,
                 compute_dtype=dtype,
                 autocast_in_training=self._autocast.enabled_at_first_forward,
+                device_name=self.peak.device_name if self.peak is not None else None,
             )
         except Exception:  # noqa: BLE001 - diagnoses are advice: they never cost the run its metrics
             logger.debug("mfu_callbacks: diagnoses failed", exc_info=True)

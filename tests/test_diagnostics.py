@@ -31,7 +31,18 @@ from torch import nn
 
 import mfu_callbacks.diagnostics.checks as diagnostics_module
 from mfu_callbacks import distributed
-from mfu_callbacks.diagnostics import DIAGNOSIS_IDS, Diagnosis, Diagnostics
+from mfu_callbacks._window import RunTotals
+from mfu_callbacks.diagnostics import DIAGNOSIS_IDS, Diagnosis, Diagnostics, slowdowns, validate_ids
+from mfu_callbacks.diagnostics.checks import FlopSplit, Review
+from mfu_callbacks.diagnostics.clocks import ClockLog
+from mfu_callbacks.diagnostics.measured import MatmulTime, measured_slowdown
+from mfu_callbacks.diagnostics.model_shapes import Linear, ModelShapes
+from mfu_callbacks.diagnostics.slowdowns import (
+    MULTIPLE_OF_8_NOT_64,
+    NOT_MULTIPLE_OF_8,
+    OUT_FEATURES,
+    Slowdown,
+)
 from mfu_callbacks.flops import FlopEngine
 from mfu_callbacks.meter import MFUMeter
 from mfu_callbacks.timer import StepTimer
@@ -68,12 +79,19 @@ def llama(vocab: int = VOCAB, intermediate: int = 128, dtype: torch.dtype = torc
 
 
 def make_meter(
-    model: nn.Module, clock: FakeClock, template: Any, *, dtype: str = "bf16", **kwargs: Any
+    model: nn.Module,
+    clock: FakeClock,
+    template: Any,
+    *,
+    dtype: str = "bf16",
+    peak: FakePeak | None = None,
+    **kwargs: Any,
 ) -> MFUMeter:
     """A meter on a fake clock with the engine built up front (no warm-up step needed)."""
     timer = StepTimer(0, clock=clock, force_cpu=True)
     engine = FlopEngine.from_model(model, template)
-    return MFUMeter(model, engine=engine, timer=timer, peak=FakePeak(dtype=dtype), **kwargs)
+    peak = peak if peak is not None else FakePeak(dtype=dtype)
+    return MFUMeter(model, engine=engine, timer=timer, peak=peak, **kwargs)
 
 
 def run_steps(
@@ -133,22 +151,151 @@ def test_checks_run_at_read_time_only(clean_model, monkeypatch):
 
 
 # -- vocabulary ----------------------------------------------------------------------------------
-def test_a_vocabulary_off_64_reports_the_heads_share_and_the_padded_size():
-    model = make_eager(llama(vocab=1000))
+H100 = "NVIDIA H100 80GB HBM3"  # as torch names an H100 SXM
+
+
+def hopper_row(shape_class: str, slowdown: float, tflops: float | None, role: str = OUT_FEATURES) -> Slowdown:
+    """A measurement made up for a test: Hopper, bf16, a 64-wide layer."""
+    return Slowdown(
+        family="hopper", dtype="bf16", shape_class=shape_class, role=role, slowdown=slowdown, tflops=tflops,
+        aligned_tflops=None, gpu="H100 SXM", other_size=64, tokens=32, sizes=(1001,),
+        source="test sweep", date="2026-11-25",
+    )  # fmt: skip
+
+
+def vocab_run(
+    vocab: int, *, device_name: str, seconds: float = 1.0, **kwargs: Any
+) -> tuple[MFUMeter, nn.Module]:
+    model = make_eager(llama(vocab=vocab))
     clock = FakeClock()
     batch = full_batch(2, 16)
-    meter = make_meter(model, clock, batch)
-    run_steps(meter, clock, batch, 2)
+    meter = make_meter(model, clock, batch, peak=FakePeak(device_name=device_name), **kwargs)
+    run_steps(meter, clock, batch, 2, seconds=seconds)
     meter.metrics()
-    diagnosis = fired(meter, "vocab_not_multiple_of_64")
-    assert diagnosis is not None
-    # Full fine-tuning: the head's matmul (64 x 1000 per token) runs forward, input and weight gradient.
-    head_flops = 6 * 32 * HIDDEN * 1000
-    assert diagnosis.flops_share == pytest.approx(head_flops / model_truth(model, batch), rel=1e-9)
-    assert diagnosis.value == 1000
-    assert diagnosis.details["padded_vocab_size"] == 1024
-    assert "1,024" in diagnosis.message and f"{diagnosis.flops_share:.1%}" in diagnosis.message
-    assert "matmul_shapes" not in ids(meter)  # the head's vocabulary dimension is this diagnosis's alone
+    return meter, model
+
+
+def test_an_unaligned_vocabulary_without_a_measurement_claims_no_cost():
+    meter, model = vocab_run(1001, device_name="Fake GPU")
+    diagnosis = fired(meter, "vocab_alignment")
+    assert diagnosis is not None and diagnosis.mfu_cost is None
+    head_flops = 6 * 32 * HIDDEN * 1001  # forward, input and weight gradient of the 64 x 1001 head
+    assert diagnosis.flops_share == pytest.approx(
+        head_flops / model_truth(model, full_batch(2, 16)), rel=1e-9
+    )
+    assert diagnosis.value == 1001 and diagnosis.details["padded_vocab_size"] == 1024
+    assert "no cost is claimed" in diagnosis.message and "pad_to_multiple_of=64" in diagnosis.message
+    assert "x slower" not in diagnosis.message
+    assert "matmul_alignment" not in ids(meter)  # the head's vocabulary dimension is this diagnosis's alone
+
+
+def test_a_multiple_of_8_is_not_reported_without_a_measurement():
+    meter, _ = vocab_run(1000, device_name="Fake GPU")
+    assert "vocab_alignment" not in ids(meter)
+
+
+def test_the_measured_table_gives_the_heads_cost_on_a_hopper_gpu(monkeypatch):
+    monkeypatch.setattr(
+        slowdowns,
+        "MEASURED",
+        (hopper_row(NOT_MULTIPLE_OF_8, 4.0, tflops=1e-5), hopper_row(MULTIPLE_OF_8_NOT_64, 1.0, tflops=1e-5)),
+    )
+    meter, model = vocab_run(1001, device_name=H100, seconds=10.0)
+    diagnosis = fired(meter, "vocab_alignment")
+    # Two steps of 10 s; the head ran its 2 x 6 x 32 x 64 x 1001 FLOPs at the table's 10 MFLOP/s, and
+    # aligned it would have taken a quarter of that time.
+    head_seconds = 2 * 6 * 32 * HIDDEN * 1001 / 1e7
+    saved = head_seconds * (1 - 1 / 4.0)
+    mfu = meter.summary()["mfu"]
+    flops = 2 * model_truth(model, full_batch(2, 16))
+    assert mfu == pytest.approx(flops / 20.0 / PEAK_FLOPS)
+    assert diagnosis.details["time_share"] == pytest.approx(saved / 20.0, rel=1e-9)
+    assert diagnosis.mfu_cost == pytest.approx(flops / (20.0 - saved) / PEAK_FLOPS - mfu, rel=1e-9)
+    assert diagnosis.details["slowdown"] == 4.0 and diagnosis.details["measured_in_run"] == 0.0
+    # The table shows multiples of 8 cost nothing on this GPU: 8 is enough.
+    assert diagnosis.details["padded_vocab_size"] == 1008
+    assert "4.0x slower" in diagnosis.message and "test sweep" in diagnosis.message
+    assert "pad_to_multiple_of=8" in diagnosis.message
+    meter, _ = vocab_run(1000, device_name=H100)
+    assert "vocab_alignment" not in ids(meter), "measured: a multiple of 8 costs nothing here"
+    meter, _ = vocab_run(1001, device_name="NVIDIA A100-SXM4-80GB")
+    assert fired(meter, "vocab_alignment").mfu_cost is None, "a Hopper measurement says nothing of an A100"
+
+
+def test_the_shipped_table_holds_the_h100_measurements():
+    row = slowdowns.find(H100, "bf16", 32001, OUT_FEATURES, other_size=2048)
+    assert row is not None and row.slowdown > 5 and row.tflops is not None
+    assert "bench_vocab_sweep.py" in row.source and row.date
+    assert slowdowns.find(H100, "bf16", 32008, OUT_FEATURES).slowdown == 1.0
+    assert slowdowns.find(H100, "fp16", 32001, OUT_FEATURES) is None, "nothing measured at fp16"
+    assert slowdowns.find("NVIDIA H200", "bf16", 32001, OUT_FEATURES) is row, "the same Hopper chip"
+    assert slowdowns.find(H100, "bf16", 32000, OUT_FEATURES) is None, (
+        "a multiple of 64 has nothing to measure"
+    )
+    assert Slowdown.from_dict(row.to_dict()) == row
+
+
+def test_the_shipped_table_predicts_the_measured_cost_of_a_32001_vocabulary():
+    """The whole-step measurement on an H100 (FACTS.md, "The same in a whole training step"): a 0.7B
+    Llama-style model (hidden 2048, 4 x 2048 tokens, bf16) took 128.2 ms per step at MFU 27.4% with
+    vocabulary 32001, and 108.0 ms at 32.5% with 32000. The check, given only the 32001 run, must
+    claim about that difference, from the table measured on the head alone."""
+    tokens, hidden, vocab, step = 4 * 2048, 2048, 32001, 0.1282
+    peak = 989.4e12
+    model_flops = 0.274 * peak * step  # per step, from the measured MFU
+    head_flops = 6 * tokens * hidden * vocab  # forward, input and weight gradient of the head
+    run = RunTotals(model_flops=model_flops, wall_seconds=step, step_seconds=step, steps=1.0, counted=True)
+    split = FlopSplit(model_flops, {"head": head_flops}, 0.0, 0.0)
+    shapes = ModelShapes((vocab,), (Linear("lm_head", hidden, vocab, True),), 0, 0, 0)
+    review = Review(run, nn.Linear(1, 1), split, peak, "bf16", True, ClockLog(), lambda: shapes, H100)
+    diagnosis = diagnostics_module.vocab_alignment(review)
+    saved = diagnosis.details["time_share"] * step
+    assert saved == pytest.approx(0.1282 - 0.1080, rel=0.15)
+    assert 0.274 + diagnosis.mfu_cost == pytest.approx(0.325, abs=0.01)
+    assert diagnosis.details["padded_vocab_size"] == 32008
+
+
+def measured_review(meter: MFUMeter, measured: dict[str, MatmulTime]) -> list[Diagnosis]:
+    """The meter's run reviewed again as a profile window would have it: with measured matmul times."""
+    return Diagnostics().review(
+        meter._run,
+        model=meter._model,
+        engine=meter.engine,
+        run_features=meter._run_features,
+        peak_flops=PEAK_FLOPS,
+        compute_dtype="bf16",
+        device_name=H100,
+        measured_matmuls=measured,
+    )
+
+
+def test_a_measurement_in_the_run_takes_precedence_over_the_table():
+    meter, _ = vocab_run(1001, device_name="Fake GPU", seconds=2.0)
+    # The MLP's matmuls ran at 1 GFLOP/s, the head at a third of that: 3x slower per FLOP.
+    measured = {"mlp": MatmulTime(seconds=0.5, flops=0.5e9), "head": MatmulTime(seconds=0.6, flops=0.2e9)}
+    (diagnosis,) = [d for d in measured_review(meter, measured) if d.id == "vocab_alignment"]
+    assert diagnosis.details["slowdown"] == pytest.approx(3.0)
+    assert diagnosis.details["measured_in_run"] == 1.0
+    saved = 0.6 * (1 - 1 / 3)  # of each 2 s step
+    assert diagnosis.details["time_share"] == pytest.approx(saved / 2.0)
+    mfu = meter.summary()["mfu"]
+    assert diagnosis.mfu_cost == pytest.approx(mfu * 2.0 / (2.0 - saved) - mfu)
+    assert "measured in this run" in diagnosis.message
+    # The head at the pace of the step's other matmuls: measured, no cost, though the table says 5.1x.
+    measured["head"] = MatmulTime(seconds=0.2, flops=0.2e9)
+    assert "vocab_alignment" not in [d.id for d in measured_review(meter, measured)]
+
+
+def test_the_heads_measured_slowdown_is_against_the_fastest_component():
+    measured = {
+        "mlp": MatmulTime(seconds=2.0, flops=1400.0),
+        "attention_projections": MatmulTime(seconds=1.0, flops=800.0),
+        "head": MatmulTime(seconds=1.0, flops=200.0),
+    }
+    # The best rate is 800 FLOP/s; the head's 200 FLOPs would take 0.25 s at it, and took 1 s.
+    assert measured_slowdown(measured, "head") == pytest.approx(4.0)
+    assert measured_slowdown(measured, "attention_projections") == pytest.approx(1.0)
+    assert measured_slowdown(measured, "router") is None
 
 
 def test_the_gpt2_vocabulary_pads_to_50304():
@@ -159,9 +306,33 @@ def test_the_gpt2_vocabulary_pads_to_50304():
     meter = make_meter(model, clock, batch)
     run_steps(meter, clock, batch, 1)
     meter.metrics()
-    diagnosis = fired(meter, "vocab_not_multiple_of_64")
+    diagnosis = fired(meter, "vocab_alignment")
     assert diagnosis.value == 50257 and diagnosis.details["padded_vocab_size"] == 50304
     assert "50,304" in diagnosis.message
+
+
+def test_the_old_ids_still_silence_their_checks():
+    with pytest.warns(FutureWarning, match="'vocab_not_multiple_of_64' is now 'vocab_alignment'"):
+        meter, _ = vocab_run(1001, device_name="Fake GPU", silence_diagnostics=["vocab_not_multiple_of_64"])
+    assert "vocab_alignment" not in ids(meter)
+    with pytest.warns(FutureWarning, match="'matmul_shapes' is now 'matmul_alignment'"):
+        assert validate_ids(["matmul_shapes", "matmul_alignment"]) == ("matmul_alignment",)
+
+
+def test_a_checkpoint_with_the_old_id_does_not_report_again():
+    diagnostics = Diagnostics()
+    diagnostics.load_state_dict(
+        [{"id": "vocab_not_multiple_of_64", "message": "m", "value": 1.0, "threshold": 64.0}]
+    )
+    assert [diagnosis.id for diagnosis in diagnostics.fired] == ["vocab_alignment"]
+
+
+def test_gpu_families_follow_the_peak_table():
+    assert slowdowns.gpu_family(H100) == "hopper"
+    assert slowdowns.gpu_family("NVIDIA H200") == "hopper"
+    assert slowdowns.gpu_family("NVIDIA H100 PCIe") == "hopper"
+    assert slowdowns.gpu_family("NVIDIA A100-SXM4-80GB") is None
+    assert slowdowns.gpu_family(None) is None
 
 
 # -- padding ---------------------------------------------------------------------------------------
@@ -284,19 +455,19 @@ def test_gradient_checkpointing_reports_the_hfu_mfu_gap():
     assert "gradient checkpointing" in diagnosis.message
 
 
-# -- matmul shapes ---------------------------------------------------------------------------------
+# -- matmul alignment ------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("intermediate", "dtype", "fires"),
     [(100, "bf16", True), (100, "fp32", False), (104, "bf16", False), (104, "fp8", True)],
 )
-def test_misaligned_matmuls_report_their_share_of_flops(intermediate: int, dtype: str, fires: bool):
+def test_misaligned_matmuls_without_a_measurement_claim_no_cost(intermediate: int, dtype: str, fires: bool):
     model = make_eager(llama(intermediate=intermediate))
     clock = FakeClock()
     batch = full_batch(2, 16)
     meter = make_meter(model, clock, batch, dtype=dtype)
     run_steps(meter, clock, batch, 1)
     meter.metrics()
-    diagnosis = fired(meter, "matmul_shapes")
+    diagnosis = fired(meter, "matmul_alignment")
     if not fires:
         assert diagnosis is None
         return
@@ -305,7 +476,27 @@ def test_misaligned_matmuls_report_their_share_of_flops(intermediate: int, dtype
     assert diagnosis.flops_share == pytest.approx(mlp_flops / model_truth(model, batch), rel=1e-9)
     assert diagnosis.details["alignment"] == (16 if dtype == "fp8" else 8)
     assert diagnosis.details["misaligned_layers"] == 3 * LAYERS
+    assert diagnosis.mfu_cost is None and "no cost is claimed" in diagnosis.message
     assert str(intermediate) in diagnosis.message
+
+
+def test_misaligned_matmuls_on_a_measured_gpu_report_the_measured_cost(monkeypatch):
+    # Measured for out_features only: the down projection's misaligned input is not costed.
+    monkeypatch.setattr(slowdowns, "MEASURED", (hopper_row(NOT_MULTIPLE_OF_8, 2.0, tflops=1e-5),))
+    model = make_eager(llama(intermediate=100))
+    clock = FakeClock()
+    batch = full_batch(2, 16)
+    meter = make_meter(model, clock, batch, peak=FakePeak(device_name=H100))
+    run_steps(meter, clock, batch, 1, seconds=5.0)
+    meter.metrics()
+    diagnosis = fired(meter, "matmul_alignment")
+    gate_and_up = 6 * 32 * LAYERS * 2 * HIDDEN * 100
+    saved = gate_and_up / 1e7 * (1 - 1 / 2.0)
+    assert diagnosis.details["time_share"] == pytest.approx(saved / 5.0, rel=1e-9)
+    mfu = meter.summary()["mfu"]
+    assert diagnosis.mfu_cost == pytest.approx(mfu * 5.0 / (5.0 - saved) - mfu, rel=1e-9)
+    assert diagnosis.details["misaligned_layers"] == 3 * LAYERS
+    assert "2.0x slower" in diagnosis.message
 
 
 # -- fp32 adapters ---------------------------------------------------------------------------------
@@ -444,9 +635,7 @@ def test_a_silenced_diagnosis_never_fires(clean_model):
 
 
 def test_unknown_ids_are_refused_with_the_known_ones():
-    with pytest.raises(
-        ValueError, match="padding_wast'.*known ids are vocab_not_multiple_of_64, padding_waste"
-    ):
+    with pytest.raises(ValueError, match="padding_wast'.*known ids are vocab_alignment, padding_waste"):
         MFUMeter(nn.Linear(2, 2), peak=FakePeak(), silence_diagnostics=["padding_wast"])
     with pytest.raises(ValueError, match="list of diagnosis ids"):
         Diagnostics("padding_waste")

@@ -5,7 +5,7 @@ shapes, the run's token and FLOP totals, the step timings, and where NVML is ins
 SM clock. Nothing here runs per step or waits for the GPU. Each diagnosis has a stable id, fires at
 most once per run and can be silenced by id:
 
-    meter = MFUMeter(model, silence_diagnostics=["matmul_shapes"])
+    meter = MFUMeter(model, silence_diagnostics=["matmul_alignment"])
     ...
     for diagnosis in meter.diagnostics():
         print(diagnosis)            # [padding_waste] padding is 31.0% of computed tokens ...
@@ -17,7 +17,8 @@ Each check is one function in ``checks.py``, registered under its id. Only torch
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+import warnings
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict
 from typing import Any
 
@@ -26,8 +27,9 @@ from torch import nn
 
 from .. import distributed
 from .._window import RunTotals
-from .checks import CHECKS, Diagnosis, Review, split_flops
+from .checks import CHECKS, RENAMED, Diagnosis, Review, split_flops
 from .clocks import ClockLog
+from .measured import MatmulTime
 from .model_shapes import ModelShapes, read_shapes
 
 logger = logging.getLogger("mfu_callbacks")
@@ -37,10 +39,21 @@ GPU_CLOCKS = "gpu_clocks"
 
 
 def validate_ids(ids: Iterable[str]) -> tuple[str, ...]:
-    """The ids as a tuple; ValueError naming the known ids when one is unknown."""
+    """The ids as a tuple; ValueError naming the known ids when one is unknown.
+
+    The old id of a renamed check stands for its new id, with a FutureWarning naming it.
+    """
     if isinstance(ids, str) or not all(isinstance(item, str) for item in ids):
         raise ValueError(f"silence_diagnostics must be a list of diagnosis ids, got {ids!r}")
     ids = tuple(ids)
+    for old in dict.fromkeys(item for item in ids if item in RENAMED):
+        warnings.warn(
+            f"silence_diagnostics: {old!r} is now {RENAMED[old]!r} (it reports a cost only where one was "
+            f"measured); it is silenced, but write {RENAMED[old]!r}",
+            FutureWarning,
+            stacklevel=2,
+        )
+    ids = tuple(dict.fromkeys(RENAMED.get(item, item) for item in ids))
     unknown = [item for item in ids if item not in DIAGNOSIS_IDS]
     if unknown:
         raise ValueError(
@@ -69,12 +82,15 @@ class Diagnostics:
         peak_flops: float | None,
         compute_dtype: str | None,
         autocast_in_training: bool | None = None,
+        device_name: str | None = None,
+        measured_matmuls: Mapping[str, MatmulTime] | None = None,
     ) -> list[Diagnosis]:
         """Run every check not fired or silenced on the run read so far; returns the new diagnoses.
 
         ``run_features``: this rank's summed features of every step read so far (the engine turns
         them into FLOPs); ``autocast_in_training``: whether autocast was on at the first forward
-        (None when no forward was seen).
+        (None when no forward was seen); ``device_name``: the GPU as torch names it (picks the
+        measured slowdowns); ``measured_matmuls``: matmul times per component from a profile window.
         """
         self._model = model
         review = Review(
@@ -86,6 +102,8 @@ class Diagnostics:
             autocast_in_training,
             self._clocks,
             self._model_shapes,
+            device_name,
+            measured_matmuls,
         )
         done = {diagnosis.id for diagnosis in self.fired} | self.silenced
         new: list[Diagnosis] = []
@@ -115,7 +133,8 @@ class Diagnostics:
         return [{**asdict(diagnosis), "details": dict(diagnosis.details)} for diagnosis in self.fired]
 
     def load_state_dict(self, fired: list[dict[str, Any]]) -> None:
-        self.fired = [Diagnosis(**diagnosis) for diagnosis in fired]
+        """The diagnoses a checkpoint fired; those saved under a renamed check's old id count as its new id."""
+        self.fired = [Diagnosis(**{**d, "id": RENAMED.get(d["id"], d["id"])}) for d in fired]
 
     def _model_shapes(self) -> ModelShapes:
         """The model's shapes, read at the first check that needs them."""
@@ -125,4 +144,4 @@ class Diagnostics:
         return self._shapes
 
 
-__all__ = ["DIAGNOSIS_IDS", "Diagnosis", "Diagnostics", "validate_ids"]
+__all__ = ["DIAGNOSIS_IDS", "Diagnosis", "Diagnostics", "MatmulTime", "validate_ids"]

@@ -17,22 +17,31 @@ import torch
 from torch import nn
 
 from .._window import RunTotals
-from ..flops.components import ATTENTION_SCORES, HEAD
+from ..flops.components import ATTENTION_SCORES, HEAD, classify
 from ..flops.features import HARDWARE, MODEL
+from . import alignment
+from .alignment import Cost
 from .clocks import SM_CLOCK_THRESHOLD, ClockLog
+from .measured import MatmulTime
 from .model_shapes import Linear, ModelShapes
+from .slowdowns import IN_FEATURES, OUT_FEATURES
 
 # -- thresholds ------------------------------------------------------------------------------------
-VOCAB_MULTIPLE = 64  # LM-head tiles: Netflix's post-training framework saw a 3x slower head without it
 PADDING_THRESHOLD = 0.10  # padding share of computed tokens over the run
 INPUT_WAIT_THRESHOLD = 0.05  # input wait share of iteration time over the run
 STRAGGLER_THRESHOLD = 0.10  # slowest rank's mean step time above the fastest's, relative
 RECOMPUTE_THRESHOLD = 0.01  # recompute share of hardware FLOPs from which checkpointing counts as on
 SHAPE_FLOPS_THRESHOLD = 0.01  # FLOP share of misaligned matmuls worth reporting (a 2-label classifier is not)
+# Old ids of renamed checks: silencing by the old id still works (with a FutureWarning naming the new one).
+RENAMED: Mapping[str, str] = {
+    "vocab_not_multiple_of_64": "vocab_alignment",
+    "matmul_shapes": "matmul_alignment",
+}
 LOW_CLOCK_READS = 2  # throttled reads needed before reporting (one read can catch a transient dip)
 MIN_TIMED_STEPS = 10  # measured steps before the timing checks (input wait, stragglers) judge a run
-# Tensor cores want matmul sizes in multiples of 16 bytes of the operand dtype. FP32 matmuls
-# (without TF32) do not run on tensor cores, so their shapes are not checked.
+# Tensor cores want matmul sizes in multiples of 16 bytes of the operand dtype (NVIDIA's "Matrix
+# Multiplication Background" guide). FP32 matmuls (without TF32) do not run on tensor cores, so
+# their shapes are not checked. What a size off it costs is measured (alignment.py), not assumed.
 MATMUL_ALIGNMENT: Mapping[str, int] = {"bf16": 8, "fp16": 8, "fp8": 16, "tf32": 4}
 # Step time of fp32 adapters over bf16 adapters on a bf16 base, measured on a GPU by
 # benchmarks/bench_fp32_adapters.py. The diagnosis stays off until it is measured.
@@ -87,6 +96,9 @@ class Review:
     autocast_in_training: bool | None  # None when no forward was seen
     clocks: ClockLog
     read_model_shapes: Callable[[], ModelShapes]
+    device_name: str | None = None  # as torch names the GPU: picks the rows of the slowdown table
+    # Matmul times per component measured in the run (a profile window); None where none ran.
+    measured_matmuls: Mapping[str, MatmulTime] | None = None
 
     @cached_property
     def mfu(self) -> float | None:
@@ -95,6 +107,12 @@ class Review:
     @property
     def shapes(self) -> ModelShapes:
         return self.read_model_shapes()
+
+    @property
+    def step_seconds(self) -> float:
+        """Mean seconds of one step as MFU counts it (the slowest rank's, input wait included)."""
+        run = self.run
+        return run.wall_seconds / run.steps if run.steps > 0 else 0.0
 
     def share_of_model_flops(self, component: str) -> float:
         split = self.split
@@ -120,24 +138,72 @@ def check(diagnosis_id: str) -> Callable[[Check], Check]:
 
 
 # -- the checks --------------------------------------------------------------------------------------
-@check("vocab_not_multiple_of_64")
-def vocab_not_multiple_of_64(review: Review) -> Diagnosis | None:
-    """A vocabulary that is not a multiple of 64 slows the LM head's matmul; cost: the head's FLOP share."""
-    misaligned = [size for size in review.shapes.vocab_sizes if size % VOCAB_MULTIPLE]
+@check("vocab_alignment")
+def vocab_alignment(review: Review) -> Diagnosis | None:
+    """An LM head whose vocabulary is off the tensor cores' alignment, where a measurement says it costs time.
+
+    Cost: the head's time x (1 - 1 / slowdown) as a share of the step. The slowdown and the head's
+    time come from the run's own matmul times where a profile window measured them, else from the
+    table of measured slowdowns for this GPU family and dtype. Without either, a size off the
+    dtype's alignment is reported with no cost, and one that meets it is not reported.
+    """
+    split, shapes = review.split, review.shapes
     head_share = review.share_of_model_flops(HEAD)
-    if not misaligned or head_share <= 0:
+    head = next((linear for linear in shapes.linears if linear.is_head), None)
+    if split is None or head_share <= 0:
         return None  # no head matmul over the vocabulary: an embedding lookup costs no FLOPs
-    vocab = misaligned[0]
-    padded = _round_up(vocab, VOCAB_MULTIPLE)
+    vocab = head.out_features if head is not None else shapes.vocab_sizes[-1]
+    if not vocab % 64:
+        return None
+    hidden = head.in_features if head is not None else 0
+    cost = alignment.from_run(review.measured_matmuls, HEAD, review.step_seconds) or alignment.from_table(
+        review.device_name,
+        review.compute_dtype,
+        vocab,
+        OUT_FEATURES,
+        hidden,
+        head_share * split.model_flops,
+        review.run.wall_seconds,
+    )
+    tile = MATMUL_ALIGNMENT.get(review.compute_dtype or "")
+    if cost is None and (tile is None or not vocab % tile):
+        return None  # nothing measured, and the size meets the dtype's alignment (or no tensor cores)
+    if cost is not None and cost.time_share == 0.0:
+        return None  # measured: no cost at this size
+    multiple = alignment.padding_multiple(review.device_name, review.compute_dtype)
+    padded = _round_up(vocab, multiple)
+    fix = (
+        f"pad it to {padded:,} (model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of={multiple}))"
+    )
+    what = f"vocabulary size {vocab:,} is not a multiple of {tile if tile and vocab % tile else 64}"
+    head_text = f"the LM head ({head_share:.1%} of the step's FLOPs)"
+    details = {"padded_vocab_size": float(padded), "head_flops_share": head_share}
+    if cost is None:
+        return Diagnosis(
+            "vocab_alignment",
+            f"{what}: {head_text} runs on misaligned tensor-core tiles; no slowdown was measured for "
+            f"{review.device_name or 'this GPU'} at {review.compute_dtype}, so no cost is claimed "
+            f"(mfu-callbacks doctor times it on this GPU); {fix}",
+            value=float(vocab),
+            threshold=float(multiple),
+            flops_share=head_share,
+            details=details,
+        )
+    mfu_cost = _recovered(review.mfu, cost.time_share) if cost.time_share is not None else None
+    details.update(slowdown=cost.slowdown, measured_in_run=float(cost.in_run))
+    if cost.time_share is not None:
+        details["time_share"] = cost.time_share
+    time_text = (
+        f", costing about {cost.time_share:.1%} of the step's time" if cost.time_share is not None else ""
+    )
     return Diagnosis(
-        "vocab_not_multiple_of_64",
-        f"vocabulary size {vocab:,} is not a multiple of {VOCAB_MULTIPLE}: the LM head, {head_share:.1%} of "
-        f"the step's FLOPs, runs on misaligned tensor-core tiles (reported up to 3x slower); pad it to "
-        f"{padded:,} (model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of={VOCAB_MULTIPLE}))",
+        "vocab_alignment",
+        f"{what}: {head_text} runs {_slowdown_text(cost)}{time_text}{_cost_text(review.mfu, mfu_cost)}; {fix}",
         value=float(vocab),
-        threshold=float(VOCAB_MULTIPLE),
+        threshold=float(multiple),
+        mfu_cost=mfu_cost,
         flops_share=head_share,
-        details={"padded_vocab_size": float(padded)},
+        details=details,
     )
 
 
@@ -239,46 +305,102 @@ def recompute_cost(review: Review) -> Diagnosis | None:
     )
 
 
-@check("matmul_shapes")
-def matmul_shapes(review: Review) -> Diagnosis | None:
-    """Matmul sizes off the tensor cores' multiple run on padded or slower kernels.
+@check("matmul_alignment")
+def matmul_alignment(review: Review) -> Diagnosis | None:
+    """Linear layers with sizes off the tensor cores' alignment, where a measurement says they cost time.
 
     A linear layer's FLOPs per token are proportional to its weight's size, so the share of the
     step's FLOPs a layer carries is its share of all linear weights times the share of FLOPs in
-    linear layers (everything but attention scores).
+    linear layers (everything but attention scores). Costs as for the vocabulary (``alignment.py``):
+    the run's own times per component first, then the measured table, else no cost claimed and only
+    sizes off the dtype's alignment reported.
     """
-    alignment = MATMUL_ALIGNMENT.get(review.compute_dtype or "")
-    if alignment is None or review.split is None or not review.split.model_flops:
+    tile = MATMUL_ALIGNMENT.get(review.compute_dtype or "")
+    split = review.split
+    if tile is None or split is None or not split.model_flops:
         return None
     linears = review.shapes.linears
     total = sum(linear.in_features * linear.out_features for linear in linears)
-    misaligned: list[tuple[Linear, list[int]]] = []
+    if not total:
+        return None
+    linear_flops = (1.0 - review.share_of_model_flops(ATTENTION_SCORES)) * split.model_flops
+    costed: list[tuple[Linear, int, Cost]] = []  # layers with a measured cost
+    unmeasured: list[tuple[Linear, int]] = []  # off the dtype's alignment, nothing measured
+    in_run: dict[str, Cost | None] = {}
     for linear in linears:
         # The LM head's vocabulary dimension belongs to the vocabulary check.
-        dims = [linear.in_features] if linear.is_head else [linear.in_features, linear.out_features]
-        off = [dim for dim in dims if dim % alignment]
-        if off:
-            misaligned.append((linear, off))
-    if not misaligned or not total:
+        roles = [(IN_FEATURES, linear.in_features)]
+        if not linear.is_head:
+            roles.append((OUT_FEATURES, linear.out_features))
+        for role, size in roles:
+            if not size % 64:
+                continue
+            component = classify(linear.name, (), activation_matmul=False)
+            if component not in in_run:
+                in_run[component] = alignment.from_run(
+                    review.measured_matmuls, component, review.step_seconds
+                )
+            flops = linear.in_features * linear.out_features / total * linear_flops
+            cost = in_run[component] or alignment.from_table(
+                review.device_name,
+                review.compute_dtype,
+                size,
+                role,
+                linear.out_features if role == IN_FEATURES else linear.in_features,
+                flops,
+                review.run.wall_seconds,
+            )
+            if cost is not None:
+                if cost.time_share != 0.0:
+                    costed.append((linear, size, cost))
+                break
+            if size % tile:
+                unmeasured.append((linear, size))
+                break
+    layers = list(dict.fromkeys(linear for linear, *_ in costed + unmeasured))
+    share = (
+        sum(linear.in_features * linear.out_features for linear in layers)
+        / total
+        * (linear_flops / split.model_flops)
+    )
+    if not layers or share < SHAPE_FLOPS_THRESHOLD:
         return None
-    linear_share = 1.0 - review.share_of_model_flops(ATTENTION_SCORES)
-    weight = sum(linear.in_features * linear.out_features for linear, _ in misaligned)
-    share = weight / total * linear_share
-    if share < SHAPE_FLOPS_THRESHOLD:
-        return None
-    sizes = sorted({dim for _, off in misaligned for dim in off})
-    example, _ = misaligned[0]
-    fixes = ", ".join(f"{size} -> {_round_up(size, alignment)}" for size in sizes[:4])
+    sizes = sorted({size for _, size, *_ in costed + unmeasured})
+    multiple = alignment.padding_multiple(review.device_name, review.compute_dtype) if costed else tile
+    fixes = ", ".join(f"{size} -> {_round_up(size, multiple)}" for size in sizes[:4])
+    example = layers[0]
+    head = (
+        f"matmul sizes {', '.join(map(str, sizes[:6]))} in {len(layers)} layers (e.g. {example.name}, "
+        f"{example.in_features}x{example.out_features}) carrying {share:.1%} of the step's FLOPs"
+    )
+    fix = f"use multiples of {multiple} for hidden, intermediate and adapter-rank sizes ({fixes})"
+    details = {"alignment": float(multiple), "misaligned_layers": float(len(layers))}
+    # Components measured in the run count once each; table costs add per layer.
+    shares = {id(cost): cost.time_share for _, _, cost in costed if cost.in_run}
+    shares.update({id(linear): cost.time_share for linear, _, cost in costed if not cost.in_run})
+    time_share = sum(value for value in shares.values() if value is not None) if costed else None
+    mfu_cost = _recovered(review.mfu, time_share) if time_share is not None and time_share < 1.0 else None
+    if not costed:
+        text = (
+            f"{head} are not multiples of {tile} for {review.compute_dtype}; no slowdown was measured for "
+            f"{review.device_name or 'this GPU'} at {review.compute_dtype}, so no cost is claimed "
+            f"(mfu-callbacks doctor times them on this GPU)"
+        )
+    else:
+        worst = max((cost for _, _, cost in costed), key=lambda cost: cost.slowdown)
+        details.update(slowdown=worst.slowdown, measured_in_run=float(worst.in_run))
+        if time_share is not None:
+            details["time_share"] = time_share
+        time_text = f", costing about {time_share:.1%} of the step's time" if time_share is not None else ""
+        text = f"{head} run up to {_slowdown_text(worst)}{time_text}{_cost_text(review.mfu, mfu_cost)}"
     return Diagnosis(
-        "matmul_shapes",
-        f"matmul sizes {', '.join(map(str, sizes[:6]))} are not multiples of {alignment} for {review.compute_dtype}: "
-        f"{len(misaligned)} layers (e.g. {example.name}, {example.in_features}x{example.out_features}) carry "
-        f"{share:.1%} of the step's FLOPs on slower tensor-core kernels; use multiples of {alignment} for hidden, "
-        f"intermediate and adapter-rank sizes ({fixes})",
+        "matmul_alignment",
+        f"{text}; {fix}",
         value=share,
         threshold=SHAPE_FLOPS_THRESHOLD,
+        mfu_cost=mfu_cost,
         flops_share=share,
-        details={"alignment": float(alignment), "misaligned_layers": float(len(misaligned))},
+        details=details,
     )
 
 
@@ -337,6 +459,13 @@ def gpu_clocks(review: Review) -> Diagnosis | None:
 # -- helpers ---------------------------------------------------------------------------------------
 def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
+
+
+def _slowdown_text(cost: Cost) -> str:
+    """A measured slowdown and where it was measured."""
+    if cost.in_run:
+        return f"{cost.slowdown:.1f}x slower per FLOP than the step's fastest matmuls ({cost.source})"
+    return cost.source  # "5.1x slower, measured on an H100 SXM at bf16 (...)"
 
 
 def _recovered(mfu: float | None, wasted_share: float) -> float | None:

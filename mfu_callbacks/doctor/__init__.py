@@ -1,0 +1,356 @@
+"""What a training step of a model should take on this device, from timing its pieces one by one.
+
+``examine`` reads the step's work from a meta-device forward and backward (``step_trace.py``): each
+distinct GEMM shape with its count per step, each attention call, and the memory traffic of
+everything else. It then times each distinct GEMM and attention shape here (``timing.py``) and adds
+them up, the step's compute floor; model FLOPs over the floor and the peak is the highest MFU the
+step can reach. The predicted step adds what is not a matmul:
+
+- matmuls, attention: measured (each distinct shape timed, times its count);
+- optimizer: measured (one AdamW step over the trainable parameters' shapes, scaled by the
+  parameter count beyond the first 2^28);
+- other ops (norms, activations, residual adds, casts, the loss): measured, each distinct op
+  replayed on made-up data of the traced layout; an op that cannot be replayed (it needs
+  particular values) is modelled: its bytes read and written over the measured copy bandwidth,
+  and no less than a measured tiny kernel.
+
+Not modelled: gaps where the host launches kernels slower than the GPU runs them, and the
+allocator; both show as measured time above the prediction.
+
+For each GEMM shape with a size off a multiple of 64 (other than the token count), the padded
+shapes are timed too: what padding would buy per step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from .step_trace import AttentionShape, MatmulShape, StepTrace, trace_step
+from .timing import (
+    Timer,
+    copy_bandwidth,
+    time_attention,
+    time_matmul,
+    time_op,
+    time_optimizer,
+    tiny_kernel_seconds,
+)
+
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "tf32": torch.float32, "fp32": torch.float32}
+MIXED_PRECISION = (
+    "bf16",
+    "fp16",
+)  # fp32 weights under autocast (HF Trainer bf16=True, Lightning "bf16-mixed")
+PAD_MULTIPLES = (8, 64)
+MIN_GAIN = 0.03  # of a shape's time: a padded shape must save more than timing noise to be reported
+_WRAPPERS = frozenset(
+    {"default", "base_layer"}
+)  # PEFT's parts of a module path (adapter name, wrapped layer)
+
+
+@dataclass(frozen=True)
+class TimedMatmul:
+    shape: MatmulShape
+    count: int  # per step
+    seconds: float  # one call
+    layers: str  # which layers run it and how: "q_proj fwd, o_proj dgrad"
+    # Padded shape -> seconds of one call, for a shape with a size off a multiple of 64.
+    padded: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def step_seconds(self) -> float:
+        return self.seconds * self.count
+
+    @property
+    def padding_gain(self) -> tuple[str, float] | None:
+        """The padded shape that saves the most time per step, and how many seconds; None if none saves any."""
+        best = min(self.padded.items(), key=lambda item: item[1], default=None)
+        if best is None or best[1] >= self.seconds * (1.0 - MIN_GAIN):
+            return None
+        return best[0], (self.seconds - best[1]) * self.count
+
+
+@dataclass(frozen=True)
+class TimedAttention:
+    shape: AttentionShape
+    count: int
+    seconds: float
+    segments: int  # documents in a row (a packed row's block-diagonal mask)
+
+    @property
+    def step_seconds(self) -> float:
+        return self.seconds * self.count
+
+
+@dataclass(frozen=True)
+class Examination:
+    """A step's pieces timed on one device, and what they add up to."""
+
+    device: str
+    dtype: str
+    tokens: int
+    matmuls: tuple[TimedMatmul, ...]
+    attention: tuple[TimedAttention, ...]
+    other_bytes: int
+    other_ops: int
+    other_seconds: float  # replayed ops measured, the rest modelled
+    other_modelled_seconds: float  # of which modelled
+    other_modelled_ops: int
+    copy_bandwidth: float  # bytes/s, measured
+    tiny_kernel_seconds: float  # measured
+    optimizer_seconds: float  # measured (scaled beyond the parameters timed)
+    optimizer_parameters: int
+    optimizer_parameters_timed: int
+    model_flops: float | None = None
+    peak_flops: float | None = None
+
+    @property
+    def matmul_seconds(self) -> float:
+        return sum(item.step_seconds for item in self.matmuls)
+
+    @property
+    def attention_seconds(self) -> float:
+        return sum(item.step_seconds for item in self.attention)
+
+    @property
+    def floor_seconds(self) -> float:
+        """The step's compute floor: every matmul and attention call at its timed speed."""
+        return self.matmul_seconds + self.attention_seconds
+
+    @property
+    def predicted_seconds(self) -> float:
+        return self.floor_seconds + self.other_seconds + self.optimizer_seconds
+
+    def mfu_at(self, seconds: float) -> float | None:
+        if not self.model_flops or not self.peak_flops or seconds <= 0:
+            return None
+        return self.model_flops / seconds / self.peak_flops
+
+    def to_dict(self) -> dict[str, Any]:
+        parts = {
+            "matmuls": (self.matmul_seconds, "measured"),
+            "attention": (self.attention_seconds, "measured"),
+            "optimizer": (self.optimizer_seconds, "measured"),
+            "other_ops": (self.other_seconds - self.other_modelled_seconds, "measured"),
+            "other_ops_modelled": (self.other_modelled_seconds, "modelled"),
+        }
+        return {
+            "device": self.device,
+            "dtype": self.dtype,
+            "tokens_per_step": self.tokens,
+            "model_flops_per_step": self.model_flops,
+            "peak_tflops": self.peak_flops / 1e12 if self.peak_flops else None,
+            "floor_seconds": self.floor_seconds,
+            "mfu_ceiling": self.mfu_at(self.floor_seconds),
+            "predicted_seconds": self.predicted_seconds,
+            "predicted_mfu": self.mfu_at(self.predicted_seconds),
+            "parts": {name: {"seconds": value, "how": how} for name, (value, how) in parts.items()},
+            "matmuls": [
+                {
+                    **asdict(item.shape),
+                    "flops": item.shape.flops,
+                    "count": item.count,
+                    "seconds": item.seconds,
+                    "tflops": item.shape.flops / item.seconds / 1e12 if item.seconds > 0 else None,
+                    "layers": item.layers,
+                    "padded_seconds": item.padded,
+                    "padding_gain_seconds": item.padding_gain[1] if item.padding_gain else 0.0,
+                    "pad_to": item.padding_gain[0] if item.padding_gain else None,
+                }
+                for item in self.matmuls
+            ],
+            "attention": [
+                {
+                    **asdict(item.shape),
+                    "flops": item.shape.flops,
+                    "count": item.count,
+                    "seconds": item.seconds,
+                    "segments": item.segments,
+                }
+                for item in self.attention
+            ],
+            "other_ops": {
+                "ops": self.other_ops,
+                "modelled_ops": self.other_modelled_ops,
+                "bytes": self.other_bytes,
+                "copy_bandwidth_gb_per_s": self.copy_bandwidth / 1e9,
+                "tiny_kernel_seconds": self.tiny_kernel_seconds,
+            },
+            "optimizer": {
+                "parameters": self.optimizer_parameters,
+                "parameters_timed": self.optimizer_parameters_timed,
+            },
+        }
+
+
+def meta_batch(rows: int, length: int) -> dict[str, torch.Tensor]:
+    ids = torch.zeros(rows, length, dtype=torch.long, device="meta")
+    return {"input_ids": ids, "labels": ids}
+
+
+def trace(model: nn.Module, batch_size: int, seq_len: int, dtype: str) -> StepTrace:
+    """The step's work: ``batch_size`` full rows of ``seq_len`` tokens on a meta-device model."""
+    autocast = TORCH_DTYPES[dtype] if dtype in MIXED_PRECISION else None
+    return trace_step(model, meta_batch(batch_size, seq_len), autocast=autocast)
+
+
+def examine(
+    model: nn.Module,
+    *,
+    batch_size: int,
+    seq_len: int,
+    dtype: str,
+    device: torch.device,
+    packed: bool = False,
+    repeats: int = 10,
+    model_flops: float | None = None,
+    peak_flops: float | None = None,
+) -> Examination:
+    """Time the step of a meta-device ``model`` on ``device``, piece by piece.
+
+    ``packed``: the rows are one row of ``batch_size`` documents (restarting position_ids), whose
+    attention SDPA computes over the whole row with a block-diagonal mask.
+    """
+    step = trace(model, batch_size, seq_len, dtype)
+    torch_dtype = TORCH_DTYPES[dtype]
+    timer = Timer(device, repeats)
+    tokens = batch_size * seq_len
+    with _matmul_precision(dtype):
+        matmuls = tuple(
+            _time_matmul(shape, count, tokens, torch_dtype, timer, _layer_names(model))
+            for shape, count in sorted(step.matmuls.items())
+        )
+        attention = tuple(_time_attention(step.attention, packed, batch_size, torch_dtype, timer))
+    bandwidth, tiny = copy_bandwidth(timer), tiny_kernel_seconds(timer)
+    other = modelled = 0.0
+    modelled_ops = 0
+    for call, count in step.other.items():
+        seconds = time_op(call, timer)
+        if seconds is None:
+            seconds = max(call.moved / bandwidth, tiny)
+            modelled += seconds * count
+            modelled_ops += count
+        other += seconds * count
+    shapes = [param.shape for param in model.parameters() if param.requires_grad]
+    total = sum(size.numel() for size in shapes)
+    optimizer, timed = time_optimizer(shapes, timer)
+    return Examination(
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
+        dtype=dtype,
+        tokens=tokens,
+        matmuls=matmuls,
+        attention=attention,
+        other_bytes=step.other_bytes,
+        other_ops=step.other_ops,
+        other_seconds=other,
+        other_modelled_seconds=modelled,
+        other_modelled_ops=modelled_ops,
+        copy_bandwidth=bandwidth,
+        tiny_kernel_seconds=tiny,
+        optimizer_seconds=optimizer * total / timed if timed else 0.0,
+        optimizer_parameters=total,
+        optimizer_parameters_timed=timed,
+        model_flops=model_flops,
+        peak_flops=peak_flops,
+    )
+
+
+class _matmul_precision:
+    """TF32 on for "tf32", off for "fp32", as the dtype says; restored after."""
+
+    def __init__(self, dtype: str) -> None:
+        self.dtype = dtype
+
+    def __enter__(self) -> None:
+        self.saved = torch.backends.cuda.matmul.allow_tf32
+        if self.dtype in ("tf32", "fp32"):
+            torch.backends.cuda.matmul.allow_tf32 = self.dtype == "tf32"
+
+    def __exit__(self, *exc: object) -> None:
+        torch.backends.cuda.matmul.allow_tf32 = self.saved
+
+
+def _time_matmul(
+    shape: MatmulShape,
+    count: int,
+    tokens: int,
+    dtype: torch.dtype,
+    timer: Timer,
+    layers: dict[tuple[int, int], list[str]],
+) -> TimedMatmul:
+    padded: dict[str, float] = {}
+    for multiple in PAD_MULTIPLES:
+        wider = _padded(shape, multiple, tokens)
+        if wider is not None and _describe(wider) not in padded:
+            padded[_describe(wider)] = time_matmul(wider, dtype, timer)
+    return TimedMatmul(shape, count, time_matmul(shape, dtype, timer), _label(shape, tokens, layers), padded)
+
+
+def _time_attention(
+    calls: dict[AttentionShape, int], packed: bool, rows: int, dtype: torch.dtype, timer: Timer
+) -> list[TimedAttention]:
+    timed = []
+    for shape, count in sorted(calls.items()):
+        segments = 1
+        if packed and shape.batch == rows and shape.q_len == shape.k_len:
+            # One row of all the documents; SDPA computes the whole row under a block-diagonal mask.
+            length = shape.q_len * rows
+            shape = replace(shape, batch=1, q_len=length, k_len=length, causal=False, masked=True)
+            segments = rows
+        timed.append(TimedAttention(shape, count, time_attention(shape, dtype, timer, segments), segments))
+    return timed
+
+
+def _padded(shape: MatmulShape, multiple: int, tokens: int) -> MatmulShape | None:
+    """The shape with its sizes other than the token count rounded up to ``multiple``; None if none changes."""
+    sizes = {name: getattr(shape, name) for name in ("m", "k", "n")}
+    wider = {
+        name: -(-size // multiple) * multiple if size != tokens and size % 64 else size
+        for name, size in sizes.items()
+    }
+    return replace(shape, **wider) if wider != sizes else None
+
+
+def _describe(shape: MatmulShape) -> str:
+    batch = f"{shape.batch}x" if shape.batch > 1 else ""
+    return f"{batch}{shape.m}x{shape.k}x{shape.n}"
+
+
+def _layer_names(model: nn.Module) -> dict[tuple[int, int], list[str]]:
+    """Leaf names of the linear layers, by (in_features, out_features)."""
+    names: dict[tuple[int, int], list[str]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            parts = [part for part in name.split(".") if part not in _WRAPPERS]
+            leaf = (
+                ".".join(parts[-2:])
+                if parts and parts[-1].startswith("lora_")
+                else parts[-1]
+                if parts
+                else name
+            )
+            known = names.setdefault((module.in_features, module.out_features), [])
+            if leaf not in known:
+                known.append(leaf)
+    return names
+
+
+def _label(shape: MatmulShape, tokens: int, layers: dict[tuple[int, int], list[str]]) -> str:
+    """Which linear layers run this GEMM: forward (fwd), input gradient (dgrad) or weight gradient (wgrad)."""
+    if shape.batch > 1:
+        return "batched matmul"
+    found: list[str] = []
+    roles: Sequence[tuple[str, bool, tuple[int, int]]] = (
+        ("fwd", shape.m == tokens, (shape.k, shape.n)),
+        ("dgrad", shape.m == tokens, (shape.n, shape.k)),
+        ("wgrad", shape.k == tokens, (shape.n, shape.m)),
+    )
+    for role, fits, key in roles:
+        if fits:
+            found.extend(f"{name} {role}" for name in layers.get(key, []))
+    return ", ".join(found) or "other"

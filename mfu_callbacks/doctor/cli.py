@@ -1,0 +1,178 @@
+"""``mfu-callbacks doctor``: time a model's step piece by piece on this device, before training it.
+
+mfu-callbacks doctor --config config.json --batch-size 4 --seq-len 2048
+mfu-callbacks doctor --config config.json --batch-size 4 --seq-len 2048 --lora-rank 16 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from . import MIXED_PRECISION, TORCH_DTYPES, Examination, examine
+
+CPU_REPEATS, GPU_REPEATS = 3, 10
+
+
+def add_parser(commands: Any) -> None:
+    doctor = commands.add_parser(
+        "doctor",
+        help="time each matmul shape, attention and the optimizer of a config's step on this device",
+        description="Builds the model on the meta device from a local config.json (nothing is downloaded), "
+        "reads the distinct matmul shapes of one training step and times each here: the step's compute "
+        "floor, the MFU ceiling it implies, a predicted step time, and what padding misaligned sizes buys.",
+        epilog="example: mfu-callbacks doctor --config config.json --batch-size 4 --seq-len 2048",
+    )
+    doctor.add_argument("--config", required=True, help="a Hugging Face config.json")
+    doctor.add_argument("--seq-len", type=int, required=True)
+    doctor.add_argument("--batch-size", type=int, required=True)
+    doctor.add_argument(
+        "--dtype",
+        default="bf16",
+        choices=tuple(TORCH_DTYPES),
+        help="bf16/fp16: mixed precision (fp32 weights, autocast); tf32/fp32: fp32 matmuls (default: bf16)",
+    )
+    doctor.add_argument(
+        "--lora-rank", "--lora-r", dest="lora_r", type=int, default=0, help="LoRA rank (0: full)"
+    )
+    doctor.add_argument(
+        "--lora-targets", default="", help="comma-separated module names (default: all linear)"
+    )
+    doctor.add_argument(
+        "--packed", action="store_true", help="the rows are packed into one (restarting position_ids, SDPA)"
+    )
+    doctor.add_argument("--device", help="where to time (default: cuda if available, else cpu)")
+    doctor.add_argument(
+        "--repeats",
+        type=int,
+        help=f"timed calls per shape (default: {GPU_REPEATS} on a GPU, {CPU_REPEATS} on a CPU)",
+    )
+    doctor.add_argument(
+        "--peak-tflops", type=float, help="dense peak TFLOP/s of one GPU, for a GPU the table lacks"
+    )
+    doctor.add_argument("--json", action="store_true", help="print JSON")
+    doctor.set_defaults(handler=run, gradient_checkpointing=False)
+
+
+def run(args: argparse.Namespace) -> None:
+    result = diagnose(args)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print_examination(result, packed=args.packed, lora=bool(args.lora_r))
+
+
+def diagnose(args: argparse.Namespace) -> Examination:
+    """The examination the command line asks for (errors as ``CliError``)."""
+    import torch
+
+    from .. import _validate
+    from ..cli import CliError, _check_arguments, _count
+    from ..hardware import resolve_peak
+
+    _check_arguments(args)
+    if args.repeats is not None and args.repeats < 1:
+        raise CliError(f"--repeats must be positive (got {args.repeats}): timed calls per shape, e.g. 10")
+    try:
+        peak_override = _validate.peak_tflops(args.peak_tflops, name="--peak-tflops")
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (ValueError, RuntimeError) as error:
+        raise CliError(str(error)) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CliError(
+            f"--device {args.device}: torch sees no CUDA device here; leave --device out to time on the CPU"
+        )
+    config, model, step = _count(args)
+    if getattr(config, "is_encoder_decoder", False):
+        raise CliError(
+            f"{args.config} is an encoder-decoder ({config.model_type!r}): doctor times decoder-only language "
+            "models; use estimate for its FLOPs"
+        )
+    peak = resolve_peak(device, args.dtype, override_tflops=peak_override)
+    try:
+        return examine(
+            model,
+            batch_size=args.batch_size,
+            seq_len=args.seq_len,
+            dtype=args.dtype,
+            device=device,
+            packed=args.packed,
+            repeats=args.repeats or (GPU_REPEATS if device.type == "cuda" else CPU_REPEATS),
+            model_flops=step.model_flops,
+            peak_flops=peak.flops if peak is not None else None,
+        )
+    except torch.cuda.OutOfMemoryError as error:
+        raise CliError(
+            f"out of GPU memory while timing a shape ({' '.join(str(error).split())[:200]}): free the GPU, "
+            "or time a smaller --batch-size and scale"
+        ) from None
+
+
+def print_examination(result: Examination, *, packed: bool = False, lora: bool = False) -> None:
+    mode = "mixed precision, fp32 weights" if result.dtype in MIXED_PRECISION else "fp32 weights"
+    what = ", ".join(filter(None, ["LoRA" if lora else "full", "packed" if packed else ""]))
+    print(f"{result.device}, {result.dtype} ({mode}), {what}: {result.tokens:,} tokens per step")
+    print("  matmuls, per step (M x K x N; T: a transposed operand):")
+    print(f"    {'count':>5}  {'shape':<26} {'TFLOP/s':>8} {'ms/step':>8}  layers")
+    for item in sorted(result.matmuls, key=lambda item: -item.step_seconds):
+        shape = item.shape
+        name = f"{shape.batch}x" if shape.batch > 1 else ""
+        name += f"{shape.m}{'T' if shape.a_t else ''}x{shape.k}x{shape.n}{'T' if shape.b_t else ''}"
+        rate = shape.flops / item.seconds / 1e12 if item.seconds > 0 else float("nan")
+        print(f"    {item.count:>5}  {name:<26} {rate:>8.1f} {item.step_seconds * 1e3:>8.2f}  {item.layers}")
+    for call in result.attention:
+        attention = call.shape
+        kind = "causal" if attention.causal else "full"
+        if attention.masked:
+            kind = f"block-diagonal mask of {call.segments} documents"
+        rate = attention.flops / call.seconds / 1e12 if call.seconds > 0 else float("nan")
+        print(
+            f"    {call.count:>5}  attention {attention.batch}x{attention.heads}x{attention.q_len}x"
+            f"{attention.head_dim} ({attention.kv_heads} kv heads, {kind}"
+            f"{', fwd+bwd' if attention.backward else ''}): {rate:.1f} TFLOP/s, "
+            f"{call.step_seconds * 1e3:.2f} ms/step"
+        )
+    ceiling = result.mfu_at(result.floor_seconds)
+    predicted = result.mfu_at(result.predicted_seconds)
+    print(
+        f"  compute floor    {result.floor_seconds * 1e3:9.2f} ms  measured: matmuls "
+        f"{result.matmul_seconds * 1e3:.2f}, attention {result.attention_seconds * 1e3:.2f}"
+    )
+    if ceiling is not None and result.peak_flops:
+        print(
+            f"  MFU ceiling      {ceiling:9.1%}     model FLOPs / floor / {result.peak_flops / 1e12:.1f} TFLOP/s peak"
+        )
+    else:
+        print(
+            "  MFU ceiling          n/a     no peak for this device: pass --peak-tflops (dense TFLOP/s of one "
+            "GPU) or set MFU_PEAK_TFLOPS"
+        )
+    print(
+        f"  optimizer        {result.optimizer_seconds * 1e3:9.2f} ms  measured: AdamW over "
+        f"{result.optimizer_parameters:,} parameters"
+        + (
+            f" (timed on {result.optimizer_parameters_timed:,}, scaled)"
+            if result.optimizer_parameters_timed < result.optimizer_parameters
+            else ""
+        )
+    )
+    print(
+        f"  other ops        {result.other_seconds * 1e3:9.2f} ms  measured: {result.other_ops:,} ops "
+        f"(norms, activations, casts, loss) replayed, moving {result.other_bytes / 1e9:.2f} GB"
+    )
+    if result.other_modelled_ops:
+        print(
+            f"    of which modelled {result.other_modelled_seconds * 1e3:.2f} ms: {result.other_modelled_ops} ops "
+            f"that cannot run on made-up data, their bytes at {result.copy_bandwidth / 1e9:.0f} GB/s (copy), "
+            f"at least {result.tiny_kernel_seconds * 1e6:.1f} us each"
+        )
+    predicted_text = f" -> MFU {predicted:.1%}" if predicted is not None else ""
+    print(f"  predicted step   {result.predicted_seconds * 1e3:9.2f} ms{predicted_text}")
+    gains = [(item, item.padding_gain) for item in result.matmuls if item.padding_gain]
+    for item, (padded, seconds) in sorted(gains, key=lambda pair: -pair[1][1]):
+        shape = item.shape
+        print(
+            f"  padding {shape.m}x{shape.k}x{shape.n} ({item.layers}) to {padded} saves "
+            f"{seconds * 1e3:.2f} ms per step"
+        )

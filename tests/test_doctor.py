@@ -1,0 +1,220 @@
+"""``mfu-callbacks doctor`` on a tiny config, on the CPU.
+
+The timings of a CPU say nothing about a GPU; what is checked is what could be wrong anywhere: the
+shape list is complete (its FLOPs are those torch's FlopCounterMode counts on the real model, and
+those of the FLOP engine), the counts per step, the arithmetic of the floor, the ceiling and the
+prediction, the packed layout, the padded shapes, and the error paths.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+import torch
+from conftest import make_eager
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM, T5Config
+
+import mfu_callbacks.doctor as doctor_module
+from mfu_callbacks.cli import main
+from mfu_callbacks.flops import FlopEngine
+from mfu_callbacks.testing import reference_step_flops
+
+ROWS, LENGTH = 2, 24  # 48 tokens: no size of the model equals the token count
+CONFIG = {
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 1001,  # off 8: its shapes get padded variants
+    "max_position_embeddings": 64,
+    "pad_token_id": 0,
+}
+
+
+@pytest.fixture(scope="module")
+def config_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("doctor") / "config.json"
+    path.write_text(LlamaConfig(**CONFIG).to_json_string())
+    return path
+
+
+def doctor(path, *extra: str) -> dict:
+    """The JSON of one doctor run (the capture is done by hand: a module-scoped fixture has no capsys)."""
+    argv = ["doctor", "--config", str(path), "--batch-size", str(ROWS), "--seq-len", str(LENGTH)]
+    argv += ["--repeats", "1", "--peak-tflops", "0.5", "--json", *extra]
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(argv) == 0
+    return json.loads(out.getvalue())
+
+
+@pytest.fixture(scope="module")
+def full(config_path):
+    return doctor(config_path)
+
+
+@pytest.fixture(scope="module")
+def lora(config_path):
+    return doctor(config_path, "--lora-rank", "4")
+
+
+def real_model(lora_rank: int = 0) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = make_eager(LlamaForCausalLM(LlamaConfig(**CONFIG)))
+    if lora_rank:
+        model = get_peft_model(
+            model, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, target_modules="all-linear")
+        )
+    return model.train()
+
+
+def batch() -> dict[str, torch.Tensor]:
+    ids = torch.randint(3, CONFIG["vocab_size"], (ROWS, LENGTH), generator=torch.Generator().manual_seed(0))
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
+def flops_of(rows: list[dict]) -> float:
+    return sum(row["flops"] * row["count"] for row in rows)
+
+
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_the_shapes_hold_every_flop_torch_counts(full, lora, lora_rank):
+    result = lora if lora_rank else full
+    model = real_model(lora_rank)
+    truth = reference_step_flops(model, batch())
+    assert flops_of(result["matmuls"]) + flops_of(result["attention"]) == truth
+    step = FlopEngine.from_model(model, batch()).estimate(batch())
+    assert result["model_flops_per_step"] == step.model_flops == truth
+    assert flops_of(result["attention"]) == step.breakdown["attention_scores"]
+
+
+def test_the_counts_are_those_of_the_layers(full, lora):
+    hidden, inner, vocab, layers, tokens = 64, 96, 1001, 2, ROWS * LENGTH
+    head = [row for row in full["matmuls"] if "lm_head" in row["layers"]]
+    # The head runs once each: forward (tokens x hidden x vocab), input and weight gradient.
+    assert sorted((row["m"], row["k"], row["n"], row["count"]) for row in head) == [
+        (tokens, hidden, vocab, 1),
+        (tokens, vocab, hidden, 1),
+        (vocab, tokens, hidden, 1),
+    ]
+    # The MLP's weight gradients: gate and up (inner x hidden) in each layer, down (hidden x inner).
+    wgrad = Counter(
+        (row["m"], row["n"]) for row in full["matmuls"] if row["k"] == tokens for _ in range(row["count"])
+    )
+    assert wgrad[(inner, hidden)] == 2 * layers and wgrad[(hidden, inner)] == layers
+    (attention,) = full["attention"]
+    assert attention["count"] == layers and attention["backward"] and attention["causal"]
+    assert (attention["batch"], attention["heads"], attention["kv_heads"], attention["q_len"]) == (
+        ROWS,
+        4,
+        2,
+        LENGTH,
+    )
+    # Under LoRA the frozen base has no weight gradients: only the adapters' (rank 4) are computed.
+    assert all(4 in (row["m"], row["n"]) for row in lora["matmuls"] if row["k"] == tokens)
+
+
+def test_the_floor_ceiling_and_prediction_add_up(full):
+    floor = sum(row["seconds"] * row["count"] for row in full["matmuls"] + full["attention"])
+    assert full["floor_seconds"] == pytest.approx(floor, rel=1e-12)
+    parts = full["parts"]
+    assert {name: part["how"] for name, part in parts.items()} == {
+        "matmuls": "measured",
+        "attention": "measured",
+        "optimizer": "measured",
+        "other_ops": "measured",
+        "other_ops_modelled": "modelled",
+    }
+    assert full["predicted_seconds"] == pytest.approx(
+        sum(part["seconds"] for part in parts.values()), rel=1e-12
+    )
+    assert full["mfu_ceiling"] == pytest.approx(full["model_flops_per_step"] / floor / 0.5e12, rel=1e-12)
+    assert full["predicted_mfu"] < full["mfu_ceiling"]
+    other = full["other_ops"]
+    assert other["ops"] > 0 and other["bytes"] > 0 and other["copy_bandwidth_gb_per_s"] > 0
+    assert other["modelled_ops"] == 0, "every op of a Llama step replays on made-up data"
+    parameters = sum(p.numel() for p in real_model().parameters())
+    assert full["optimizer"]["parameters"] == parameters
+
+
+def test_ops_that_cannot_be_replayed_are_modelled_from_their_bytes(config_path, monkeypatch):
+    monkeypatch.setattr(doctor_module, "time_op", lambda call, timer: None)
+    result = doctor(config_path)
+    other, parts = result["other_ops"], result["parts"]
+    assert other["modelled_ops"] == other["ops"] and parts["other_ops"]["seconds"] == 0
+    # Each op takes its bytes over the copy bandwidth, and never less than a tiny kernel.
+    modelled = parts["other_ops_modelled"]["seconds"]
+    by_bytes = other["bytes"] / (other["copy_bandwidth_gb_per_s"] * 1e9)
+    by_launches = other["ops"] * other["tiny_kernel_seconds"]
+    assert max(by_bytes, by_launches) <= modelled * (1 + 1e-12) and modelled <= by_bytes + by_launches
+
+
+def test_shapes_off_the_alignment_are_timed_padded(full):
+    forward = next(row for row in full["matmuls"] if row["layers"] == "lm_head fwd")
+    assert set(forward["padded_seconds"]) == {f"{ROWS * LENGTH}x64x1008", f"{ROWS * LENGTH}x64x1024"}
+    aligned = [
+        row
+        for row in full["matmuls"]
+        if all(size % 64 == 0 or size == 48 for size in (row["m"], row["k"], row["n"]))
+    ]
+    assert aligned and all(not row["padded_seconds"] for row in aligned)
+
+
+def test_packed_rows_are_timed_as_one_masked_row(config_path, full):
+    packed = doctor(config_path, "--packed")
+    (attention,) = packed["attention"]
+    assert (attention["batch"], attention["q_len"], attention["segments"]) == (1, ROWS * LENGTH, ROWS)
+    assert attention["masked"] and not attention["causal"]
+    # The same linear layers, and the same model FLOPs (attention counts per document).
+    assert Counter(json.dumps(row) for row in _shapes(packed)) == Counter(
+        json.dumps(row) for row in _shapes(full)
+    )
+    assert packed["model_flops_per_step"] == full["model_flops_per_step"]
+
+
+def _shapes(result: dict) -> list[dict]:
+    return [{key: row[key] for key in ("m", "k", "n", "count", "a_t", "b_t")} for row in result["matmuls"]]
+
+
+def test_the_table_names_what_is_measured_and_modelled(capsys, config_path):
+    assert (
+        main(
+            ["doctor", "--config", str(config_path), "--batch-size", "1", "--seq-len", "8", "--repeats", "1"]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    for text in ("compute floor", "measured: matmuls", "replayed", "AdamW", "lm_head fwd", "predicted step"):
+        assert text in out
+    assert "no peak for this device: pass --peak-tflops" in out
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--repeats", "0"], "--repeats must be positive"),
+        (["--peak-tflops", "-3"], "--peak-tflops must be a positive number"),
+        (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "nope"], "--device"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(capsys, config_path, extra, message):
+    argv = ["doctor", "--config", str(config_path), "--batch-size", "1", "--seq-len", "8", *extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_an_encoder_decoder_is_refused(capsys, tmp_path):
+    path = tmp_path / "t5.json"
+    path.write_text(
+        T5Config(d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=1, vocab_size=128).to_json_string()
+    )
+    assert main(["doctor", "--config", str(path), "--batch-size", "1", "--seq-len", "8"]) == 2
+    assert "doctor times decoder-only language models" in capsys.readouterr().err
