@@ -32,6 +32,7 @@ from ._recorder import StepRecorder
 from ._window import RunTotals, Window, combine_ranks, rank_window
 from .attribution import Breakdown, calibrated
 from .diagnostics import Diagnosis, Diagnostics
+from .diagnostics.measured import MatmulTime
 from .flops import FlopEngine, Forward, StepFlops, TokenCounter
 from .flops.features import NUM_FEATURES
 from .precision import AutocastWatch, detect_compute_dtype
@@ -187,6 +188,19 @@ class MFUMeter:
             return window.result
         return calibrated(window.result, self._run.wall_seconds / steps)  # the slowest rank's mean iteration
 
+    def _measured_matmuls(self) -> dict[str, MatmulTime] | None:
+        """Matmul time and FLOPs per step by component, from the profile window (once it closed)."""
+        window = self._profile
+        if window is None or window.result is None:
+            return None
+        result = self.step_breakdown()
+        assert result is not None
+        return {
+            name: MatmulTime(seconds=bucket.seconds, flops=bucket.flops)
+            for name, bucket in result.matmul_buckets().items()
+            if bucket.flops
+        }
+
     @property
     def profile_note(self) -> str | None:
         """Why no breakdown was taken (profiler unavailable or busy, analysis failed), or None."""
@@ -270,6 +284,8 @@ class MFUMeter:
                 compute_dtype=dtype,
                 autocast_in_training=self._autocast.enabled_at_first_forward,
                 device_name=self.peak.device_name if self.peak is not None else None,
+                measured_matmuls=self._measured_matmuls(),
+                profile_pending=self._profile is not None and not self._profile.finished,
             )
         except Exception:  # noqa: BLE001 - diagnoses are advice: they never cost the run its metrics
             logger.debug("mfu_callbacks: diagnoses failed", exc_info=True)

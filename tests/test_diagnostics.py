@@ -255,7 +255,9 @@ def test_the_shipped_table_predicts_the_measured_cost_of_a_32001_vocabulary():
     assert diagnosis.details["padded_vocab_size"] == 32008
 
 
-def measured_review(meter: MFUMeter, measured: dict[str, MatmulTime]) -> list[Diagnosis]:
+def measured_review(
+    meter: MFUMeter, measured: dict[str, MatmulTime], compute_dtype: str = "bf16"
+) -> list[Diagnosis]:
     """The meter's run reviewed again as a profile window would have it: with measured matmul times."""
     return Diagnostics().review(
         meter._run,
@@ -263,7 +265,7 @@ def measured_review(meter: MFUMeter, measured: dict[str, MatmulTime]) -> list[Di
         engine=meter.engine,
         run_features=meter._run_features,
         peak_flops=PEAK_FLOPS,
-        compute_dtype="bf16",
+        compute_dtype=compute_dtype,
         device_name=H100,
         measured_matmuls=measured,
     )
@@ -284,6 +286,21 @@ def test_a_measurement_in_the_run_takes_precedence_over_the_table():
     # The head at the pace of the step's other matmuls: measured, no cost, though the table says 5.1x.
     measured["head"] = MatmulTime(seconds=0.2, flops=0.2e9)
     assert "vocab_alignment" not in [d.id for d in measured_review(meter, measured)]
+
+
+def test_a_slow_head_with_a_multiple_of_8_is_not_blamed_on_alignment():
+    # A head of 1000 (a multiple of 8, off 64) measured 3x slower than the MLP: small matmuls are
+    # slow for other reasons, and nothing measured says 1000 costs anything on this GPU.
+    meter, _ = vocab_run(1000, device_name="Fake GPU", seconds=2.0)
+    measured = {"mlp": MatmulTime(seconds=0.5, flops=0.5e9), "head": MatmulTime(seconds=0.6, flops=0.2e9)}
+    assert "vocab_alignment" not in [d.id for d in measured_review(meter, measured)]
+
+
+def test_no_tensor_cores_no_alignment_checks_even_with_a_measurement():
+    meter, _ = vocab_run(1001, device_name="Fake GPU", seconds=2.0)
+    measured = {"mlp": MatmulTime(seconds=0.5, flops=0.5e9), "head": MatmulTime(seconds=0.6, flops=0.2e9)}
+    found = measured_review(meter, measured, compute_dtype="fp32")
+    assert not {"vocab_alignment", "matmul_alignment"} & {d.id for d in found}
 
 
 def test_the_heads_measured_slowdown_is_against_the_fastest_component():

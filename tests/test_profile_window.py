@@ -101,3 +101,31 @@ def test_bad_profile_options_are_refused(value):
         MFUMeter(causal_lm(), peak_tflops=1.0, profile_steps=value)
     with pytest.raises(ValueError, match="profile_start"):
         MFUMeter(causal_lm(), peak_tflops=1.0, profile_steps=1, profile_start=value)
+
+
+def test_the_alignment_checks_wait_for_the_window_and_read_its_matmul_times(monkeypatch):
+    from mfu_callbacks.diagnostics import Diagnostics
+
+    seen: list[dict] = []
+    review = Diagnostics.review
+
+    def spy(self, run, **kwargs):
+        seen.append(kwargs)
+        return review(self, run, **kwargs)
+
+    monkeypatch.setattr(Diagnostics, "review", spy)
+    model = causal_lm(hidden=32, vocab=1001)  # a vocabulary off every alignment
+    meter = MFUMeter(model, peak_tflops=1.0, dtype="bf16", warmup_steps=1, profile_steps=2, profile_start=4)
+    train(model, meter, 16, steps=3)
+    meter.metrics()  # before the window: the vocabulary is not judged yet
+    assert seen[-1]["profile_pending"] and seen[-1]["measured_matmuls"] is None
+    assert "vocab_alignment" not in {d.id for d in meter.diagnostics()}
+    train(model, meter, 16, steps=5)
+    meter.metrics()
+    measured = seen[-1]["measured_matmuls"]
+    assert not seen[-1]["profile_pending"]
+    breakdown = meter.step_breakdown()
+    assert breakdown is not None
+    assert {name: (t.seconds, t.flops) for name, t in measured.items()} == {
+        name: (b.seconds, b.flops) for name, b in breakdown.matmul_buckets().items()
+    }

@@ -84,13 +84,15 @@ class Diagnostics:
         autocast_in_training: bool | None = None,
         device_name: str | None = None,
         measured_matmuls: Mapping[str, MatmulTime] | None = None,
+        profile_pending: bool = False,
     ) -> list[Diagnosis]:
         """Run every check not fired or silenced on the run read so far; returns the new diagnoses.
 
         ``run_features``: this rank's summed features of every step read so far (the engine turns
         them into FLOPs); ``autocast_in_training``: whether autocast was on at the first forward
         (None when no forward was seen); ``device_name``: the GPU as torch names it (picks the
-        measured slowdowns); ``measured_matmuls``: matmul times per component from a profile window.
+        measured slowdowns); ``measured_matmuls``: matmul times per component from a profile window;
+        ``profile_pending``: a profile window is still to come (the checks it measures for wait).
         """
         self._model = model
         review = Review(
@@ -104,6 +106,7 @@ class Diagnostics:
             self._model_shapes,
             device_name,
             measured_matmuls,
+            profile_pending,
         )
         done = {diagnosis.id for diagnosis in self.fired} | self.silenced
         new: list[Diagnosis] = []

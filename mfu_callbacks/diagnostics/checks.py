@@ -99,6 +99,8 @@ class Review:
     device_name: str | None = None  # as torch names the GPU: picks the rows of the slowdown table
     # Matmul times per component measured in the run (a profile window); None where none ran.
     measured_matmuls: Mapping[str, MatmulTime] | None = None
+    # A profile window is still to run: the alignment checks wait for its measurement.
+    profile_pending: bool = False
 
     @cached_property
     def mfu(self) -> float | None:
@@ -147,16 +149,22 @@ def vocab_alignment(review: Review) -> Diagnosis | None:
     table of measured slowdowns for this GPU family and dtype. Without either, a size off the
     dtype's alignment is reported with no cost, and one that meets it is not reported.
     """
+    if review.profile_pending:
+        return None  # judged once the profile window has measured the head
     split, shapes = review.split, review.shapes
     head_share = review.share_of_model_flops(HEAD)
     head = next((linear for linear in shapes.linears if linear.is_head), None)
     if split is None or head_share <= 0:
         return None  # no head matmul over the vocabulary: an embedding lookup costs no FLOPs
     vocab = head.out_features if head is not None else shapes.vocab_sizes[-1]
-    if not vocab % 64:
-        return None
+    tile = MATMUL_ALIGNMENT.get(review.compute_dtype or "")
+    if not vocab % 64 or tile is None:
+        return None  # aligned, or no tensor cores at this dtype (fp32 without TF32)
     hidden = head.in_features if head is not None else 0
-    cost = alignment.from_run(review.measured_matmuls, HEAD, review.step_seconds) or alignment.from_table(
+    # The run's own head time says how slow the head is, not why: it is read as the cost of
+    # alignment only for a size off the dtype's tile (a small matmul is slow for other reasons).
+    in_run = alignment.from_run(review.measured_matmuls, HEAD, review.step_seconds) if vocab % tile else None
+    cost = in_run or alignment.from_table(
         review.device_name,
         review.compute_dtype,
         vocab,
@@ -165,8 +173,7 @@ def vocab_alignment(review: Review) -> Diagnosis | None:
         head_share * split.model_flops,
         review.run.wall_seconds,
     )
-    tile = MATMUL_ALIGNMENT.get(review.compute_dtype or "")
-    if cost is None and (tile is None or not vocab % tile):
+    if cost is None and not vocab % tile:
         return None  # nothing measured, and the size meets the dtype's alignment (or no tensor cores)
     if cost is not None and cost.time_share == 0.0:
         return None  # measured: no cost at this size
@@ -317,7 +324,7 @@ def matmul_alignment(review: Review) -> Diagnosis | None:
     """
     tile = MATMUL_ALIGNMENT.get(review.compute_dtype or "")
     split = review.split
-    if tile is None or split is None or not split.model_flops:
+    if review.profile_pending or tile is None or split is None or not split.model_flops:
         return None
     linears = review.shapes.linears
     total = sum(linear.in_features * linear.out_features for linear in linears)
@@ -341,7 +348,8 @@ def matmul_alignment(review: Review) -> Diagnosis | None:
                     review.measured_matmuls, component, review.step_seconds
                 )
             flops = linear.in_features * linear.out_features / total * linear_flops
-            cost = in_run[component] or alignment.from_table(
+            # In-run times cost only sizes off the tile (see vocab_alignment); others need the table.
+            cost = (in_run[component] if size % tile else None) or alignment.from_table(
                 review.device_name,
                 review.compute_dtype,
                 size,
