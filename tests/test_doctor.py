@@ -167,12 +167,32 @@ def test_shapes_off_the_alignment_are_timed_padded(full):
     assert aligned and all(not row["padded_seconds"] for row in aligned)
 
 
-def test_packed_rows_are_timed_as_one_masked_row(config_path, full):
+def test_packed_rows_are_timed_as_the_model_calls_attention_on_them(config_path, full, monkeypatch):
+    # What the model really does with a packed row (restarting position_ids, no mask), on the CPU.
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, **options):
+        calls.append((query.shape[0], query.shape[-2], attn_mask is not None, is_causal))
+        return sdpa(
+            query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, **options
+        )
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    model = LlamaForCausalLM(LlamaConfig(**CONFIG, attn_implementation="sdpa"))
+    positions = torch.arange(LENGTH).repeat(ROWS)[None]
+    model(input_ids=torch.ones(1, ROWS * LENGTH, dtype=torch.long), position_ids=positions)
+    monkeypatch.undo()
+    (attention,) = doctor(config_path, "--packed")["attention"]
+    batch, length, masked, causal = calls[0]
+    assert (attention["batch"], attention["q_len"]) == (batch, length) == (1, ROWS * LENGTH)
+    assert (attention["masked"], attention["causal"]) == (masked, causal)
+    assert attention["segments"] == (ROWS if masked else 1)
+    assert attention["count"] == CONFIG["num_hidden_layers"]
+
+
+def test_packed_rows_keep_the_matmuls_and_model_flops_of_the_full_rows(config_path, full):
     packed = doctor(config_path, "--packed")
-    (attention,) = packed["attention"]
-    assert (attention["batch"], attention["q_len"], attention["segments"]) == (1, ROWS * LENGTH, ROWS)
-    assert attention["masked"] and not attention["causal"]
-    # The same linear layers, and the same model FLOPs (attention counts per document).
     assert Counter(json.dumps(row) for row in _shapes(packed)) == Counter(
         json.dumps(row) for row in _shapes(full)
     )

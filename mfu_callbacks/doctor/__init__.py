@@ -188,15 +188,20 @@ class Examination:
         }
 
 
-def meta_batch(rows: int, length: int) -> dict[str, torch.Tensor]:
-    ids = torch.zeros(rows, length, dtype=torch.long, device="meta")
-    return {"input_ids": ids, "labels": ids}
+def meta_batch(rows: int, length: int, packed: bool = False) -> dict[str, torch.Tensor]:
+    """Full rows, or (``packed``) one row of ``rows`` documents marked by restarting ``position_ids``."""
+    if not packed:
+        ids = torch.zeros(rows, length, dtype=torch.long, device="meta")
+        return {"input_ids": ids, "labels": ids}
+    ids = torch.zeros(1, rows * length, dtype=torch.long, device="meta")
+    return {"input_ids": ids, "position_ids": torch.zeros_like(ids), "labels": ids}
 
 
-def trace(model: nn.Module, batch_size: int, seq_len: int, dtype: str) -> StepTrace:
-    """The step's work: ``batch_size`` full rows of ``seq_len`` tokens on a meta-device model."""
+def trace(model: nn.Module, batch_size: int, seq_len: int, dtype: str, packed: bool = False) -> StepTrace:
+    """The step's work: ``batch_size`` full rows of ``seq_len`` tokens on a meta-device model, or
+    those rows packed into one (the attention calls are then whatever the model makes of a packed row)."""
     autocast = TORCH_DTYPES[dtype] if dtype in MIXED_PRECISION else None
-    return trace_step(model, meta_batch(batch_size, seq_len), autocast=autocast)
+    return trace_step(model, meta_batch(batch_size, seq_len, packed), autocast=autocast)
 
 
 def examine(
@@ -213,10 +218,11 @@ def examine(
 ) -> Examination:
     """Time the step of a meta-device ``model`` on ``device``, piece by piece.
 
-    ``packed``: the rows are one row of ``batch_size`` documents (restarting position_ids), whose
-    attention SDPA computes over the whole row with a block-diagonal mask.
+    ``packed``: the rows are one row of ``batch_size`` documents (restarting position_ids). Attention
+    is timed as the model calls it on such a row: transformers' SDPA path, for one, attends causally
+    over the whole row (no mask); a mask, where the model builds one, is timed as a block-diagonal one.
     """
-    step = trace(model, batch_size, seq_len, dtype)
+    step = trace(model, batch_size, seq_len, dtype, packed)
     torch_dtype = TORCH_DTYPES[dtype]
     timer = Timer(device, repeats)
     tokens = batch_size * seq_len
@@ -296,12 +302,8 @@ def _time_attention(
 ) -> list[TimedAttention]:
     timed = []
     for shape, count in sorted(calls.items()):
-        segments = 1
-        if packed and shape.batch == rows and shape.q_len == shape.k_len:
-            # One row of all the documents; SDPA computes the whole row under a block-diagonal mask.
-            length = shape.q_len * rows
-            shape = replace(shape, batch=1, q_len=length, k_len=length, causal=False, masked=True)
-            segments = rows
+        # A mask on a packed row stands for its documents' block diagonal.
+        segments = rows if packed and shape.masked else 1
         timed.append(TimedAttention(shape, count, time_attention(shape, dtype, timer, segments), segments))
     return timed
 

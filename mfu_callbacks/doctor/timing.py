@@ -1,7 +1,8 @@
 """Timing the pieces of a step on this device: GEMMs, attention, a copy, an optimizer step, a tiny kernel.
 
 On a GPU each timing is the GPU's own (CUDA events around a loop of back-to-back calls, after
-warm-up calls); on a CPU it is the wall clock (the best of the repeats). Inputs are random:
+warm-up calls; the step's small operators replayed from a CUDA graph, so that their launches do not
+count); on a CPU it is the wall clock (the best of the repeats). Inputs are random:
 matmul speed does not depend on the values.
 """
 
@@ -46,6 +47,29 @@ class Timer:
             best = min(best, time.perf_counter() - begin)
         return best
 
+    def kernel_seconds(self, function: Callable[[], object]) -> float:
+        """Like ``seconds``, but on a GPU without the host's launch time: the calls are captured in a
+        CUDA graph and replayed. A small op launched back to back is bound by the host's launches,
+        which a real step overlaps with the kernels of large ones; falls back to ``seconds`` for ops a
+        graph cannot capture (ones that sync, or allocate on the host)."""
+        if self.device.type != "cuda":
+            return self.seconds(function)
+        try:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(self.warmup):
+                    function()
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for _ in range(self.repeats):
+                    function()
+        except Exception:  # noqa: BLE001 - not capturable: timed with its launches
+            torch.cuda.synchronize(self.device)
+            return self.seconds(function)
+        return self.seconds(graph.replay) / self.repeats
+
 
 def _matrix(rows: int, cols: int, batch: int, transposed: bool, dtype: torch.dtype, device: torch.device):
     """A (batch x) rows x cols operand, laid out as the step has it (a transposed view where it is one)."""
@@ -82,13 +106,16 @@ def time_attention(shape: AttentionShape, dtype: torch.dtype, timer: Timer, segm
             shape.batch, heads, length, dim, dtype=dtype, device=device, requires_grad=shape.backward
         )
 
+    # With a mask, transformers repeats the key and value heads itself (SDPA's enable_gqa with a mask
+    # falls back to the math kernel): time what it runs.
+    kv_heads = shape.heads if shape.masked else shape.kv_heads
     query = tensor(shape.heads, shape.q_len, shape.head_dim)
     key, value = (
-        tensor(shape.kv_heads, shape.k_len, shape.head_dim),
-        tensor(shape.kv_heads, shape.k_len, shape.v_dim),
+        tensor(kv_heads, shape.k_len, shape.head_dim),
+        tensor(kv_heads, shape.k_len, shape.v_dim),
     )
     mask = block_causal_mask(shape.q_len, segments, device) if shape.masked else None
-    options = {"enable_gqa": True} if shape.heads != shape.kv_heads else {}
+    options = {"enable_gqa": True} if shape.heads != kv_heads else {}
     grad = torch.randn(shape.batch, shape.heads, shape.q_len, shape.v_dim, dtype=dtype, device=device)
 
     def run() -> None:
@@ -161,6 +188,6 @@ def time_op(call: OpCall, timer: Timer) -> float | None:
     kwargs = {key: materialize(value, timer.device) for key, value in call.kwargs}
     assert isinstance(args, tuple)
     try:
-        return timer.seconds(lambda: call.func(*args, **kwargs))
+        return timer.kernel_seconds(lambda: call.func(*args, **kwargs))
     except Exception:  # noqa: BLE001 - any op that rejects made-up data is modelled instead
         return None
