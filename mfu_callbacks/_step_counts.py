@@ -46,9 +46,7 @@ class StepCounts:
         key = (tuple(features.shape), features.device)
         plan = self._ready.get(key)
         if plan is None:
-            plan = self._ready[key] = whole_plan(
-                features.numel(), tuple(features.shape), features.device, (0,) * features.numel()
-            )
+            plan = self._ready[key] = whole_plan(features.numel(), tuple(features.shape), features.device)
         self.add_deferred(plan, (features.reshape(1, -1),))
 
     def add_deferred(self, plan: Plan, owned: tuple[torch.Tensor, ...]) -> None:
@@ -192,6 +190,6 @@ def _fold(steps: list[list[Entry]], shape: tuple[int, ...]) -> list[Entry]:
     device = next(iter(rows)) if rows else torch.device("cpu")
     folded: list[Entry] = [(constant_plan(constants, shape, device), ())]
     for row_device, row in rows.items():
-        plan = whole_plan(width, shape, row_device, (0,) * width)
+        plan = whole_plan(width, shape, row_device)
         folded.append((plan, (row.view(1, -1),)))
     return folded

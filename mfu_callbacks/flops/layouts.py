@@ -143,29 +143,30 @@ class Plan:
     shape: tuple[int, ...] = (2, NUM_FEATURES)
     main: StreamShape | None = None
     decoder: StreamShape | None = None
-    _base: torch.Tensor | None = field(default=None, repr=False)
+    _host_known: torch.Tensor | None = field(default=None, repr=False)  # the constants on the device
 
     def features(self, owned: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """This batch's features now, on its device, with no host sync."""
-        if self._base is None:
-            self._base = filled(self.constants, self.device)
+        if self._host_known is None:
+            self._host_known = filled(self.constants, self.device)
         if self.group is None:
-            return self._base.clone().view(self.shape)
+            return self._host_known.clone().view(self.shape)
         values = self.group.reduce([owned], None)[0]
-        return self._base.index_add(0, self.group.index(), values).view(self.shape)
+        return self._host_known.index_add(0, self.group.index(), values).view(self.shape)
 
 
 def _features(joined: torch.Tensor) -> Derived:
     return {"features": joined}
 
 
-def whole_plan(width: int, shape: tuple[int, ...], device: torch.device, constants: tuple[int, ...]) -> Plan:
-    """Feature rows counted already, taken whole (one row of ``width`` values per owned tensor)."""
+def whole_plan(width: int, shape: tuple[int, ...], device: torch.device) -> Plan:
+    """Feature rows counted already (an engine's ``count``, a fold's sum), taken whole: one row of
+    ``width`` values per owned tensor."""
     source = Source(_features, tuple((c, _features_column) for c in range(width)), whole=True)
     return Plan(
         rows=0,
         device=device,
-        constants=constants,
+        constants=(0,) * width,
         group=Group((source,), device),
         sizes=(1,),
         nbytes=8 * width,
