@@ -1,10 +1,12 @@
-"""Host cost of counting one micro-batch, per batch layout: the operations it launches and its time.
+"""Host cost of counting micro-batches, per batch layout: operations on the training step and at the read.
 
 For each layout of the GPU table (padded rows, packed rows with ``position_ids``, packed rows with
 ``cu_seq_lens``, encoder-decoder), the meter's per-step path with its real token counting:
 ``start_step(batch)`` + ``end_step()`` of an ``MFUMeter`` whose FLOP engine is built from the model
-config, timed over many steps (no GPU work in between, so only the host cost shows), and the aten
-operations one ``count`` launches (a dispatch mode lists them). Median and p90 in microseconds.
+config, timed over many steps (no GPU work in between, so only the host cost shows). A dispatch mode
+lists the aten operations of one step (views included: on a GPU host each dispatch costs host time)
+and of a read (``metrics()``), whose operations are amortized per step for a read every 10 and every
+50 steps; the read's host time is its median over reads. Medians and p90 in microseconds.
 
     python benchmarks/bench_host_cost.py --steps 2000
 """
@@ -12,6 +14,7 @@ operations one ``count`` launches (a dispatch mode lists them). Median and p90 i
 from __future__ import annotations
 
 import argparse
+import logging
 import statistics
 import time
 
@@ -20,7 +23,6 @@ from torch import nn
 
 from mfu_callbacks import MFUMeter
 from mfu_callbacks._torch_internals import TorchDispatchMode
-from mfu_callbacks.flops.engine import token_counting
 from mfu_callbacks.testing import causal_lm
 
 VIEWS = {"aten.view", "aten.unsqueeze", "aten.select", "aten.slice", "aten._to_copy", "aten.reshape"}
@@ -89,32 +91,54 @@ def layouts(device: torch.device, rows: int = 4, length: int = 2048) -> dict[str
     }
 
 
-def measure(model: nn.Module, batch: dict, device: torch.device, steps: int) -> tuple[int, int, float, float]:
+def operations_of(action) -> tuple[int, int]:
+    """Aten operations ``action`` dispatches, and those of them that are not views."""
+    with Operations() as operations:
+        action()
+    return len(operations.names), len([name for name in operations.names if name not in VIEWS])
+
+
+def measure(model: nn.Module, batch: dict, device: torch.device, steps: int) -> dict[str, float]:
     model.to(device)
     meter = MFUMeter(model, peak_tflops=1.0, warmup_steps=0, real_step="off", device=device)
     meter.start_step(batch)  # builds the engine
     meter.end_step()
     meter.metrics()
-    counting = token_counting(model)
-    counting.count(batch)
-    with Operations() as operations:
-        counting.count(batch)
-    kernels = [name for name in operations.names if name not in VIEWS]
-    times = []
-    for step in range(steps):
-        start = time.perf_counter()
+
+    def step() -> None:
         meter.start_step(batch)
         meter.end_step()
+
+    for _ in range(3):  # the layout's plan is made
+        step()
+    meter.metrics()
+    result: dict[str, float] = {}
+    result["step ops"], result["step kernels"] = operations_of(step)
+    for every in (10, 50):
+        for _ in range(every):
+            step()
+        read_ops, _ = operations_of(meter.metrics)
+        result[f"read ops/step @{every}"] = read_ops / every
+    _sync(device)
+    times, reads = [], []
+    for index in range(steps):
+        start = time.perf_counter()
+        step()
         times.append(time.perf_counter() - start)
-        if step % 500 == 499:
-            meter.metrics()  # a read now and then, as a logger would (not timed)
+        if index % 50 == 49:  # a read now and then, as a logger would (timed apart)
+            start = time.perf_counter()
+            meter.metrics()
+            reads.append(time.perf_counter() - start)
     times.sort()
-    return (
-        len(operations.names),
-        len(kernels),
-        1e6 * statistics.median(times),
-        1e6 * times[int(0.9 * len(times))],
-    )
+    result["median"] = 1e6 * statistics.median(times)
+    result["p90"] = 1e6 * times[int(0.9 * len(times))]
+    result["read"] = 1e6 * statistics.median(reads)
+    return result
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def main() -> None:
@@ -123,13 +147,20 @@ def main() -> None:
     )
     parser.add_argument("--steps", type=int, default=2000)
     args = parser.parse_args()
+    logging.getLogger("mfu_callbacks").setLevel(logging.ERROR)  # diagnoses of a loop that does no work
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"device: {name}; torch {torch.__version__}; {args.steps} steps per layout; start_step + end_step")
-    print(f"{'layout':24} {'aten ops':>9} {'kernels':>8} {'median µs':>10} {'p90 µs':>8}")
+    print(
+        f"{'layout':22} {'step ops':>8} {'kernels':>7} {'read ops/step @10':>17} {'@50':>5} "
+        f"{'median µs':>9} {'p90 µs':>7} {'read µs (50 steps)':>18}"
+    )
     for layout, (model, batch) in layouts(device).items():
-        ops, kernels, median, p90 = measure(model, batch, device, args.steps)
-        print(f"{layout:24} {ops:9d} {kernels:8d} {median:10.1f} {p90:8.1f}")
+        r = measure(model, batch, device, args.steps)
+        print(
+            f"{layout:22} {r['step ops']:8.0f} {r['step kernels']:7.0f} {r['read ops/step @10']:17.1f} "
+            f"{r['read ops/step @50']:5.2f} {r['median']:9.1f} {r['p90']:7.1f} {r['read']:18.1f}"
+        )
 
 
 if __name__ == "__main__":

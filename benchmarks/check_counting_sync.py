@@ -1,4 +1,5 @@
-"""Token counting of batches of new shapes, padded, packed and encoder-decoder, under sync debug "error".
+"""Token counting of batches of new shapes, padded, packed and encoder-decoder, under sync debug "error":
+counted at once (``count``) and deferred (``defer``, held by ``StepCounts`` through its folds).
 
 python benchmarks/check_counting_sync.py
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from mfu_callbacks._step_counts import StepCounts
 from mfu_callbacks.flops.tokens import TokenCounting
 from mfu_callbacks.flops.windows import Window
 
@@ -42,10 +44,23 @@ def main() -> None:
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     features = [counter.count(batch) for counter, batch in batches]
+    held = [StepCounts(rows=4) for _ in (counting, seq2seq, windowed)]
+    slot = {id(counting): 0, id(seq2seq): 1, id(windowed): 2}
+    for _ in range(3):  # plans made, then reused; a fold every few steps
+        for counter, batch in batches:
+            counts = held[slot[id(counter)]]
+            counts.add_deferred(*counter.defer(batch))
+            counts.end_step()
     torch.cuda.set_sync_debug_mode(0)
+    for counts, counter in zip(held, (counting, seq2seq, windowed)):
+        window, _ = counts.take(step_open=False)
+        expected = sum(
+            (f.cpu() for f, (c, _) in zip(features, batches) if c is counter), torch.zeros_like(window)
+        )
+        assert window.tolist() == (3 * expected).tolist(), "deferred counts differ from counts at once"
     print(
         f"{len(features)} batches of {len(batches) // 4} layouts and 4 new lengths counted under "
-        f"set_sync_debug_mode('error'): no host sync"
+        f"set_sync_debug_mode('error'), at once and deferred (with folds): no host sync; deferred sums exact"
     )
 
 

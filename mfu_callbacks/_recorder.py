@@ -145,7 +145,11 @@ class StepRecorder:
                 self._observe(batch)  # an earlier observation saw no backward: try again
                 return
             if self.timer.measuring:
-                self._counts.add(counter.count(batch))
+                defer = getattr(counter, "defer", None)
+                if defer is not None:  # features later, at the read (``_step_counts.py``)
+                    self._counts.add_deferred(*defer(batch))
+                else:
+                    self._counts.add(counter.count(batch))
         except (BatchError, ValueError) as error:
             self._leave_step_out(error)
 

@@ -1,77 +1,195 @@
-"""The token counts of the steps not yet read, kept on the batch's device in bounded memory.
+"""The token counts of the steps not yet read: what each micro-batch took, turned into features late.
 
-Each step adds its micro-batches' feature vectors (``FlopEngine.count``) into one row of a small
-device buffer: a view's in-place add, so the hot path launches one kernel and never waits for the
-GPU. When the rows run out before the next read, the finished rows are folded into one sum on the
-device, so memory stays the same however long a run goes without reading its metrics.
+On the training step each micro-batch leaves a plan (its layout's decisions, made once) and the
+small tensors it took (``TokenCounting.defer``): one operation on the device, nothing else. At the
+read, where the host waits for the GPU anyway, the held micro-batches become features all at once:
+per layout a few operations on their concatenated tensors (``layouts.Group.reduce``), whatever the
+number of steps, then one device-to-host copy; the host-known part (rows, computed tokens, full
+squares) is summed in Python ints. The last finished step is summed apart, for its own FLOPs.
+
+Memory stays bounded in a run that never reads: every ``ROWS`` steps (or when the held tensors pass
+``MAX_BYTES``) the finished steps but the last are reduced into one feature row on the device,
+still without a host sync.
 """
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 
-ROWS = 64  # steps between folds
+from .flops.layouts import Group, Plan, constant_plan, whole_plan
+
+ROWS = 64  # finished steps held before folding
+MAX_BYTES = 16 * 2**20  # device memory of held tensors before folding
+
+Entry = tuple[Plan, tuple[torch.Tensor, ...]]
 
 
 class StepCounts:
-    """Feature sums per step since the last read; ``take`` returns the window's sum and its last step."""
+    """Micro-batches per step since the last read; ``take`` returns the window's sum and its last step."""
 
-    def __init__(self, rows: int = ROWS) -> None:
+    def __init__(self, rows: int = ROWS, max_bytes: int = MAX_BYTES) -> None:
         if rows < 2:
             raise ValueError(f"StepCounts needs at least 2 rows, got {rows}")
         self._capacity = rows
-        self._rows: torch.Tensor | None = None  # (rows, 2, NUM_FEATURES), allocated at the first count
-        self._views: list[torch.Tensor] = []  # one view per row, so the hot path does no indexing
-        self._folded: torch.Tensor | None = None  # sum of the rows folded away since the last read
-        self._current = 0  # the row of the open (or next) step
-        self._dirty = False  # whether the current row holds anything
+        self._max_bytes = max_bytes
+        self._finished: list[list[Entry]] = []  # oldest first; a folded past is one step of feature rows
+        self._open: list[Entry] = []
+        self._bytes = 0  # held by the owned tensors
+        self._counted = False  # whether anything was ever added
+        self._ready: dict[tuple, Plan] = {}  # plans of feature tensors counted already, per shape
+        self._shape: tuple[int, ...] = ()  # of a feature tensor, from the first micro-batch
 
     def add(self, features: torch.Tensor) -> None:
-        """Add one micro-batch's features to the open step."""
-        if self._rows is None:
-            self._rows = torch.zeros(
-                (self._capacity, *features.shape), dtype=features.dtype, device=features.device
-            )
-            self._views = list(self._rows.unbind(0))
-        row = self._views[self._current]
-        if features.device != row.device:
-            features = features.to(row.device, non_blocking=True)
-        row.add_(features)
-        self._dirty = True
+        """Add one micro-batch's feature tensor, counted already (an engine's ``count``)."""
+        key = (tuple(features.shape), features.device)
+        plan = self._ready.get(key)
+        if plan is None:
+            plan = self._ready[key] = whole_plan(features.numel(), tuple(features.shape), features.device)
+        self.add_deferred(plan, (features.reshape(1, -1),))
+
+    def add_deferred(self, plan: Plan, owned: tuple[torch.Tensor, ...]) -> None:
+        """Add one micro-batch to the open step: its plan and what it took (``TokenCounting.defer``)."""
+        self._open.append((plan, owned))
+        if not self._counted:
+            self._counted, self._shape = True, plan.shape
+        self._bytes += plan.nbytes
+        if self._bytes > self._max_bytes:
+            self._shrink()
 
     def discard_step(self) -> None:
         """Forget what the open step counted (it is left out of the measurement)."""
-        if self._dirty:
-            self._views[self._current].zero_()
-            self._dirty = False
+        self._bytes -= _bytes(self._open)
+        self._open = []
 
     def end_step(self) -> None:
-        """The open step is finished: the next one counts into the next row (folding when full)."""
-        self._dirty = False
-        self._current += 1
-        if self._current < self._capacity or self._rows is None:
-            return
-        # Keep the last step's row (its FLOPs are logged alone), fold the rest.
-        folded = self._rows[:-1].sum(0)
-        self._folded = folded if self._folded is None else self._folded.add_(folded)
-        self._rows[0].copy_(self._rows[-1])
-        self._rows[1:].zero_()
-        self._current = 1
+        """The open step is finished (folding the older steps when the rows run out)."""
+        self._finished.append(self._open)
+        self._open = []
+        if len(self._finished) >= self._capacity:
+            self._fold_finished()
 
     def take(self, step_open: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(sum of the finished steps, the last finished step) on the host, with one device-to-host copy,
-        and clears them; the open step keeps what it has counted. None when nothing was counted."""
-        if self._rows is None:
+        """(sum of the finished steps, the last finished step) on the host, with one device-to-host copy
+        per device, and clears them; the open step keeps what it has counted. None when nothing was
+        ever counted."""
+        del step_open  # the open step is held apart
+        if not self._counted:
             return None
-        finished = self._current
-        window = self._rows[:finished].sum(0)
-        if self._folded is not None:
-            window = window + self._folded
-        last = self._rows[finished - 1] if finished else torch.zeros_like(window)
-        on_host = torch.stack([window, last]).cpu()
-        if step_open and self._dirty:
-            self._rows[0].copy_(self._rows[finished])
-        self._rows[1 if step_open and self._dirty else 0 :].zero_()
-        self._folded = None
-        self._current = 0
-        return on_host[0], on_host[1]
+        steps, self._finished = self._finished, []
+        self._bytes = _bytes(self._open)
+        window, last = _sums(steps, _width(self._shape))
+        return torch.tensor(window).view(self._shape), torch.tensor(last).view(self._shape)
+
+    # -- folding ------------------------------------------------------------------------------------
+    def _fold_finished(self) -> None:
+        """All finished steps but the last (whose FLOPs are logged alone) into one step of feature rows."""
+        if len(self._finished) > 1:
+            self._finished = [_fold(self._finished[:-1], self._shape), self._finished[-1]]
+            self._bytes = _bytes(self._open) + sum(_bytes(step) for step in self._finished)
+
+    def _shrink(self) -> None:
+        self._fold_finished()
+        if self._bytes > self._max_bytes and len(self._open) > 1:  # a step of very many micro-batches
+            before = _bytes(self._open)
+            self._open = _fold([self._open], self._shape)
+            self._bytes += _bytes(self._open) - before
+
+
+def _bytes(step: list[Entry]) -> int:
+    return sum(plan.nbytes for plan, _ in step)
+
+
+def _width(shape: tuple[int, ...]) -> int:
+    width = 1
+    for size in shape:
+        width *= size
+    return width
+
+
+def _grouped(
+    steps: list[list[Entry]], with_last: bool
+) -> tuple[Counter[Plan], Counter[Plan], dict[Group, list[tuple[torch.Tensor, ...]]], dict[Group, list[int]]]:
+    """Micro-batches per plan (all steps, and the last step), the owned tensors per group in step
+    order, and per group the offsets (per owned tensor) where the last step's begin."""
+    plans: Counter[Plan] = Counter()
+    last_plans: Counter[Plan] = Counter()
+    owned: dict[Group, list[tuple[torch.Tensor, ...]]] = {}
+    sizes: dict[Group, list[int]] = {}
+    last_from: dict[Group, list[int]] = {}
+    for index, step in enumerate(steps):
+        last = with_last and index == len(steps) - 1
+        if last:
+            last_from = {group: list(total) for group, total in sizes.items()}
+        for plan, tensors in step:
+            plans[plan] += 1
+            if last:
+                last_plans[plan] += 1
+            group = plan.group
+            if group is None:
+                continue
+            owned.setdefault(group, []).append(tensors)
+            total = sizes.get(group)
+            if total is None:
+                total = sizes[group] = [0] * len(plan.sizes)
+                if last:
+                    last_from[group] = [0] * len(plan.sizes)
+            for slot, size in enumerate(plan.sizes):
+                total[slot] += size
+    return plans, last_plans, owned, last_from
+
+
+def _constants(plans: Counter[Plan], width: int) -> list[int]:
+    total = [0] * width
+    for plan, times in plans.items():
+        for slot, value in enumerate(plan.constants):
+            if value:
+                total[slot] += value * times
+    return total
+
+
+def _sums(steps: list[list[Entry]], width: int) -> tuple[list[int], list[int]]:
+    """The flattened features of all ``steps`` and of the last one, on the host."""
+    plans, last_plans, owned, last_from = _grouped(steps, with_last=True)
+    window, last = _constants(plans, width), _constants(last_plans, width)
+    by_device: dict[torch.device, list[tuple[Group, torch.Tensor]]] = {}
+    for group, tensors in owned.items():
+        by_device.setdefault(group.device, []).append((group, group.reduce(tensors, tuple(last_from[group]))))
+    for reduced in by_device.values():
+        joined = (
+            torch.cat([values.reshape(-1) for _, values in reduced]) if len(reduced) > 1 else reduced[0][1]
+        )
+        on_host = joined.reshape(-1).cpu().tolist()  # the one device-to-host copy
+        offset = 0
+        for group, _ in reduced:
+            cells = group.cells
+            for slot, total, in_last in zip(
+                cells,
+                on_host[offset : offset + len(cells)],
+                on_host[offset + len(cells) : offset + 2 * len(cells)],
+            ):
+                window[slot] += total
+                last[slot] += in_last
+            offset += 2 * len(cells)
+    return window, last
+
+
+def _fold(steps: list[list[Entry]], shape: tuple[int, ...]) -> list[Entry]:
+    """The steps' features as one step: a feature row per device (no host sync), and the host-known
+    part as a plan of constants."""
+    width = _width(shape)
+    plans, _, owned, _ = _grouped(steps, with_last=False)
+    constants = _constants(plans, width)
+    rows: dict[torch.device, torch.Tensor] = {}
+    for group, tensors in owned.items():
+        row = rows.get(group.device)
+        if row is None:
+            row = rows[group.device] = torch.zeros(width, dtype=torch.int64, device=group.device)
+        row.index_add_(0, group.index(), group.reduce(tensors, None)[0])
+    device = next(iter(rows)) if rows else torch.device("cpu")
+    folded: list[Entry] = [(constant_plan(constants, shape, device), ())]
+    for row_device, row in rows.items():
+        plan = whole_plan(width, shape, row_device)
+        folded.append((plan, (row.view(1, -1),)))
+    return folded

@@ -36,6 +36,7 @@ from .components import ATTENTION_SCORES, windowed_scores
 from .features import HARDWARE, MODEL, NUM_FEATURES, WINDOW_FEATURES, Feature
 from .flex import FlexKernel
 from .isolation import map_tensors, preserved_random_state
+from .layouts import Plan
 from .observe import Observation, RealStepObserver
 from .replica import Replica, build_replica, is_model_library_hook
 from .step_flops import StepFlops
@@ -388,6 +389,10 @@ class FlopEngine:
     def count(self, batch: Any) -> torch.Tensor:
         """Feature tensor of a batch, on its device, without a host sync; sums over micro-batches are valid."""
         return self.counting.count(batch)
+
+    def defer(self, batch: Any) -> tuple[Plan, tuple[torch.Tensor, ...]]:
+        """What counting a batch takes on the training step (see ``TokenCounting.defer``)."""
+        return self.counting.defer(batch)
 
     def evaluate(self, features: torch.Tensor | Sequence[Sequence[float]]) -> StepFlops:
         """FLOPs of the step whose (summed) features are given."""

@@ -48,12 +48,16 @@ class Window:
         return lengths * min(lengths, self.size)
 
     def squares_of_positions(self, positions: torch.Tensor) -> torch.Tensor:
-        """Squared-length units of the documents of packed rows, from positions restarting at 0 in each.
+        """Squared-length units of the documents of packed rows, from positions restarting at 0 in each."""
+        return self.position_squares(positions).sum()
 
-        Each token adds squares(p + 1) - squares(p): over a document of length l that telescopes
-        to squares(l), with no need to find where documents end (which would read the device).
+    def position_squares(self, positions: torch.Tensor) -> torch.Tensor:
+        """Each token's share of its document's squared-length units, elementwise.
+
+        A token at position p adds squares(p + 1) - squares(p): over a document of length l that
+        telescopes to squares(l), with no need to find where documents end (which would read the device).
         """
-        return (self.squares(positions + 1) - self.squares(positions)).sum()
+        return self.squares(positions + 1) - self.squares(positions)
 
     def __str__(self) -> str:
         return f"chunks of {self.size}" if self.chunked else f"sliding window {self.size}"
