@@ -30,6 +30,7 @@ from .._torch_internals import (
     global_module_hooks_limited_to,
     meta_autocast_as_cpu,
     raised_by_meta_autocast,
+    torch_linear,
 )
 from .checkpoint import checkpoint_to
 from .components import ATTENTION_SCORES, windowed_scores
@@ -255,7 +256,8 @@ def _probe_hooks(
 ) -> Iterator[None]:
     """Module-stack bookkeeping, checkpoint interception and flex_attention on meta tensors for the
     replica's forward, with only the model libraries' hooks among those registered for every module
-    (a user's global hook never sees the probes); with ``meta_autocast``,
+    (a user's global hook never sees the probes) and torch's own ``F.linear`` (DeepSpeed ZeRO-3 puts
+    one in a custom autograd Function, whose backward a trace cannot see); with ``meta_autocast``,
     ``torch.autocast(device_type="meta")`` does nothing instead of failing."""
     handles = []
     for module in replica.module.modules():
@@ -283,6 +285,7 @@ def _probe_hooks(
             flex_attention_on_meta(FlexKernel(lambda: current[0], build_length)),
             global_module_hooks_limited_to(is_model_library_hook),
             meta_autocast_as_cpu() if meta_autocast else nullcontext(),
+            torch_linear(),
         ):
             yield
     finally:
@@ -484,7 +487,7 @@ def _trace(
         for module in replica.module.modules()
         if (window := window_of(module)) in windows and id(module) in replica.names
     }
-    current: list[MatmulRecorder] = [MatmulRecorder(replica.parameter_ids, owners, slots)]
+    current: list[MatmulRecorder] = [MatmulRecorder(replica.parameter_ids, owners, slots, replica.shards, replica.frozen)]
     substituted = install_substitutes(replica.module, _CurrentRecorder(current))
 
     def run_probes(meta_autocast: bool) -> list[dict[str, ComponentFlops]]:
@@ -495,7 +498,7 @@ def _trace(
             torch.enable_grad(),
         ):
             for rows, main, decoder in shapes:
-                recorder = MatmulRecorder(replica.parameter_ids, owners, slots)
+                recorder = MatmulRecorder(replica.parameter_ids, owners, slots, replica.shards, replica.frozen)
                 current[0] = recorder
                 with recorder:
                     result = run(replica.module, probes.make(rows, main, decoder))
