@@ -36,7 +36,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from mfu_callbacks.flops import FlopEngine
-from mfu_callbacks.testing import causal_lm
+from mfu_callbacks.flops.engine import is_sharded
+from mfu_callbacks.flops.sharding import local_shape
+from mfu_callbacks.parallelism import parallelism
+from mfu_callbacks.testing import causal_lm, reference_step_flops
 
 LENGTHS = (16, 24)
 ROWS = 2
@@ -226,14 +229,22 @@ def _rank_main(rank: int, world_size: int, init_file: str, out_dir: str) -> None
     report: dict[str, Any] = {}
     try:
         for name, (tp, build) in _layouts(world_size).items():
+            started = time.monotonic()
             try:
-                measured = _measure(build(), rank // tp, name in WITH_FLOP_COUNTER_MODE)
+                model = build()
+                layout = parallelism(model)
+                measured = _measure(model, rank // tp, name in WITH_FLOP_COUNTER_MODE)
                 report[name] = {"tp": tp, "data_rank": rank // tp, **measured}
+                report[name]["parallelism"] = [layout.tensor_parallel, layout.data_parallel, layout.sharding]
+                report[name]["sharded"] = is_sharded(model)
+                report[name]["seconds"] = time.monotonic() - started
             except Exception as error:  # noqa: BLE001 - one layout's failure is that layout's test's failure
                 report[name] = {"error": f"{type(error).__name__}: {error}"}
             dist.barrier()
         if rank == 0:
+            started = time.monotonic()
             report["global"] = _global_truth(world_size, {tp for tp, _ in _layouts(world_size).values()})
+            report["global"]["seconds"] = time.monotonic() - started
     finally:
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(report))
         dist.destroy_process_group()
@@ -408,3 +419,99 @@ def test_under_tensor_parallel_flop_counter_mode_counts_global_shapes_and_the_ra
         for result in _ranks(reports, "tp"):
             assert result["local"] == reports[0]["global"][f"share_tp{tp}"]
             assert all(whole > 1.5 * local for whole, local in zip(result["flop_counter_mode"], result["local"]))
+
+
+SHARDING = {"fsdp1": "fsdp1", "fsdp2": "fsdp2", "zero3": "zero3"}
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize(("world_size", "name"), CASES)
+def test_the_layout_is_read_from_the_model(reports, world_size, name):
+    sharding = next((value for prefix, value in SHARDING.items() if name.startswith(prefix)), None)
+    for result in _ranks(reports[world_size], name):
+        tp = result["tp"]
+        assert result["parallelism"] == [tp, world_size // tp, sharding]
+        assert result["sharded"]  # so the recorder counts from the copy, and does not watch the step
+
+
+def test_a_plain_model_has_no_parallel_layout():
+    layout = parallelism(causal_lm(**MODEL))
+    assert (layout.world_size, layout.tensor_parallel, layout.data_parallel, layout.sharding) == (1, 1, 1, None)
+
+
+# -- in one process ---------------------------------------------------------------------------------
+def test_zero3_parameters_with_empty_data_count_at_their_full_shape():
+    """ZeRO-3 partitions each parameter into empty data, its shape kept in ``ds_shape``."""
+    model, reference = causal_lm(**MODEL), causal_lm(**MODEL)
+    for index, parameter in enumerate(model.parameters()):
+        parameter.ds_shape, parameter.ds_id = parameter.shape, index
+        parameter.data = torch.empty(0, dtype=parameter.dtype)
+    engine = FlopEngine.from_model(model, _batch(LENGTHS[0], seed=0))
+    for length in LENGTHS:
+        batch = _batch(length, seed=length)
+        assert engine.estimate(batch).model_flops == reference_step_flops(reference, batch)
+
+
+class _MemoryEfficientLinear(torch.autograd.Function):
+    """What DeepSpeed ZeRO-3 puts in place of ``F.linear``: the same matmuls in a custom Function."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias=None):
+        ctx.save_for_backward(input, weight)
+        output = input.matmul(weight.t())
+        return output + bias if bias is not None else output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, weight = ctx.saved_tensors
+        grad_input = grad_output.matmul(weight) if ctx.needs_input_grad[0] else None
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = grad_output.flatten(0, -2).t().matmul(input.flatten(0, -2))
+        grad_bias = grad_output.flatten(0, -2).sum(0) if ctx.needs_input_grad[2] else None
+        return grad_input, grad_weight, grad_bias
+
+
+def _deepspeed_linear(input, weight, bias=None):
+    return _MemoryEfficientLinear.apply(input, weight, bias)
+
+
+_deepspeed_linear.__module__ = "deepspeed.runtime.zero.linear"
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_a_linear_deepspeed_replaced_with_a_custom_function_counts_its_backward(monkeypatch, lora):
+    model = causal_lm(**MODEL, lora_rank=LORA_RANK if lora else None)
+    batches = [_batch(length, seed=length) for length in LENGTHS]
+    truths = [reference_step_flops(model, batch) for batch in batches]
+    monkeypatch.setattr(torch.nn.functional, "linear", _deepspeed_linear)
+    assert [reference_step_flops(model, batch) for batch in batches] == truths  # the same matmuls run
+    engine = FlopEngine.from_model(model, batches[0])
+    assert [engine.estimate(batch).model_flops for batch in batches] == truths
+    assert torch.nn.functional.linear is _deepspeed_linear  # put back after the trace
+
+
+class _Mesh:
+    """The two things ``local_shape`` asks of a DeviceMesh."""
+
+    def __init__(self, sizes: tuple[int, ...], coordinate: list[int] | None) -> None:
+        self.sizes, self.coordinate = sizes, coordinate
+
+    def get_coordinate(self) -> list[int] | None:
+        return self.coordinate
+
+    def size(self, dim: int) -> int:
+        return self.sizes[dim]
+
+
+@pytest.mark.parametrize("ranks", [2, 3, 4])
+@pytest.mark.parametrize("size", [5, 7, 8])
+def test_a_shard_is_the_chunk_torch_chunk_gives_the_rank(ranks, size):
+    from torch.distributed.tensor import Replicate, Shard
+
+    chunks = torch.arange(size).chunk(ranks)
+    for rank in range(ranks):
+        expected = chunks[rank].numel() if rank < len(chunks) else 0
+        shape = local_shape(torch.Size([size, 6]), _Mesh((2, ranks), [1, rank]), (Replicate(), Shard(0)))
+        assert shape == torch.Size([expected, 6])
+    assert local_shape(torch.Size([size, 6]), _Mesh((ranks,), None), (Shard(1),)) == torch.Size([0, 0])

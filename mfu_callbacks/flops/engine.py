@@ -27,6 +27,7 @@ from .._torch_internals import (
     COMPILED_IN_PLACE,
     COMPILED_WRAPPER,
     flex_attention_on_meta,
+    fsdp1_inner_module,
     global_module_hooks_limited_to,
     meta_autocast_as_cpu,
     raised_by_meta_autocast,
@@ -446,9 +447,12 @@ def is_compiled(model: nn.Module) -> bool:
 
 
 def is_sharded(model: nn.Module) -> bool:
-    """Whether ``model``'s parameters are sharded across ranks (FSDP, tensor parallel, DeepSpeed ZeRO-3):
-    a real step of one rank then runs its own share, which the per-rank count of the copy already is."""
-    return any(
+    """Whether ``model``'s parameters are sharded across ranks (FSDP1 with or without ``use_orig_params``,
+    FSDP2, tensor parallel, DeepSpeed ZeRO-3). The copy then counts this rank's share (``sharding.py``),
+    and the real step is not watched: under tensor parallel it would see DTensor ops at their global
+    shapes, and under FSDP1 a frozen weight's view of the flat parameter asks for a gradient like a
+    trainable one's, so its count could not stand as the check of the copy's."""
+    return any(fsdp1_inner_module(module) is not None for module in model.modules()) or any(
         type(parameter).__name__ in ("DTensor", "FlatParameter") or hasattr(parameter, "ds_id")
         for parameter in model.parameters()
     )

@@ -87,16 +87,37 @@ class ComputeShapes:
         for module in model.modules():
             self._fsdp2.update(fsdp2_unsharded_specs(module))
 
-    def shard(self, tensor: torch.Tensor) -> Shard | None:
-        """The part of ``tensor`` this rank computes with; None when it computes with all of it."""
+    @property
+    def fsdp2(self) -> bool:
+        """Whether FSDP2 (``fully_shard``) manages any parameter of the model."""
+        return bool(self._fsdp2)
+
+    def _layout(self, tensor: torch.Tensor) -> tuple[Any, Any] | None:
+        """The mesh and placements ``tensor`` computes with; None when it computes whole."""
         if not is_dtensor(tensor):
             return None
         if id(tensor) in self._fsdp2:
             spec = self._fsdp2[id(tensor)]
-            if spec is None:  # FSDP2 alone: gathered whole
-                return None
-            mesh, placements = spec.mesh, spec.placements
-        else:
-            mesh, placements = tensor.device_mesh, tensor.placements  # type: ignore[attr-defined]
-        local = local_shape(tensor.shape, mesh, placements)
+            return None if spec is None else (spec.mesh, spec.placements)  # None: FSDP2 alone gathers it whole
+        return tensor.device_mesh, tensor.placements  # type: ignore[attr-defined]
+
+    def shard(self, tensor: torch.Tensor) -> Shard | None:
+        """The part of ``tensor`` this rank computes with; None when it computes with all of it."""
+        layout = self._layout(tensor)
+        if layout is None:
+            return None
+        local = local_shape(tensor.shape, *layout)
         return Shard(tensor.shape, local) if local != tensor.shape else None
+
+    def ranks_sharing(self, tensor: torch.Tensor) -> int:
+        """How many ranks split the matmuls with ``tensor``: the sizes of the mesh dimensions it is
+        sharded over where it computes (1 for a tensor computed whole)."""
+        layout = self._layout(tensor)
+        if layout is None:
+            return 1
+        mesh, placements = layout
+        ranks = 1
+        for mesh_dim, placement in enumerate(placements):
+            if placement.is_shard():
+                ranks *= mesh.size(mesh_dim)
+        return ranks
