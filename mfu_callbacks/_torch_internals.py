@@ -386,7 +386,9 @@ _REPLACED_LINEAR_PACKAGES = ("deepspeed",)
 def torch_linear() -> Iterator[None]:
     """In this thread, ``torch.nn.functional.linear`` is torch's own where DeepSpeed replaced it."""
     replaced = torch.nn.functional.linear
-    if replaced is TORCH_LINEAR or not getattr(replaced, "__module__", "").startswith(_REPLACED_LINEAR_PACKAGES):
+    if replaced is TORCH_LINEAR or not getattr(replaced, "__module__", "").startswith(
+        _REPLACED_LINEAR_PACKAGES
+    ):
         yield
         return
     thread = threading.get_ident()

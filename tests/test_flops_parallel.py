@@ -1,22 +1,24 @@
-"""Per-rank FLOPs under FSDP1, FSDP2, tensor parallel and a 2-D mesh, in real gloo groups on CPU.
+"""Per-rank FLOPs under FSDP1, FSDP2, tensor parallel, a 2-D mesh and DeepSpeed ZeRO-3, in real gloo
+groups of CPU processes.
 
 The meter sums every rank's FLOPs, so each rank must count the matmuls it runs itself. The truth
 of a rank is torch's FLOP formulas (``flop_registry``, what ``FlopCounterMode`` applies) around
 that rank's real forward and backward, at two sequence lengths:
 
-- FSDP (1 and 2) gathers whole weights: ``FlopCounterMode`` counts the rank's ops as they run.
-- Tensor parallel runs each sharded matmul as a DTensor op whose local op DTensor dispatches
-  underneath. ``FlopCounterMode`` counts the DTensor op at its global shapes (and the attention,
-  which runs on local heads, at local ones): neither is what the rank ran. ``LocalFlopCounter`` lets
-  DTensor ops through (a mode that answers NotImplemented for them) and counts the local ops under
-  them; it is checked against ``FlopCounterMode`` on a plain model built with one rank's share of
-  heads and MLP width, and equals ``FlopCounterMode`` wherever no DTensor runs.
+- FSDP (1 and 2) and ZeRO-3 gather whole weights: ``FlopCounterMode`` counts the rank's ops as they run.
+- Tensor parallel runs each sharded matmul as a DTensor op, under which DTensor dispatches the local
+  op. ``FlopCounterMode`` counts the DTensor op at its global shapes (and the attention, which runs
+  on local heads, at local ones): not what the rank ran. ``LocalFlopCounter`` lets DTensor ops
+  through (it answers NotImplemented for them), counts the local ops they come back with, and skips
+  the fake-tensor ops DTensor runs to propagate shardings. It equals ``FlopCounterMode`` on a plain
+  model built with one rank's share of the heads and MLP width, and wherever no DTensor op runs.
 
-And the ranks' sum against ``FlopCounterMode`` on an unsharded copy running the global batch (each
-data-parallel group's batch once) in one process, plus the work tensor-parallel ranks genuinely
-repeat: a replicated LM head runs in full on each of them, (tp - 1) extra times per batch.
+The ranks' sum is checked against ``FlopCounterMode`` on an unsharded model running the global
+batch (each data-parallel group's batch once) in one process, plus the work tensor-parallel ranks
+genuinely repeat: a replicated LM head runs whole on each of them, tp - 1 extra times per batch.
 
-One launch of four processes serves every test; one of two checks two-way tensor parallel.
+One launch of four processes and one of two serve every multiprocess test (the two-process one
+also runs ZeRO-3 where DeepSpeed is installed).
 """
 
 from __future__ import annotations
@@ -32,9 +34,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
+from mfu_callbacks._torch_internals import TorchDispatchMode
 from mfu_callbacks.flops import FlopEngine
 from mfu_callbacks.flops.engine import is_sharded
 from mfu_callbacks.flops.sharding import local_shape
@@ -49,6 +51,30 @@ VOCAB = 128
 MODEL = dict(hidden=64, layers=2, heads=8, kv_heads=4, vocab=VOCAB, attention="eager")
 LORA_RANK = 4
 TOLERANCE = 0.01
+
+# The layouts each launch runs (``_layouts``), by world size.
+FOUR = (
+    "fsdp1_orig_params",
+    "fsdp1_flat_params",
+    "fsdp1_lora",
+    "fsdp2",
+    "fsdp2_lora",
+    "tp",
+    "tp_sequence_parallel",
+    "fsdp2_x_tp",
+    "fsdp2_x_tp_sequence_parallel",
+)
+TWO = ("tp", "tp_sequence_parallel", "zero3")
+# Plans that leave the LM head whole on every tensor-parallel rank (the sequence-parallel ones shard it).
+REPLICATED_HEAD = ("tp", "fsdp2_x_tp")
+WITHOUT_DTENSOR_OPS = ("fsdp1_orig_params", "fsdp1_flat_params", "fsdp1_lora", "fsdp2", "fsdp2_lora", "zero3")
+WITH_FLOP_COUNTER_MODE = (*WITHOUT_DTENSOR_OPS, "tp")
+# FSDP1 (use_orig_params=True) flattens a unit's frozen weights with its trainable adapters: their
+# views require a gradient, so their weight gradients run. Hardware FLOPs, not model FLOPs.
+FROZEN_WEIGHT_GRADIENTS = ("fsdp1_lora",)
+CASES = [pytest.param(4, name, id=f"4-{name}") for name in FOUR] + [
+    pytest.param(2, name, id=f"2-{name}") for name in TWO
+]
 
 
 class LocalFlopCounter(TorchDispatchMode):
@@ -73,7 +99,9 @@ def _not_run(out: Any) -> bool:
     """DTensor propagates shardings by running an op on fake tensors, once per new shape: not work
     that ran."""
     first = out[0] if isinstance(out, (tuple, list)) else out
-    return isinstance(first, torch.Tensor) and (first.device.type == "meta" or type(first).__name__ == "FakeTensor")
+    return isinstance(first, torch.Tensor) and (
+        first.device.type == "meta" or type(first).__name__ == "FakeTensor"
+    )
 
 
 def _batch(length: int, seed: int) -> dict[str, torch.Tensor]:
@@ -81,7 +109,9 @@ def _batch(length: int, seed: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": ids.clone()}
 
 
-def _step(model: nn.Module, batch: dict[str, torch.Tensor], mode: TorchDispatchMode | FlopCounterMode) -> None:
+def _step(
+    model: nn.Module, batch: dict[str, torch.Tensor], mode: TorchDispatchMode | FlopCounterMode
+) -> None:
     deepspeed = type(model).__name__ == "DeepSpeedEngine"  # its engine runs the backward itself
     with mode:
         loss = model(**batch).loss
@@ -126,7 +156,13 @@ def _tensor_parallel_plan(layers: int, sequence_parallel: bool) -> dict[str, Any
     plan: dict[str, Any] = {}
     for index in range(layers):
         prefix = f"model.layers.{index}."
-        for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):
+        for name in (
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+        ):
             plan[prefix + name] = column
         for name in ("self_attn.o_proj", "mlp.down_proj"):
             plan[prefix + name] = row
@@ -261,13 +297,19 @@ def _global_truth(world_size: int, degrees: set[int]) -> dict[str, Any]:
         for tp in sorted(degrees) if not lora else [1]:
             totals, heads = [], []
             for length in LENGTHS:
-                batches = [_batch(length, seed=100 * data_rank + length) for data_rank in range(world_size // tp)]
+                batches = [
+                    _batch(length, seed=100 * data_rank + length) for data_rank in range(world_size // tp)
+                ]
                 merged = {key: torch.cat([b[key] for b in batches]) for key in batches[0]}
                 counter = FlopCounterMode(display=False)
                 _step(model, merged, counter)
                 totals.append(counter.get_total_flops())
                 heads.append(
-                    sum(sum(ops.values()) for key, ops in counter.get_flop_counts().items() if key.endswith(".lm_head"))
+                    sum(
+                        sum(ops.values())
+                        for key, ops in counter.get_flop_counts().items()
+                        if key.endswith(".lm_head")
+                    )
                 )
             truth[f"{'lora' if lora else 'full'}_dp{world_size // tp}"] = {"total": totals, "head": heads}
     for tp in sorted(degrees - {1}):
@@ -300,56 +342,40 @@ def _rank_share_model(tp: int) -> nn.Module:
     return LlamaForCausalLM(config)
 
 
-def _launch(folder: Path, world_size: int) -> list[dict[str, Any]]:
-    context = mp.spawn(
-        _rank_main, args=(world_size, str(folder / "init"), str(folder)), nprocs=world_size, join=False
-    )
+def _launch(folder: Path, world_sizes: tuple[int, ...]) -> dict[int, list[dict[str, Any]]]:
+    """Start a gloo group of each size at once (they overlap their start-up), then read every rank's report."""
+    contexts = {}
+    for size in world_sizes:
+        (folder / str(size)).mkdir()
+        args = (size, str(folder / str(size) / "init"), str(folder / str(size)))
+        contexts[size] = mp.spawn(_rank_main, args=args, nprocs=size, join=False)
     deadline = time.monotonic() + 300
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"the {world_size}-process gloo group did not finish in 300 s")
-    return [json.loads((folder / f"rank{rank}.json").read_text()) for rank in range(world_size)]
+    for size, context in contexts.items():
+        while not context.join(timeout=5):
+            if time.monotonic() > deadline:
+                for process in (p for c in contexts.values() for p in c.processes):
+                    process.kill()
+                pytest.fail(f"the {size}-process gloo group did not finish in 300 s")
+    return {
+        size: [json.loads((folder / str(size) / f"rank{rank}.json").read_text()) for rank in range(size)]
+        for size in world_sizes
+    }
 
 
 @pytest.fixture(scope="module")
-def four(tmp_path_factory) -> list[dict[str, Any]]:
-    return _launch(tmp_path_factory.mktemp("four"), 4)
+def reports(tmp_path_factory) -> dict[int, list[dict[str, Any]]]:
+    """World size -> every rank's report."""
+    return _launch(tmp_path_factory.mktemp("gloo"), (4, 2))
 
 
 @pytest.fixture(scope="module")
-def two(tmp_path_factory) -> list[dict[str, Any]]:
-    return _launch(tmp_path_factory.mktemp("two"), 2)
+def four(reports) -> list[dict[str, Any]]:
+    return reports[4]
 
 
-# Layouts of each launch; those that repeat the LM head on every tensor-parallel rank; LoRA ones.
-FOUR = (
-    "fsdp1_orig_params",
-    "fsdp1_flat_params",
-    "fsdp1_lora",
-    "fsdp2",
-    "fsdp2_lora",
-    "tp",
-    "tp_sequence_parallel",
-    "fsdp2_x_tp",
-    "fsdp2_x_tp_sequence_parallel",
-)
-TWO = ("tp", "tp_sequence_parallel", "zero3")
-REPLICATED_HEAD = ("tp", "fsdp2_x_tp")
-WITHOUT_DTENSOR_OPS = ("fsdp1_orig_params", "fsdp1_flat_params", "fsdp1_lora", "fsdp2", "fsdp2_lora", "zero3")
-WITH_FLOP_COUNTER_MODE = (*WITHOUT_DTENSOR_OPS, "tp")
-# FSDP1 (use_orig_params=True) flattens a unit's frozen weights with its trainable adapters: their
-# views require a gradient, so their weight gradients run. Hardware FLOPs, not model FLOPs.
-FROZEN_WEIGHT_GRADIENTS = ("fsdp1_lora",)
-CASES = [pytest.param(4, name, id=f"4-{name}") for name in FOUR] + [
-    pytest.param(2, name, id=f"2-{name}") for name in TWO
-]
-
-
-@pytest.fixture
-def reports(request, four, two):
-    return {4: four, 2: two}
+@pytest.fixture(scope="module")
+def two(reports) -> list[dict[str, Any]]:
+    return reports[2]
 
 
 def _ranks(reports: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
@@ -384,13 +410,18 @@ def test_every_rank_counts_the_flops_it_ran(reports, world_size, name):
 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize(("world_size", "name"), CASES)
-def test_the_ranks_sum_is_the_global_batch_plus_the_work_tensor_parallel_ranks_repeat(reports, world_size, name):
+def test_the_ranks_sum_is_the_global_batch_plus_the_work_tensor_parallel_ranks_repeat(
+    reports, world_size, name
+):
     ranks = _ranks(reports[world_size], name)
     tp = ranks[0]["tp"]
     truth = _global(reports[world_size], name, world_size, tp)
     for index, length in enumerate(LENGTHS):
         repeated = (tp - 1) * truth["head"][index] if name in REPLICATED_HEAD else 0
-        assert _close(sum(r["engine"][index] for r in ranks), truth["total"][index] + repeated), (length, truth)
+        assert _close(sum(r["engine"][index] for r in ranks), truth["total"][index] + repeated), (
+            length,
+            truth,
+        )
 
 
 @pytest.mark.multiprocess
@@ -412,13 +443,17 @@ def test_the_rank_counter_is_flop_counter_mode_where_no_dtensor_op_runs(four, tw
 
 
 @pytest.mark.multiprocess
-def test_under_tensor_parallel_flop_counter_mode_counts_global_shapes_and_the_rank_counter_its_share(four, two):
+def test_under_tensor_parallel_flop_counter_mode_counts_global_shapes_and_the_rank_counter_its_share(
+    four, two
+):
     """FlopCounterMode sees each DTensor matmul whole; the rank counter sees what a plain model of
     one rank's share (its heads, its MLP width, the whole LM head) runs, exactly."""
     for reports, tp in ((four, 4), (two, 2)):
         for result in _ranks(reports, "tp"):
             assert result["local"] == reports[0]["global"][f"share_tp{tp}"]
-            assert all(whole > 1.5 * local for whole, local in zip(result["flop_counter_mode"], result["local"]))
+            assert all(
+                whole > 1.5 * local for whole, local in zip(result["flop_counter_mode"], result["local"])
+            )
 
 
 SHARDING = {"fsdp1": "fsdp1", "fsdp2": "fsdp2", "zero3": "zero3"}
@@ -436,7 +471,12 @@ def test_the_layout_is_read_from_the_model(reports, world_size, name):
 
 def test_a_plain_model_has_no_parallel_layout():
     layout = parallelism(causal_lm(**MODEL))
-    assert (layout.world_size, layout.tensor_parallel, layout.data_parallel, layout.sharding) == (1, 1, 1, None)
+    assert (layout.world_size, layout.tensor_parallel, layout.data_parallel, layout.sharding) == (
+        1,
+        1,
+        1,
+        None,
+    )
 
 
 # -- in one process ---------------------------------------------------------------------------------

@@ -491,7 +491,9 @@ def _trace(
         for module in replica.module.modules()
         if (window := window_of(module)) in windows and id(module) in replica.names
     }
-    current: list[MatmulRecorder] = [MatmulRecorder(replica.parameter_ids, owners, slots, replica.shards, replica.frozen)]
+    current: list[MatmulRecorder] = [
+        MatmulRecorder(replica.parameter_ids, owners, slots, replica.shards, replica.frozen)
+    ]
     substituted = install_substitutes(replica.module, _CurrentRecorder(current))
 
     def run_probes(meta_autocast: bool) -> list[dict[str, ComponentFlops]]:
@@ -502,7 +504,9 @@ def _trace(
             torch.enable_grad(),
         ):
             for rows, main, decoder in shapes:
-                recorder = MatmulRecorder(replica.parameter_ids, owners, slots, replica.shards, replica.frozen)
+                recorder = MatmulRecorder(
+                    replica.parameter_ids, owners, slots, replica.shards, replica.frozen
+                )
                 current[0] = recorder
                 with recorder:
                     result = run(replica.module, probes.make(rows, main, decoder))

@@ -133,7 +133,8 @@ def _block_signature(block: nn.Module, shapes: ComputeShapes) -> tuple:
     """Everything about a block that can change its FLOPs, and nothing that only names its position."""
     modules = tuple((name, type(m).__name__, m.training, declared(m)) for name, m in block.named_modules())
     parameters = tuple(
-        (n, tuple(full_shape(p)), shapes.shard(p), p.dtype, p.requires_grad) for n, p in block.named_parameters()
+        (n, tuple(full_shape(p)), shapes.shard(p), p.dtype, p.requires_grad)
+        for n, p in block.named_parameters()
     )
     scalars = tuple(
         (name, key, value)

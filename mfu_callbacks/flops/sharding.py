@@ -97,8 +97,8 @@ class ComputeShapes:
         if not is_dtensor(tensor):
             return None
         if id(tensor) in self._fsdp2:
-            spec = self._fsdp2[id(tensor)]
-            return None if spec is None else (spec.mesh, spec.placements)  # None: FSDP2 alone gathers it whole
+            spec = self._fsdp2[id(tensor)]  # None: FSDP2 alone, which gathers it whole
+            return None if spec is None else (spec.mesh, spec.placements)
         return tensor.device_mesh, tensor.placements  # type: ignore[attr-defined]
 
     def shard(self, tensor: torch.Tensor) -> Shard | None:

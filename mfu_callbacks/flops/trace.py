@@ -379,7 +379,7 @@ class MatmulRecorder(TorchDispatchMode):
         if func in _OPERANDS and func not in _CONVOLUTIONS:
             first, second = (args[i] for i in _OPERANDS[func])
             for operand, output_dim in ((second, -1), (first, -2)):
-                shard = self._shards.get(id(view_base(operand))) if isinstance(operand, torch.Tensor) else None
+                shard = self._shards.get(id(view_base(operand)))
                 if shard is not None:
                     local = shard.fraction
                     output_held = shard.fraction if shard.splits(operand, output_dim) else 1.0
