@@ -37,8 +37,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from mfu_callbacks._torch_internals import TorchDispatchMode
-from mfu_callbacks.flops import FlopEngine
-from mfu_callbacks.flops.engine import is_sharded
+from mfu_callbacks.flops import FlopEngine, ModelIntrospectionError
+from mfu_callbacks.flops.engine import is_sharded, observe_step, token_counting
 from mfu_callbacks.flops.sharding import local_shape
 from mfu_callbacks.parallelism import parallelism
 from mfu_callbacks.testing import causal_lm, reference_step_flops
@@ -252,6 +252,16 @@ def _layouts(world_size: int) -> dict[str, tuple[int, Any]]:
     return layouts
 
 
+def _observable(model: nn.Module) -> str:
+    """Whether the real step of this layout can be watched, or why not."""
+    try:
+        observer = observe_step(model, _batch(LENGTHS[0], seed=0), token_counting(model))
+    except ModelIntrospectionError as error:
+        return str(error)
+    observer.remove_hooks()  # never entered: its hooks go before any step runs
+    return "yes"
+
+
 def _has_deepspeed() -> bool:
     import importlib.util
 
@@ -273,6 +283,7 @@ def _rank_main(rank: int, world_size: int, init_file: str, out_dir: str) -> None
                 report[name] = {"tp": tp, "data_rank": rank // tp, **measured}
                 report[name]["parallelism"] = [layout.tensor_parallel, layout.data_parallel, layout.sharding]
                 report[name]["sharded"] = is_sharded(model)
+                report[name]["observable"] = _observable(model)
                 report[name]["seconds"] = time.monotonic() - started
             except Exception as error:  # noqa: BLE001 - one layout's failure is that layout's test's failure
                 report[name] = {"error": f"{type(error).__name__}: {error}"}
@@ -467,6 +478,10 @@ def test_the_layout_is_read_from_the_model(reports, world_size, name):
         tp = result["tp"]
         assert result["parallelism"] == [tp, world_size // tp, sharding]
         assert result["sharded"]  # so the recorder counts from the copy, and does not watch the step
+        if tp > 1:  # nor can it be asked to (real_step="only"): it would count global shapes
+            assert "not this rank's share" in result["observable"]
+        else:
+            assert result["observable"] == "yes"
 
 
 def test_a_plain_model_has_no_parallel_layout():

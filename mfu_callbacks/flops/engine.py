@@ -40,6 +40,7 @@ from .flex import FlexKernel
 from .isolation import map_tensors, preserved_random_state
 from .observe import Observation, RealStepObserver
 from .replica import Replica, build_replica, is_model_library_hook
+from .sharding import ComputeShapes
 from .step_flops import StepFlops
 from .substitutes import install_substitutes
 from .tokens import (
@@ -461,6 +462,13 @@ def is_sharded(model: nn.Module) -> bool:
 def observe_step(model: nn.Module, batch: Any, counting: TokenCounting) -> RealStepObserver:
     """A dispatch mode that counts the real step about to run on ``batch`` (enter it before the
     forward, leave it after the backward); ``from_observation`` turns it into an engine."""
+    shapes = ComputeShapes(unwrap_model(model))
+    if any(shapes.ranks_sharing(parameter) > 1 for parameter in model.parameters()):
+        raise ModelIntrospectionError(
+            "counting a real step under tensor parallel is not supported: its matmuls run as DTensor ops "
+            "of global shapes, not this rank's share; count from the model's copy instead "
+            "(real_step='check' or 'off')"
+        )
     main, decoder, rows, _ = counting.streams(batch)
     if decoder is not None:
         raise ModelIntrospectionError(
