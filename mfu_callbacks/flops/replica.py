@@ -2,9 +2,10 @@
 
 The copy shares no tensors with the model and copies none: every tensor it reaches (parameters,
 buffers, attributes, inside any object at any depth; views, non-leaf tensors, DTensors, FSDP's flat
-parameters) becomes a meta tensor of the same whole shape and dtype (``sharding.py``: what the rank
-multiplies with under data parallel sharding; the part it runs under tensor parallel is kept apart,
-in ``Replica.shards``), a parameter keeping its ``requires_grad``; FSDP1 units become the modules they wrap, their parameters unflattened. It keeps
+parameters) becomes a meta tensor of the same whole shape and dtype, a parameter keeping its
+``requires_grad``; FSDP1 units become the modules they wrap, their parameters unflattened. The
+whole shape is what a rank multiplies with under data-parallel sharding; the part of a weight it
+multiplies with under tensor parallel is kept apart, in ``Replica.shards`` (``sharding.py``). It keeps
 only the hooks of the model libraries (PEFT's and transformers' ``enable_input_require_grads``,
 output recording) and drops every other: the user's own hooks and those of distributed wrappers
 (FSDP all-gathers, Accelerate device hooks). A run of identical blocks in a ``ModuleList`` keeps one

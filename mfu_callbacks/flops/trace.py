@@ -323,7 +323,12 @@ class MatmulRecorder(TorchDispatchMode):
         return dict(totals)
 
     def _is_trainable(self, tensor: object) -> bool:
-        return self._is_parameter(tensor) and id(view_base(tensor)) not in self._frozen  # type: ignore[arg-type]
+        """A parameter the model trains: not a frozen one that asks for a gradient (``frozen``)."""
+        return (
+            isinstance(tensor, torch.Tensor)
+            and self._is_parameter(tensor)
+            and id(view_base(tensor)) not in self._frozen
+        )
 
     def _is_parameter(self, tensor: object) -> bool:
         if not isinstance(tensor, torch.Tensor):
