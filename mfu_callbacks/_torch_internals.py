@@ -178,6 +178,9 @@ class FlattenedParameter:
     dtype: torch.dtype
     requires_grad: bool
     tied_to: tuple[nn.Module, str] | None  # the module and name of the parameter it is, if tied
+    # Whether its unsharded view requires a gradient in the step: the flat parameter's, true where any
+    # parameter of the unit trains (use_orig_params=True), so a frozen one's weight gradient runs too.
+    view_requires_grad: bool = False
 
 
 def fsdp1_inner_module(module: nn.Module) -> nn.Module | None:
@@ -201,6 +204,7 @@ def fsdp1_flattened_parameters(unit: nn.Module) -> list[FlattenedParameter]:
             flat.dtype,
             getattr(getattr(info.module, info.param_name, None), "requires_grad", flat.requires_grad),
             None,
+            flat.requires_grad,
         )
         for info, shape in zip(flat._param_infos, flat._shapes)
     ]
@@ -215,6 +219,34 @@ def fsdp1_flattened_parameters(unit: nn.Module) -> list[FlattenedParameter]:
         for info in flat._shared_param_infos
     ]
     return own + tied
+
+
+# FSDP2 (``fully_shard``) keeps, per module it was applied to, a state (``_get_fsdp_state()``) whose
+# parameter groups hold one FSDPParam per managed parameter: ``sharded_param`` is the DTensor the
+# module holds between steps, ``_unsharded_dtensor_spec`` the tensor-parallel DTensor spec the
+# all-gather restores for the forward (None when it restores a plain tensor: FSDP2 alone).
+_FSDP2_STATE = "_get_fsdp_state"
+
+
+def fsdp2_unsharded_specs(module: nn.Module) -> dict[int, Any]:
+    """id(sharded parameter) -> the DTensor spec it computes with after FSDP2's all-gather (None: a
+    plain full tensor), for the parameters FSDP2 manages at ``module``; empty for any other module."""
+    get_state = getattr(module, _FSDP2_STATE, None)
+    if not callable(get_state):
+        return {}
+    state = get_state()
+    groups = getattr(state, "_fsdp_param_groups", None)
+    if groups is None:  # older torch: at most one group
+        group = getattr(state, "_fsdp_param_group", None)
+        groups = [group] if group is not None else []
+    return {
+        # Older torch named the spec ``_tp_spec``.
+        id(fsdp_param.sharded_param): getattr(
+            fsdp_param, "_unsharded_dtensor_spec", getattr(fsdp_param, "_tp_spec", None)
+        )
+        for group in groups
+        for fsdp_param in group.fsdp_params
+    }
 
 
 # torch.compile's wrapper (torch._dynamo.eval_frame.OptimizedModule) and where it keeps the model.
@@ -341,6 +373,34 @@ def raised_by_meta_autocast(error: BaseException) -> bool:
     return any(
         frame.f_code.co_filename == _AUTOCAST_SOURCE for frame, _ in traceback.walk_tb(error.__traceback__)
     )
+
+
+# torch's own ``F.linear`` (a builtin). DeepSpeed ZeRO-3 replaces ``torch.nn.functional.linear``
+# process-wide (``memory_efficient_linear``, on by default) with a custom autograd Function that runs
+# the same matmuls forward and backward; inside a custom Function's forward a trace sees no backward.
+TORCH_LINEAR = torch._C._nn.linear
+_REPLACED_LINEAR_PACKAGES = ("deepspeed",)
+
+
+@contextmanager
+def torch_linear() -> Iterator[None]:
+    """In this thread, ``torch.nn.functional.linear`` is torch's own where DeepSpeed replaced it."""
+    replaced = torch.nn.functional.linear
+    if replaced is TORCH_LINEAR or not getattr(replaced, "__module__", "").startswith(
+        _REPLACED_LINEAR_PACKAGES
+    ):
+        yield
+        return
+    thread = threading.get_ident()
+
+    def linear(*args: Any, **kwargs: Any) -> torch.Tensor:
+        return (TORCH_LINEAR if threading.get_ident() == thread else replaced)(*args, **kwargs)
+
+    torch.nn.functional.linear = linear
+    try:
+        yield
+    finally:
+        torch.nn.functional.linear = replaced
 
 
 @contextmanager

@@ -171,6 +171,61 @@ def test_composable_distributed_apis_keep_their_state_under_the_prefixed_keys():
     assert contract.REGISTRY_KEY.startswith(internals.COMPOSABLE_STATE_KEY_PREFIX)
 
 
+def test_fsdp2_state_names_each_managed_parameter_and_the_spec_it_gathers_back_to(tmp_path):
+    """FSDP2 alone gathers a plain tensor (no spec); the tensor-parallel spec it gathers back to is
+    checked in tests/test_flops_parallel.py, where a mesh of several ranks exists."""
+    if not torch.distributed.is_available():
+        pytest.skip("torch built without torch.distributed")
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
+    try:
+        model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+        fully_shard(model[0])
+        fully_shard(model)
+        inner, outer = internals.fsdp2_unsharded_specs(model[0]), internals.fsdp2_unsharded_specs(model)
+        assert inner == {id(p): None for p in model[0].parameters()}
+        assert outer == {id(p): None for p in model[1].parameters()}
+        assert internals.fsdp2_unsharded_specs(nn.Linear(2, 2)) == {}
+    finally:
+        dist.destroy_process_group()
+
+
+def test_torch_linear_is_put_back_in_this_thread_only_where_deepspeed_replaced_it(monkeypatch):
+    assert internals.TORCH_LINEAR is torch.nn.functional.linear
+
+    def replaced(input, weight, bias=None):
+        raise AssertionError("the replaced linear ran")
+
+    with internals.torch_linear():  # nothing replaced: nothing to do
+        assert torch.nn.functional.linear is internals.TORCH_LINEAR
+    replaced.__module__ = "deepspeed.runtime.zero.linear"
+    monkeypatch.setattr(torch.nn.functional, "linear", replaced)
+    x, w = torch.ones(2, 3), torch.ones(4, 3)
+    seen = []
+    with internals.torch_linear():
+        assert torch.nn.functional.linear(x, w).shape == (2, 4)
+        other = threading.Thread(
+            target=lambda: seen.append(_raises(lambda: torch.nn.functional.linear(x, w)))
+        )
+        other.start()
+        other.join()
+    assert seen == [True]  # another thread still gets DeepSpeed's
+    assert torch.nn.functional.linear is replaced
+    replaced.__module__ = "my_project.layers"  # a replacement of the user's own is left alone
+    with internals.torch_linear():
+        assert torch.nn.functional.linear is replaced
+
+
+def _raises(call) -> bool:
+    try:
+        call()
+    except AssertionError:
+        return True
+    return False
+
+
 def test_the_compile_wrapper_keeps_the_model_under_its_named_attribute():
     model = nn.Linear(2, 2)
     compiled = torch.compile(model)

@@ -27,9 +27,11 @@ from .._torch_internals import (
     COMPILED_IN_PLACE,
     COMPILED_WRAPPER,
     flex_attention_on_meta,
+    fsdp1_inner_module,
     global_module_hooks_limited_to,
     meta_autocast_as_cpu,
     raised_by_meta_autocast,
+    torch_linear,
 )
 from .checkpoint import checkpoint_to
 from .components import ATTENTION_SCORES, windowed_scores
@@ -39,6 +41,7 @@ from .isolation import map_tensors, preserved_random_state
 from .layouts import Plan
 from .observe import Observation, RealStepObserver
 from .replica import Replica, build_replica, is_model_library_hook
+from .sharding import ComputeShapes
 from .step_flops import StepFlops
 from .substitutes import install_substitutes
 from .tokens import (
@@ -256,7 +259,8 @@ def _probe_hooks(
 ) -> Iterator[None]:
     """Module-stack bookkeeping, checkpoint interception and flex_attention on meta tensors for the
     replica's forward, with only the model libraries' hooks among those registered for every module
-    (a user's global hook never sees the probes); with ``meta_autocast``,
+    (a user's global hook never sees the probes) and torch's own ``F.linear`` (DeepSpeed ZeRO-3 puts
+    one in a custom autograd Function, whose backward a trace cannot see); with ``meta_autocast``,
     ``torch.autocast(device_type="meta")`` does nothing instead of failing."""
     handles = []
     for module in replica.module.modules():
@@ -284,6 +288,7 @@ def _probe_hooks(
             flex_attention_on_meta(FlexKernel(lambda: current[0], build_length)),
             global_module_hooks_limited_to(is_model_library_hook),
             meta_autocast_as_cpu() if meta_autocast else nullcontext(),
+            torch_linear(),
         ):
             yield
     finally:
@@ -448,9 +453,12 @@ def is_compiled(model: nn.Module) -> bool:
 
 
 def is_sharded(model: nn.Module) -> bool:
-    """Whether ``model``'s parameters are sharded across ranks (FSDP, tensor parallel, DeepSpeed ZeRO-3):
-    a real step of one rank then runs its own share, which the per-rank count of the copy already is."""
-    return any(
+    """Whether ``model``'s parameters are sharded across ranks (FSDP1 with or without ``use_orig_params``,
+    FSDP2, tensor parallel, DeepSpeed ZeRO-3). The copy then counts this rank's share (``sharding.py``),
+    and the real step is not watched: under tensor parallel it would see DTensor ops at their global
+    shapes, and under FSDP1 a frozen weight's view of the flat parameter asks for a gradient like a
+    trainable one's, so its count could not stand as the check of the copy's."""
+    return any(fsdp1_inner_module(module) is not None for module in model.modules()) or any(
         type(parameter).__name__ in ("DTensor", "FlatParameter") or hasattr(parameter, "ds_id")
         for parameter in model.parameters()
     )
@@ -459,6 +467,13 @@ def is_sharded(model: nn.Module) -> bool:
 def observe_step(model: nn.Module, batch: Any, counting: TokenCounting) -> RealStepObserver:
     """A dispatch mode that counts the real step about to run on ``batch`` (enter it before the
     forward, leave it after the backward); ``from_observation`` turns it into an engine."""
+    shapes = ComputeShapes(unwrap_model(model))
+    if any(shapes.ranks_sharing(parameter) > 1 for parameter in model.parameters()):
+        raise ModelIntrospectionError(
+            "counting a real step under tensor parallel is not supported: its matmuls run as DTensor ops "
+            "of global shapes, not this rank's share; count from the model's copy instead "
+            "(real_step='check' or 'off')"
+        )
     main, decoder, rows, _ = counting.streams(batch)
     if decoder is not None:
         raise ModelIntrospectionError(
@@ -489,7 +504,9 @@ def _trace(
         for module in replica.module.modules()
         if (window := window_of(module)) in windows and id(module) in replica.names
     }
-    current: list[MatmulRecorder] = [MatmulRecorder(replica.parameter_ids, owners, slots)]
+    current: list[MatmulRecorder] = [
+        MatmulRecorder(replica.parameter_ids, owners, slots, replica.shards, replica.frozen)
+    ]
     substituted = install_substitutes(replica.module, _CurrentRecorder(current))
 
     def run_probes(meta_autocast: bool) -> list[dict[str, ComponentFlops]]:
@@ -500,7 +517,9 @@ def _trace(
             torch.enable_grad(),
         ):
             for rows, main, decoder in shapes:
-                recorder = MatmulRecorder(replica.parameter_ids, owners, slots)
+                recorder = MatmulRecorder(
+                    replica.parameter_ids, owners, slots, replica.shards, replica.frozen
+                )
                 current[0] = recorder
                 with recorder:
                     result = run(replica.module, probes.make(rows, main, decoder))

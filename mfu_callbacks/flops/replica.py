@@ -2,8 +2,10 @@
 
 The copy shares no tensors with the model and copies none: every tensor it reaches (parameters,
 buffers, attributes, inside any object at any depth; views, non-leaf tensors, DTensors, FSDP's flat
-parameters) becomes a meta tensor of the same logical shape and dtype, a parameter keeping its
-``requires_grad``; FSDP1 units become the modules they wrap, their parameters unflattened. It keeps
+parameters) becomes a meta tensor of the same whole shape and dtype, a parameter keeping its
+``requires_grad``; FSDP1 units become the modules they wrap, their parameters unflattened. The
+whole shape is what a rank multiplies with under data-parallel sharding; the part of a weight it
+multiplies with under tensor parallel is kept apart, in ``Replica.shards`` (``sharding.py``). It keeps
 only the hooks of the model libraries (PEFT's and transformers' ``enable_input_require_grads``,
 output recording) and drops every other: the user's own hooks and those of distributed wrappers
 (FSDP all-gathers, Accelerate device hooks). A run of identical blocks in a ``ModuleList`` keeps one
@@ -37,6 +39,7 @@ from .._torch_internals import (
     module_hook_dicts,
 )
 from .declared import Declaration, declared
+from .sharding import ComputeShapes, Shard, full_shape
 from .unwrap import unwrap_model
 from .windows import window_of
 
@@ -87,6 +90,10 @@ class Replica:
     parameter_ids: set[int]
     folded: list[str] = field(default_factory=list)
     declarations: dict[int, Declaration] = field(default_factory=dict)  # id(replica submodule) -> its FLOPs
+    # id(replica parameter) -> the part of it this rank multiplies with (tensor parallel, ``sharding.py``)
+    shards: dict[int, Shard] = field(default_factory=dict)
+    # ids of replica parameters that require a gradient only as FSDP1's flat parameter does (frozen ones)
+    frozen: set[int] = field(default_factory=set)
 
     def parameter_owners(self) -> dict[int, tuple[str, ...]]:
         """id(replica parameter) -> the paths of the modules holding it (two for tied weights)."""
@@ -98,15 +105,8 @@ class Replica:
         return owners
 
 
-def logical_shape(tensor: torch.Tensor) -> torch.Size:
-    """The full shape of a possibly sharded parameter (DeepSpeed ZeRO-3 keeps it in ``ds_shape``; a
-    DTensor's shape is already the global one: the replica counts the whole model, not one rank's shard)."""
-    ds_shape = getattr(tensor, "ds_shape", None)
-    return torch.Size(ds_shape) if ds_shape is not None else tensor.shape
-
-
 def _to_meta(tensor: torch.Tensor, parameter: bool) -> torch.Tensor:
-    meta = torch.empty(logical_shape(tensor), dtype=tensor.dtype, device="meta")
+    meta = torch.empty(full_shape(tensor), dtype=tensor.dtype, device="meta")
     return nn.Parameter(meta, requires_grad=tensor.requires_grad) if parameter else meta
 
 
@@ -130,11 +130,12 @@ def _tensors_to_meta(root: object, memo: dict[int, object]) -> None:
             stack.extend(gc.get_referents(value))
 
 
-def _block_signature(block: nn.Module) -> tuple:
+def _block_signature(block: nn.Module, shapes: ComputeShapes) -> tuple:
     """Everything about a block that can change its FLOPs, and nothing that only names its position."""
     modules = tuple((name, type(m).__name__, m.training, declared(m)) for name, m in block.named_modules())
     parameters = tuple(
-        (n, tuple(logical_shape(p)), p.dtype, p.requires_grad) for n, p in block.named_parameters()
+        (n, tuple(full_shape(p)), shapes.shard(p), p.dtype, p.requires_grad)
+        for n, p in block.named_parameters()
     )
     scalars = tuple(
         (name, key, value)
@@ -146,7 +147,7 @@ def _block_signature(block: nn.Module) -> tuple:
     return (type(block), modules, parameters, scalars, windows)
 
 
-def _fold_plan(model: nn.Module) -> tuple[dict[int, list[int]], dict[int, int]]:
+def _fold_plan(model: nn.Module, shapes: ComputeShapes) -> tuple[dict[int, list[int]], dict[int, int]]:
     """For each long homogeneous block list: the indices to keep, and each kept block's multiplicity."""
     keep: dict[int, list[int]] = {}
     multiplicity: dict[int, int] = {}
@@ -161,7 +162,7 @@ def _fold_plan(model: nn.Module) -> tuple[dict[int, list[int]], dict[int, int]]:
         kept: list[int] = []
         for index, block in enumerate(blocks):
             # Block 0 always stands alone: whether its input needs a gradient depends on what precedes the list.
-            key = ("first",) if index == 0 else (_block_signature(block), upstream_trains)
+            key = ("first",) if index == 0 else (_block_signature(block, shapes), upstream_trains)
             if key in representatives:
                 multiplicity[id(blocks[representatives[key]])] += 1
             else:
@@ -210,9 +211,14 @@ def _copy_as_plain_module(module: nn.Module, memo: dict[int, object]) -> None:
     copied.__dict__.update(copy.deepcopy(state, memo))
 
 
-def _unflatten(parameters: list[FlattenedParameter], memo: dict[int, object]) -> None:
-    """Give each copied module back the parameters FSDP1 flattened, unsharded, tied as they were."""
+def _unflatten(parameters: list[FlattenedParameter], memo: dict[int, object]) -> set[int]:
+    """Give each copied module back the parameters FSDP1 flattened, unsharded, tied as they were.
+
+    A frozen parameter in a unit with trainable ones requires a gradient in the step (its view of the
+    flat parameter does): it does on the copy too, and its id is returned, so that its weight
+    gradient counts as hardware FLOPs only."""
     restored: dict[tuple[int, str], nn.Parameter] = {}
+    frozen: set[int] = set()
     for p in parameters:
         copied = memo.get(id(p.module))
         if not isinstance(copied, nn.Module):  # in a block that folding dropped
@@ -221,10 +227,13 @@ def _unflatten(parameters: list[FlattenedParameter], memo: dict[int, object]) ->
             parameter = restored[(id(p.tied_to[0]), p.tied_to[1])]
         else:
             meta = torch.empty(p.shape, dtype=p.dtype, device="meta")
-            parameter = nn.Parameter(meta, requires_grad=p.requires_grad)
+            parameter = nn.Parameter(meta, requires_grad=p.requires_grad or p.view_requires_grad)
+            if parameter.requires_grad and not p.requires_grad:
+                frozen.add(id(parameter))
         restored[(id(p.module), p.name)] = parameter
         copied.__dict__.pop(p.name, None)  # a plain view (use_orig_params=False)
         copied.register_parameter(p.name, parameter)
+    return frozen
 
 
 def _rebind_patched_methods(model: nn.Module, memo: dict[int, object]) -> None:
@@ -296,7 +305,8 @@ def build_replica(model: nn.Module, *, fold: bool = True) -> Replica:
     """Copy ``model``'s structure (inside its wrappers) onto the meta device without touching its data."""
     flattened = [p for unit in model.modules() for p in fsdp1_flattened_parameters(unit)]
     model = unwrap_model(model)
-    keep, multiplicity = _fold_plan(model) if fold else ({}, {})
+    shapes = ComputeShapes(model)
+    keep, multiplicity = _fold_plan(model, shapes) if fold else ({}, {})
     placeholder = nn.Module()
     memo: dict[int, object] = {}
     dropped: set[int] = set()
@@ -328,7 +338,7 @@ def build_replica(model: nn.Module, *, fold: bool = True) -> Replica:
         elif _refuses_deepcopy(module):
             _copy_as_plain_module(module, memo)
     replica = copy.deepcopy(model, memo)
-    _unflatten(flattened, memo)
+    frozen = _unflatten(flattened, memo)
     _rebind_patched_methods(model, memo)
 
     for container_id in keep:
@@ -356,4 +366,9 @@ def build_replica(model: nn.Module, *, fold: bool = True) -> Replica:
             folded_multiplicity[id(copied)] = multiplicity[id(original)]
     folded = [f"{names[i]} x{n}" for i, n in folded_multiplicity.items()]
     parameter_ids = {id(p) for p in replica.parameters()}
-    return Replica(replica, names, folded_multiplicity, parameter_ids, folded, declarations)
+    shards = {
+        id(memo[id(p)]): shard
+        for p in model.parameters()
+        if id(memo.get(id(p))) in parameter_ids and (shard := shapes.shard(p)) is not None
+    }
+    return Replica(replica, names, folded_multiplicity, parameter_ids, folded, declarations, shards, frozen)

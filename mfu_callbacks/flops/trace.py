@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 from torch.utils.flop_counter import flop_registry
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .._torch_internals import (
     ASSERTION,
@@ -38,6 +39,7 @@ from .._torch_internals import (
 )
 from .components import ATTENTION_SCORES, classify, component_of_parameter, windowed_scores
 from .isolation import tensors_in
+from .sharding import Shard
 
 aten = torch.ops.aten
 
@@ -85,8 +87,12 @@ class MatmulRecorder(TorchDispatchMode):
     a module's multiplicity scales ops inside a module that stands for several identical ones.
     Inside a module with declared FLOPs (``enter_declared``) no op is recorded: the declaration is.
     ``windows`` maps the path of an attention module with a window of keys to that window's slot:
-    its scores and values are recorded as ``windowed_scores(slot)``. ``finish`` turns the record
-    into per-component totals.
+    its scores and values are recorded as ``windowed_scores(slot)``. ``shards`` (parameter id ->
+    ``Shard``) names the weights this rank multiplies with only part of (tensor parallel): a matmul
+    with one counts the rank's share, and so does every matmul of activations that derive from its
+    output alone (``sharding.py``). ``frozen``: parameters that require a gradient in the step although
+    frozen (FSDP1 flattens them with trainable ones): their gradients are hardware FLOPs only.
+    ``finish`` turns the record into per-component totals.
     """
 
     def __init__(
@@ -94,9 +100,15 @@ class MatmulRecorder(TorchDispatchMode):
         parameter_ids: set[int],
         owners: Mapping[int, tuple[str, ...]] | None = None,
         windows: Mapping[str, int] | None = None,
+        shards: Mapping[int, Shard] | None = None,
+        frozen: set[int] | None = None,
     ) -> None:
         super().__init__()
         self._parameter_ids = parameter_ids
+        self._frozen = frozen or set()  # parameters that require a gradient although frozen (FSDP1)
+        self._shards = shards or {}
+        # The share of each tensor this rank holds where it is a part (tensor parallel): absent means all.
+        self._held: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self._owners = owners or {}
         self._windows = windows or {}
         self._stack: list[tuple[str, str, int]] = []  # (path, class name, multiplicity)
@@ -263,7 +275,7 @@ class MatmulRecorder(TorchDispatchMode):
         if not isinstance(tensor, torch.Tensor) or not tensor.requires_grad:
             return False
         if tensor.grad_fn is None:
-            return self._is_parameter(tensor)
+            return self._is_trainable(tensor)
         return self._reaches_parameter(tensor.grad_fn)
 
     def _reaches_parameter(self, root: Any) -> bool:
@@ -280,7 +292,7 @@ class MatmulRecorder(TorchDispatchMode):
                     continue
                 known = memo.get(child)
                 if known is None and not child.next_functions:  # AccumulateGrad: the leaf it fills
-                    known = memo[child] = self._is_parameter(getattr(child, "variable", None))
+                    known = memo[child] = self._is_trainable(getattr(child, "variable", None))
                 if known is None:
                     stack.append((child, iter(child.next_functions)))
                     break
@@ -310,6 +322,14 @@ class MatmulRecorder(TorchDispatchMode):
             totals[component].recompute += flops
         return dict(totals)
 
+    def _is_trainable(self, tensor: object) -> bool:
+        """A parameter the model trains: not a frozen one that asks for a gradient (``frozen``)."""
+        return (
+            isinstance(tensor, torch.Tensor)
+            and self._is_parameter(tensor)
+            and id(view_base(tensor)) not in self._frozen
+        )
+
     def _is_parameter(self, tensor: object) -> bool:
         if not isinstance(tensor, torch.Tensor):
             return False
@@ -327,6 +347,7 @@ class MatmulRecorder(TorchDispatchMode):
         out = func(*_on_meta(args), **kwargs)
         if func is ASSERTION:
             self._assertions[id(out)] = out  # held, so that its id is not reused during the probe
+        local = self._local_share(func, args, kwargs, out) if self._shards else 1.0
         if self._declared:
             return out
         if func in _OPERANDS:
@@ -340,15 +361,38 @@ class MatmulRecorder(TorchDispatchMode):
             weight = self._weight
             self.record(
                 self._component(activation, (first, second)),
-                forward * weight,
-                forward * needed * weight,
+                forward * weight * local,
+                forward * needed * weight * local,
                 out,
-                forward * forced * weight,
+                forward * forced * weight * local,
             )
         elif func in FUSED_ATTENTION:
             query, key, value = args[:3]
-            self.record_attention(query, key, value, out[0])
+            self.record_attention(query, key, value, out[0], local=local)
         return out
+
+    def _local_share(self, func: Any, args: tuple, kwargs: dict, out: Any) -> float:
+        """The share of this op that the rank runs, and (noted on its outputs) the share of them it holds.
+
+        A matmul with a sharded weight runs the weight's share; its output is held in that share when
+        the weight is split along the output's dimension (column-wise), whole when along the contracted
+        one (row-wise: the partial sums are reduced). Any other op runs on, and holds, the least share
+        of its inputs: a part derived from a part, combined with whole tensors, stays that part.
+        """
+        held = min((self._held.get(t, 1.0) for t in tensors_in((args, kwargs))), default=1.0)
+        local = output_held = held
+        if func in _OPERANDS and func not in _CONVOLUTIONS:
+            first, second = (args[i] for i in _OPERANDS[func])
+            for operand, output_dim in ((second, -1), (first, -2)):
+                shard = self._shards.get(id(view_base(operand)))
+                if shard is not None:
+                    local = shard.fraction
+                    output_held = shard.fraction if shard.splits(operand, output_dim) else 1.0
+                    break
+        if output_held < 1.0:
+            for tensor in tensors_in(out):
+                self._held[tensor] = output_held
+        return local
 
     def record_attention(
         self,
@@ -357,9 +401,12 @@ class MatmulRecorder(TorchDispatchMode):
         value: torch.Tensor,
         output: torch.Tensor,
         share: float = 1.0,
+        *,
+        local: float = 1.0,
     ) -> None:
-        """A fused attention kernel of the current module, of which the kernel computes ``share``."""
-        forward = _attention_flops(query, key, value)
+        """A fused attention kernel of the current module, of which the kernel computes ``share``; the
+        rank runs ``local`` of it (its heads, under tensor parallel)."""
+        forward = _attention_flops(query, key, value) * local
         grad = torch.is_grad_enabled()
         backward = _attention_backward(forward, *(grad and self.trains(t) for t in (query, key, value)))
         runs = _attention_backward(forward, *(grad and _requires_grad(t) for t in (query, key, value)))
