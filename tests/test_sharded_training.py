@@ -268,3 +268,47 @@ def test_lightning_model_parallel_strategy_fsdp2(lightning_run, global_step_flop
 def test_fsdp1_as_lightning_fsdp_strategy_wraps_it(lightning_run, global_step_flops):
     check_rows(lightning_run["fsdp1_rows"], "", global_step_flops, integration=False)
     assert lightning_run["fsdp1_layout"] == {**FSDP2_ON_TWO, "engine": "fsdp1"}
+
+
+@pytest.fixture(scope="module")
+def scale_out_rows() -> dict[str, dict]:
+    """``benchmarks/bench_scale_out.py --engine all --smoke``: the five engines in one launch."""
+    benchmarks = Path(__file__).parent.parent / "benchmarks"
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(benchmarks / "bench_scale_out.py"),
+        "--engine",
+        "all",
+        "--smoke",
+    ]
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL, cwd=benchmarks
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = [json.loads(line.split(" ", 1)[1]) for line in result.stdout.splitlines() if line.startswith("RESULT")]
+    return {row["engine"]: row for row in rows}
+
+
+def test_the_scale_out_benchmark_runs_every_engine(scale_out_rows):
+    assert sorted(scale_out_rows) == ["ddp", "fsdp1", "fsdp2", "fsdp2_tp", "tp"]
+    for row in scale_out_rows.values():
+        assert row["world_size"] == 2
+        assert row["tokens_ratio"] == pytest.approx(1.0), row  # a TP pair's batch counts once
+        assert row["logged_mfu"] > 0 and row["truth_mfu"] > 0
+    for engine in ("ddp", "fsdp1", "fsdp2"):  # each rank runs the whole model on its own batch
+        assert scale_out_rows[engine]["flops_ratio"] == pytest.approx(1.0, rel=0.01)
+    layouts = {engine: row["parallelism"] for engine, row in scale_out_rows.items()}
+    assert [layouts[e]["engine"] for e in ("ddp", "fsdp1", "fsdp2", "tp", "fsdp2_tp")] == [
+        "ddp",
+        "fsdp1",
+        "fsdp2",
+        "none",
+        "fsdp2",
+    ]
+    assert (layouts["tp"]["tensor_parallel"], layouts["tp"]["data_parallel"]) == (2, 1)
+    assert (layouts["fsdp2_tp"]["tensor_parallel"], layouts["fsdp2_tp"]["fsdp_shard"]) == (2, 1)
