@@ -73,7 +73,9 @@ def wrap(model: nn.Module, engine: str, device: torch.device, world: int, tp: in
 
     layer_type = type(model.model.layers[0])
     if engine == "ddp":
-        return nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        return nn.parallel.DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None
+        )
     if engine == "fsdp1":
         from torch.distributed.fsdp import FullyShardedDataParallel
         from torch.distributed.fsdp.wrap import ModuleWrapPolicy
@@ -103,7 +105,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--engine", choices=(*ENGINES, "all"), required=True)
     parser.add_argument("--size", choices=sorted(SIZES), default="mid")
-    parser.add_argument("--tp", type=int, default=2, help="tensor-parallel degree of fsdp2_tp (tp takes every rank)")
+    parser.add_argument(
+        "--tp", type=int, default=2, help="tensor-parallel degree of fsdp2_tp (tp takes every rank)"
+    )
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--measured", type=int, default=20)
     parser.add_argument("--peak-tflops", type=float, default=None, help="default: the peak table's")
@@ -133,7 +137,9 @@ def measure(engine: str, args: argparse.Namespace, device: torch.device) -> dict
     """Train ``engine``'s wrapped model and measure it; rank 0 returns the row, the others None."""
     cuda = device.type == "cuda"
     rank, world = dist.get_rank(), dist.get_world_size()
-    tp = {"tp": world, "fsdp2_tp": args.tp}.get(engine, 1)  # tensor parallelism alone: one data-parallel group
+    tp = {"tp": world, "fsdp2_tp": args.tp}.get(
+        engine, 1
+    )  # tensor parallelism alone: one data-parallel group
     if world % tp:
         raise SystemExit(f"--tp {tp} does not divide the {world} ranks")
     dp_group = rank // tp  # the mesh is (data parallel, tp), rank-major
@@ -176,7 +182,6 @@ def measure(engine: str, args: argparse.Namespace, device: torch.device) -> dict
     logged = meter.metrics()
     layout = meter.parallelism.as_config()
     peak = meter.peak.flops if meter.peak is not None else None
-    del wrapped, optimizer, meter
     if rank != 0:
         return None
 

@@ -181,7 +181,9 @@ class MFUMeter:
                 logger.debug("mfu_callbacks: could not read the parallel layout", exc_info=True)
                 rank = distributed.rank()
                 self._parallelism = Parallelism(
-                    world_size=distributed.world_size(), data_parallel=distributed.world_size(), batch_group=(rank,)
+                    world_size=distributed.world_size(),
+                    data_parallel=distributed.world_size(),
+                    batch_group=(rank,),
                 )
         return self._parallelism
 

@@ -86,7 +86,7 @@ class Parallelism:
 
 
 def role_of_dimension(name: str | None) -> str:
-    """"tensor", "pipeline", "data" or "context" for a mesh dimension name; "data" when unknown."""
+    """ "tensor", "pipeline", "data" or "context" for a mesh dimension name; "data" when unknown."""
     lowered = (name or "").lower()
     for keys, role in _ROLE_OF_NAME:
         if any(key in lowered for key in keys):

@@ -120,11 +120,16 @@ def _layouts(rank: int) -> dict:
         "ddp": DistributedDataParallel(Block()),
     }
     found = {name: parallelism.detect(model) for name, model in layouts.items()}
-    report = {name: {**layout.as_config(), "batch_group": list(layout.batch_group)} for name, layout in found.items()}
+    report = {
+        name: {**layout.as_config(), "batch_group": list(layout.batch_group)}
+        for name, layout in found.items()
+    }
 
     # The meter on the FSDP2 x TP model, with a fake engine and clock: what it logs.
     clock = FakeClock()
-    meter = MFUMeter(both, engine=FakeEngine(), peak=FakePeak(), timer=StepTimer(0, clock=clock, force_cpu=True))
+    meter = MFUMeter(
+        both, engine=FakeEngine(), peak=FakePeak(), timer=StepTimer(0, clock=clock, force_cpu=True)
+    )
     for _ in range(STEPS):
         run_step(meter, clock, batch(TOKENS), seconds=STEP_SECONDS[rank])
     report["metrics"] = meter.metrics()

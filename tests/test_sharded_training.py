@@ -193,7 +193,15 @@ def launch(script: str, folder: Path) -> dict:
             tests=str(Path(__file__).parent), out=str(folder / "out"), rows=ROWS, steps=STEPS
         )
     )
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(path)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(path),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stderr[-4000:]
     line = next(line for line in result.stdout.splitlines() if line.startswith("RESULT"))
@@ -230,14 +238,22 @@ def check_rows(rows: list[dict], prefix: str, step_flops: int, *, integration: b
             assert row[prefix + "mfu_status"] == 1
         # Both GPUs: tokens per second over the job and per GPU.
         assert row[prefix + "tokens_per_sec"] / row[prefix + "tokens_per_sec_per_gpu"] == pytest.approx(2)
-        assert row[prefix + "tokens_per_sec"] * row[prefix + "step_time"] == pytest.approx(WORLD_SIZE * ROWS * SEQ)
+        assert row[prefix + "tokens_per_sec"] * row[prefix + "step_time"] == pytest.approx(
+            WORLD_SIZE * ROWS * SEQ
+        )
         # Per step: FLOP/s per GPU x seconds per step x GPUs.
         logged = row[prefix + "tflops_per_gpu"] * 1e12 * row[prefix + "step_time"] * WORLD_SIZE
         assert logged == pytest.approx(step_flops, rel=0.01)
         assert row[prefix + "mfu"] == pytest.approx(row[prefix + "tflops_per_gpu"] / 0.5)
 
 
-FSDP2_ON_TWO = {"engine": "fsdp2", "data_parallel": 2, "fsdp_shard": 2, "dp_replicate": 1, "tensor_parallel": 1}
+FSDP2_ON_TWO = {
+    "engine": "fsdp2",
+    "data_parallel": 2,
+    "fsdp_shard": 2,
+    "dp_replicate": 1,
+    "tensor_parallel": 1,
+}
 
 
 def check_summary(summary: dict, dimension: str) -> None:
@@ -290,7 +306,9 @@ def scale_out_rows() -> dict[str, dict]:
         command, capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL, cwd=benchmarks
     )
     assert result.returncode == 0, result.stderr[-4000:]
-    rows = [json.loads(line.split(" ", 1)[1]) for line in result.stdout.splitlines() if line.startswith("RESULT")]
+    rows = [
+        json.loads(line.split(" ", 1)[1]) for line in result.stdout.splitlines() if line.startswith("RESULT")
+    ]
     return {row["engine"]: row for row in rows}
 
 
