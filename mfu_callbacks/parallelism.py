@@ -173,11 +173,12 @@ def _ranks_sharing_batch(mesh: Any, names: tuple[str | None, ...], rank: int) ->
 
 
 def _engine(model: nn.Module) -> str:
-    """The data-parallel wrapper found in the model, outermost first."""
+    """The data-parallel wrapper found in the model, outermost first (a compiled model's original
+    module is one of its submodules)."""
     from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
     from torch.nn.parallel import DistributedDataParallel
 
-    for module in _modules_through_wrappers(model):
+    for module in model.modules():
         if isinstance(module, FSDPModule):
             return "fsdp2"
         if isinstance(module, FullyShardedDataParallel):
@@ -185,14 +186,6 @@ def _engine(model: nn.Module) -> str:
         if isinstance(module, DistributedDataParallel):
             return "ddp"
     return "none"
-
-
-def _modules_through_wrappers(model: nn.Module) -> Iterator[nn.Module]:
-    """The modules of ``model``, and of the module a compiled model wraps (``_orig_mod``)."""
-    yield from model.modules()
-    original = getattr(model, "_orig_mod", None)
-    if isinstance(original, nn.Module):
-        yield from original.modules()
 
 
 def _fsdp1_shard_size(model: nn.Module) -> int:
