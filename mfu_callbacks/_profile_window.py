@@ -23,8 +23,10 @@ import torch
 from torch import nn
 
 from . import attribution
+from ._torch_internals import profiler_running
 from .attribution import Breakdown, Kernel
 from .flops.components import ATTENTION_SCORES, classify
+from .flops.engine import is_compiled
 
 logger = logging.getLogger("mfu_callbacks")
 
@@ -59,7 +61,7 @@ def profiler_unavailable() -> str | None:
         from torch.profiler import profile  # noqa: F401 - availability only
     except ImportError as error:  # a build without the profiler
         return f"torch.profiler cannot be imported ({error})"
-    if torch.autograd.profiler._is_profiler_enabled or torch._C._autograd._profiler_enabled():
+    if profiler_running():
         return "another profiler is already running in this process"
     return None
 
@@ -207,7 +209,7 @@ def _synchronize(device: torch.device) -> None:
 
 def _label_components(model: nn.Module, open_ranges: list[Any]) -> list[Any]:
     """Forward hooks that run each parameter-owning or attention module inside a range naming its component."""
-    if _is_compiled(model):
+    if is_compiled(model):
         return []  # hooks would make the compiled graph recompile: its matmuls stay unattributed
     hooks = []
     classes: dict[str, list[str]] = {"": [type(model).__name__]}
@@ -233,10 +235,6 @@ def _label_components(model: nn.Module, open_ranges: list[Any]) -> list[Any]:
         hooks.append(module.register_forward_pre_hook(enter))
         hooks.append(module.register_forward_hook(leave))
     return hooks
-
-
-def _is_compiled(model: nn.Module) -> bool:
-    return type(model).__name__ == "OptimizedModule" or hasattr(model, "_orig_mod")
 
 
 # -- from the trace to kernels -----------------------------------------------------------------------

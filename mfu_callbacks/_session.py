@@ -267,6 +267,7 @@ class MeterSession:
             model=self._model,
             device=str(meter.device),
             dtype=meter.peak.dtype if meter.peak is not None else None,
+            parallelism=meter.parallelism.as_config(),
         )
 
     def summary(self) -> dict[str, float]:

@@ -255,10 +255,16 @@ COMPILED_ORIGINAL = "_orig_mod"
 # Module.compile() compiles in place and keeps the compiled call here.
 COMPILED_IN_PLACE = "_compiled_call_impl"
 
+
 # -- activation checkpointing ----------------------------------------------------------------------
 # Every caller of torch.utils.checkpoint.checkpoint (transformers holds it in a functools.partial,
 # FSDP's CheckpointWrapper too) ends in one of two module-level names that checkpoint() looks up
 # when it runs: CheckpointFunction (reentrant) and _checkpoint_without_reentrant_generator.
+def profiler_running() -> bool:
+    """Whether a torch profiler (autograd's or kineto's) is already collecting in this process."""
+    return bool(torch.autograd.profiler._is_profiler_enabled or torch._C._autograd._profiler_enabled())
+
+
 _REENTRANT = "CheckpointFunction"
 _NON_REENTRANT = "_checkpoint_without_reentrant_generator"
 # set_checkpoint_early_stop (public) sets this; when not None it overrides the early_stop argument.

@@ -48,15 +48,22 @@ class Window:
     last_hardware_flops: float = 0.0
     wall_seconds: float = 0.0  # step + input wait seconds of the slowest rank (the others wait for it)
     steps: float = 0.0
-    # Mean step time (without input wait) of the slowest and fastest rank. Under synchronous data
-    # parallelism a rank that is late with its batch makes the others wait inside their steps (in
-    # the gradient all-reduce): the spread of step times, not of iteration times, shows it.
-    # A rank without steps has no say: -inf and inf.
+    # Mean step time (without input wait) of the slowest and fastest data-parallel group. Under
+    # synchronous data parallelism a group that is late with its batch makes the others wait inside
+    # their steps (in the gradient reduction): the spread of step times, not of iteration times,
+    # shows it. A group is the ranks that run one batch (a tensor-, context- or pipeline-parallel
+    # group; each rank alone otherwise): they wait for each other within the step, so a group's
+    # time is its slowest member's, and only groups are compared. A rank without steps has no say.
     step_time_max: float = -math.inf
     step_time_min: float = math.inf
     last_step_seconds: float = 0.0
     # Ranks whose meter failed: they still take part in the reduction, so no rank waits for them.
     failed_ranks: float = 0.0
+    # This rank's place in the job (see ``mfu_callbacks.parallelism``): its data-parallel group,
+    # named by the group's lowest rank, and how many ranks of that group run the same batch (the
+    # tensor-parallel degree), whose tokens are counted once.
+    group: int = 0
+    batch_replicas: int = 1
 
 
 def rank_window(
@@ -101,30 +108,39 @@ _SUMMED_OVER_RANKS = (
     "last_hardware_flops",
     "failed_ranks",
 )
-_SLOWEST_RANK = ("wall_seconds", "steps", "step_time_max", "last_step_seconds")
-_FASTEST_RANK = ("step_time_min",)  # a maximum over negated values
+_SLOWEST_RANK = ("wall_seconds", "steps", "last_step_seconds")
+_ONE_PER_BATCH = ("tokens", "padded_tokens")  # counted by every rank that runs the batch
 
 
 def combine_ranks(local: Window) -> Window:
     """The window of all ranks: one summing and one maximising all-reduce, the same on every rank.
 
-    Without a process group the other ``world_size - 1`` ranks are assumed to do what this one did.
+    The maximum also takes each data-parallel group's step time (a vector with one slot per rank,
+    filled by the group's members at the slot of its lowest rank), from which the slowest and the
+    fastest group are read. Without a process group the other ``world_size - 1`` ranks are assumed
+    to do what this one did.
     """
     if not distributed.is_distributed():
         assumed: dict[str, Any] = {
             name: getattr(local, name) * local.world_size for name in _SUMMED_OVER_RANKS
         }
         return replace(local, **assumed)
-    sums = [getattr(local, name) for name in _SUMMED_OVER_RANKS]
-    maxima = [getattr(local, name) for name in _SLOWEST_RANK] + [
-        -getattr(local, name) for name in _FASTEST_RANK
+    sums = [
+        getattr(local, name) / (local.batch_replicas if name in _ONE_PER_BATCH else 1)
+        for name in _SUMMED_OVER_RANKS
     ]
+    groups = [-math.inf] * local.world_size
+    if math.isfinite(local.step_time_max) and 0 <= local.group < local.world_size:
+        groups[local.group] = local.step_time_max
+    maxima = [getattr(local, name) for name in _SLOWEST_RANK] + groups
     sums, maxima = distributed.sum_and_max_over_ranks(sums, maxima)
-    slowest, negated_fastest = maxima[: len(_SLOWEST_RANK)], maxima[len(_SLOWEST_RANK) :]
+    slowest, group_times = maxima[: len(_SLOWEST_RANK)], maxima[len(_SLOWEST_RANK) :]
+    timed = [seconds for seconds in group_times if math.isfinite(seconds)]
     combined: dict[str, Any] = {
         **dict(zip(_SUMMED_OVER_RANKS, sums)),
         **dict(zip(_SLOWEST_RANK, slowest)),
-        **{name: -value for name, value in zip(_FASTEST_RANK, negated_fastest)},
+        "step_time_max": max(timed, default=-math.inf),
+        "step_time_min": min(timed, default=math.inf),
     }
     return replace(local, **combined)
 

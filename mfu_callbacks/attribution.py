@@ -57,7 +57,7 @@ _CHANGES: Mapping[str, str] = {
 _MATMUL_CHANGES: Mapping[str, str] = {
     "head": "a larger micro-batch (more tokens per matmul)",
     "adapters": "a larger micro-batch, or adapters on fewer modules (their small matmuls run far below peak)",
-    "experts": "grouped matmuls for the experts (torch._grouped_mm, MegaBlocks) and a larger micro-batch",
+    "experts": "grouped matmuls for the experts (MegaBlocks, or torch's grouped matmul) and a larger micro-batch",
     "router": "a larger micro-batch",
 }
 _DEFAULT_MATMUL_CHANGE = "a larger micro-batch or longer sequences (larger matmuls run closer to peak)"

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from . import _validate, distributed, metrics
+from . import _validate, distributed, metrics, parallelism
 from ._profile_window import ProfileWindow
 from ._recorder import StepRecorder
 from ._window import RunTotals, Window, combine_ranks, rank_window
@@ -35,6 +35,7 @@ from .diagnostics import Diagnosis, Diagnostics
 from .diagnostics.measured import MatmulTime
 from .flops import FlopEngine, Forward, StepFlops, TokenCounter
 from .flops.features import NUM_FEATURES
+from .parallelism import Parallelism
 from .precision import AutocastWatch, detect_compute_dtype
 from .timer import StepTimer
 
@@ -112,6 +113,7 @@ class MFUMeter:
         self._profiling = False  # whether the open step is profiled
         self._run = RunTotals()
         self._run_features: torch.Tensor | None = None  # summed features of every step read so far
+        self._parallelism: Parallelism | None = None  # read from the model at the first read
         # Autocast is entered around the forward, after the meter is built: look at the first forward
         # and (unless the dtype or peak was given) pick the peak of the dtype the matmuls really run in.
         self._repick_peak = dtype is None and peak is None
@@ -239,6 +241,25 @@ class MFUMeter:
         features, engine = self._run_features, self.engine
         return engine.evaluate(features) if features is not None and engine is not None else None
 
+    @property
+    def parallelism(self) -> Parallelism:
+        """How the job splits its work (data-parallel size, TP/FSDP degrees), read from the model once.
+
+        Read at the first metrics read, when every wrapper (FSDP, DTensor parameters) is in place.
+        """
+        if self._parallelism is None:
+            try:
+                self._parallelism = parallelism.detect(self._model)
+            except Exception:  # noqa: BLE001 - an unreadable layout: each rank is its own data-parallel group
+                logger.debug("mfu_callbacks: could not read the parallel layout", exc_info=True)
+                rank = distributed.rank()
+                self._parallelism = Parallelism(
+                    world_size=distributed.world_size(),
+                    data_parallel=distributed.world_size(),
+                    batch_group=(rank,),
+                )
+        return self._parallelism
+
     def diagnostics(self) -> list[Diagnosis]:
         """Every diagnosis fired so far (each at most once per run); checked when metrics are read."""
         return list(self._diagnostics.fired)
@@ -260,6 +281,8 @@ class MFUMeter:
                 if self._recorder.unread_steps:
                     self._diagnostics.sample_clock(self.device)
                 local = self._local_window(world)
+                layout = self.parallelism
+                local = replace(local, group=layout.group_id, batch_replicas=layout.tensor_parallel)
             except Exception as error:  # noqa: BLE001 - re-raised after the collective
                 local, failure = Window(world_size=world, failed_ranks=1.0), error
             window = combine_ranks(local)

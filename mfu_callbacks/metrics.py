@@ -8,15 +8,17 @@ key                        meaning
 ``mfu``                    model FLOPs per GPU per second over the dense peak (a fraction); needs a peak
 ``hfu``                    the same with hardware FLOPs: padding and activation-checkpoint recompute included
 ``tflops_per_gpu``         model TFLOP/s achieved per GPU
-``tokens_per_sec``         real (non-padding) tokens per second, all GPUs together
+``tokens_per_sec``         real (non-padding) tokens per second, all GPUs together (a batch that a
+                           tensor-parallel group runs together counts once)
 ``tokens_per_sec_per_gpu`` the same per GPU
 ``step_time``              mean seconds per optimizer step, the input wait before it included
 ``padding_fraction``       share of computed tokens that were padding
 ``input_wait_fraction``    share of iteration time the device waited for the next batch
 ``mfu_last_step``          MFU of the window's last step alone
 ``hfu_last_step``          HFU of the window's last step alone
-``step_time_max``          slowest rank's mean step time, input wait excluded (distributed runs only)
-``step_time_min``          fastest rank's mean step time, input wait excluded (distributed runs only)
+``step_time_max``          slowest data-parallel group's mean step time, input wait excluded (distributed runs
+                           only); a group is the ranks that run one batch (tensor parallel), else one rank
+``step_time_min``          fastest data-parallel group's mean step time, the same way
 ``mfu_status``             whether ``mfu`` is in the row, and if not why: a code of ``MFUStatus`` below
 =========================  ==============================================================================
 

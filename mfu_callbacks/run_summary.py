@@ -25,7 +25,11 @@ The document (``FORMAT_VERSION`` 1)::
 
     {"format": "mfu-callbacks run summary", "format_version": 1,
      "setup": {"device": "NVIDIA H100 SXM", "peak_tflops": 989.4, "peak_source": "NVIDIA H100 ...",
-               "dtype": "bf16", "world_size": 8, "model_flops_per_token": 4.3e9,
+               "dtype": "bf16", "world_size": 8,
+               "parallelism": {"engine": "fsdp2", "data_parallel": 4, "fsdp_shard": 4,
+                               "dp_replicate": 1, "tensor_parallel": 2,
+                               "mesh": {"dp_shard": 4, "tp": 2}},
+               "model_flops_per_token": 4.3e9,
                "flops_breakdown_per_token": {"linear": 4.0e9, "attention": 2.9e8},
                "model": {"architecture": "LlamaForCausalLM", "parameters": 6738415616,
                          "trainable_parameters": 4194304,
@@ -198,6 +202,7 @@ def describe_setup(
     model: nn.Module | None = None,
     device: str | torch.device | None = None,
     dtype: str | None = None,
+    parallelism: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The setup keys of a run summary, from what the meter knows; a key is left out when unknown.
 
@@ -207,6 +212,8 @@ def describe_setup(
         ``model_flops_per_token``, real tokens only, and ``flops_breakdown_per_token``).
     model: the trained model, any wrapper (gives ``model``: architecture, parameter counts, LoRA).
     device / dtype: for a run without a peak (an unknown GPU): the device name and the compute dtype.
+    parallelism: ``MFUMeter.parallelism.as_config()``: the data-parallel size and the model-parallel
+        degrees (``tensor_parallel``, ``fsdp_shard``, ``dp_replicate``), the engine and the mesh.
     """
     setup: dict[str, Any] = {}
     if device is not None:
@@ -219,6 +226,8 @@ def describe_setup(
         )
     if world_size is not None:
         setup["world_size"] = int(world_size)
+    if parallelism is not None:
+        setup["parallelism"] = dict(parallelism)
     if flops is not None and flops.tokens > 0:
         setup["model_flops_per_token"] = flops.model_flops / flops.tokens
         setup["flops_breakdown_per_token"] = {

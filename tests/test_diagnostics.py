@@ -410,9 +410,16 @@ def pretend_two_ranks(monkeypatch, other_rank_slower_by: float) -> None:
     slower = 1.0 + other_rank_slower_by
 
     def sum_and_max(sums: Sequence[float], maxima: Sequence[float]) -> tuple[list[float], list[float]]:
-        wall, steps, step_max, last, negated_min = maxima
-        other = [wall * slower, steps, step_max * slower, last * slower, negated_min * slower]
-        return [2 * value for value in sums], [max(mine, theirs) for mine, theirs in zip(maxima, other)]
+        # The slowest rank's wall time, steps and last step, then one step time per data-parallel
+        # group (a slot per rank): this rank fills slot 0, the other rank slot 1.
+        wall, steps, last, mine, _ = maxima
+        return [2 * value for value in sums], [
+            wall * slower,
+            steps,
+            last * slower,
+            mine,
+            mine * slower,
+        ]
 
     monkeypatch.setattr(distributed, "is_distributed", lambda: True)
     monkeypatch.setattr(distributed, "world_size", lambda: 2)

@@ -3,8 +3,10 @@ user hooks and memory."""
 
 from __future__ import annotations
 
+import functools
 import random
 import types
+from typing import Any
 
 import numpy
 import pytest
@@ -142,6 +144,33 @@ def test_a_compiled_method_put_on_the_instance_runs_uncompiled_on_the_copy(lengt
     batch = (torch.randn(2, length, 8),)
     estimate = FlopEngine.from_model(model, batch).estimate(batch)
     assert estimate.model_flops == step_truth(model, batch, lambda m, b: bound(b[0]).sum())
+
+
+@pytest.mark.parametrize("length", [5, 9])
+def test_a_wrapper_bound_around_the_modules_own_method_runs_that_method_on_the_copy(length):
+    # FSDP2's register_fsdp_forward_method (the HF Trainer registers "generate"): a function wrapping
+    # the module's bound method, bound to the module in its place; the method itself decorated (as
+    # generate is, by torch.no_grad), so that unwrapping all the way ends at a plain function.
+    model = Doubled()
+
+    def decorated(function: Any) -> Any:
+        @functools.wraps(function)
+        def call(*args: Any) -> Any:
+            return function(*args)
+
+        return call
+
+    model.forward = types.MethodType(decorated(through_both), model)
+    original = model.forward
+
+    @functools.wraps(original)
+    def wrapped(self: Doubled, *args: Any) -> torch.Tensor:
+        return original(*args)
+
+    model.forward = wrapped.__get__(model, type(model))
+    batch = (torch.randn(2, length, 8),)
+    estimate = FlopEngine.from_model(model, batch).estimate(batch)
+    assert estimate.model_flops == step_truth(model, batch, lambda m, b: m(b[0]).sum())
 
 
 def test_a_forward_closing_over_the_model_is_refused_by_name():

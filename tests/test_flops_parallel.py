@@ -40,7 +40,7 @@ from mfu_callbacks._torch_internals import TorchDispatchMode
 from mfu_callbacks.flops import FlopEngine, ModelIntrospectionError
 from mfu_callbacks.flops.engine import is_sharded, observe_step, token_counting
 from mfu_callbacks.flops.sharding import local_shape
-from mfu_callbacks.parallelism import parallelism
+from mfu_callbacks.parallelism import detect
 from mfu_callbacks.testing import causal_lm, reference_step_flops
 
 LENGTHS = (16, 24)
@@ -278,7 +278,7 @@ def _rank_main(rank: int, world_size: int, init_file: str, out_dir: str) -> None
             started = time.monotonic()
             try:
                 model = build()
-                layout = parallelism(model)
+                layout = detect(model)
                 measured = _measure(model, rank // tp, name in WITH_FLOP_COUNTER_MODE)
                 report[name] = {"tp": tp, "data_rank": rank // tp, **measured}
                 report[name]["parallelism"] = [layout.tensor_parallel, layout.data_parallel, layout.sharding]
@@ -485,7 +485,7 @@ def test_the_layout_is_read_from_the_model(reports, world_size, name):
 
 
 def test_a_plain_model_has_no_parallel_layout():
-    layout = parallelism(causal_lm(**MODEL))
+    layout = detect(causal_lm(**MODEL))
     assert (layout.world_size, layout.tensor_parallel, layout.data_parallel, layout.sharding) == (
         1,
         1,

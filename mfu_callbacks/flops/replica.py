@@ -240,8 +240,8 @@ def _rebind_patched_methods(model: nn.Module, memo: dict[int, object]) -> None:
     """Methods replaced on an instance (``module.forward = ...``) run on the copy's own module.
 
     A bound method is rebound by the copy itself. A wrapper around one (``torch.compile``'s, as
-    Lightning puts on ``forward`` and ``training_step`` of a compiled LightningModule) is unwrapped
-    to that method, rebound: the same code, uncompiled, whose FLOPs are the same. A function that
+    Lightning puts on ``forward`` and ``training_step`` of a compiled LightningModule; FSDP2's around
+    ``generate``, as the HF Trainer registers it) is unwrapped to that method, rebound: the same code, uncompiled, whose FLOPs are the same. A function that
     holds a module of the model any other way (a closure) would run on the real tensors: refused.
     """
     originals = {id(module) for module in model.modules()}
@@ -256,7 +256,9 @@ def _rebind_patched_methods(model: nn.Module, memo: dict[int, object]) -> None:
                 or not callable(getattr(type(module), attribute, None))
             ):
                 continue
-            method = inspect.unwrap(value)
+            # Down to the first method bound to a module under the value: FSDP2's
+            # register_fsdp_forward_method binds a wrapper around the module's own bound method.
+            method = inspect.unwrap(value, stop=functools.partial(_bound_below, value))
             owner = getattr(method, "__self__", None)
             if isinstance(owner, nn.Module) and id(owner) in originals:
                 setattr(copied, attribute, types.MethodType(method.__func__, memo[id(owner)]))
@@ -267,6 +269,11 @@ def _rebind_patched_methods(model: nn.Module, memo: dict[int, object]) -> None:
                     "holds the model itself (a closure): on the meta-device copy it would run the real model on its "
                     "real tensors"
                 )
+
+
+def _bound_below(top: object, function: object) -> bool:
+    """Whether ``function``, found under ``top`` while unwrapping it, is a method bound to a module."""
+    return function is not top and isinstance(getattr(function, "__self__", None), nn.Module)
 
 
 def _holds_module(function: object, originals: set[int]) -> bool:
