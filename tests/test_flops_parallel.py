@@ -13,9 +13,10 @@ that rank's real forward and backward, at two sequence lengths:
   the fake-tensor ops DTensor runs to propagate shardings. It equals ``FlopCounterMode`` on a plain
   model built with one rank's share of the heads and MLP width, and wherever no DTensor op runs.
 
-The ranks' sum is checked against ``FlopCounterMode`` on an unsharded model running the global
-batch (each data-parallel group's batch once) in one process, plus the work tensor-parallel ranks
-genuinely repeat: a replicated LM head runs whole on each of them, tp - 1 extra times per batch.
+The ranks' sum of model FLOPs is checked against ``FlopCounterMode`` on an unsharded model running
+the global batch (each data-parallel group's batch once) in one process; their sum of hardware
+FLOPs adds the work tensor-parallel ranks genuinely repeat: a replicated LM head runs whole on each
+of them, tp - 1 extra times per batch.
 
 One launch of four processes and one of two serve every multiprocess test (the two-process one
 also runs ZeRO-3 where DeepSpeed is installed).
@@ -410,26 +411,35 @@ def _global(reports: list[dict[str, Any]], name: str, world_size: int, tp: int) 
 @pytest.mark.parametrize(("world_size", "name"), CASES)
 def test_every_rank_counts_the_flops_it_ran(reports, world_size, name):
     """Each rank's hardware count against the ops it ran (at two lengths); its model count too, where
-    the model needs every gradient that runs."""
-    for rank, result in enumerate(_ranks(reports[world_size], name)):
+    the model needs every gradient that runs, less the work a replicated LM head repeats: of a head
+    that every rank of a tensor-parallel group runs whole, each counts its 1/tp share."""
+    ranks = _ranks(reports[world_size], name)
+    tp = ranks[0]["tp"]
+    head = _global(reports[world_size], name, world_size, tp)["head"]
+    for rank, result in enumerate(ranks):
         for index, length in enumerate(LENGTHS):
             ran = result["local"][index]
             assert _close(result["hardware"][index], ran), (rank, length, result)
-            if name not in FROZEN_WEIGHT_GRADIENTS:
-                assert _close(result["engine"][index], ran), (rank, length, result)
+            if name in FROZEN_WEIGHT_GRADIENTS:
+                continue
+            repeated = (tp - 1) / tp * head[index] / (world_size // tp) if name in REPLICATED_HEAD else 0
+            assert _close(result["engine"][index], ran - repeated), (rank, length, result)
 
 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize(("world_size", "name"), CASES)
-def test_the_ranks_sum_is_the_global_batch_plus_the_work_tensor_parallel_ranks_repeat(
+def test_the_ranks_model_flops_sum_to_the_global_batch_and_their_hardware_flops_add_the_repeated_work(
     reports, world_size, name
 ):
     ranks = _ranks(reports[world_size], name)
     tp = ranks[0]["tp"]
     truth = _global(reports[world_size], name, world_size, tp)
     for index, length in enumerate(LENGTHS):
+        assert _close(sum(r["engine"][index] for r in ranks), truth["total"][index]), (length, truth)
+        if name in FROZEN_WEIGHT_GRADIENTS:
+            continue
         repeated = (tp - 1) * truth["head"][index] if name in REPLICATED_HEAD else 0
-        assert _close(sum(r["engine"][index] for r in ranks), truth["total"][index] + repeated), (
+        assert _close(sum(r["hardware"][index] for r in ranks), truth["total"][index] + repeated), (
             length,
             truth,
         )

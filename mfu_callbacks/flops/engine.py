@@ -505,7 +505,7 @@ def _trace(
         if (window := window_of(module)) in windows and id(module) in replica.names
     }
     current: list[MatmulRecorder] = [
-        MatmulRecorder(replica.parameter_ids, owners, slots, replica.shards, replica.frozen)
+        MatmulRecorder(replica.parameter_ids, owners, slots, replica.shards, replica.frozen, replica.copies)
     ]
     substituted = install_substitutes(replica.module, _CurrentRecorder(current))
 
@@ -518,7 +518,7 @@ def _trace(
         ):
             for rows, main, decoder in shapes:
                 recorder = MatmulRecorder(
-                    replica.parameter_ids, owners, slots, replica.shards, replica.frozen
+                    replica.parameter_ids, owners, slots, replica.shards, replica.frozen, replica.copies
                 )
                 current[0] = recorder
                 with recorder:

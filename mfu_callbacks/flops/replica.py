@@ -94,6 +94,9 @@ class Replica:
     shards: dict[int, Shard] = field(default_factory=dict)
     # ids of replica parameters that require a gradient only as FSDP1's flat parameter does (frozen ones)
     frozen: set[int] = field(default_factory=set)
+    # id(replica parameter) -> ranks that run its matmuls whole on the same batch (a replicated weight
+    # under tensor parallel, ``sharding.py``); absent: 1
+    copies: dict[int, int] = field(default_factory=dict)
 
     def parameter_owners(self) -> dict[int, tuple[str, ...]]:
         """id(replica parameter) -> the paths of the modules holding it (two for tied weights)."""
@@ -378,4 +381,13 @@ def build_replica(model: nn.Module, *, fold: bool = True) -> Replica:
         for p in model.parameters()
         if id(memo.get(id(p))) in parameter_ids and (shard := shapes.shard(p)) is not None
     }
-    return Replica(replica, names, folded_multiplicity, parameter_ids, folded, declarations, shards, frozen)
+    # Under tensor parallel every weight left whole runs alike on each rank of the group.
+    degree = max((shapes.ranks_sharing(p) for p in model.parameters()), default=1)
+    copies = {
+        id(memo[id(p)]): degree
+        for p in model.parameters()
+        if degree > 1 and id(memo.get(id(p))) in parameter_ids and id(memo[id(p)]) not in shards
+    }
+    return Replica(
+        replica, names, folded_multiplicity, parameter_ids, folded, declarations, shards, frozen, copies
+    )

@@ -14,6 +14,11 @@ MFU sums every rank's FLOPs (``distributed.py``), so each rank must count the ma
 
 A DTensor parameter that FSDP2 manages spans FSDP2's mesh dimensions and the tensor-parallel ones;
 FSDP2 gathers its own, so only the tensor-parallel placements (the spec it gathers back to) count.
+
+A weight that tensor parallel leaves whole (a module outside the plan, or ``Replicate``) multiplies
+the same whole activations on every rank of the tensor-parallel group: each runs the matmul, but
+the batch needs it once. Each rank counts its share of the model FLOPs (1/n on n ranks) and the
+whole matmul as hardware FLOPs (``Replica.copies``).
 """
 
 from __future__ import annotations

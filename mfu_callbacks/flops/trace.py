@@ -92,6 +92,8 @@ class MatmulRecorder(TorchDispatchMode):
     with one counts the rank's share, and so does every matmul of activations that derive from its
     output alone (``sharding.py``). ``frozen``: parameters that require a gradient in the step although
     frozen (FSDP1 flattens them with trainable ones): their gradients are hardware FLOPs only.
+    ``copies``: parameters whose matmuls several ranks run whole on the same batch (a replicated weight
+    under tensor parallel): the rank counts its share of their model FLOPs, and all as hardware.
     ``finish`` turns the record into per-component totals.
     """
 
@@ -102,9 +104,11 @@ class MatmulRecorder(TorchDispatchMode):
         windows: Mapping[str, int] | None = None,
         shards: Mapping[int, Shard] | None = None,
         frozen: set[int] | None = None,
+        copies: Mapping[int, int] | None = None,
     ) -> None:
         super().__init__()
         self._parameter_ids = parameter_ids
+        self._copies = copies or {}
         self._frozen = frozen or set()  # parameters that require a gradient although frozen (FSDP1)
         self._shards = shards or {}
         # The share of each tensor this rank holds where it is a part (tensor parallel): absent means all.
@@ -347,7 +351,7 @@ class MatmulRecorder(TorchDispatchMode):
         out = func(*_on_meta(args), **kwargs)
         if func is ASSERTION:
             self._assertions[id(out)] = out  # held, so that its id is not reused during the probe
-        local = self._local_share(func, args, kwargs, out) if self._shards else 1.0
+        local = self._local_share(func, args, kwargs, out) if self._shards or self._copies else 1.0
         if self._declared:
             return out
         if func in _OPERANDS:
@@ -359,17 +363,30 @@ class MatmulRecorder(TorchDispatchMode):
             needed, forced = self.backward_products([first], [second])
             activation = not (self._is_parameter(first) or self._is_parameter(second))
             weight = self._weight
+            # A whole weight on whole activations, run alike by ``copies`` ranks: this rank's share of
+            # the model FLOPs; the kernel runs all of them.
+            copies = self._copies_of(first, second) if local == 1.0 else 1
             self.record(
                 self._component(activation, (first, second)),
-                forward * weight * local,
-                forward * needed * weight * local,
+                forward * weight * local / copies,
+                forward * needed * weight * local / copies,
                 out,
                 forward * forced * weight * local,
+                share=copies,
             )
         elif func in FUSED_ATTENTION:
             query, key, value = args[:3]
             self.record_attention(query, key, value, out[0], local=local)
         return out
+
+    def _copies_of(self, *operands: Any) -> int:
+        """Ranks that run this matmul alike, by its weight (1 unless it is replicated under tensor parallel)."""
+        for operand in operands:
+            if isinstance(operand, torch.Tensor):
+                copies = self._copies.get(id(view_base(operand)))
+                if copies:
+                    return copies
+        return 1
 
     def _local_share(self, func: Any, args: tuple, kwargs: dict, out: Any) -> float:
         """The share of this op that the rank runs, and (noted on its outputs) the share of them it holds.
