@@ -146,7 +146,9 @@ def measure(engine: str, args: argparse.Namespace, device: torch.device) -> dict
 
     torch.manual_seed(0)
     wrapped = wrap(llama(args.size).to(device), engine, device, world, tp)
-    optimizer = torch.optim.AdamW(wrapped.parameters(), lr=1e-5)
+    # Under TP the model mixes DTensor weights with plain ones (modules outside the plan): the
+    # multi-tensor (foreach) kernels refuse such a mix, so those engines step one tensor at a time.
+    optimizer = torch.optim.AdamW(wrapped.parameters(), lr=1e-5, foreach=engine not in ("tp", "fsdp2_tp"))
     batch = batch_for(args.size, device, seed=dp_group)
     dtype = torch.bfloat16 if cuda else torch.float32
     meter = MFUMeter(wrapped, peak_tflops=args.peak_tflops, dtype="bf16" if cuda else "fp32", warmup_steps=1)
