@@ -263,7 +263,12 @@ def input_bound(review: Review) -> Diagnosis | None:
 
 @check("stragglers")
 def stragglers(review: Review) -> Diagnosis | None:
-    """Every rank waits for the slowest one at each gradient reduction."""
+    """Every rank waits for the slowest one at each gradient reduction.
+
+    Under model parallelism the ranks that share a batch wait for each other inside every step, so
+    the step times compared are those of data-parallel groups (a group's is its slowest member's):
+    one rank, without model parallelism.
+    """
     run = review.run
     if run.world_size < 2 or run.steps < MIN_TIMED_STEPS or run.fastest_rank_seconds <= 0:
         return None
@@ -276,7 +281,8 @@ def stragglers(review: Review) -> Diagnosis | None:
     cost_text = f": MFU would be up to {cost:.3f} higher ({mfu:.3f} now)" if cost is not None else ""
     return Diagnosis(
         "stragglers",
-        f"the slowest rank's mean step ({slowest:.3f} s) is {excess:.1%} above the fastest's ({fastest:.3f} s)"
+        f"the slowest rank's mean step ({slowest:.3f} s; under model parallelism, the slowest data-parallel "
+        f"group's) is {excess:.1%} above the fastest's ({fastest:.3f} s)"
         f"{cost_text}; the others wait for it: look for uneven batches (sort or bucket by length), a throttled "
         "or shared GPU, or host contention on its node",
         value=excess,
