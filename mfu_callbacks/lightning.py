@@ -35,7 +35,8 @@ class MFUCallback(Callback):
 
     Options are those of :class:`~mfu_callbacks._options.MFUOptions` (``peak_tflops``, ``dtype``,
     ``warmup_steps``, ``log_interval``, ``prefix``, ``token_counter``, ``forward``, ``report``,
-    ``silence_diagnostics``). When training ends, ``summary`` holds the run's means and the
+    ``silence_diagnostics``, ``summary_dir``, ``real_step``, ``profile_steps``, ``profile_start``).
+    When training ends, ``summary`` holds the run's means and the
     end-of-run report is printed on rank 0.
 
     Example::
