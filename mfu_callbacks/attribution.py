@@ -130,6 +130,7 @@ class Breakdown:
     misaligned: Mapping[str, tuple[int, ...]] = field(
         default_factory=dict
     )  # sizes off the multiple, per bucket
+    alignment: int = 8  # the multiple matmul sizes should have on this GPU and dtype
 
     @property
     def busy_seconds(self) -> float:
@@ -293,6 +294,7 @@ def breakdown(
             model_flops=model_flops,
             peak_flops=peak_flops,
             misaligned=misaligned,
+            alignment=alignment,
         )
     )
 
@@ -351,7 +353,8 @@ def _judged(result: Breakdown) -> Breakdown:
     if mfu is None or not best or not peak:
         return judged
     advice = [
-        _advice(b, step, total_model, peak, best, result.model_flops, result.misaligned) for b in buckets
+        _advice(b, step, total_model, peak, best, result.model_flops, result.misaligned, result.alignment)
+        for b in buckets
     ]
     found = [a for a in advice if a is not None and a.mfu_gain > 0]
     # Estimates from a measured rate (and idle time, which can vanish) first; then the upper bounds
@@ -389,6 +392,7 @@ def _advice(
     best: float,
     by_component: Mapping[str, float],
     misaligned: Mapping[str, tuple[int, ...]],
+    alignment: int,
 ) -> Advice | None:
     """MFU with this bucket at the best matmul's rate (matmuls, attention) or gone (the rest)."""
     if bucket.name.startswith(MATMUL):
@@ -397,7 +401,10 @@ def _advice(
         off = list(misaligned.get(bucket.name, ()))
         if off:
             sizes = ", ".join(f"{size:,}" for size in off[:3])
-            change = f"pad the sizes {sizes} to multiples of 64 (the vocabulary: pad_to_multiple_of=64)"
+            change = (
+                f"pad the sizes {sizes} to multiples of {alignment} (a vocabulary: "
+                f"pad_to_multiple_of={alignment}; 64 suits every GPU)"
+            )
         else:
             change = _MATMUL_CHANGES.get(component, _DEFAULT_MATMUL_CHANGE)
         upper = False
