@@ -30,8 +30,7 @@ import torch
 from torch import nn
 
 from . import distributed
-from .flops.sharding import ComputeShapes
-from .flops.unwrap import unwrap_model
+from .flops.sharding import tensor_parallel_degree
 
 # Mesh dimension names and the role they give; matched on the lower-cased name, first match wins
 # (flattened names such as "dp_shard_cp" are data parallel: FSDP shards over them).
@@ -110,7 +109,8 @@ def detect(model: nn.Module) -> Parallelism:
     degrees: dict[str, int] = {}
     shard, replicate = 1, 1
     batch_group = {rank}
-    for mesh, placements in _meshes(model):
+    meshes = list(_meshes(model))
+    for mesh, placements in meshes:
         names = mesh.mesh_dim_names or (None,) * mesh.ndim
         for dim, name in enumerate(names):
             role, size = role_of_dimension(name), mesh.size(dim)
@@ -122,10 +122,9 @@ def detect(model: nn.Module) -> Parallelism:
                     replicate = max(replicate, size)
         batch_group |= _ranks_sharing_batch(mesh, names, rank)
     tensor = _degree(degrees, "tensor")
-    splitting = _ranks_splitting_matmuls(model)
+    splitting = tensor_parallel_degree(model)
     if tensor == 1 and splitting > 1:  # an unnamed mesh the engine finds splitting matmuls
         tensor = splitting
-        meshes = list(_meshes(model))
         if len(meshes) == 1 and meshes[0][0].ndim == 1:
             batch_group |= {int(value) for value in meshes[0][0].mesh.flatten().tolist()}
     context, pipeline = _degree(degrees, "context"), _degree(degrees, "pipeline")
@@ -146,12 +145,6 @@ def detect(model: nn.Module) -> Parallelism:
         mesh=degrees,
         batch_group=tuple(sorted(batch_group)),
     )
-
-
-def _ranks_splitting_matmuls(model: nn.Module) -> int:
-    """Ranks that share each sharded matmul, as the FLOP engine counts them (1 without tensor parallel)."""
-    shapes = ComputeShapes(unwrap_model(model))
-    return max((shapes.ranks_sharing(parameter) for parameter in model.parameters()), default=1)
 
 
 def _degree(degrees: dict[str, int], role: str) -> int:

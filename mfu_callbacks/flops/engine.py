@@ -41,7 +41,7 @@ from .isolation import map_tensors, preserved_random_state
 from .layouts import Plan
 from .observe import Observation, RealStepObserver
 from .replica import Replica, build_replica, is_model_library_hook
-from .sharding import ComputeShapes
+from .sharding import tensor_parallel_degree
 from .step_flops import StepFlops
 from .substitutes import install_substitutes
 from .tokens import (
@@ -467,8 +467,7 @@ def is_sharded(model: nn.Module) -> bool:
 def observe_step(model: nn.Module, batch: Any, counting: TokenCounting) -> RealStepObserver:
     """A dispatch mode that counts the real step about to run on ``batch`` (enter it before the
     forward, leave it after the backward); ``from_observation`` turns it into an engine."""
-    shapes = ComputeShapes(unwrap_model(model))
-    if any(shapes.ranks_sharing(parameter) > 1 for parameter in model.parameters()):
+    if tensor_parallel_degree(model) > 1:
         raise ModelIntrospectionError(
             "counting a real step under tensor parallel is not supported: its matmuls run as DTensor ops "
             "of global shapes, not this rank's share; count from the model's copy instead "

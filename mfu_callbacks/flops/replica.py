@@ -382,7 +382,7 @@ def build_replica(model: nn.Module, *, fold: bool = True) -> Replica:
         if id(memo.get(id(p))) in parameter_ids and (shard := shapes.shard(p)) is not None
     }
     # Under tensor parallel every weight left whole runs alike on each rank of the group.
-    degree = max((shapes.ranks_sharing(p) for p in model.parameters()), default=1)
+    degree = shapes.tensor_parallel(model.parameters())
     copies = {
         id(memo[id(p)]): degree
         for p in model.parameters()

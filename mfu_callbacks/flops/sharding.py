@@ -23,6 +23,7 @@ whole matmul as hardware FLOPs (``Replica.copies``).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,7 @@ import torch
 from torch import nn
 
 from .._torch_internals import fsdp2_unsharded_specs, view_base
+from .unwrap import unwrap_model
 
 
 def is_dtensor(tensor: object) -> bool:
@@ -114,6 +116,11 @@ class ComputeShapes:
         local = local_shape(tensor.shape, *layout)
         return Shard(tensor.shape, local) if local != tensor.shape else None
 
+    def tensor_parallel(self, parameters: Iterable[torch.Tensor]) -> int:
+        """Ranks that split the model's sharded matmuls: the most any of ``parameters`` is split over
+        where it computes (1 without tensor parallel)."""
+        return max((self.ranks_sharing(parameter) for parameter in parameters), default=1)
+
     def ranks_sharing(self, tensor: torch.Tensor) -> int:
         """How many ranks split the matmuls with ``tensor``: the sizes of the mesh dimensions it is
         sharded over where it computes (1 for a tensor computed whole)."""
@@ -126,3 +133,8 @@ class ComputeShapes:
             if placement.is_shard():
                 ranks *= mesh.size(mesh_dim)
         return ranks
+
+
+def tensor_parallel_degree(model: nn.Module) -> int:
+    """Ranks of ``model``'s (any wrapper's) tensor-parallel group; 1 without tensor parallel."""
+    return ComputeShapes(unwrap_model(model)).tensor_parallel(model.parameters())
