@@ -183,6 +183,11 @@ class RunTotals:
         self.world_size = window.world_size
         self.counted = self.counted or window.counting_ranks > 0
 
+    @property
+    def mean_iteration_seconds(self) -> float:
+        """Mean seconds of one step as MFU counts it: the slowest rank's, input wait included; 0 before any."""
+        return self.wall_seconds / self.steps if self.steps > 0 else 0.0
+
     def utilization(self, flops: float, peak_flops: float | None) -> float | None:
         """MFU or HFU of the run, None without a peak."""
         if not peak_flops or self.wall_seconds <= 0:

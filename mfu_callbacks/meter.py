@@ -185,10 +185,8 @@ class MFUMeter:
             window.close(*self._profile_context())
         if window.result is None:
             return None
-        steps = self._run.steps
-        if not steps:
-            return window.result
-        return calibrated(window.result, self._run.wall_seconds / steps)  # the slowest rank's mean iteration
+        measured = self._run.mean_iteration_seconds
+        return calibrated(window.result, measured) if measured > 0 else window.result
 
     def _measured_matmuls(self) -> dict[str, MatmulTime] | None:
         """Matmul time and FLOPs per step by component, from the profile window (once it closed)."""

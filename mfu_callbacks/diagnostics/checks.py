@@ -113,8 +113,7 @@ class Review:
     @property
     def step_seconds(self) -> float:
         """Mean seconds of one step as MFU counts it (the slowest rank's, input wait included)."""
-        run = self.run
-        return run.wall_seconds / run.steps if run.steps > 0 else 0.0
+        return self.run.mean_iteration_seconds
 
     def share_of_model_flops(self, component: str) -> float:
         split = self.split
