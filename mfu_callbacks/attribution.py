@@ -36,6 +36,7 @@ COMMUNICATION = "communication (exposed)"
 HOST_GAPS = "GPU idle: waiting for the host"
 INPUT_WAIT = "GPU idle: input wait between steps"
 _IDLE = (HOST_GAPS, INPUT_WAIT)
+_MATMUL_PREFIX = MATMUL + ": "  # matmul buckets are named by component: "matmul: mlp"
 
 _COMPUTE_KINDS = (MATMUL, ATTENTION, ELEMENTWISE, OPTIMIZER, MEMORY)
 # Matmuls are compared with the best one only where they take a visible share of the step.
@@ -88,6 +89,11 @@ class Bucket:
     seconds: float
     flops: float = 0.0  # computed by these kernels per step (matmuls)
     model_flops: float | None = None  # the model FLOPs of this component per step, from the FLOP engine
+
+    @property
+    def component(self) -> str | None:
+        """The model component of a matmul bucket (the inverse of ``bucket_name``); None for the others."""
+        return self.name[len(_MATMUL_PREFIX) :] if self.name.startswith(_MATMUL_PREFIX) else None
 
     @property
     def tflops(self) -> float | None:
@@ -143,8 +149,7 @@ class Breakdown:
 
     def matmul_buckets(self) -> dict[str, Bucket]:
         """Matmul buckets by component name."""
-        prefix = MATMUL + ": "
-        return {b.name[len(prefix) :]: b for b in self.buckets if b.name.startswith(prefix)}
+        return {b.component: b for b in self.buckets if b.component is not None}
 
     def as_dict(self) -> dict[str, Any]:
         """Plain values, for JSON and W&B."""
@@ -186,7 +191,7 @@ class Breakdown:
 def bucket_name(kernel: Kernel) -> str:
     """The bucket a kernel's time goes to: matmuls by component, everything else by kind."""
     if kernel.kind == MATMUL:
-        return f"{MATMUL}: {kernel.component or 'other'}"
+        return _MATMUL_PREFIX + (kernel.component or "other")
     return kernel.kind
 
 
@@ -276,12 +281,12 @@ def breakdown(
     seconds, flops, overlapped = attribute(kernels, span, steps, between_steps)
     step = (span[1] - span[0]) / steps
     model_flops = dict(model_flops or {})
-    buckets = [
-        Bucket(name, value, flops.get(name, 0.0), model_flops.get(name[len(MATMUL) + 2 :]))
-        if name.startswith(MATMUL + ": ")
-        else Bucket(name, value)
-        for name, value in seconds.items()
-    ]
+    buckets = []
+    for name, value in seconds.items():
+        bucket = Bucket(name, value)
+        if bucket.component is not None:
+            bucket = Bucket(name, value, flops.get(name, 0.0), model_flops.get(bucket.component))
+        buckets.append(bucket)
     misaligned = {name: tuple(sorted(sizes)) for name, sizes in _misaligned_sizes(kernels, alignment).items()}
     return _judged(
         Breakdown(
@@ -368,7 +373,7 @@ def _best_rate(buckets: Sequence[Bucket], step: float) -> float:
     rates = [
         b.flops / b.seconds
         for b in buckets
-        if b.name.startswith(MATMUL) and b.flops and b.seconds >= _BEST_RATE_MIN_SHARE * step
+        if b.component is not None and b.flops and b.seconds >= _BEST_RATE_MIN_SHARE * step
     ]
     return max(rates, default=0.0)
 
@@ -395,8 +400,8 @@ def _advice(
     alignment: int,
 ) -> Advice | None:
     """MFU with this bucket at the best matmul's rate (matmuls, attention) or gone (the rest)."""
-    if bucket.name.startswith(MATMUL):
-        component = bucket.name[len(MATMUL) + 2 :]
+    component = bucket.component
+    if component is not None:
         work = bucket.flops
         off = list(misaligned.get(bucket.name, ()))
         if off:
