@@ -32,6 +32,7 @@ from ._recorder import StepRecorder
 from ._window import RunTotals, Window, combine_ranks, rank_window
 from .attribution import Breakdown, calibrated
 from .diagnostics import Diagnosis, Diagnostics
+from .diagnostics.checks import MATMUL_ALIGNMENT
 from .diagnostics.measured import MatmulTime
 from .flops import FlopEngine, Forward, StepFlops, TokenCounter
 from .flops.features import NUM_FEATURES
@@ -166,8 +167,6 @@ class MFUMeter:
 
     def _profile_context(self) -> tuple[float | None, int]:
         """The peak and the matmul size multiple the profile's advice is judged with, when it closes."""
-        from .diagnostics.checks import MATMUL_ALIGNMENT
-
         dtype = _compute_dtype(self)
         return (self.peak.flops if self.peak is not None else None), MATMUL_ALIGNMENT.get(dtype or "", 1)
 
