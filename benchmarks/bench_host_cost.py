@@ -22,20 +22,9 @@ import torch
 from torch import nn
 
 from mfu_callbacks import MFUMeter
-from mfu_callbacks._torch_internals import TorchDispatchMode
-from mfu_callbacks.testing import causal_lm
+from mfu_callbacks.testing import OperationLog, causal_lm
 
 VIEWS = {"aten.view", "aten.unsqueeze", "aten.select", "aten.slice", "aten._to_copy", "aten.reshape"}
-
-
-class Operations(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.names: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
 
 
 def layouts(device: torch.device, rows: int = 4, length: int = 2048) -> dict[str, tuple[nn.Module, dict]]:
@@ -93,9 +82,9 @@ def layouts(device: torch.device, rows: int = 4, length: int = 2048) -> dict[str
 
 def operations_of(action) -> tuple[int, int]:
     """Aten operations ``action`` dispatches, and those of them that are not views."""
-    with Operations() as operations:
+    with OperationLog() as log:
         action()
-    return len(operations.names), len([name for name in operations.names if name not in VIEWS])
+    return len(log.operations), len([name for name in log.operations if name not in VIEWS])
 
 
 def measure(model: nn.Module, batch: dict, device: torch.device, steps: int) -> dict[str, float]:

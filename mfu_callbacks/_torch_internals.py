@@ -32,6 +32,10 @@ _aten = torch.ops.aten
 READ_SCALAR = (
     _aten._local_scalar_dense.default
 )  # a value read back to Python: .item(), bool(tensor), `x in tensor`
+# Operations, by name, that wait for the device to read a value back to the host.
+SYNCING_OPERATIONS = frozenset(
+    {"aten._local_scalar_dense", "aten.item", "aten.nonzero", "aten.is_nonzero", "aten.scalar_tensor"}
+)
 # The reduction behind torch._check_tensor_all (transformers' ``torch_compilable_check``): an assertion
 # about the data, e.g. that a VLM's image tokens match its image features, whose value is then read.
 ASSERTION = _aten._is_all_true.default

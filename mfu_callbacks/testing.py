@@ -26,7 +26,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ._torch_internals import SYNCING_OPERATIONS, TorchDispatchMode
+
 __all__ = [
+    "SYNCING_OPERATIONS",
+    "OperationLog",
     "TopKMoE",
     "causal_lm",
     "configs_of",
@@ -35,6 +39,18 @@ __all__ = [
     "reference_step_flops",
     "word_tokenizer",
 ]
+
+
+class OperationLog(TorchDispatchMode):
+    """The aten operations dispatched inside it, by name (``aten.sum``), in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.operations: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.operations.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
 
 
 def causal_lm(

@@ -10,23 +10,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from mfu_callbacks.flops.features import NUM_FEATURES
 from mfu_callbacks.flops.tokens import TokenCounting
 from mfu_callbacks.flops.windows import Window
-
-SYNCING = {"aten._local_scalar_dense", "aten.item", "aten.nonzero", "aten.is_nonzero", "aten.scalar_tensor"}
-
-
-class OperationLog(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.operations: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.operations.append(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
+from mfu_callbacks.testing import SYNCING_OPERATIONS, OperationLog
 
 
 def batches(length: int) -> list[tuple[bool, dict[str, torch.Tensor]]]:
@@ -65,7 +53,7 @@ def test_counting_new_and_repeated_shapes_never_reads_the_device(
             with OperationLog() as log:
                 features = counters[encoder_decoder].count(batch)
             assert features.shape == (2, NUM_FEATURES) and features.device.type == "meta"
-            assert not SYNCING & set(log.operations), log.operations
+            assert not SYNCING_OPERATIONS & set(log.operations), log.operations
 
 
 def test_a_repeated_shape_costs_few_operations() -> None:
