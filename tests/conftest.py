@@ -10,13 +10,18 @@ batch as it runs.
 
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
-from collections.abc import Callable, Iterable, Iterator, Mapping
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -423,3 +428,42 @@ def check_engine(
         assert_flops(
             step.hardware_flops, step_truth(model, batch, forward or keyword_forward), "hardware FLOPs"
         )
+
+
+# -- several processes ----------------------------------------------------------------------------------
+def gloo_reports(
+    rank_main: Callable[..., None], groups: Sequence[tuple[int, tuple, Path]], seconds: float
+) -> list[list[dict]]:
+    """Start one process group per (world size, ``rank_main``'s arguments after the rank, folder), all at
+    once (they overlap their start-up); fail the test if they run past ``seconds``; each group's reports,
+    the JSON every rank wrote to ``rank{rank}.json`` in its folder."""
+    contexts = [mp.spawn(rank_main, args=args, nprocs=size, join=False) for size, args, _ in groups]
+    deadline = time.monotonic() + seconds
+    for (size, _, _), context in zip(groups, contexts):
+        while not context.join(timeout=5):
+            if time.monotonic() > deadline:
+                for process in (process for context in contexts for process in context.processes):
+                    process.kill()
+                pytest.fail(f"the {size}-process gloo group did not finish in {seconds:.0f} s")
+    return [
+        [json.loads((folder / f"rank{rank}.json").read_text()) for rank in range(size)]
+        for size, _, folder in groups
+    ]
+
+
+def torchrun(script: Path, *arguments: str, tag: str, timeout: float, cwd: Path | None = None) -> list[dict]:
+    """Run ``script`` on two CPU processes under torchrun (it sets the environment the frameworks read);
+    the JSON of every output line that starts with ``tag``."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    result = subprocess.run(
+        [*command, str(script), *arguments],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        cwd=cwd,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return [
+        json.loads(line.split(" ", 1)[1]) for line in result.stdout.splitlines() if line.startswith(tag + " ")
+    ]

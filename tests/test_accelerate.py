@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -21,6 +18,7 @@ from conftest import (
     collate,
     step_truth,
     tiny_llama,
+    torchrun,
 )
 from torch.utils.data import DataLoader
 
@@ -167,19 +165,7 @@ def test_two_processes_under_torchrun(tmp_path):
     script = tmp_path / "loop.py"
     script.write_text(SCRIPT.format(tests=str(Path(__file__).parent)))
     # torchrun sets the environment Accelerate reads; `accelerate launch --cpu` would start one process.
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(script),
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL)
-    assert result.returncode == 0, result.stderr[-3000:]
-    line = next(line for line in result.stdout.splitlines() if line.startswith("METRICS"))
-    metrics = json.loads(line.split(" ", 1)[1])
+    metrics, *_ = torchrun(script, tag="METRICS", timeout=240)
     # 32 sequences per step over two ranks (each 4 rows x 16 tokens... per rank): tokens/s counts both ranks.
     assert metrics["train/tokens_per_sec"] == pytest.approx(2 * 4 * 16 / metrics["train/step_time"], rel=0.05)
     assert metrics["train/tokens_per_sec_per_gpu"] == pytest.approx(

@@ -6,14 +6,12 @@ the callback."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
 
 import pytest
+from conftest import torchrun
 
 pytestmark = pytest.mark.multiprocess
 
@@ -165,21 +163,10 @@ def run(script: str, tmp_path: Path, fault: str) -> dict:
             tests=str(Path(__file__).parent), fault=fault, out=str(tmp_path / f"out-{fault}")
         )
     )
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(path),
-    ]
     # A hang (the old behaviour) runs into this limit; a healthy run takes seconds.
     start = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
-    assert result.returncode == 0, result.stderr[-3000:]
-    line = next(line for line in result.stdout.splitlines() if line.startswith("RESULT"))
-    return {**json.loads(line.split(" ", 1)[1]), "seconds": time.perf_counter() - start}
+    result, *_ = torchrun(path, tag="RESULT", timeout=120)
+    return {**result, "seconds": time.perf_counter() - start}
 
 
 def finishes_like_the_plain_run(faulty: dict, plain: dict) -> None:

@@ -33,7 +33,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from conftest import gloo_reports
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
@@ -356,22 +356,13 @@ def _rank_share_model(tp: int) -> nn.Module:
 
 def _launch(folder: Path, world_sizes: tuple[int, ...]) -> dict[int, list[dict[str, Any]]]:
     """Start a gloo group of each size at once (they overlap their start-up), then read every rank's report."""
-    contexts = {}
+    groups = []
     for size in world_sizes:
         (folder / str(size)).mkdir()
-        args = (size, str(folder / str(size) / "init"), str(folder / str(size)))
-        contexts[size] = mp.spawn(_rank_main, args=args, nprocs=size, join=False)
-    deadline = time.monotonic() + 300
-    for size, context in contexts.items():
-        while not context.join(timeout=5):
-            if time.monotonic() > deadline:
-                for process in (p for c in contexts.values() for p in c.processes):
-                    process.kill()
-                pytest.fail(f"the {size}-process gloo group did not finish in 300 s")
-    return {
-        size: [json.loads((folder / str(size) / f"rank{rank}.json").read_text()) for rank in range(size)]
-        for size in world_sizes
-    }
+        groups.append(
+            (size, (size, str(folder / str(size) / "init"), str(folder / str(size))), folder / str(size))
+        )
+    return dict(zip(world_sizes, gloo_reports(_rank_main, groups, 300)))
 
 
 @pytest.fixture(scope="module")

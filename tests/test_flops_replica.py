@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import json
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from conftest import LENGTHS, VOCAB, assert_flops, full_batch, model_truth, step_truth
+from conftest import LENGTHS, VOCAB, assert_flops, full_batch, gloo_reports, model_truth, step_truth
 from torch import nn
 from torch.nn.utils import parametrizations
 from torch.profiler import ProfilerActivity, profile
@@ -184,16 +182,9 @@ def _rank_main(rank: int, init_file: str, out_dir: str) -> None:
 
 @pytest.mark.multiprocess
 def test_parameters_sharded_over_two_ranks_count_whole(tmp_path: Path) -> None:
-    context = mp.spawn(
-        _rank_main, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD_SIZE, join=False
+    (reports,) = gloo_reports(
+        _rank_main, [(WORLD_SIZE, (str(tmp_path / "init"), str(tmp_path)), tmp_path)], 180
     )
-    deadline = time.monotonic() + 180
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("the two-process gloo group did not finish in 180 s")
-    reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(WORLD_SIZE)]
     bare = llama()
     for index, length in enumerate(LENGTHS):
         batch = full_batch(2, length)

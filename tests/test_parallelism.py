@@ -8,14 +8,12 @@ modules: DTensor parameters of FSDP2, of tensor parallelism and of both, an FSDP
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from conftest import FakeClock
+from conftest import FakeClock, gloo_reports
 from test_meter import FakeEngine, FakePeak, batch, run_step
 from torch import nn
 
@@ -147,14 +145,8 @@ def _rank_main(rank: int, init_file: str, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory) -> list[dict]:
     folder = tmp_path_factory.mktemp("layouts")
-    context = mp.spawn(_rank_main, args=(str(folder / "init"), str(folder)), nprocs=WORLD_SIZE, join=False)
-    deadline = time.monotonic() + 120
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("the four-process gloo group did not finish in 120 s")
-    return [json.loads((folder / f"rank{rank}.json").read_text()) for rank in range(WORLD_SIZE)]
+    (reports,) = gloo_reports(_rank_main, [(WORLD_SIZE, (str(folder / "init"), str(folder)), folder)], 120)
+    return reports
 
 
 @pytest.mark.multiprocess

@@ -20,14 +20,11 @@ must state the world size and the parallel layout.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import SEQ, FixedLengthTokens, collate, tiny_llama
+from conftest import SEQ, FixedLengthTokens, collate, tiny_llama, torchrun
 
 from mfu_callbacks.testing import reference_step_flops
 
@@ -192,19 +189,8 @@ def launch(script: str, folder: Path) -> dict:
             tests=str(Path(__file__).parent), out=str(folder / "out"), rows=ROWS, steps=STEPS
         )
     )
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(path),
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL)
-    assert result.returncode == 0, result.stderr[-4000:]
-    line = next(line for line in result.stdout.splitlines() if line.startswith("RESULT"))
-    return json.loads(line.split(" ", 1)[1])
+    result, *_ = torchrun(path, tag="RESULT", timeout=180)
+    return result
 
 
 @pytest.fixture(scope="module")
@@ -289,25 +275,15 @@ def test_fsdp1_as_lightning_fsdp_strategy_wraps_it(lightning_run, global_step_fl
 def scale_out_rows() -> dict[str, dict]:
     """``benchmarks/bench_scale_out.py --engine all --smoke``: the five engines in one launch."""
     benchmarks = Path(__file__).parent.parent / "benchmarks"
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(benchmarks / "bench_scale_out.py"),
+    rows = torchrun(
+        benchmarks / "bench_scale_out.py",
         "--engine",
         "all",
         "--smoke",
-    ]
-    result = subprocess.run(
-        command, capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL, cwd=benchmarks
+        tag="RESULT",
+        timeout=180,
+        cwd=benchmarks,
     )
-    assert result.returncode == 0, result.stderr[-4000:]
-    rows = [
-        json.loads(line.split(" ", 1)[1]) for line in result.stdout.splitlines() if line.startswith("RESULT")
-    ]
     return {row["engine"]: row for row in rows}
 
 

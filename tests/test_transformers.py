@@ -15,6 +15,7 @@ from conftest import (
     collate,
     step_truth,
     tiny_llama,
+    torchrun,
 )
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -208,9 +209,6 @@ os._exit(0)
 
 @pytest.mark.multiprocess
 def test_two_ranks_under_torchrun_count_both_and_show_the_wait_for_the_late_one(tmp_path):
-    import json
-    import subprocess
-    import sys
     from pathlib import Path
 
     delay = 0.05
@@ -218,19 +216,7 @@ def test_two_ranks_under_torchrun_count_both_and_show_the_wait_for_the_late_one(
     script.write_text(
         TWO_RANKS_SCRIPT.format(tests=str(Path(__file__).parent), out=str(tmp_path / "out"), delay=delay)
     )
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(script),
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=400, stdin=subprocess.DEVNULL)
-    assert result.returncode == 0, result.stderr[-3000:]
-    line = next(line for line in result.stdout.splitlines() if line.startswith("RESULT"))
-    report = json.loads(line.split(" ", 1)[1])
+    report, *_ = torchrun(script, tag="RESULT", timeout=400)
     row = report["row"]
     assert report["world"] == 2
     # Both ranks' tokens: 2 ranks x 4 rows x 16 tokens per optimizer step.
