@@ -38,8 +38,22 @@ def read_run(folder: Path) -> list[dict]:
     return wandb_records(logs[0])
 
 
+def history_of(records: list[dict]) -> list[dict]:
+    """The run's history rows, in order."""
+    return [record["history"]["item"] for record in records if record["type"] == "history"]
+
+
+def summary_of(records: list[dict]) -> dict:
+    """The run summary as it stands at the end of the run."""
+    summary: dict = {}
+    for record in records:
+        if record["type"] == "summary":
+            summary.update(record["summary"].get("update", {}))
+    return summary
+
+
 def check_run(records: list[dict], loss_key: str, mfu_key: str, step_metric: str | None) -> None:
-    rows = [record["history"]["item"] for record in records if record["type"] == "history"]
+    rows = history_of(records)
     with_mfu = [row for row in rows if mfu_key in row]
     assert with_mfu, f"no history row has {mfu_key}: {rows}"
     for row in with_mfu:
@@ -62,10 +76,7 @@ def check_run(records: list[dict], loss_key: str, mfu_key: str, step_metric: str
     assert described["dtype"] == "fp32"
     assert described["model_flops_per_token_linear"] > 0
     assert sum(described["flops_breakdown_share"].values()) == pytest.approx(1.0)
-    summary = {}
-    for record in records:
-        if record["type"] == "summary":
-            summary.update(record["summary"].get("update", {}))
+    summary = summary_of(records)
     assert 0 < summary["mfu_run/mfu"] < 1
     assert summary["mfu_run/hfu"] >= summary["mfu_run/mfu"]
     assert summary["mfu_run/status"] == 1 and summary["mfu_run/status_name"] == "measuring"
@@ -114,14 +125,11 @@ def test_hf_trainer_with_report_to_wandb(offline):
     train_hf(offline, callback, collate_with_padding)
     records = read_run(offline)
     check_run(records, "train/loss", "train/mfu", "train/global_step")
-    summary = {}
-    for record in records:
-        if record["type"] == "summary":
-            summary.update(record["summary"].get("update", {}))
+    summary = summary_of(records)
     assert "25.0%" in summary["mfu_diagnosis/padding_waste"]
     assert summary["mfu_diagnosis/padding_waste/mfu_cost"] > 0
     # The profile window's breakdown: a table with its bar chart, and its step time in the summary.
-    rows = [record["history"]["item"] for record in records if record["type"] == "history"]
+    rows = history_of(records)
     logged = {key.partition(".")[0] for row in rows for key in row}
     assert {"mfu_profile/breakdown", "mfu_profile/breakdown_chart_table"} <= logged
     assert summary["mfu_profile/step_seconds"] > 0
@@ -132,7 +140,7 @@ class FakeOnlineRun:
     """What the W&B API returns for a run on a server, filled from an offline run's records."""
 
     def __init__(self, records: list[dict]) -> None:
-        self.rows = [record["history"]["item"] for record in records if record["type"] == "history"]
+        self.rows = history_of(records)
         self.config: dict = {}
         for record in records:
             if record["type"] == "config":
@@ -227,14 +235,11 @@ def failing_forward(model, batch):
 
 def check_run_without_mfu(records: list[dict], status_key: str) -> None:
     """Rows keep coming after the FLOP engine failed, each saying so; the run summary says why and the fix."""
-    rows = [record["history"]["item"] for record in records if record["type"] == "history"]
+    rows = history_of(records)
     with_status = [row for row in rows if status_key in row]
     assert len(with_status) >= 2 and all(row[status_key] == 0 for row in with_status), rows
     assert not any(status_key.removesuffix("_status") in row for row in rows)
-    summary = {}
-    for record in records:
-        if record["type"] == "summary":
-            summary.update(record["summary"].get("update", {}))
+    summary = summary_of(records)
     assert summary["mfu_run/status"] == 0 and summary["mfu_run/status_name"] == "off"
     assert "no meta kernel for fused_op" in summary["mfu_run/status_reason"]
     assert summary["mfu_run/status_fix"].startswith("pass forward=")
