@@ -121,14 +121,6 @@ class StepTrace:
     def other_ops(self) -> int:
         return sum(self.other.values())
 
-    @property
-    def matmul_flops(self) -> float:
-        return sum(shape.flops * count for shape, count in self.matmuls.items())
-
-    @property
-    def attention_flops(self) -> float:
-        return sum(shape.flops * count for shape, count in self.attention.items())
-
 
 class _AttentionStub(torch.autograd.Function):
     """SDPA's output shape without computing it; its backward returns empty gradients."""
