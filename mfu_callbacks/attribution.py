@@ -17,13 +17,14 @@ Knows no profiler and no framework: ``_profile_window.py`` turns a ``torch.profi
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+from ._atomic import write_json
 
 FILE_NAME = "mfu_profile.json"
 
@@ -459,9 +460,4 @@ def format_breakdown(result: Breakdown, top: int = 3) -> str:
 
 def write_breakdown(result: Breakdown, folder: str | os.PathLike[str]) -> Path:
     """Write the breakdown as ``mfu_profile.json`` in ``folder`` (beside the run summary), atomically."""
-    path = Path(folder) / FILE_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".json.partial")
-    partial.write_text(json.dumps(result.as_dict(), indent=2))
-    os.replace(partial, path)
-    return path
+    return write_json(Path(folder) / FILE_NAME, result.as_dict())

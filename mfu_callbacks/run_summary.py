@@ -49,13 +49,14 @@ import json
 import math
 import os
 import sys
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+from ._atomic import write_json
 
 if TYPE_CHECKING:
     from .flops import StepFlops
@@ -118,26 +119,13 @@ class RunSummary:
         A path ending in ``.json`` is the file; any other path is a folder (created if needed) that
         gets ``mfu_summary.json``.
 
-        Written to a temporary file in the same folder, then renamed over ``path``: a reader sees
-        the previous complete file or the new one, never half of one.
+        Written atomically (``_atomic.write_json``): a reader sees the previous complete file or the
+        new one, never half of one.
         """
         target = Path(path)
         if target.suffix != ".json":
             target = target / DEFAULT_FILENAME
-        target.parent.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(self.to_dict(), indent=1, allow_nan=False)
-        handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        try:
-            os.chmod(temporary, 0o644)  # mkstemp's 0600 would hide the summary from CI artifact uploaders
-            with os.fdopen(handle, "w") as file:
-                file.write(text + "\n")
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temporary, target)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
-        return target
+        return write_json(target, self.to_dict())
 
     @classmethod
     def from_dict(cls, document: Any) -> RunSummary:
