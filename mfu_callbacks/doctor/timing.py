@@ -88,7 +88,7 @@ def time_matmul(shape: MatmulShape, dtype: torch.dtype, timer: Timer) -> float:
 
 def block_causal_mask(length: int, segments: int, device: torch.device) -> torch.Tensor:
     """A boolean mask for a row of ``segments`` equal documents: causal within each, nothing across
-    (what transformers builds for SDPA from a packed row's restarting position_ids)."""
+    (what a model that keeps packed documents apart passes to SDPA)."""
     position = torch.arange(length, device=device)
     document = position // -(-length // segments)
     return (document[:, None] == document[None, :]) & (position[:, None] >= position[None, :])
