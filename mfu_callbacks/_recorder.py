@@ -112,18 +112,23 @@ class StepRecorder:
             self._counts.end_step()
         self.timer.stop()
 
-    def take(self) -> tuple[list[StepTiming], tuple[torch.Tensor, torch.Tensor] | None]:
+    def take(self, *, wait: bool = True) -> tuple[list[StepTiming], tuple[torch.Tensor, torch.Tensor] | None]:
         """The finished steps' timings and (window, last step) feature sums on the host; clears them.
 
-        Counts are None when no engine counted anything. Waits for the GPU (CUDA events): log time only.
+        Counts are None when no engine counted anything. ``wait=False`` takes only the steps the
+        device has finished (CUDA events already passed) and leaves the others for the next take, so
+        nothing waits for the GPU; with ``wait`` every finished step is taken (the end of a run).
         """
-        timings = self.timer.read()
-        steps = sum(timing.steps for timing in timings)
-        if steps != self._unread:
-            raise RuntimeError(f"the timer reported {steps} steps but the meter counted {self._unread}")
-        self._unread = 0
+        steps = self.timer.unread_steps if wait else self.timer.completed_steps()
+        steps = self._counts.step_boundary(steps)  # a stretch of folded counts is taken whole
+        if self.timer.unread_steps != self._unread:
+            raise RuntimeError(
+                f"the timer holds {self.timer.unread_steps} unread steps but the meter counted {self._unread}"
+            )
         self._fit_observation()
-        counted = self._counts.take(self.step_open) if steps else None
+        counted = self._counts.take(steps, ready=self.timer.end_event(steps)) if steps else None
+        timings = self.timer.read(steps)
+        self._unread -= steps
         # Without an engine yet (the real step not observed in full: it is tried again), the window's
         # counts go with its timings: neither is measured.
         return timings, counted if self.engine is not None else None

@@ -284,7 +284,7 @@ def _read_json(path: Path) -> RunLog:
     except json.JSONDecodeError as error:
         if not text.strip():
             raise RunLogError(f"{path} is empty: {expected}") from None
-        if error.pos >= len(text.rstrip()):
+        if error.pos >= len(text.rstrip()) or error.msg.startswith("Unterminated string"):
             raise RunLogError(
                 f"{path} is cut off: its JSON ends early (line {error.lineno}), as when a file is "
                 f"read while being written; {expected}"
@@ -292,9 +292,9 @@ def _read_json(path: Path) -> RunLog:
         raise RunLogError(f"cannot read {path} as JSON ({error}): {expected}") from None
     if isinstance(document, dict) and "format" in document:
         try:
-            summary = RunSummary.from_dict(document)
+            summary = RunSummary.read(path)  # its windows file too
         except RunSummaryError as error:
-            raise RunLogError(f"{path}: {error}") from None
+            raise RunLogError(str(error)) from None
         run = RunLog(source=str(path), kind="run summary", setup=summary.setup, versions=summary.versions)
         run.windows = [(float(window["step"]), dict(window["metrics"])) for window in summary.windows]
         return run

@@ -10,7 +10,7 @@ import inspect
 import os
 import warnings
 from collections.abc import Callable, Mapping
-from contextlib import suppress
+from contextlib import nullcontext, suppress
 from typing import Any
 
 import torch
@@ -24,7 +24,7 @@ from .attribution import format_breakdown, write_breakdown
 from .meter import MFUMeter, device_of, join_reduction_as_failed
 from .metrics import MFU_STATUS, MFUStatus
 from .report import format_report
-from .run_summary import RunSummary, describe_setup, library_versions
+from .run_summary import SummaryWriter, describe_setup, library_versions
 
 
 class MeterSession:
@@ -56,15 +56,23 @@ class MeterSession:
     def start_run(self) -> None:
         """A run starts: whatever an earlier run left (finished, failed or interrupted) is cleared."""
         self.unwatch()
+        earlier: SummaryWriter | None = getattr(self, "_summary", None)
+        if earlier is not None:
+            with suppress(Exception):  # an interrupted run's file: what it wrote stays
+                earlier.close()
         self.guard = Guard(self._owner)
         self._extras_guard = Guard(self._owner, stops="writing the run summary and the W&B run description")
         self.meter: MFUMeter | None = None
-        self.optimizer_steps = 0
+        self.optimizer_steps = 0  # the framework's global step: continued on resume
+        self._steps_this_run = 0  # warm-up starts again in a resumed process
+        self._resumed_at: int | None = None  # the global step a resumed run continues from
         self._step_open = False
         self._attached = False
         self._wandb_described = False
         self._model: nn.Module | None = None
-        self.run_summary = RunSummary()
+        self._summary: SummaryWriter | None = None  # opened at the first window written
+        self._setup_described: dict[str, Any] | None = None  # the setup, described once per run
+        self._summary_status: dict[str, Any] | None = None  # the status the header last said
         self.status: Status = _status.WARMING_UP  # what the last read (or the end of the run) found
         self._warned: set[MFUStatus] = set()
 
@@ -86,6 +94,9 @@ class MeterSession:
                 profile_start=self.options.profile_start,
             )
             if self._resume_state is not None:
+                saved_step = self._resume_state.get(_SAVED_STEP)
+                if self._resumed_at is None and isinstance(saved_step, int) and saved_step > 0:
+                    self.continue_from_step(saved_step)
                 self.meter.load_state_dict(self._resume_state)
                 self._resume_state = None
 
@@ -94,10 +105,20 @@ class MeterSession:
         self.guard.run(create)
 
     # -- resuming -----------------------------------------------------------------------------------
+    def continue_from_step(self, global_step: int) -> None:
+        """A resumed run goes on from the framework's ``global_step``: windows are numbered from there,
+        and the run summary keeps the windows written up to it."""
+        self.optimizer_steps = self._resumed_at = int(global_step)
+
     def state_dict(self) -> dict[str, Any]:
-        """The meter's state for the framework's checkpoint (plain values; {} before a meter exists)."""
+        """The meter's state for the framework's checkpoint (plain values; {} before a meter exists).
+
+        Called when the framework saves a checkpoint: the run summary is made durable then too.
+        """
+        self._extras_guard.run(self._sync_summary)
         if self.meter is not None and not self.guard.failed:
-            return self.guard.run(self.meter.state_dict, default={}) or {}
+            state: dict[str, Any] = self.guard.run(self.meter.state_dict) or {}
+            return {**state, _SAVED_STEP: self.optimizer_steps} if state else {}
         return dict(self._resume_state or {})
 
     def load_state_dict(self, state: Mapping[str, Any], *, when_attached: bool = False) -> None:
@@ -158,6 +179,7 @@ class MeterSession:
             return
         self._step_open = False
         self.optimizer_steps += 1
+        self._steps_this_run += 1
         if self.meter is not None:
             self.guard.run(self.meter.end_step)
 
@@ -173,16 +195,19 @@ class MeterSession:
         When distributed this is a collective, and a rank whose measurement failed still takes part
         (as "failed"), so no rank ever waits for another.
         """
-        if self.meter is None or self.guard.failed:
+        meter = self.meter
+        if meter is None or self.guard.failed:
             self._join_as_failed()
             return self._prefixed(self._with_status({}))
-        metrics: dict[str, float] = self.guard.run(self.meter.metrics, default={}) or {}
-        if metrics:
-            # Reporting extras have a guard of their own: a failure there never stops the measurement.
-            if not self._wandb_described:
-                self._extras_guard.run(self._describe_wandb_run)
-            self._extras_guard.run(self._write_run_summary, metrics)
-        return self._prefixed(self._with_status(metrics))
+        own_work = self.guard.run(meter.own_work)  # the whole read is counted as the meter's time
+        with own_work if own_work is not None else nullcontext():
+            metrics: dict[str, float] = self.guard.run(meter.metrics, default={}) or {}
+            if metrics:
+                # Reporting extras have a guard of their own: a failure there never stops the measurement.
+                if not self._wandb_described:
+                    self._extras_guard.run(self._describe_wandb_run)
+                self._extras_guard.run(self._add_to_run_summary, metrics)
+            return self._prefixed(self._with_status(metrics))
 
     def _prefixed(self, metrics: Mapping[str, float]) -> dict[str, float]:
         return {self.options.prefix + key: value for key, value in metrics.items()}
@@ -203,7 +228,7 @@ class MeterSession:
             values,
             self.status,
             engine_built=meter.engine is not None,
-            past_warmup=self.optimizer_steps > self.options.warmup_steps,
+            past_warmup=self._steps_this_run > self.options.warmup_steps,
             peak_device=str(meter.device) if meter.peak is None else None,
         )
 
@@ -230,15 +255,43 @@ class MeterSession:
         folder = self.options.summary_dir or framework_folder
         self.summary_dir = str(folder) if folder is not None else None
 
-    def _write_run_summary(self, metrics: Mapping[str, float] | None) -> None:
-        """Add the window to the run summary and write it beside the framework's outputs (rank 0)."""
-        if self.summary_dir is None or distributed.rank() != 0:
+    # -- the run summary: one line per window, the header when it changes (rank 0) ------------------
+    def _add_to_run_summary(self, metrics: Mapping[str, float]) -> None:
+        """Append the window (its cost does not grow with the run or the model: the setup is
+        described once, at the first window, and again only at checkpoints and at the end)."""
+        writer = self._summary_writer()
+        if writer is None:
             return
-        self.run_summary.status = self.status.as_dict()
-        self.run_summary.setup.update(self._setup())
-        if metrics is not None:
-            self.run_summary.add_window(self.optimizer_steps, metrics)
-        self.run_summary.write(self.summary_dir)
+        if self._setup_described is None:
+            self._setup_described = self._setup()
+        writer.append(self.optimizer_steps, metrics)
+        status = self.status.as_dict()
+        if status != self._summary_status:
+            writer.write_header(self._setup_described, status)
+            self._summary_status = status
+
+    def _sync_summary(self, *, close: bool = False) -> None:
+        """Describe the setup as it is now, write the header and make both files durable (a
+        checkpoint is being saved, or the run ends)."""
+        writer = self._summary_writer(open_if_needed=close)
+        if writer is None:
+            return
+        self._setup_described = self._setup()
+        self._summary_status = self.status.as_dict()
+        writer.write_header(self._setup_described, self._summary_status)
+        if close:
+            writer.close()
+            self._summary = None
+        else:
+            writer.sync()
+
+    def _summary_writer(self, *, open_if_needed: bool = True) -> SummaryWriter | None:
+        """The run summary's writer on rank 0 when a folder is known; opened on first use."""
+        if self.summary_dir is None or distributed.rank() != 0:
+            return None
+        if self._summary is None and open_if_needed:
+            self._summary = SummaryWriter(self.summary_dir, resume_after=self._resumed_at)
+        return self._summary
 
     def _describe_wandb_run(self) -> None:
         """The run config says how MFU was measured: the run summary's setup and the library versions."""
@@ -283,7 +336,7 @@ class MeterSession:
         self.unwatch()
         summary = self.summary()
         self._final_status(summary)
-        self._extras_guard.run(self._write_run_summary, None)  # the setup as the run ended
+        self._extras_guard.run(self._sync_summary, close=True)  # the setup as the run ended
         meter = self.meter
         if meter is None or not summary:
             self._extras_guard.run(self._report_not_measured)
@@ -322,6 +375,9 @@ class MeterSession:
         run = _wandb.active_run()
         if run is not None:
             _wandb.summarize_run(run, {}, (), self.status)
+
+
+_SAVED_STEP = "optimizer_steps"  # the global step in the saved state (frameworks without one of their own)
 
 
 def _warn(message: str) -> None:

@@ -10,11 +10,16 @@ squares) is summed in Python ints. The last finished step is summed apart, for i
 Memory stays bounded in a run that never reads: every ``ROWS`` steps (or when the held tensors pass
 ``MAX_BYTES``) the finished steps but the last are reduced into one feature row on the device,
 still without a host sync.
+
+A read takes the oldest steps, as many as the device has finished (``take(steps, ready=...)``): on
+CUDA their reduction runs on a side stream that waits only for the end of those steps, so the copy
+to the host does not wait for the steps still queued behind them.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
@@ -35,6 +40,7 @@ class StepCounts:
         self._capacity = rows
         self._max_bytes = max_bytes
         self._finished: list[list[Entry]] = []  # oldest first; a folded past is one step of feature rows
+        self._steps_in: list[int] = []  # steps each entry of ``_finished`` stands for (a fold: several)
         self._open: list[Entry] = []
         self._bytes = 0  # held by the owned tensors
         self._counted = False  # whether anything was ever added
@@ -66,27 +72,62 @@ class StepCounts:
     def end_step(self) -> None:
         """The open step is finished (folding the older steps when the rows run out)."""
         self._finished.append(self._open)
+        self._steps_in.append(1)
         self._open = []
         if len(self._finished) >= self._capacity:
             self._fold_finished()
 
-    def take(self, step_open: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(sum of the finished steps, the last finished step) on the host, with one device-to-host copy
-        per device, and clears them; the open step keeps what it has counted. None when nothing was
-        ever counted."""
-        del step_open  # the open step is held apart
+    def step_boundary(self, steps: int) -> int:
+        """The fewest finished steps, at least ``steps``, that end with a step of its own: a fold of
+        several steps is taken whole, and never last (the last step's FLOPs are logged alone). A fold
+        is always followed by a step of its own."""
+        if steps <= 0:
+            return 0
+        total = 0
+        for count in self._steps_in:
+            total += count
+            if total >= steps and count == 1:
+                return total
+        return total
+
+    def take(
+        self, steps: int | None = None, *, ready: torch.cuda.Event | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(sum of the oldest ``steps`` finished steps, the last of them) on the host, with one
+        device-to-host copy per device, and forgets them; later steps and the open step stay. None
+        when nothing was ever counted.
+
+        steps: how many (default: all finished), at a ``step_boundary``.
+        ready: a CUDA event recorded after those steps and already passed: the reduction then runs on
+            a side stream that waits for it alone, not for the work queued after it.
+        """
+        entries = len(self._finished) if steps is None else self._entries_for(steps)
+        taken, self._finished = self._finished[:entries], self._finished[entries:]
+        del self._steps_in[:entries]
+        self._bytes = _bytes(self._open) + sum(_bytes(step) for step in self._finished)
         if not self._counted:
             return None
-        steps, self._finished = self._finished, []
-        self._bytes = _bytes(self._open)
-        window, last = _sums(steps, _width(self._shape))
+        with _after(ready):
+            window, last = _sums(taken, _width(self._shape))
         return torch.tensor(window).view(self._shape), torch.tensor(last).view(self._shape)
+
+    def _entries_for(self, steps: int) -> int:
+        entries, total = 0, 0
+        while total < steps:
+            if entries == len(self._steps_in):
+                raise ValueError(f"{steps} steps asked for, {total} finished")
+            total += self._steps_in[entries]
+            entries += 1
+        if total != steps:
+            raise ValueError(f"{steps} steps end inside a fold of {self._steps_in[entries - 1]} steps")
+        return entries
 
     # -- folding ------------------------------------------------------------------------------------
     def _fold_finished(self) -> None:
         """All finished steps but the last (whose FLOPs are logged alone) into one step of feature rows."""
         if len(self._finished) > 1:
             self._finished = [_fold(self._finished[:-1], self._shape), self._finished[-1]]
+            self._steps_in = [sum(self._steps_in[:-1]), self._steps_in[-1]]
             self._bytes = _bytes(self._open) + sum(_bytes(step) for step in self._finished)
 
     def _shrink(self) -> None:
@@ -95,6 +136,21 @@ class StepCounts:
             before = _bytes(self._open)
             self._open = _fold([self._open], self._shape)
             self._bytes += _bytes(self._open) - before
+
+
+_side_streams: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _after(ready: torch.cuda.Event | None) -> AbstractContextManager[object]:
+    """Run inside on a side stream of the event's device that waits for ``ready`` (nothing without one)."""
+    if ready is None:
+        return nullcontext()
+    device = torch.device("cuda", torch.cuda.current_device())
+    stream = _side_streams.get(device)
+    if stream is None:
+        stream = _side_streams[device] = torch.cuda.Stream(device)
+    stream.wait_event(ready)
+    return torch.cuda.stream(stream)
 
 
 def _bytes(step: list[Entry]) -> int:

@@ -43,10 +43,12 @@ class Window:
     padded_tokens: float = 0.0
     step_seconds: float = 0.0
     input_wait_seconds: float = 0.0
+    meter_seconds: float = 0.0  # the meter's own reads between the steps (part of the wall)
     counting_ranks: float = 0.0  # ranks whose FLOP engine counted batches (1 or 0 for one rank)
     last_model_flops: float = 0.0  # the last step alone
     last_hardware_flops: float = 0.0
-    wall_seconds: float = 0.0  # step + input wait seconds of the slowest rank (the others wait for it)
+    # Step, input wait and the meter's own read time of the slowest rank (the others wait for it).
+    wall_seconds: float = 0.0
     steps: float = 0.0
     # Mean step time (without input wait) of the slowest and fastest data-parallel group. Under
     # synchronous data parallelism a group that is late with its batch makes the others wait inside
@@ -73,6 +75,7 @@ def rank_window(
     steps = sum(timing.steps for timing in timings)
     step_seconds = sum(timing.step_seconds for timing in timings)
     input_wait_seconds = sum(timing.input_wait_seconds for timing in timings)
+    wall_seconds = sum(timing.iteration_seconds for timing in timings)  # the meter's reads included
     last = timings[-1] if timings and timings[-1].steps == 1 else None
     counted = flops is not None
     flops, last_flops = flops or StepFlops(0, 0, 0, 0), last_flops or StepFlops(0, 0, 0, 0)
@@ -84,10 +87,11 @@ def rank_window(
         padded_tokens=float(flops.padded_tokens),
         step_seconds=step_seconds,
         input_wait_seconds=input_wait_seconds,
+        meter_seconds=sum(timing.meter_seconds for timing in timings),
         counting_ranks=1.0 if counted else 0.0,
         last_model_flops=float(last_flops.model_flops),
         last_hardware_flops=float(last_flops.hardware_flops),
-        wall_seconds=step_seconds + input_wait_seconds,
+        wall_seconds=wall_seconds,
         steps=float(steps),
         step_time_max=step_seconds / steps if steps else -math.inf,
         step_time_min=step_seconds / steps if steps else math.inf,
@@ -103,6 +107,7 @@ _SUMMED_OVER_RANKS = (
     "padded_tokens",
     "step_seconds",
     "input_wait_seconds",
+    "meter_seconds",
     "counting_ranks",
     "last_model_flops",
     "last_hardware_flops",
@@ -152,6 +157,7 @@ _RUN_SUMMED = (
     "padded_tokens",
     "step_seconds",
     "input_wait_seconds",
+    "meter_seconds",
     "wall_seconds",
     "steps",
 )
@@ -167,6 +173,7 @@ class RunTotals:
     padded_tokens: float = 0.0
     step_seconds: float = 0.0
     input_wait_seconds: float = 0.0
+    meter_seconds: float = 0.0
     wall_seconds: float = 0.0
     steps: float = 0.0
     slowest_rank_seconds: float = 0.0  # sum over windows of (slowest rank's mean step time x steps)

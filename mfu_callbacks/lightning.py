@@ -65,6 +65,8 @@ class MFUCallback(Callback):
         self._log_guard = Guard(self._log_guard.owner, stops=self._log_guard.stops)
         self._optimizer_stepped = False
         self.session.write_summary_to(trainer.log_dir)
+        if trainer.global_step > 0:  # resumed from a checkpoint
+            self.session.continue_from_step(trainer.global_step)
         dtype = dtype_from_lightning_precision(str(trainer.precision))
         self.session.attach(pl_module, dtype=dtype)
 

@@ -12,14 +12,17 @@
 
 Per step the meter records two timing events and adds the batch's token counts (a small int64
 tensor on the batch's device) into a bounded buffer on that device: nothing waits for the GPU. At
-log time one copy brings the counts to the host, the FLOP engine turns them into FLOPs, and one
-reduction combines the ranks. The logged keys are listed in ``mfu_callbacks.metrics``.
+log time the steps the GPU has finished are read (the others wait for the next read), one copy
+brings their counts to the host, the FLOP engine turns them into FLOPs, and one reduction combines
+the ranks. The read's own cost is part of the time base, which is the wall clock. The logged keys
+are listed in ``mfu_callbacks.metrics``.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -210,12 +213,21 @@ class MFUMeter:
         self._recorder.stop_observing()
 
     # -- at log time -----------------------------------------------------------------------------
+    def own_work(self) -> AbstractContextManager[None]:
+        """Around the meter's own work between two steps (a read, and what an integration does with
+        its metrics): counted in the wall clock as the meter's time, never as input wait."""
+        return self._timer.meter_work()
+
     def metrics(self) -> dict[str, float]:
         """Values over the steps finished since the last read (after warm-up); {} when there are none.
 
-        The keys and their meaning are listed in :mod:`mfu_callbacks.metrics`.
+        On one process the read does not wait for the GPU: steps whose work is still queued on it are
+        left for the next read (so a window can end a step or two before the step at which it was
+        read). When distributed, the ranks' reduction waits for the GPU anyway, and every rank reads
+        every finished step, so that all ranks' windows hold the same steps. The keys and their
+        meaning are listed in :mod:`mfu_callbacks.metrics`.
         """
-        window = self._read_window()
+        window = self._read_window(wait=distributed.is_distributed())
         if window is None:
             return {}
         if window.failed_ranks:
@@ -227,10 +239,10 @@ class MFUMeter:
     def summary(self) -> dict[str, float]:
         """Means over the whole run after warm-up: mfu, hfu, tflops_per_gpu, tokens_per_sec_per_gpu.
 
-        Reads the steps not yet read first, so when distributed it holds the same collective as
-        ``metrics()``: call it on every rank.
+        Reads the steps not yet read first (waiting for the GPU to finish them), so when distributed it
+        holds the same collective as ``metrics()``: call it on every rank.
         """
-        self._read_window()
+        self._read_window(wait=True)
         return metrics.run_summary(self._run, self.peak.flops if self.peak is not None else None)
 
     def run_flops(self) -> StepFlops | None:
@@ -265,19 +277,21 @@ class MFUMeter:
         """Take part in a read on a rank whose measurement failed, so the other ranks never wait for it."""
         join_reduction_as_failed(_world_size(self._world_size_given))
 
-    def _read_window(self) -> Window | None:
-        """Resolve the pending steps and combine the ranks; None when no rank finished a measured step.
+    def _read_window(self, *, wait: bool) -> Window | None:
+        """Resolve the finished steps (all of them with ``wait``, else those the GPU has passed) and
+        combine the ranks; None when no rank finished a measured step.
 
-        Whatever fails on this rank, it still enters the one reduction the other ranks enter.
+        Whatever fails on this rank, it still enters the one reduction the other ranks enter. The
+        read's own time is counted in the wall clock (``StepTimer.meter_work``), not left out.
         """
         world = _world_size(self._world_size_given)
         failure: Exception | None = None
-        with self._timer.paused():  # the GPU drain waited for here is not input wait
+        with self._timer.meter_work():  # counted in the wall clock, apart from input wait
             try:
-                # Before the drain, while the GPU still runs the steps to be read.
+                # While the GPU may still run the steps to be read.
                 if self._recorder.unread_steps:
                     self._diagnostics.sample_clock(self.device)
-                local = self._local_window(world)
+                local = self._local_window(world, wait)
                 layout = self.parallelism
                 local = replace(local, group=layout.group_id, batch_replicas=layout.tensor_parallel)
             except Exception as error:  # noqa: BLE001 - re-raised after the collective
@@ -289,7 +303,7 @@ class MFUMeter:
                 return None
             self._run.add(window)
             self._diagnose()
-        return window
+            return window
 
     def _diagnose(self) -> None:
         """Run the diagnoses on what was just read (host-side numbers only: no sync, no collective)."""
@@ -310,8 +324,8 @@ class MFUMeter:
         except Exception:  # noqa: BLE001 - diagnoses are advice: they never cost the run its metrics
             logger.debug("mfu_callbacks: diagnoses failed", exc_info=True)
 
-    def _local_window(self, world: int) -> Window:
-        timings, counted = self._recorder.take()
+    def _local_window(self, world: int, wait: bool) -> Window:
+        timings, counted = self._recorder.take(wait=wait)
         engine = self.engine
         if counted is None or engine is None:
             return rank_window(world, timings, None, None)

@@ -113,8 +113,8 @@ def window_metrics(window: Window, peak_flops: float | None, *, distributed: boo
             values[MFU_LAST_STEP] = utilization(window.last_model_flops, last, world, peak_flops)
             values[HFU_LAST_STEP] = utilization(window.last_hardware_flops, last, world, peak_flops)
     values[STEP_TIME] = wall / window.steps
-    busy_and_waiting = window.step_seconds + window.input_wait_seconds
-    values[INPUT_WAIT_FRACTION] = window.input_wait_seconds / busy_and_waiting if busy_and_waiting else 0.0
+    iterations = window.step_seconds + window.input_wait_seconds + window.meter_seconds
+    values[INPUT_WAIT_FRACTION] = window.input_wait_seconds / iterations if iterations else 0.0
     if distributed:
         values[STEP_TIME_MAX] = window.step_time_max
         values[STEP_TIME_MIN] = window.step_time_min

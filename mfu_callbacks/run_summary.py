@@ -1,29 +1,36 @@
-"""The run summary: a run's MFU windows and the setup they were measured on, in one small JSON file.
+"""The run summary: a run's MFU windows and the setup they were measured on, in two small files.
 
 ``mfu-callbacks compare`` reads it to tell whether a change made training faster. It holds every
 window the meter read (the optimizer step it was read at and the metrics dict ``MFUMeter.metrics()``
 returned, keys as in :mod:`mfu_callbacks.metrics`), what MFU was measured on (GPU, peak, dtype,
 world size, FLOPs per token and their split by component, the model), the library versions, and
-a format version. The file is rewritten atomically on every ``write``: a run killed mid-way
-leaves the windows of its last write, readable.
+a format version.
 
-    from mfu_callbacks.run_summary import RunSummary, describe_setup
+A read costs the same at step 10 and at step 100,000, so the windows are not rewritten at each
+read: ``mfu_summary.json`` holds the setup, the versions and the status (small, rewritten atomically
+only when they change), and ``mfu_windows.jsonl`` beside it holds one window per line, appended as
+each is read. Neither file is synced to disk at a read; ``SummaryWriter.sync`` makes both durable
+(at checkpoints and at the end of the run). A run killed mid-way leaves every window written before
+it; a last line cut off mid-write is skipped by the reader.
 
-    summary = RunSummary()
+    from mfu_callbacks.run_summary import SummaryWriter, describe_setup
+
+    writer = SummaryWriter("out")                         # out/mfu_summary.json + out/mfu_windows.jsonl
     for step, batch in enumerate(loader, start=1):
         meter.start_step(batch)
         ...
         meter.end_step()
         if step % 10 == 0:
             metrics = meter.metrics()                    # {"mfu": 0.41, "step_time": 0.21, ...}
-            summary.setup.update(describe_setup(
-                peak=meter.peak, world_size=world_size, flops=meter.run_flops(), model=model))
-            summary.add_window(step, metrics)
-            summary.write("out")                          # out/mfu_summary.json
+            if step == 10:
+                writer.write_header(describe_setup(
+                    peak=meter.peak, world_size=world_size, flops=meter.run_flops(), model=model))
+            writer.append(step, metrics)
+    writer.sync()
 
-The document (``FORMAT_VERSION`` 1)::
+``RunSummary.read("out")`` reads both back. The header (``FORMAT_VERSION`` 2)::
 
-    {"format": "mfu-callbacks run summary", "format_version": 1,
+    {"format": "mfu-callbacks run summary", "format_version": 2,
      "setup": {"device": "NVIDIA H100 SXM", "peak_tflops": 989.4, "peak_source": "NVIDIA H100 ...",
                "dtype": "bf16", "world_size": 8,
                "parallelism": {"engine": "fsdp2", "data_parallel": 4, "fsdp_shard": 4,
@@ -35,12 +42,17 @@ The document (``FORMAT_VERSION`` 1)::
                          "trainable_parameters": 4194304,
                          "lora": {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]}}},
      "versions": {"torch": "2.11.0", "transformers": "5.17.0", "mfu_callbacks": "0.1.0"},
-     "windows": [{"step": 10, "metrics": {"mfu": 0.412, "tokens_per_sec_per_gpu": 9012.5, ...}}, ...],
+     "windows_file": "mfu_windows.jsonl",
      "status": {"code": 1, "name": "measuring", "reason": "", "fix": ""}}
 
-``status`` (optional) says whether MFU was measured when the file was last written, and if not, why
-and what to do (codes in :mod:`mfu_callbacks.metrics`). Every setup key is optional: a reader shows
-what is there. Only torch and the standard library are imported here.
+and each line of the windows file::
+
+    {"step": 10, "metrics": {"mfu": 0.412, "tokens_per_sec_per_gpu": 9012.5, ...}}
+
+``status`` (optional) says whether MFU was measured when the header was last written, and if not,
+why and what to do (codes in :mod:`mfu_callbacks.metrics`). Every setup key is optional: a reader
+shows what is there. Files of format version 1 (the windows inside ``mfu_summary.json``) are still
+read. Only torch and the standard library are imported here.
 """
 
 from __future__ import annotations
@@ -51,20 +63,22 @@ import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from ._atomic import write_json
+from ._atomic import write_json, write_text
 
 if TYPE_CHECKING:
     from .flops import StepFlops
     from .hardware import PeakInfo
 
 FORMAT = "mfu-callbacks run summary"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+_READABLE_VERSIONS = (1, 2)  # 1: the windows inside the header document
 DEFAULT_FILENAME = "mfu_summary.json"
+WINDOWS_FILENAME = "mfu_windows.jsonl"
 # Frameworks whose version is recorded when the training process has imported them.
 _FRAMEWORKS = ("transformers", "lightning", "pytorch_lightning", "accelerate", "peft", "trl")
 
@@ -73,15 +87,48 @@ class RunSummaryError(ValueError):
     """A document that is not a run summary this version can read; the message says what is wrong."""
 
 
-class RunSummary:
-    """Per-window metrics of one run and the setup they were measured on; written atomically as JSON.
+def window_record(step: int, metrics: Mapping[str, float]) -> dict[str, Any]:
+    """One window as stored: the optimizer step it was read at and its finite metrics."""
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be a non-negative int, got {step!r}")
+    values: dict[str, float] = {}
+    for key, value in metrics.items():
+        number = float(value)  # a 0-d tensor works too; a string raises here, not in the reader
+        if math.isfinite(number):
+            values[str(key)] = number
+    return {"step": step, "metrics": values}
 
-    setup: what the measurement ran on (see :func:`describe_setup` for the keys); ``self.setup`` is
-        a plain dict that may be updated later, when the FLOP engine has seen its first batch.
+
+def header_document(
+    setup: Mapping[str, Any], versions: Mapping[str, str], status: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """The ``mfu_summary.json`` document: everything but the windows, which live in the windows file."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "setup": _plain(setup),
+        "versions": dict(versions),
+        "windows_file": WINDOWS_FILENAME,
+        **({"status": _plain(status)} if status is not None else {}),
+    }
+
+
+def summary_paths(path: str | os.PathLike[str]) -> tuple[Path, Path]:
+    """(header, windows file) for ``path``: a ``.json`` file, or a folder that gets the default names."""
+    target = Path(path)
+    if target.suffix != ".json":
+        target = target / DEFAULT_FILENAME
+    return target, target.with_name(WINDOWS_FILENAME)
+
+
+class RunSummary:
+    """Per-window metrics of one run and the setup they were measured on, in memory (to read or write whole).
+
+    setup: what the measurement ran on (see :func:`describe_setup` for the keys).
     versions: library versions; default: torch, this package and every imported training framework.
 
-    Call ``add_window`` once per metrics read and ``write`` after it (on rank 0 only when distributed:
-    the metrics are already combined over the ranks).
+    A training run writes through :class:`SummaryWriter`, which never holds the windows; this class is
+    what readers (``compare``, ``plot``) get from :meth:`read`.
     """
 
     def __init__(
@@ -94,57 +141,37 @@ class RunSummary:
 
     def add_window(self, step: int, metrics: Mapping[str, float]) -> None:
         """One window: the optimizer step it was read at and its metrics (non-finite values are left out)."""
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"step must be a non-negative int, got {step!r}")
-        values: dict[str, float] = {}
-        for key, value in metrics.items():
-            number = float(value)  # a 0-d tensor works too; a string raises here, not in the reader
-            if math.isfinite(number):
-                values[str(key)] = number
-        self.windows.append({"step": step, "metrics": values})
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "setup": _plain(self.setup),
-            "versions": dict(self.versions),
-            "windows": list(self.windows),
-            **({"status": _plain(self.status)} if self.status is not None else {}),
-        }
+        self.windows.append(window_record(step, metrics))
 
     def write(self, path: str | os.PathLike[str]) -> Path:
-        """Write the summary to ``path``; return the file written.
+        """Write the whole summary to ``path`` (the header file, or a folder); return the header written.
 
-        A path ending in ``.json`` is the file; any other path is a folder (created if needed) that
-        gets ``mfu_summary.json``.
-
-        Written atomically (``_atomic.write_json``): a reader sees the previous complete file or the
-        new one, never half of one.
+        Both files are written atomically (``_atomic``): a reader sees the previous complete file or
+        the new one, never half of one.
         """
-        target = Path(path)
-        if target.suffix != ".json":
-            target = target / DEFAULT_FILENAME
-        return write_json(target, self.to_dict())
+        header, windows = summary_paths(path)
+        lines = "".join(_json_line(window) for window in self.windows)
+        write_text(windows, lines)
+        return write_json(header, header_document(self.setup, self.versions, self.status))
 
     @classmethod
-    def from_dict(cls, document: Any) -> RunSummary:
-        """Rebuild a summary from its JSON document; RunSummaryError says what does not fit."""
+    def from_dict(cls, document: Any, windows: list[Any] | None = None) -> RunSummary:
+        """Rebuild a summary from its header document and its windows (format 1: inside the document);
+        RunSummaryError says what does not fit."""
         if not isinstance(document, dict) or document.get("format") != FORMAT:
             raise RunSummaryError(f'not an mfu-callbacks run summary (no "format": "{FORMAT}")')
         version = document.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in _READABLE_VERSIONS:
             raise RunSummaryError(
-                f"run summary format version {version!r}; this mfu-callbacks reads version {FORMAT_VERSION}"
+                f"run summary format version {version!r}; this mfu-callbacks reads versions "
+                f"{', '.join(map(str, _READABLE_VERSIONS))}"
             )
-        setup, versions, windows = (
-            document.get("setup", {}),
-            document.get("versions", {}),
-            document.get("windows"),
-        )
+        setup, versions = document.get("setup", {}), document.get("versions", {})
+        if version == 1:
+            windows = document.get("windows")
         if not isinstance(setup, dict) or not isinstance(versions, dict) or not isinstance(windows, list):
             raise RunSummaryError(
-                "run summary without a 'setup' object, a 'versions' object and a 'windows' list"
+                "run summary without a 'setup' object, a 'versions' object and a list of windows"
             )
         summary = cls(setup, versions=versions)
         status = document.get("status")
@@ -160,26 +187,134 @@ class RunSummary:
 
     @classmethod
     def read(cls, path: str | os.PathLike[str]) -> RunSummary:
-        """Read a summary file (or the ``mfu_summary.json`` of a folder); RunSummaryError names the file."""
+        """Read a summary (its header file, or a folder holding one); RunSummaryError names the file."""
         target = Path(path)
         if target.is_dir():
             target = target / DEFAULT_FILENAME
+        document = _read_document(target)
+        windows = None
+        if (
+            isinstance(document, dict)
+            and document.get("format") == FORMAT
+            and document.get("format_version") == 2
+        ):
+            name = document.get("windows_file", WINDOWS_FILENAME)
+            windows = read_windows(target.with_name(Path(str(name)).name))  # beside it, never elsewhere
         try:
-            text = target.read_text()
-        except (OSError, UnicodeDecodeError) as error:
-            raise RunSummaryError(f"cannot read {target}: {error}") from None
-        if not text.strip():
-            raise RunSummaryError(f"{target} is empty: expected an mfu-callbacks run summary")
-        try:
-            document = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise RunSummaryError(
-                f"{target} is not complete JSON ({error}): expected an mfu-callbacks run summary"
-            ) from None
-        try:
-            return cls.from_dict(document)
+            return cls.from_dict(document, windows)
         except RunSummaryError as error:
             raise RunSummaryError(f"{target}: {error}") from None
+
+
+class SummaryWriter:
+    """Writes a run summary as the run goes: each window appended, the header rewritten when it changes.
+
+    folder: where ``mfu_summary.json`` and ``mfu_windows.jsonl`` go (created if needed).
+    resume_after: a resumed run continues the windows file, keeping the windows up to this optimizer
+        step (those after it belong to steps the run is about to take again); None starts a new file.
+
+    The cost of a window does not grow with the run: one line is written and flushed to the operating
+    system, nothing is synced to disk. ``sync`` makes both files durable (checkpoints, end of run).
+    """
+
+    def __init__(self, folder: str | os.PathLike[str], *, resume_after: int | None = None) -> None:
+        self.header_path, self.windows_path = summary_paths(folder)
+        self.header_path.parent.mkdir(parents=True, exist_ok=True)
+        kept = ""
+        if resume_after is not None and self.windows_path.exists():
+            try:
+                earlier = read_windows(self.windows_path)
+            except RunSummaryError:
+                earlier = []  # an unreadable file of an earlier run is replaced, not continued
+            kept = "".join(_json_line(w) for w in earlier if w.get("step", math.inf) <= resume_after)
+        write_text(self.windows_path, kept, durable=False)  # one rewrite per run, never per window
+        self._windows: IO[str] | None = open(self.windows_path, "a", encoding="utf-8")  # noqa: SIM115
+        self._header: str | None = None  # the header as last written
+        self.bytes_written = 0  # by appends and header rewrites: what a read costs on disk
+        if resume_after is None or not self.header_path.exists():
+            self.write_header({})  # readable from the start; the setup comes with the first window
+
+    def append(self, step: int, metrics: Mapping[str, float]) -> None:
+        """One window, as one line at the end of the windows file."""
+        if self._windows is None:
+            raise ValueError("SummaryWriter.append() after close()")
+        line = _json_line(window_record(step, metrics))
+        self._windows.write(line)
+        self._windows.flush()
+        self.bytes_written += len(line)
+
+    def write_header(
+        self,
+        setup: Mapping[str, Any],
+        status: Mapping[str, Any] | None = None,
+        versions: Mapping[str, str] | None = None,
+    ) -> None:
+        """Rewrite ``mfu_summary.json`` (atomically) if its content changed; otherwise do nothing."""
+        document = header_document(setup, versions if versions is not None else library_versions(), status)
+        text = json.dumps(document, indent=1, allow_nan=False)
+        if text == self._header:
+            return
+        write_text(self.header_path, text + "\n", durable=False)
+        self._header = text
+        self.bytes_written += len(text)
+
+    def sync(self) -> None:
+        """Make what was written durable: the windows file and the header reach the disk."""
+        if self._windows is not None:
+            self._windows.flush()
+            os.fsync(self._windows.fileno())
+        if self._header is not None:
+            with open(self.header_path, "rb") as header:
+                os.fsync(header.fileno())
+
+    def close(self) -> None:
+        """Sync and close the windows file (a later ``append`` raises)."""
+        if self._windows is not None:
+            self.sync()
+            self._windows.close()
+            self._windows = None
+
+
+def read_windows(path: Path) -> list[dict[str, Any]]:
+    """The windows of a windows file, in file order; a last line cut off mid-write is skipped."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise RunSummaryError(
+            f"cannot read the windows file {path} ({error}): a run summary is {DEFAULT_FILENAME} with "
+            f"{WINDOWS_FILENAME} beside it; copy both"
+        ) from None
+    lines = text.split("\n")
+    windows: list[dict[str, Any]] = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            windows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):  # no newline after it: the write was cut off
+                break
+            raise RunSummaryError(f"{path}, line {number}: not a JSON window: {line[:80]}") from None
+    return windows
+
+
+def _read_document(target: Path) -> Any:
+    try:
+        text = target.read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        raise RunSummaryError(f"cannot read {target}: {error}") from None
+    if not text.strip():
+        raise RunSummaryError(f"{target} is empty: expected an mfu-callbacks run summary")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise RunSummaryError(
+            f"{target} is not complete JSON ({error}): expected an mfu-callbacks run summary"
+        ) from None
+
+
+def _json_line(window: Mapping[str, Any]) -> str:
+    return json.dumps(window, separators=(",", ":"), allow_nan=False) + "\n"
 
 
 def describe_setup(

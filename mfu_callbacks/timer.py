@@ -10,7 +10,14 @@ Input wait is the time between one step's end and the next step's start in which
 idle: the data loader, the framework's bookkeeping, everything that is not the step itself. On
 CUDA it is read from the GPU's timeline (the previous step's end event to this step's start event),
 so host work that overlaps with queued GPU work costs nothing, as it costs nothing in training.
-The meter's own log-time reads are left out of it (see ``StepTimer.paused``).
+The meter's own log-time reads are not left out: what they cost the run is counted apart
+(``StepTimer.meter_work``: its own seconds, part of the iteration, never input wait), so the time base
+is the wall clock. On CUDA that is the time the device idled while the read ran (two events around
+it), which is nothing while the device still works on queued steps. Only one-off work that is no
+training (a profile's analysis) is left out (``StepTimer.paused``).
+
+A read does not wait for the GPU: it resolves the steps whose end the GPU has already passed
+(``Event.query``) and leaves the others for the next read (``completed_steps`` and ``read``).
 """
 
 from __future__ import annotations
@@ -31,17 +38,24 @@ _KEEP_STEPS = 256
 
 @dataclass(frozen=True)
 class StepTiming:
-    """Finished steps: their duration and the input wait before them, in seconds (one step, or
-    ``steps`` older steps folded together)."""
+    """Finished steps: their duration, the input wait before them and the meter's own time before
+    them (its reads), in seconds (one step, or ``steps`` older steps folded together)."""
 
     step_seconds: float
     input_wait_seconds: float
     steps: int = 1
+    meter_seconds: float = 0.0
 
     @property
     def iteration_seconds(self) -> float:
-        """The step and the wait before it: the time base of throughput and MFU."""
-        return self.step_seconds + self.input_wait_seconds
+        """The step and everything before it since the last one: the time base of throughput and MFU."""
+        return self.step_seconds + self.input_wait_seconds + self.meter_seconds
+
+
+# One measured step on CUDA, unresolved: where its wait began (the previous step's end, or None),
+# its start and stop events, and (begin, end) event pairs around the meter's work before it.
+_Marks = tuple[tuple[torch.cuda.Event, torch.cuda.Event], ...]
+_Recorded = tuple[torch.cuda.Event | None, torch.cuda.Event, torch.cuda.Event, _Marks]
 
 
 class StepTimer:
@@ -73,11 +87,15 @@ class StepTimer:
         self._start_time = 0.0  # host-clock path
         self._start_event: torch.cuda.Event | None = None  # CUDA path
         self._input_wait = 0.0
+        self._in_meter_work = False
+        self._meter_seconds = 0.0  # host-clock path: the meter's work since the last step ended
+        self._step_meter_seconds = 0.0  # ... and before the open step
+        self._meter_marks: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []  # CUDA path, the same
         self._finished: list[StepTiming] = []  # host-clock path
-        # CUDA path, unresolved: (end of the previous step or None, start, stop) per step
-        self._recorded: list[tuple[torch.cuda.Event | None, torch.cuda.Event, torch.cuda.Event]] = []
+        self._recorded: list[_Recorded] = []  # CUDA path, unresolved, oldest first
         self._previous_stop: torch.cuda.Event | None = None  # where the next step's input wait begins
         self._wait_began: torch.cuda.Event | None = None  # ... and where the open step's began
+        self._open_marks: _Marks = ()  # the open step's
         self._spare_events: list[torch.cuda.Event] = []
 
     @property
@@ -93,11 +111,17 @@ class StepTimer:
         self._open = True
         self._measuring = self.steps_started >= self.warmup_steps
         self.steps_started += 1
+        marks, self._meter_marks = tuple(self._meter_marks), []
+        meter_seconds, self._meter_seconds = self._meter_seconds, 0.0
+        if not self._measuring or self._last_stop is None:
+            self._spare_events += [event for pair in marks for event in pair]  # nobody's wait: dropped
         if not self._measuring:
             return
         self._input_wait = now - self._last_stop if self._last_stop is not None else 0.0
+        self._step_meter_seconds = meter_seconds if self._last_stop is not None else 0.0
         if self.uses_cuda_events:
             self._wait_began = self._previous_stop
+            self._open_marks = marks if self._previous_stop is not None else ()
             self._start_event = self._record_event()
         else:
             self._start_time = now
@@ -113,14 +137,16 @@ class StepTimer:
             if self.uses_cuda_events:
                 stop = self._record_event()
                 assert self._start_event is not None  # recorded by start() of a measured step
-                self._recorded.append((self._wait_began, self._start_event, stop))
+                self._recorded.append((self._wait_began, self._start_event, stop, self._open_marks))
                 self._previous_stop = stop
                 self._last_stop = self._clock()
                 if len(self._recorded) > _KEEP_STEPS:
                     self._resolve_finished_events()
                 return
             now = self._clock()
-            self._finished.append(StepTiming(now - self._start_time, self._input_wait))
+            self._finished.append(
+                StepTiming(now - self._start_time, self._input_wait, meter_seconds=self._step_meter_seconds)
+            )
             self._last_stop = now
             self._fold_old_timings()
             return
@@ -135,11 +161,35 @@ class StepTimer:
                 self._spare_events.append(self._start_event)
 
     @contextmanager
-    def paused(self) -> Iterator[None]:
-        """Time spent inside is neither step time nor input wait: for the meter's own log-time work.
+    def meter_work(self) -> Iterator[None]:
+        """Time spent inside between two steps is the meter's own (a read): counted in the next step's
+        iteration as ``meter_seconds``, not as input wait, so MFU stays on the wall clock.
 
-        Reading CUDA events waits for the GPU to drain; that wait must not look like a slow data loader.
+        On CUDA it is the time the device idled while the work ran, from two events around it: a
+        read that runs while the device still works on queued steps costs the run nothing.
         """
+        if self._open or self._in_meter_work:  # inside a step: part of it; nested: counted once
+            yield
+            return
+        self._in_meter_work = True
+        begin = self._clock()
+        first = self._record_event() if self.uses_cuda_events else None
+        try:
+            yield
+        finally:
+            self._in_meter_work = False
+            if first is not None:
+                self._meter_marks.append((first, self._record_event()))
+            else:
+                spent = self._clock() - begin
+                self._meter_seconds += spent
+                if self._last_stop is not None:
+                    self._last_stop += spent
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Time spent inside is neither step time nor input wait: for one-off work that is not
+        training (a profile window's syncs and analysis), never for what a run pays at every log."""
         begin = self._clock()
         try:
             yield
@@ -154,21 +204,52 @@ class StepTimer:
                 self._previous_stop = torch.cuda.Event(enable_timing=True)
                 self._previous_stop.record(torch.cuda.current_stream(self._device))
 
-    def read(self) -> list[StepTiming]:
-        """Timings of the steps finished since the last read, oldest first; resolves CUDA events.
+    @property
+    def unread_steps(self) -> int:
+        """Measured steps finished since the last read, resolved or not."""
+        return sum(timing.steps for timing in self._finished) + len(self._recorded)
 
-        The entries' ``steps`` add up to the steps finished; the last entries are single steps.
+    def completed_steps(self) -> int:
+        """How many of the unread steps the device has finished, asked without waiting.
+
+        CUDA events complete in stream order, so the newest finished one tells: one or two queries.
         """
-        if self._recorded:
-            self._recorded[-1][2].synchronize()  # stream order: every earlier event has completed too
-            self._resolve(len(self._recorded))
+        resolved = sum(timing.steps for timing in self._finished)
+        for index in range(len(self._recorded) - 1, -1, -1):
+            if self._recorded[index][2].query():
+                return resolved + index + 1
+        return resolved
+
+    def end_event(self, steps: int) -> torch.cuda.Event | None:
+        """The event at the end of the ``steps``-th unread step, if it is still unresolved (CUDA)."""
+        index = steps - sum(timing.steps for timing in self._finished) - 1
+        return self._recorded[index][2] if 0 <= index < len(self._recorded) else None
+
+    def read(self, steps: int | None = None) -> list[StepTiming]:
+        """Timings of the oldest ``steps`` unread steps (default: all), oldest first; the rest stay
+        for the next read.
+
+        Resolves CUDA events: waits for the device only for steps it has not finished yet (none when
+        ``steps`` is at most ``completed_steps()``). ``steps`` must end at a step boundary: resolved
+        entries that fold several steps together are taken whole. The entries' ``steps`` add up to
+        the steps read; the last entries are single steps.
+        """
+        if steps is None:
+            steps = self.unread_steps
+        resolved = sum(timing.steps for timing in self._finished)
+        if steps < resolved:
+            raise ValueError(f"cannot read {steps} steps: {resolved} are already resolved together")
+        count = min(steps - resolved, len(self._recorded))
+        if count:
+            self._recorded[count - 1][2].synchronize()  # stream order: every earlier event has completed too
+            self._resolve(count)
         finished, self._finished = self._finished, []
         return finished
 
     def _resolve_finished_events(self) -> None:
         """Resolve the oldest recorded steps whose events the GPU has passed (``query``: no wait)."""
         done = 0
-        for _, _, stop in self._recorded[: len(self._recorded) - _KEEP_STEPS // 2]:
+        for _, _, stop, _ in self._recorded[: len(self._recorded) - _KEEP_STEPS // 2]:
             if not stop.query():
                 break
             done += 1
@@ -178,13 +259,27 @@ class StepTimer:
     def _resolve(self, count: int) -> None:
         """Turn the oldest ``count`` recorded steps into timings and reuse their events."""
         resolved: dict[int, torch.cuda.Event] = {}
-        for wait_began, start, stop in self._recorded[:count]:
-            wait = wait_began.elapsed_time(start) / 1000.0 if wait_began is not None else 0.0
-            self._finished.append(StepTiming(start.elapsed_time(stop) / 1000.0, max(wait, 0.0)))
-            resolved.update((id(event), event) for event in (wait_began, start, stop) if event is not None)
+        for wait_began, start, stop, marks in self._recorded[:count]:
+            between = wait_began.elapsed_time(start) / 1000.0 if wait_began is not None else 0.0
+            meter = sum(begin.elapsed_time(end) for begin, end in marks) / 1000.0
+            self._finished.append(
+                StepTiming(
+                    start.elapsed_time(stop) / 1000.0,
+                    max(between - meter, 0.0),
+                    meter_seconds=min(max(meter, 0.0), max(between, 0.0)),
+                )
+            )
+            events = (wait_began, start, stop, *(event for pair in marks for event in pair))
+            resolved.update((id(event), event) for event in events if event is not None)
         del self._recorded[:count]
         still_needed = {id(self._previous_stop)} | ({id(self._wait_began)} if self._open else set())
-        still_needed |= {id(event) for step in self._recorded for event in step if event is not None}
+        still_needed |= {id(event) for pair in self._meter_marks for event in pair}
+        still_needed |= {
+            id(event)
+            for wait_began, start, stop, marks in self._recorded
+            for event in (wait_began, start, stop, *(e for pair in marks for e in pair))
+            if event is not None
+        }
         self._spare_events += [event for key, event in resolved.items() if key not in still_needed]
         self._fold_old_timings()
 
@@ -198,6 +293,7 @@ class StepTimer:
             sum(t.step_seconds for t in old),
             sum(t.input_wait_seconds for t in old),
             sum(t.steps for t in old),
+            sum(t.meter_seconds for t in old),
         )
         self._finished[:cut] = [folded]
 

@@ -61,6 +61,7 @@ class MFUCallback(TrainerCallback, ExportableState):
     ):
         self.session.start_run()  # a second train(), or one after an interrupted run, starts clean
         if state.global_step > 0:  # resuming from a checkpoint
+            self.session.continue_from_step(state.global_step)
             self.session.load_state_dict(self.mfu_state or _saved_state(state, type(self).__name__))
         self.mfu_state = None
         self.session.write_summary_to(args.output_dir)

@@ -13,7 +13,13 @@ from mfu_callbacks.cli import main
 from mfu_callbacks.compare import t_quantile, welch_difference
 from mfu_callbacks.flops import StepFlops
 from mfu_callbacks.hardware import PeakInfo
-from mfu_callbacks.run_summary import DEFAULT_FILENAME, FORMAT_VERSION, RunSummary, describe_setup
+from mfu_callbacks.run_summary import (
+    DEFAULT_FILENAME,
+    FORMAT_VERSION,
+    WINDOWS_FILENAME,
+    RunSummary,
+    describe_setup,
+)
 
 H100 = {
     "device": "NVIDIA H100 SXM",
@@ -127,7 +133,10 @@ def test_summary_round_trip_is_atomic_and_keeps_the_previous_file_on_a_failed_wr
     assert path == tmp_path / DEFAULT_FILENAME
     document = json.loads(path.read_text())
     assert document["format_version"] == FORMAT_VERSION
-    assert document["windows"] == [{"step": 10, "metrics": {"mfu": 0.41, "step_time": 0.2}}]
+    windows = (tmp_path / document["windows_file"]).read_text().splitlines()
+    assert [json.loads(line) for line in windows] == [
+        {"step": 10, "metrics": {"mfu": 0.41, "step_time": 0.2}}
+    ]
     assert {"torch", "mfu_callbacks"} <= set(document["versions"])
 
     summary.add_window(20, {"mfu": 0.43})
@@ -138,7 +147,8 @@ def test_summary_round_trip_is_atomic_and_keeps_the_previous_file_on_a_failed_wr
     monkeypatch.setattr("os.replace", crash)
     with pytest.raises(OSError):
         summary.write(path)
-    assert [file.name for file in tmp_path.iterdir()] == [DEFAULT_FILENAME]  # no temporary file left behind
+    # No temporary file left behind.
+    assert sorted(file.name for file in tmp_path.iterdir()) == [DEFAULT_FILENAME, WINDOWS_FILENAME]
     assert len(RunSummary.read(path).windows) == 1  # the previous complete file
     monkeypatch.undo()
     summary.write(path)

@@ -3,15 +3,16 @@ exact optimizer steps, positional inputs, run summaries on disk, and training le
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from conftest import FixedLengthTokens, collate, tiny_llama
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
+from mfu_callbacks.run_summary import RunSummary
+
 PEAK_TFLOPS = 0.5
+
 BATCH = 4
 
 
@@ -103,6 +104,10 @@ def test_hf_resumed_run_continues_the_summary_of_the_first(tmp_path):
     assert resumed.session.meter._run.steps == 2 * fresh_steps
     assert resumed.session.meter.run_flops().model_flops == 2 * fresh.session.meter.run_flops().model_flops
     assert resumed.summary["mfu"] > 0
+    # The run summary holds the windows of both runs by global step: the first run's up to the
+    # checkpoint it resumed from, then the resumed run's (its first step builds the engine again).
+    written = RunSummary.read(tmp_path)
+    assert [window["step"] for window in written.windows] == [2, 3, 5, 6]
 
 
 def test_hf_writes_a_run_summary_beside_its_outputs(tmp_path):
@@ -356,8 +361,8 @@ def test_accelerate_save_and_load_state_continue_the_run_totals(tmp_path):
     assert first.session.meter._run.steps == 2
     assert resumed.session.meter._run.steps == 4
     resumed.close()
-    written = json.loads((tmp_path / "mfu_summary.json").read_text())
-    assert written["windows"], "the run summary is written beside the project's outputs"
+    written = RunSummary.read(tmp_path)
+    assert written.windows, "the run summary is written beside the project's outputs"
 
 
 def accelerate_losses(

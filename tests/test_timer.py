@@ -95,6 +95,7 @@ class FakeEvent:
     created: list[FakeEvent] = []
     log: list[str] = []
     clock: FakeClock
+    device_time = float("inf")  # the device has passed every event recorded up to this time
 
     def __init__(self, enable_timing: bool = False) -> None:
         assert enable_timing
@@ -106,7 +107,11 @@ class FakeEvent:
         FakeEvent.log.append("record")
 
     def synchronize(self) -> None:
-        FakeEvent.log.append("synchronize")
+        FakeEvent.log.append("synchronize" if self.query() else "wait for the device")
+
+    def query(self) -> bool:
+        """Whether the device has passed the event: those recorded up to ``device_time``."""
+        return self.time is not None and self.time <= FakeEvent.device_time
 
     def elapsed_time(self, end: FakeEvent) -> float:
         FakeEvent.log.append("elapsed_time")
@@ -117,6 +122,7 @@ class FakeEvent:
 def fake_cuda(monkeypatch):
     clock = FakeClock()
     FakeEvent.created, FakeEvent.log, FakeEvent.clock = [], [], clock
+    FakeEvent.device_time = float("inf")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
@@ -162,3 +168,40 @@ def test_on_cuda_a_read_between_steps_is_not_input_wait(fake_cuda):
         timer.read()
     timed_step(timer, clock, wait=0.25, seconds=1.0)
     assert timer.read() == [StepTiming(1.0, 0.25)]
+
+
+def test_on_cuda_a_read_takes_the_steps_the_device_finished_and_leaves_the_rest(fake_cuda):
+    clock = fake_cuda
+    timer = StepTimer(0, device="cuda", clock=clock)
+    for seconds in (1.0, 2.0, 3.0):
+        timed_step(timer, clock, wait=0.5, seconds=seconds)
+    FakeEvent.device_time = clock() - 1.0  # the device is still in the third step
+    assert timer.completed_steps() == 2 and timer.unread_steps == 3
+    assert [t.step_seconds for t in timer.read(timer.completed_steps())] == [1.0, 2.0]
+    assert "wait for the device" not in FakeEvent.log
+    FakeEvent.device_time = float("inf")
+    assert timer.read() == [StepTiming(3.0, 0.5)]
+
+
+def test_the_meters_work_between_steps_is_its_own_time_not_input_wait(fake_cuda):
+    """On CUDA, from events around it: the time the device idled while the meter read."""
+    clock = fake_cuda
+    timer = StepTimer(0, device="cuda", clock=clock)
+    timed_step(timer, clock, wait=0.0, seconds=1.0)
+    clock.advance(0.25)  # the framework's own logging
+    with timer.meter_work(), timer.meter_work():  # nested: counted once
+        clock.advance(2.0)
+    timed_step(timer, clock, wait=0.5, seconds=1.0)
+    second = timer.read()[-1]
+    assert second == StepTiming(1.0, 0.75, meter_seconds=2.0)
+    assert second.iteration_seconds == pytest.approx(3.75)
+
+
+def test_the_meters_work_on_the_host_clock_is_its_own_time_not_input_wait():
+    clock = FakeClock()
+    timer = StepTimer(0, clock=clock, force_cpu=True)
+    timed_step(timer, clock, wait=0.0, seconds=1.0)
+    with timer.meter_work():
+        clock.advance(2.0)
+    timed_step(timer, clock, wait=0.5, seconds=1.0)
+    assert timer.read()[-1] == StepTiming(1.0, 0.5, meter_seconds=2.0)

@@ -241,7 +241,7 @@ def padding_waste(review: Review) -> Diagnosis | None:
 def input_bound(review: Review) -> Diagnosis | None:
     """Time the GPU waits for the next batch is time it computes nothing."""
     run = review.run
-    iteration = run.step_seconds + run.input_wait_seconds
+    iteration = run.step_seconds + run.input_wait_seconds + run.meter_seconds
     if run.steps < MIN_TIMED_STEPS or iteration <= 0:
         return None
     waiting = run.input_wait_seconds / iteration
