@@ -4,8 +4,8 @@ The FLOP engine runs a meta-device copy of the model under a dispatch mode and n
 torch has no public API for: the dispatch mode class itself, the names of internal aten kernels,
 a way to route activation checkpointing to its recorder, the dictionaries in which a module keeps
 its hooks (per module and for every module at once), the module inside a ``torch.compile``
-wrapper, a way to run ``flex_attention`` on meta tensors, and (one patch of a public name) an
-autocast that accepts the meta device. Each is named here with what it is for;
+wrapper, the tensors a tensor subclass wraps, a way to run ``flex_attention`` on meta tensors, and
+(one patch of a public name) an autocast that accepts the meta device. Each is named here with what it is for;
 ``tests/test_torch_internals.py`` checks that every one still exists in the installed torch, so an
 upgrade that renames one fails that test (the callbacks' guard would otherwise reduce the breakage
 to one log line), and that no other module of the package reaches for a private torch name.
@@ -24,7 +24,10 @@ from typing import Any
 import torch
 import torch.utils.checkpoint as torch_checkpoint
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: F401 - re-exported: the base of every dispatch mode, FlopCounterMode's too
+from torch.utils._python_dispatch import (
+    TorchDispatchMode,  # noqa: F401 - re-exported: the base of every dispatch mode, FlopCounterMode's too
+    is_traceable_wrapper_subclass,
+)
 
 _aten = torch.ops.aten
 
@@ -82,6 +85,21 @@ ATTENTION_BACKWARD_NAMES = (
 ATTENTION_FORWARD = FUSED_ATTENTION | _overloads(ATTENTION_KERNEL_NAMES)
 ATTENTION_BACKWARD = _overloads(ATTENTION_BACKWARD_NAMES)
 HEADS_SECOND_TO_LAST = _overloads(ATTENTION_KERNEL_NAMES + ATTENTION_BACKWARD_NAMES[4:])
+
+
+def wrapped_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors a wrapper subclass holds (torchao's ``Float8TrainingTensor``: its fp8 data and scale),
+    by the subclass protocol ``__tensor_flatten__``; none for a plain tensor. A dispatch mode sees ops on
+    the wrapper, never the ops that made it: what it knows of the data holds for the wrapper."""
+    if (
+        type(tensor) is torch.Tensor
+        or type(tensor) is nn.Parameter
+        or not is_traceable_wrapper_subclass(tensor)
+    ):
+        return []
+    names, _ = tensor.__tensor_flatten__()
+    inner = (getattr(tensor, name, None) for name in names)
+    return [t for t in inner if isinstance(t, torch.Tensor)]
 
 
 def view_base(tensor: torch.Tensor) -> torch.Tensor:

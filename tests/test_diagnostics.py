@@ -479,6 +479,20 @@ def test_gradient_checkpointing_reports_the_hfu_mfu_gap():
     assert "gradient checkpointing" in diagnosis.message
 
 
+def test_gradients_forced_onto_the_inputs_are_no_recompute():
+    """Hardware FLOPs above model FLOPs without checkpointing (PEFT's enable_input_require_grads runs the
+    first layer's input gradients, which nothing trains through) are not a rerun."""
+    model = get_peft_model(make_eager(llama()), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    model.enable_input_require_grads()
+    clock = FakeClock()
+    batch = full_batch(2, 16)
+    meter = make_meter(model, clock, batch)
+    run_steps(meter, clock, batch, 3)
+    meter.metrics()
+    assert step_truth(model, batch) > 1.01 * model_truth(model, batch), "the gap is there"
+    assert fired(meter, "recompute_cost") is None
+
+
 # -- matmul alignment ------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("intermediate", "dtype", "fires"),

@@ -72,6 +72,15 @@ def test_the_convolution_kernel_takes_the_arguments_of_convolution_first():
     )
 
 
+def test_the_tensors_a_subclass_wraps_are_read_by_its_flatten_protocol():
+    from fp8 import float8_tensor
+
+    weight = nn.Parameter(torch.randn(4, 8))
+    wrapped = float8_tensor(weight.detach())
+    assert [t.dtype for t in internals.wrapped_tensors(wrapped)] == [torch.float8_e4m3fn, torch.float32]
+    assert internals.wrapped_tensors(weight) == [] and internals.wrapped_tensors(torch.ones(2)) == []
+
+
 def test_every_fused_attention_kernel_exists_and_is_counted_on_the_meta_device():
     for name in internals.FUSED_ATTENTION_NAMES:
         assert hasattr(torch.ops.aten, name), name

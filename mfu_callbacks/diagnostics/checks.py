@@ -18,7 +18,7 @@ from torch import nn
 
 from .._window import RunTotals
 from ..flops.components import ATTENTION_SCORES, HEAD, classify
-from ..flops.features import HARDWARE, MODEL
+from ..flops.features import MODEL
 from . import alignment
 from .alignment import Cost
 from .clocks import SM_CLOCK_THRESHOLD, ClockLog
@@ -498,20 +498,23 @@ def split_flops(engine: Any | None, features: torch.Tensor | None) -> FlopSplit 
     """Evaluate the engine's formula on the run's features, and again with the waste taken out.
 
     The hardware row of the features holds the computed tokens, the model row the real ones. The
-    hardware formula on real tokens is the run without padding; the model formula (no recompute)
-    on computed tokens is the run without activation checkpointing.
+    hardware formula on real tokens is the run without padding. The recompute is what the engine
+    counted as rerun by activation checkpointing, not whatever hardware FLOPs exceed model FLOPs by
+    (gradients forced onto inputs, a fused head's own recompute in its backward, a kernel's excess).
     """
     if engine is None or features is None:
         return None
-    real, computed = features[MODEL], features[HARDWARE]
+    real = features[MODEL]
     run = engine.evaluate(features)
     if run.hardware_flops <= 0:
         return None
     without_padding = engine.evaluate(torch.stack([real, real])).hardware_flops
-    without_recompute = engine.evaluate(torch.stack([computed, computed])).model_flops
+    # An engine that does not tell its recompute apart (one passed in ready-made) claims none.
+    recompute = getattr(engine, "recompute_flops", None)
+    recomputed = recompute(features) if recompute is not None else 0.0
     return FlopSplit(
         model_flops=float(run.model_flops),
         breakdown={name: float(value) for name, value in run.breakdown.items()},
         padding_share=max(0.0, 1.0 - without_padding / run.hardware_flops),
-        recompute_share=max(0.0, 1.0 - without_recompute / run.hardware_flops),
+        recompute_share=max(0.0, recomputed / run.hardware_flops),
     )

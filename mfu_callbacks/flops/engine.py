@@ -315,6 +315,8 @@ class FlopEngine:
             for i in range(NUM_FEATURES)
         ]
         self._hardware = [m + e for m, e in zip(self._model, extra)]
+        # Of those, what activation checkpointing reruns.
+        self._recompute = [sum(c.recompute[i] for c in coefficients.values()) for i in range(NUM_FEATURES)]
         self._has_tokens = any(self._model[i] or self._hardware[i] for i in (Feature.TOKENS, Feature.SQUARES))
 
     # -- building -------------------------------------------------------------------------------
@@ -417,6 +419,11 @@ class FlopEngine:
         else:
             tokens = padded = model_features[Feature.ROWS]
         return StepFlops(round(model_flops), round(hardware_flops), int(tokens), int(padded), breakdown)
+
+    def recompute_flops(self, features: torch.Tensor | Sequence[Sequence[float]]) -> float:
+        """Of the hardware FLOPs of the step whose features are given, those activation checkpointing reran."""
+        values = features.tolist() if isinstance(features, torch.Tensor) else features
+        return _dot(self._recompute, values[HARDWARE])
 
     def estimate(self, batch: Any) -> StepFlops:
         """Count and evaluate one batch (reads the counts back: for tools and tests, not the hot path)."""

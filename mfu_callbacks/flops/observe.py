@@ -38,54 +38,27 @@ from typing import Any
 import torch
 from torch import nn
 from torch.autograd.function import BackwardCFunction
-from torch.utils.flop_counter import flop_registry
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .._torch_internals import (
     ATTENTION_BACKWARD,
     ATTENTION_FORWARD,
-    CONVOLUTION_KERNEL,
-    EXTRA_MATMULS,
     HEADS_SECOND_TO_LAST,
     TorchDispatchMode,
     current_autograd_node,
     queue_backward_callback,
     view_base,
+    wrapped_tensors,
 )
 from .components import EMBEDDINGS, HEAD, OTHER, classify
 from .declared import Declaration, declared
 from .features import HARDWARE, MODEL, NUM_FEATURES, WINDOW_FEATURES, Feature
 from .isolation import tensors_in
+from .matmuls import matmul_flops, operands
 from .trace import ComponentFlops
 from .windows import Window, window_of
 
 aten = torch.ops.aten
-
-_CONVOLUTIONS = (aten.convolution, CONVOLUTION_KERNEL.overloadpacket)
-# Matmul-like ops (by packet) and the argument positions of their two operands.
-_MATMULS = {
-    aten.mm: (0, 1),
-    aten.addmm: (1, 2),
-    aten.addmm_: (1, 2),
-    aten.bmm: (0, 1),
-    aten.baddbmm: (1, 2),
-    aten.baddbmm_: (1, 2),
-    **{packet: (0, 1) for packet in (*_CONVOLUTIONS, *EXTRA_MATMULS)},
-}
-
-
-def matmul_flops(func: Any, args: Sequence[Any], out: Any) -> float:
-    """FLOPs of one matmul-like op from its operands' shapes: 2 * m * n * k per product."""
-    packet = func.overloadpacket
-    first, second = (args[i] for i in _MATMULS[packet])
-    if packet in _CONVOLUTIONS:
-        return float(flop_registry[aten.convolution](*args[:9], out_val=out))
-    if first.dim() == 2 and second.dim() == 3:  # grouped: each row of `first` meets one expert matrix
-        return 2.0 * first.shape[0] * first.shape[1] * second.shape[-1]
-    if first.dim() == 3 and second.dim() == 2:
-        return 2.0 * first.shape[0] * first.shape[1] * first.shape[2] * second.shape[-1]
-    batch = first.shape[0] if first.dim() == 3 else 1
-    return 2.0 * batch * first.shape[-2] * first.shape[-1] * second.shape[-1]
 
 
 def attention_flops_per_square(func: Any, query: torch.Tensor, value: torch.Tensor) -> float:
@@ -294,6 +267,13 @@ class RealStepObserver(TorchDispatchMode):
         base = view_base(tensor)
         if id(base) in self._owners:  # a parameter or buffer of the model (or a view of one)
             return _TensorFacts(False, id(base) in self._trainable, True, owner=self._owners[id(base)])
+        inner = wrapped_tensors(tensor)
+        if inner:  # a subclass made around tensors the step made (fp8 data and its scale): theirs
+            facts = _merged([self._fact(t) for t in inner])
+            self._facts[tensor] = facts
+            if facts.tags:
+                self._tagged[tensor] = True
+            return facts
         # Anything else made before the step is model state the step did not receive with the batch
         # (a weight gathered or unsharded by FSDP or DeepSpeed, a cached table): trainable if it asks.
         return _TensorFacts(False, tensor.requires_grad, True)
@@ -403,12 +383,11 @@ class RealStepObserver(TorchDispatchMode):
         return Feature.SQUARES
 
     def _matmul(self, func: Any, args: tuple, out: Any, grad_enabled: bool) -> _Matmul | None:
-        packet = func.overloadpacket
-        if packet in _MATMULS:
-            operands = [args[i] for i in _MATMULS[packet]]
-            component, feature = self._classify(operands)
-            products = sum(self._carries_grad(t, grad_enabled) for t in operands)
-            subset = feature == Feature.TOKENS and any(self._fact(t).subset for t in operands)
+        pair = operands(func, args)
+        if pair is not None:
+            component, feature = self._classify(pair)
+            products = sum(self._carries_grad(t, grad_enabled) for t in pair)
+            subset = feature == Feature.TOKENS and any(self._fact(t).subset for t in pair)
             matmul = _Matmul(component, feature, matmul_flops(func, args, out), products, subset=subset)
         elif func in ATTENTION_FORWARD:
             query, key, value = args[:3]
@@ -439,19 +418,24 @@ class RealStepObserver(TorchDispatchMode):
         recompute = torch.is_grad_enabled()  # checkpoint recompute: a forward rerun inside the backward
         # What derives from the batch, for the recompute to classify its matmuls (its inputs may be
         # detached copies made just before, with grad mode still off).
+        # And the module whose parameter alone it derives from: a weight cast to fp8 in the backward is
+        # still that module's.
         inputs = list(tensors_in((args, kwargs)))
-        from_batch = any(self._fact(t).from_batch for t in inputs) or not inputs
+        facts = [self._fact(t) for t in inputs]
+        from_batch = any(f.from_batch for f in facts) or not inputs
+        owners = {f.owner for f in facts}
+        owner_id = owners.pop() if len(owners) == 1 and not from_batch else None
         for tensor in tensors_in(out):
-            self._facts[tensor] = _TensorFacts(from_batch, False, True)
-        if func.overloadpacket in _MATMULS:
-            operands = [args[i] for i in _MATMULS[func.overloadpacket]]
+            self._facts[tensor] = _TensorFacts(from_batch, False, True, owner=owner_id)
+        pair = operands(func, args)
+        if pair is not None:
             flops, per_unit = matmul_flops(func, args, out), False
             component: str | None
             if recompute:
-                component, feature = self._classify(operands)
+                component, feature = self._classify(pair)
             else:
                 component, feature = self._nodes.get(node, (None, Feature.TOKENS))
-                owner = self._owner_component(operands)
+                owner = self._owner_component(pair)
                 if component is None and owner is not None:
                     component = self._node_components.setdefault(node, owner)
         elif func in ATTENTION_FORWARD or func in ATTENTION_BACKWARD:
@@ -498,8 +482,15 @@ class RealStepObserver(TorchDispatchMode):
         for node, tags in self._function_outputs:
             if node in self._ran:
                 reached_tags |= tags
+        # A custom Function's backward that multiplies no parameter of a module (fp8 casts of its weight made
+        # there, say) belongs to the component of the matmuls its forward ran.
+        forward_components: dict[Any, str] = {}
+        for node, tags in self._function_outputs:
+            if tags:
+                forward_components.setdefault(node, self.observation.matmuls[min(tags)].component)
         for node, feature, flops in self._unplaced:
-            self.observation.hardware[(self._node_components.get(node, OTHER), feature, False)] += flops
+            component = self._node_components.get(node) or forward_components.get(node, OTHER)
+            self.observation.hardware[(component, feature, False)] += flops
         # Inside a custom Function whose outputs a kernel the dispatcher does not see wrote (Triton), the
         # dataflow goes dark: a gradient-free matmul with operands that carry needed gradients reaches
         # the loss when a custom Function's backward ran.
@@ -520,6 +511,20 @@ class RealStepObserver(TorchDispatchMode):
 
 # Marks, among the outputs whose autograd node is read, those of ops inside a module with declared FLOPs.
 _INSIDE_DECLARED = _Matmul("", Feature.CALLS, 0.0, 0.0)
+
+
+def _merged(facts: Sequence[_TensorFacts]) -> _TensorFacts:
+    """What holds for a tensor made of tensors with these facts."""
+    owners = {f.owner for f in facts}
+    from_batch = any(f.from_batch for f in facts)
+    return _TensorFacts(
+        from_batch,
+        any(f.needs_grad for f in facts),
+        all(f.made_with_grad for f in facts),
+        frozenset().union(*(f.tags for f in facts)),
+        owners.pop() if len(owners) == 1 and not from_batch else None,
+        any(f.subset for f in facts),
+    )
 
 
 def _selects_tokens(func: Any, args: tuple) -> bool:

@@ -15,6 +15,15 @@ output require one, so every first-layer input gradient runs although no trainab
 upstream. Model FLOPs count a backward product only where its operand derives from a trainable
 parameter; the products that run only because of such a tensor are counted apart (``forced``), as
 hardware FLOPs.
+
+fp8 training runs its matmuls inside a custom autograd Function (torchao's ``Float8Linear``): its
+forward casts the input and the weight to fp8 with grad mode off and multiplies them with
+``_scaled_mm`` (or a ``torch.mm`` of two fp8 tensor subclasses), its backward, which no trace sees,
+computes the input and weight gradients in fp8 too. So an fp8 matmul made with grad mode off counts
+the backward products of the tensors its operands were cast from, provided its result leaves as the
+output of a custom Function (the output's node then runs the backward), and is attributed to the
+parameter its weight operand was cast from, exactly as the matmul it replaces. Other matmuls inside a
+custom Function get no backward here: what its backward runs is unknown, and the real step counts it.
 """
 
 from __future__ import annotations
@@ -26,32 +35,22 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils.flop_counter import flop_registry
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .._torch_internals import (
     ASSERTION,
-    CONVOLUTION_KERNEL,
     FUSED_ATTENTION,
     READ_SCALAR,
     TorchDispatchMode,
     view_base,
+    wrapped_tensors,
 )
 from .components import ATTENTION_SCORES, classify, component_of_parameter, windowed_scores
 from .isolation import tensors_in
+from .matmuls import CONVOLUTIONS, is_fp8, matmul_flops, operands
 from .sharding import Shard
 
 aten = torch.ops.aten
-
-_CONVOLUTIONS = (aten.convolution.default, CONVOLUTION_KERNEL)
-# Matmul-like ops and the argument positions of their two operands.
-_OPERANDS: dict[object, tuple[int, int]] = {
-    aten.mm.default: (0, 1),
-    aten.addmm.default: (1, 2),
-    aten.bmm.default: (0, 1),
-    aten.baddbmm.default: (1, 2),
-    **{convolution: (0, 1) for convolution in _CONVOLUTIONS},
-}
 
 
 @dataclass
@@ -121,6 +120,12 @@ class MatmulRecorder(TorchDispatchMode):
         self._matmuls: list[_Matmul] = []
         self._recompute: dict[str, float] = defaultdict(float)
         self._trains: dict[Any, bool] = {}  # autograd node -> whether a trainable parameter lies upstream
+        # Made with grad mode off (inside a custom Function's forward): the tensors requiring a gradient it
+        # derives from, the parameter it alone derives from (an fp8 cast of a weight), and the fp8 matmuls
+        # upstream whose result has not yet left as a custom Function's output.
+        self._sources: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self._origins: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self._unlinked: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self._assertions: dict[int, torch.Tensor] = {}  # results of ASSERTION, by id
 
     # -- module stack -------------------------------------------------------------------------
@@ -261,10 +266,13 @@ class MatmulRecorder(TorchDispatchMode):
             forward * forced * weight,
         )
 
-    def backward_products(self, *operands: Sequence[torch.Tensor]) -> tuple[int, int]:
+    def backward_products(
+        self, *operands: Sequence[torch.Tensor], grad_mode_off: bool = False
+    ) -> tuple[int, int]:
         """Of a matmul whose operands derive from the given tensors (one sequence per operand): how
-        many gradient products the model needs, and how many more run only because a gradient was forced."""
-        if not torch.is_grad_enabled():
+        many gradient products the model needs, and how many more run only because a gradient was forced.
+        ``grad_mode_off``: count them even with grad mode off (the sources of an fp8 matmul's operands)."""
+        if not torch.is_grad_enabled() and not grad_mode_off:
             return 0, 0
         needed = sum(any(self.trains(t) for t in sources) for sources in operands)
         run = sum(any(_requires_grad(t) for t in sources) for sources in operands)
@@ -311,6 +319,7 @@ class MatmulRecorder(TorchDispatchMode):
     def finish(self, result: Any) -> dict[str, ComponentFlops]:
         """Totals per component, given what the forward returned: its loss, where it has one, is the
         root of the backward; otherwise every tensor it returns is."""
+        self._link(tensors_in(result))
         loss = _loss(result)
         graph = _autograd_graph(result if loss is None else loss)
         totals: dict[str, ComponentFlops] = defaultdict(ComponentFlops)
@@ -354,13 +363,22 @@ class MatmulRecorder(TorchDispatchMode):
         local = self._local_share(func, args, kwargs, out) if self._shards or self._copies else 1.0
         if self._declared:
             return out
-        if func in _OPERANDS:
-            first, second = (args[i] for i in _OPERANDS[func])
-            if func in _CONVOLUTIONS:
-                forward = flop_registry[aten.convolution](*args[:9], out_val=out)
+        inputs = list(tensors_in((args, kwargs)))
+        self._link(inputs)
+        grad_mode_off = not torch.is_grad_enabled()
+        pair = operands(func, args)
+        fp8 = pair is not None and grad_mode_off and (is_fp8(pair[0]) or is_fp8(pair[1]))
+        if pair is not None:
+            first, second = pair
+            forward = matmul_flops(func, args, out)
+            if fp8:
+                # An fp8 matmul inside a custom Function: the parameters its operands were cast from stand for them.
+                first, second = (_either(self._origin(t), t) for t in pair)
+                needed, forced = self.backward_products(
+                    self._grad_sources(pair[0]), self._grad_sources(pair[1]), grad_mode_off=True
+                )
             else:
-                forward = flop_registry[func.overloadpacket](*args, **kwargs, out_val=out)
-            needed, forced = self.backward_products([first], [second])
+                needed, forced = self.backward_products([first], [second])
             activation = not (self._is_parameter(first) or self._is_parameter(second))
             weight = self._weight
             # A whole weight on whole activations, run alike by ``copies`` ranks: this rank's share of
@@ -377,7 +395,57 @@ class MatmulRecorder(TorchDispatchMode):
         elif func in FUSED_ATTENTION:
             query, key, value = args[:3]
             self.record_attention(query, key, value, out[0], local=local)
+        if grad_mode_off:
+            self._derive(inputs, out, self._matmuls[-1] if fp8 else None)
         return out
+
+    # -- inside a custom Function's forward (grad mode off) ----------------------------------------
+    def _grad_sources(self, tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The tensors requiring a gradient that ``tensor`` derives from through ops run with grad mode off
+        (itself if it requires one); a tensor subclass (fp8 data and scale) derives from what its parts do."""
+        sources = self._sources.get(tensor)
+        if sources is not None:
+            return sources
+        if tensor.requires_grad:
+            return (tensor,)
+        return tuple(s for inner in wrapped_tensors(tensor) for s in self._grad_sources(inner))
+
+    def _origin(self, tensor: torch.Tensor) -> torch.Tensor | None:
+        """The parameter ``tensor`` is, or alone derives from with grad mode off (an fp8 cast of a weight)."""
+        if self._is_parameter(tensor):
+            return tensor
+        origin = self._origins.get(tensor)
+        if origin is None:
+            inner = {id(o): o for o in (self._origin(t) for t in wrapped_tensors(tensor)) if o is not None}
+            origin = next(iter(inner.values())) if len(inner) == 1 else None
+        return origin
+
+    def _derive(self, inputs: list[torch.Tensor], out: Any, fp8: _Matmul | None) -> None:
+        """Note what the results of an op run with grad mode off derive from, and the fp8 matmul it was."""
+        outputs = list(tensors_in(out))
+        sources = {id(s): s for t in inputs for s in self._grad_sources(t)}
+        unlinked = {id(m): m for t in inputs for m in self._unlinked.get(t, ())}
+        if fp8 is not None:
+            unlinked[id(fp8)] = fp8
+        origins = [self._origin(t) for t in inputs]
+        origin = origins[0] if origins and all(o is origins[0] for o in origins) else None
+        for tensor in outputs:
+            if sources:
+                self._sources[tensor] = tuple(sources.values())
+            if unlinked:
+                self._unlinked[tensor] = tuple(unlinked.values())
+            if origin is not None:
+                self._origins[tensor] = origin
+
+    def _link(self, tensors: Any) -> None:
+        """A tensor made with grad mode off now has an autograd node: it left a custom Function as its
+        output, and the fp8 matmuls upstream get a backward where that node reaches the loss."""
+        for tensor in tensors:
+            unlinked = self._unlinked.get(tensor)
+            if unlinked and tensor.grad_fn is not None:
+                for matmul in unlinked:
+                    matmul.output = tensor
+                del self._unlinked[tensor]
 
     def _copies_of(self, *operands: Any) -> int:
         """Ranks that run this matmul alike, by its weight (1 unless it is replicated under tensor parallel)."""
@@ -398,8 +466,9 @@ class MatmulRecorder(TorchDispatchMode):
         """
         held = min((self._held.get(t, 1.0) for t in tensors_in((args, kwargs))), default=1.0)
         local = output_held = held
-        if func in _OPERANDS and func not in _CONVOLUTIONS:
-            first, second = (args[i] for i in _OPERANDS[func])
+        pair = operands(func, args)
+        if pair is not None and func.overloadpacket not in CONVOLUTIONS:
+            first, second = pair
             for operand, output_dim in ((second, -1), (first, -2)):
                 shard = self._shards.get(id(view_base(operand)))
                 if shard is not None:
@@ -436,6 +505,10 @@ class MatmulRecorder(TorchDispatchMode):
             (runs - backward) * weight,
             share,
         )
+
+
+def _either(tensor: torch.Tensor | None, otherwise: torch.Tensor) -> torch.Tensor:
+    return otherwise if tensor is None else tensor
 
 
 def _requires_grad(tensor: object) -> bool:
