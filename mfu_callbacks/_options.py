@@ -33,7 +33,7 @@ class MFUOptions:
     real_step: "check" (default) counts a meta-device copy of the model and checks it against the first
         measured step as it really runs (used instead where the copy cannot be traced or disagrees);
         "only" counts the real step alone; "off" never watches the real step.
-    profile_steps: profile this many optimizer steps with ``torch.profiler`` (0, the default: never) and
+    profile_steps: profile this many optimizer steps (at most 100) with ``torch.profiler`` (0, the default: never) and
         report where their time went, by bucket, with the changes that would raise MFU most: in the
         end-of-run report, in W&B and in ``mfu_profile.json`` beside the run summary. The profiled steps
         are left out of the MFU averages.
@@ -70,7 +70,7 @@ class MFUOptions:
         if self.summary_dir is not None and not isinstance(self.summary_dir, (str, os.PathLike)):
             raise ValueError(f"summary_dir must be a folder path or None, got {self.summary_dir!r}")
         _validate.real_step(self.real_step)
-        _validate.whole_number(self.profile_steps, name="profile_steps", minimum=0)
+        _validate.profile_steps(self.profile_steps)
         _validate.optional_whole_number(self.profile_start, name="profile_start", minimum=0)
         if not isinstance(self.report, bool):
             raise ValueError(f"report must be True or False, got {self.report!r}")

@@ -26,6 +26,8 @@ import torch.utils.checkpoint as torch_checkpoint
 from torch import nn
 from torch.utils._python_dispatch import (
     TorchDispatchMode,  # noqa: F401 - re-exported: the base of every dispatch mode, FlopCounterMode's too
+    _get_current_dispatch_mode_stack,
+    _pop_mode,
     is_traceable_wrapper_subclass,
 )
 
@@ -105,6 +107,32 @@ def wrapped_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
 def view_base(tensor: torch.Tensor) -> torch.Tensor:
     """The tensor a view was taken of (a weight's transpose inside ``F.linear`` is a view of the weight)."""
     return tensor._base if tensor._base is not None else tensor
+
+
+# -- the dispatch mode stack -----------------------------------------------------------------------
+# The real-step observer stays on torch's mode stack across the user's code (the forward and the
+# backward it watches), so it must be able to check that it is gone however the step ended.
+
+
+def dispatch_mode_stack() -> list[TorchDispatchMode]:
+    """The dispatch modes active in this thread, innermost last."""
+    return _get_current_dispatch_mode_stack()
+
+
+def leave_dispatch_mode(mode: TorchDispatchMode) -> bool:
+    """Take ``mode`` off this thread's stack if it is the innermost mode there; whether it was.
+
+    Normally its own ``__exit__``; a mode that reappeared after that (the autograd engine restores the
+    thread state it saved when a backward began) is popped without it.
+    """
+    stack = _get_current_dispatch_mode_stack()
+    if not stack or stack[-1] is not mode:
+        return False
+    if mode.old_dispatch_mode_flags:  # entered and not yet left: torch's own bookkeeping goes with it
+        TorchDispatchMode.__exit__(mode, None, None, None)  # the base's: a subclass's may lead back here
+    else:
+        _pop_mode()
+    return True
 
 
 # -- the autograd engine ----------------------------------------------------------------------------

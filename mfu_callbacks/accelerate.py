@@ -16,13 +16,17 @@ that holds the model's parameters really steps (torch's global optimizer step ho
 ``log_interval`` optimizer steps (on all ranks at once, so the one all-reduce is safe) the metrics
 are read; the next ``accelerator.log`` call carries them beside the loss, to every tracker the
 accelerator has (W&B included). ``accelerator.end_training()`` (or ``tracker.finish()``) prints the
-end-of-run report and writes the run's means to the W&B summary.
+end-of-run report and writes the run's means to the W&B summary. ``accelerator.save_state`` writes the
+meter's run totals to ``mfu_state.json`` in the checkpoint's folder (JSON, on the main process) and
+``accelerator.load_state`` continues them.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import weakref
+from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
@@ -30,12 +34,15 @@ from accelerate.logging import get_logger
 from torch import nn
 from torch.optim import Optimizer
 from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.utils.hooks import RemovableHandle
 
+from ._atomic import write_json
 from ._options import MFUOptions
 from ._session import MeterSession
 
 _DEFAULT_LOG_INTERVAL = 10
 _PRECISION_TO_DTYPE = {"bf16": "bf16", "fp16": "fp16", "fp8": "fp8"}
+STATE_FILE = "mfu_state.json"  # the meter's run totals, beside the files of ``accelerator.save_state``
 
 
 class MFUTracker:
@@ -53,11 +60,9 @@ class MFUTracker:
         self.accelerator = accelerator
         self.latest: dict[str, float] = {}
         self._pending: dict[str, float] = {}
-        self.session = MeterSession(
-            self.options,
-            "mfu_callbacks.accelerate.MFUTracker",
-            warn=get_logger("mfu_callbacks.accelerate").warning,
-        )
+        self._warn = get_logger("mfu_callbacks.accelerate").warning
+        self._checkpoint_hooks: list[RemovableHandle] = []
+        self.session = MeterSession(self.options, "mfu_callbacks.accelerate.MFUTracker", warn=self._warn)
         self.session.attach(model, dtype=_PRECISION_TO_DTYPE.get(str(accelerator.mixed_precision)))
         self.session.watch_forward(model)
         self._parameter_ids = {id(parameter) for parameter in model.parameters()}
@@ -67,15 +72,65 @@ class MFUTracker:
         self._wrap_end_training()
         self.final_summary: dict[str, float] | None = None
         self.session.write_summary_to(accelerator.project_dir)
-        # accelerator.save_state / load_state keep the meter's run totals, so a resumed loop continues them.
-        accelerator.register_for_checkpointing(self)
+        self._keep_state_in_checkpoints()
+
+    # -- checkpoints: the meter's run totals as JSON beside Accelerate's files --------------------
+    def _keep_state_in_checkpoints(self) -> None:
+        """``accelerator.save_state`` writes the run totals to ``mfu_state.json`` in its folder and
+        ``load_state`` continues them. JSON, never pickle (``register_for_checkpointing`` would write a
+        pickle that ``load_state`` unpickles, and tie the checkpoint to the tracker): a checkpoint saved
+        with the tracker loads without it, and one saved without it loads with it (MFU starts afresh)."""
+        save_hook = getattr(self.accelerator, "register_save_state_pre_hook", None)
+        load_hook = getattr(self.accelerator, "register_load_state_pre_hook", None)
+        if save_hook is None or load_hook is None:
+            self._warn(
+                "mfu_callbacks: this accelerate has no save/load state hooks; checkpoints do not keep "
+                "the MFU run totals and a resumed run starts them afresh"
+            )
+            return
+        self._checkpoint_hooks = [save_hook(self._save_state), load_hook(self._load_state)]
+
+    def _save_state(self, models: Any, weights: Any, output_dir: str) -> None:
+        """Write the run totals beside the checkpoint (main process; a failure costs only the file)."""
+        if not self.accelerator.is_main_process:
+            return
+        try:
+            write_json(Path(output_dir) / STATE_FILE, self.session.state_dict())
+        except Exception as error:  # noqa: BLE001 - saving the checkpoint goes on without our file
+            self._warn(f"mfu_callbacks: could not write {STATE_FILE} ({type(error).__name__}: {error})")
+
+    def _load_state(self, models: Any, input_dir: str) -> None:
+        """Continue the run totals saved beside the checkpoint; a missing file is a checkpoint saved
+        without the tracker (MFU starts afresh), an unreadable one is ignored with a warning."""
+        path = Path(input_dir) / STATE_FILE
+        if not path.is_file():
+            return
+        meter = self.session.meter
+        try:
+            state = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(state, dict):
+                raise ValueError(f"a JSON {type(state).__name__}, not an object")
+            if meter is None or self.session.guard.failed:
+                self.session.load_state_dict(state)
+                return
+            before = meter.state_dict()
+            try:
+                meter.load_state_dict(state)
+            except BaseException:
+                meter.load_state_dict(before)
+                raise
+        except Exception as error:  # noqa: BLE001 - loading the checkpoint goes on; MFU starts afresh
+            self._warn(
+                f"mfu_callbacks: ignored {path} ({type(error).__name__}: {error}); "
+                "the MFU run totals start afresh"
+            )
 
     def state_dict(self) -> dict[str, Any]:
-        """The meter's run totals, for ``accelerator.save_state``."""
+        """The meter's run totals (what ``accelerator.save_state`` writes to ``mfu_state.json``)."""
         return self.session.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Continue the run totals saved by ``accelerator.save_state`` (via ``accelerator.load_state``)."""
+        """Continue the run totals of an earlier run (``accelerator.load_state`` does it from ``mfu_state.json``)."""
         self.session.load_state_dict(state_dict)
 
     def _after_optimizer_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
@@ -156,6 +211,6 @@ class MFUTracker:
     def close(self) -> None:
         """Remove the hooks (the accelerator's ``log`` stays wrapped, passing values through)."""
         self.session.unwatch()
-        for hook in self._hooks:
+        for hook in [*self._hooks, *self._checkpoint_hooks]:
             hook.remove()
-        self._hooks = []
+        self._hooks, self._checkpoint_hooks = [], []

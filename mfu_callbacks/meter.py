@@ -367,7 +367,7 @@ class MFUMeter:
 def _profile_window(
     model: nn.Module, device: torch.device, warmup_steps: int, steps: int, start: int | None
 ) -> ProfileWindow | None:
-    steps = _validate.whole_number(steps, name="profile_steps", minimum=0)
+    steps = _validate.profile_steps(steps)
     start = _validate.optional_whole_number(start, name="profile_start", minimum=0)
     if not steps:
         return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import textwrap
 from pathlib import Path
 
@@ -189,3 +190,95 @@ def test_an_internal_error_is_logged_once_and_training_goes_on(monkeypatch, capl
     assert losses == clean_losses
     assert len([r for r in caplog.records if "stopped measuring MFU" in r.getMessage()]) == 1
     assert not any("train/mfu" in values for _, values in records)
+
+
+# -- checkpoints: the run totals as JSON beside Accelerate's files, never a pickle -------------------
+def checkpointed_run(
+    folder: Path, *, tracker: bool, load_from: Path | None = None, save_to: Path | None = None, steps: int = 3
+) -> MFUTracker | None:
+    """A loop of ``steps`` steps, with or without the tracker, resumed from ``load_from`` and saved to ``save_to``."""
+    accelerator = Accelerator(cpu=True, project_dir=str(folder))
+    model = tiny_llama()
+    model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=1e-2))
+    mfu = (
+        MFUTracker(accelerator, model, peak_tflops=PEAK_TFLOPS, warmup_steps=0, log_interval=100)
+        if tracker
+        else None
+    )
+    if load_from is not None:
+        accelerator.load_state(str(load_from))
+    batch = collate([FixedLengthTokens(BATCH)[i] for i in range(BATCH)])
+    for _ in range(steps):
+        accelerator.backward(model(**batch).loss)
+        optimizer.step()
+        optimizer.zero_grad()
+    if mfu is not None:
+        mfu.metrics()
+    if save_to is not None:
+        accelerator.save_state(str(save_to))
+    if mfu is not None:
+        mfu.close()
+    return mfu
+
+
+def test_a_checkpoint_saved_with_the_tracker_loads_without_it_and_holds_no_pickle(tmp_path):
+    checkpointed_run(tmp_path, tracker=True, save_to=tmp_path / "state")
+    assert (tmp_path / "state" / "mfu_state.json").is_file()
+    assert not list((tmp_path / "state").glob("custom_checkpoint_*"))
+    checkpointed_run(
+        tmp_path, tracker=False, load_from=tmp_path / "state"
+    )  # no "Number of custom checkpoints"
+
+
+def test_a_checkpoint_saved_without_the_tracker_loads_with_it_and_mfu_starts_afresh(tmp_path):
+    checkpointed_run(tmp_path, tracker=False, save_to=tmp_path / "state")
+    resumed = checkpointed_run(tmp_path, tracker=True, load_from=tmp_path / "state")
+    assert resumed is not None and resumed.latest["train/mfu"] > 0
+    assert (
+        resumed.state_dict()["run"]["steps"] == 2
+    )  # this run's steps after the first (which built the engine)
+
+
+def test_a_round_trip_keeps_the_run_totals(tmp_path):
+    first = checkpointed_run(tmp_path, tracker=True, save_to=tmp_path / "state")
+    resumed = checkpointed_run(tmp_path, tracker=True, load_from=tmp_path / "state", steps=0)
+    assert first is not None and resumed is not None
+    assert (
+        resumed.state_dict()["run"] == first.state_dict()["run"] and first.state_dict()["run"]["steps"] == 2
+    )
+
+
+class RunsCode:
+    """A pickle that, unpickled, would write a file: what a tampered checkpoint could do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "code ran"))
+
+
+@pytest.mark.parametrize("content", ["pickle", "garbage", "list", "other_version", "bad_totals"])
+def test_a_tampered_state_file_is_ignored_with_one_warning(tmp_path, caplog, content):
+    import logging
+    import pickle
+
+    checkpointed_run(tmp_path, tracker=True, save_to=tmp_path / "state")
+    state = tmp_path / "state" / "mfu_state.json"
+    marker = tmp_path / "marker"
+    written = json.loads(state.read_text())
+    contents = {
+        "pickle": pickle.dumps(RunsCode(marker)),
+        "garbage": b"\xff\x00{not json",
+        "list": b"[1, 2, 3]",
+        "other_version": json.dumps({**written, "version": 999}).encode(),
+        "bad_totals": json.dumps({**written, "run": "nonsense"}).encode(),
+    }
+    state.write_bytes(contents[content])
+    with caplog.at_level(logging.WARNING, logger="mfu_callbacks.accelerate"):
+        resumed = checkpointed_run(tmp_path, tracker=True, load_from=tmp_path / "state")
+    warnings = [record for record in caplog.records if "mfu_state.json" in record.getMessage()]
+    assert len(warnings) == 1 and "start afresh" in warnings[0].getMessage()
+    assert not marker.exists()
+    assert resumed is not None and resumed.latest["train/mfu"] > 0
+    assert resumed.state_dict()["run"]["steps"] == 2  # measuring went on, from a fresh start

@@ -140,7 +140,21 @@ def test_folded_timings_keep_every_step():
 
 
 # -- settings are checked where they are written ------------------------------------------------------
-@pytest.mark.parametrize("value", [math.inf, math.nan, 0, -1, 1e-320, True, "989"])
+@pytest.mark.parametrize(
+    "value",
+    [
+        math.inf,
+        math.nan,
+        0,
+        -1,
+        1e-320,
+        True,
+        "989",
+        1e7,
+        pytest.param(10**400, id="10**400"),
+        pytest.param(-(10**400), id="-10**400"),
+    ],
+)
 def test_a_bad_peak_is_refused_at_construction(value):
     with pytest.raises(ValueError, match="peak_tflops"):
         MFUOptions(peak_tflops=value)
@@ -162,7 +176,9 @@ def test_every_dtype_spelling_is_accepted_alike_by_options_and_meter(value):
     assert MFUMeter(nn.Linear(2, 2), dtype=value, peak_tflops=1).peak is not None
 
 
-@pytest.mark.parametrize("value", ["1e-320", "inf", "fast", "-5"])
+@pytest.mark.parametrize(
+    "value", ["1e-320", "inf", "fast", "-5", "1e400", "nan", pytest.param("1" + "0" * 400, id="401 digits")]
+)
 def test_a_bad_peak_in_the_environment_is_refused_at_construction(monkeypatch, value):
     monkeypatch.setenv("MFU_PEAK_TFLOPS", value)
     with pytest.raises(ValueError, match="MFU_PEAK_TFLOPS"):
@@ -179,11 +195,32 @@ def test_a_bad_peak_in_the_environment_is_refused_at_construction(monkeypatch, v
         ("log_interval", 0),
         ("report", "yes"),
         ("silence_diagnostics", "padding_waste"),
+        ("silence_diagnostics", None),
+        ("silence_diagnostics", 3),
+        ("silence_diagnostics", [None]),
+        ("profile_steps", 101),
+        ("profile_steps", 1_000_000),
+        ("profile_steps", -1),
     ],
 )
 def test_other_bad_options_are_refused_at_construction(name, value):
     with pytest.raises(ValueError, match=name):
         MFUOptions(**{name: value})
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [("silence_diagnostics", None), ("silence_diagnostics", [None]), ("profile_steps", 1_000_000)],
+)
+def test_the_meter_refuses_them_alike(name, value):
+    with pytest.raises(ValueError, match=name):
+        MFUMeter(nn.Linear(2, 2), peak_tflops=1, **{name: value})
+
+
+def test_the_limits_themselves_are_accepted():
+    options = MFUOptions(peak_tflops=10**6, profile_steps=100, silence_diagnostics=iter(["padding_waste"]))
+    assert options.peak_tflops == 1e6 and options.profile_steps == 100
+    assert options.silence_diagnostics == ("padding_waste",)
 
 
 # -- a failing rank never leaves the others waiting ---------------------------------------------------

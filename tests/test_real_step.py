@@ -13,8 +13,9 @@ from test_flops_observe import fused_head_forward, llama, tiny_moe_lm, unfused_f
 from torch import nn
 
 from mfu_callbacks import MFUMeter
+from mfu_callbacks._torch_internals import dispatch_mode_stack
 from mfu_callbacks.flops import ModelIntrospectionError
-from mfu_callbacks.testing import reference_step_flops, word_tokenizer
+from mfu_callbacks.testing import causal_lm, make_eager, reference_step_flops, word_tokenizer
 
 
 def run_loop(model: nn.Module, batches: list[dict], forward, **options: Any) -> MFUMeter:
@@ -106,6 +107,98 @@ def test_losses_and_weights_are_identical_when_the_step_is_observed() -> None:
     (losses_a, weights_a), (losses_b, weights_b) = trained
     assert losses_a == losses_b
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+
+
+# -- a step that raises while it is observed -------------------------------------------------------
+# Where the first step raises: inside the model's forward, inside the backward, after the backward,
+# in the optimizer's step. The observer leaves before the error reaches the loop.
+LEAVES_WITH_THE_ERROR = ("forward", "backward", "after_backward", "optimizer_step")
+# Errors raised by the loop itself between start_step and the forward, or between the forward and
+# the backward, pass through nothing of the meter's or the model's: the meter's next call leaves.
+LEAVES_AT_THE_NEXT_CALL = ("before_forward", "before_backward")
+
+
+def ours_left(model: nn.Module) -> list[str]:
+    """What of mfu_callbacks is still active: dispatch modes, hooks on the model's modules, a forward
+    of the model's own."""
+    left = [type(mode).__name__ for mode in dispatch_mode_stack()]
+    for name, module in model.named_modules():
+        for kind in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"):
+            for hook in getattr(module, kind).values():
+                if getattr(hook, "__module__", "").startswith("mfu_callbacks"):
+                    left.append(f"{name or 'model'}.{kind}: {hook.__qualname__}")
+    if "forward" in vars(model):
+        left.append("model.forward")
+    return left
+
+
+def interrupted_training(
+    point: str, error: type[BaseException], *, metered: bool
+) -> tuple[list[list[str]], MFUMeter | None, dict]:
+    """Four steps of a plain loop on a tiny model, reading the meter after each; the first raises
+    ``error`` at ``point``, the loop catches it and goes on. What of ours was left when the error
+    reached the loop and at the end, the meter, and the trained weights."""
+    model = make_eager(causal_lm(vocab=VOCAB))
+    batches = [full_batch(2, 16, seed=seed) for seed in range(4)]
+    meter = MFUMeter(model, peak_tflops=1.0, warmup_steps=0, real_step="only") if metered else None
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    armed = [True]
+
+    def fire(*_: Any) -> None:
+        if armed[0]:
+            armed[0] = False
+            raise error("injected")
+
+    def fire_in_backward(module: nn.Module, args: Any, output: torch.Tensor) -> None:
+        output.register_hook(fire)  # on the layer's output's gradient: the backward is half done
+
+    handles = []
+    layer = model.model.layers[1]
+    if point == "forward":
+        handles.append(layer.register_forward_pre_hook(fire))
+    elif point == "backward":
+        handles.append(layer.register_forward_hook(fire_in_backward))
+    elif point == "optimizer_step":
+        handles.append(optimizer.register_step_pre_hook(fire))
+    left = []
+    for index, batch in enumerate(batches):
+        if meter is not None:
+            meter.start_step(batch)
+        try:
+            if point == "before_forward":
+                fire()
+            loss = model(**batch).loss
+            if point == "before_backward":
+                fire()
+            loss.backward()
+            if point == "after_backward":
+                fire()
+            optimizer.step()
+        except error:
+            left.append(ours_left(model))
+        finally:
+            optimizer.zero_grad()
+            if meter is not None:
+                meter.end_step()
+                meter.metrics()
+        if index == 0:
+            for handle in handles:
+                handle.remove()
+    left.append(ours_left(model))
+    return left, meter, model.state_dict()
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, RuntimeError], ids=["interrupt", "error"])
+@pytest.mark.parametrize("point", LEAVES_WITH_THE_ERROR + LEAVES_AT_THE_NEXT_CALL)
+def test_a_step_that_raises_while_observed_leaves_nothing_behind_and_measuring_goes_on(point, error) -> None:
+    (when_raised, at_the_end), meter, weights = interrupted_training(point, error, metered=True)
+    if point in LEAVES_WITH_THE_ERROR:
+        assert when_raised == []
+    assert at_the_end == []
+    assert meter is not None and meter.engine is not None  # the next step was observed
+    assert meter.summary()["mfu"] > 0  # and the two after it measured
+    _, _, unmetered = interrupted_training(point, error, metered=False)
+    assert all(torch.equal(weights[key], unmetered[key]) for key in weights)
 
 
 # -- TRL ------------------------------------------------------------------------------------------

@@ -39,6 +39,22 @@ def test_the_dispatch_mode_is_the_one_torchs_own_flop_counter_builds_on():
     assert counter.get_total_flops() == 2 * 2 * 3 * 4
 
 
+def test_a_dispatch_mode_is_listed_while_entered_and_left_only_from_the_top_of_the_stack():
+    from torch.utils._python_dispatch import _push_mode
+
+    outer, inner = OperationLog(), OperationLog()
+    with outer, inner:
+        assert internals.dispatch_mode_stack() == [outer, inner]
+        assert not internals.leave_dispatch_mode(outer)  # not the innermost: it stays
+        assert internals.dispatch_mode_stack() == [outer, inner]
+    assert internals.dispatch_mode_stack() == []
+    mode = OperationLog().__enter__()
+    assert internals.leave_dispatch_mode(mode) and internals.dispatch_mode_stack() == []
+    assert not internals.leave_dispatch_mode(mode)
+    _push_mode(mode)  # back after it left, as the autograd engine's saved thread state puts it back
+    assert internals.leave_dispatch_mode(mode) and internals.dispatch_mode_stack() == []
+
+
 def test_reading_a_value_back_dispatches_the_read_scalar_kernel():
     with OperationLog() as log:
         torch.tensor([True]).any().item()

@@ -43,9 +43,11 @@ def validate_ids(ids: Iterable[str]) -> tuple[str, ...]:
 
     The old id of a renamed check stands for its new id, with a FutureWarning naming it.
     """
-    if isinstance(ids, str) or not all(isinstance(item, str) for item in ids):
-        raise ValueError(f"silence_diagnostics must be a list of diagnosis ids, got {ids!r}")
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):  # None too: [] silences none
+        raise ValueError(f"silence_diagnostics must be a list of diagnosis ids ([] for none), got {ids!r}")
     ids = tuple(ids)
+    if not all(isinstance(item, str) for item in ids):
+        raise ValueError(f"silence_diagnostics must be a list of diagnosis ids ([] for none), got {ids!r}")
     for old in dict.fromkeys(item for item in ids if item in RENAMED):
         warnings.warn(
             f"silence_diagnostics: {old!r} is now {RENAMED[old]!r} (it reports a cost only where one was "

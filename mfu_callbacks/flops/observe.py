@@ -30,8 +30,11 @@ shape; a batch without token streams scales by rows.
 
 from __future__ import annotations
 
+import functools
+import threading
 from collections import defaultdict
 from collections.abc import Sequence
+from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +49,7 @@ from .._torch_internals import (
     HEADS_SECOND_TO_LAST,
     TorchDispatchMode,
     current_autograd_node,
+    leave_dispatch_mode,
     queue_backward_callback,
     view_base,
     wrapped_tensors,
@@ -158,7 +162,12 @@ class Observation:
 
 class RealStepObserver(TorchDispatchMode):
     """Watches one micro-batch's forward and backward on the real model (enter before the forward,
-    leave any time after the backward: ops after the first backward ends are ignored)."""
+    leave any time after the backward: ops after the first backward ends are ignored).
+
+    It leaves by itself as soon as it can: when the backward is over (finished or raised) and when
+    the model's forward raises. Where the step fails elsewhere (between the forward and the backward,
+    or before the forward), the recorder's next event leaves it.
+    """
 
     def __init__(self, model: nn.Module, batch: Any, windows: Sequence[Window] = ()) -> None:
         """``windows``: the attention windows the batches are counted with (``TokenCounting.windows``):
@@ -190,6 +199,12 @@ class RealStepObserver(TorchDispatchMode):
         self._declared_depth = 0  # inside a module with declared FLOPs: its ops are not recorded
         self._declared_calls: list[_Matmul] = []
         self._declared_nodes: set[Any] = set()  # autograd nodes made inside such a module
+        self._model = model
+        self._forward_patch: tuple[Any, bool, Any] | None = (
+            None  # (our forward, had one of its own, that one)
+        )
+        self._thread: int | None = None  # the thread that entered: the one whose mode stack holds this mode
+        self._closed = False
         self._describe(model)
         for tensor in tensors_in(batch):
             self._facts[tensor] = _TensorFacts(from_batch=True, needs_grad=False, made_with_grad=True)
@@ -207,6 +222,10 @@ class RealStepObserver(TorchDispatchMode):
                 if tensor.requires_grad:
                     self._trainable.add(id(tensor))
 
+    def _add_hooks(self) -> None:
+        """Follow which module runs (and the modules with declared FLOPs), until ``close``."""
+        for module in self._model.modules():
+
             def enter(mod: nn.Module, args: Any, _id: int = id(module)) -> None:
                 self._stack.append(_id)
 
@@ -218,7 +237,8 @@ class RealStepObserver(TorchDispatchMode):
             self._handles.append(module.register_forward_hook(leave, always_call=True))
             declaration = declared(module)
             if declaration is not None:
-                self._watch_declared(module, path, classes[path], declaration)
+                path, classes = self._names[id(module)]
+                self._watch_declared(module, path, classes, declaration)
 
     def _watch_declared(
         self, module: nn.Module, path: str, classes: list[str], declaration: Declaration
@@ -248,16 +268,88 @@ class RealStepObserver(TorchDispatchMode):
         self._handles.append(module.register_forward_pre_hook(enter, with_kwargs=True))
         self._handles.append(module.register_forward_hook(leave, with_kwargs=True, always_call=True))
 
-    def remove_hooks(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+    # -- entering and leaving: nothing of ours outlives the step, however it ends ----------------
+    def __enter__(self) -> RealStepObserver:
+        """Add the hooks, wrap the model's forward and enter the mode (all undone if any of it fails)."""
+        self._thread = threading.get_ident()
+        try:
+            self._add_hooks()
+            self._wrap_forward()
+            super().__enter__()
+        except BaseException:
+            self.close()
+            raise
+        return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.remove_hooks()
-        self._read_nodes()
-        self._resolve()
-        super().__exit__(*exc)
+        self.close()
+
+    def close(self) -> None:
+        """Leave the mode and remove every hook and the forward's wrapper; settle what was observed.
+
+        Safe to call any number of times, from anywhere: the recorder's next event, the end of the
+        backward (``_BackwardEnd``), a forward that raised. The mode is left only in the thread that
+        entered it, where it must be the innermost mode; elsewhere the next call on that thread leaves it.
+        """
+        self._done = True  # whatever still reaches the mode runs unobserved
+        try:
+            for handle in self._handles:
+                handle.remove()
+            self._handles.clear()
+            self._unwrap_forward()
+        finally:
+            if self._thread == threading.get_ident():
+                leave_dispatch_mode(self)
+        if self._closed:
+            return
+        self._closed = True
+        if not self.observation.complete and self.observation.failure is None and self._in_backward:
+            self.observation.failure = "the backward did not finish"
+        try:
+            self._read_nodes()
+            self._resolve()
+        except Exception as error:  # noqa: BLE001 - the observation is void, the step goes on
+            self.observation.failure = f"{type(error).__name__}: {error}"
+
+    def _wrap_forward(self) -> None:
+        """The model's forward, called inside a ``try`` of ours: a forward that raises anything
+        (KeyboardInterrupt, an out-of-memory error) ends the observation before the error leaves it."""
+        model = self._model
+        original = model.forward
+        own = "forward" in vars(
+            model
+        )  # an instance's own forward (Accelerate's autocast wrapper, TRL's head)
+
+        @functools.wraps(original)
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return original(*args, **kwargs)
+            except BaseException as error:
+                if self.observation.failure is None:
+                    self.observation.failure = f"the forward raised {type(error).__name__}"
+                self.close()
+                raise
+
+        self._forward_patch = (forward, own, vars(model).get("forward"))
+        model.forward = forward
+
+    def _unwrap_forward(self) -> None:
+        patch, self._forward_patch = self._forward_patch, None
+        if patch is None:
+            return
+        ours, own, previous = patch
+        if vars(self._model).get("forward") is not ours:
+            return  # replaced since by someone else: theirs stays
+        if own:
+            self._model.forward = previous
+        else:
+            del self._model.forward
+
+    def _backward_released(self) -> None:
+        """The backward that ``_BackwardEnd`` was queued in is over (finished or raised): nothing is
+        observed after it, so the mode and hooks go now, if in the thread that entered them."""
+        if self._thread == threading.get_ident():
+            self.close()
 
     # -- facts about tensors --------------------------------------------------------------------
     def _fact(self, tensor: torch.Tensor) -> _TensorFacts:
@@ -456,7 +548,7 @@ class RealStepObserver(TorchDispatchMode):
             self.observation.hardware[(component, feature, per_unit)] += flops
 
     def _start_backward(self) -> None:
-        queue_backward_callback(self._backward_finished)
+        queue_backward_callback(_BackwardEnd(self))
         for tensor in list(self._tagged.keys()):
             if tensor.grad_fn is not None:
                 self._function_outputs.append((tensor.grad_fn, self._fact(tensor).tags))
@@ -507,6 +599,22 @@ class RealStepObserver(TorchDispatchMode):
         self._unplaced.clear()
         self._ran.clear()
         self._function_outputs.clear()
+
+
+class _BackwardEnd:
+    """Queued in the observed backward: called when it finishes, and released with it, whether it
+    finished or raised (the autograd engine drops its callbacks with the backward, in the thread
+    that called it, after putting back that thread's dispatch modes): the observer leaves then."""
+
+    def __init__(self, observer: RealStepObserver) -> None:
+        self._observer = observer
+
+    def __call__(self) -> None:
+        self._observer._backward_finished()
+
+    def __del__(self) -> None:
+        with suppress(Exception):  # nothing may escape a finalizer; the recorder's next event leaves then
+            self._observer._backward_released()
 
 
 # Marks, among the outputs whose autograd node is read, those of ops inside a module with declared FLOPs.
