@@ -19,6 +19,8 @@ Per case:
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import statistics
 import tempfile
 import time
@@ -69,8 +71,12 @@ def timed_reads(callback, reads: list[float]) -> None:
     def timed():
         begin = time.perf_counter()
         try:
+            if PROFILE is not None and calls[0] > 0:
+                PROFILE.enable()
             return read()
         finally:
+            if PROFILE is not None:
+                PROFILE.disable()
             calls[0] += 1
             if calls[0] > 1:
                 reads.append(time.perf_counter() - begin)
@@ -176,6 +182,7 @@ def run_lightning(model, batch, warmup, measured, logging_steps, with_callback, 
 
 
 RUNNERS = {"hf": run_hf, "lightning": run_lightning}
+PROFILE: cProfile.Profile | None = None  # --profile-reads: where the reads' host time goes
 
 
 def main() -> None:
@@ -188,7 +195,10 @@ def main() -> None:
     parser.add_argument("--measured", type=int, default=50)
     parser.add_argument("--cases", default="all", help="comma-separated indices into CASES, or 'all'")
     parser.add_argument("--smoke", action="store_true", help="tiny model, one round, few steps (CPU)")
+    parser.add_argument("--profile-reads", action="store_true", help="print where the reads' host time went")
     args = parser.parse_args()
+    global PROFILE
+    PROFILE = cProfile.Profile() if args.profile_reads else None
     if args.smoke:
         args.size, args.rounds, args.warmup, args.measured = "tiny", 1, 2, 4
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -258,6 +268,8 @@ def main() -> None:
             f"| {case.name} | {step:.1f} | {statistics.median(case.ratios):.4f} [{min(case.ratios):.4f}, "
             f"{max(case.ratios):.4f}] | {statistics.median(reads) * 1e3:.3f} ms | {p90 * 1e3:.3f} ms | {truth} |"
         )
+    if PROFILE is not None:
+        pstats.Stats(PROFILE).sort_stats("cumulative").print_stats(40)
 
 
 if __name__ == "__main__":

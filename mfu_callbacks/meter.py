@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("mfu_callbacks")
 _STATE_VERSION = 1
+_REVIEW_GROWTH = 1.1  # the diagnoses are reviewed again once the measured steps grew by this factor
 
 
 class MFUMeter:
@@ -117,6 +118,9 @@ class MFUMeter:
         self._profiling = False  # whether the open step is profiled
         self._run = RunTotals()
         self._run_features: torch.Tensor | None = None  # summed features of every step read so far
+        self._reviewed: tuple[float, bool] | None = (
+            None  # (measured steps, profile pending) at the last review
+        )
         self._parallelism: Parallelism | None = None  # read from the model at the first read
         # Autocast is entered around the forward, after the meter is built: look at the first forward
         # and (unless the dtype or peak was given) pick the peak of the dtype the matmuls really run in.
@@ -243,6 +247,8 @@ class MFUMeter:
         holds the same collective as ``metrics()``: call it on every rank.
         """
         self._read_window(wait=True)
+        if self._run.steps and (self._reviewed is None or self._reviewed[0] != self._run.steps):
+            self._diagnose(force=True)  # the run as it ends is reviewed, however little it grew
         return metrics.run_summary(self._run, self.peak.flops if self.peak is not None else None)
 
     def run_flops(self) -> StepFlops | None:
@@ -305,8 +311,24 @@ class MFUMeter:
             self._diagnose()
             return window
 
-    def _diagnose(self) -> None:
-        """Run the diagnoses on what was just read (host-side numbers only: no sync, no collective)."""
+    def _diagnose(self, *, force: bool = False) -> None:
+        """Run the diagnoses on what was just read (host-side numbers only: no sync, no collective).
+
+        They judge the run's totals, which a read moves little late in a run: they are reviewed when
+        the measured steps grew by a tenth since the last review (every read early on, O(log steps)
+        reviews over a run, so a read costs the same at step 10 and at step 100,000), when a profile
+        window has just closed, and at the end of the run (``force``).
+        """
+        profile_pending = self._profile is not None and not self._profile.finished
+        due = (
+            force
+            or self._reviewed is None
+            or self._run.steps >= self._reviewed[0] * _REVIEW_GROWTH
+            or profile_pending != self._reviewed[1]
+        )
+        if not due:
+            return
+        self._reviewed = (self._run.steps, profile_pending)
         try:
             dtype = _compute_dtype(self)
             self._diagnostics.review(
@@ -319,7 +341,7 @@ class MFUMeter:
                 autocast_in_training=self._autocast.enabled_at_first_forward,
                 device_name=self.peak.device_name if self.peak is not None else None,
                 measured_matmuls=self._measured_matmuls(),
-                profile_pending=self._profile is not None and not self._profile.finished,
+                profile_pending=profile_pending,
             )
         except Exception:  # noqa: BLE001 - diagnoses are advice: they never cost the run its metrics
             logger.debug("mfu_callbacks: diagnoses failed", exc_info=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import Any
 
 import torch
@@ -317,6 +317,11 @@ def recompute_cost(review: Review) -> Diagnosis | None:
     )
 
 
+@lru_cache(maxsize=8192)  # the same layers at every metrics read
+def _linear_component(name: str) -> str:
+    return classify(name, (), activation_matmul=False)
+
+
 @check("matmul_alignment")
 def matmul_alignment(review: Review) -> Diagnosis | None:
     """Linear layers with sizes off the tensor cores' alignment, where a measurement says they cost time.
@@ -347,7 +352,7 @@ def matmul_alignment(review: Review) -> Diagnosis | None:
         for role, size in roles:
             if not size % 64:
                 continue
-            component = classify(linear.name, (), activation_matmul=False)
+            component = _linear_component(linear.name)
             if component not in in_run:
                 in_run[component] = alignment.from_run(
                     review.measured_matmuls, component, review.step_seconds

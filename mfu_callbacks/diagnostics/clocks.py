@@ -38,6 +38,9 @@ class NvmlClocks:
 
     def __init__(self) -> None:
         self._handle: Any = None
+        self._maximum: float | None = (
+            None  # the SM clock's maximum does not change: asked once (ms on some hosts)
+        )
         self._unavailable = False
 
     def read(self, device: torch.device) -> tuple[float, float, list[str]] | None:
@@ -51,7 +54,9 @@ class NvmlClocks:
                 pynvml.nvmlInit()
                 self._handle = pynvml.nvmlDeviceGetHandleByIndex(_nvml_index(device))
             current = pynvml.nvmlDeviceGetClockInfo(self._handle, pynvml.NVML_CLOCK_SM)
-            maximum = pynvml.nvmlDeviceGetMaxClockInfo(self._handle, pynvml.NVML_CLOCK_SM)
+            if self._maximum is None:
+                self._maximum = pynvml.nvmlDeviceGetMaxClockInfo(self._handle, pynvml.NVML_CLOCK_SM)
+            maximum = self._maximum
             get_reasons = getattr(pynvml, "nvmlDeviceGetCurrentClocksEventReasons", None) or getattr(
                 pynvml, "nvmlDeviceGetCurrentClocksThrottleReasons", None
             )

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from typing import Any
 
 from ..hardware import lookup_gpu
@@ -138,6 +139,7 @@ MEASURED: tuple[Slowdown, ...] = (
 # fmt: on
 
 
+@lru_cache(maxsize=64)  # read for every layer at every metrics read: the table lookup is not free
 def gpu_family(device_name: str | None) -> str | None:
     """The family of a device name as torch reports it ("NVIDIA H100 80GB HBM3" is "hopper"); None if unknown."""
     if not device_name:
@@ -167,12 +169,32 @@ def find(
 
     Of several rows, the one measured with the nearest other size of the layer (``other_size``).
     """
+    if table is None:
+        return _find_measured(device_name, dtype, size, role, other_size)
+    return _find(device_name, dtype, size, role, other_size, table)
+
+
+@lru_cache(maxsize=4096)  # the checks ask for the same layers' sizes at every metrics read
+def _find_measured(
+    device_name: str | None, dtype: str | None, size: int, role: str, other_size: int | None
+) -> Slowdown | None:
+    return _find(device_name, dtype, size, role, other_size, MEASURED)
+
+
+def _find(
+    device_name: str | None,
+    dtype: str | None,
+    size: int,
+    role: str,
+    other_size: int | None,
+    table: Iterable[Slowdown],
+) -> Slowdown | None:
     family, wanted = gpu_family(device_name), shape_class(size)
     if family is None or wanted is None:
         return None
     rows = [
         row
-        for row in (MEASURED if table is None else table)
+        for row in table
         if row.family == family and row.dtype == dtype and row.shape_class == wanted and row.role == role
     ]
     if not rows:
