@@ -222,6 +222,11 @@ class MFUMeter:
         its metrics): counted in the wall clock as the meter's time, never as input wait."""
         return self._timer.meter_work()
 
+    def not_training(self) -> AbstractContextManager[None]:
+        """Around work between two steps that is not training (evaluation, a checkpoint save): its time
+        is neither step time nor input wait, so it never counts in MFU or as waiting for input."""
+        return self._timer.paused()
+
     def metrics(self) -> dict[str, float]:
         """Values over the steps finished since the last read (after warm-up); {} when there are none.
 

@@ -14,7 +14,7 @@ The meter's own log-time reads are not left out: what they cost the run is count
 (``StepTimer.meter_work``: its own seconds, part of the iteration, never input wait), so the time base
 is the wall clock. On CUDA that is the time the device idled while the read ran (two events around
 it), which is nothing while the device still works on queued steps. Only one-off work that is no
-training (a profile's analysis) is left out (``StepTimer.paused``).
+training is left out (``StepTimer.paused``): evaluation runs, checkpoint saves, a profile's analysis.
 
 A read does not wait for the GPU: it resolves the steps whose end the GPU has already passed
 (``Event.query``) and leaves the others for the next read (``completed_steps`` and ``read``).
@@ -53,9 +53,10 @@ class StepTiming:
 
 
 # One measured step on CUDA, unresolved: where its wait began (the previous step's end, or None),
-# its start and stop events, and (begin, end) event pairs around the meter's work before it.
+# its start and stop events, (begin, end) event pairs around the meter's work before it inside that
+# wait, and those around its work before a pause (outside the wait: the pause moved its beginning).
 _Marks = tuple[tuple[torch.cuda.Event, torch.cuda.Event], ...]
-_Recorded = tuple[torch.cuda.Event | None, torch.cuda.Event, torch.cuda.Event, _Marks]
+_Recorded = tuple[torch.cuda.Event | None, torch.cuda.Event, torch.cuda.Event, _Marks, _Marks]
 
 
 class StepTimer:
@@ -88,14 +89,17 @@ class StepTimer:
         self._start_event: torch.cuda.Event | None = None  # CUDA path
         self._input_wait = 0.0
         self._in_meter_work = False
+        self._paused = False
         self._meter_seconds = 0.0  # host-clock path: the meter's work since the last step ended
         self._step_meter_seconds = 0.0  # ... and before the open step
         self._meter_marks: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []  # CUDA path, the same
+        self._marks_before_pause: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []  # ... before a pause
         self._finished: list[StepTiming] = []  # host-clock path
         self._recorded: list[_Recorded] = []  # CUDA path, unresolved, oldest first
         self._previous_stop: torch.cuda.Event | None = None  # where the next step's input wait begins
         self._wait_began: torch.cuda.Event | None = None  # ... and where the open step's began
         self._open_marks: _Marks = ()  # the open step's
+        self._open_marks_before_pause: _Marks = ()
         self._spare_events: list[torch.cuda.Event] = []
 
     @property
@@ -112,9 +116,10 @@ class StepTimer:
         self._measuring = self.steps_started >= self.warmup_steps
         self.steps_started += 1
         marks, self._meter_marks = tuple(self._meter_marks), []
+        before_pause, self._marks_before_pause = tuple(self._marks_before_pause), []
         meter_seconds, self._meter_seconds = self._meter_seconds, 0.0
-        if not self._measuring or self._last_stop is None:
-            self._spare_events += [event for pair in marks for event in pair]  # nobody's wait: dropped
+        if not self._measuring or self._last_stop is None:  # nobody's wait: dropped
+            self._spare_events += [event for pair in (*marks, *before_pause) for event in pair]
         if not self._measuring:
             return
         self._input_wait = now - self._last_stop if self._last_stop is not None else 0.0
@@ -122,6 +127,7 @@ class StepTimer:
         if self.uses_cuda_events:
             self._wait_began = self._previous_stop
             self._open_marks = marks if self._previous_stop is not None else ()
+            self._open_marks_before_pause = before_pause if self._previous_stop is not None else ()
             self._start_event = self._record_event()
         else:
             self._start_time = now
@@ -137,7 +143,15 @@ class StepTimer:
             if self.uses_cuda_events:
                 stop = self._record_event()
                 assert self._start_event is not None  # recorded by start() of a measured step
-                self._recorded.append((self._wait_began, self._start_event, stop, self._open_marks))
+                self._recorded.append(
+                    (
+                        self._wait_began,
+                        self._start_event,
+                        stop,
+                        self._open_marks,
+                        self._open_marks_before_pause,
+                    )
+                )
                 self._previous_stop = stop
                 self._last_stop = self._clock()
                 if len(self._recorded) > _KEEP_STEPS:
@@ -168,7 +182,7 @@ class StepTimer:
         On CUDA it is the time the device idled while the work ran, from two events around it: a
         read that runs while the device still works on queued steps costs the run nothing.
         """
-        if self._open or self._in_meter_work:  # inside a step: part of it; nested: counted once
+        if self._open or self._in_meter_work or self._paused:  # inside a step or a pause: part of it
             yield
             return
         self._in_meter_work = True
@@ -189,20 +203,29 @@ class StepTimer:
     @contextmanager
     def paused(self) -> Iterator[None]:
         """Time spent inside is neither step time nor input wait: for one-off work that is not
-        training (a profile window's syncs and analysis), never for what a run pays at every log."""
+        training (evaluation, a checkpoint save, a profile window's syncs and analysis), never for what
+        a run pays at every log. A pause inside a pause is part of it."""
+        if self._paused:
+            yield
+            return
+        self._paused = True
         begin = self._clock()
         try:
             yield
         finally:
+            self._paused = False
             spent = self._clock() - begin
             if self._last_stop is not None:
                 self._last_stop += spent
             if self._open and self._measuring and not self.uses_cuda_events:
                 self._start_time += spent
             if self.uses_cuda_events and self._previous_stop is not None and not self._open:
-                # The device idled while this read waited for it: the next input wait starts now.
+                # The device idled or ran the paused work (however many kernels): the next input wait
+                # starts after them. The meter's work before the pause is no longer inside that wait.
                 self._previous_stop = torch.cuda.Event(enable_timing=True)
                 self._previous_stop.record(torch.cuda.current_stream(self._device))
+                self._marks_before_pause += self._meter_marks
+                self._meter_marks = []
 
     @property
     def unread_steps(self) -> int:
@@ -249,7 +272,7 @@ class StepTimer:
     def _resolve_finished_events(self) -> None:
         """Resolve the oldest recorded steps whose events the GPU has passed (``query``: no wait)."""
         done = 0
-        for _, _, stop, _ in self._recorded[: len(self._recorded) - _KEEP_STEPS // 2]:
+        for _, _, stop, _, _ in self._recorded[: len(self._recorded) - _KEEP_STEPS // 2]:
             if not stop.query():
                 break
             done += 1
@@ -259,25 +282,28 @@ class StepTimer:
     def _resolve(self, count: int) -> None:
         """Turn the oldest ``count`` recorded steps into timings and reuse their events."""
         resolved: dict[int, torch.cuda.Event] = {}
-        for wait_began, start, stop, marks in self._recorded[:count]:
+        for wait_began, start, stop, marks, before_pause in self._recorded[:count]:
             between = wait_began.elapsed_time(start) / 1000.0 if wait_began is not None else 0.0
             meter = sum(begin.elapsed_time(end) for begin, end in marks) / 1000.0
+            earlier = sum(begin.elapsed_time(end) for begin, end in before_pause) / 1000.0
             self._finished.append(
                 StepTiming(
                     start.elapsed_time(stop) / 1000.0,
                     max(between - meter, 0.0),
-                    meter_seconds=min(max(meter, 0.0), max(between, 0.0)),
+                    meter_seconds=min(max(meter, 0.0), max(between, 0.0)) + max(earlier, 0.0),
                 )
             )
-            events = (wait_began, start, stop, *(event for pair in marks for event in pair))
+            events = (wait_began, start, stop, *(event for pair in (*marks, *before_pause) for event in pair))
             resolved.update((id(event), event) for event in events if event is not None)
         del self._recorded[:count]
         still_needed = {id(self._previous_stop)} | ({id(self._wait_began)} if self._open else set())
-        still_needed |= {id(event) for pair in self._meter_marks for event in pair}
+        still_needed |= {
+            id(event) for pair in (*self._meter_marks, *self._marks_before_pause) for event in pair
+        }
         still_needed |= {
             id(event)
-            for wait_began, start, stop, marks in self._recorded
-            for event in (wait_began, start, stop, *(e for pair in marks for e in pair))
+            for wait_began, start, stop, marks, before_pause in self._recorded
+            for event in (wait_began, start, stop, *(e for pair in (*marks, *before_pause) for e in pair))
             if event is not None
         }
         self._spare_events += [event for key, event in resolved.items() if key not in still_needed]

@@ -205,3 +205,42 @@ def test_the_meters_work_on_the_host_clock_is_its_own_time_not_input_wait():
         clock.advance(2.0)
     timed_step(timer, clock, wait=0.5, seconds=1.0)
     assert timer.read()[-1] == StepTiming(1.0, 0.5, meter_seconds=2.0)
+
+
+def test_a_pause_holds_whatever_runs_inside_it_once():
+    """Evaluation or a checkpoint save: a read or another pause inside it is part of it, counted once."""
+    clock = FakeClock()
+    timer = StepTimer(0, clock=clock, force_cpu=True)
+    timed_step(timer, clock, wait=0.0, seconds=1.0)
+    clock.advance(0.25)
+    with timer.paused():
+        clock.advance(3.0)
+        with timer.meter_work():
+            clock.advance(1.0)
+        with timer.paused():
+            clock.advance(2.0)
+    timed_step(timer, clock, wait=0.5, seconds=1.0)
+    assert timer.read()[-1] == StepTiming(1.0, 0.75)
+
+
+def test_on_cuda_a_pause_over_many_forwards_leaves_the_read_before_it_as_the_meters_time(fake_cuda):
+    """A read, then an evaluation (its kernels and the host's gaps between them), then the next batch:
+    the read stays the meter's own time, the evaluation is nobody's, the wait after it is input wait."""
+    clock = fake_cuda
+    timer = StepTimer(0, device="cuda", clock=clock)
+    timed_step(timer, clock, wait=0.0, seconds=1.0)
+    with timer.meter_work():
+        clock.advance(2.0)
+    with timer.paused():
+        for _ in range(50):  # eval forwards, queued on the device one after the other
+            clock.advance(0.1)
+    timed_step(timer, clock, wait=0.5, seconds=1.0)
+    second = timer.read()[-1]
+    assert second.step_seconds == pytest.approx(1.0)
+    assert second.input_wait_seconds == pytest.approx(0.5)
+    assert second.meter_seconds == pytest.approx(2.0)
+    created = len(FakeEvent.created)
+    for _ in range(3):  # the events of the read before the pause are recycled like the others
+        timed_step(timer, clock, wait=0.0, seconds=1.0)
+    timer.read()
+    assert len(FakeEvent.created) <= created + 1
