@@ -7,10 +7,11 @@ the framework's logger.
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 import warnings
-from collections.abc import Callable, Mapping
-from contextlib import nullcontext, suppress
+from collections.abc import Callable, Collection, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from typing import Any
 
 import torch
@@ -22,9 +23,11 @@ from ._options import MFUOptions
 from ._status import Status
 from .attribution import format_breakdown, write_breakdown
 from .meter import MFUMeter, device_of, join_reduction_as_failed
-from .metrics import MFU_STATUS, MFUStatus
+from .metrics import MFU_STATUS, RENAMED, MFUStatus
 from .report import format_report
 from .run_summary import SummaryWriter, describe_setup, library_versions
+
+logger = logging.getLogger("mfu_callbacks")
 
 
 class MeterSession:
@@ -67,6 +70,8 @@ class MeterSession:
         self._steps_this_run = 0  # warm-up starts again in a resumed process
         self._resumed_at: int | None = None  # the global step a resumed run continues from
         self._step_open = False
+        self._pause: AbstractContextManager[None] | None = None  # open while evaluating or saving
+        self._renamed: set[str] = set()  # our keys the trainer or the user logs too: logged as mfu/<key>
         self._attached = False
         self._wandb_described = False
         self._model: nn.Module | None = None
@@ -139,6 +144,8 @@ class MeterSession:
         @torch.compiler.disable
         def before_forward(module: nn.Module, args: tuple, kwargs: dict) -> None:
             if not (module.training and torch.is_grad_enabled()):
+                if not module.training and not self._step_open:
+                    self.pause()  # an evaluation between two steps: not training, until the next step
                 return  # evaluation and generation are not training steps
             if not self._step_open:
                 self.begin_step()
@@ -164,6 +171,7 @@ class MeterSession:
     # Steps are followed even without a working meter: the read cadence (``due``) must stay the same
     # on every rank, since each read is a collective.
     def begin_step(self, batch: Any = None) -> None:
+        self.resume()  # whatever paused the time between the steps, training goes on now
         if self._step_open:
             return
         self._step_open = True
@@ -182,6 +190,43 @@ class MeterSession:
         self._steps_this_run += 1
         if self.meter is not None:
             self.guard.run(self.meter.end_step)
+
+    # -- what is not training: evaluation runs and checkpoint saves -------------------------------------
+    def pause(self) -> None:
+        """Work that is not training begins (evaluation, a checkpoint save): until ``resume()`` or the
+        next step begins, its time is neither step time nor input wait (``StepTimer.paused``), so it
+        never lowers MFU nor reads as waiting for input. Pausing again while paused changes nothing."""
+        meter = self.meter
+        if self._pause is not None or meter is None:
+            return
+
+        def enter() -> AbstractContextManager[None]:
+            pause = meter.not_training()
+            pause.__enter__()
+            return pause
+
+        self._pause = self.guard.run(enter)
+
+    def resume(self) -> None:
+        """Training goes on: the time after this counts again (nothing happens when not paused)."""
+        pause, self._pause = self._pause, None
+        if pause is not None:
+            self.guard.run(pause.__exit__, None, None, None)
+
+    @property
+    def paused(self) -> bool:
+        return self._pause is not None
+
+    @contextmanager
+    def not_training(self) -> Iterator[None]:
+        """``pause()`` around a block (ends the pause only if it opened it)."""
+        opened = self._pause is None
+        self.pause()
+        try:
+            yield
+        finally:
+            if opened:
+                self.resume()
 
     def due(self, framework_logs_now: bool) -> bool:
         """Whether to read metrics now: at the framework's cadence, or every ``log_interval`` steps."""
@@ -211,6 +256,30 @@ class MeterSession:
 
     def _prefixed(self, metrics: Mapping[str, float]) -> dict[str, float]:
         return {self.options.prefix + key: value for key, value in metrics.items()}
+
+    def beside(self, row: Collection[str], metrics: Mapping[str, float]) -> dict[str, float]:
+        """``metrics`` (from ``read()``) as they go into a logged row that already holds the keys ``row``.
+
+        Never overwrite: where the trainer or the user logged one of our keys (GRPO's own ``step_time``),
+        ours goes beside it as ``mfu/<key>`` after the prefix (``mfu/step_time``, ``train/mfu/step_time``),
+        under that name for the rest of the run, so a curve never changes meaning. Where that name is
+        taken too, ours is left out.
+        """
+        placed: dict[str, float] = {}
+        prefix = self.options.prefix
+        for key, value in metrics.items():
+            if key in row or key in self._renamed:
+                if key not in self._renamed:
+                    self._renamed.add(key)
+                    logger.info(
+                        "mfu_callbacks: %r is logged by the trainer too; ours is logged beside it", key
+                    )
+                bare = key[len(prefix) :] if key.startswith(prefix) else key
+                key = prefix + RENAMED + bare
+                if key in row:
+                    continue
+            placed[key] = value
+        return placed
 
     # -- the status: whether MFU is measured, said where users look ----------------------------------
     def _with_status(self, metrics: dict[str, float]) -> dict[str, float]:
@@ -333,6 +402,7 @@ class MeterSession:
     def finish(self) -> dict[str, float]:
         """Training ended: the run's summary (a collective when distributed: every rank calls this),
         printed as the end-of-run report on rank 0 and written to the W&B run summary."""
+        self.resume()
         self.unwatch()
         summary = self.summary()
         self._final_status(summary)

@@ -15,10 +15,16 @@ that holds the model's parameters really steps (torch's global optimizer step ho
 ``accelerator.accumulate`` the prepared optimizer steps its inner one only on ``sync_gradients``). Every
 ``log_interval`` optimizer steps (on all ranks at once, so the one all-reduce is safe) the metrics
 are read; the next ``accelerator.log`` call carries them beside the loss, to every tracker the
-accelerator has (W&B included). ``accelerator.end_training()`` (or ``tracker.finish()``) prints the
+accelerator has (W&B included); a key the loop logs itself (``train/step_time``) stays, and ours goes
+beside it as ``train/mfu/step_time``. ``accelerator.end_training()`` (or ``tracker.finish()``) prints the
 end-of-run report and writes the run's means to the W&B summary. ``accelerator.save_state`` writes the
 meter's run totals to ``mfu_state.json`` in the checkpoint's folder (JSON, on the main process) and
 ``accelerator.load_state`` continues them.
+
+Evaluation and ``accelerator.save_state`` are not training: their time leaves the step time and the
+input wait. A save is paused from its start to its end; an evaluation from the model's first forward
+in eval mode between two steps to the next training forward (so the loading of the next training
+batch, after the evaluation, is left out too).
 """
 
 from __future__ import annotations
@@ -69,6 +75,7 @@ class MFUTracker:
         self._trains_model: weakref.WeakKeyDictionary[Optimizer, bool] = weakref.WeakKeyDictionary()
         self._hooks = [register_optimizer_step_post_hook(self._after_optimizer_step)]
         self._wrap_log()
+        self._wrap_save_state()
         self._wrap_end_training()
         self.final_summary: dict[str, float] | None = None
         self.session.write_summary_to(accelerator.project_dir)
@@ -169,13 +176,28 @@ class MFUTracker:
         def log(*args: Any, **kwargs: Any):
             if self._pending:
                 if args:
-                    args = ({**args[0], **self._pending}, *args[1:])
+                    args = (self._beside(args[0]), *args[1:])
                 elif "values" in kwargs:
-                    kwargs["values"] = {**kwargs["values"], **self._pending}
+                    kwargs["values"] = self._beside(kwargs["values"])
                 self._pending = {}
             return original(*args, **kwargs)
 
         self.accelerator.log = log
+
+    def _beside(self, values: dict[str, Any]) -> dict[str, Any]:
+        """``values`` with the pending metrics added beside them (never over one of the loop's keys)."""
+        return {**values, **self.session.beside(values, self._pending)}
+
+    def _wrap_save_state(self) -> None:
+        """``accelerator.save_state`` is paused as a whole: saving is not training."""
+        original = self.accelerator.save_state
+
+        @functools.wraps(original)
+        def save_state(*args: Any, **kwargs: Any):
+            with self.session.not_training():
+                return original(*args, **kwargs)
+
+        self.accelerator.save_state = save_state
 
     def _wrap_end_training(self) -> None:
         original = self.accelerator.end_training

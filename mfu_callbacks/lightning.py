@@ -6,7 +6,13 @@ or, with LightningCLI, one line in the config's ``trainer.callbacks`` (see ``con
 callback brackets each optimizer step (``accumulate_grad_batches`` micro-batches) with the meter
 and logs through ``LightningModule.log`` when Lightning writes its logs, so every logger (W&B,
 TensorBoard, CSV) gets ``train/mfu`` at the same global step as the loss. FLOPs are those of
-``training_step`` itself, traced on a meta-device replica of the module.
+``training_step`` itself, traced on a meta-device replica of the module. A name the module (or
+another callback) logs itself, such as ``train/step_time``, stays its own: ours is logged as
+``train/mfu/step_time``.
+
+Validation (``on_validation_start`` to ``on_validation_end``) and checkpoint saves (from the
+callbacks' ``state_dict`` to the next training batch: Lightning has no hook after the file is written)
+are not training: their time leaves the step time and the input wait.
 """
 
 from __future__ import annotations
@@ -58,12 +64,14 @@ class MFUCallback(Callback):
         # Logging has a guard of its own: after the meter's failure, rows still carry mfu_status.
         self._log_guard = Guard("mfu_callbacks.lightning.MFUCallback", stops="logging MFU")
         self._optimizer_stepped = False
+        self._logged_by_us: set[str] = set()  # the names this callback logged (Lightning keeps them)
         self.summary: dict[str, float] = {}
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.session.start_run()  # a second fit(), or one after an interrupted fit, starts clean
         self._log_guard = Guard(self._log_guard.owner, stops=self._log_guard.stops)
         self._optimizer_stepped = False
+        self._logged_by_us = set()
         self.session.write_summary_to(trainer.log_dir)
         if trainer.global_step > 0:  # resumed from a checkpoint
             self.session.continue_from_step(trainer.global_step)
@@ -94,7 +102,24 @@ class MFUCallback(Callback):
             return
         metrics = self.session.read()
         if metrics:
-            self._log_guard.run(self._log, pl_module, metrics)
+            self._log_guard.run(self._log_beside, trainer, pl_module, metrics)
+
+    def _log_beside(self, trainer: Trainer, pl_module: LightningModule, metrics: dict[str, float]) -> None:
+        """Log ``metrics``, beside (never over) the names logged by the module or another callback."""
+        placed = self.session.beside(names_logged_by_others(trainer, self._logged_by_us), metrics)
+        self._logged_by_us.update(placed)
+        self._log(pl_module, placed)
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.session.pause()  # validation is not training: neither step time nor input wait
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.session.resume()
+
+    def on_save_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        self.session.pause()  # until the next training batch: no hook follows the write
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.summary = self.session.finish()
@@ -103,7 +128,12 @@ class MFUCallback(Callback):
         self.session.unwatch()
 
     def state_dict(self) -> dict[str, Any]:
-        """Saved in Lightning checkpoints: the meter's run totals, so a resumed fit continues this run's summary."""
+        """Saved in Lightning checkpoints: the meter's run totals, so a resumed fit continues this run's summary.
+
+        Lightning asks every callback's state first when it saves: the save's pause starts here, before
+        any callback's ``on_save_checkpoint`` work.
+        """
+        self.session.pause()
         return self.session.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -114,6 +144,21 @@ class MFUCallback(Callback):
         pl_module.log_dict(
             metrics, on_step=True, on_epoch=False, prog_bar=False, sync_dist=False, rank_zero_only=False
         )
+
+
+def names_logged_by_others(trainer: Trainer, ours: set[str]) -> set[str]:
+    """The names logged with ``self.log`` in this fit so far by anyone but us (``ours``: the names we
+    logged from ``on_train_batch_end``), read from Lightning's result collection without computing
+    any value (no sync). Two hooks logging one name would reach the loggers as one column, the later
+    value replacing the earlier."""
+    results = getattr(trainer, "_results", None)  # the running loop's results (Lightning 2.x)
+    if results is None:
+        return set()
+    return {
+        metric.meta.name
+        for metric in list(results.values())
+        if not (metric.meta.fx == "on_train_batch_end" and metric.meta.name in ours)
+    }
 
 
 def lightning_writes_logs_now(trainer: Trainer) -> bool:

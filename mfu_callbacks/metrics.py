@@ -22,6 +22,17 @@ key                        meaning
 ``mfu_status``             whether ``mfu`` is in the row, and if not why: a code of ``MFUStatus`` below
 =========================  ==============================================================================
 
+**Never overwritten, never overwriting**: where the trainer or the user already put one of these keys
+in the logged row (TRL's GRPO and RLOO log their own ``step_time``), theirs stays and ours is logged
+beside it with ``mfu/`` before the key, after the prefix (``mfu/step_time``; ``train/mfu/step_time``
+under the prefix ``train/``), under that name for the rest of the run. HF Trainer: the ``logs`` dict
+and ``state.log_history``; Lightning: the names the module or another callback logged with ``self.log``;
+Accelerate: the values given to ``accelerator.log``.
+
+**Evaluation and checkpoint saves are not training**: their time is left out of ``step_time`` and of
+``input_wait_fraction`` (and of every time base), so neither MFU nor the ``input_bound`` diagnosis
+counts them.
+
 ``mfu_status`` is added by the integrations at every read, so it is logged on the rows without MFU too,
 from the first read on (warm-up included), and after a failure for as long as training goes on:
 
@@ -66,6 +77,7 @@ HFU_LAST_STEP = "hfu_last_step"
 STEP_TIME_MAX = "step_time_max"
 STEP_TIME_MIN = "step_time_min"
 MFU_STATUS = "mfu_status"
+RENAMED = "mfu/"  # before a key of ours that the trainer or the user logged too (after the prefix)
 
 
 class MFUStatus(IntEnum):

@@ -8,7 +8,20 @@ is ignored). ``on_step_begin``/``on_step_end`` bracket one optimizer step, all i
 included. The metrics go into the same ``logs`` dict as ``loss``: the callback moves itself to the
 front of the Trainer's callback list, ahead of the reporting callbacks (W&B, TensorBoard, ...), so
 they log MFU in the same record; the same record in ``state.log_history`` (what the Trainer saves
-to ``trainer_state.json``) gets them too. When training ends, ``summary`` holds the run's means.
+to ``trainer_state.json``) gets them too. A key the trainer put in the record itself (GRPO's
+``step_time``) stays; ours goes beside it as ``mfu/step_time``. When training ends, ``summary``
+holds the run's means.
+
+Evaluation and checkpoint saves are not training: their time leaves the step time and the input
+wait. The Trainer runs them after ``on_step_end`` (log, then evaluate, then save), and a callback
+gets no hook as they begin. So a second, small callback is put at the end of the Trainer's list: it
+reads the decision of the Trainer's flow (``control.should_evaluate``/``should_save``, set by every
+callback before it) and pauses the timer, after the row's log when the step logs (the read and the
+reporters stay in the time base, as on any other step). ``on_save`` ends the pause, or
+``on_evaluate`` when no save follows (both at the end of the list, after the other callbacks' own
+work in those hooks); the next ``on_step_begin`` ends it in any case. The first
+forward in eval mode between two steps pauses too (an evaluation the flow did not announce); it
+misses the evaluation's set-up and first batch, the announced way misses nothing.
 """
 
 from __future__ import annotations
@@ -50,6 +63,8 @@ class MFUCallback(TrainerCallback, ExportableState):
         )
         self.summary: dict[str, float] = {}
         self.mfu_state: dict[str, Any] | None = None  # set by the Trainer when it restores callback states
+        self._after_the_flow = _AfterTheFlow(self)  # runs last: sees what the Trainer decided to do next
+        self._pause_after_log = False  # an evaluation or a save follows this step's log
 
     def state(self) -> dict[str, Any]:
         """What the Trainer saves in a checkpoint (``ExportableState``): the options that can be
@@ -65,7 +80,7 @@ class MFUCallback(TrainerCallback, ExportableState):
             self.session.load_state_dict(self.mfu_state or _saved_state(state, type(self).__name__))
         self.mfu_state = None
         self.session.write_summary_to(args.output_dir)
-        if self.session.guard.run(move_to_front_of_callback_lists, self) is False:
+        if self.session.guard.run(move_to_front_of_callback_lists, self, self._after_the_flow) is False:
             logger.warning(
                 "mfu_callbacks: could not find the Trainer's callback list to run MFUCallback ahead of the "
                 "reporting callbacks; MFU reaches only the callbacks after it (and state.log_history)"
@@ -76,7 +91,8 @@ class MFUCallback(TrainerCallback, ExportableState):
         self.session.watch_forward(model)
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self.session.begin_step()
+        self._pause_after_log = False
+        self.session.begin_step()  # ends any pause
 
     def on_step_end(self, args, state, control, **kwargs):
         self.session.end_step()
@@ -87,16 +103,60 @@ class MFUCallback(TrainerCallback, ExportableState):
         metrics = self.session.read()
         if not metrics:
             return
+        record = saved_log_record(state)
+        metrics = self.session.beside({*logs, *(record or {})}, metrics)  # never replace the Trainer's keys
         logs.update(metrics)  # what the callbacks after this one (the reporters) log
-        add_to_saved_log_record(state, metrics)
+        if record is not None:
+            record.update(metrics)
+
+    def _flow_decided(self, control: TrainerControl) -> None:
+        """Every callback has seen the step (or epoch) end: pause if an evaluation or a save follows."""
+        self._pause_after_log = False
+        if control.should_evaluate or control.should_save:
+            if control.should_log:
+                self._pause_after_log = True  # after the row is logged (and read), as on any step
+            else:
+                self.session.pause()
+
+    def _row_logged(self) -> None:
+        if self._pause_after_log:
+            self._pause_after_log = False
+            self.session.pause()
 
     def on_train_end(self, args, state, control, **kwargs):
         self.summary = self.session.finish()
 
 
-def move_to_front_of_callback_lists(callback: TrainerCallback) -> bool:
+class _AfterTheFlow(TrainerCallback):
+    """The end of the Trainer's callback list: by then the flow (``DefaultFlowCallback``, and any
+    callback that changes ``control``) has decided whether this step is followed by an evaluation or a
+    save, and the reporters have logged the row."""
+
+    def __init__(self, owner: MFUCallback) -> None:
+        self._owner = owner
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._owner.session.guard.run(self._owner._flow_decided, control)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self._owner.session.guard.run(self._owner._flow_decided, control)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self._owner._row_logged()
+
+    # Here, after every callback's own on_evaluate and on_save (work done there is not training either).
+    def on_evaluate(self, args, state, control, **kwargs):
+        # A save may follow: as the flow decided, or as "best" decides only after this hook.
+        if not control.should_save and args.save_strategy != "best":
+            self._owner.session.resume()
+
+    def on_save(self, args, state, control, **kwargs):
+        self._owner.session.resume()  # the last of the step's log, evaluation and save
+
+
+def move_to_front_of_callback_lists(callback: TrainerCallback, last: TrainerCallback | None = None) -> bool:
     """Put ``callback`` first in the Trainer's callback list, so that its ``on_log`` runs before the
-    reporting callbacks'; False when no such list is found.
+    reporting callbacks', and ``last`` (if given) at its end; False when no such list is found.
 
     Callbacks get no reference to the Trainer or its ``CallbackHandler``. The handler's list is the
     one list that refers to ``callback`` and also holds the ``DefaultFlowCallback`` every Trainer
@@ -113,19 +173,22 @@ def move_to_front_of_callback_lists(callback: TrainerCallback) -> bool:
         ):
             index = next(i for i, item in enumerate(referrer) if item is callback)
             referrer.insert(0, referrer.pop(index))
+            if last is not None and not any(item is last for item in referrer):
+                referrer.append(last)
             found = True
     return found
 
 
-def add_to_saved_log_record(state: TrainerState, metrics: dict[str, float]) -> None:
-    """Add ``metrics`` to the record ``Trainer.log`` has just appended to ``state.log_history``.
+def saved_log_record(state: TrainerState) -> dict[str, Any] | None:
+    """The record ``Trainer.log`` has just appended to ``state.log_history`` (None if there is none).
 
     ``Trainer.log`` appends a copy of ``logs`` (plus ``step``) before it calls ``on_log``, so what
     the reporters get and what ``trainer_state.json`` keeps (read by ``mfu-callbacks plot``) only
     agree if both are given the metrics.
     """
     if state.log_history and state.log_history[-1].get("step") == state.global_step:
-        state.log_history[-1].update(metrics)
+        return state.log_history[-1]
+    return None
 
 
 def _json_options(options: MFUOptions) -> dict[str, Any]:

@@ -282,3 +282,58 @@ def test_a_tampered_state_file_is_ignored_with_one_warning(tmp_path, caplog, con
     assert not marker.exists()
     assert resumed is not None and resumed.latest["train/mfu"] > 0
     assert resumed.state_dict()["run"]["steps"] == 2  # measuring went on, from a fresh start
+
+
+# -- never overwrite the loop's keys; evaluation and saves are not training --------------------------
+def evaluating_loop(folder: Path, clock, *, steps: int = 12, step_time_of_its_own: bool = False):
+    """The README loop, logging every step; every 2 steps an evaluation (eval mode, no grad) and a
+    ``save_state``, each moving the meter's clock on."""
+    memory = MemoryTracker()
+    accelerator = Accelerator(cpu=True, log_with=[memory], project_dir=str(folder))
+    accelerator.init_trackers("test")
+    model = tiny_llama()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = DataLoader(FixedLengthTokens(BATCH * steps), batch_size=BATCH, collate_fn=collate)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    tracker = MFUTracker(accelerator, model, peak_tflops=PEAK_TFLOPS, warmup_steps=1, log_interval=2)
+    accelerator.register_save_state_pre_hook(lambda *args: clock.advance(5.0))
+    evaluation = [collate([FixedLengthTokens(BATCH)[i] for i in range(BATCH)])] * 3
+    for step, batch in enumerate(loader):
+        loss = model(**batch).loss
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        values = {"train/loss": loss.item()}
+        if step_time_of_its_own:
+            values["train/step_time"] = 123.0
+        accelerator.log(values, step=step)
+        if step % 2 == 1:
+            model.eval()
+            with torch.no_grad():
+                for eval_batch in evaluation:
+                    # The pause opens at the first eval-mode forward: what comes before it (building the
+                    # evaluation's loader, its first batch) is not seen as evaluation (README says so).
+                    model(**eval_batch)
+                    clock.advance(1.0)
+            model.train()
+            accelerator.save_state(str(folder / "state"))
+    accelerator.end_training()
+    return tracker, [values for _, values in memory.records if "train/mfu" in values]
+
+
+def test_a_key_the_loop_logs_itself_keeps_its_value_and_ours_goes_beside_it(tmp_path, fake_meter):
+    _, measured = evaluating_loop(tmp_path, fake_meter, step_time_of_its_own=True)
+    assert len(measured) >= 2
+    for values in measured:
+        assert values["train/step_time"] == 123.0
+        assert values["train/mfu/step_time"] == pytest.approx(SECONDS_PER_BATCH)
+
+
+def test_evaluation_and_save_state_are_neither_step_time_nor_input_wait(tmp_path, fake_meter):
+    tracker, measured = evaluating_loop(tmp_path, fake_meter)
+    assert len(measured) >= 5
+    for values in measured:
+        assert values["train/step_time"] == pytest.approx(SECONDS_PER_BATCH)
+        assert values["train/input_wait_fraction"] == pytest.approx(0.0, abs=1e-9)
+    assert tracker.session.meter._run.steps >= 10
+    assert "input_bound" not in [d.id for d in tracker.session.meter.diagnostics()]

@@ -60,6 +60,8 @@ def fit(
     devices: int = 1,
     wrap: Callable[[TinyModule], Any] = lambda module: module,
     module_class: type[TinyModule] = TinyModule,
+    before: tuple[L.Callback, ...] = (),
+    val_loader: DataLoader | None = None,
     **trainer_kwargs,
 ) -> tuple[TinyModule, list[dict[str, str]]]:
     module = module_class(lora=lora)
@@ -70,13 +72,12 @@ def fit(
         log_every_n_steps=2,
         accumulate_grad_batches=accumulation,
         logger=CSVLogger(tmp_path, name="run", version=0),
-        callbacks=[callback] if callback else [],
-        enable_checkpointing=False,
+        callbacks=[*before, *([callback] if callback else [])],
         enable_progress_bar=False,
         enable_model_summary=False,
-        **trainer_kwargs,
+        **{"enable_checkpointing": False, **trainer_kwargs},
     )
-    trainer.fit(wrap(module), loader())
+    trainer.fit(wrap(module), loader(), val_loader)
     with open(Path(trainer.logger.log_dir) / "metrics.csv") as handle:
         rows = list(csv.DictReader(handle))
     return module, rows
@@ -231,3 +232,79 @@ def test_lightning_cli_config_turns_mfu_on(tmp_path):
         rows = [row for row in csv.DictReader(handle) if row.get("train/mfu")]
     assert rows and all(row["train/loss"] for row in rows)
     assert all(0 < float(row["train/mfu"]) < 1 for row in rows)
+
+
+# -- never overwrite the module's keys; validation and saves are not training ------------------------
+class OwnStepTime(TinyModule):
+    """Logs a ``train/step_time`` of its own, under one of our names."""
+
+    def training_step(self, batch, batch_idx):
+        self.log("train/step_time", 123.0, on_step=True)
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_name_the_module_logs_itself_keeps_its_value_and_ours_goes_beside_it(tmp_path, fake_meter):
+    _, rows = fit(tmp_path, MFUCallback(peak_tflops=PEAK_TFLOPS, warmup_steps=1), module_class=OwnStepTime)
+    measured = [row for row in rows if row.get("train/mfu")]
+    assert len(measured) >= 2, rows
+    for row in measured:
+        assert float(row["train/step_time"]) == 123.0
+        assert float(row["train/mfu/step_time"]) == pytest.approx(SECONDS_PER_BATCH)
+
+
+class Validated(TinyModule):
+    def validation_step(self, batch, batch_idx):
+        self.log("val/loss", self.model(**batch).loss)
+
+
+class TakesTime(L.Callback):
+    """Moves the meter's clock on while a validation batch loads and while a checkpoint is saved."""
+
+    def __init__(self, clock) -> None:
+        self.clock = clock
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self.clock.advance(1.0)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        self.clock.advance(5.0)
+
+
+def assert_validation_and_saves_left_out(callback: MFUCallback, rows: list[dict[str, str]]) -> None:
+    """Every step is exactly its micro-batch on the fake clock: no input wait, no ``input_bound``."""
+    measured = [row for row in rows if row.get("train/mfu")]
+    assert len(measured) >= 5, rows
+    for row in measured:
+        assert float(row["train/step_time"]) == pytest.approx(SECONDS_PER_BATCH)
+        assert float(row["train/input_wait_fraction"]) == pytest.approx(0.0, abs=1e-9)
+    assert callback.session.meter._run.steps >= 10
+    assert "input_bound" not in [d.id for d in callback.session.meter.diagnostics()]
+
+
+def test_validation_is_neither_step_time_nor_input_wait(tmp_path, fake_meter):
+    callback = MFUCallback(peak_tflops=PEAK_TFLOPS, warmup_steps=1)
+    _, rows = fit(
+        tmp_path,
+        callback,
+        steps=12,
+        module_class=Validated,
+        before=(TakesTime(fake_meter),),
+        val_loader=loader(),
+        val_check_interval=2,
+        limit_val_batches=2,
+        num_sanity_val_steps=0,
+    )
+    assert len([row for row in rows if row.get("val/loss")]) == 6
+    assert_validation_and_saves_left_out(callback, rows)
+
+
+def test_a_checkpoint_save_is_neither_step_time_nor_input_wait(tmp_path, fake_meter):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    callback = MFUCallback(peak_tflops=PEAK_TFLOPS, warmup_steps=1)
+    saving = ModelCheckpoint(dirpath=tmp_path / "checkpoints", every_n_train_steps=3, save_top_k=-1)
+    _, rows = fit(
+        tmp_path, callback, steps=12, before=(TakesTime(fake_meter), saving), enable_checkpointing=True
+    )
+    assert len(list((tmp_path / "checkpoints").glob("*.ckpt"))) == 4
+    assert_validation_and_saves_left_out(callback, rows)

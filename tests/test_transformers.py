@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import pytest
 import torch
@@ -45,6 +46,10 @@ def train(
     reporter: TrainerCallback | None = None,
     gradient_checkpointing: bool = False,
     spy: HookSpy | None = None,
+    trainer_class: type[Trainer] = Trainer,
+    eval_dataset=None,
+    before: tuple[TrainerCallback, ...] = (),
+    **arguments,
 ):
     model = tiny_llama(lora=lora)
     if spy is not None:
@@ -57,19 +62,20 @@ def train(
         logging_steps=2,
         learning_rate=1e-3,
         report_to=[],
-        save_strategy="no",
         disable_tqdm=True,
         use_cpu=True,
         seed=0,
         data_seed=0,
         dataloader_num_workers=0,
         gradient_checkpointing=gradient_checkpointing,
+        **{"save_strategy": "no", **arguments},
     )
-    callbacks = [c for c in (reporter, callback) if c is not None]
-    trainer = Trainer(
+    callbacks = [*before, *(c for c in (reporter, callback) if c is not None)]
+    trainer = trainer_class(
         model=model,
         args=args,
         train_dataset=FixedLengthTokens(64),
+        eval_dataset=eval_dataset,
         data_collator=collate,
         callbacks=callbacks,
     )
@@ -227,3 +233,176 @@ def test_two_ranks_under_torchrun_count_both_and_show_the_wait_for_the_late_one(
     assert row["step_time"] > row["step_time_max"] + 0.5 * delay
     assert row["input_wait_fraction"] > 0.5
     assert "input_bound" in report["diagnoses"]
+
+
+# -- never overwrite the trainer's keys; evaluation and saves are not training -------------------------
+class OwnStepTime(Trainer):
+    """Logs a ``step_time`` of its own in the training rows, as TRL's GRPO and RLOO trainers do."""
+
+    def log(self, logs, *args, **kwargs):
+        if "loss" in logs:
+            logs = {**logs, "step_time": 123.0}
+        super().log(logs, *args, **kwargs)
+
+
+def test_a_key_the_trainer_logs_itself_keeps_its_value_and_ours_goes_beside_it(tmp_path, fake_meter):
+    reporter = RecordingReporter()
+    trainer, _ = train(
+        tmp_path,
+        callback=MFUCallback(peak_tflops=PEAK_TFLOPS, warmup_steps=1),
+        reporter=reporter,
+        trainer_class=OwnStepTime,
+    )
+    measured = [row for row in trainer.state.log_history if "mfu" in row]
+    reported = [row for row in reporter.records if "mfu" in row]
+    assert len(measured) >= 2 and len(reported) == len(measured), trainer.state.log_history
+    for row in [*measured, *reported]:
+        assert row["step_time"] == 123.0
+        assert row["mfu/step_time"] == pytest.approx(SECONDS_PER_BATCH)
+        assert row["mfu"] == pytest.approx(
+            BATCH * SEQ * FLOPS_PER_TOKEN / (SECONDS_PER_BATCH * PEAK_TFLOPS * 1e12)
+        )
+
+
+class EvaluationTakesTime(FixedLengthTokens):
+    """An evaluation set whose every row moves the meter's clock on: evaluation that takes long."""
+
+    def __init__(self, clock, size: int = 8, seconds: float = 1.0) -> None:
+        super().__init__(size)
+        self.clock, self.seconds = clock, seconds
+
+    def __getitem__(self, index: int):
+        self.clock.advance(self.seconds)
+        return super().__getitem__(index)
+
+
+class SaveTakesTime(TrainerCallback):
+    """Some work at each save (a callback of the user's, run before ours), on the meter's clock."""
+
+    def __init__(self, clock, seconds: float = 5.0) -> None:
+        self.clock, self.seconds = clock, seconds
+
+    def on_save(self, args, state, control, **kwargs):
+        self.clock.advance(self.seconds)
+
+
+def assert_evaluation_and_saves_left_out(callback: MFUCallback, rows: list[dict]) -> None:
+    """Every step is exactly its micro-batch on the fake clock: no input wait, no ``input_bound``."""
+    assert len(rows) >= 5, rows
+    for row in rows:
+        assert row["step_time"] == pytest.approx(SECONDS_PER_BATCH)
+        assert row["input_wait_fraction"] == pytest.approx(0.0, abs=1e-9)
+    assert callback.session.meter._run.steps >= 10  # enough for the input_bound check to judge
+    assert "input_bound" not in [d.id for d in callback.session.meter.diagnostics()]
+
+
+def test_evaluation_between_steps_is_neither_step_time_nor_input_wait(tmp_path, fake_meter):
+    callback = MFUCallback(peak_tflops=PEAK_TFLOPS, warmup_steps=1)
+    trainer, _ = train(
+        tmp_path,
+        callback=callback,
+        steps=12,
+        eval_dataset=EvaluationTakesTime(fake_meter),
+        eval_strategy="steps",
+        eval_steps=2,
+        per_device_eval_batch_size=BATCH,
+    )
+    assert len([row for row in trainer.state.log_history if "eval_loss" in row]) == 6
+    assert_evaluation_and_saves_left_out(callback, [row for row in trainer.state.log_history if "mfu" in row])
+
+
+@pytest.mark.parametrize("save_steps", [2, 3], ids=["with-log", "between-logs"])
+def test_a_checkpoint_save_is_neither_step_time_nor_input_wait(tmp_path, fake_meter, save_steps):
+    callback = MFUCallback(peak_tflops=PEAK_TFLOPS, warmup_steps=1)
+    trainer, _ = train(
+        tmp_path,
+        callback=callback,
+        steps=12,
+        before=(SaveTakesTime(fake_meter),),
+        save_strategy="steps",
+        save_steps=save_steps,
+        save_only_model=True,
+    )
+    assert len(list(tmp_path.glob("checkpoint-*"))) == 12 // save_steps
+    assert_evaluation_and_saves_left_out(callback, [row for row in trainer.state.log_history if "mfu" in row])
+
+
+class SlowRows(FixedLengthTokens):
+    def __getitem__(self, index: int):
+        time.sleep(0.02)
+        return super().__getitem__(index)
+
+
+def test_on_the_real_clock_an_evaluation_is_not_read_as_waiting_for_input(tmp_path):
+    """Evaluation (16 slow rows, about 0.3 s) every 2 steps of about 20 ms: before this was paused, the
+    rows after an evaluation read input_wait_fraction 0.84-0.89 and step_time ten times a step."""
+    callback = MFUCallback(peak_tflops=PEAK_TFLOPS, warmup_steps=1)
+    trainer, _ = train(
+        tmp_path,
+        callback=callback,
+        steps=8,
+        eval_dataset=SlowRows(16),
+        eval_strategy="steps",
+        eval_steps=2,
+        per_device_eval_batch_size=BATCH,
+    )
+    rows = [row for row in trainer.state.log_history if "mfu" in row]
+    assert len(rows) >= 3, trainer.state.log_history
+    evaluation = 16 * 0.02 / 2  # per step, if it were counted
+    for row in rows:
+        assert row["input_wait_fraction"] < 0.5
+        assert row["step_time"] < evaluation / 2
+
+
+@pytest.mark.slow  # generation inside each step: about 5-10 s per trainer on a CPU
+@pytest.mark.parametrize("name", ["GRPO", "RLOO"])
+def test_trl_online_trainers_keep_their_own_step_time(tmp_path, monkeypatch, name):
+    """GRPO and RLOO log a ``step_time`` of their own (generation included): it stays theirs. Without a
+    reference model (beta 0: built from a model name otherwise, which needs the Hub)."""
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+
+    from mfu_callbacks.testing import causal_lm, word_tokenizer
+
+    model = causal_lm(hidden=32, layers=2, heads=4, kv_heads=2, vocab=64, attention="eager")
+    model.config.pad_token_id, model.config.eos_token_id = 0, 2
+    prompts = [" ".join(f"w{3 + (i * 7 + j) % 60}" for j in range(4)) for i in range(32)]
+    config = getattr(trl, f"{name}Config")(
+        output_dir=str(tmp_path),
+        max_steps=6,
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=4,
+        logging_steps=2,
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+        beta=0.0,
+    )
+    trainer = getattr(trl, f"{name}Trainer")(
+        model=model,
+        reward_funcs=lambda completions, **kwargs: [float(len(c)) for c in completions],
+        args=config,
+        train_dataset=Dataset.from_dict({"prompt": prompts}),
+        processing_class=word_tokenizer(64),
+        callbacks=[MFUCallback(peak_tflops=PEAK_TFLOPS, warmup_steps=1)],
+    )
+    own: list[float] = []
+    log = Trainer.log
+
+    def keep_own(self, logs, *args, **kwargs):  # the row as the trainer made it, before any callback ran
+        if "step_time" in logs:
+            own.append(logs["step_time"])
+        return log(self, logs, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "log", keep_own)
+    trainer.train()
+    rows = [row for row in trainer.state.log_history if "step_time" in row]
+    measured = [row for row in rows if "mfu" in row]
+    assert len(measured) >= 2, trainer.state.log_history
+    assert [row["step_time"] for row in rows] == own
+    assert all(row["mfu/step_time"] > 0 for row in measured)
