@@ -66,6 +66,15 @@ class Window:
     # tensor-parallel degree), whose tokens are counted once.
     group: int = 0
     batch_replicas: int = 1
+    # Where in the run the read happened (``read_place``), the same on every rank that reads at the
+    # same point; -inf on a rank that has no say (its meter failed). Checked by the reduction.
+    read_at: float = -math.inf
+
+
+def read_place(steps: int, *, final: bool) -> float:
+    """The place of a read: the optimizer steps ended before it, and whether it is the run's last
+    (``summary``) or a window's (``metrics``): ranks whose reads differ here are out of step."""
+    return 2.0 * steps + (1.0 if final else 0.0)
 
 
 def rank_window(
@@ -130,6 +139,11 @@ def combine_ranks(local: Window) -> Window:
             name: getattr(local, name) * local.world_size for name in _SUMMED_OVER_RANKS
         }
         return replace(local, **assumed)
+    return unpack(local, *distributed.sum_and_max_over_ranks(*pack(local)))
+
+
+def pack(local: Window) -> tuple[list[float], list[float]]:
+    """This rank's window as the reduction's two vectors (no collective: it cannot leave a rank behind)."""
     sums = [
         getattr(local, name) / (local.batch_replicas if name in _ONE_PER_BATCH else 1)
         for name in _SUMMED_OVER_RANKS
@@ -137,9 +151,21 @@ def combine_ranks(local: Window) -> Window:
     groups = [-math.inf] * local.world_size
     if math.isfinite(local.step_time_max) and 0 <= local.group < local.world_size:
         groups[local.group] = local.step_time_max
-    maxima = [getattr(local, name) for name in _SLOWEST_RANK] + groups
-    sums, maxima = distributed.sum_and_max_over_ranks(sums, maxima)
-    slowest, group_times = maxima[: len(_SLOWEST_RANK)], maxima[len(_SLOWEST_RANK) :]
+    # The latest and (negated) earliest read of the ranks that have a say: they must be the same.
+    places = [local.read_at, -local.read_at] if math.isfinite(local.read_at) else [-math.inf, -math.inf]
+    return sums, [getattr(local, name) for name in _SLOWEST_RANK] + places + groups
+
+
+def unpack(local: Window, sums: list[float], maxima: list[float]) -> Window:
+    """The combined window from the reduced vectors; ``ReductionError`` when the ranks read at
+    different points (a read called on some ranks only met another read on the others)."""
+    slowest, (latest, earliest), group_times = (
+        maxima[: len(_SLOWEST_RANK)],
+        (maxima[len(_SLOWEST_RANK)], -maxima[len(_SLOWEST_RANK) + 1]),
+        maxima[len(_SLOWEST_RANK) + 2 :],
+    )
+    if math.isfinite(latest) and math.isfinite(earliest) and latest != earliest:
+        raise distributed.reads_out_of_step(local.read_at, earliest, latest)
     timed = [seconds for seconds in group_times if math.isfinite(seconds)]
     combined: dict[str, Any] = {
         **dict(zip(_SUMMED_OVER_RANKS, sums)),

@@ -17,7 +17,7 @@ from typing import Any
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from ._guard import Guard
+from ._guard import Guard, entry_point
 from ._options import MFUOptions
 from ._session import MeterSession
 from .precision import dtype_from_lightning_precision
@@ -60,6 +60,7 @@ class MFUCallback(Callback):
         self._optimizer_stepped = False
         self.summary: dict[str, float] = {}
 
+    @entry_point()
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.session.start_run()  # a second fit(), or one after an interrupted fit, starts clean
         self._log_guard = Guard(self._log_guard.owner, stops=self._log_guard.stops)
@@ -70,6 +71,7 @@ class MFUCallback(Callback):
         dtype = dtype_from_lightning_precision(str(trainer.precision))
         self.session.attach(pl_module, dtype=dtype)
 
+    @entry_point()
     def on_train_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
@@ -78,11 +80,13 @@ class MFUCallback(Callback):
         else:
             self.session.begin_step(batch)
 
+    @entry_point()
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
         self._optimizer_stepped = (
             True  # the step ends with this batch, whatever the accumulation or epoch end
         )
 
+    @entry_point()
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -96,16 +100,20 @@ class MFUCallback(Callback):
         if metrics:
             self._log_guard.run(self._log, pl_module, metrics)
 
+    @entry_point()
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.summary = self.session.finish()
 
+    @entry_point()
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self.session.unwatch()
 
+    @entry_point(default=dict)
     def state_dict(self) -> dict[str, Any]:
         """Saved in Lightning checkpoints: the meter's run totals, so a resumed fit continues this run's summary."""
         return self.session.state_dict()
 
+    @entry_point()
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.session.load_state_dict(state_dict, when_attached=True)  # restored before on_train_start
 

@@ -21,6 +21,7 @@ from transformers import DefaultFlowCallback, TrainerCallback, TrainerControl, T
 from transformers.trainer_callback import ExportableState
 from transformers.utils import logging as transformers_logging
 
+from ._guard import entry_point
 from ._options import MFUOptions
 from ._session import MeterSession
 from .precision import dtype_from_hf_args
@@ -51,11 +52,13 @@ class MFUCallback(TrainerCallback, ExportableState):
         self.summary: dict[str, float] = {}
         self.mfu_state: dict[str, Any] | None = None  # set by the Trainer when it restores callback states
 
+    @entry_point(default=lambda: {"args": {}, "attributes": {}})
     def state(self) -> dict[str, Any]:
         """What the Trainer saves in a checkpoint (``ExportableState``): the options that can be
         written as JSON, and the meter's run totals, so a resumed run's summary continues this one."""
         return {"args": _json_options(self.options), "attributes": {"mfu_state": self.session.state_dict()}}
 
+    @entry_point()
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs
     ):
@@ -75,12 +78,15 @@ class MFUCallback(TrainerCallback, ExportableState):
         self.session.attach(model, dtype=dtype_from_hf_args(bool(args.bf16), bool(args.fp16)))
         self.session.watch_forward(model)
 
+    @entry_point()
     def on_step_begin(self, args, state, control, **kwargs):
         self.session.begin_step()
 
+    @entry_point()
     def on_step_end(self, args, state, control, **kwargs):
         self.session.end_step()
 
+    @entry_point()
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None or "loss" not in logs or not self.session.due(True):
             return
@@ -90,6 +96,7 @@ class MFUCallback(TrainerCallback, ExportableState):
         logs.update(metrics)  # what the callbacks after this one (the reporters) log
         add_to_saved_log_record(state, metrics)
 
+    @entry_point()
     def on_train_end(self, args, state, control, **kwargs):
         self.summary = self.session.finish()
 
