@@ -97,7 +97,7 @@ class MeterSession:
                 saved_step = self._resume_state.get(_SAVED_STEP)
                 if self._resumed_at is None and isinstance(saved_step, int) and saved_step > 0:
                     self.continue_from_step(saved_step)
-                self.meter.load_state_dict(self._resume_state)
+                self._load_or_discard(self.meter, self._resume_state)
                 self._resume_state = None
 
         self._attached = True
@@ -127,10 +127,28 @@ class MeterSession:
         (always then with ``when_attached``: the framework restores before the run starts)."""
         if not state:
             return
+        if not isinstance(state, Mapping):
+            self._warn(
+                f"mfu_callbacks: ignored a saved MFU state that is a {type(state).__name__}; run totals start afresh"
+            )
+            return
         if self.meter is not None and not when_attached:
-            self.guard.run(self.meter.load_state_dict, state)
+            self._load_or_discard(self.meter, state)
         else:
             self._resume_state = dict(state)
+
+    def _load_or_discard(self, meter: MFUMeter, state: Mapping[str, Any]) -> None:
+        """Continue the saved run totals; a corrupt or foreign-version state is discarded with one
+        warning and measuring goes on from this run's steps alone."""
+        before = meter.state_dict()
+        try:
+            meter.load_state_dict(state)
+        except Exception as error:  # noqa: BLE001 - a bad checkpoint file never stops measuring
+            meter.load_state_dict(before)
+            self._warn(
+                f"mfu_callbacks: ignored the saved MFU state ({type(error).__name__}: {str(error)[:200]}); "
+                "the run totals start afresh from this run's steps"
+            )
 
     # -- micro-batches seen by a forward pre-hook (when the framework hands callbacks no batch) --
     def watch_forward(self, model: nn.Module) -> None:

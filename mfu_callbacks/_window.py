@@ -206,10 +206,14 @@ class RunTotals:
     fastest_rank_seconds: float = 0.0
     world_size: int = 1
     counted: bool = False  # whether any rank's FLOP engine counted a batch
+    # Sum over windows of wall seconds x the GPUs of that window: the time base of the run's means,
+    # right across a resume with another world size (2 GPUs then 1: each window at its own size).
+    gpu_seconds: float = 0.0
 
     def add(self, window: Window) -> None:
         for name in _RUN_SUMMED:
             setattr(self, name, getattr(self, name) + getattr(window, name))
+        self.gpu_seconds += window.wall_seconds * window.world_size
         if math.isfinite(window.step_time_max) and math.isfinite(window.step_time_min):
             self.slowest_rank_seconds += window.step_time_max * window.steps
             self.fastest_rank_seconds += window.step_time_min * window.steps
@@ -225,12 +229,31 @@ class RunTotals:
         """MFU or HFU of the run, None without a peak."""
         if not peak_flops or self.wall_seconds <= 0:
             return None
-        return utilization(flops, self.wall_seconds, self.world_size, peak_flops)
+        return self.per_gpu_per_second(flops) / peak_flops
+
+    def per_gpu_per_second(self, amount: float) -> float:
+        """``amount`` (FLOPs or tokens, summed over ranks) per GPU-second of the run's windows."""
+        if self.gpu_seconds > 0:
+            return amount / self.gpu_seconds
+        return per_gpu_per_second(amount, self.wall_seconds, self.world_size)
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_state_dict(cls, state: Mapping[str, Any]) -> RunTotals:
-        known = {field.name for field in fields(cls)}
-        return cls(**{key: value for key, value in state.items() if key in known})
+        """The totals saved by ``state_dict``; a value of the wrong type raises ``ValueError``."""
+        known = {field.name: field for field in fields(cls)}
+        values: dict[str, Any] = {}
+        for key, value in state.items():
+            if key not in known:
+                continue
+            if isinstance(value, bool) != (key == "counted") or not isinstance(value, (int, float)):
+                raise ValueError(f"run totals: {key} is {value!r}")
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"run totals: {key} is {value!r}")
+            values[key] = value
+        totals = cls(**values)
+        if "gpu_seconds" not in state:  # saved before gpu_seconds: every window at the last size
+            totals.gpu_seconds = totals.wall_seconds * totals.world_size
+        return totals

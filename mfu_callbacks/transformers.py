@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gc
 import logging
+from dataclasses import fields
 from typing import Any, cast
 
 from transformers import DefaultFlowCallback, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -40,6 +41,9 @@ class MFUCallback(TrainerCallback, ExportableState):
     """
 
     def __init__(self, **options: Any) -> None:
+        restored = options.pop(_RESTORED, None)  # rebuilt by the Trainer from a checkpoint's saved args
+        if restored is not None:
+            options = _restorable(options, restored)
         options.setdefault("prefix", "")
         self.options = MFUOptions(**options)
         self.session = MeterSession(
@@ -135,18 +139,53 @@ def add_to_saved_log_record(state: TrainerState, metrics: dict[str, float]) -> N
         state.log_history[-1].update(metrics)
 
 
+# In the saved args: the options that could not be saved (functions), marking args a checkpoint wrote.
+_RESTORED = "mfu_not_saved"
+_CALLABLES = ("token_counter", "forward")
+
+
 def _json_options(options: MFUOptions) -> dict[str, Any]:
-    """The options a checkpoint can hold as JSON (functions such as ``token_counter`` cannot be)."""
+    """The options a checkpoint can hold as JSON: all but functions (``token_counter``, ``forward``),
+    which are named under ``mfu_not_saved`` so that a rebuilt callback can say they are gone."""
     values = {
         name: getattr(options, name)
-        for name in ("peak_tflops", "warmup_steps", "log_interval", "prefix", "report", "real_step")
+        for name in (
+            "peak_tflops",
+            "warmup_steps",
+            "log_interval",
+            "prefix",
+            "report",
+            "real_step",
+            "profile_steps",
+            "profile_start",
+        )
     }
     values["silence_diagnostics"] = list(options.silence_diagnostics)
-    if isinstance(options.dtype, str):
-        values["dtype"] = options.dtype
+    if options.dtype is not None:
+        values["dtype"] = str(options.dtype).removeprefix("torch.")
     if options.summary_dir is not None:
         values["summary_dir"] = str(options.summary_dir)
+    values[_RESTORED] = [name for name in _CALLABLES if getattr(options, name) is not None]
     return values
+
+
+def _restorable(saved: dict[str, Any], not_saved: Any) -> dict[str, Any]:
+    """The saved options this version knows (unknown ones, from a newer version, are dropped with a
+    warning), saying once which functions could not travel in the checkpoint."""
+    known = {field.name for field in fields(MFUOptions)}
+    unknown = sorted(set(saved) - known)
+    if unknown:
+        trainer_logger.warning(
+            f"mfu_callbacks: ignored options saved in the checkpoint that this version does not know: {unknown}"
+        )
+    lost = [name for name in not_saved if name in _CALLABLES] if isinstance(not_saved, list) else []
+    if lost:
+        trainer_logger.warning(
+            f"mfu_callbacks: the callback rebuilt from the checkpoint has no {' or '.join(lost)}: functions "
+            "cannot be saved in a checkpoint; pass them again (restore_callback_states_from_checkpoint=False "
+            "keeps the callback you built)"
+        )
+    return {key: value for key, value in saved.items() if key in known}
 
 
 def _saved_state(state: TrainerState, name: str) -> dict[str, Any]:
