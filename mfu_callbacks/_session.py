@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import _status, _wandb, distributed
-from ._guard import Guard
+from ._guard import Guard, entry_point
 from ._options import MFUOptions
 from ._status import Status
 from .attribution import format_breakdown, write_breakdown
@@ -102,11 +102,12 @@ class MeterSession:
                 saved_step = self._resume_state.get(_SAVED_STEP)
                 if self._resumed_at is None and isinstance(saved_step, int) and saved_step > 0:
                     self.continue_from_step(saved_step)
-                self.meter.load_state_dict(self._resume_state)
+                self._load_or_discard(self.meter, self._resume_state)
                 self._resume_state = None
 
         self._attached = True
         self._model = model
+        self.guard.run(distributed.prepare_reductions)  # collective: attach runs on every rank
         self.guard.run(create)
 
     # -- resuming -----------------------------------------------------------------------------------
@@ -131,27 +132,46 @@ class MeterSession:
         (always then with ``when_attached``: the framework restores before the run starts)."""
         if not state:
             return
+        if not isinstance(state, Mapping):
+            self._warn(
+                f"mfu_callbacks: ignored a saved MFU state that is a {type(state).__name__}; run totals start afresh"
+            )
+            return
         if self.meter is not None and not when_attached:
-            self.guard.run(self.meter.load_state_dict, state)
+            self._load_or_discard(self.meter, state)
         else:
             self._resume_state = dict(state)
+
+    def _load_or_discard(self, meter: MFUMeter, state: Mapping[str, Any]) -> None:
+        """Continue the saved run totals; a corrupt or foreign-version state is discarded with one
+        warning and measuring goes on from this run's steps alone."""
+        before = meter.state_dict()
+        try:
+            meter.load_state_dict(state)
+        except Exception as error:  # noqa: BLE001 - a bad checkpoint file never stops measuring
+            meter.load_state_dict(before)
+            self._warn(
+                f"mfu_callbacks: ignored the saved MFU state ({type(error).__name__}: {str(error)[:200]}); "
+                "the run totals start afresh from this run's steps"
+            )
 
     # -- micro-batches seen by a forward pre-hook (when the framework hands callbacks no batch) --
     def watch_forward(self, model: nn.Module) -> None:
         """Count each training forward of ``model`` as a micro-batch of the open step."""
         self.unwatch()  # a run that ended by an exception may have left its hook
+        hook = torch.compiler.disable(self._before_forward)
+        self._hook = model.register_forward_pre_hook(hook, with_kwargs=True)
 
-        @torch.compiler.disable
-        def before_forward(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            if not (module.training and torch.is_grad_enabled()):
-                if not module.training and not self._step_open:
-                    self.pause()  # an evaluation between two steps: not training, until the next step
-                return  # evaluation and generation are not training steps
-            if not self._step_open:
-                self.begin_step()
-            self.add_batch(_call_as_batch(module, args, kwargs))
-
-        self._hook = model.register_forward_pre_hook(before_forward, with_kwargs=True)
+    @entry_point()
+    def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """The forward pre-hook (returns None: the call's arguments go through unchanged)."""
+        if not (module.training and torch.is_grad_enabled()):
+            if not module.training and not self._step_open:
+                self.pause()  # an evaluation between two steps: not training, until the next step
+            return  # evaluation and generation are not training steps
+        if not self._step_open:
+            self.begin_step()
+        self.add_batch(_call_as_batch(module, args, kwargs))
 
     def unwatch(self) -> None:
         """Remove the forward hook, and leave a real step being observed (however the run ended)."""
@@ -238,15 +258,30 @@ class MeterSession:
         """Metrics of the window since the last read, prefixed; {} when there is nothing to say.
 
         When distributed this is a collective, and a rank whose measurement failed still takes part
-        (as "failed"), so no rank ever waits for another.
+        (as "failed"), so no rank ever waits for another. The invariant, enforced here and in the
+        meter's read: **every rank enters exactly one reduction per read**. The meter's read enters it
+        whatever fails inside; a failure before it (or a failed meter) joins it as "failed" in the
+        ``finally`` below; a failure after it only stops this rank's measuring.
         """
+        entered = distributed.reductions_entered()
+        try:
+            return self._read()
+        except Exception as error:  # noqa: BLE001 - training goes on; the guard says it once
+            self.guard.fail(error)
+            return self._prefixed({MFU_STATUS: float(MFUStatus.OFF)})
+        finally:
+            if distributed.reductions_entered() == entered:
+                self._join_as_failed()
+
+    def _read(self) -> dict[str, float]:
         meter = self.meter
         if meter is None or self.guard.failed:
-            self._join_as_failed()
             return self._prefixed(self._with_status({}))
         own_work = self.guard.run(meter.own_work)  # the whole read is counted as the meter's time
         with own_work if own_work is not None else nullcontext():
-            metrics: dict[str, float] = self.guard.run(meter.metrics, default={}) or {}
+            metrics: dict[str, float] = (
+                self.guard.run(meter.metrics, read_at=self._steps_this_run, default={}) or {}
+            )
             if metrics:
                 # Reporting extras have a guard of their own: a failure there never stops the measurement.
                 if not self._wandb_described:
@@ -314,10 +349,11 @@ class MeterSession:
             status = self.status
         self._set_status(status)
 
-    def _join_as_failed(self) -> None:
-        if self._attached and distributed.is_distributed():
+    def _join_as_failed(self, *, final: bool = False) -> None:
+        """Enter the read's reduction as a rank with nothing to say (none after a reduction failed)."""
+        if self._attached and distributed.is_distributed() and distributed.reductions_broken() is None:
             with suppress(Exception):  # the collective itself failed: nothing more to do here
-                join_reduction_as_failed()
+                join_reduction_as_failed(read_at=self._steps_this_run, final=final)
 
     def write_summary_to(self, framework_folder: str | os.PathLike[str] | None) -> None:
         """Write the run summary into the ``summary_dir`` option, else the framework's output folder."""
@@ -393,11 +429,16 @@ class MeterSession:
         )
 
     def summary(self) -> dict[str, float]:
-        """The run's means (a collective when distributed, joined as "failed" after a failure)."""
-        if self.meter is None or self.guard.failed:
-            self._join_as_failed()
-            return {}
-        return self.guard.run(self.meter.summary, default={}) or {}
+        """The run's means (a collective when distributed, joined as "failed" after a failure; exactly
+        one reduction whatever fails, as in ``read``)."""
+        entered = distributed.reductions_entered()
+        try:
+            if self.meter is None or self.guard.failed:
+                return {}
+            return self.guard.run(self.meter.summary, read_at=self._steps_this_run, default={}) or {}
+        finally:
+            if distributed.reductions_entered() == entered:
+                self._join_as_failed(final=True)
 
     def finish(self) -> dict[str, float]:
         """Training ended: the run's summary (a collective when distributed: every rank calls this),
@@ -405,6 +446,8 @@ class MeterSession:
         self.resume()
         self.unwatch()
         summary = self.summary()
+        with suppress(Exception):  # every rank has left the last reduction: nothing of ours outlives the run
+            distributed.release_reductions()
         self._final_status(summary)
         self._extras_guard.run(self._sync_summary, close=True)  # the setup as the run ended
         meter = self.meter

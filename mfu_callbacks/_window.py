@@ -66,6 +66,15 @@ class Window:
     # tensor-parallel degree), whose tokens are counted once.
     group: int = 0
     batch_replicas: int = 1
+    # Where in the run the read happened (``read_place``), the same on every rank that reads at the
+    # same point; -inf on a rank that has no say (its meter failed). Checked by the reduction.
+    read_at: float = -math.inf
+
+
+def read_place(steps: int, *, final: bool) -> float:
+    """The place of a read: the optimizer steps ended before it, and whether it is the run's last
+    (``summary``) or a window's (``metrics``): ranks whose reads differ here are out of step."""
+    return 2.0 * steps + (1.0 if final else 0.0)
 
 
 def rank_window(
@@ -130,6 +139,11 @@ def combine_ranks(local: Window) -> Window:
             name: getattr(local, name) * local.world_size for name in _SUMMED_OVER_RANKS
         }
         return replace(local, **assumed)
+    return unpack(local, *distributed.sum_and_max_over_ranks(*pack(local)))
+
+
+def pack(local: Window) -> tuple[list[float], list[float]]:
+    """This rank's window as the reduction's two vectors (no collective: it cannot leave a rank behind)."""
     sums = [
         getattr(local, name) / (local.batch_replicas if name in _ONE_PER_BATCH else 1)
         for name in _SUMMED_OVER_RANKS
@@ -137,9 +151,21 @@ def combine_ranks(local: Window) -> Window:
     groups = [-math.inf] * local.world_size
     if math.isfinite(local.step_time_max) and 0 <= local.group < local.world_size:
         groups[local.group] = local.step_time_max
-    maxima = [getattr(local, name) for name in _SLOWEST_RANK] + groups
-    sums, maxima = distributed.sum_and_max_over_ranks(sums, maxima)
-    slowest, group_times = maxima[: len(_SLOWEST_RANK)], maxima[len(_SLOWEST_RANK) :]
+    # The latest and (negated) earliest read of the ranks that have a say: they must be the same.
+    places = [local.read_at, -local.read_at] if math.isfinite(local.read_at) else [-math.inf, -math.inf]
+    return sums, [getattr(local, name) for name in _SLOWEST_RANK] + places + groups
+
+
+def unpack(local: Window, sums: list[float], maxima: list[float]) -> Window:
+    """The combined window from the reduced vectors; ``ReductionError`` when the ranks read at
+    different points (a read called on some ranks only met another read on the others)."""
+    slowest, (latest, earliest), group_times = (
+        maxima[: len(_SLOWEST_RANK)],
+        (maxima[len(_SLOWEST_RANK)], -maxima[len(_SLOWEST_RANK) + 1]),
+        maxima[len(_SLOWEST_RANK) + 2 :],
+    )
+    if math.isfinite(latest) and math.isfinite(earliest) and latest != earliest:
+        raise distributed.reads_out_of_step(local.read_at, earliest, latest)
     timed = [seconds for seconds in group_times if math.isfinite(seconds)]
     combined: dict[str, Any] = {
         **dict(zip(_SUMMED_OVER_RANKS, sums)),
@@ -180,10 +206,14 @@ class RunTotals:
     fastest_rank_seconds: float = 0.0
     world_size: int = 1
     counted: bool = False  # whether any rank's FLOP engine counted a batch
+    # Sum over windows of wall seconds x the GPUs of that window: the time base of the run's means,
+    # right across a resume with another world size (2 GPUs then 1: each window at its own size).
+    gpu_seconds: float = 0.0
 
     def add(self, window: Window) -> None:
         for name in _RUN_SUMMED:
             setattr(self, name, getattr(self, name) + getattr(window, name))
+        self.gpu_seconds += window.wall_seconds * window.world_size
         if math.isfinite(window.step_time_max) and math.isfinite(window.step_time_min):
             self.slowest_rank_seconds += window.step_time_max * window.steps
             self.fastest_rank_seconds += window.step_time_min * window.steps
@@ -199,12 +229,31 @@ class RunTotals:
         """MFU or HFU of the run, None without a peak."""
         if not peak_flops or self.wall_seconds <= 0:
             return None
-        return utilization(flops, self.wall_seconds, self.world_size, peak_flops)
+        return self.per_gpu_per_second(flops) / peak_flops
+
+    def per_gpu_per_second(self, amount: float) -> float:
+        """``amount`` (FLOPs or tokens, summed over ranks) per GPU-second of the run's windows."""
+        if self.gpu_seconds > 0:
+            return amount / self.gpu_seconds
+        return per_gpu_per_second(amount, self.wall_seconds, self.world_size)
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_state_dict(cls, state: Mapping[str, Any]) -> RunTotals:
-        known = {field.name for field in fields(cls)}
-        return cls(**{key: value for key, value in state.items() if key in known})
+        """The totals saved by ``state_dict``; a value of the wrong type raises ``ValueError``."""
+        known = {field.name: field for field in fields(cls)}
+        values: dict[str, Any] = {}
+        for key, value in state.items():
+            if key not in known:
+                continue
+            if isinstance(value, bool) != (key == "counted") or not isinstance(value, (int, float)):
+                raise ValueError(f"run totals: {key} is {value!r}")
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"run totals: {key} is {value!r}")
+            values[key] = value
+        totals = cls(**values)
+        if "gpu_seconds" not in state:  # saved before gpu_seconds: every window at the last size
+            totals.gpu_seconds = totals.wall_seconds * totals.world_size
+        return totals

@@ -43,6 +43,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.hooks import RemovableHandle
 
 from ._atomic import write_json
+from ._guard import entry_point
 from ._options import MFUOptions
 from ._session import MeterSession
 
@@ -97,6 +98,7 @@ class MFUTracker:
             return
         self._checkpoint_hooks = [save_hook(self._save_state), load_hook(self._load_state)]
 
+    @entry_point()
     def _save_state(self, models: Any, weights: Any, output_dir: str) -> None:
         """Write the run totals beside the checkpoint (main process; a failure costs only the file)."""
         if not self.accelerator.is_main_process:
@@ -106,6 +108,7 @@ class MFUTracker:
         except Exception as error:  # noqa: BLE001 - saving the checkpoint goes on without our file
             self._warn(f"mfu_callbacks: could not write {STATE_FILE} ({type(error).__name__}: {error})")
 
+    @entry_point()
     def _load_state(self, models: Any, input_dir: str) -> None:
         """Continue the run totals saved beside the checkpoint; a missing file is a checkpoint saved
         without the tracker (MFU starts afresh), an unreadable one is ignored with a warning."""
@@ -140,11 +143,12 @@ class MFUTracker:
         """Continue the run totals of an earlier run (``accelerator.load_state`` does it from ``mfu_state.json``)."""
         self.session.load_state_dict(state_dict)
 
+    @entry_point()
     def _after_optimizer_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         """Called after every optimizer step in the process; acts on those of this model's optimizer.
 
-        Not behind the session's guard: after a failure on this rank the read must still happen here,
-        at the same step as on the other ranks (the session then joins it as "failed").
+        Runs after a failure on this rank too (an entry point only catches): the read must still
+        happen here, at the same step as on the other ranks (the session then joins it as "failed").
         """
         trains_model = self._trains_model.get(optimizer)
         if trains_model is None:
@@ -174,15 +178,25 @@ class MFUTracker:
 
         @functools.wraps(original)
         def log(*args: Any, **kwargs: Any):
-            if self._pending:
-                if args:
-                    args = (self._beside(args[0]), *args[1:])
-                elif "values" in kwargs:
-                    kwargs["values"] = self._beside(kwargs["values"])
-                self._pending = {}
+            merged = self._with_pending(args, kwargs)  # behind the guard; the user's call is not
+            if merged is not None:
+                args, kwargs = merged
             return original(*args, **kwargs)
 
         self.accelerator.log = log
+
+    @entry_point()
+    def _with_pending(self, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
+        """``accelerator.log``'s arguments with the pending metrics added beside its values, never over one
+        of the loop's keys (None: as given)."""
+        if not self._pending:
+            return None
+        if args:
+            args = (self._beside(args[0]), *args[1:])
+        elif "values" in kwargs:
+            kwargs = {**kwargs, "values": self._beside(kwargs["values"])}
+        self._pending = {}
+        return args, kwargs
 
     def _beside(self, values: dict[str, Any]) -> dict[str, Any]:
         """``values`` with the pending metrics added beside them (never over one of the loop's keys)."""
@@ -209,6 +223,7 @@ class MFUTracker:
 
         self.accelerator.end_training = end_training
 
+    @entry_point(default=dict)
     def finish(self) -> dict[str, float]:
         """Training ended: the run's means, the end-of-run report (rank 0) and the W&B summary, once.
 

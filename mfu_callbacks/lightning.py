@@ -23,7 +23,7 @@ from typing import Any
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from ._guard import Guard
+from ._guard import Guard, entry_point
 from ._options import MFUOptions
 from ._session import MeterSession
 from .precision import dtype_from_lightning_precision
@@ -67,6 +67,7 @@ class MFUCallback(Callback):
         self._logged_by_us: set[str] = set()  # the names this callback logged (Lightning keeps them)
         self.summary: dict[str, float] = {}
 
+    @entry_point()
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.session.start_run()  # a second fit(), or one after an interrupted fit, starts clean
         self._log_guard = Guard(self._log_guard.owner, stops=self._log_guard.stops)
@@ -78,6 +79,7 @@ class MFUCallback(Callback):
         dtype = dtype_from_lightning_precision(str(trainer.precision))
         self.session.attach(pl_module, dtype=dtype)
 
+    @entry_point()
     def on_train_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
@@ -86,11 +88,13 @@ class MFUCallback(Callback):
         else:
             self.session.begin_step(batch)
 
+    @entry_point()
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
         self._optimizer_stepped = (
             True  # the step ends with this batch, whatever the accumulation or epoch end
         )
 
+    @entry_point()
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -110,23 +114,29 @@ class MFUCallback(Callback):
         self._logged_by_us.update(placed)
         self._log(pl_module, placed)
 
+    @entry_point()
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.session.pause()  # validation is not training: neither step time nor input wait
 
+    @entry_point()
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.session.resume()
 
+    @entry_point()
     def on_save_checkpoint(
         self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         self.session.pause()  # until the next training batch: no hook follows the write
 
+    @entry_point()
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.summary = self.session.finish()
 
+    @entry_point()
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self.session.unwatch()
 
+    @entry_point(default=dict)
     def state_dict(self) -> dict[str, Any]:
         """Saved in Lightning checkpoints: the meter's run totals, so a resumed fit continues this run's summary.
 
@@ -136,6 +146,7 @@ class MFUCallback(Callback):
         self.session.pause()
         return self.session.state_dict()
 
+    @entry_point()
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.session.load_state_dict(state_dict, when_attached=True)  # restored before on_train_start
 

@@ -21,8 +21,9 @@ are listed in ``mfu_callbacks.metrics``.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable, Mapping
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +33,7 @@ from torch import nn
 from . import _validate, distributed, metrics, parallelism
 from ._profile_window import ProfileWindow
 from ._recorder import StepRecorder
-from ._window import RunTotals, Window, combine_ranks, rank_window
+from ._window import RunTotals, Window, combine_ranks, pack, rank_window, read_place, unpack
 from .attribution import Breakdown, calibrated
 from .diagnostics import Diagnosis, Diagnostics
 from .diagnostics.checks import MATMUL_ALIGNMENT
@@ -116,6 +117,7 @@ class MFUMeter:
         )
         self._profile = _profile_window(model, self.device, warmup_steps, profile_steps, profile_start)
         self._profiling = False  # whether the open step is profiled
+        self._steps_ended = 0  # where a read is in the run (``read_place``), unless the caller says
         self._run = RunTotals()
         self._run_features: torch.Tensor | None = None  # summed features of every step read so far
         self._reviewed: tuple[float, bool] | None = (
@@ -161,6 +163,7 @@ class MFUMeter:
 
     def end_step(self) -> None:
         """The optimizer step ends (its kernels may still run: they are timed by events)."""
+        self._steps_ended += 1
         self._recorder.end_step()
         if self._profiling:
             self._profile.step_ends()  # type: ignore[union-attr]
@@ -227,7 +230,7 @@ class MFUMeter:
         is neither step time nor input wait, so it never counts in MFU or as waiting for input."""
         return self._timer.paused()
 
-    def metrics(self) -> dict[str, float]:
+    def metrics(self, *, read_at: int | None = None) -> dict[str, float]:
         """Values over the steps finished since the last read (after warm-up); {} when there are none.
 
         On one process the read does not wait for the GPU: steps whose work is still queued on it are
@@ -235,8 +238,12 @@ class MFUMeter:
         read). When distributed, the ranks' reduction waits for the GPU anyway, and every rank reads
         every finished step, so that all ranks' windows hold the same steps. The keys and their
         meaning are listed in :mod:`mfu_callbacks.metrics`.
+
+        ``read_at``: the optimizer steps the caller ended before this read (the same on every rank; an
+        integration passes its own count); default: those this meter ended. Ranks whose reads are at
+        different steps were called out of step: the read raises ``ReductionError`` on all of them.
         """
-        window = self._read_window(wait=distributed.is_distributed())
+        window = self._read_window(wait=distributed.is_distributed(), read_at=read_at)
         if window is None:
             return {}
         if window.failed_ranks:
@@ -245,13 +252,13 @@ class MFUMeter:
         peak = self.peak.flops if self.peak is not None else None
         return metrics.window_metrics(window, peak, distributed=distributed.is_distributed())
 
-    def summary(self) -> dict[str, float]:
+    def summary(self, *, read_at: int | None = None) -> dict[str, float]:
         """Means over the whole run after warm-up: mfu, hfu, tflops_per_gpu, tokens_per_sec_per_gpu.
 
         Reads the steps not yet read first (waiting for the GPU to finish them), so when distributed it
-        holds the same collective as ``metrics()``: call it on every rank.
+        holds the same collective as ``metrics()``: call it on every rank (``read_at`` as there).
         """
-        self._read_window(wait=True)
+        self._read_window(wait=True, final=True, read_at=read_at)
         if self._run.steps and (self._reviewed is None or self._reviewed[0] != self._run.steps):
             self._diagnose(force=True)  # the run as it ends is reviewed, however little it grew
         return metrics.run_summary(self._run, self.peak.flops if self.peak is not None else None)
@@ -284,30 +291,47 @@ class MFUMeter:
         """Every diagnosis fired so far (each at most once per run); checked when metrics are read."""
         return list(self._diagnostics.fired)
 
-    def join_as_failed(self) -> None:
+    def join_as_failed(self, *, read_at: int | None = None, final: bool = False) -> None:
         """Take part in a read on a rank whose measurement failed, so the other ranks never wait for it."""
-        join_reduction_as_failed(_world_size(self._world_size_given))
+        steps = self._steps_ended if read_at is None else read_at
+        join_reduction_as_failed(_world_size(self._world_size_given), read_at=steps, final=final)
 
-    def _read_window(self, *, wait: bool) -> Window | None:
+    def _read_window(self, *, wait: bool, final: bool = False, read_at: int | None = None) -> Window | None:
         """Resolve the finished steps (all of them with ``wait``, else those the GPU has passed) and
         combine the ranks; None when no rank finished a measured step.
 
-        Whatever fails on this rank, it still enters the one reduction the other ranks enter. The
-        read's own time is counted in the wall clock (``StepTimer.meter_work``), not left out.
+        The invariant that keeps a distributed job from hanging, enforced here: **every rank enters
+        exactly one reduction per read, whatever fails.** Everything before the collective (timing,
+        resolving the steps, FLOPs, the layout, packing the vectors) is in one ``try``: a failure
+        there sends a "failed" window instead, and is raised after the collective. The collective
+        itself fails on every rank alike (``distributed.sum_and_max_over_ranks``: a timeout, ranks
+        out of step), and what follows it only raises, entering nothing. The read's own time is
+        counted in the wall clock (``StepTimer.meter_work``), not left out.
         """
-        world = _world_size(self._world_size_given)
+        place = read_place(self._steps_ended if read_at is None else read_at, final=final)
         failure: Exception | None = None
-        with self._timer.meter_work():  # counted in the wall clock, apart from input wait
+        with ExitStack() as own_time:
             try:
+                own_time.enter_context(self._timer.meter_work())  # in the wall clock, apart from input wait
+                world = _world_size(self._world_size_given)
                 # While the GPU may still run the steps to be read.
                 if self._recorder.unread_steps:
                     self._diagnostics.sample_clock(self.device)
                 local = self._local_window(world, wait)
                 layout = self.parallelism
-                local = replace(local, group=layout.group_id, batch_replicas=layout.tensor_parallel)
+                local = replace(
+                    local, group=layout.group_id, batch_replicas=layout.tensor_parallel, read_at=place
+                )
+                vectors = pack(local)
             except Exception as error:  # noqa: BLE001 - re-raised after the collective
-                local, failure = Window(world_size=world, failed_ranks=1.0), error
-            window = combine_ranks(local)
+                failure = error
+                local = Window(world_size=distributed.world_size(), failed_ranks=1.0, read_at=place)
+                vectors = pack(local)
+            if distributed.is_distributed():
+                reduced = distributed.sum_and_max_over_ranks(*vectors)  # the one collective of the read
+                window = unpack(local, *reduced)
+            else:
+                window = combine_ranks(local)
             if failure is not None:
                 raise failure
             if window.steps == 0 or window.wall_seconds <= 0:
@@ -401,9 +425,15 @@ def _profile_window(
     return ProfileWindow(model, device, steps, start if start is not None else warmup_steps + 1)
 
 
-def join_reduction_as_failed(world_size: int | None = None) -> None:
-    """Enter the reduction of a metrics read as a rank that has nothing to report (its meter failed)."""
-    combine_ranks(Window(world_size=world_size or distributed.world_size(), failed_ranks=1.0))
+def join_reduction_as_failed(
+    world_size: int | None = None, *, read_at: int | None = None, final: bool = False
+) -> None:
+    """Enter the reduction of a metrics read as a rank that has nothing to report (its meter failed).
+
+    ``read_at``: the optimizer steps ended before the read, as the other ranks count them (None: no
+    say in the check that all ranks are at the same read)."""
+    place = read_place(read_at, final=final) if read_at is not None else -math.inf
+    combine_ranks(Window(world_size=world_size or distributed.world_size(), failed_ranks=1.0, read_at=place))
 
 
 def _world_size(given: int | None) -> int:

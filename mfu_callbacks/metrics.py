@@ -141,6 +141,6 @@ def run_summary(run: RunTotals, peak_flops: float | None) -> dict[str, float]:
     mfu, hfu = run.utilization(run.model_flops, peak_flops), run.utilization(run.hardware_flops, peak_flops)
     if mfu is not None and hfu is not None:
         values[MFU], values[HFU] = mfu, hfu
-    values[TFLOPS_PER_GPU] = per_gpu_per_second(run.model_flops, run.wall_seconds, run.world_size) / 1e12
-    values[TOKENS_PER_SEC_PER_GPU] = per_gpu_per_second(run.tokens, run.wall_seconds, run.world_size)
+    values[TFLOPS_PER_GPU] = run.per_gpu_per_second(run.model_flops) / 1e12
+    values[TOKENS_PER_SEC_PER_GPU] = run.per_gpu_per_second(run.tokens)
     return values

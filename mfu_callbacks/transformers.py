@@ -28,12 +28,14 @@ from __future__ import annotations
 
 import gc
 import logging
+from dataclasses import fields
 from typing import Any, cast
 
 from transformers import DefaultFlowCallback, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ExportableState
 from transformers.utils import logging as transformers_logging
 
+from ._guard import entry_point
 from ._options import MFUOptions
 from ._session import MeterSession
 from .precision import dtype_from_hf_args
@@ -52,6 +54,9 @@ class MFUCallback(TrainerCallback, ExportableState):
     """
 
     def __init__(self, **options: Any) -> None:
+        restored = options.pop(_RESTORED, None)  # rebuilt by the Trainer from a checkpoint's saved args
+        if restored is not None:
+            options = _restorable(options, restored)
         options.setdefault("prefix", "")
         self.options = MFUOptions(**options)
         self.session = MeterSession(
@@ -66,11 +71,13 @@ class MFUCallback(TrainerCallback, ExportableState):
         self._after_the_flow = _AfterTheFlow(self)  # runs last: sees what the Trainer decided to do next
         self._pause_after_log = False  # an evaluation or a save follows this step's log
 
+    @entry_point(default=lambda: {"args": {}, "attributes": {}})
     def state(self) -> dict[str, Any]:
         """What the Trainer saves in a checkpoint (``ExportableState``): the options that can be
         written as JSON, and the meter's run totals, so a resumed run's summary continues this one."""
         return {"args": _json_options(self.options), "attributes": {"mfu_state": self.session.state_dict()}}
 
+    @entry_point()
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs
     ):
@@ -90,13 +97,16 @@ class MFUCallback(TrainerCallback, ExportableState):
         self.session.attach(model, dtype=dtype_from_hf_args(bool(args.bf16), bool(args.fp16)))
         self.session.watch_forward(model)
 
+    @entry_point()
     def on_step_begin(self, args, state, control, **kwargs):
         self._pause_after_log = False
         self.session.begin_step()  # ends any pause
 
+    @entry_point()
     def on_step_end(self, args, state, control, **kwargs):
         self.session.end_step()
 
+    @entry_point()
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None or "loss" not in logs or not self.session.due(True):
             return
@@ -123,6 +133,7 @@ class MFUCallback(TrainerCallback, ExportableState):
             self._pause_after_log = False
             self.session.pause()
 
+    @entry_point()
     def on_train_end(self, args, state, control, **kwargs):
         self.summary = self.session.finish()
 
@@ -135,21 +146,31 @@ class _AfterTheFlow(TrainerCallback):
     def __init__(self, owner: MFUCallback) -> None:
         self._owner = owner
 
+    @property
+    def session(self) -> MeterSession:
+        """The owner's session: its guard guards these hooks too."""
+        return self._owner.session
+
+    @entry_point()
     def on_step_end(self, args, state, control, **kwargs):
-        self._owner.session.guard.run(self._owner._flow_decided, control)
+        self._owner._flow_decided(control)
 
+    @entry_point()
     def on_epoch_end(self, args, state, control, **kwargs):
-        self._owner.session.guard.run(self._owner._flow_decided, control)
+        self._owner._flow_decided(control)
 
+    @entry_point()
     def on_log(self, args, state, control, logs=None, **kwargs):
         self._owner._row_logged()
 
     # Here, after every callback's own on_evaluate and on_save (work done there is not training either).
+    @entry_point()
     def on_evaluate(self, args, state, control, **kwargs):
         # A save may follow: as the flow decided, or as "best" decides only after this hook.
         if not control.should_save and args.save_strategy != "best":
             self._owner.session.resume()
 
+    @entry_point()
     def on_save(self, args, state, control, **kwargs):
         self._owner.session.resume()  # the last of the step's log, evaluation and save
 
@@ -191,18 +212,53 @@ def saved_log_record(state: TrainerState) -> dict[str, Any] | None:
     return None
 
 
+# In the saved args: the options that could not be saved (functions), marking args a checkpoint wrote.
+_RESTORED = "mfu_not_saved"
+_CALLABLES = ("token_counter", "forward")
+
+
 def _json_options(options: MFUOptions) -> dict[str, Any]:
-    """The options a checkpoint can hold as JSON (functions such as ``token_counter`` cannot be)."""
+    """The options a checkpoint can hold as JSON: all but functions (``token_counter``, ``forward``),
+    which are named under ``mfu_not_saved`` so that a rebuilt callback can say they are gone."""
     values = {
         name: getattr(options, name)
-        for name in ("peak_tflops", "warmup_steps", "log_interval", "prefix", "report", "real_step")
+        for name in (
+            "peak_tflops",
+            "warmup_steps",
+            "log_interval",
+            "prefix",
+            "report",
+            "real_step",
+            "profile_steps",
+            "profile_start",
+        )
     }
     values["silence_diagnostics"] = list(options.silence_diagnostics)
-    if isinstance(options.dtype, str):
-        values["dtype"] = options.dtype
+    if options.dtype is not None:
+        values["dtype"] = str(options.dtype).removeprefix("torch.")
     if options.summary_dir is not None:
         values["summary_dir"] = str(options.summary_dir)
+    values[_RESTORED] = [name for name in _CALLABLES if getattr(options, name) is not None]
     return values
+
+
+def _restorable(saved: dict[str, Any], not_saved: Any) -> dict[str, Any]:
+    """The saved options this version knows (unknown ones, from a newer version, are dropped with a
+    warning), saying once which functions could not travel in the checkpoint."""
+    known = {field.name for field in fields(MFUOptions)}
+    unknown = sorted(set(saved) - known)
+    if unknown:
+        trainer_logger.warning(
+            f"mfu_callbacks: ignored options saved in the checkpoint that this version does not know: {unknown}"
+        )
+    lost = [name for name in not_saved if name in _CALLABLES] if isinstance(not_saved, list) else []
+    if lost:
+        trainer_logger.warning(
+            f"mfu_callbacks: the callback rebuilt from the checkpoint has no {' or '.join(lost)}: functions "
+            "cannot be saved in a checkpoint; pass them again (restore_callback_states_from_checkpoint=False "
+            "keeps the callback you built)"
+        )
+    return {key: value for key, value in saved.items() if key in known}
 
 
 def _saved_state(state: TrainerState, name: str) -> dict[str, Any]:

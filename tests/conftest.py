@@ -451,9 +451,20 @@ def gloo_reports(
     ]
 
 
-def torchrun(script: Path, *arguments: str, tag: str, timeout: float, cwd: Path | None = None) -> list[dict]:
+def torchrun(
+    script: Path,
+    *arguments: str,
+    tag: str,
+    timeout: float,
+    cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    stderr: list[str] | None = None,
+) -> list[dict]:
     """Run ``script`` on two CPU processes under torchrun (it sets the environment the frameworks read);
-    the JSON of every output line that starts with ``tag``."""
+    the JSON of every output line that starts with ``tag``. ``env``: added to this environment;
+    ``stderr``: a list the processes' standard error is appended to."""
+    import os
+
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     result = subprocess.run(
         [*command, str(script), *arguments],
@@ -462,7 +473,10 @@ def torchrun(script: Path, *arguments: str, tag: str, timeout: float, cwd: Path 
         timeout=timeout,
         stdin=subprocess.DEVNULL,
         cwd=cwd,
+        env={**os.environ, **(env or {})},
     )
+    if stderr is not None:
+        stderr.append(result.stderr)
     assert result.returncode == 0, result.stderr[-4000:]
     return [
         json.loads(line.split(" ", 1)[1]) for line in result.stdout.splitlines() if line.startswith(tag + " ")

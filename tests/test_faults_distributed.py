@@ -44,6 +44,20 @@ if FAULT == "engine" and RANK == 1:
         raise RuntimeError("the FLOP engine failed on rank 1")
     FlopEngine.evaluate = broken
 
+# Rank 1 alone, at its second read: before the reduction (packing its window), inside it (before its
+# all-reduce: the other rank waits out MFU_REDUCTION_TIMEOUT) or after it (unpacking the result).
+import mfu_callbacks.distributed as _distributed, mfu_callbacks.meter as _meter
+_PLACES = {{"before": (_meter, "pack"), "inside": (_distributed, "_collective_device"), "after": (_meter, "unpack")}}
+if FAULT in _PLACES and RANK == 1:
+    _module, _name = _PLACES[FAULT]
+    _original = getattr(_module, _name)
+    def _failing(*args, _calls=[0], **kwargs):
+        _calls[0] += 1
+        if _calls[0] == 2:
+            raise RuntimeError(f"injected on rank 1 {{FAULT}} the reduction")
+        return _original(*args, **kwargs)
+    setattr(_module, _name, _failing)
+
 
 def finish(losses, metrics):
     if RANK == 0:
@@ -78,6 +92,8 @@ for step, batch in enumerate(loader):
     accelerator.log({{"train/loss": loss.item()}}, step=step)
     if tracker is not None and tracker.latest:
         metrics.append(tracker.latest)
+    if FAULT == "main_only" and accelerator.is_main_process and step == 4:
+        tracker.metrics()  # the common mistake: a collective on one rank only
     if step == 7:
         break
 if tracker is not None:
@@ -155,7 +171,7 @@ finish(losses.losses, module.logged)
 )
 
 
-def run(script: str, tmp_path: Path, fault: str) -> dict:
+def run(script: str, tmp_path: Path, fault: str, *, stderr: list | None = None) -> dict:
     tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / f"{fault}.py"
     path.write_text(
@@ -165,7 +181,7 @@ def run(script: str, tmp_path: Path, fault: str) -> dict:
     )
     # A hang (the old behaviour) runs into this limit; a healthy run takes seconds.
     start = time.perf_counter()
-    result, *_ = torchrun(path, tag="RESULT", timeout=120)
+    result, *_ = torchrun(path, tag="RESULT", timeout=120, env={"MFU_REDUCTION_TIMEOUT": "3"}, stderr=stderr)
     return {**result, "seconds": time.perf_counter() - start}
 
 
@@ -204,3 +220,30 @@ def test_a_fault_on_one_rank_finishes_the_job(tmp_path, plain_runs, integration,
     else:  # rank 1 stopped measuring: MFU of rank 0 alone would pass for the job's, so it is left out
         assert prefix + "mfu" not in last and prefix + "step_time" in last
         assert last[prefix + "mfu_status"] == -2, "rank 0's rows say that a rank could not count"
+
+
+@pytest.mark.parametrize("place", ["before", "inside", "after"])
+@pytest.mark.parametrize("integration", list(INTEGRATIONS))
+def test_a_fault_on_one_rank_before_in_or_after_the_reduction_finishes_the_job(
+    tmp_path, plain_runs, integration, place
+):
+    """Every rank enters exactly one reduction per read whatever fails: the job finishes with the
+    plain run's losses, rank 0 logged a first window, and no rank hung (a fault inside the
+    reduction costs the other rank one MFU_REDUCTION_TIMEOUT, 3 s here)."""
+    script, prefix = INTEGRATIONS[integration]
+    plain = plain_runs[integration]
+    faulty = run(script, tmp_path, place)
+    assert faulty["losses"] == plain["losses"]
+    finishes_like_the_plain_run(faulty, plain)
+    assert faulty["metrics"] and prefix + "mfu_status" in faulty["metrics"][-1]
+
+
+def test_accelerate_a_read_on_the_main_process_only_ends_with_the_message_not_a_hang(tmp_path, plain_runs):
+    errors: list = []
+    plain = plain_runs["accelerate"]
+    faulty = run(ACCELERATE, tmp_path, "main_only", stderr=errors)
+    assert faulty["losses"] == plain["losses"]
+    finishes_like_the_plain_run(faulty, plain)
+    (log,) = errors
+    assert "a read ran on some ranks only" in log
+    assert "`if accelerator.is_main_process:`" in log and "tracker.latest" in log

@@ -298,3 +298,42 @@ def test_a_resumed_meter_continues_the_run_summary():
 def test_a_state_of_another_version_is_refused():
     with pytest.raises(ValueError, match="version"):
         make_meter(FakeClock()).load_state_dict({"version": 99})
+
+
+def test_run_totals_resumed_with_another_world_size_weigh_each_window_by_its_gpus():
+    from mfu_callbacks._window import RunTotals, Window
+
+    # 2 GPUs: 4e12 FLOPs in 2 s (1e12 per GPU-second); then 1 GPU: 1e12 in 1 s (the same rate).
+    first = RunTotals()
+    first.add(Window(world_size=2, model_flops=4e12, wall_seconds=2.0, steps=2, counting_ranks=2))
+    resumed = RunTotals.from_state_dict(json.loads(json.dumps(first.state_dict())))
+    resumed.add(Window(world_size=1, model_flops=1e12, wall_seconds=1.0, steps=1, counting_ranks=1))
+    assert resumed.utilization(resumed.model_flops, 1e12) == pytest.approx(1.0)  # was 1.67 (5e12 / 3 s / 1)
+    grown = RunTotals.from_state_dict({k: v for k, v in first.state_dict().items() if k != "gpu_seconds"})
+    grown.add(Window(world_size=4, model_flops=8e12, wall_seconds=2.0, steps=2, counting_ranks=4))
+    assert grown.utilization(grown.model_flops, 1e12) == pytest.approx(
+        1.0
+    )  # an older state: gpu_seconds derived
+
+
+@pytest.mark.parametrize(
+    "state",
+    [{"version": 99}, {"version": 1, "run": "abc"}, {"version": 1, "run": {"steps": "x"}}, ["a", "b"]],
+    ids=["other_version", "run_not_a_dict", "bad_value", "a_list"],
+)
+def test_a_corrupt_or_foreign_state_is_discarded_with_one_warning_and_measuring_goes_on(state):
+    from mfu_callbacks._session import MeterSession
+
+    warnings: list[str] = []
+    session = MeterSession(MFUOptions(peak_tflops=1, warmup_steps=0), "test", warn=warnings.append)
+    clock = FakeClock()
+    session.attach(nn.Linear(2, 2))
+    session.meter = make_meter(clock)
+    session.load_state_dict(state)
+    for _ in range(2):
+        session.begin_step(batch(1000))
+        clock.advance(1.0)
+        session.end_step()
+    assert not session.guard.failed
+    assert len(warnings) == 1 and "ignored" in warnings[0]
+    assert session.read()["train/mfu"] > 0

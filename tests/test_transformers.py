@@ -406,3 +406,28 @@ def test_trl_online_trainers_keep_their_own_step_time(tmp_path, monkeypatch, nam
     assert len(measured) >= 2, trainer.state.log_history
     assert [row["step_time"] for row in rows] == own
     assert all(row["mfu/step_time"] > 0 for row in measured)
+
+
+def test_a_callback_rebuilt_from_saved_args_keeps_its_options_and_names_what_could_not_travel(caplog):
+    """transformers rebuilds a stateful callback as type(callback)(**state["args"]): every JSON option
+    comes back, an unknown key (from a newer version) is ignored with a warning, and the functions that
+    could not be saved are named once."""
+    import json
+    import logging
+
+    from mfu_callbacks.transformers import MFUCallback
+
+    original = MFUCallback(
+        peak_tflops=1.5, warmup_steps=3, log_interval=4, dtype="bf16", profile_steps=2, token_counter=dict
+    )
+    args = json.loads(json.dumps(original.state()["args"]))
+    args["an_option_of_a_newer_version"] = 1
+    with caplog.at_level(logging.WARNING):
+        rebuilt = MFUCallback(**args)
+    for name in ("peak_tflops", "warmup_steps", "log_interval", "dtype", "profile_steps", "prefix"):
+        assert getattr(rebuilt.options, name) == getattr(original.options, name), name
+    messages = [record.getMessage() for record in caplog.records]
+    assert sum("an_option_of_a_newer_version" in message for message in messages) == 1
+    assert sum("no token_counter" in message for message in messages) == 1
+    with pytest.raises(TypeError):  # a typo of the user's own is still refused
+        MFUCallback(warmup_step=3)
