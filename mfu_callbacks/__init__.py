@@ -8,6 +8,7 @@ integrations live in ``mfu_callbacks.lightning``, ``mfu_callbacks.transformers``
 from __future__ import annotations
 
 from ._options import MFUOptions
+from ._version import __version__
 from .diagnostics import Diagnosis
 from .flops import (
     BatchError,
@@ -19,8 +20,6 @@ from .flops import (
 )
 from .hardware import peak_flops
 from .meter import MFUMeter
-
-__version__ = "0.1.0"
 
 __all__ = [
     "BatchError",
