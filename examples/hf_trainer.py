@@ -11,7 +11,7 @@ import argparse
 import os
 import tempfile
 
-from common import RandomTokens, add_model_arguments, build_model, pad_batch
+from common import RandomTokens, add_model_arguments, build_hf_model, pad_batch
 from transformers import Trainer, TrainingArguments
 
 from mfu_callbacks.transformers import MFUCallback
@@ -23,10 +23,14 @@ def main() -> None:
     )
     add_model_arguments(parser)
     parser.add_argument("--gradient-accumulation-steps", type=int, default=1)
-    parser.add_argument("--output-dir", default=os.path.join(tempfile.gettempdir(), "mfu-hf-trainer"))
+    parser.add_argument(
+        "--output-dir", help="where the Trainer and the run summary write (default: a new temporary folder)"
+    )
     args = parser.parse_args()
+    if args.output_dir is None:  # a fresh folder per run: runs never overwrite each other's summaries
+        args.output_dir = tempfile.mkdtemp(prefix="mfu-hf-trainer-")
 
-    model = build_model(args)
+    model = build_hf_model(args)
     data = RandomTokens(
         args.steps * args.batch_size * args.gradient_accumulation_steps, args.seq_len, args.vocab_size
     )
@@ -62,6 +66,7 @@ def main() -> None:
             )
     state_file = os.path.join(args.output_dir, "trainer_state.json")
     trainer.state.save_to_json(state_file)
+    print(f"run summary: {os.path.join(args.output_dir, 'mfu_summary.json')}")
     print(f"curves: mfu-callbacks plot {state_file} -o mfu.png")
 
 

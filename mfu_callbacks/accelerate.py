@@ -35,12 +35,18 @@ import weakref
 from pathlib import Path
 from typing import Any
 
-from accelerate import Accelerator
-from accelerate.logging import get_logger
 from torch import nn
 from torch.optim import Optimizer
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.hooks import RemovableHandle
+
+from ._extras import missing_extra
+
+try:
+    from accelerate import Accelerator
+    from accelerate.logging import get_logger
+except ImportError as error:
+    raise missing_extra(error, "mfu_callbacks.accelerate", "accelerate") from error
 
 from ._atomic import write_json
 from ._guard import entry_point

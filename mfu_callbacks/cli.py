@@ -1,25 +1,38 @@
-"""The ``mfu-callbacks`` command line: plan a run's FLOPs and time its step before starting it, plot MFU after it.
+"""The ``mfu-callbacks`` command line: plan a run's FLOPs and time its step before starting it, plot and compare runs after.
 
-mfu-callbacks estimate --config config.json --seq-len 4096 --batch-size 8 --gpu h100
-mfu-callbacks estimate --config config.json --seq-len 2048 --batch-size 4 --lora-r 16 --lora-targets q_proj,v_proj
-mfu-callbacks doctor --config config.json --seq-len 2048 --batch-size 4
-mfu-callbacks plot wandb/offline-run-20261124_120000-abc123 -o mfu.png
-mfu-callbacks plot lightning_logs/version_0/metrics.csv -o mfu.png
+examples:
+  mfu-callbacks estimate --config config.json --seq-len 4096 --batch-size 8 --gpu h100
+  mfu-callbacks estimate --config config.json --seq-len 2048 --batch-size 4 --lora-rank 16 --lora-targets q_proj,v_proj
+  mfu-callbacks doctor --config config.json --seq-len 2048 --batch-size 4
+  mfu-callbacks plot wandb/offline-run-20261124_120000-abc123 -o mfu.png
+  mfu-callbacks compare runs/main runs/pr --max-drop 2
+
+With --json, every command prints its result, or its error ({"exit_code": 2, "error": ...}), as JSON
+on stdout. mfu-callbacks COMMAND --help describes each command.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import re
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from . import compare
-from .doctor import cli as doctor_cli
+from ._version import __version__
 
 EXIT_USAGE = 2
+# Commands whose modules import torch: their arguments are added only when they run, so that
+# `mfu-callbacks --help` and `--version` start in a fraction of a second. The listing shows these
+# summaries (tests check they match the ones the modules register).
+_LAZY_COMMANDS = {
+    "compare": "compare runs' MFU and throughput with confidence intervals; gate CI on a drop",
+    "doctor": "time each matmul shape, attention and the optimizer of a config's step on this device",
+}
+# reStructuredText in docstrings shown as help: ``code``, **bold**, :func:`name`.
+_RST_MARKUP = re.compile(r"``(.+?)``|\*\*(.+?)\*\*|:\w+:`(.+?)`", re.DOTALL)
 _MFU_LEVELS = (1.0, 0.5, 0.4)
 # The engine learns the batch's layout from a meta-device batch of this shape (no memory); the
 # step's FLOPs then follow from its sizes alone (features_of_full_rows), at any batch size.
@@ -79,13 +92,13 @@ def _check_arguments(args: argparse.Namespace) -> None:
     ):
         if value <= 0:
             raise CliError(f"{flag} must be positive (got {value}): the {meaning}")
-    if args.lora_r < 0:
+    if args.lora_rank < 0:
         raise CliError(
-            f"--lora-r must be positive (got {args.lora_r}): the LoRA rank, e.g. 16; leave it out "
+            f"--lora-rank must be positive (got {args.lora_rank}): the LoRA rank, e.g. 16; leave it out "
             "for full fine-tuning"
         )
-    if args.lora_targets and not args.lora_r:
-        raise CliError("--lora-targets needs --lora-r (the LoRA rank, e.g. --lora-r 16)")
+    if args.lora_targets and not args.lora_rank:
+        raise CliError("--lora-targets needs --lora-rank (the LoRA rank, e.g. --lora-rank 16)")
 
 
 def _check_sizes(values: dict, path: str, prefix: str = "") -> None:
@@ -224,11 +237,11 @@ def _build_model(config: Any, args: argparse.Namespace):
             model.gradient_checkpointing_enable()
         except ValueError as error:
             raise CliError(f"{_reason(error)}: leave out --gradient-checkpointing") from None
-    if args.lora_r:
+    if args.lora_rank:
         try:
             from peft import LoraConfig, get_peft_model
         except ImportError:
-            raise CliError("--lora-r needs peft: pip install 'mfu-callbacks[transformers]'") from None
+            raise CliError("--lora-rank needs peft: pip install 'mfu-callbacks[transformers]'") from None
         targets = [name.strip() for name in args.lora_targets.split(",") if name.strip()] or "all-linear"
         linear = sorted(
             {
@@ -239,7 +252,7 @@ def _build_model(config: Any, args: argparse.Namespace):
         )
         try:
             model = get_peft_model(
-                model, LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules=targets)
+                model, LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, target_modules=targets)
             )
         except ValueError as error:
             raise CliError(
@@ -282,14 +295,20 @@ def _count(args: argparse.Namespace) -> tuple[Any, Any, Any]:
 
 
 def _estimate(args: argparse.Namespace) -> dict[str, Any]:
-    from .hardware import known_gpus, lookup_gpu
+    from .hardware import lookup_gpu, short_gpu_names
 
     _check_arguments(args)
     gpu = None
     if args.gpu:
         gpu = lookup_gpu(args.gpu)
         if gpu is None:
-            raise CliError(f"unknown GPU {args.gpu!r}; known: {', '.join(known_gpus())}")
+            names = short_gpu_names()
+            close = difflib.get_close_matches(args.gpu.lower(), names, n=3)
+            hint = f"did you mean {' or '.join(close)}? " if close else ""
+            raise CliError(
+                f"unknown GPU {args.gpu!r}: {hint}known: {', '.join(names)} (a device name such as "
+                "'NVIDIA H100 80GB HBM3' works too); for a chip the table lacks, leave --gpu out"
+            )
     config, _, step = _count(args)
     result: dict[str, Any] = {
         "model_type": config.model_type,
@@ -352,6 +371,7 @@ def _image_path(output: str, supported: dict[str, str]) -> Path:
 
 
 def _plot(args: argparse.Namespace) -> None:
+    from . import compare
     from ._runlog import RunLogError, read_curves
 
     if not 1 <= args.dpi <= _MAX_DPI:
@@ -402,30 +422,110 @@ def _plot(args: argparse.Namespace) -> None:
     )
 
 
-def _parser() -> argparse.ArgumentParser:
+class _DeprecatedSpelling(argparse.Action):
+    """Stores the value under the option's one spelling; an old spelling also prints a deprecation note."""
+
+    def __init__(self, *args: Any, old: tuple[str, ...] = (), **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.old = old
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        if option_string in self.old:
+            print(
+                f"mfu-callbacks: warning: {option_string} is deprecated and will be removed; use "
+                f"{self.option_strings[0]}",
+                file=sys.stderr,
+            )
+        setattr(namespace, self.dest, values)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of every command that plans a model's step from its config (estimate, doctor)."""
+    parser.add_argument("--config", required=True, help="a Hugging Face config.json (read locally)")
+    parser.add_argument("--seq-len", type=int, required=True, help="tokens in one row (sequence), e.g. 2048")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        required=True,
+        help="rows in one optimizer step of one GPU (micro-batch x gradient accumulation)",
+    )
+    parser.add_argument(
+        "--lora-rank",
+        "--lora-r",
+        dest="lora_rank",
+        type=int,
+        default=0,
+        action=_DeprecatedSpelling,
+        old=("--lora-r",),
+        help="LoRA rank, e.g. 16 (default 0: full fine-tuning); --lora-r is a deprecated spelling",
+    )
+    parser.add_argument(
+        "--lora-targets",
+        default="",
+        help="comma-separated names of the linear layers that get adapters (default: all linear layers)",
+    )
+    parser.add_argument("--json", action="store_true", help="print the result, or the error, as JSON")
+
+
+def _plain(text: str | None) -> str | None:
+    """Help text without reStructuredText markup (docstrings double as help)."""
+    if not text:
+        return text
+    return _RST_MARKUP.sub(lambda match: next(group for group in match.groups() if group is not None), text)
+
+
+def _plain_help(parser: argparse.ArgumentParser) -> None:
+    """Strip the markup from a parser's texts and its subcommands', recursively."""
+    parser.description, parser.epilog = _plain(parser.description), _plain(parser.epilog)
+    for action in parser._actions:
+        if isinstance(action.help, str):
+            action.help = _plain(action.help)
+        if isinstance(action, argparse._SubParsersAction):
+            for choice in action._choices_actions:
+                choice.help = _plain(choice.help)
+            for sub in action.choices.values():
+                _plain_help(sub)
+
+
+def _command_of(argv: list[str]) -> str | None:
+    """The subcommand named on the command line (its first word that is not an option), if any."""
+    return next((word for word in argv if not word.startswith("-")), None)
+
+
+def _parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The command line's parser; the arguments of a lazily added command only when it is ``command``."""
     parser = _Parser(
         prog="mfu-callbacks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     estimate = commands.add_parser(
         "estimate",
         help="FLOPs per step and per token of a Hugging Face config, and what a GPU would need",
         description="Builds the model on the meta device from a local config.json (nothing is downloaded).",
         epilog="example: mfu-callbacks estimate --config config.json --seq-len 4096 --batch-size 8 --gpu h100",
     )
-    estimate.add_argument("--config", required=True, help="a Hugging Face config.json")
-    estimate.add_argument("--seq-len", type=int, required=True)
-    estimate.add_argument("--batch-size", type=int, required=True)
-    estimate.add_argument("--lora-r", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
+    add_model_arguments(estimate)
     estimate.add_argument(
-        "--lora-targets", default="", help="comma-separated module names (default: all linear)"
+        "--gradient-checkpointing",
+        action="store_true",
+        help="count activation-checkpoint recompute in the hardware FLOPs",
     )
-    estimate.add_argument("--gradient-checkpointing", action="store_true")
     estimate.add_argument(
-        "--gpu", help="e.g. h100, h200, a100, mi300x: adds step times at 100%%, 50%%, 40%% MFU"
+        "--gpu", help="e.g. h100, h200, a100, l40s, mi300x: adds step times at 100%%, 50%%, 40%% MFU"
     )
-    estimate.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp8", "tf32", "fp32"))
-    estimate.add_argument("--json", action="store_true", help="print JSON")
+    estimate.add_argument(
+        "--dtype",
+        default="bf16",
+        choices=("bf16", "fp16", "fp8", "tf32", "fp32"),
+        help="the precision of the matmuls, for the GPU's peak (default: bf16)",
+    )
     estimate.set_defaults(handler=_run_estimate)
     plot = commands.add_parser(
         "plot",
@@ -447,8 +547,18 @@ def _parser() -> argparse.ArgumentParser:
         "--dpi", type=int, default=120, help=f"resolution of a raster image, 1 to {_MAX_DPI} (default: 120)"
     )
     plot.set_defaults(handler=_plot)
-    compare.add_parser(commands)
-    doctor_cli.add_parser(commands)
+    for name, summary in _LAZY_COMMANDS.items():
+        if name != command:
+            commands.add_parser(name, help=summary, add_help=False)
+        elif name == "compare":
+            from . import compare
+
+            compare.add_parser(commands)
+        else:
+            from .doctor import cli as doctor_cli
+
+            doctor_cli.add_parser(commands)
+    _plain_help(parser)
     return parser
 
 
@@ -461,15 +571,19 @@ def _run_estimate(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    wants_json = "--json" in argv  # before parsing: a bad command line is answered in JSON too
     try:
-        args = _parser().parse_args(argv)
-        if args.command == "compare":
-            return compare.run(args)
-        args.handler(args)
+        args = _parser(_command_of(argv)).parse_args(argv)
+        wants_json = bool(getattr(args, "json", False))
+        status = args.handler(args)
     except CliError as error:
-        print(f"mfu-callbacks: error: {' '.join(str(error).split())}", file=sys.stderr)
+        message = " ".join(str(error).split())
+        print(f"mfu-callbacks: error: {message}", file=sys.stderr)
+        if wants_json:
+            print(json.dumps({"exit_code": EXIT_USAGE, "error": message}))
         return EXIT_USAGE
-    return 0
+    return status if isinstance(status, int) else 0
 
 
 if __name__ == "__main__":

@@ -300,6 +300,17 @@ def known_gpus() -> list[str]:
     return [row.name for row in PEAK_TABLE]
 
 
+def short_gpu_names() -> list[str]:
+    """The name people type for each chip ("h100", "a100-pcie", "l40s", "mi300x"): its first alias, else its
+    canonical name without the vendor's words, where that finds the same row (else the canonical name)."""
+    names = []
+    for row in PEAK_TABLE:
+        words = [word for word in row.name.lower().split() if word not in _VENDOR_WORDS]
+        short = row.aliases[0] if row.aliases else "-".join(words)
+        names.append(short if lookup_gpu(short) is row else row.name)
+    return names
+
+
 def lookup_gpu(name: str) -> GpuSpec | None:
     """The table row for a short name ("h100", "a100-40gb", "mi300x", "4090"), a canonical name, or a device name.
 

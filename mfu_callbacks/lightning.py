@@ -20,8 +20,13 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from ._extras import missing_extra
+
+try:
+    from lightning.pytorch import Callback, LightningModule, Trainer
+    from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+except ImportError as error:
+    raise missing_extra(error, "mfu_callbacks.lightning", "lightning") from error
 
 from ._guard import Guard, entry_point
 from ._options import MFUOptions

@@ -31,9 +31,20 @@ import logging
 from dataclasses import fields
 from typing import Any, cast
 
-from transformers import DefaultFlowCallback, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-from transformers.trainer_callback import ExportableState
-from transformers.utils import logging as transformers_logging
+from ._extras import missing_extra
+
+try:
+    from transformers import (
+        DefaultFlowCallback,
+        TrainerCallback,
+        TrainerControl,
+        TrainerState,
+        TrainingArguments,
+    )
+    from transformers.trainer_callback import ExportableState
+    from transformers.utils import logging as transformers_logging
+except ImportError as error:
+    raise missing_extra(error, "mfu_callbacks.transformers", "transformers") from error
 
 from ._guard import entry_point
 from ._options import MFUOptions

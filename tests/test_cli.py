@@ -1,8 +1,12 @@
-"""The ``mfu-callbacks`` command line: estimate and plot, and their error paths (exit code 2, one line)."""
+"""The ``mfu-callbacks`` command line: estimate and plot, their error paths (exit code 2, one line), and
+what every command shares: fast help, plain help text, one spelling per flag, JSON errors."""
 
 from __future__ import annotations
 
+import argparse
 import json
+import subprocess
+import sys
 import time
 
 import pytest
@@ -17,9 +21,11 @@ from transformers import (
     ViTConfig,
 )
 
+import mfu_callbacks
 from mfu_callbacks import estimate_step_flops
-from mfu_callbacks.cli import main
+from mfu_callbacks.cli import _LAZY_COMMANDS, _parser, main
 from mfu_callbacks.flops import FlopEngine
+from mfu_callbacks.hardware import lookup_gpu, short_gpu_names
 from mfu_callbacks.testing import reference_step_flops
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -106,7 +112,7 @@ def test_estimate_with_lora_and_checkpointing_counts_less_model_work_and_more_ha
     full = json.loads(run_cli(capsys, *base)[1])
     lora = json.loads(
         run_cli(
-            capsys, *base, "--lora-r", "8", "--lora-targets", "q_proj,v_proj", "--gradient-checkpointing"
+            capsys, *base, "--lora-rank", "8", "--lora-targets", "q_proj,v_proj", "--gradient-checkpointing"
         )[1]
     )
     assert (
@@ -412,10 +418,10 @@ BAD_INPUTS = {
     ),
     "config-is-a-folder": (estimate(config="{folder}"), ["is a folder", "config.json"]),
     # estimate: the sizes
-    "negative-lora-rank": (estimate("--lora-r", "-1"), ["--lora-r must be positive (got -1)"]),
-    "lora-targets-without-rank": (estimate("--lora-targets", "q_proj"), ["--lora-targets needs --lora-r"]),
+    "negative-lora-rank": (estimate("--lora-rank", "-1"), ["--lora-rank must be positive (got -1)"]),
+    "lora-targets-without-rank": (estimate("--lora-targets", "q_proj"), ["--lora-targets needs --lora-rank"]),
     "lora-targets-not-in-model": (
-        estimate("--lora-r", "4", "--lora-targets", "qkv"),
+        estimate("--lora-rank", "4", "--lora-targets", "qkv"),
         ["--lora-targets qkv", "linear layers are", "q_proj"],
     ),
     "zero-seq-len": (estimate(seq_len="0"), ["--seq-len must be positive (got 0)"]),
@@ -435,7 +441,7 @@ BAD_INPUTS = {
         ["estimate", "--config", "{good}"],
         ["--seq-len, --batch-size", "mfu-callbacks estimate --help"],
     ),
-    "no-command": ([], ["required: command", "mfu-callbacks --help"]),
+    "no-command": ([], ["required: COMMAND", "mfu-callbacks --help"]),
     # plot: the image
     "image-type-unsupported": (["plot", "{metrics}", "-o", "mfu.xyz"], ["cannot write .xyz images", ".png"]),
     "dpi-zero": (["plot", "{metrics}", "-o", "mfu.png", "--dpi", "0"], ["--dpi must be between 1 and"]),
@@ -510,3 +516,110 @@ def test_plot_to_a_name_without_extension_writes_and_reports_a_png(capsys, tmp_p
     assert code == 0, err
     assert f"wrote {tmp_path / 'mfu.png'}:" in out
     check_png(tmp_path / "mfu.png")
+
+
+# -- the command line as a tool: fast help, plain text, one spelling, JSON errors ----------------------
+COMMANDS = ("estimate", "plot", "compare", "doctor")
+
+
+def test_help_and_version_do_not_import_torch():
+    code = (
+        "import sys\n"
+        "from mfu_callbacks.cli import main\n"
+        "for argv in (['--help'], ['--version']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit as stop:\n"
+        "        assert stop.code == 0, stop.code\n"
+        "print('torch imported' if 'torch' in sys.modules else 'torch not imported')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.splitlines()[-1] == "torch not imported"
+    assert f"mfu-callbacks {mfu_callbacks.__version__}" in result.stdout
+    assert "estimate" in result.stdout and "doctor" in result.stdout and "compare" in result.stdout
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_flag_has_plain_help_text(capsys, command):
+    with pytest.raises(SystemExit) as stop:
+        main([command, "--help"])
+    assert stop.value.code == 0
+    text = capsys.readouterr().out
+    for markup in ("``", "**", ":func:", ":class:"):
+        assert markup not in text, f"{markup!r} in {command} --help"
+    (sub,) = (
+        action.choices[command]
+        for action in _parser(command)._actions
+        if isinstance(action, argparse._SubParsersAction)
+    )
+    for action in sub._actions:
+        assert action.help and action.help != argparse.SUPPRESS, (
+            f"{command} {action.option_strings} has no help"
+        )
+
+
+def test_the_listing_shows_each_lazily_added_command_with_its_own_summary():
+    for name, summary in _LAZY_COMMANDS.items():
+        (subcommands,) = (
+            action for action in _parser(name)._actions if isinstance(action, argparse._SubParsersAction)
+        )
+        (listed,) = (choice for choice in subcommands._choices_actions if choice.dest == name)
+        assert listed.help == summary
+
+
+def test_lora_r_is_a_deprecated_spelling_of_lora_rank_in_estimate_and_doctor(capsys, config_file):
+    base = ["estimate", "--config", str(config_file[0]), "--seq-len", "16", "--batch-size", "1", "--json"]
+    code, new, err = run_cli(capsys, *base, "--lora-rank", "4")
+    assert code == 0 and "deprecated" not in err
+    code, old, err = run_cli(capsys, *base, "--lora-r", "4")
+    assert code == 0
+    assert json.loads(old) == json.loads(new)
+    assert (
+        err.strip() == "mfu-callbacks: warning: --lora-r is deprecated and will be removed; use --lora-rank"
+    )
+    for spelling in ("--lora-rank", "--lora-r"):
+        args = _parser("doctor").parse_args(["doctor", *base[1:], spelling, "8"])
+        assert args.lora_rank == 8
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["estimate", "--config", "{good}", "--seq-len", "0", "--batch-size", "1", "--json"],  # a bad value
+        ["estimate", "--config", "{good}", "--json"],  # the command line itself
+        ["estimate", "--config", "{good}", "--seq-len", "8", "--batch-size", "1", "--gpu", "h10", "--json"],
+        ["doctor", "--config", "{good}", "--seq-len", "8", "--batch-size", "1", "--repeats", "0", "--json"],
+        ["doctor", "--config", "no-such.json", "--seq-len", "8", "--batch-size", "1", "--json"],
+        ["doctor", "--config", "{good}", "--seq-len", "eight", "--batch-size", "1", "--json"],
+        ["compare", "no-such-run.csv", "other-run.csv", "--json"],
+    ],
+    ids=[
+        "estimate-value",
+        "estimate-usage",
+        "estimate-gpu",
+        "doctor-value",
+        "doctor-file",
+        "doctor-usage",
+        "compare",
+    ],
+)
+def test_json_errors_are_one_json_object_on_stdout_in_every_command(capsys, bad_files, argv):
+    code, out, err = run_cli(capsys, *[str(bad_files.get(item, item)) for item in argv])
+    assert code == 2
+    result = json.loads(out)
+    assert result["exit_code"] == 2 and result["error"]
+    assert err.startswith("mfu-callbacks: error: ")
+
+
+def test_an_unknown_gpu_lists_the_short_names_people_type(capsys, config_file):
+    argv = ["estimate", "--config", str(config_file[0]), "--seq-len", "8", "--batch-size", "1"]
+    code, _, err = run_cli(capsys, *argv, "--gpu", "h10")
+    assert code == 2
+    assert "unknown GPU 'h10': did you mean h100" in err
+    known = err.split("known: ")[1]
+    for short in ("h100", "h200", "a100", "l40s", "mi300x", "4090"):
+        assert f"{short}," in known or f"{short} " in known
+    assert "AMD Instinct" not in err and "NVIDIA H100 PCIe" not in err
+    for short in short_gpu_names():  # every listed name is one that --gpu takes
+        assert lookup_gpu(short) is not None

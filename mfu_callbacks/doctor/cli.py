@@ -10,6 +10,7 @@ import argparse
 import json
 from typing import Any
 
+from ..cli import add_model_arguments
 from . import MIXED_PRECISION, TORCH_DTYPES, Examination, examine
 
 CPU_REPEATS, GPU_REPEATS = 3, 10
@@ -24,20 +25,12 @@ def add_parser(commands: Any) -> None:
         "floor, the MFU ceiling it implies, a predicted step time, and what padding misaligned sizes buys.",
         epilog="example: mfu-callbacks doctor --config config.json --batch-size 4 --seq-len 2048",
     )
-    doctor.add_argument("--config", required=True, help="a Hugging Face config.json")
-    doctor.add_argument("--seq-len", type=int, required=True)
-    doctor.add_argument("--batch-size", type=int, required=True)
+    add_model_arguments(doctor)
     doctor.add_argument(
         "--dtype",
         default="bf16",
         choices=tuple(TORCH_DTYPES),
         help="bf16/fp16: mixed precision (fp32 weights, autocast); tf32/fp32: fp32 matmuls (default: bf16)",
-    )
-    doctor.add_argument(
-        "--lora-rank", "--lora-r", dest="lora_r", type=int, default=0, help="LoRA rank (0: full)"
-    )
-    doctor.add_argument(
-        "--lora-targets", default="", help="comma-separated module names (default: all linear)"
     )
     doctor.add_argument(
         "--packed", action="store_true", help="the rows are packed into one (restarting position_ids, SDPA)"
@@ -51,7 +44,6 @@ def add_parser(commands: Any) -> None:
     doctor.add_argument(
         "--peak-tflops", type=float, help="dense peak TFLOP/s of one GPU, for a GPU the table lacks"
     )
-    doctor.add_argument("--json", action="store_true", help="print JSON")
     doctor.set_defaults(handler=run, gradient_checkpointing=False)
 
 
@@ -60,7 +52,7 @@ def run(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
-        print_examination(result, packed=args.packed, lora=bool(args.lora_r))
+        print_examination(result, packed=args.packed, lora=bool(args.lora_rank))
 
 
 def diagnose(args: argparse.Namespace) -> Examination:
