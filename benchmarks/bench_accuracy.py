@@ -204,6 +204,64 @@ class FixedBatches(torch.utils.data.Dataset):
         return {k: v[i] for k, v in self.rows.items()}
 
 
+# -- the wall clock of the measured steps, and the Lightning module, for every benchmark of a framework --
+def hf_wall_clock(warmup: int, measured: int, clock: dict[str, float]):
+    """A Trainer callback that puts the host clock at the first measured step's begin and the last's end
+    (after a sync each) into ``clock["begin"]`` and ``clock["end"]``."""
+    from transformers import TrainerCallback
+
+    class WallClock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == warmup:
+                sync()
+                clock["begin"] = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == warmup + measured:
+                sync()
+                clock["end"] = time.perf_counter()
+
+    return WallClock()
+
+
+def lightning_wall_clock(warmup: int, measured: int, clock: dict[str, float]):
+    """The same as ``hf_wall_clock`` for Lightning."""
+    import lightning as L
+
+    class WallClock(L.Callback):
+        def on_train_batch_start(self, trainer, module, b, batch_idx):
+            if trainer.global_step == warmup:
+                sync()
+                clock["begin"] = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, module, outputs, b, batch_idx):
+            if trainer.global_step == warmup + measured:
+                sync()
+                clock["end"] = time.perf_counter()
+
+    return WallClock()
+
+
+def lightning_module(model: torch.nn.Module):
+    """``model`` trained by Lightning: its loss logged as ``train/loss``, AdamW over its trainable weights."""
+    import lightning as L
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def training_step(self, b, batch_idx):
+            loss = self.model(**b).loss
+            self.log("train/loss", loss)
+            return loss
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW((p for p in self.parameters() if p.requires_grad), lr=1e-5)
+
+    return Module()
+
+
 # -- the four ways of training ------------------------------------------------------------------
 def run_plain(model, batch, warmup, measured, peak_tflops):
     meter = MFUMeter(model, warmup_steps=warmup, peak_tflops=peak_tflops)
@@ -229,23 +287,11 @@ def run_plain(model, batch, warmup, measured, peak_tflops):
 
 
 def run_hf(model, batch, warmup, measured, peak_tflops):
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers import Trainer, TrainingArguments
 
     from mfu_callbacks.transformers import MFUCallback
 
-    clock = {}
-
-    class WallClock(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            if state.global_step == warmup:
-                sync()
-                clock["begin"] = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == warmup + measured:
-                sync()
-                clock["end"] = time.perf_counter()
-
+    clock: dict[str, float] = {}
     rows = len(batch["input_ids"])
     args = TrainingArguments(
         output_dir=tempfile.mkdtemp(),
@@ -263,7 +309,10 @@ def run_hf(model, batch, warmup, measured, peak_tflops):
         model=model,
         args=args,
         train_dataset=FixedBatches(batch, rows * (warmup + measured)),
-        callbacks=[MFUCallback(warmup_steps=warmup, peak_tflops=peak_tflops), WallClock()],
+        callbacks=[
+            MFUCallback(warmup_steps=warmup, peak_tflops=peak_tflops),
+            hf_wall_clock(warmup, measured, clock),
+        ],
     )
     trainer.train()
     logged = next(row for row in trainer.state.log_history if "loss" in row)
@@ -277,31 +326,7 @@ def run_lightning(model, batch, warmup, measured, peak_tflops):
 
     from mfu_callbacks.lightning import MFUCallback
 
-    clock = {}
-
-    class Module(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.model = model
-
-        def training_step(self, b, batch_idx):
-            loss = self.model(**b).loss
-            self.log("train/loss", loss)
-            return loss
-
-        def configure_optimizers(self):
-            return torch.optim.AdamW((p for p in self.parameters() if p.requires_grad), lr=1e-5)
-
-    class WallClock(L.Callback):
-        def on_train_batch_start(self, trainer, module, b, batch_idx):
-            if trainer.global_step == warmup:
-                sync()
-                clock["begin"] = time.perf_counter()
-
-        def on_train_batch_end(self, trainer, module, outputs, b, batch_idx):
-            if trainer.global_step == warmup + measured:
-                sync()
-                clock["end"] = time.perf_counter()
+    clock: dict[str, float] = {}
 
     rows = len(batch["input_ids"])
     loader = torch.utils.data.DataLoader(FixedBatches(batch, rows * (warmup + measured)), batch_size=rows)
@@ -316,9 +341,12 @@ def run_lightning(model, batch, warmup, measured, peak_tflops):
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[MFUCallback(warmup_steps=warmup, peak_tflops=peak_tflops), WallClock()],
+        callbacks=[
+            MFUCallback(warmup_steps=warmup, peak_tflops=peak_tflops),
+            lightning_wall_clock(warmup, measured, clock),
+        ],
     )
-    trainer.fit(Module(), loader)
+    trainer.fit(lightning_module(model), loader)
     with open(Path(trainer.logger.log_dir) / "metrics.csv") as handle:
         row = next(r for r in csv.DictReader(handle) if r.get("train/step_time"))
     metrics = {

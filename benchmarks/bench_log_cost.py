@@ -27,8 +27,15 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from bench_accuracy import FixedBatches, build, truth_flops_without_recompute
-from common import SIZES, batch_for, sync
+from bench_accuracy import (
+    FixedBatches,
+    build,
+    hf_wall_clock,
+    lightning_module,
+    lightning_wall_clock,
+    truth_flops_without_recompute,
+)
+from common import SIZES, batch_for
 
 from mfu_callbacks.hardware import resolve_peak
 
@@ -85,22 +92,11 @@ def timed_reads(callback, reads: list[float]) -> None:
 
 
 def run_hf(model, batch, warmup, measured, logging_steps, with_callback, reads):
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers import Trainer, TrainingArguments
 
     from mfu_callbacks.transformers import MFUCallback
 
     clock: dict[str, float] = {}
-
-    class WallClock(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            if state.global_step == warmup:
-                sync()
-                clock["begin"] = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == warmup + measured:
-                sync()
-                clock["end"] = time.perf_counter()
 
     rows = len(batch["input_ids"])
     args = TrainingArguments(
@@ -123,7 +119,7 @@ def run_hf(model, batch, warmup, measured, logging_steps, with_callback, reads):
         model=model,
         args=args,
         train_dataset=FixedBatches(batch, rows * (warmup + measured)),
-        callbacks=[c for c in (callback, WallClock()) if c is not None],
+        callbacks=[c for c in (callback, hf_wall_clock(warmup, measured, clock)) if c is not None],
     )
     trainer.train()
     return clock["end"] - clock["begin"], (callback.summary.get("mfu") if callback is not None else None)
@@ -136,31 +132,6 @@ def run_lightning(model, batch, warmup, measured, logging_steps, with_callback, 
     from mfu_callbacks.lightning import MFUCallback
 
     clock: dict[str, float] = {}
-
-    class Module(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.model = model
-
-        def training_step(self, b, batch_idx):
-            loss = self.model(**b).loss
-            self.log("train/loss", loss)
-            return loss
-
-        def configure_optimizers(self):
-            return torch.optim.AdamW((p for p in self.parameters() if p.requires_grad), lr=1e-5)
-
-    class WallClock(L.Callback):
-        def on_train_batch_start(self, trainer, module, b, batch_idx):
-            if trainer.global_step == warmup:
-                sync()
-                clock["begin"] = time.perf_counter()
-
-        def on_train_batch_end(self, trainer, module, outputs, b, batch_idx):
-            if trainer.global_step == warmup + measured:
-                sync()
-                clock["end"] = time.perf_counter()
-
     rows = len(batch["input_ids"])
     loader = torch.utils.data.DataLoader(FixedBatches(batch, rows * (warmup + measured)), batch_size=rows)
     callback = MFUCallback(warmup_steps=warmup, report=False) if with_callback else None
@@ -175,9 +146,9 @@ def run_lightning(model, batch, warmup, measured, logging_steps, with_callback, 
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[c for c in (callback, WallClock()) if c is not None],
+        callbacks=[c for c in (callback, lightning_wall_clock(warmup, measured, clock)) if c is not None],
     )
-    trainer.fit(Module(), loader)
+    trainer.fit(lightning_module(model), loader)
     return clock["end"] - clock["begin"], (callback.summary.get("mfu") if callback is not None else None)
 
 

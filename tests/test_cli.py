@@ -201,6 +201,7 @@ def test_plot_from_a_lightning_csv_and_a_trainer_state(capsys, tmp_path):
     check_png(tmp_path / "b.png")
 
 
+@pytest.mark.slow  # a W&B offline run, read back by wandb's own reader
 def test_plot_from_a_wandb_offline_run(capsys, tmp_path, monkeypatch):
     wandb = pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -252,6 +253,7 @@ def test_features_of_full_rows_are_what_the_engine_counts_in_a_real_batch(
     assert engine.evaluate(features_of_full_rows(3, 7, decoder_length)) == engine.estimate(batch)
 
 
+@pytest.mark.slow  # a T5 traced twice; the decoder-only estimate above stays in the unit tier
 def test_estimate_of_an_encoder_decoder_matches_the_engine_on_the_real_model(capsys, t5_config_file):
     path, config = t5_config_file
     code, out, err = run_cli(
@@ -570,13 +572,12 @@ def test_the_listing_shows_each_lazily_added_command_with_its_own_summary():
 def test_lora_r_is_a_deprecated_spelling_of_lora_rank_in_estimate_and_doctor(capsys, config_file):
     base = ["estimate", "--config", str(config_file[0]), "--seq-len", "16", "--batch-size", "1", "--json"]
     code, new, err = run_cli(capsys, *base, "--lora-rank", "4")
-    assert code == 0 and "deprecated" not in err
+    assert code == 0 and not [line for line in err.splitlines() if line.startswith("mfu-callbacks:")]
     code, old, err = run_cli(capsys, *base, "--lora-r", "4")
     assert code == 0
     assert json.loads(old) == json.loads(new)
-    assert (
-        err.strip() == "mfu-callbacks: warning: --lora-r is deprecated and will be removed; use --lora-rank"
-    )
+    ours = [line for line in err.splitlines() if line.startswith("mfu-callbacks:")]  # not the libraries' own
+    assert ours == ["mfu-callbacks: warning: --lora-r is deprecated and will be removed; use --lora-rank"]
     for spelling in ("--lora-rank", "--lora-r"):
         args = _parser("doctor").parse_args(["doctor", *base[1:], spelling, "8"])
         assert args.lora_rank == 8

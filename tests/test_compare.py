@@ -426,6 +426,7 @@ def test_three_runs_side_by_side_and_the_worst_decides_the_exit_code(capsys, tmp
     assert "same: no difference within noise" in out and "slow: slower" in out and "FAIL" in out
 
 
+@pytest.mark.slow  # W&B's offline run read back by its own reader (a subprocess): CI's second tier
 def test_a_real_wandb_offline_run_against_a_summary(capsys, tmp_path, monkeypatch):
     wandb = pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")

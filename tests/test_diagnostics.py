@@ -410,13 +410,16 @@ def pretend_two_ranks(monkeypatch, other_rank_slower_by: float) -> None:
     slower = 1.0 + other_rank_slower_by
 
     def sum_and_max(sums: Sequence[float], maxima: Sequence[float]) -> tuple[list[float], list[float]]:
-        # The slowest rank's wall time, steps and last step, then one step time per data-parallel
-        # group (a slot per rank): this rank fills slot 0, the other rank slot 1.
-        wall, steps, last, mine, _ = maxima
+        # The slowest rank's wall time, steps and last step, the read's place (latest and negated
+        # earliest: both ranks read at the same one), then one step time per data-parallel group (a
+        # slot per rank): this rank fills slot 0, the other rank slot 1.
+        wall, steps, last, latest, earliest, mine, _ = maxima
         return [2 * value for value in sums], [
             wall * slower,
             steps,
             last * slower,
+            latest,
+            earliest,
             mine,
             mine * slower,
         ]

@@ -131,6 +131,7 @@ def _run(name):
     return _accelerate(False), lambda: _accelerate(True)
 
 
+@pytest.mark.slow  # a short training run per entry point: the registry test above stays in the unit tier
 @pytest.mark.parametrize("name", sorted(ENTRY_POINTS))
 def test_a_failure_in_any_entry_point_leaves_training_bit_identical_and_is_logged_once(
     name, monkeypatch, caplog

@@ -115,7 +115,9 @@ def quantized(model: nn.Module, kind: type[nn.Linear]) -> nn.Module:
     return model
 
 
-@pytest.mark.parametrize("kind", [Linear4bit, Linear8bitLt], ids=["4bit", "8bit"])
+@pytest.mark.parametrize(
+    "kind", [Linear4bit, pytest.param(Linear8bitLt, marks=pytest.mark.slow)], ids=["4bit", "8bit"]
+)
 def test_qlora_stand_in(kind: type[nn.Linear]) -> None:
     check_lora(quantized(build_decoder("llama"), kind), target_modules="all-linear")
 

@@ -159,11 +159,13 @@ def test_seq2seq_full_fine_tuning(name: str) -> None:
     check_engine(build(name), seq2seq_template(), seq2seq_full_batches())
 
 
+@pytest.mark.slow  # the encoder-decoder's other unit tests cover the same counting
 @pytest.mark.parametrize("name", one_per_family(SEQ2SEQ, "t5"))
 def test_seq2seq_lora(name: str) -> None:
     check_engine(lora(name, build(name)), seq2seq_template(), seq2seq_full_batches())
 
 
+@pytest.mark.slow  # the encoder-decoder's other unit tests cover the same counting
 @pytest.mark.parametrize("name", one_per_family(SEQ2SEQ, "t5"))
 def test_seq2seq_gradient_checkpointing(name: str) -> None:
     model = build(name)
@@ -176,6 +178,7 @@ def test_seq2seq_padded_batch(name: str) -> None:
     check_engine(build(name), seq2seq_template(), seq2seq_batches())
 
 
+@pytest.mark.slow  # the encoder-decoder's other unit tests cover the same counting
 @pytest.mark.parametrize("name", one_per_family(SEQ2SEQ, "t5"))
 def test_seq2seq_with_decoder_input_ids(name: str) -> None:
     """The decoder stream given as ``decoder_input_ids`` instead of ``labels``, beside a padded encoder.
@@ -190,6 +193,7 @@ def test_seq2seq_with_decoder_input_ids(name: str) -> None:
     check_engine(build(name), with_decoder_inputs([9, 4], 5), batches)
 
 
+@pytest.mark.slow  # the encoder-decoder's other unit tests cover the same counting
 @pytest.mark.parametrize("name", one_per_family(SEQ2SEQ, "t5"))
 def test_seq2seq_with_padded_decoder_inputs_of_the_encoder_width(name: str) -> None:
     """Both sides padded to the same width: each side's real lengths come from its own mask."""

@@ -73,8 +73,17 @@ def component_truth(model: nn.Module, batch: dict) -> dict[str, int]:
     return parts
 
 
-@pytest.mark.parametrize("real_step", ["check", "only", "off"])
-@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize(
+    "recipe, real_step",
+    [
+        # One run per recipe and per real_step in the unit tier; the rest of the grid in the slow tier.
+        (recipe, real_step)
+        if (RECIPES.index(recipe) + index) % 3 == 0
+        else pytest.param(recipe, real_step, marks=pytest.mark.slow)
+        for recipe in RECIPES
+        for index, real_step in enumerate(["check", "only", "off"])
+    ],
+)
 def test_an_fp8_step_counts_like_its_plain_twin_per_component(recipe: str, real_step: str) -> None:
     model, twin = twins(recipe)
     assert sum(isinstance(m, Float8Linear) for m in model.modules()) == 7 * LAYERS
@@ -95,7 +104,9 @@ def test_an_fp8_step_counts_like_its_plain_twin_per_component(recipe: str, real_
         assert step.breakdown == truth, f"per component: {step.breakdown} vs the twin's {truth}"
 
 
-@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize(
+    "recipe", [RECIPES[0], *(pytest.param(recipe, marks=pytest.mark.slow) for recipe in RECIPES[1:])]
+)
 def test_fp8_linears_without_checkpointing_are_no_recompute(recipe: str) -> None:
     """The real step (the default check, and alone) sees the fp8 backward's matmuls; none is a rerun."""
     for real_step in ("check", "only"):

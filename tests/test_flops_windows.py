@@ -159,7 +159,11 @@ def batches() -> list[dict[str, torch.Tensor]]:
     ]
 
 
-@pytest.mark.parametrize("name", list(FAMILIES))
+@pytest.mark.parametrize(
+    "name",
+    # Mistral in the unit tier; Qwen2, Gemma-2 and Gemma-3 (local and global layers) in the slow tier.
+    [name if name == "mistral" else pytest.param(name, marks=pytest.mark.slow) for name in FAMILIES],
+)
 def test_windowed_layers_count_their_window(name: str) -> None:
     model = build(name)
     engine = FlopEngine.from_model(model, full_batch(3, 7))

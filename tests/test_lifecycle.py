@@ -170,7 +170,9 @@ def bart_with_layerdrop() -> nn.Module:
 
 
 @pytest.mark.parametrize(
-    "build", [StochasticDepthLlama, bart_with_layerdrop], ids=["stochastic_depth", "bart_layerdrop"]
+    "build",
+    [StochasticDepthLlama, pytest.param(bart_with_layerdrop, marks=pytest.mark.slow)],
+    ids=["stochastic_depth", "bart_layerdrop"],
 )
 def test_hf_training_is_bit_identical_with_and_without_the_callback(tmp_path, build):
     from transformers import TrainerCallback

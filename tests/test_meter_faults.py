@@ -89,6 +89,7 @@ def _resident_bytes() -> int:
         return int(statm.read().split()[1]) * 4096
 
 
+@pytest.mark.slow  # thirty thousand steps
 def test_thirty_thousand_steps_without_a_read_stay_within_two_megabytes():
     clock = FakeClock()
     meter = make_meter(clock)

@@ -333,6 +333,7 @@ class SlowRows(FixedLengthTokens):
         return super().__getitem__(index)
 
 
+@pytest.mark.slow  # the fake-clock tests above hold the rule; this one shows it on the real clock
 def test_on_the_real_clock_an_evaluation_is_not_read_as_waiting_for_input(tmp_path):
     """Evaluation (16 slow rows, about 0.3 s) every 2 steps of about 20 ms: before this was paused, the
     rows after an evaluation read input_wait_fraction 0.84-0.89 and step_time ten times a step."""

@@ -118,6 +118,7 @@ def train_hf(offline: Path, callback: Any, collator: Any = collate) -> None:
     wandb.finish()
 
 
+@pytest.mark.slow  # W&B's offline run read back by its own reader (a subprocess): CI's second tier
 def test_hf_trainer_with_report_to_wandb(offline):
     from mfu_callbacks.transformers import MFUCallback
 
@@ -211,6 +212,7 @@ def loop_accelerate(offline: Path, **tracker_options: Any) -> None:
     accelerator.end_training()
 
 
+@pytest.mark.slow  # W&B's offline run read back by its own reader (a subprocess): CI's second tier
 def test_accelerate_with_log_with_wandb(offline):
     loop_accelerate(offline)
     check_run(read_run(offline), "train/loss", "train/mfu", None)
