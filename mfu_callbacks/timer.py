@@ -228,16 +228,21 @@ class StepTimer:
                 self._meter_marks = []
 
     @property
+    def _resolved_steps(self) -> int:
+        """Unread steps whose timings are resolved already (the oldest ones)."""
+        return sum(timing.steps for timing in self._finished)
+
+    @property
     def unread_steps(self) -> int:
         """Measured steps finished since the last read, resolved or not."""
-        return sum(timing.steps for timing in self._finished) + len(self._recorded)
+        return self._resolved_steps + len(self._recorded)
 
     def completed_steps(self) -> int:
         """How many of the unread steps the device has finished, asked without waiting.
 
         CUDA events complete in stream order, so the newest finished one tells: one or two queries.
         """
-        resolved = sum(timing.steps for timing in self._finished)
+        resolved = self._resolved_steps
         for index in range(len(self._recorded) - 1, -1, -1):
             if self._recorded[index][2].query():
                 return resolved + index + 1
@@ -245,7 +250,7 @@ class StepTimer:
 
     def end_event(self, steps: int) -> torch.cuda.Event | None:
         """The event at the end of the ``steps``-th unread step, if it is still unresolved (CUDA)."""
-        index = steps - sum(timing.steps for timing in self._finished) - 1
+        index = steps - self._resolved_steps - 1
         return self._recorded[index][2] if 0 <= index < len(self._recorded) else None
 
     def read(self, steps: int | None = None) -> list[StepTiming]:
@@ -259,7 +264,7 @@ class StepTimer:
         """
         if steps is None:
             steps = self.unread_steps
-        resolved = sum(timing.steps for timing in self._finished)
+        resolved = self._resolved_steps
         if steps < resolved:
             raise ValueError(f"cannot read {steps} steps: {resolved} are already resolved together")
         count = min(steps - resolved, len(self._recorded))
