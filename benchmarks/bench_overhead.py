@@ -14,6 +14,8 @@ its ratio to none in the same round.
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import statistics
 import time
 
@@ -70,6 +72,9 @@ def main() -> None:
     parser.add_argument("--size", default="small", choices=sorted(SIZES))
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--steps", type=int, default=40, help="steps per variant per round")
+    parser.add_argument(
+        "--profile", action="store_true", help="print where start_step + end_step spend host time"
+    )
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -130,14 +135,21 @@ def main() -> None:
     # records, one counting op) can wait for room on a full launch queue: time the GPU spends on
     # queued work, which the step's own launches would wait for otherwise. The same calls in the same
     # loop with the queue drained before each show the meter's own host cost.
-    drained = sorted(drained_host_seconds(variants["ours"], step, sync, steps=max(50, args.steps * 4)))
+    profile = cProfile.Profile() if args.profile else None
+    drained = sorted(
+        drained_host_seconds(variants["ours"], step, sync, steps=max(50, args.steps * 4), profile=profile)
+    )
     print(
         f"the same with the launch queue drained before each call: median {statistics.median(drained) * 1e6:.1f} us, "
         f"p90 {drained[int(0.9 * len(drained))] * 1e6:.1f} us"
     )
+    if profile is not None:
+        pstats.Stats(profile).sort_stats("tottime").print_stats(30)
 
 
-def drained_host_seconds(ours, step, sync, steps: int) -> list[float]:
+def drained_host_seconds(
+    ours, step, sync, steps: int, profile: cProfile.Profile | None = None
+) -> list[float]:
     """Host time of ``start_step`` + ``end_step`` with nothing queued on the GPU at either call."""
     meter = ours.meter
     batch = ours.batch
@@ -145,12 +157,20 @@ def drained_host_seconds(ours, step, sync, steps: int) -> list[float]:
     for _ in range(steps):
         sync()
         begin = time.perf_counter()
+        if profile is not None:
+            profile.enable()
         meter.start_step(batch)
+        if profile is not None:
+            profile.disable()
         started = time.perf_counter()
         step()
         sync()
         before_end = time.perf_counter()
+        if profile is not None:
+            profile.enable()
         meter.end_step()
+        if profile is not None:
+            profile.disable()
         seconds.append(started - begin + time.perf_counter() - before_end)
     meter.metrics()
     return seconds

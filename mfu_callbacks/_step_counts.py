@@ -148,7 +148,9 @@ def _after(ready: torch.cuda.Event | None) -> AbstractContextManager[object]:
     device = torch.device("cuda", torch.cuda.current_device())
     stream = _side_streams.get(device)
     if stream is None:
-        stream = _side_streams[device] = torch.cuda.Stream(device)
+        # High priority: its few small kernels are scheduled ahead of the training kernels' next blocks,
+        # so the copy to the host waits for them alone, not for a long kernel of the step queued before.
+        stream = _side_streams[device] = torch.cuda.Stream(device, priority=-1)
     stream.wait_event(ready)
     return torch.cuda.stream(stream)
 

@@ -81,6 +81,7 @@ class MFUCallback(TrainerCallback, ExportableState):
         self.mfu_state: dict[str, Any] | None = None  # set by the Trainer when it restores callback states
         self._after_the_flow = _AfterTheFlow(self)  # runs last: sees what the Trainer decided to do next
         self._pause_after_log = False  # an evaluation or a save follows this step's log
+        self._read_ahead: dict[str, float] | None = None  # read at the step's end, for its log row
 
     @entry_point(default=lambda: {"args": {}, "attributes": {}})
     def state(self) -> dict[str, Any]:
@@ -93,6 +94,7 @@ class MFUCallback(TrainerCallback, ExportableState):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs
     ):
         self.session.start_run()  # a second train(), or one after an interrupted run, starts clean
+        self._read_ahead = None
         if state.global_step > 0:  # resuming from a checkpoint
             self.session.continue_from_step(state.global_step)
             self.session.load_state_dict(self.mfu_state or _saved_state(state, type(self).__name__))
@@ -121,7 +123,9 @@ class MFUCallback(TrainerCallback, ExportableState):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None or "loss" not in logs or not self.session.due(True):
             return
-        metrics = self.session.read()
+        metrics, self._read_ahead = self._read_ahead, None
+        if metrics is None:
+            metrics = self.session.read()
         if not metrics:
             return
         record = saved_log_record(state)
@@ -130,9 +134,15 @@ class MFUCallback(TrainerCallback, ExportableState):
         if record is not None:
             record.update(metrics)
 
-    def _flow_decided(self, control: TrainerControl) -> None:
-        """Every callback has seen the step (or epoch) end: pause if an evaluation or a save follows."""
+    def _flow_decided(self, control: TrainerControl, *, step_ended: bool = False) -> None:
+        """Every callback has seen the step (or epoch) end: read now if the Trainer logs this step, and
+        pause if an evaluation or a save follows."""
         self._pause_after_log = False
+        if step_ended and control.should_log and self.session.due(True):
+            # Read while the GPU still runs the step: the Trainer waits for it before logging (the
+            # loss's ``item()``), so the read's host time is hidden there, where at ``on_log`` it would
+            # add to the step. The row gets what was read here.
+            self._read_ahead = self.session.read()
         if control.should_evaluate or control.should_save:
             if control.should_log:
                 self._pause_after_log = True  # after the row is logged (and read), as on any step
@@ -164,7 +174,7 @@ class _AfterTheFlow(TrainerCallback):
 
     @entry_point()
     def on_step_end(self, args, state, control, **kwargs):
-        self._owner._flow_decided(control)
+        self._owner._flow_decided(control, step_ended=True)
 
     @entry_point()
     def on_epoch_end(self, args, state, control, **kwargs):

@@ -32,7 +32,7 @@ from torch import nn
 import mfu_callbacks.diagnostics.checks as diagnostics_module
 from mfu_callbacks import distributed
 from mfu_callbacks._window import RunTotals
-from mfu_callbacks.diagnostics import DIAGNOSIS_IDS, Diagnosis, Diagnostics, slowdowns, validate_ids
+from mfu_callbacks.diagnostics import DIAGNOSIS_IDS, Diagnosis, Diagnostics, clocks, slowdowns, validate_ids
 from mfu_callbacks.diagnostics.checks import FlopSplit, Review
 from mfu_callbacks.diagnostics.clocks import ClockLog
 from mfu_callbacks.diagnostics.measured import MatmulTime, measured_slowdown
@@ -124,6 +124,7 @@ def clean_model() -> nn.Module:
 def test_a_clean_run_fires_nothing(clean_model, monkeypatch):
     fake_nvml = FakeNvml([1900, 1950, 1880])
     monkeypatch.setitem(sys.modules, "pynvml", fake_nvml)
+    monkeypatch.setattr(clocks, "SAMPLE_SECONDS", 0.0)  # every read samples
     clock = FakeClock()
     batch = full_batch(2, 16)
     meter = make_meter(clean_model, clock, batch, device="cuda:0")  # NVML is asked about "cuda:0"
@@ -628,6 +629,7 @@ class FakeNvml(types.ModuleType):
 def test_a_throttled_sm_clock_is_reported_after_two_low_reads(clean_model, monkeypatch):
     fake_nvml = FakeNvml([1200, 1900, 1100], reasons=0x20 | 0x4)  # thermal slowdown and power cap
     monkeypatch.setitem(sys.modules, "pynvml", fake_nvml)
+    monkeypatch.setattr(clocks, "SAMPLE_SECONDS", 0.0)  # every read samples
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
     clock = FakeClock()
     batch = full_batch(2, 16)
@@ -649,9 +651,22 @@ def test_a_throttled_sm_clock_is_reported_after_two_low_reads(clean_model, monke
     assert fake_nvml.clock_reads == 3, "once fired, NVML is no longer read"
 
 
+def test_the_clock_is_sampled_at_most_once_a_second_however_often_the_run_logs(monkeypatch):
+    fake_nvml = FakeNvml([1900])
+    monkeypatch.setitem(sys.modules, "pynvml", fake_nvml)
+    now = [0.0]
+    log = ClockLog(clock=lambda: now[0])
+    for _ in range(100):  # a read every 50 ms (logging every step): 5 s
+        log.sample(torch.device("cuda", 0))
+        now[0] += 0.05
+    assert fake_nvml.clock_reads == 5
+    assert log.reads == 5
+
+
 def test_an_idle_gpu_or_missing_nvml_is_no_reading(clean_model, monkeypatch):
     idle = FakeNvml([900], reasons=0x1)
     monkeypatch.setitem(sys.modules, "pynvml", idle)
+    monkeypatch.setattr(clocks, "SAMPLE_SECONDS", 0.0)
     clock = FakeClock()
     batch = full_batch(2, 16)
     meter = make_meter(clean_model, clock, batch, device="cuda:0")

@@ -86,6 +86,33 @@ def train(
     return trainer, model
 
 
+def test_a_logged_step_is_read_at_its_end_before_the_trainer_waits_for_the_loss(tmp_path):
+    """The read runs at the step's end (while a GPU still works on the step, before the Trainer's
+    ``loss.item()``), not in ``on_log`` after it, and its metrics go into that step's row."""
+    callback = MFUCallback(peak_tflops=PEAK_TFLOPS, warmup_steps=1)
+    read, in_on_log, reads = callback.session.read, [False], []
+    on_log = callback.on_log
+
+    def spied_read():
+        reads.append("on_log" if in_on_log[0] else "step end")
+        return read()
+
+    def spied_on_log(*args, **kwargs):
+        in_on_log[0] = True
+        try:
+            return on_log(*args, **kwargs)
+        finally:
+            in_on_log[0] = False
+
+    callback.session.read = spied_read
+    callback.on_log = spied_on_log
+    trainer, _ = train(tmp_path, callback=callback, steps=6)
+    assert reads == ["step end"] * 3
+    rows = [row for row in trainer.state.log_history if "loss" in row]
+    assert [row["step"] for row in rows] == [2, 4, 6]
+    assert all("mfu" in row for row in rows[1:]), rows
+
+
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_mfu_is_logged_with_the_loss_and_matches_an_independent_count(tmp_path, lora):
     reporter = RecordingReporter()

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -72,11 +73,17 @@ class NvmlClocks:
 SM_CLOCK_THRESHOLD = 0.80  # SM clock over its maximum, below which a read counts as throttled
 
 
-class ClockLog:
-    """SM clock readings taken at log time, before waiting for the GPU (while the steps still run)."""
+SAMPLE_SECONDS = 1.0  # at most one reading per second: an NVML query costs 0.1-0.3 ms of host time
 
-    def __init__(self) -> None:
+
+class ClockLog:
+    """SM clock readings taken at log time, before waiting for the GPU (while the steps still run);
+    at most one per ``SAMPLE_SECONDS``, so a run that logs every step pays for few of them."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._nvml = NvmlClocks()
+        self._clock = clock
+        self._sampled_at: float | None = None
         self.reads = 0
         self.low_ratios: list[float] = []
         self.low_reasons: set[str] = set()
@@ -85,6 +92,10 @@ class ClockLog:
     def sample(self, device: torch.device) -> None:
         if device.type != "cuda":
             return
+        now = self._clock()
+        if self._sampled_at is not None and now - self._sampled_at < SAMPLE_SECONDS:
+            return
+        self._sampled_at = now
         reading = self._nvml.read(device)
         if reading is None:
             return

@@ -94,7 +94,8 @@ class Group:
             values = source.values(tensors[0] if len(tensors) == 1 else torch.cat(tensors))
             totals.append(values.sum(0))
             if last_from is not None:
-                lasts.append(values[last_from[slot] :].sum(0))
+                # A window of one step (a log at every step) is its own last step: no second sum.
+                lasts.append(totals[-1] if last_from[slot] == 0 else values[last_from[slot] :].sum(0))
         rows = [torch.cat(totals) if len(totals) > 1 else totals[0]]
         if last_from is not None:
             rows.append(torch.cat(lasts) if len(lasts) > 1 else lasts[0])
