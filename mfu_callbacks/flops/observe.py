@@ -212,6 +212,13 @@ class RealStepObserver(TorchDispatchMode):
         for tensor in tensors_in(batch):
             self._facts[tensor] = _TensorFacts(from_batch=True, needs_grad=False, made_with_grad=True)
 
+    def add_batch(self, batch: Any) -> None:
+        """Another call's inputs are batch data too (the observation opened at a pass without grad
+        before the micro-batch it is fitted to): what the step has not made or seen yet."""
+        for tensor in tensors_in(batch):
+            if tensor not in self._facts and id(view_base(tensor)) not in self._owners:
+                self._facts[tensor] = _TensorFacts(from_batch=True, needs_grad=False, made_with_grad=True)
+
     # -- the model's structure ------------------------------------------------------------------
     def _describe(self, model: nn.Module) -> None:
         classes: dict[str, list[str]] = {"": [type(model).__name__]}
