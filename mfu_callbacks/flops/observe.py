@@ -12,8 +12,9 @@ forward rerun inside the backward).
 - **Model FLOPs** follow the convention of ``trace.py``: each forward matmul, plus one product of the
   same cost for each operand that carries a needed gradient, counted when its result reaches the
   loss (its autograd node ran in the backward; for ops inside a custom ``autograd.Function``, the
-  Function's output's node, or, where a kernel the dispatcher never sees wrote that output, any
-  custom Function's backward having run). A fused head that recomputes its logits in the backward
+  Function's output's node, or, where a kernel the dispatcher never sees wrote that output, that
+  Function's own node, known by its sequence number). A matmul run with grad off outside a custom
+  Function (``no_grad``: a reference model, adapters disabled, a KL pass) counts its forward once. A fused head that recomputes its logits in the backward
   therefore counts like its unfused twin, and a gradient forced onto the embeddings (PEFT's
   ``enable_input_require_grads``) is not a model FLOP. A module with declared FLOPs
   (``declared.py``) counts its declaration instead of what runs inside it.
