@@ -8,6 +8,13 @@ With ``real_step="check"`` (the default) the same first step also runs under the
 observer (``flops/observe.py``): its count checks the meta-device copy's, and replaces it when the
 copy cannot be traced or disagrees by more than 0.5%. The observation is fitted at the next read,
 where the host waits for the GPU anyway; until then the steps' features are counted as usual.
+
+Only training forwards (grad on) are micro-batches with features of their own. The forwards without
+grad inside a step (a reference model, adapters disabled, a KL or scoring pass) are counted through
+the observation: it opens at the step's first forward of the model, with grad or without, covers every
+forward until the observed micro-batch's backward ends (those of models the callback does not watch
+too), and is fitted per feature of that micro-batch. Later steps then count that work in proportion
+to their training batches: exact where the passes run on the same tokens (DPO's reference does).
 """
 
 from __future__ import annotations
@@ -48,10 +55,14 @@ class StepRecorder:
         self.real_step = real_step if engine is None else "off"
         self._token_counting: TokenCounting | None = None  # built for an observed step, before any engine
         self._observer: RealStepObserver | None = None
-        self._observed: tuple[RealStepObserver, torch.Tensor] | None = (
+        self._observed: tuple[RealStepObserver, torch.Tensor | None] | None = (
             None  # awaiting its fit at the next read
         )
         self._observations_left = _OBSERVATION_ATTEMPTS
+        self._awaiting = (
+            False  # the open observation began at a forward without grad: its micro-batch is next
+        )
+        self._trained = False  # the open step has had a training micro-batch
         self.step_open = False
         self.steps_left_out = 0
         self._model = model
@@ -74,6 +85,7 @@ class StepRecorder:
         self._close_observation()
         self.step_open = True
         self._left_out = False
+        self._trained = False
         self.timer.start()
         if batch is not None:
             self._count(batch)
@@ -97,8 +109,58 @@ class StepRecorder:
             )
         if batch is None:
             raise TypeError("add_batch() needs the micro-batch the model was given, got None")
-        self._close_observation()
-        self._count(batch)
+        if self._awaiting:
+            self._adopt(batch)
+        else:
+            self._close_observation()
+            self._count(batch)
+        self._trained = True
+
+    def add_forward(self, batch: Any) -> None:
+        """A forward without grad inside the open step (a reference, KL or scoring pass): no micro-batch
+        of its own. Before the step's first training micro-batch, where this step is to be observed,
+        the observation opens here, so that it covers this pass; the next training micro-batch is the
+        one it is fitted to."""
+        if not self.step_open or self._trained or self._left_out or self._observer is not None:
+            return
+        if isinstance(batch, dict) and batch.get("past_key_values") is not None:
+            return  # a generation step: not a pass of the training step's own
+        if self._counter is not None and not self._observing_again():
+            return
+        try:
+            if self._counter is None:
+                self._build(batch, awaiting=True)
+            else:
+                self._observe(batch, awaiting=True)
+        except (BatchError, ValueError) as error:
+            self._leave_step_out(error)
+
+    def _observing_again(self) -> bool:
+        """Whether the next micro-batch is observed again (an earlier observation saw no backward)."""
+        return (
+            self.real_step != "off"
+            and bool(self._observations_left)
+            and self.engine is None
+            and not self._observed
+        )
+
+    def _adopt(self, batch: Any) -> None:
+        """The first training micro-batch of a step whose observation opened at a forward without grad."""
+        self._awaiting = False
+        observer, counting = self._observer, self._token_counting
+        if observer is None or counting is None:  # it closed (the pass raised): observed again later
+            self._observed = None
+            self._count(batch)
+            return
+        try:
+            observe_step(self._model, batch, counting)  # the checks a batch is observed with
+            observer.add_batch(batch)
+            self._observed = (observer, counting.count(batch))
+        except (BatchError, ValueError, ModelIntrospectionError) as error:
+            self._close_observation()
+            self._observed = None
+            if self.engine is None:
+                self._leave_step_out(error)
 
     def end_step(self) -> None:
         if not self.step_open:
@@ -141,12 +203,7 @@ class StepRecorder:
             if counter is None:
                 self._build(batch)
                 return
-            if (
-                self.real_step != "off"
-                and self._observations_left
-                and self.engine is None
-                and not self._observed
-            ):
+            if self._observing_again():
                 self._observe(batch)  # an earlier observation saw no backward: try again
                 return
             if self.timer.measuring:
@@ -165,8 +222,9 @@ class StepRecorder:
         return self.engine if self.engine is not None else self._token_counting
 
     # -- building the engine --------------------------------------------------------------------
-    def _build(self, batch: Any) -> None:
-        """From the first countable batch: the copy's engine and/or an observation of this step."""
+    def _build(self, batch: Any, *, awaiting: bool = False) -> None:
+        """From the first countable batch: the copy's engine and/or an observation of this step
+        (``awaiting``: the batch of a forward without grad, before the step's first training one)."""
         self.timer.discard_current()  # this step's time goes into building the engine, not into training
         if self.real_step == "check" and (is_compiled(self._model) or is_sharded(self._model)):
             # Compiled and sharded models are counted from the copy (README says how).
@@ -183,23 +241,24 @@ class StepRecorder:
         if self.real_step == "off":
             return
         try:
-            self._observe(batch)
+            self._observe(batch, awaiting=awaiting)
         except Exception as error:  # noqa: BLE001 - the check is optional where the copy counted
             if self.engine is None:
                 raise
             self.real_step = "off"  # the copy's count stands unchecked
             logger.info("mfu_callbacks: the real step cannot be observed (%s)", error)
 
-    def _observe(self, batch: Any) -> None:
-        """Watch this micro-batch's forward and backward (until the recorder's next event)."""
+    def _observe(self, batch: Any, *, awaiting: bool = False) -> None:
+        """Watch this micro-batch's forward and backward (until the recorder's next event); with
+        ``awaiting``, from this forward without grad on, fitted to the next training micro-batch."""
         counting = self._token_counting or token_counting(self._model, self._token_counter)
         observer = observe_step(self._model, batch, counting)
-        features = counting.count(batch)
+        features = None if awaiting else counting.count(batch)
         self._token_counting = counting
         self._observations_left -= 1
         self.timer.discard_current()  # the observed step runs slower: left out of timing
         observer.__enter__()
-        self._observer, self._observed = observer, (observer, features)
+        self._observer, self._observed, self._awaiting = observer, (observer, features), awaiting
 
     def stop_observing(self) -> None:
         """Leave the real step's dispatch mode now (the run ended or failed before the recorder's next event)."""
@@ -209,6 +268,9 @@ class StepRecorder:
         observer, self._observer = self._observer, None
         if observer is not None:
             observer.__exit__(None, None, None)
+        if self._awaiting:  # no training micro-batch came: nothing to fit
+            self._awaiting = False
+            self._observed = None
 
     def _fit_observation(self) -> None:
         """Fit the observed step (at a read: its features are read back with the rest) and settle
@@ -218,7 +280,7 @@ class StepRecorder:
         if observed is None:
             return
         observer, features = observed
-        assert self._token_counting is not None
+        assert self._token_counting is not None and features is not None
         try:
             measured = FlopEngine.from_observation(
                 self._model, observer.observation, self._token_counting, features.tolist()

@@ -157,7 +157,9 @@ class MeterSession:
 
     # -- micro-batches seen by a forward pre-hook (when the framework hands callbacks no batch) --
     def watch_forward(self, model: nn.Module) -> None:
-        """Count each training forward of ``model`` as a micro-batch of the open step."""
+        """Count each training forward of ``model`` as a micro-batch of the open step, and let its
+        forwards without grad inside the step (a reference, KL or scoring pass) open the step's
+        observation when they come first."""
         self.unwatch()  # a run that ended by an exception may have left its hook
         hook = torch.compiler.disable(self._before_forward)
         self._hook = model.register_forward_pre_hook(hook, with_kwargs=True)
@@ -165,10 +167,14 @@ class MeterSession:
     @entry_point()
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """The forward pre-hook (returns None: the call's arguments go through unchanged)."""
-        if not (module.training and torch.is_grad_enabled()):
-            if not module.training and not self._step_open:
+        if not module.training:
+            if not self._step_open:
                 self.pause()  # an evaluation between two steps: not training, until the next step
-            return  # evaluation and generation are not training steps
+            return  # evaluation is not a training step
+        if not torch.is_grad_enabled():
+            if self._step_open and self.meter is not None:  # a pass without grad inside the step
+                self.guard.run(self.meter.add_forward, _call_as_batch(module, args, kwargs))
+            return
         if not self._step_open:
             self.begin_step()
         self.add_batch(_call_as_batch(module, args, kwargs))

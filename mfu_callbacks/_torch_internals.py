@@ -143,6 +143,26 @@ def current_autograd_node() -> Any:
     return torch._C._current_autograd_node()
 
 
+def custom_function_forward() -> int | None:
+    """The sequence number of the custom ``autograd.Function`` whose forward is running in this thread,
+    or None outside one (grad mode on, or off by ``no_grad``/``inference_mode``).
+
+    ``Function.apply`` turns off both grad modes (backward and forward-mode AD) around ``forward`` and
+    creates the Function's autograd node just before it: no other node is made while it runs, so the
+    node's sequence number is the thread's last one. ``no_grad`` leaves forward-mode AD on, and
+    ``inference_mode`` is said by its own flag.
+    """
+    if torch.is_grad_enabled() or torch._C._is_fwd_grad_enabled() or torch.is_inference_mode_enabled():
+        return None
+    return torch._C._autograd._get_sequence_nr() - 1
+
+
+def node_sequence_number(node: Any) -> int | None:
+    """The sequence number of an autograd node (that of the forward op that made it)."""
+    sequence_nr = getattr(node, "_sequence_nr", None)
+    return sequence_nr() if sequence_nr is not None else None
+
+
 def queue_backward_callback(callback: Callable[[], None]) -> None:
     """Run ``callback`` when the backward now running ends (call it from inside that backward)."""
     torch.autograd.Variable._execution_engine.queue_callback(callback)

@@ -161,6 +161,12 @@ class MFUMeter:
         if self._profiling:
             self._profile.add_batch(batch, self.engine)  # type: ignore[union-attr]
 
+    def add_forward(self, batch: Any) -> None:
+        """A forward without grad inside the open step (a reference model, a KL or scoring pass):
+        not a micro-batch of its own; its FLOPs are counted through the step's observation, which
+        opens here when the pass comes before the step's first training micro-batch."""
+        self._recorder.add_forward(batch)
+
     def end_step(self) -> None:
         """The optimizer step ends (its kernels may still run: they are timed by events)."""
         self._steps_ended += 1

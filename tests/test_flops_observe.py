@@ -20,6 +20,7 @@ from conftest import (
     step_truth,
 )
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from mfu_callbacks.flops import FlopEngine
 from mfu_callbacks.flops.engine import observe_step, token_counting
@@ -150,6 +151,35 @@ def test_a_fused_head_counts_like_its_unfused_twin_and_its_recompute_as_hardware
         assert_flops(step.model_flops, twin, "model FLOPs: the unfused twin's")
         assert_flops(step.hardware_flops, fused, "hardware FLOPs: the recompute too")
         assert step.breakdown["head"] > 0
+
+
+@pytest.mark.parametrize("first", ["policy", "reference"])
+def test_a_separate_reference_run_without_grad_counts_its_forward_once(first: str) -> None:
+    """DPO's way: a reference model outside the watched one, its weights asking for gradients, run
+    under no_grad (its fused head too: a custom Function whose node never runs) in a step where the
+    policy's fused head runs its custom backward. Its matmuls count their forward once, never a backward."""
+    model, reference = llama(), llama()
+
+    def forward(policy: nn.Module, batch: dict) -> torch.Tensor:
+        def scored() -> torch.Tensor:
+            with torch.no_grad():
+                return fused_head_forward(reference, batch) + unfused_forward(reference, batch)
+
+        before = scored() if first == "reference" else None
+        loss = fused_head_forward(policy, batch)
+        after = scored() if first == "policy" else before
+        return loss + 0 * after
+
+    engine = observed_engine(model, full_batch(2, 17), forward)
+    for batch in (full_batch(2, 17), full_batch(3, 25)):
+        step = engine.estimate(batch)
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            unfused_forward(reference, batch)
+        reference_forward = counter.get_total_flops()
+        twin = reference_step_flops(model, batch, unfused_forward)
+        assert_flops(step.model_flops, twin + 2 * reference_forward, "the reference's two forwards once each")
+        fused = reference_step_flops(model, batch, fused_head_forward)
+        assert_flops(step.hardware_flops, fused + 2 * reference_forward, "hardware FLOPs")
 
 
 # -- hand-written top-k routing that a meta-device copy cannot run ----------------------------------

@@ -11,6 +11,7 @@ import torch
 from conftest import VOCAB, assert_flops, full_batch, model_truth, padded_batch
 from test_flops_observe import fused_head_forward, llama, tiny_moe_lm, unfused_forward
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from mfu_callbacks import MFUMeter
 from mfu_callbacks._torch_internals import dispatch_mode_stack
@@ -78,6 +79,34 @@ def test_real_step_off_never_watches_and_only_skips_the_copy() -> None:
     only = run_loop(llama(), batches, loss_of, real_step="only")
     only.metrics()
     assert only.engine is not None and "real training step" in only.engine.description
+
+
+def test_a_pass_without_grad_before_the_training_forward_is_counted_in_every_step() -> None:
+    """KTO's way: a forward of the trained model without grad (its KL pass) opens the step, before the
+    training micro-batch: the observation covers it, and later steps count it by their batch."""
+    model = llama()
+    batches = [full_batch(2, 16, seed=0), full_batch(3, 24, seed=1), full_batch(2, 16, seed=2)]
+    meter = MFUMeter(model, peak_tflops=1.0, warmup_steps=0, real_step="only")
+    for batch in batches:
+        meter.start_step()
+        with torch.no_grad():
+            meter.add_forward(batch)
+            model(**batch)
+        meter.add_batch(batch)
+        model(**batch).loss.backward()
+        model.zero_grad()
+        meter.end_step()
+    meter.metrics()
+    engine = meter.engine
+    assert engine is not None
+    for batch in batches:
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(**batch)
+        assert_flops(
+            engine.estimate(batch).model_flops,
+            model_truth(model, batch) + counter.get_total_flops(),
+            "the training step and the pass without grad",
+        )
 
 
 def test_a_bad_real_step_option_is_refused_at_construction() -> None:

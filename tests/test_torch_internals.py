@@ -68,6 +68,29 @@ def test_a_tensor_assertion_reads_back_the_assertion_kernel():
     assert log.ops[-2:] == [internals.ASSERTION, internals.READ_SCALAR]
 
 
+def test_a_custom_functions_forward_is_told_apart_from_no_grad_and_names_the_functions_node():
+    seen: list = []
+
+    class Double(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            seen.append(internals.custom_function_forward())
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * 2
+
+    x = torch.ones(2, requires_grad=True)
+    y = Double.apply(x * 3)
+    assert seen == [internals.node_sequence_number(y.grad_fn)]
+    assert internals.custom_function_forward() is None
+    with torch.no_grad():
+        assert internals.custom_function_forward() is None
+    with torch.inference_mode():
+        assert internals.custom_function_forward() is None
+
+
 def test_the_convolution_kernel_takes_the_arguments_of_convolution_first():
     public = [argument.name for argument in torch.ops.aten.convolution.default._schema.arguments]
     kernel = [argument.name for argument in internals.CONVOLUTION_KERNEL._schema.arguments]

@@ -12,8 +12,9 @@ forward rerun inside the backward).
 - **Model FLOPs** follow the convention of ``trace.py``: each forward matmul, plus one product of the
   same cost for each operand that carries a needed gradient, counted when its result reaches the
   loss (its autograd node ran in the backward; for ops inside a custom ``autograd.Function``, the
-  Function's output's node, or, where a kernel the dispatcher never sees wrote that output, any
-  custom Function's backward having run). A fused head that recomputes its logits in the backward
+  Function's output's node, or, where a kernel the dispatcher never sees wrote that output, that
+  Function's own node, known by its sequence number). A matmul run with grad off outside a custom
+  Function (``no_grad``: a reference model, adapters disabled, a KL pass) counts its forward once. A fused head that recomputes its logits in the backward
   therefore counts like its unfused twin, and a gradient forced onto the embeddings (PEFT's
   ``enable_input_require_grads``) is not a model FLOP. A module with declared FLOPs
   (``declared.py``) counts its declaration instead of what runs inside it.
@@ -49,7 +50,9 @@ from .._torch_internals import (
     HEADS_SECOND_TO_LAST,
     TorchDispatchMode,
     current_autograd_node,
+    custom_function_forward,
     leave_dispatch_mode,
+    node_sequence_number,
     queue_backward_callback,
     view_base,
     wrapped_tensors,
@@ -93,6 +96,7 @@ class _Matmul:
     products: float  # backward products the model needs, in forwards (one per operand carrying one)
     per_unit: bool = False
     with_grad: bool = True  # ran with grad mode on (off: inside a custom autograd Function, or no_grad)
+    function: int | None = None  # the sequence number of the custom Function whose forward ran it
     subset: bool = False  # its batch operand holds a selection of the tokens (``hidden[mask]``)
     declared: bool = False  # a module's declared FLOPs (its backward is not observed but declared)
     node: Any = None  # the autograd node of its output (grad mode on), read after the op returns
@@ -208,6 +212,13 @@ class RealStepObserver(TorchDispatchMode):
         self._describe(model)
         for tensor in tensors_in(batch):
             self._facts[tensor] = _TensorFacts(from_batch=True, needs_grad=False, made_with_grad=True)
+
+    def add_batch(self, batch: Any) -> None:
+        """Another call's inputs are batch data too (the observation opened at a pass without grad
+        before the micro-batch it is fitted to): what the step has not made or seen yet."""
+        for tensor in tensors_in(batch):
+            if tensor not in self._facts and id(view_base(tensor)) not in self._owners:
+                self._facts[tensor] = _TensorFacts(from_batch=True, needs_grad=False, made_with_grad=True)
 
     # -- the model's structure ------------------------------------------------------------------
     def _describe(self, model: nn.Module) -> None:
@@ -370,7 +381,15 @@ class RealStepObserver(TorchDispatchMode):
         # (a weight gathered or unsharded by FSDP or DeepSpeed, a cached table): trainable if it asks.
         return _TensorFacts(False, tensor.requires_grad, True)
 
-    def _carries_grad(self, tensor: torch.Tensor, grad_enabled: bool) -> bool:
+    def _carries_grad(self, tensor: torch.Tensor, grad_enabled: bool, function: int | None = None) -> bool:
+        """Whether ``tensor``, used by an op running now, carries a gradient training needs.
+
+        ``function``: the custom Function whose forward runs the op. With grad off outside one
+        (``no_grad``: a reference model, adapters disabled, a KL or scoring pass) nothing does: no
+        backward ever reaches that op, whatever its operands ask for.
+        """
+        if not grad_enabled and function is None:
+            return False
         facts = self._fact(tensor)
         if not facts.needs_grad:
             return False
@@ -422,10 +441,11 @@ class RealStepObserver(TorchDispatchMode):
             self._in_backward_op(func, args, kwargs, out, node)
             return
         grad_enabled = torch.is_grad_enabled()
+        function = None if grad_enabled else custom_function_forward()
         inputs = list(tensors_in((args, kwargs)))
         outputs = list(tensors_in(out))
         facts = [self._fact(t) for t in inputs]
-        carries = [self._carries_grad(t, grad_enabled) for t in inputs]
+        carries = [self._carries_grad(t, grad_enabled, function) for t in inputs]
         from_batch = any(f.from_batch for f in facts) or not inputs  # a factory op: sized by the batch
         tags: frozenset[int] = (
             frozenset().union(*(f.tags for f in facts)) if not grad_enabled else frozenset()
@@ -434,10 +454,10 @@ class RealStepObserver(TorchDispatchMode):
             for tensor, fact in zip(inputs, facts):
                 if fact.tags and tensor.grad_fn is not None:  # a custom Function's output, used on
                     self._function_outputs.append((tensor.grad_fn, fact.tags))
-        matmul = None if self._declared_depth else self._matmul(func, args, out, grad_enabled)
+        matmul = None if self._declared_depth else self._matmul(func, args, out, grad_enabled, function)
         if self._declared_depth and grad_enabled:
             self._last.append((_INSIDE_DECLARED, out))
-        if matmul is not None and not grad_enabled:
+        if matmul is not None and function is not None:
             tags = tags | {len(self.observation.matmuls) - 1}
         owners = {f.owner for f in facts}
         owner = owners.pop() if len(owners) == 1 and not from_batch else None
@@ -474,16 +494,18 @@ class RealStepObserver(TorchDispatchMode):
                 return WINDOW_FEATURES[slot]
         return Feature.SQUARES
 
-    def _matmul(self, func: Any, args: tuple, out: Any, grad_enabled: bool) -> _Matmul | None:
+    def _matmul(
+        self, func: Any, args: tuple, out: Any, grad_enabled: bool, function: int | None
+    ) -> _Matmul | None:
         pair = operands(func, args)
         if pair is not None:
             component, feature = self._classify(pair)
-            products = sum(self._carries_grad(t, grad_enabled) for t in pair)
+            products = sum(self._carries_grad(t, grad_enabled, function) for t in pair)
             subset = feature == Feature.TOKENS and any(self._fact(t).subset for t in pair)
             matmul = _Matmul(component, feature, matmul_flops(func, args, out), products, subset=subset)
         elif func in ATTENTION_FORWARD:
             query, key, value = args[:3]
-            needed = [self._carries_grad(t, grad_enabled) for t in (query, key, value)]
+            needed = [self._carries_grad(t, grad_enabled, function) for t in (query, key, value)]
             # Backward products, each half the forward: dV = P^T dO, dP = dO V^T, dQ = dS K, dK = dS^T Q.
             halves = needed[2] + (needed[0] or needed[1]) + needed[0] + needed[1]
             component = self._component_of((query,), True)
@@ -492,7 +514,7 @@ class RealStepObserver(TorchDispatchMode):
             out = out[0]
         else:
             return None
-        matmul.with_grad = grad_enabled
+        matmul.with_grad, matmul.function = grad_enabled, function
         self.observation.matmuls.append(matmul)
         if grad_enabled:
             self._last.append((matmul, out))
@@ -584,14 +606,18 @@ class RealStepObserver(TorchDispatchMode):
             component = self._node_components.get(node) or forward_components.get(node, OTHER)
             self.observation.hardware[(component, feature, False)] += flops
         # Inside a custom Function whose outputs a kernel the dispatcher does not see wrote (Triton), the
-        # dataflow goes dark: a gradient-free matmul with operands that carry needed gradients reaches
-        # the loss when a custom Function's backward ran.
-        custom_backward_ran = any(isinstance(node, BackwardCFunction) for node in self._ran)
+        # dataflow goes dark: a matmul of its forward with operands that carry needed gradients reaches
+        # the loss when that Function's backward ran (its node is known by its sequence number). A
+        # Function run under no_grad has a node that never runs, and a matmul outside any Function
+        # with grad off has no backward products at all.
+        functions_ran = {
+            node_sequence_number(node) for node in self._ran if isinstance(node, BackwardCFunction)
+        }
         for index, matmul in enumerate(self.observation.matmuls):
             matmul.reached = (
                 (matmul.node is not None and matmul.node in self._ran)
                 or index in reached_tags
-                or (not matmul.with_grad and matmul.products > 0 and custom_backward_ran)
+                or (matmul.function is not None and matmul.products > 0 and matmul.function in functions_ran)
             )
             matmul.node = None
         self._nodes.clear()
