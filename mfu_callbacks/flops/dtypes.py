@@ -7,7 +7,7 @@ dtype it declares; every other matmul runs in the dtype the run computes in (``R
 else the weights', fp32 as TF32 where torch allows it), which the meter resolves, as it resolved the
 one peak before. A step whose matmuls all run in the run's dtype is counted and judged as it always was.
 
-Inside the engine a component's key carries the dtype after ``@`` ("mlp@fp8"); the run's dtype adds
+Inside the engine a component's key carries the dtype after ``#`` ("mlp#fp8"); the run's dtype adds
 nothing, so such keys are plain component names.
 """
 
@@ -20,7 +20,7 @@ from .matmuls import is_fp8
 RUN_DTYPE = ""
 """The key of matmuls in the dtype the run computes in (not fp8, not declared otherwise)."""
 FP8 = "fp8"
-_SEPARATOR = "@"
+_SEPARATOR = "#"
 
 
 def tagged(component: str, dtype: str | None) -> str:
