@@ -108,7 +108,9 @@ def _dtype_key(dtype: str | torch.dtype) -> str:
 
     key = parse_compute_dtype(dtype)
     if key not in COMPUTE_DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(COMPUTE_DTYPES)} (or a torch dtype), got {dtype!r}")
+        raise ValueError(
+            f"dtype must be one of {', '.join(COMPUTE_DTYPES)} (or a torch dtype), got {dtype!r}"
+        )
     return key
 
 

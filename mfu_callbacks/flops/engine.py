@@ -273,8 +273,8 @@ def _probe_hooks(
         def enter(mod, args, kwargs, _path=path, _name=class_name, _mult=multiplicity, _declared=declaration):
             current[0].enter(_path, _name, _mult)
             if _declared is not None:
-                flops = _declared.flops_of_call(mod, args, kwargs)
-                current[0].enter_declared(_declared.component, *flops, _declared.dtype)
+                forward, backward = _declared.flops_of_call(mod, args, kwargs)
+                current[0].enter_declared(_declared.component, forward, backward, _declared.dtype)
 
         def leave(mod, args, output, _declared=declaration):
             if _declared is not None:
