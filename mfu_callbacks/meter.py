@@ -281,7 +281,7 @@ class MFUMeter:
         if engine is None or self.peak is None or self._dtype_given is not None:
             return None
         if self._dtype_peaks is None or self._dtype_peaks[0] is not engine:
-            keys = getattr(engine, "dtypes", frozenset())  # a ready-made engine may count in the run's alone
+            keys: frozenset[str] = getattr(engine, "dtypes", frozenset())  # a ready-made one: the run's alone
             peaks = peaks_by_dtype(self.peak, keys, lambda: _run_dtype(self))
             if not self._autocast.seen:  # the run's dtype is known at the first forward
                 return peaks
