@@ -18,8 +18,9 @@ class MFUOptions:
     """What a user can set on any of the callbacks.
 
     peak_tflops: dense peak TFLOP/s per GPU, for hardware the table does not know (or to override it).
-    dtype: the precision the matmuls run in ("bf16", "fp16", "tf32", "fp32", "fp8", a torch dtype or a
-        Lightning precision string such as "bf16-mixed"); detected from the framework's setting when omitted.
+    dtype: one precision to judge every matmul's FLOPs against ("bf16", "fp16", "tf32", "fp32", "fp8", a
+        torch dtype or a Lightning precision string such as "bf16-mixed"); omitted, each matmul is judged
+        against the peak of the dtype it runs in (fp8, else the framework's precision, autocast's or the weights').
     warmup_steps: optimizer steps left out of the averages (compilation, allocator warm-up).
     log_interval: log every N optimizer steps; None follows the framework's own logging cadence.
     prefix: prepended to every metric name (``train/`` puts MFU beside ``train/loss``).

@@ -88,7 +88,8 @@ class MeterSession:
             self.meter = MFUMeter(
                 model,
                 peak_tflops=self.options.peak_tflops,
-                dtype=self.options.dtype or dtype,
+                dtype=self.options.dtype,
+                run_dtype=dtype,
                 warmup_steps=self.options.warmup_steps,
                 forward=self.options.forward,
                 token_counter=self.options.token_counter,
@@ -432,6 +433,8 @@ class MeterSession:
             device=str(meter.device),
             dtype=meter.peak.dtype if meter.peak is not None else None,
             parallelism=meter.parallelism.as_config(),
+            matmul_dtypes=meter.matmul_dtypes(),
+            peak_per_dtype=meter.dtype_peaks() is not None,
         )
 
     def summary(self) -> dict[str, float]:
@@ -467,7 +470,9 @@ class MeterSession:
             if distributed.rank() != 0:
                 return
             if self.options.report:
-                text = format_report(summary, meter.run_flops(), meter.peak, diagnoses, self.status)
+                text = format_report(
+                    summary, meter.run_flops(), meter.peak, diagnoses, self.status, meter.matmul_dtypes()
+                )
                 if breakdown is not None:
                     text += "\n" + format_breakdown(breakdown)
                 elif meter.profile_note:

@@ -9,12 +9,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from . import distributed
+from .flops.dtypes import RUN_DTYPE
 from .flops.step_flops import StepFlops
+from .precision import COMPUTE_DTYPES
 from .timer import StepTiming
+
+DTYPE_SLOTS = (RUN_DTYPE, *COMPUTE_DTYPES)
+"""The dtypes model and hardware FLOPs are kept apart by (``flops/dtypes.py``), in a fixed order."""
+_NO_FLOPS = (0.0,) * len(DTYPE_SLOTS)
+
+PeakFlops = float | Mapping[str, float]
+"""One dense peak FLOP/s for every matmul, or one per dtype of ``DTYPE_SLOTS`` that has FLOPs."""
 
 
 def per_gpu_per_second(amount: float, wall_seconds: float, world_size: int) -> float:
@@ -22,14 +31,32 @@ def per_gpu_per_second(amount: float, wall_seconds: float, world_size: int) -> f
     return amount / (wall_seconds * world_size)
 
 
-def utilization(flops: float, wall_seconds: float, world_size: int, peak_flops: float) -> float:
+def utilization(
+    flops: float, wall_seconds: float, world_size: int, peak_flops: PeakFlops, by_dtype: Sequence[float] = ()
+) -> float:
     """MFU (model FLOPs) or HFU (hardware FLOPs), after PaLM (Chowdhery et al., 2022), appendix B.
 
     The FLOP/s a step achieved per GPU over the dense peak FLOP/s of one GPU: ``flops`` are summed
     over all ranks, ``wall_seconds`` is the slowest rank's time (the others wait for it), and
     ``world_size`` GPUs shared the work.
+
+    With one peak per dtype (fp8 linears beside bf16 attention and head), each dtype's FLOPs
+    (``by_dtype``, in the order of ``DTYPE_SLOTS``) are judged against its own peak: the seconds the
+    matmuls would take at their peaks over the seconds they took, sum_i FLOPs_i / peak_i / (wall x
+    GPUs). With one dtype that is the formula above.
     """
+    if isinstance(peak_flops, Mapping):
+        return sum(
+            per_gpu_per_second(amount, wall_seconds, world_size) / peak_flops[dtype]
+            for dtype, amount in zip(DTYPE_SLOTS, by_dtype)
+            if amount
+        )
     return per_gpu_per_second(flops, wall_seconds, world_size) / peak_flops
+
+
+def dtype_slots(flops: Mapping[str, float]) -> tuple[float, ...]:
+    """FLOPs per dtype (``StepFlops.model_by_dtype``) in the order of ``DTYPE_SLOTS``."""
+    return tuple(float(flops.get(dtype, 0.0)) for dtype in DTYPE_SLOTS)
 
 
 @dataclass(frozen=True)
@@ -69,6 +96,11 @@ class Window:
     # Where in the run the read happened (``read_place``), the same on every rank that reads at the
     # same point; -inf on a rank that has no say (its meter failed). Checked by the reduction.
     read_at: float = -math.inf
+    # The FLOPs above by the dtype their matmuls ran in (``DTYPE_SLOTS``), summed over ranks.
+    model_by_dtype: tuple[float, ...] = _NO_FLOPS
+    hardware_by_dtype: tuple[float, ...] = _NO_FLOPS
+    last_model_by_dtype: tuple[float, ...] = _NO_FLOPS
+    last_hardware_by_dtype: tuple[float, ...] = _NO_FLOPS
 
 
 def read_place(steps: int, *, final: bool) -> float:
@@ -105,6 +137,10 @@ def rank_window(
         step_time_max=step_seconds / steps if steps else -math.inf,
         step_time_min=step_seconds / steps if steps else math.inf,
         last_step_seconds=last.iteration_seconds if last is not None else 0.0,
+        model_by_dtype=dtype_slots(flops.model_by_dtype),
+        hardware_by_dtype=dtype_slots(flops.hardware_by_dtype),
+        last_model_by_dtype=dtype_slots(last_flops.model_by_dtype),
+        last_hardware_by_dtype=dtype_slots(last_flops.hardware_by_dtype),
     )
 
 
@@ -122,6 +158,7 @@ _SUMMED_OVER_RANKS = (
     "last_hardware_flops",
     "failed_ranks",
 )
+_SUMMED_BY_DTYPE = ("model_by_dtype", "hardware_by_dtype", "last_model_by_dtype", "last_hardware_by_dtype")
 _SLOWEST_RANK = ("wall_seconds", "steps", "last_step_seconds")
 _ONE_PER_BATCH = ("tokens", "padded_tokens")  # counted by every rank that runs the batch
 
@@ -138,13 +175,16 @@ def combine_ranks(local: Window) -> Window:
         assumed: dict[str, Any] = {
             name: getattr(local, name) * local.world_size for name in _SUMMED_OVER_RANKS
         }
+        for name in _SUMMED_BY_DTYPE:
+            assumed[name] = tuple(value * local.world_size for value in getattr(local, name))
         return replace(local, **assumed)
     return unpack(local, *distributed.sum_and_max_over_ranks(*pack(local)))
 
 
 def pack(local: Window) -> tuple[list[float], list[float]]:
     """This rank's window as the reduction's two vectors (no collective: it cannot leave a rank behind)."""
-    sums = [
+    by_dtype = [value for name in _SUMMED_BY_DTYPE for value in getattr(local, name)]
+    sums = by_dtype + [
         getattr(local, name) / (local.batch_replicas if name in _ONE_PER_BATCH else 1)
         for name in _SUMMED_OVER_RANKS
     ]
@@ -167,7 +207,10 @@ def unpack(local: Window, sums: list[float], maxima: list[float]) -> Window:
     if math.isfinite(latest) and math.isfinite(earliest) and latest != earliest:
         raise distributed.reads_out_of_step(local.read_at, earliest, latest)
     timed = [seconds for seconds in group_times if math.isfinite(seconds)]
+    slots = len(DTYPE_SLOTS)
+    by_dtype, sums = sums[: slots * len(_SUMMED_BY_DTYPE)], sums[slots * len(_SUMMED_BY_DTYPE) :]
     combined: dict[str, Any] = {
+        **{name: tuple(by_dtype[i * slots : (i + 1) * slots]) for i, name in enumerate(_SUMMED_BY_DTYPE)},
         **dict(zip(_SUMMED_OVER_RANKS, sums)),
         **dict(zip(_SLOWEST_RANK, slowest)),
         "step_time_max": max(timed, default=-math.inf),
@@ -209,10 +252,15 @@ class RunTotals:
     # Sum over windows of wall seconds x the GPUs of that window: the time base of the run's means,
     # right across a resume with another world size (2 GPUs then 1: each window at its own size).
     gpu_seconds: float = 0.0
+    # Model and hardware FLOPs by dtype (``DTYPE_SLOTS``).
+    model_by_dtype: list[float] = field(default_factory=lambda: list(_NO_FLOPS))
+    hardware_by_dtype: list[float] = field(default_factory=lambda: list(_NO_FLOPS))
 
     def add(self, window: Window) -> None:
         for name in _RUN_SUMMED:
             setattr(self, name, getattr(self, name) + getattr(window, name))
+        for name in ("model_by_dtype", "hardware_by_dtype"):
+            setattr(self, name, [a + b for a, b in zip(getattr(self, name), getattr(window, name))])
         self.gpu_seconds += window.wall_seconds * window.world_size
         if math.isfinite(window.step_time_max) and math.isfinite(window.step_time_min):
             self.slowest_rank_seconds += window.step_time_max * window.steps
@@ -225,11 +273,23 @@ class RunTotals:
         """Mean seconds of one step as MFU counts it: the slowest rank's, input wait included; 0 before any."""
         return self.wall_seconds / self.steps if self.steps > 0 else 0.0
 
-    def utilization(self, flops: float, peak_flops: float | None) -> float | None:
-        """MFU or HFU of the run, None without a peak."""
+    def utilization(
+        self, flops: float, peak_flops: PeakFlops | None, by_dtype: Sequence[float] = ()
+    ) -> float | None:
+        """MFU or HFU of the run (``utilization``), None without a peak."""
         if not peak_flops or self.wall_seconds <= 0:
             return None
-        return self.per_gpu_per_second(flops) / peak_flops
+        if self.gpu_seconds > 0:
+            return utilization(flops, self.gpu_seconds, 1, peak_flops, by_dtype)
+        return utilization(flops, self.wall_seconds, self.world_size, peak_flops, by_dtype)
+
+    def model_utilization(self, peak_flops: PeakFlops | None) -> float | None:
+        """MFU of the run, None without a peak."""
+        return self.utilization(self.model_flops, peak_flops, self.model_by_dtype)
+
+    def hardware_utilization(self, peak_flops: PeakFlops | None) -> float | None:
+        """HFU of the run, None without a peak."""
+        return self.utilization(self.hardware_flops, peak_flops, self.hardware_by_dtype)
 
     def per_gpu_per_second(self, amount: float) -> float:
         """``amount`` (FLOPs or tokens, summed over ranks) per GPU-second of the run's windows."""
@@ -243,10 +303,13 @@ class RunTotals:
     @classmethod
     def from_state_dict(cls, state: Mapping[str, Any]) -> RunTotals:
         """The totals saved by ``state_dict``; a value of the wrong type raises ``ValueError``."""
-        known = {field.name: field for field in fields(cls)}
+        known = {spec.name: spec for spec in fields(cls)}
         values: dict[str, Any] = {}
         for key, value in state.items():
             if key not in known:
+                continue
+            if key in ("model_by_dtype", "hardware_by_dtype"):
+                values[key] = _flops_by_dtype(key, value)
                 continue
             if isinstance(value, bool) != (key == "counted") or not isinstance(value, (int, float)):
                 raise ValueError(f"run totals: {key} is {value!r}")
@@ -256,4 +319,24 @@ class RunTotals:
         totals = cls(**values)
         if "gpu_seconds" not in state:  # saved before gpu_seconds: every window at the last size
             totals.gpu_seconds = totals.wall_seconds * totals.world_size
+        for name, total in (
+            ("model_by_dtype", totals.model_flops),
+            ("hardware_by_dtype", totals.hardware_flops),
+        ):
+            if name not in state:  # saved before FLOPs were kept by dtype: all in the run's dtype
+                getattr(totals, name)[DTYPE_SLOTS.index(RUN_DTYPE)] = total
         return totals
+
+
+def _flops_by_dtype(key: str, value: Any) -> list[float]:
+    """A saved list of FLOPs per dtype slot; ``ValueError`` for anything else."""
+    if (
+        not isinstance(value, list)
+        or len(value) != len(DTYPE_SLOTS)
+        or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+            for v in value
+        )
+    ):
+        raise ValueError(f"run totals: {key} is {value!r}")
+    return [float(v) for v in value]

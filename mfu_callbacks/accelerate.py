@@ -54,7 +54,9 @@ from ._options import MFUOptions
 from ._session import MeterSession
 
 _DEFAULT_LOG_INTERVAL = 10
-_PRECISION_TO_DTYPE = {"bf16": "bf16", "fp16": "fp16", "fp8": "fp8"}
+# The run's dtype: that of the matmuls not in fp8. Accelerate's "fp8" runs them under bf16 autocast
+# (``get_mixed_precision_context_manager``); its fp8 matmuls are seen as such, or declared.
+_PRECISION_TO_DTYPE = {"bf16": "bf16", "fp16": "fp16", "fp8": "bf16"}
 STATE_FILE = "mfu_state.json"  # the meter's run totals, beside the files of ``accelerator.save_state``
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -74,16 +74,30 @@ class GpuSpec:
 
 @dataclass(frozen=True)
 class PeakInfo:
-    """The peak MFU divides by: FLOP/s of one GPU at the dtype key, and where the figure came from."""
+    """The peak MFU divides by: FLOP/s of one GPU at the dtype key, and where the figure came from.
+
+    ``table``: the same GPU's dense FLOP/s at every dtype the peak table has a figure for, as
+    (dtype, FLOP/s) pairs, when the peak came from the table (empty for a peak given by hand): the
+    peaks of a step whose matmuls run in several dtypes (``at``).
+    """
 
     flops: float
     device_name: str
     dtype: str
     source: str
+    table: tuple[tuple[str, float], ...] = ()
 
     @property
     def tflops(self) -> float:
         return self.flops / 1e12
+
+    def at(self, dtype: str) -> PeakInfo | None:
+        """The same GPU's peak at another dtype key; None where the table has no figure (or the peak
+        was given by hand: it holds for one dtype only)."""
+        if dtype == self.dtype:
+            return self
+        flops = dict(self.table).get(dtype)
+        return replace(self, flops=flops, dtype=dtype) if flops is not None else None
 
 
 # fmt: off
@@ -376,7 +390,12 @@ def resolve_peak(
             f"variable {PEAK_ENV_VAR}.",
         )
         return None
-    return PeakInfo(tflops * 1e12, device_name, key, row.source)
+    table = tuple(
+        (dtype, figure * 1e12)
+        for dtype in COMPUTE_DTYPES
+        if (figure := _table_peak(*identity, dtype)[0]) is not None
+    )
+    return PeakInfo(tflops * 1e12, device_name, key, row.source, table)
 
 
 # -- identifying the device ---------------------------------------------------------------------------

@@ -31,9 +31,10 @@ import torch
 from torch import nn
 
 from . import _validate, distributed, metrics, parallelism
+from ._dtype_peaks import dtype_shares, peaks_by_dtype
 from ._profile_window import ProfileWindow
 from ._recorder import StepRecorder
-from ._window import RunTotals, Window, combine_ranks, pack, rank_window, read_place, unpack
+from ._window import PeakFlops, RunTotals, Window, combine_ranks, pack, rank_window, read_place, unpack
 from .attribution import Breakdown, calibrated
 from .diagnostics import Diagnosis, Diagnostics
 from .diagnostics.checks import MATMUL_ALIGNMENT
@@ -62,7 +63,11 @@ class MFUMeter:
     model: what the FLOP engine introspects (any wrapper: DDP, FSDP, PEFT, compiled).
     peak_tflops: dense peak TFLOP/s of one GPU, for hardware the table does not know (or to override it).
     dtype: the precision the matmuls run in ("bf16", "fp16", "tf32", "fp32", "fp8", a torch dtype or
-        a Lightning precision string); detected from the model when omitted.
+        a Lightning precision string): every matmul is judged against that dtype's peak (torchtitan's
+        convention is ``dtype="bf16"``, whatever the matmul dtype). Omitted, each matmul is judged
+        against the peak of the dtype it runs in (fp8 linears beside bf16 attention: ``dtype_peaks``).
+    run_dtype: the precision the training framework runs in (HF ``bf16=True``, Lightning's
+        ``precision``): the dtype of the matmuls that do not run in fp8; detected when omitted.
     warmup_steps: optimizer steps left out of every average (compilation, allocator warm-up).
     forward / token_counter: passed to the FLOP engine for models or batches it cannot read alone.
     device: where the model computes; default: the device of its first parameter.
@@ -90,6 +95,7 @@ class MFUMeter:
         *,
         peak_tflops: float | None = None,
         dtype: str | torch.dtype | None = None,
+        run_dtype: str | torch.dtype | None = None,
         warmup_steps: int = 2,
         forward: Forward | None = None,
         token_counter: TokenCounter | None = None,
@@ -106,11 +112,14 @@ class MFUMeter:
         self._peak_tflops = _validate.peak_tflops(peak_tflops)
         _validate.env_peak_tflops()
         self._dtype_given = _validate.compute_dtype(dtype)
+        self._run_dtype_given = _validate.compute_dtype(run_dtype)
         self._world_size_given = _validate.optional_whole_number(world_size, name="world_size", minimum=1)
         self.device = torch.device(device) if device is not None else device_of(model)
         self._timer = timer if timer is not None else StepTimer(warmup_steps, device=self.device)
         self._diagnostics = Diagnostics(silence_diagnostics)
-        self.peak = peak if peak is not None else _resolve_peak(model, self.device, dtype, self._peak_tflops)
+        given = dtype if dtype is not None else run_dtype
+        self.peak = peak if peak is not None else _resolve_peak(model, self.device, given, self._peak_tflops)
+        self._dtype_peaks: tuple[FlopEngine, dict[str, PeakInfo] | None] | None = None  # for that engine
         self._model = model
         self._recorder = StepRecorder(
             model, self._timer, engine, forward, token_counter, _validate.real_step(real_step)
@@ -126,7 +135,7 @@ class MFUMeter:
         self._parallelism: Parallelism | None = None  # read from the model at the first read
         # Autocast is entered around the forward, after the meter is built: look at the first forward
         # and (unless the dtype or peak was given) pick the peak of the dtype the matmuls really run in.
-        self._repick_peak = dtype is None and peak is None
+        self._repick_peak = given is None and peak is None
         self._autocast = AutocastWatch(model, self.device, on_first_forward=self._check_peak_dtype)
 
     def _check_peak_dtype(self, module: nn.Module) -> None:
@@ -136,6 +145,7 @@ class MFUMeter:
             and detect_compute_dtype(module, device=self.device) != self.peak.dtype
         ):
             self.peak = _resolve_peak(module, self.device, None, self._peak_tflops)
+            self._dtype_peaks = None
 
     @property
     def engine(self) -> FlopEngine | None:
@@ -255,8 +265,7 @@ class MFUMeter:
         if window.failed_ranks:
             # Some rank could not count: MFU of the others alone would pass for the whole job's.
             window = replace(window, counting_ranks=0.0)
-        peak = self.peak.flops if self.peak is not None else None
-        return metrics.window_metrics(window, peak, distributed=distributed.is_distributed())
+        return metrics.window_metrics(window, self._peak_flops(), distributed=distributed.is_distributed())
 
     def summary(self, *, read_at: int | None = None) -> dict[str, float]:
         """Means over the whole run after warm-up: mfu, hfu, tflops_per_gpu, tokens_per_sec_per_gpu.
@@ -267,7 +276,38 @@ class MFUMeter:
         self._read_window(wait=True, final=True, read_at=read_at)
         if self._run.steps and (self._reviewed is None or self._reviewed[0] != self._run.steps):
             self._diagnose(force=True)  # the run as it ends is reviewed, however little it grew
-        return metrics.run_summary(self._run, self.peak.flops if self.peak is not None else None)
+        return metrics.run_summary(self._run, self._peak_flops())
+
+    # -- the peak of each dtype ----------------------------------------------------------------------
+    def dtype_peaks(self) -> dict[str, PeakInfo] | None:
+        """The peak each matmul is judged against, by the engine's dtype key ("" for the run's dtype,
+        "fp8"), when the step's matmuls run in dtypes of different peaks; None when ``peak`` judges
+        them all: one dtype, a ``dtype`` given, a peak given by hand (it holds for one dtype), no peak."""
+        engine = self.engine
+        if engine is None or self.peak is None or self._dtype_given is not None:
+            return None
+        if self._dtype_peaks is None or self._dtype_peaks[0] is not engine:
+            keys: frozenset[str] = getattr(engine, "dtypes", frozenset())  # a ready-made one: the run's alone
+            peaks = peaks_by_dtype(self.peak, keys, lambda: _run_dtype(self))
+            if not self._autocast.seen:  # the run's dtype is known at the first forward
+                return peaks
+            self._dtype_peaks = (engine, peaks)
+        return self._dtype_peaks[1]
+
+    def _peak_flops(self) -> PeakFlops | None:
+        """What MFU divides by (``_window.utilization``): one peak, or one per dtype key."""
+        peaks = self.dtype_peaks()
+        if peaks is not None:
+            return {key: info.flops for key, info in peaks.items()}
+        return self.peak.flops if self.peak is not None else None
+
+    def matmul_dtypes(self) -> dict[str, tuple[float, PeakInfo | None]]:
+        """Per dtype the matmuls ran in ("bf16", "fp8", ...): its share of the model FLOPs read so far,
+        and the peak it is judged against (None without a peak); {} before any counted step."""
+        flops = self.run_flops()
+        if flops is None or flops.model_flops <= 0:
+            return {}
+        return dtype_shares(flops, self.dtype_peaks(), self.peak, lambda: _run_dtype(self))
 
     def run_flops(self) -> StepFlops | None:
         """This rank's FLOPs over every measured step read so far (with the per-component breakdown)."""
@@ -371,7 +411,7 @@ class MFUMeter:
                 model=self._model,
                 engine=self.engine,
                 run_features=self._run_features,
-                peak_flops=self.peak.flops if self.peak is not None else None,
+                peak_flops=self._peak_flops(),
                 compute_dtype=dtype,
                 autocast_in_training=self._autocast.enabled_at_first_forward,
                 device_name=self.peak.device_name if self.peak is not None else None,
@@ -460,10 +500,17 @@ def _compute_dtype(meter: MFUMeter) -> str | None:
     if meter.peak is not None:
         return meter.peak.dtype
     try:
-        override = meter._dtype_given or meter._autocast.dtype
+        override = meter._dtype_given or meter._run_dtype_given or meter._autocast.dtype
         return detect_compute_dtype(meter._model, override=override, device=meter.device)
     except (ValueError, RuntimeError):
         return None
+
+
+def _run_dtype(meter: MFUMeter) -> str:
+    """The dtype of the matmuls that do not run in fp8: as the framework says, seen under autocast, or
+    stored (the model's fp8 layers aside)."""
+    override = meter._run_dtype_given or meter._autocast.dtype
+    return detect_compute_dtype(meter._model, override=override, device=meter.device, fp8_layers=False)
 
 
 def device_of(model: nn.Module) -> torch.device:

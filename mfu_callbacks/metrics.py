@@ -62,7 +62,7 @@ from __future__ import annotations
 
 from enum import IntEnum
 
-from ._window import RunTotals, Window, per_gpu_per_second, utilization
+from ._window import PeakFlops, RunTotals, Window, per_gpu_per_second, utilization
 
 MFU = "mfu"
 HFU = "hfu"
@@ -107,14 +107,17 @@ NUMERIC_METRICS = (
 SUMMARY_METRICS = (MFU, HFU, TFLOPS_PER_GPU, TOKENS_PER_SEC_PER_GPU)
 
 
-def window_metrics(window: Window, peak_flops: float | None, *, distributed: bool) -> dict[str, float]:
-    """The logged values of one window, all ranks combined (see the table above)."""
+def window_metrics(window: Window, peak_flops: PeakFlops | None, *, distributed: bool) -> dict[str, float]:
+    """The logged values of one window, all ranks combined (see the table above); ``peak_flops``: one
+    peak, or one per dtype the matmuls ran in (``_window.utilization``)."""
     wall, world = window.wall_seconds, window.world_size
     values: dict[str, float] = {}
     if window.counting_ranks:
         if peak_flops:
-            values[MFU] = utilization(window.model_flops, wall, world, peak_flops)
-            values[HFU] = utilization(window.hardware_flops, wall, world, peak_flops)
+            values[MFU] = utilization(window.model_flops, wall, world, peak_flops, window.model_by_dtype)
+            values[HFU] = utilization(
+                window.hardware_flops, wall, world, peak_flops, window.hardware_by_dtype
+            )
         values[TFLOPS_PER_GPU] = per_gpu_per_second(window.model_flops, wall, world) / 1e12
         values[TOKENS_PER_SEC] = window.tokens / wall
         values[TOKENS_PER_SEC_PER_GPU] = per_gpu_per_second(window.tokens, wall, world)
@@ -122,8 +125,12 @@ def window_metrics(window: Window, peak_flops: float | None, *, distributed: boo
         values[PADDING_FRACTION] = 1.0 - window.tokens / padded if padded else 0.0
         if peak_flops and window.last_step_seconds > 0:
             last = window.last_step_seconds
-            values[MFU_LAST_STEP] = utilization(window.last_model_flops, last, world, peak_flops)
-            values[HFU_LAST_STEP] = utilization(window.last_hardware_flops, last, world, peak_flops)
+            values[MFU_LAST_STEP] = utilization(
+                window.last_model_flops, last, world, peak_flops, window.last_model_by_dtype
+            )
+            values[HFU_LAST_STEP] = utilization(
+                window.last_hardware_flops, last, world, peak_flops, window.last_hardware_by_dtype
+            )
     values[STEP_TIME] = wall / window.steps
     iterations = window.step_seconds + window.input_wait_seconds + window.meter_seconds
     values[INPUT_WAIT_FRACTION] = window.input_wait_seconds / iterations if iterations else 0.0
@@ -133,12 +140,12 @@ def window_metrics(window: Window, peak_flops: float | None, *, distributed: boo
     return values
 
 
-def run_summary(run: RunTotals, peak_flops: float | None) -> dict[str, float]:
+def run_summary(run: RunTotals, peak_flops: PeakFlops | None) -> dict[str, float]:
     """The run's means over every measured step; {} before any counted step."""
     if not run.counted or run.wall_seconds <= 0:
         return {}
     values: dict[str, float] = {}
-    mfu, hfu = run.utilization(run.model_flops, peak_flops), run.utilization(run.hardware_flops, peak_flops)
+    mfu, hfu = run.model_utilization(peak_flops), run.hardware_utilization(peak_flops)
     if mfu is not None and hfu is not None:
         values[MFU], values[HFU] = mfu, hfu
     values[TFLOPS_PER_GPU] = run.per_gpu_per_second(run.model_flops) / 1e12

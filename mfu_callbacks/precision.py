@@ -95,6 +95,7 @@ def detect_compute_dtype(
     *,
     override: torch.dtype | str | int | None = None,
     device: torch.device | str | int | None = None,
+    fp8_layers: bool = True,
 ) -> str:
     """The dtype key the model's matmuls run in, for picking the peak.
 
@@ -104,11 +105,12 @@ def detect_compute_dtype(
     weights by element count (non-float weights, such as packed 4-bit ones, count at the
     ``compute_dtype`` their module declares, or not at all). FP32 weights give "tf32" when
     ``torch.get_float32_matmul_precision()`` is not "highest" (and, when ``device`` is given, it is
-    a CUDA device of compute capability 8.0 or newer), else "fp32".
+    a CUDA device of compute capability 8.0 or newer), else "fp32". ``fp8_layers=False`` skips the
+    fp8 layers: the dtype of the matmuls that do not run in fp8 (attention, the head).
     """
     if override is not None:
         return parse_compute_dtype(override, device=device)
-    if _has_fp8_layers(model):
+    if fp8_layers and _has_fp8_layers(model):
         return "fp8"
     autocast_key = active_autocast_dtype(device)
     if autocast_key is not None:

@@ -21,21 +21,35 @@ def format_report(
     peak: PeakInfo | None,
     diagnoses: Sequence[Any] = (),
     status: Status | None = None,
+    dtypes: Mapping[str, tuple[float, PeakInfo | None]] | None = None,
 ) -> str:
     """The report as printed when training ends; ``summary`` is ``MFUMeter.summary()``, ``status``
-    whether MFU was measured (a run without it says why and what to do)."""
+    whether MFU was measured (a run without it says why and what to do), ``dtypes``
+    ``MFUMeter.matmul_dtypes()``: with matmuls in several dtypes, each one's share and its peak."""
     lines = ["MFU report (mfu-callbacks), measured steps after warm-up"]
     # Without a peak, the peak line below says what is missing and how to supply it.
     if status is not None and not status.measuring and status.code != MFUStatus.NO_PEAK:
         where = " in every window" if status.code == MFUStatus.NOT_COUNTED else ""
         lines.append(f"  MFU not measured{where} ({status.name}): {status.reason}")
         lines.append(f"  fix: {status.fix}")
-    if peak is not None:
+    per_dtype = bool(dtypes) and len({p.dtype for _, p in (dtypes or {}).values() if p is not None}) > 1
+    if peak is not None and per_dtype:
+        lines.append(f"  peak: {peak.device_name}, dense per GPU at each matmul's dtype ({peak.source})")
+    elif peak is not None:
         lines.append(
             f"  peak: {peak.device_name}, {peak.dtype}, {peak.tflops:.1f} TFLOP/s dense per GPU ({peak.source})"
         )
     elif status is None or status.code == MFUStatus.NO_PEAK:
         lines.append("  peak: unknown GPU, MFU not computed (pass peak_tflops= or set MFU_PEAK_TFLOPS)")
+    if dtypes and len(dtypes) > 1:
+        lines.append("  model FLOPs by matmul dtype, each judged against the peak named:")
+        for dtype, (share, dtype_peak) in dtypes.items():
+            judged = (
+                f"{dtype_peak.dtype} peak {dtype_peak.tflops:.1f} TFLOP/s"
+                if dtype_peak is not None
+                else "no peak"
+            )
+            lines.append(f"    {dtype:<24} {share:>6.1%}   {judged}")
     figures = [
         ("MFU", summary.get("mfu"), "{:.1%}"),
         ("HFU", summary.get("hfu"), "{:.1%}"),

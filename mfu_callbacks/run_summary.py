@@ -326,6 +326,8 @@ def describe_setup(
     device: str | torch.device | None = None,
     dtype: str | None = None,
     parallelism: Mapping[str, Any] | None = None,
+    matmul_dtypes: Mapping[str, tuple[float, PeakInfo | None]] | None = None,
+    peak_per_dtype: bool = False,
 ) -> dict[str, Any]:
     """The setup keys of a run summary, from what the meter knows; a key is left out when unknown.
 
@@ -337,6 +339,10 @@ def describe_setup(
     device / dtype: for a run without a peak (an unknown GPU): the device name and the compute dtype.
     parallelism: ``MFUMeter.parallelism.as_config()``: the data-parallel size and the model-parallel
         degrees (``tensor_parallel``, ``fsdp_shard``, ``dp_replicate``), the engine and the mesh.
+    matmul_dtypes: ``MFUMeter.matmul_dtypes()`` (gives ``matmul_dtypes``: per dtype the matmuls ran in,
+        its share of the model FLOPs and the peak TFLOP/s it is judged against); ``peak_per_dtype``:
+        whether each dtype is judged against its own peak (``MFUMeter.dtype_peaks()``), else all
+        against ``peak_tflops`` (gives ``peak_rule``: "per dtype" or "one peak").
     """
     setup: dict[str, Any] = {}
     if device is not None:
@@ -356,6 +362,12 @@ def describe_setup(
         setup["flops_breakdown_per_token"] = {
             name: value / flops.tokens for name, value in sorted(flops.breakdown.items()) if value
         }
+    if matmul_dtypes:
+        setup["matmul_dtypes"] = {
+            dtype: {"model_flops_share": share, "peak_tflops": peak.tflops if peak is not None else None}
+            for dtype, (share, peak) in matmul_dtypes.items()
+        }
+        setup["peak_rule"] = "per dtype" if peak_per_dtype else "one peak"
     if model is not None:
         setup["model"] = model_fingerprint(model)
     return setup

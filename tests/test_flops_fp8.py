@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from mfu_callbacks import MFUMeter
+from mfu_callbacks.flops.dtypes import RUN_DTYPE
 from mfu_callbacks.testing import causal_lm, make_eager, reference_step_flops
 
 LAYERS = 2
@@ -102,6 +103,11 @@ def test_an_fp8_step_counts_like_its_plain_twin_per_component(recipe: str, real_
         )
         truth = component_truth(twin, batch)
         assert step.breakdown == truth, f"per component: {step.breakdown} vs the twin's {truth}"
+        in_fp8 = (
+            truth["attention_projections"] + truth["mlp"]
+        )  # the converted linears; the rest in the run's dtype
+        by_dtype = {"fp8": in_fp8, RUN_DTYPE: truth["attention_scores"] + truth["head"]}
+        assert step.model_by_dtype == by_dtype, f"per dtype: {step.model_by_dtype} vs {by_dtype}"
 
 
 @pytest.mark.parametrize(

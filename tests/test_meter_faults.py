@@ -317,6 +317,24 @@ def test_run_totals_resumed_with_another_world_size_weigh_each_window_by_its_gpu
     )  # an older state: gpu_seconds derived
 
 
+def test_run_totals_keep_flops_by_dtype_across_a_resume_and_an_older_state_puts_them_in_the_runs_dtype():
+    from mfu_callbacks._window import DTYPE_SLOTS, RunTotals, Window
+
+    fp8, run = DTYPE_SLOTS.index("fp8"), DTYPE_SLOTS.index("")
+    by_dtype = tuple(3e12 if i == fp8 else 1e12 if i == run else 0.0 for i in range(len(DTYPE_SLOTS)))
+    first = RunTotals()
+    first.add(Window(model_flops=4e12, model_by_dtype=by_dtype, wall_seconds=1.0, steps=1, counting_ranks=1))
+    peaks = {"": 1e12, "fp8": 2e12}
+    resumed = RunTotals.from_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert resumed.model_utilization(peaks) == pytest.approx(3 / 2 + 1 / 1)  # seconds at the peaks over 1 s
+    older = RunTotals.from_state_dict(
+        {k: v for k, v in first.state_dict().items() if not k.endswith("_by_dtype")}
+    )
+    assert older.model_utilization(peaks) == pytest.approx(4.0)  # all at the run's dtype's peak
+    with pytest.raises(ValueError, match="model_by_dtype"):
+        RunTotals.from_state_dict({**first.state_dict(), "model_by_dtype": [1.0, -2.0]})
+
+
 @pytest.mark.parametrize(
     "state",
     [{"version": 99}, {"version": 1, "run": "abc"}, {"version": 1, "run": {"steps": "x"}}, ["a", "b"]],

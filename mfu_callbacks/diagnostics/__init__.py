@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .. import distributed
-from .._window import RunTotals
+from .._window import PeakFlops, RunTotals
 from .checks import CHECKS, RENAMED, Diagnosis, Review, split_flops
 from .clocks import ClockLog
 from .measured import MatmulTime
@@ -81,7 +81,7 @@ class Diagnostics:
         model: nn.Module,
         engine: Any | None,
         run_features: torch.Tensor | None,
-        peak_flops: float | None,
+        peak_flops: PeakFlops | None,
         compute_dtype: str | None,
         autocast_in_training: bool | None = None,
         device_name: str | None = None,

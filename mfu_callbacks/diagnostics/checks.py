@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._window import RunTotals
+from .._window import PeakFlops, RunTotals
 from ..flops.components import ATTENTION_SCORES, HEAD, classify
 from ..flops.features import MODEL
 from . import alignment
@@ -91,7 +91,7 @@ class Review:
     run: RunTotals
     model: nn.Module
     split: FlopSplit | None
-    peak_flops: float | None
+    peak_flops: PeakFlops | None  # one peak, or one per dtype the matmuls ran in
     compute_dtype: str | None
     autocast_in_training: bool | None  # None when no forward was seen
     clocks: ClockLog
@@ -104,7 +104,7 @@ class Review:
 
     @cached_property
     def mfu(self) -> float | None:
-        return self.run.utilization(self.run.model_flops, self.peak_flops)
+        return self.run.model_utilization(self.peak_flops)
 
     @property
     def shapes(self) -> ModelShapes:
@@ -298,7 +298,7 @@ def recompute_cost(review: Review) -> Diagnosis | None:
     if split is None or split.recompute_share < RECOMPUTE_THRESHOLD:
         return None
     run, mfu = review.run, review.mfu
-    hfu = run.utilization(run.hardware_flops, review.peak_flops)
+    hfu = run.hardware_utilization(review.peak_flops)
     cost = _recovered(mfu, split.recompute_share)
     details = {"recompute_flops_share": split.recompute_share}
     gap = ""

@@ -16,7 +16,9 @@ figure is used instead:
 
 The backward is ``backward`` times the forward when anything the module computes from (an input or
 one of its parameters) requires a gradient: 2.0 (the default) is a linear-like op whose input and
-weight gradients each cost one forward. A declaration by class applies to
+weight gradients each cost one forward. ``dtype`` says what its matmuls run in when that is not the
+run's dtype ("fp8" for Transformer Engine's layers under ``fp8_autocast``): MFU judges them against
+that dtype's peak (``flops/dtypes.py``). A declaration by class applies to
 instances of exactly that class; one by instance applies to that module alone (held by weak
 reference) and takes precedence.
 """
@@ -31,6 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .dtypes import RUN_DTYPE
 from .isolation import tensors_in
 
 FlopsOfCall = Callable[[nn.Module, tuple, dict], float]
@@ -46,6 +49,7 @@ class Declaration:
     flops: FlopsOfCall
     component: str | None = None
     backward: float = 2.0
+    dtype: str = RUN_DTYPE
 
     def flops_of_call(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[float, float]:
         """Forward FLOPs of one call and the backward FLOPs it needs should its output reach the loss."""
@@ -71,6 +75,7 @@ def declare_flops(
     *,
     component: str | None = None,
     backward: float = 2.0,
+    dtype: str | torch.dtype | None = None,
 ) -> None:
     """Declare the forward FLOPs of a module class (exactly that class) or of one module instance.
 
@@ -78,6 +83,8 @@ def declare_flops(
     forward FLOPs from their shapes (never their values: during the package's meta-device trace
     they have none). ``component`` names it in the breakdown (default: named by its path, as any
     module). ``backward`` is the backward FLOPs per forward FLOP (2.0: input and weight gradients).
+    ``dtype``: what its matmuls run in ("fp8", "bf16", a torch dtype, ...), when not the run's dtype
+    (None, the default): MFU judges its FLOPs against that dtype's peak.
     The module's forward must still run on the meta device (a fake or meta kernel, as
     ``torch.compile`` needs too), so that what follows it sees outputs of the right shape.
     """
@@ -85,13 +92,26 @@ def declare_flops(
         raise TypeError(f"flops must be callable as flops(module, args, kwargs), got {flops!r}")
     if not math.isfinite(backward) or backward < 0:
         raise ValueError(f"backward must be a finite factor >= 0, got {backward!r}")
-    declaration = Declaration(flops, component, float(backward))
+    key = RUN_DTYPE if dtype is None else _dtype_key(dtype)
+    declaration = Declaration(flops, component, float(backward), key)
     if isinstance(target, type) and issubclass(target, nn.Module):
         _BY_CLASS[target] = declaration
     elif isinstance(target, nn.Module):
         _BY_INSTANCE[target] = declaration
     else:
         raise TypeError(f"declare_flops needs an nn.Module subclass or instance, got {target!r}")
+
+
+def _dtype_key(dtype: str | torch.dtype) -> str:
+    """The peak table's key for a declared dtype; ValueError for one without a peak column."""
+    from ..precision import COMPUTE_DTYPES, parse_compute_dtype
+
+    key = parse_compute_dtype(dtype)
+    if key not in COMPUTE_DTYPES:
+        raise ValueError(
+            f"dtype must be one of {', '.join(COMPUTE_DTYPES)} (or a torch dtype), got {dtype!r}"
+        )
+    return key
 
 
 def declared(module: nn.Module) -> Declaration | None:

@@ -35,6 +35,7 @@ from .._torch_internals import (
 )
 from .checkpoint import checkpoint_to
 from .components import ATTENTION_SCORES, windowed_scores
+from .dtypes import untagged
 from .features import HARDWARE, MODEL, NUM_FEATURES, WINDOW_FEATURES, Feature
 from .flex import FlexKernel
 from .isolation import map_tensors, preserved_random_state
@@ -272,7 +273,8 @@ def _probe_hooks(
         def enter(mod, args, kwargs, _path=path, _name=class_name, _mult=multiplicity, _declared=declaration):
             current[0].enter(_path, _name, _mult)
             if _declared is not None:
-                current[0].enter_declared(_declared.component, *_declared.flops_of_call(mod, args, kwargs))
+                forward, backward = _declared.flops_of_call(mod, args, kwargs)
+                current[0].enter_declared(_declared.component, forward, backward, _declared.dtype)
 
         def leave(mod, args, output, _declared=declaration):
             if _declared is not None:
@@ -304,12 +306,24 @@ class FlopEngine:
     ) -> None:
         self.counting = counting
         self.description = description
-        self.components = {
-            name: [f + b for f, b in zip(c.forward, c.backward)] for name, c in coefficients.items()
-        }
+        # Keys are components with the dtype their matmuls run in (``dtypes.py``); the breakdown is by component.
+        self.components: dict[str, list[float]] = {}
+        model_by_dtype: dict[str, list[float]] = {}
+        hardware_by_dtype: dict[str, list[float]] = {}
+        for key, c in coefficients.items():
+            component, dtype = untagged(key)
+            model = [f + b for f, b in zip(c.forward, c.backward)]
+            # Hardware FLOPs add what runs beyond the model's needs: the recompute, the forced input
+            # gradients and what the attention kernel computes beyond (or short of) every pair.
+            hardware = [m + r + f + k for m, r, f, k in zip(model, c.recompute, c.forced, c.kernel)]
+            for into, name, values in (
+                (self.components, component, model),
+                (model_by_dtype, dtype, model),
+                (hardware_by_dtype, dtype, hardware),
+            ):
+                into[name] = [a + b for a, b in zip(into.get(name, [0.0] * NUM_FEATURES), values)]
+        self._model_by_dtype, self._hardware_by_dtype = model_by_dtype, hardware_by_dtype
         self._model = [sum(values) for values in zip(*self.components.values())] or [0.0] * NUM_FEATURES
-        # Hardware FLOPs add what runs beyond the model's needs: the recompute, the forced input gradients
-        # and what the attention kernel computes beyond (or short of) every pair.
         extra = [
             sum(c.recompute[i] + c.forced[i] + c.kernel[i] for c in coefficients.values())
             for i in range(NUM_FEATURES)
@@ -413,12 +427,24 @@ class FlopEngine:
         model_flops = _dot(self._model, model_features)
         hardware_flops = _dot(self._hardware, hardware_features)
         breakdown = {name: round(_dot(c, model_features)) for name, c in self.components.items()}
+        model_by_dtype = {name: round(_dot(c, model_features)) for name, c in self._model_by_dtype.items()}
+        hardware_by_dtype = {
+            name: round(_dot(c, hardware_features)) for name, c in self._hardware_by_dtype.items()
+        }
         if self._has_tokens:
             tokens = model_features[Feature.TOKENS] + model_features[Feature.DECODER_TOKENS]
             padded = hardware_features[Feature.TOKENS] + hardware_features[Feature.DECODER_TOKENS]
         else:
             tokens = padded = model_features[Feature.ROWS]
-        return StepFlops(round(model_flops), round(hardware_flops), int(tokens), int(padded), breakdown)
+        return StepFlops(
+            round(model_flops),
+            round(hardware_flops),
+            int(tokens),
+            int(padded),
+            breakdown,
+            model_by_dtype,
+            hardware_by_dtype,
+        )
 
     def recompute_flops(self, features: torch.Tensor | Sequence[Sequence[float]]) -> float:
         """Of the hardware FLOPs of the step whose features are given, those activation checkpointing reran."""
@@ -428,6 +454,11 @@ class FlopEngine:
     def estimate(self, batch: Any) -> StepFlops:
         """Count and evaluate one batch (reads the counts back: for tools and tests, not the hot path)."""
         return self.evaluate(self.count(batch).cpu())
+
+    @property
+    def dtypes(self) -> frozenset[str]:
+        """The dtypes this model's matmuls run in (``dtypes.py``: "" for the run's dtype, "fp8", ...)."""
+        return frozenset(self._model_by_dtype) | frozenset(self._hardware_by_dtype)
 
     @property
     def flops_per_token(self) -> float:
@@ -603,18 +634,18 @@ def _assign_windows(coefficients: dict[str, ComponentCoefficients]) -> dict[str,
     """Scores and values of windowed layers scale with their window's squares: the probes, shorter than
     any window, fitted them to the full squares, the same per square. They join ATTENTION_SCORES."""
     for slot, feature in enumerate(WINDOW_FEATURES):
-        windowed = coefficients.pop(windowed_scores(slot), None)
-        if windowed is None:
-            continue
-        scores = coefficients.setdefault(
-            ATTENTION_SCORES, ComponentCoefficients(*([0.0] * NUM_FEATURES for _ in _PARTS))
-        )
-        for part, into in zip(
-            (getattr(windowed, name) for name in _PARTS), (getattr(scores, name) for name in _PARTS)
-        ):
-            part[feature], part[Feature.SQUARES] = part[Feature.SQUARES], 0.0
-            for index, value in enumerate(part):
-                into[index] += value
+        for key in [key for key in coefficients if untagged(key)[0] == windowed_scores(slot)]:
+            windowed = coefficients.pop(key)
+            scores = coefficients.setdefault(
+                key.replace(windowed_scores(slot), ATTENTION_SCORES, 1),
+                ComponentCoefficients(*([0.0] * NUM_FEATURES for _ in _PARTS)),
+            )
+            for part, into in zip(
+                (getattr(windowed, name) for name in _PARTS), (getattr(scores, name) for name in _PARTS)
+            ):
+                part[feature], part[Feature.SQUARES] = part[Feature.SQUARES], 0.0
+                for index, value in enumerate(part):
+                    into[index] += value
     return coefficients
 
 

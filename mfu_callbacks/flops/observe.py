@@ -59,6 +59,7 @@ from .._torch_internals import (
 )
 from .components import EMBEDDINGS, HEAD, OTHER, classify
 from .declared import Declaration, declared
+from .dtypes import RUN_DTYPE, dtype_of_operands, retagged, tagged
 from .features import HARDWARE, MODEL, NUM_FEATURES, WINDOW_FEATURES, Feature
 from .isolation import tensors_in
 from .matmuls import matmul_flops, operands
@@ -192,7 +193,7 @@ class RealStepObserver(TorchDispatchMode):
         self._last: list[tuple[_Matmul, torch.Tensor]] = []  # matmuls whose autograd node is not read yet
         self._nodes: dict[Any, tuple[str, Feature]] = {}  # autograd node -> its forward matmul's place
         self._node_components: dict[Any, str] = {}  # node -> component of a parameter it multiplies
-        self._unplaced: list[tuple[Any, Feature, float]] = []  # backward matmuls placed at the end
+        self._unplaced: list[tuple[Any, Feature, float, str]] = []  # backward matmuls placed at the end
         self._ran: set[Any] = set()
         self._function_outputs: list[tuple[Any, frozenset[int]]] = []
         self._tagged: WeakIdKeyDictionary = (
@@ -256,7 +257,9 @@ class RealStepObserver(TorchDispatchMode):
     ) -> None:
         """A module with declared FLOPs (``declare_flops``): nothing inside it is recorded, its declared
         forward is, with the declared backward where its output reaches the loss."""
-        component = declaration.component or classify(path, classes, activation_matmul=False)
+        component = tagged(
+            declaration.component or classify(path, classes, activation_matmul=False), declaration.dtype
+        )
 
         def enter(mod: nn.Module, args: tuple, kwargs: dict) -> None:
             self._declared_depth += 1
@@ -480,11 +483,11 @@ class RealStepObserver(TorchDispatchMode):
                     self._tagged[base] = True
 
     def _classify(self, operands: Sequence[torch.Tensor]) -> tuple[str, Feature]:
-        """Component and feature of a matmul seen in a forward (or recompute): two batch-derived
-        operands scale with squared lengths (attention), one with tokens, none once per call."""
+        """Component (with the matmul's dtype) and feature of a matmul seen in a forward (or recompute): two
+        batch-derived operands scale with squared lengths (attention), one with tokens, none once per call."""
         from_batch = [self._fact(t).from_batch for t in operands]
         feature = self._squares() if all(from_batch) else Feature.TOKENS if any(from_batch) else Feature.CALLS
-        return self._component_of(operands, all(from_batch)), feature
+        return tagged(self._component_of(operands, all(from_batch)), dtype_of_operands(operands)), feature
 
     def _squares(self) -> Feature:
         """Squared lengths, or those under the window of the innermost attention module that has one."""
@@ -542,6 +545,7 @@ class RealStepObserver(TorchDispatchMode):
         for tensor in tensors_in(out):
             self._facts[tensor] = _TensorFacts(from_batch, False, True, owner=owner_id)
         pair = operands(func, args)
+        dtype = RUN_DTYPE
         if pair is not None:
             flops, per_unit = matmul_flops(func, args, out), False
             component: str | None
@@ -552,6 +556,9 @@ class RealStepObserver(TorchDispatchMode):
                 owner = self._owner_component(pair)
                 if component is None and owner is not None:
                     component = self._node_components.setdefault(node, owner)
+                dtype = dtype_of_operands(pair)  # what ran: an fp8 forward's backward may run in another
+                if component is not None:
+                    component = retagged(component, dtype)
         elif func in ATTENTION_FORWARD or func in ATTENTION_BACKWARD:
             query, value = (args[0], args[2]) if func in ATTENTION_FORWARD else (args[1], args[3])
             factor = 1.0 if func in ATTENTION_FORWARD else 2.0  # dQ, dK, dV and dP: four halves
@@ -565,7 +572,7 @@ class RealStepObserver(TorchDispatchMode):
         if recompute:
             self.observation.recomputed[(component or OTHER, feature, per_unit)] += flops
         elif component is None:
-            self._unplaced.append((node, feature, flops))
+            self._unplaced.append((node, feature, flops, dtype))
         else:
             self.observation.hardware[(component, feature, per_unit)] += flops
 
@@ -602,9 +609,9 @@ class RealStepObserver(TorchDispatchMode):
         for node, tags in self._function_outputs:
             if tags:
                 forward_components.setdefault(node, self.observation.matmuls[min(tags)].component)
-        for node, feature, flops in self._unplaced:
+        for node, feature, flops, dtype in self._unplaced:
             component = self._node_components.get(node) or forward_components.get(node, OTHER)
-            self.observation.hardware[(component, feature, False)] += flops
+            self.observation.hardware[(retagged(component, dtype), feature, False)] += flops
         # Inside a custom Function whose outputs a kernel the dispatcher does not see wrote (Triton), the
         # dataflow goes dark: a matmul of its forward with operands that carry needed gradients reaches
         # the loss when that Function's backward ran (its node is known by its sequence number). A

@@ -11,7 +11,9 @@ class StepFlops:
 
     ``model_flops`` counts the matmuls the step needs on real tokens, without activation-checkpoint
     recompute (what MFU uses). ``hardware_flops`` counts what ran: padding and recompute included
-    (what HFU uses). ``breakdown`` splits ``model_flops`` by component.
+    (what HFU uses). ``breakdown`` splits ``model_flops`` by component; ``model_by_dtype`` and
+    ``hardware_by_dtype`` split them by the dtype the matmuls run in (``flops/dtypes.py``: "fp8", or ""
+    for the dtype the run computes in), for MFU by each dtype's peak.
     """
 
     model_flops: int
@@ -19,6 +21,8 @@ class StepFlops:
     tokens: int
     padded_tokens: int
     breakdown: dict[str, int] = field(default_factory=dict)
+    model_by_dtype: dict[str, int] = field(default_factory=dict)
+    hardware_by_dtype: dict[str, int] = field(default_factory=dict)
 
     @property
     def padding_fraction(self) -> float:

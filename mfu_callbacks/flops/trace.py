@@ -46,6 +46,7 @@ from .._torch_internals import (
     wrapped_tensors,
 )
 from .components import ATTENTION_SCORES, classify, component_of_parameter, windowed_scores
+from .dtypes import FP8, RUN_DTYPE, tagged
 from .isolation import tensors_in
 from .matmuls import CONVOLUTIONS, is_fp8, matmul_flops, operands
 from .sharding import Shard
@@ -115,7 +116,7 @@ class MatmulRecorder(TorchDispatchMode):
         self._owners = owners or {}
         self._windows = windows or {}
         self._stack: list[tuple[str, str, int]] = []  # (path, class name, multiplicity)
-        self._declared: list[tuple[str | None, float, float] | None] = []  # open declared modules
+        self._declared: list[tuple[str | None, float, float, str] | None] = []  # open declared modules
         self._regions: list[list[_Matmul | None]] = []  # open checkpoint regions, innermost last
         self._matmuls: list[_Matmul] = []
         self._recompute: dict[str, float] = defaultdict(float)
@@ -162,20 +163,23 @@ class MatmulRecorder(TorchDispatchMode):
         return self._owners.get(id(view_base(tensor))) or self._owners.get(id(tensor)) or ()
 
     # -- declared FLOPs (declared.py) -------------------------------------------------------------
-    def enter_declared(self, component: str | None, forward: float, backward: float) -> None:
+    def enter_declared(
+        self, component: str | None, forward: float, backward: float, dtype: str = RUN_DTYPE
+    ) -> None:
         """A module with declared FLOPs starts (after ``enter``); inside a declared one, it adds nothing."""
-        self._declared.append(None if self._declared else (component, forward, backward))
+        self._declared.append(None if self._declared else (component, forward, backward, dtype))
 
     def exit_declared(self, output: Any) -> None:
         """It returned ``output`` (before ``exit``): record its declared FLOPs, scaled by the multiplicity."""
         entry = self._declared.pop() if self._declared else None  # None: its flops function raised
         if entry is None:
             return
-        component, forward, backward = entry
+        component, forward, backward, dtype = entry
         tensors = list(tensors_in(output))
         reaching = next((t for t in tensors if t.grad_fn is not None), tensors[0] if tensors else None)
         weight = self._weight
-        self.record(component or self._component(False), forward * weight, backward * weight, reaching)
+        key = tagged(component or self._component(False), dtype)
+        self.record(key, forward * weight, backward * weight, reaching)
 
     # -- activation checkpointing ---------------------------------------------------------------
     def checkpoint_reentrant(self, function: Callable, *args):
@@ -367,7 +371,8 @@ class MatmulRecorder(TorchDispatchMode):
         self._link(inputs)
         grad_mode_off = not torch.is_grad_enabled()
         pair = operands(func, args)
-        fp8 = pair is not None and grad_mode_off and (is_fp8(pair[0]) or is_fp8(pair[1]))
+        in_fp8 = pair is not None and (is_fp8(pair[0]) or is_fp8(pair[1]))
+        fp8 = in_fp8 and grad_mode_off
         if pair is not None:
             first, second = pair
             forward = matmul_flops(func, args, out)
@@ -385,7 +390,7 @@ class MatmulRecorder(TorchDispatchMode):
             # the model FLOPs; the kernel runs all of them.
             copies = self._copies_of(first, second) if local == 1.0 else 1
             self.record(
-                self._component(activation, (first, second)),
+                tagged(self._component(activation, (first, second)), FP8 if in_fp8 else RUN_DTYPE),
                 forward * weight * local / copies,
                 forward * needed * weight * local / copies,
                 out,
