@@ -173,6 +173,7 @@ def _replaced_by_rebuilt() -> Callable[[], MFUCallback | None]:
     ``restore_callback_states_from_checkpoint=True`` the Trainer swaps the user's callback for one built
     from the checkpoint's saved options, before the run begins; that user's callback is the one built
     and not yet begun. None (with a warning) when there is not exactly one: its ``summary`` stays empty."""
+    gc.collect()  # a callback and its helper hold each other: only a collection lets a dropped one go
     waiting = [callback for callback in _BUILT_BY_USERS if not callback._began]
     if len(waiting) != 1:
         trainer_logger.warning(

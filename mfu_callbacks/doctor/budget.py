@@ -63,7 +63,7 @@ def pieces(step: StepTrace, trainable: Sequence[torch.Size], dtype: torch.dtype)
         found.append(
             Piece(
                 f"a {shape.m} x {shape.k} x {shape.n} matmul",
-                shape.batch * (m * k + k * n + m * n) * (size + _FP32),
+                shape.batch * (m * k + k * n + m * n) * size,  # drawn in the dtype itself
                 (shape.m, shape.k, shape.n),
             )
         )
@@ -71,7 +71,7 @@ def pieces(step: StepTrace, trainable: Sequence[torch.Size], dtype: torch.dtype)
         query = call.batch * call.heads * call.q_len * call.head_dim
         keys = call.batch * call.heads * call.k_len * (call.head_dim + call.v_dim)
         output = call.batch * call.heads * call.q_len * call.v_dim
-        total = (query + keys + 2 * output) * (2 if call.backward else 1) * (size + _FP32)
+        total = (query + keys + 2 * output) * (2 if call.backward else 1) * size
         if call.masked:  # the mask, and the scores the math kernel makes of it
             total += call.q_len * call.q_len + 3 * call.batch * call.heads * call.q_len * call.k_len * size
         found.append(
