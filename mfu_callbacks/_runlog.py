@@ -11,7 +11,7 @@ Metric keys are read without their prefix: ``train/mfu``, ``mfu`` and ``perf/mfu
 from __future__ import annotations
 
 import csv
-import json
+import difflib
 import math
 import re
 import shutil
@@ -21,12 +21,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ._input_files import InputFileError, check_size, load_json, parse_json
 from .metrics import MFU, NUMERIC_METRICS
 from .run_summary import DEFAULT_FILENAME, RunSummary, RunSummaryError
 
 _LOSS_KEYS = ("train/loss", "loss")
 _STEP_KEYS = ("train/global_step", "trainer/global_step", "step", "_step")
 _WANDB_CONFIG_KEY = "mfu_callbacks"  # where the integrations describe the measurement in a W&B run's config
+# A logged number beyond this is no measurement (and its square would overflow a float): left out like NaN.
+_LARGEST_VALUE = 1e100
 EXPECTED = (
     "an mfu-callbacks run summary (mfu_summary.json), a W&B run (run-*.wandb), a Lightning metrics.csv "
     "or a Trainer trainer_state.json"
@@ -104,9 +107,10 @@ def _is_number(value: object) -> bool:
     if isinstance(value, bool) or value is None or value == "":
         return False
     try:
-        return math.isfinite(float(value))  # type: ignore[arg-type]
-    except (TypeError, ValueError):
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError):
         return False
+    return math.isfinite(number) and abs(number) <= _LARGEST_VALUE
 
 
 def _natural_key(path: Path) -> list:
@@ -119,7 +123,7 @@ def find_log(path: str | Path, order: tuple[str, ...] = SUMMARY_FIRST) -> tuple[
     itself, or in a folder the latest (by name, numbers compared as numbers) of the first kind in ``order``."""
     path = Path(path)
     if not path.exists():
-        raise RunLogError(f"no such file or folder: {path} (expected {EXPECTED})")
+        raise RunLogError(f"no such file or folder: {path}{_nearby(path)} (expected {EXPECTED})")
     if not path.is_dir():
         return path, 1
     for pattern in order:
@@ -134,24 +138,26 @@ def read_run(path: str | Path, order: tuple[str, ...] = SUMMARY_FIRST) -> RunLog
 
     A run without a single MFU window is returned as read: the caller says what it needed.
     """
-    if not Path(path).exists() and _ONLINE_RUN.fullmatch(str(path)):
-        return read_online_wandb_run(str(path))
+    reference = wandb_reference(str(path))
+    if reference is not None:
+        return read_online_wandb_run(reference)
     folder = Path(path)
     path, choices = find_log(path, order)
+    expected = _EXPECTED_BY_SUFFIX.get(path.suffix, "expected " + EXPECTED)
     try:
-        empty = path.stat().st_size == 0
-    except OSError as error:
-        raise RunLogError(f"cannot read {path}: {error}") from None
-    if empty:
-        raise RunLogError(f"{path} is empty: {_EXPECTED_BY_SUFFIX.get(path.suffix, 'expected ' + EXPECTED)}")
-    if path.suffix == ".wandb":
-        run = _read_wandb(path)
-    elif path.suffix == ".csv":
-        run = _read_csv(path)
-    elif path.suffix == ".json":
-        run = _read_json(path)
-    else:
-        raise RunLogError(f"cannot read {path}: expected {EXPECTED}")
+        if check_size(path, expected) == 0:
+            raise RunLogError(f"{path} is empty: {expected}")
+        if path.suffix == ".wandb":
+            run = _read_wandb(path)
+        elif path.suffix == ".csv":
+            run = _read_csv(path)
+        elif path.suffix == ".json":
+            run = _read_json(path)
+        else:
+            raise RunLogError(f"cannot read {path}: expected {EXPECTED}")
+    except InputFileError as error:
+        raise RunLogError(str(error)) from None
+    _check_setup(run)
     run.windows.sort(key=lambda window: window[0])
     run.loss.sort()
     if choices > 1:
@@ -191,12 +197,16 @@ def wandb_records(path: Path) -> list[dict]:
             f"wandb could not read {path} ({said or f'exit code {result.returncode}'}): expected a "
             "W&B run log, run-*.wandb"
         )
+    expected = _EXPECTED_BY_SUFFIX[".wandb"]
     try:
-        records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    except json.JSONDecodeError as error:
-        raise RunLogError(
-            f"wandb printed {path} in a form this version cannot read ({error}): try another version of wandb"
-        ) from None
+        records = [
+            parse_json(line, f"{path} (as wandb prints it)", expected, allow_nan=True)
+            for line in result.stdout.splitlines()
+            if line.startswith("{")
+        ]
+    except InputFileError as error:
+        raise RunLogError(f"{error}; or wandb printed it in a form this version cannot read") from None
+    records = [record for record in records if isinstance(record, dict)]
     if not records:
         raise RunLogError(
             f"{path} holds no W&B records{f' ({said})' if said else ''}: {_EXPECTED_BY_SUFFIX['.wandb']}"
@@ -205,6 +215,51 @@ def wandb_records(path: Path) -> list[dict]:
 
 
 _ONLINE_RUN = re.compile(r"[\w.-]+/[\w.-]+/[\w-]+")  # entity/project/run_id, as the W&B API names a run
+_WANDB_PREFIX = "wandb:"
+_WANDB_URL = re.compile(r"https?://(?:[\w-]+\.)*wandb\.ai/([\w.-]+)/([\w.-]+)/runs/([\w-]+)(?:[/?#].*)?")
+ONLINE_FORMS = (
+    "entity/project/run_id, wandb:entity/project/run_id or https://wandb.ai/entity/project/runs/run_id"
+)
+
+
+def wandb_reference(text: str) -> str | None:
+    """``entity/project/run_id`` when ``text`` names a run on a W&B server, else None (a local path).
+
+    ``wandb:entity/project/run_id`` and a wandb.ai run URL always do; a bare ``a/b/c`` only when nothing
+    of it exists here, not even its first folder: ``out/run1/checkpoint-500`` beside an ``out`` folder is
+    a local path that is missing, not a W&B run.
+    """
+    if text.startswith(_WANDB_PREFIX):
+        return text[len(_WANDB_PREFIX) :]
+    url = _WANDB_URL.fullmatch(text)
+    if url:
+        return "/".join(url.groups())
+    if not _ONLINE_RUN.fullmatch(text) or Path(text.split("/", 1)[0]).exists():
+        return None
+    return text
+
+
+def _nearby(path: Path) -> str:
+    """Names close to a missing ``path``'s in the deepest folder above it that exists (a mistyped
+    ``checkpoint-500``): its closest names, or the last few when its own folder exists."""
+    parent = path.parent
+    while not parent.is_dir() and parent != parent.parent:
+        parent = parent.parent
+    try:
+        names = sorted((entry.name for entry in parent.iterdir()), key=_natural_key_of_name)
+        wanted = path.absolute().relative_to(parent.absolute()).parts[0]
+    except (OSError, ValueError, IndexError):
+        return ""
+    close = difflib.get_close_matches(wanted, names, n=3, cutoff=0.6)
+    if close:
+        return f"; {parent} holds {', '.join(close)}"
+    if parent == path.parent and names:
+        return f"; {parent} holds {', '.join(names[-5:])}"
+    return ""
+
+
+def _natural_key_of_name(name: str) -> list:
+    return _natural_key(Path(name))
 
 
 def read_online_wandb_run(path: str, api: Any = None) -> RunLog:
@@ -217,23 +272,30 @@ def read_online_wandb_run(path: str, api: Any = None) -> RunLog:
         try:
             import wandb
         except ImportError:
-            raise RunLogError(f"reading the W&B run {path} needs wandb: pip install wandb") from None
-        api = wandb.Api()
+            raise RunLogError(
+                f"no local file or folder {path}, and reading it as the W&B run entity/project/run_id needs "
+                "wandb: pip install wandb"
+            ) from None
     try:
+        if api is None:
+            api = wandb.Api()  # a missing login fails here
         online = api.run(path)
         rows = list(online.scan_history())
         config = dict(online.config)
     except Exception as error:  # noqa: BLE001 - network, login, a run that does not exist: one line
         raise RunLogError(
-            f"cannot read the W&B run {path} ({' '.join(str(error).split())[:300]}): expected "
-            "entity/project/run_id of a run you can read, with the network and a W&B login"
+            f"cannot read {path} as a W&B run ({' '.join(str(error).split())[:300]}): no local file or "
+            f"folder has this name, so it was read as entity/project/run_id, which needs a run you can read, "
+            f"the network and a W&B login; for a local run, check the path"
         ) from None
     run = RunLog(source=path, kind="W&B run")
     for row in rows:
-        run.add(row)
+        if isinstance(row, dict):
+            run.add(row)
     described = config.get(_WANDB_CONFIG_KEY)
     if isinstance(described, dict):
         run.setup.update(described)
+    _check_setup(run)
     run.windows.sort(key=lambda window: window[0])
     run.loss.sort()
     return run
@@ -243,10 +305,14 @@ def _read_wandb(path: Path) -> RunLog:
     run = RunLog(source=str(path), kind="W&B run")
     for record in wandb_records(path):
         kind = record.get("type")
-        if kind == "history":
-            run.add(record["history"]["item"])
+        body = record.get(kind) if isinstance(kind, str) else None
+        if not isinstance(body, dict):
+            continue
+        if kind == "history" and isinstance(body.get("item"), dict):
+            run.add(body["item"])
         elif kind in ("config", "run"):
-            update = (record[kind].get("config", {}) if kind == "run" else record[kind]).get("update", {})
+            config = body.get("config", {}) if kind == "run" else body
+            update = config.get("update", {}) if isinstance(config, dict) else None
             described = update.get(_WANDB_CONFIG_KEY) if isinstance(update, dict) else None
             if isinstance(described, dict):
                 run.setup.update(described)
@@ -256,6 +322,7 @@ def _read_wandb(path: Path) -> RunLog:
 def _read_csv(path: Path) -> RunLog:
     expected = _EXPECTED_BY_SUFFIX[".csv"]
     run = RunLog(source=str(path), kind="Lightning metrics.csv")
+    check_size(path, expected)
     try:
         with open(path, newline="", encoding="utf-8") as handle:
             reader = csv.DictReader(handle)
@@ -276,27 +343,20 @@ def _read_csv(path: Path) -> RunLog:
 def _read_json(path: Path) -> RunLog:
     """A run summary or a Trainer state, told apart by their content."""
     expected = _EXPECTED_BY_SUFFIX[".json"]
-    try:
-        text = path.read_text(encoding="utf-8")
-        document = json.loads(text)
-    except (OSError, UnicodeDecodeError) as error:
-        raise RunLogError(f"cannot read {path} as JSON ({error}): {expected}") from None
-    except json.JSONDecodeError as error:
-        if not text.strip():
-            raise RunLogError(f"{path} is empty: {expected}") from None
-        if error.pos >= len(text.rstrip()) or error.msg.startswith("Unterminated string"):
-            raise RunLogError(
-                f"{path} is cut off: its JSON ends early (line {error.lineno}), as when a file is "
-                f"read while being written; {expected}"
-            ) from None
-        raise RunLogError(f"cannot read {path} as JSON ({error}): {expected}") from None
+    document = load_json(path, expected, allow_nan=True)  # a Trainer state logs a NaN loss as NaN
     if isinstance(document, dict) and "format" in document:
         try:
             summary = RunSummary.read(path)  # its windows file too
         except RunSummaryError as error:
             raise RunLogError(str(error)) from None
         run = RunLog(source=str(path), kind="run summary", setup=summary.setup, versions=summary.versions)
-        run.windows = [(float(window["step"]), dict(window["metrics"])) for window in summary.windows]
+        run.windows = [
+            (
+                float(window["step"]),
+                {key: value for key, value in window["metrics"].items() if _is_number(value)},
+            )
+            for window in summary.windows
+        ]
         return run
     if not isinstance(document, dict) or not isinstance(document.get("log_history"), list):
         raise RunLogError(f"{path} has no 'log_history' (nor a run summary's 'format'): {expected}")
@@ -305,3 +365,38 @@ def _read_json(path: Path) -> RunLog:
         if isinstance(row, dict):
             run.add(row)
     return run
+
+
+# Setup values a reader computes with, and what each must be.
+_SETUP_NUMBERS = {
+    "peak_tflops": "a number of TFLOP/s",
+    "world_size": "a whole number of GPUs",
+    "model_flops_per_token": "a number of FLOPs",
+}
+
+
+def _check_setup(run: RunLog) -> None:
+    """The setup's numbers are numbers (a peak written as text, a NaN or an overflowing value is named),
+    so that what is read can be compared and printed as JSON."""
+    for key, meaning in _SETUP_NUMBERS.items():
+        value = run.setup.get(key)
+        if value is None:
+            continue
+        whole = key == "world_size"
+        if not (_is_number(value) and not isinstance(value, str)) or (whole and not isinstance(value, int)):
+            raise RunLogError(
+                f"{run.source}: setup {key} is {str(value)[:40]!r} ({type(value).__name__}): expected "
+                f"{meaning}; correct the file or read the run again from its training output"
+            )
+    stack: list[tuple[str, Any]] = [("setup", run.setup)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend((f"{where}.{key}", item) for key, item in value.items())
+        elif isinstance(value, list):
+            stack.extend((f"{where}[{index}]", item) for index, item in enumerate(value))
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise RunLogError(
+                f"{run.source}: {where} is {value}, which is not a number JSON allows: correct the file or "
+                "read the run again from its training output"
+            )

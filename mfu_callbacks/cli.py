@@ -16,14 +16,18 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import os
 import re
 import sys
+import traceback
 from pathlib import Path
 from typing import Any, NoReturn
 
+from ._input_files import InputFileError, load_json
 from ._version import __version__
 
 EXIT_USAGE = 2
+_TRACEBACK_ENV = "MFU_CLI_TRACEBACK"
 # Commands whose modules import torch: their arguments are added only when they run, so that
 # `mfu-callbacks --help` and `--version` start in a fraction of a second. The listing shows these
 # summaries (tests check they match the ones the modules register).
@@ -38,6 +42,15 @@ _MFU_LEVELS = (1.0, 0.5, 0.4)
 # step's FLOPs then follow from its sizes alone (features_of_full_rows), at any batch size.
 _TEMPLATE_SHAPE = (2, 8)
 _MAX_DPI = 1200  # 9600 x 6600 pixels for the 8 x 5.5 inch figure
+# A count on the command line (tokens in a row, rows, a rank) beyond this is a typo: 2**31, past any
+# context length; products of such counts still fit the int64 sizes torch's meta tensors take.
+_MAX_COUNT = 2**31
+# Every layer (and expert) is built as Python objects, even on the meta device: 1,000 layers take
+# seconds, ten million would exhaust the memory. Models have a few hundred layers at most.
+_MAX_MODULES = {"layers": 10_000, "experts": 100_000}
+_MODULE_COUNT_FIELD = re.compile(
+    r"^(num|n)_(hidden_|decoder_|encoder_)?(layers?|experts?)$|^(num|n)_local_experts$"
+)
 _REASON_CHARS = 300  # of a library's error message, quoted in ours
 _ESTIMATE_IN_PYTHON = (
     "build the model in Python and call mfu_callbacks.estimate_step_flops(model, batch) "
@@ -92,10 +105,16 @@ def _check_arguments(args: argparse.Namespace) -> None:
     ):
         if value <= 0:
             raise CliError(f"{flag} must be positive (got {value}): the {meaning}")
+        if value > _MAX_COUNT:
+            raise CliError(f"{flag} must be at most {_MAX_COUNT:,} (got {value:,}): the {meaning}")
     if args.lora_rank < 0:
         raise CliError(
             f"--lora-rank must be positive (got {args.lora_rank}): the LoRA rank, e.g. 16; leave it out "
             "for full fine-tuning"
+        )
+    if args.lora_rank > _MAX_COUNT:
+        raise CliError(
+            f"--lora-rank must be at most {_MAX_COUNT:,} (got {args.lora_rank:,}): the LoRA rank, e.g. 16"
         )
     if args.lora_targets and not args.lora_rank:
         raise CliError("--lora-targets needs --lora-rank (the LoRA rank, e.g. --lora-rank 16)")
@@ -115,6 +134,13 @@ def _check_sizes(values: dict, path: str, prefix: str = "") -> None:
                 f"{path}: {prefix}{key} is {value}, but it is a size and must be {least}: "
                 "correct it in the config"
             )
+        if _MODULE_COUNT_FIELD.search(key):
+            limit = _MAX_MODULES["experts" if "expert" in key else "layers"]
+            if value > limit:
+                raise CliError(
+                    f"{path}: {prefix}{key} is {value:,}, more than {limit:,}: every one is built (as Python "
+                    "objects, even on the meta device), and no model has so many; correct it in the config"
+                )
 
 
 def _load_config(path: str) -> Any:
@@ -124,13 +150,9 @@ def _load_config(path: str) -> Any:
     if not file.is_file():
         raise CliError(f"config file not found: {path}")
     try:
-        values = json.loads(file.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise CliError(f"{path} is not UTF-8 text: expected a Hugging Face config.json (JSON text)") from None
-    except (OSError, json.JSONDecodeError) as error:
-        raise CliError(
-            f"cannot read {path} as JSON ({_reason(error)}): expected a Hugging Face config.json"
-        ) from None
+        values = load_json(file, "expected a Hugging Face config.json (JSON text)", allow_nan=True)
+    except InputFileError as error:
+        raise CliError(str(error)) from None
     if not isinstance(values, dict):
         raise CliError(
             f"{path} holds a JSON {type(values).__name__}, not an object: expected a Hugging Face "
@@ -251,9 +273,10 @@ def _build_model(config: Any, args: argparse.Namespace):
             }
         )
         try:
-            model = get_peft_model(
-                model, LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, target_modules=targets)
-            )
+            with torch.device("meta"):  # the adapters too: nothing is allocated, at any rank
+                model = get_peft_model(
+                    model, LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, target_modules=targets)
+                )
         except ValueError as error:
             raise CliError(
                 f"cannot put LoRA on --lora-targets {args.lora_targets or 'all-linear'} "
@@ -578,13 +601,31 @@ def main(argv: list[str] | None = None) -> int:
         wants_json = bool(getattr(args, "json", False))
         status = args.handler(args)
     except CliError as error:
-        message = " ".join(str(error).split())
-        print(f"mfu-callbacks: error: {message}", file=sys.stderr)
-        if wants_json:
-            print(json.dumps({"exit_code": EXIT_USAGE, "error": message}))
-        return EXIT_USAGE
+        return _fail(str(error), wants_json)
+    except (RecursionError, MemoryError, OverflowError) as error:  # an input past what was checked
+        return _fail(f"the input is too large or too deeply nested to process ({_reason(error)})", wants_json)
+    except Exception as error:  # noqa: BLE001 - a CI gate reads exit 1 as "dropped": never that for a bug
+        if os.environ.get(_TRACEBACK_ENV):
+            raise
+        where = traceback.extract_tb(error.__traceback__)[-1]
+        return _fail(
+            f"internal error, {type(error).__name__}: {_reason(error)} (at {Path(where.filename).name}:"
+            f"{where.lineno}; {_TRACEBACK_ENV}=1 prints the traceback for a bug report)",
+            wants_json,
+        )
     return status if isinstance(status, int) else 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def _fail(message: str, wants_json: bool) -> int:
+    """The error as one line on stderr (and as a JSON object on stdout with --json); exit code 2."""
+    message = " ".join(message.split())
+    print(f"mfu-callbacks: error: {message}", file=sys.stderr)
+    if wants_json:
+        print(json.dumps({"exit_code": EXIT_USAGE, "error": message}))
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":  # python -m mfu_callbacks.cli: the package's classes, not this copy's
+    from mfu_callbacks.cli import main as package_main
+
+    sys.exit(package_main())

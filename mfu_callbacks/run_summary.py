@@ -69,6 +69,7 @@ import torch
 from torch import nn
 
 from ._atomic import write_json, write_text
+from ._input_files import InputFileError, load_json, parse_json, read_text
 
 if TYPE_CHECKING:
     from .flops import StepFlops
@@ -277,40 +278,32 @@ class SummaryWriter:
 
 def read_windows(path: Path) -> list[dict[str, Any]]:
     """The windows of a windows file, in file order; a last line cut off mid-write is skipped."""
+    expected = f"a run summary is {DEFAULT_FILENAME} with {WINDOWS_FILENAME} beside it; copy both"
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise RunSummaryError(
-            f"cannot read the windows file {path} ({error}): a run summary is {DEFAULT_FILENAME} with "
-            f"{WINDOWS_FILENAME} beside it; copy both"
-        ) from None
+        text = read_text(path, expected) if path.stat().st_size else ""
+    except OSError as error:
+        raise RunSummaryError(f"cannot read the windows file {path} ({error}): {expected}") from None
+    except InputFileError as error:
+        raise RunSummaryError(str(error)) from None
     lines = text.split("\n")
     windows: list[dict[str, Any]] = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            windows.append(json.loads(line))
-        except json.JSONDecodeError:
+            windows.append(parse_json(line, f"{path}, line {number}", "expected a JSON window"))
+        except InputFileError as error:
             if number == len(lines):  # no newline after it: the write was cut off
                 break
-            raise RunSummaryError(f"{path}, line {number}: not a JSON window: {line[:80]}") from None
+            raise RunSummaryError(str(error)) from None
     return windows
 
 
 def _read_document(target: Path) -> Any:
     try:
-        text = target.read_text()
-    except (OSError, UnicodeDecodeError) as error:
-        raise RunSummaryError(f"cannot read {target}: {error}") from None
-    if not text.strip():
-        raise RunSummaryError(f"{target} is empty: expected an mfu-callbacks run summary")
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as error:
-        raise RunSummaryError(
-            f"{target} is not complete JSON ({error}): expected an mfu-callbacks run summary"
-        ) from None
+        return load_json(target, "expected an mfu-callbacks run summary")
+    except InputFileError as error:
+        raise RunSummaryError(str(error)) from None
 
 
 def _json_line(window: Mapping[str, Any]) -> str:

@@ -10,7 +10,8 @@ front of the Trainer's callback list, ahead of the reporting callbacks (W&B, Ten
 they log MFU in the same record; the same record in ``state.log_history`` (what the Trainer saves
 to ``trainer_state.json``) gets them too. A key the trainer put in the record itself (GRPO's
 ``step_time``) stays; ours goes beside it as ``mfu/step_time``. When training ends, ``summary``
-holds the run's means.
+holds the run's means, also on the callback the user built when the Trainer rebuilt it from a
+checkpoint (``restore_callback_states_from_checkpoint=True``).
 
 Evaluation and checkpoint saves are not training: their time leaves the step time and the input
 wait. The Trainer runs them after ``on_step_end`` (log, then evaluate, then save), and a callback
@@ -28,6 +29,8 @@ from __future__ import annotations
 
 import gc
 import logging
+import weakref
+from collections.abc import Callable
 from dataclasses import fields
 from typing import Any, cast
 
@@ -79,6 +82,12 @@ class MFUCallback(TrainerCallback, ExportableState):
         )
         self.summary: dict[str, float] = {}
         self.mfu_state: dict[str, Any] | None = None  # set by the Trainer when it restores callback states
+        # A callback the Trainer rebuilt from a checkpoint hands its summary to the one the user built.
+        self._rebuilt = restored is not None
+        self._began = False
+        self._replaces: Callable[[], MFUCallback | None] = lambda: None
+        if not self._rebuilt:
+            _BUILT_BY_USERS.add(self)
         self._after_the_flow = _AfterTheFlow(self)  # runs last: sees what the Trainer decided to do next
         self._pause_after_log = False  # an evaluation or a save follows this step's log
         self._read_ahead: dict[str, float] | None = None  # read at the step's end, for its log row
@@ -95,6 +104,9 @@ class MFUCallback(TrainerCallback, ExportableState):
     ):
         self.session.start_run()  # a second train(), or one after an interrupted run, starts clean
         self._read_ahead = None
+        self._began = True
+        if self._rebuilt:
+            self._replaces = _replaced_by_rebuilt()
         if state.global_step > 0:  # resuming from a checkpoint
             self.session.continue_from_step(state.global_step)
             self.session.load_state_dict(self.mfu_state or _saved_state(state, type(self).__name__))
@@ -157,6 +169,33 @@ class MFUCallback(TrainerCallback, ExportableState):
     @entry_point()
     def on_train_end(self, args, state, control, **kwargs):
         self.summary = self.session.finish()
+        replaced = self._replaces()
+        if replaced is not None:
+            replaced.summary = self.summary
+
+
+# Callbacks users built (not rebuilt from a checkpoint), while they hold them.
+_BUILT_BY_USERS: weakref.WeakSet[MFUCallback] = weakref.WeakSet()
+
+
+def _replaced_by_rebuilt() -> Callable[[], MFUCallback | None]:
+    """The callback a rebuilt one replaces, as a weak reference: with
+    ``restore_callback_states_from_checkpoint=True`` the Trainer swaps the user's callback for one built
+    from the checkpoint's saved options, before the run begins; that user's callback is the one built
+    and not yet begun. None (with a warning) when there is not exactly one: its ``summary`` stays empty."""
+    gc.collect()  # a callback and its helper hold each other: only a collection lets a dropped one go
+    waiting = [callback for callback in _BUILT_BY_USERS if not callback._began]
+    if len(waiting) != 1:
+        trainer_logger.warning(
+            "mfu_callbacks: the Trainer rebuilt MFUCallback from the checkpoint "
+            "(restore_callback_states_from_checkpoint=True) and cannot tell which of "
+            f"{len(waiting)} waiting callbacks it replaces: read summary from the rebuilt one, "
+            "[c for c in trainer.callback_handler.callbacks if isinstance(c, MFUCallback)][0].summary"
+        )
+        return lambda: None
+    (replaced,) = waiting
+    replaced._began = True  # replaced for this run: not waiting any more
+    return weakref.ref(replaced)
 
 
 class _AfterTheFlow(TrainerCallback):

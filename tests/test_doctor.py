@@ -219,7 +219,7 @@ def test_the_table_names_what_is_measured_and_modelled(capsys, config_path):
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--repeats", "0"], "--repeats must be positive"),
+        (["--repeats", "0"], "--repeats must be from 1 to 10,000 (got 0)"),
         (["--peak-tflops", "-3"], "--peak-tflops must be a positive number"),
         (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "nope"], "--device"),
     ],

@@ -32,6 +32,7 @@ def hf_trainer(
     callbacks=(),
     seed: int = 0,
     model: nn.Module | None = None,
+    **arguments,
 ):
     from transformers import Trainer, TrainingArguments
 
@@ -49,6 +50,7 @@ def hf_trainer(
         save_strategy="steps" if save_steps else "no",
         save_steps=save_steps or 500,
         dataloader_num_workers=0,
+        **arguments,
     )
     model = model if model is not None else tiny_llama()
     return Trainer(
@@ -108,6 +110,20 @@ def test_hf_resumed_run_continues_the_summary_of_the_first(tmp_path):
     # checkpoint it resumed from, then the resumed run's (its first step builds the engine again).
     written = RunSummary.read(tmp_path)
     assert [window["step"] for window in written.windows] == [2, 3, 5, 6]
+
+
+@pytest.mark.slow  # two Trainer runs with checkpoints
+def test_hf_the_callback_the_user_holds_gets_the_summary_when_the_trainer_rebuilds_it(tmp_path):
+    from mfu_callbacks.transformers import MFUCallback
+
+    hf_trainer(tmp_path, MFUCallback(peak_tflops=PEAK_TFLOPS, warmup_steps=0), save_steps=3).train()
+    mine = MFUCallback(peak_tflops=PEAK_TFLOPS, warmup_steps=0)
+    trainer = hf_trainer(tmp_path, mine, save_steps=3, restore_callback_states_from_checkpoint=True)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
+    (running,) = [c for c in trainer.callback_handler.callbacks if isinstance(c, MFUCallback)]
+    assert running is not mine  # the Trainer swapped in a callback built from the checkpoint
+    assert running.summary["mfu"] > 0
+    assert mine.summary == running.summary
 
 
 def test_hf_writes_a_run_summary_beside_its_outputs(tmp_path):

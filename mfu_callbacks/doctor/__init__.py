@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .budget import check_fits
 from .step_trace import AttentionShape, MatmulShape, StepTrace, trace_step
 from .timing import (
     Timer,
@@ -224,6 +225,8 @@ def examine(
     """
     step = trace(model, batch_size, seq_len, dtype, packed)
     torch_dtype = TORCH_DTYPES[dtype]
+    shapes = [param.shape for param in model.parameters() if param.requires_grad]
+    check_fits(step, shapes, torch_dtype, device)  # before anything is allocated
     timer = Timer(device, repeats)
     tokens = batch_size * seq_len
     with _matmul_precision(dtype):
@@ -242,7 +245,6 @@ def examine(
             modelled += seconds * count
             modelled_ops += count
         other += seconds * count
-    shapes = [param.shape for param in model.parameters() if param.requires_grad]
     total = sum(size.numel() for size in shapes)
     optimizer, timed = time_optimizer(shapes, timer)
     return Examination(

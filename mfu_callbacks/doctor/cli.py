@@ -12,8 +12,10 @@ from typing import Any
 
 from ..cli import add_model_arguments
 from . import MIXED_PRECISION, TORCH_DTYPES, Examination, examine
+from .budget import TooLarge
 
 CPU_REPEATS, GPU_REPEATS = 3, 10
+MAX_REPEATS = 10_000
 
 
 def add_parser(commands: Any) -> None:
@@ -64,8 +66,10 @@ def diagnose(args: argparse.Namespace) -> Examination:
     from ..hardware import resolve_peak
 
     _check_arguments(args)
-    if args.repeats is not None and args.repeats < 1:
-        raise CliError(f"--repeats must be positive (got {args.repeats}): timed calls per shape, e.g. 10")
+    if args.repeats is not None and not 1 <= args.repeats <= MAX_REPEATS:
+        raise CliError(
+            f"--repeats must be from 1 to {MAX_REPEATS:,} (got {args.repeats:,}): timed calls per shape, e.g. 10"
+        )
     try:
         peak_override = _validate.peak_tflops(args.peak_tflops, name="--peak-tflops")
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -94,11 +98,41 @@ def diagnose(args: argparse.Namespace) -> Examination:
             model_flops=step.model_flops,
             peak_flops=peak.flops if peak is not None else None,
         )
+    except TooLarge as error:
+        raise CliError(f"{error}: {_blame(error.piece.sizes, config, args)}") from None
     except torch.cuda.OutOfMemoryError as error:
         raise CliError(
             f"out of GPU memory while timing a shape ({' '.join(str(error).split())[:200]}): free the GPU, "
             "or time a smaller --batch-size and scale"
         ) from None
+
+
+def _blame(sizes: tuple[int, ...], config: Any, args: argparse.Namespace) -> str:
+    """Which options and config fields gave the piece its sizes, and what to do."""
+    named = []
+    tokens = args.batch_size * args.seq_len
+    if tokens in sizes:
+        named.append(f"--batch-size x --seq-len ({tokens:,} tokens)")
+    elif args.seq_len in sizes and args.seq_len > 1:
+        named.append(f"--seq-len {args.seq_len:,}")
+    fields = sorted(
+        (value, key)
+        for key, value in _int_fields(config.to_dict())
+        if value > max(sizes) // 16 and value in sizes and value not in (tokens, args.seq_len)
+    )
+    named += [f"{key} {value:,} in {args.config}" for value, key in reversed(fields[-2:])]
+    cause = f"from {' and '.join(named)}" if named else "check the config's sizes"
+    return f"{cause}; time a smaller one and scale (estimate counts any size without allocating)"
+
+
+def _int_fields(values: dict, prefix: str = "") -> list[tuple[str, int]]:
+    found = []
+    for key, value in values.items():
+        if isinstance(value, dict):
+            found += _int_fields(value, f"{prefix}{key}.")
+        elif isinstance(value, int) and not isinstance(value, bool):
+            found.append((f"{prefix}{key}", value))
+    return found
 
 
 def print_examination(result: Examination, *, packed: bool = False, lora: bool = False) -> None:

@@ -146,21 +146,30 @@ def time_optimizer(shapes: Sequence[torch.Size], timer: Timer) -> tuple[float, i
     """Seconds of one AdamW step (fused on CUDA, foreach elsewhere) over fp32 parameters of these shapes,
     and the number of parameters timed; beyond ``OPTIMIZER_CAP`` parameters the rest is left out
     (the step is memory-bound: the caller scales by the parameter count)."""
-    params: list[torch.Tensor] = []
-    total = 0
-    for size in shapes:
-        count = size.numel()
-        if total + count > OPTIMIZER_CAP and params:
-            break
-        params.append(torch.zeros(size, device=timer.device, requires_grad=True))
-        total += count
+    params = [
+        torch.zeros(size, device=timer.device, requires_grad=True)
+        for size in optimizer_parameters_timed(shapes)
+    ]
     if not params:
         return 0.0, 0
+    total = sum(param.numel() for param in params)
     for param in params:
         param.grad = torch.randn_like(param)
     fused = timer.device.type == "cuda"
     optimizer = torch.optim.AdamW(params, lr=1e-5, fused=fused, foreach=None if fused else True)
     return timer.seconds(optimizer.step), total
+
+
+def optimizer_parameters_timed(shapes: Sequence[torch.Size]) -> list[torch.Size]:
+    """The parameters ``time_optimizer`` times: the first ones up to ``OPTIMIZER_CAP`` (at least one)."""
+    timed: list[torch.Size] = []
+    total = 0
+    for size in shapes:
+        if total + size.numel() > OPTIMIZER_CAP and timed:
+            break
+        timed.append(size)
+        total += size.numel()
+    return timed
 
 
 def materialize(value: object, device: torch.device) -> object:
