@@ -83,3 +83,81 @@ def test_labelled_positions_are_summed_over_deferred_micro_batches() -> None:
     expected = [int((b["labels"][:, 1:] != -100).sum()) for b in batches]
     assert int(window[MODEL, Feature.LABELLED]) == sum(expected)
     assert int(last[MODEL, Feature.LABELLED]) == expected[1]
+
+
+# -- TRL's fused head on its CUDA path, forced on CPU -------------------------------------------------
+def labelled_twin_forward(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """The unfused twin of a head that scores only the labelled positions: the same projection on them."""
+    from test_flops_observe import _causal_lm
+
+    lm = _causal_lm(model)
+    hidden = lm.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).last_hidden_state
+    targets = batch["labels"][:, 1:]
+    mask = targets != -100
+    logits = lm.lm_head(hidden[:, :-1][mask])
+    return torch.nn.functional.cross_entropy(logits.float(), targets[mask])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("longest", [24, 60])
+def test_trl_fused_head_on_its_labelled_positions_is_logged_within_one_percent_in_every_row(
+    tmp_path, monkeypatch, longest: int
+) -> None:
+    """TRL scores only the labelled positions where Triton runs (``_use_triton``); here that device check
+    says yes on CPU, as TRL's own tests patch its module attributes. Completion-only loss on rows whose
+    prompt share varies from step to step: each row's logged model FLOPs against the twin's, step by step."""
+    import trl.trainer.utils
+    from conftest import VOCAB, model_truth
+    from datasets import Dataset
+    from test_flops_observe import llama
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from mfu_callbacks.testing import word_tokenizer
+    from mfu_callbacks.transformers import MFUCallback
+
+    monkeypatch.setattr(trl.trainer.utils, "_use_triton", lambda device: True)
+    generator = torch.Generator().manual_seed(1)
+    rows = []
+    for _ in range(32):
+        length = int(torch.randint(6, longest, (1,), generator=generator))
+        prompt = int(torch.randint(1, length - 1, (1,), generator=generator))
+        rows.append(
+            {
+                "input_ids": torch.randint(3, VOCAB, (length,), generator=generator).tolist(),
+                "completion_mask": [0] * prompt + [1] * (length - prompt),
+            }
+        )
+    model = llama()
+    steps: list[list[dict]] = []
+
+    class Batches(TrainerCallback):
+        def on_step_begin(self, *args, **kwargs) -> None:
+            steps.append([])
+
+    def keep(module, args, kwargs) -> None:
+        if steps and kwargs.get("fused_lm_head"):
+            steps[-1].append({k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)})
+
+    model.register_forward_pre_hook(keep, with_kwargs=True)
+    callback = MFUCallback(peak_tflops=1.0, warmup_steps=1)
+    config = SFTConfig(
+        output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=4, logging_steps=1, report_to=[],
+        save_strategy="no", use_cpu=True, disable_tqdm=True, max_length=longest, completion_only_loss=True,
+        gradient_checkpointing=False,
+    )  # fmt: skip
+    trainer = SFTTrainer(
+        model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=word_tokenizer(VOCAB),
+        callbacks=[Batches(), callback],
+    )  # fmt: skip
+    trainer.train()
+    logged = [row for row in trainer.state.log_history if "loss" in row]
+    assert len(logged) == len(steps) == 6
+    shares = set()
+    for row, batches in list(zip(logged, steps))[2:]:  # warm-up, then the step that built the engine
+        truth = sum(model_truth(trainer.model, batch, labelled_twin_forward) for batch in batches)
+        flops = row["tflops_per_gpu"] * 1e12 * row["step_time"]
+        assert abs(flops / truth - 1) <= 0.01, (flops, truth)
+        scored = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        shares.add(round(scored / sum(int(b["attention_mask"].sum()) for b in batches), 2))
+    assert len(shares) > 1, "the labelled share never moved"
