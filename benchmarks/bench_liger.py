@@ -41,7 +41,9 @@ class SameBatch(torch.utils.data.Dataset):
         return {key: value[row] for key, value in self.rows.items()}
 
 
-def train(size: str, trainer_kind: str, steps: int, warmup: int, liger: bool, output: str) -> tuple[list, object]:
+def train(
+    size: str, trainer_kind: str, steps: int, warmup: int, liger: bool, output: str
+) -> tuple[list, object]:
     """Rows logged by the trainer (with MFU after warm-up) and the meter's FLOP engine."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     batch = batch_for(size, device)
@@ -83,19 +85,27 @@ def head_flops(size: str) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--size", choices=sorted(SIZES), default="1b")
     parser.add_argument("--trainer", choices=("hf", "trl", "both"), default="both")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--no-liger", action="store_true", help="run without Liger (baseline, CPU smoke test)")
+    parser.add_argument(
+        "--no-liger", action="store_true", help="run without Liger (baseline, CPU smoke test)"
+    )
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     truth = truth_step_flops(llama(args.size).to(device), batch_for(args.size, device))
-    print(f"truth (no Liger, FlopCounterMode, one step): {truth:,} FLOPs; head {head_flops(args.size) / truth:.2%} of it")
+    print(
+        f"truth (no Liger, FlopCounterMode, one step): {truth:,} FLOPs; head {head_flops(args.size) / truth:.2%} of it"
+    )
     print()
-    print("| trainer | Liger | rows | logged / truth (min) | (max) | engine's head / the head's model FLOPs | seconds |")
+    print(
+        "| trainer | Liger | rows | logged / truth (min) | (max) | engine's head / the head's model FLOPs | seconds |"
+    )
     print("|---|---|---|---|---|---|---|")
     kinds = ("hf", "trl") if args.trainer == "both" else (args.trainer,)
     for kind in kinds:

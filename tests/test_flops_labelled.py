@@ -91,7 +91,9 @@ def labelled_twin_forward(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     from test_flops_observe import _causal_lm
 
     lm = _causal_lm(model)
-    hidden = lm.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).last_hidden_state
+    hidden = lm.model(
+        input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")
+    ).last_hidden_state
     targets = batch["labels"][:, 1:]
     mask = targets != -100
     logits = lm.lm_head(hidden[:, :-1][mask])
