@@ -252,22 +252,38 @@ class OpaqueResultHead(torch.autograd.Function):
 
 
 def labelled_head_forward(model: nn.Module, batch: dict) -> torch.Tensor:
-    """Scores the labelled tokens only (``hidden[mask]``), through the opaque head."""
+    """Scores the positions whose next token is labelled only (``hidden[mask]``), through the opaque
+    head, shifted as TRL's fused head and Hugging Face's loss shift them."""
     lm = _causal_lm(model)
     hidden = lm.model(
         input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")
     ).last_hidden_state
-    mask = batch["labels"] != -100
-    return OpaqueResultHead.apply(hidden[mask], lm.lm_head.weight, batch["labels"][mask])
+    targets = batch["labels"][:, 1:]
+    mask = targets != -100
+    return OpaqueResultHead.apply(hidden[:, :-1][mask], lm.lm_head.weight, targets[mask])
 
 
-def test_a_head_whose_result_goes_dark_and_scores_labelled_tokens_counts_per_real_token() -> None:
+def prompt_completion_batch(prompts: list[int], completions: list[int]) -> dict[str, torch.Tensor]:
+    """Rows of a prompt and a completion, right-padded; only the completion is labelled."""
+    batch = padded_batch([p + c for p, c in zip(prompts, completions)])
+    for row, prompt in enumerate(prompts):
+        batch["labels"][row, :prompt] = -100
+    return batch
+
+
+def test_a_head_that_scores_labelled_positions_follows_each_batchs_labels() -> None:
     model = llama()
-    engine = observed_engine(model, padded_batch([5, 12]), labelled_head_forward)
-    for batch in (padded_batch([5, 12]), padded_batch([7, 3, 16]), full_batch(2, 9)):
+    engine = observed_engine(model, prompt_completion_batch([4, 9], [8, 3]), labelled_head_forward)
+    for batch in (
+        prompt_completion_batch([4, 9], [8, 3]),
+        prompt_completion_batch([12, 2, 5], [2, 14, 11]),  # the labelled share moves from 0.42 to 0.61
+        prompt_completion_batch([20, 18], [1, 2]),  # and to 0.07
+        full_batch(2, 9),
+    ):
         step = engine.estimate(batch)
-        labelled = int((batch["labels"] != -100).sum())
+        labelled = int((batch["labels"][:, 1:] != -100).sum())
         recompute = 2 * labelled * 32 * VOCAB  # the head's backward computes its logits again: not model work
         truth = model_truth(model, batch, labelled_head_forward) - recompute
         assert_flops(step.model_flops, truth, "model FLOPs")
+        assert_flops(step.hardware_flops, step_truth(model, batch, labelled_head_forward), "hardware FLOPs")
         assert step.breakdown["head"] > 0

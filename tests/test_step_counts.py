@@ -182,13 +182,15 @@ def meta(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("case", range(3), ids=["windows-and-pads", "plain", "encoder-decoder"])
 def test_a_micro_batch_launches_at_most_one_operation_and_never_syncs(case: int):
     """On meta tensors (CI has no GPU) every aten operation shows: per micro-batch of a layout seen
-    before, one operation (two for flattened documents checked for trailing pads); none reads the device."""
+    before, one operation (two for flattened documents checked for trailing pads), and one more for a
+    decoder-only batch's labelled positions; none reads the device."""
     counting, batches = counters()[case]
     for batch in map(meta, batches):
         counting.defer(batch)  # the first batch of a layout decides its plan
         with OperationLog() as log:
             counting.defer(batch)
         allowed = 2 if "cu_seq_lens_q" in batch and counting.pad_token_id is not None else 1
+        allowed += "labels" in batch and not counting.encoder_decoder
         assert len(log.operations) <= allowed, (sorted(batch), log.operations)
         assert not SYNCING_OPERATIONS & set(log.operations)
 
@@ -206,7 +208,7 @@ def test_a_read_costs_the_same_operations_for_ten_steps_as_for_fifty():
             counts.take()
         assert not SYNCING_OPERATIONS & set(log.operations) - {"aten._local_scalar_dense"}
         operations.append(len(log.operations))
-    assert operations[0] == operations[1] and operations[0] < 20, operations
+    assert operations[0] == operations[1] and operations[0] < 25, operations
 
 
 def _resident_bytes() -> int:

@@ -3,7 +3,8 @@
 Every matmul of a transformer-like model scales with one of these: tokens (projections, MLPs,
 heads), squared sequence lengths (self-attention scores and values; for a layer with a window of
 keys, the squares that window leaves, see ``windows.py``), the product of encoder and decoder
-lengths (cross-attention), rows (per-sequence heads such as a pooler) or nothing at all (per-call
+lengths (cross-attention), rows (per-sequence heads such as a pooler), labelled positions (a head
+that scores only the positions with a label: TRL's fused head on CUDA) or nothing at all (per-call
 work such as DoRA's weight norm). A batch is counted once into a small int64 tensor on
 its own device, without reading it back to the host, and the FLOPs are a dot product with
 coefficients the engine fits once per model.
@@ -32,6 +33,9 @@ class Feature(IntEnum):
     WINDOW_SQUARES_1 = 7
     WINDOW_SQUARES_2 = 8
     WINDOW_SQUARES_3 = 9
+    # Positions whose next token has a label (``labels[:, 1:] != -100``, ``shift_labels``, or a TRL
+    # ``completion_mask``/``assistant_masks`` shifted alike): what a head that scores only those multiplies.
+    LABELLED = 10
 
 
 NUM_FEATURES = len(Feature)
@@ -56,7 +60,8 @@ def features_of_full_rows(
     What ``FlopEngine.count`` gives for a batch with no attention mask: each row is one sequence,
     so tokens are rows * length and squared lengths rows * length**2; an encoder-decoder adds its
     decoder stream (``decoder_length`` tokens a row) and cross-attention (encoder length times
-    decoder length, per row). Nothing is padding, so the model row and the hardware row agree, but
+    decoder length, per row); a decoder-only model's rows are labelled at every position but the last.
+    Nothing is padding, so the model row and the hardware row agree, but
     for attention windows (``TokenCounting.windows`` and ``kernel_windows``): the hardware row counts
     what the kernel computes, full squares unless it computes only the window.
     Python integers, exact at any size (int64 overflows once rows * length**2 passes 9.2e18).
@@ -70,6 +75,8 @@ def features_of_full_rows(
         features[Feature.DECODER_SQUARES] = rows * decoder_length * decoder_length
         features[Feature.CROSS] = rows * length * decoder_length
     features[Feature.CALLS] = 1  # one forward call
+    if decoder_length is None:  # a causal LM's labels are its inputs: every position but a row's last has one
+        features[Feature.LABELLED] = rows * (length - 1)
     hardware = list(features)
     for feature, window, computed in zip(WINDOW_FEATURES, windows, kernel_windows):
         features[feature] = rows * window.squares(length)

@@ -20,6 +20,9 @@ The main stream's layouts (``make_plan`` tells them apart):
 - "boundaries", "boundaries_pads": flattened documents with ``cu_seq_lens``; taken: a copy of the
   boundaries (and the ids stacked with the positions for the pad check).
 An encoder-decoder's two masks are taken in one operation (concatenated along the sequence).
+A decoder-only batch with labels (or TRL's ``completion_mask``/``assistant_masks``) also takes which
+positions have a label for the next token, as booleans (one operation): a head that scores only
+those follows them (``Feature.LABELLED``).
 """
 
 from __future__ import annotations
@@ -292,6 +295,9 @@ class Tensors:
     boundaries_key: str | None = None
     decoder_ids: torch.Tensor | None = None
     decoder_mask_key: str | None = None  # the decoder's mask, or "labels" read as one (not -100)
+    labelled_key: str | None = None  # where the main stream's labelled positions are read
+    labelled_shifted: bool = True  # position t is labelled by the value at t + 1 (not yet shifted)
+    unlabelled: int = IGNORED_LABEL  # the value of a position without a label (0 in a mask)
 
 
 def make_plan(
@@ -374,6 +380,10 @@ def make_plan(
 
     if main is not None:
         _main_stream(build, main_kind, main, positions, counting)
+    if found.labelled_key is not None:
+        build.source(*_labelled_source(found, view))
+        for row in (MODEL, HARDWARE):  # the head computes exactly these, padding never labelled
+            build.put(row, Feature.LABELLED, ("labelled", _identity))
     if decoder is not None:
         decoder_lengths: Term = ("decoder_lengths", _identity)
         real = decoder_kind in ("mask", "labels")
@@ -521,6 +531,26 @@ def _positions_source(
         return {"positions": positions.long(), "pads": trailing_pads(ids, positions, pad)}
 
     return take_pair, take_pair(view), derive_pair, ("positions", "pads")
+
+
+def _labelled_source(
+    found: Tensors, view: Any
+) -> tuple[Callable[[Any], torch.Tensor], torch.Tensor, Callable[[torch.Tensor], Derived], tuple[str, ...]]:
+    """Which positions have a label for the next token, as booleans (one operation); summed later.
+
+    A causal LM's head scores position t against the token at t + 1: the labels (or TRL's masks) from
+    the second position on, as TRL's fused head and Hugging Face's loss shift them; ``shift_labels``
+    are shifted already.
+    """
+    key, shifted, unlabelled = found.labelled_key, found.labelled_shifted, found.unlabelled
+
+    def take(batch: Any) -> torch.Tensor:
+        return batch[key].ne(unlabelled)
+
+    def derive(joined: torch.Tensor) -> Derived:
+        return {"labelled": per_row(joined[:, 1:] if shifted else joined)}
+
+    return take, take(view), derive, ("labelled",)
 
 
 def _documents(joined: torch.Tensor) -> Derived:

@@ -23,10 +23,11 @@ forward rerun inside the backward).
 Each matmul is assigned to a component (by the module that owns its parameter operand, else the
 innermost module running) and to the feature it scales with (``features.py``): a product of two
 batch-derived operands scales with squared lengths (attention; inside a layer with a window, with
-that window's squares), one with a weight operand with tokens (the real tokens, for a selection of
-them such as a head that scores the labelled positions only), one of weights alone once per call.
-``Observation.fit`` turns the totals into per-feature coefficients, exact at the observed step's
-shape; a batch without token streams scales by rows.
+that window's squares), one with a weight operand with tokens (a head's on a selection of them, such
+as TRL's fused head scoring the labelled positions only, with the labelled positions; another
+selection with the real tokens), one of weights alone once per call. ``Observation.fit`` turns the
+totals into per-feature coefficients, exact at the observed step's shape; a batch without token
+streams scales by rows.
 """
 
 from __future__ import annotations
@@ -127,25 +128,39 @@ class Observation:
                 totals[key].backward += matmul.forward * matmul.products
                 if matmul.declared:  # what ran in its backward is the declaration, hardware too
                     totals[key].forced += matmul.forward * matmul.products
+        labelled = self._labelled_components()
         for (name, feature, per_unit), flops in self.recomputed.items():
+            feature = Feature.LABELLED if feature == Feature.TOKENS and name in labelled else feature
             totals[(name, feature, per_unit, False)].recompute += flops
         for (name, feature, per_unit), flops in self.hardware.items():
+            feature = Feature.LABELLED if feature == Feature.TOKENS and name in labelled else feature
             totals[(name, feature, per_unit, False)].forced += flops
         for part in totals.values():  # the observed backward beyond the model's
             part.forced -= part.backward
         return dict(totals)
 
+    def _labelled_components(self) -> set[str]:
+        """Components whose token matmuls in the forward all scored the labelled positions (a head that
+        scores only those): what their backward runs scales with them too. A custom backward's matmuls
+        are placed by component only (its saved selection may be a tensor the observer no longer knows)."""
+        labelled = {m.component for m in self.matmuls if m.feature == Feature.LABELLED}
+        return labelled - {m.component for m in self.matmuls if m.feature == Feature.TOKENS}
+
     def fit(self, features: Sequence[Sequence[float]]) -> dict[str, list[list[float]]]:
         """Per component: [forward, backward, recompute, forced, kernel] coefficients per feature, exact
         at this step, whose features (``MODEL`` and ``HARDWARE`` rows) are given.
 
-        A matmul on a selection of the tokens (the labelled ones: a fused head that scores only those)
-        scales with the real tokens: its model coefficient is per real token, and ``kernel`` makes up
-        the hardware count of the observed step.
+        A head that scores only the labelled positions (``Feature.LABELLED``) is fitted per labelled
+        position, so its FLOPs follow each batch's labels. Where the batch names none (no ``labels``,
+        ``shift_labels`` or TRL mask), it scales with the real tokens at this step's share, as does any
+        other matmul on a selection of the tokens: its model coefficient is per real token, and
+        ``kernel`` makes up the hardware count of the observed step.
         """
         model_row, hardware_row = features[MODEL], features[HARDWARE]
         coefficients: dict[str, list[list[float]]] = {}
         for (component, feature, per_unit, subset), flops in self.totals().items():
+            if feature == Feature.LABELLED and model_row[feature] <= 0:
+                feature, subset = Feature.TOKENS, True  # no labels to follow: per real token at this share
             if not hardware_row[Feature.TOKENS] and feature in (Feature.TOKENS, Feature.SQUARES):
                 feature = Feature.ROWS  # a batch without token streams (images, tables): all scales by rows
             units = hardware_row[feature]
@@ -487,7 +502,15 @@ class RealStepObserver(TorchDispatchMode):
         batch-derived operands scale with squared lengths (attention), one with tokens, none once per call."""
         from_batch = [self._fact(t).from_batch for t in operands]
         feature = self._squares() if all(from_batch) else Feature.TOKENS if any(from_batch) else Feature.CALLS
-        return tagged(self._component_of(operands, all(from_batch)), dtype_of_operands(operands)), feature
+        component = self._component_of(operands, all(from_batch))
+        return tagged(component, dtype_of_operands(operands)), self._labelled(component, feature, operands)
+
+    def _labelled(self, component: str | None, feature: Feature, operands: Sequence[torch.Tensor]) -> Feature:
+        """A head's matmul on a selection of the tokens (``hidden[labels != -100]``) scales with the
+        labelled positions; any other matmul keeps its feature."""
+        if feature == Feature.TOKENS and component == HEAD and any(self._fact(t).subset for t in operands):
+            return Feature.LABELLED
+        return feature
 
     def _squares(self) -> Feature:
         """Squared lengths, or those under the window of the innermost attention module that has one."""

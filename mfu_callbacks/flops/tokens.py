@@ -21,7 +21,18 @@ from typing import Any
 import torch
 
 from .features import CALLS_INDEX, HARDWARE, MODEL, WINDOW_FEATURES, Feature
-from .layouts import WIDTH, BatchError, Counting, Group, Plan, StreamShape, Tensors, cell, make_plan
+from .layouts import (
+    IGNORED_LABEL,
+    WIDTH,
+    BatchError,
+    Counting,
+    Group,
+    Plan,
+    StreamShape,
+    Tensors,
+    cell,
+    make_plan,
+)
 from .windows import Window
 
 MAIN_KEYS = ("input_ids", "inputs_embeds")
@@ -30,6 +41,15 @@ IMAGE_KEYS = ("pixel_values", "images", "image")
 # Image sizes in patches, (images, 3), whose values the model reads (Qwen2-VL's vision tower and M-RoPE).
 GRID_KEYS = ("image_grid_thw",)
 PACKED_KEYS = ("cu_seq_lens_q", "cu_seqlens", "cu_seqlens_q")
+# Where a decoder-only batch says which positions are scored, first found wins: (key, not yet shifted
+# to the next token, the value of a position without a label). TRL's DPO batch has ``completion_mask``
+# (the labels are made from it inside the step); its SFT collator folds its masks into ``labels``.
+LABELLED_KEYS = (
+    ("shift_labels", False, IGNORED_LABEL),
+    ("labels", True, IGNORED_LABEL),
+    ("completion_mask", True, 0),
+    ("assistant_masks", True, 0),
+)
 
 TokenCounter = Callable[[Any], Mapping[str, torch.Tensor]]
 
@@ -142,6 +162,7 @@ class TokenCounting:
             decoder_mask_key = _find(view, ("decoder_attention_mask",)) if decoder_key else None
             if decoder_key == "labels" and decoder_mask_key is None:
                 decoder_mask_key = "labels"  # positions whose label is not ignored
+            labelled = _labelled(view, view[main_key]) if main_key and not decoder_key else None
             found = Tensors(
                 ids=view[main_key] if main_key else None,
                 ids_key=main_key,
@@ -150,6 +171,7 @@ class TokenCounting:
                 boundaries_key=_find(view, PACKED_KEYS) if main_key else None,
                 decoder_ids=view[decoder_key] if decoder_key else None,
                 decoder_mask_key=decoder_mask_key,
+                **(labelled or {}),
             )
             first = found.ids if found.ids is not None else found.decoder_ids
             assert first is not None
@@ -164,6 +186,16 @@ class TokenCounting:
             found = Tensors(ids=tensor)
             return make_plan(view, found, tensor.shape[0], tensor.device, self._settings, self._groups)
         return _rows_only(tensor.shape[0], tensor.device)
+
+
+def _labelled(view: Mapping[str, Any], ids: torch.Tensor) -> dict[str, Any] | None:
+    """Where the batch's labelled positions are read (``LABELLED_KEYS``): a per-token tensor of the
+    main stream's rows and length; a per-row label (sequence classification) is none."""
+    for key, shifted, unlabelled in LABELLED_KEYS:
+        value = view.get(key)
+        if isinstance(value, torch.Tensor) and value.dim() == 2 and value.shape == ids.shape[:2]:
+            return {"labelled_key": key, "labelled_shifted": shifted, "unlabelled": unlabelled}
+    return None
 
 
 def _rows_only(rows: int, device: torch.device) -> Plan:
