@@ -58,6 +58,10 @@ class RunLog:
     setup: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # what a reader should know about how it was found
+    # Run summaries since 0.2.0: what each window added to the run's totals (by the window's step), and
+    # the run's totals as its report divided them (see ``mfu_callbacks.run_summary``).
+    window_totals: dict[float, dict[str, float]] = field(default_factory=dict)
+    run_totals: dict[str, float] | None = None
 
     def add(self, row: dict) -> None:
         """A logged row: a window if it holds any MFU metric, a loss point if it holds the loss."""
@@ -297,6 +301,8 @@ def _read_json(path: Path) -> RunLog:
             raise RunLogError(str(error)) from None
         run = RunLog(source=str(path), kind="run summary", setup=summary.setup, versions=summary.versions)
         run.windows = [(float(window["step"]), dict(window["metrics"])) for window in summary.windows]
+        run.window_totals = {float(w["step"]): w["totals"] for w in summary.windows if "totals" in w}
+        run.run_totals = summary.totals
         return run
     if not isinstance(document, dict) or not isinstance(document.get("log_history"), list):
         raise RunLogError(f"{path} has no 'log_history' (nor a run summary's 'format'): {expected}")
