@@ -154,7 +154,7 @@ class Examination:
     @property
     def floor_rounds(self) -> tuple[float, ...]:
         """The compute floor of each round alone."""
-        timed = [*self.matmuls, *self.attention]
+        timed: list[TimedMatmul | TimedAttention] = [*self.matmuls, *self.attention]
         return tuple(sum(item.samples[index] * item.count for item in timed) for index in range(self.rounds))
 
     @property
@@ -303,8 +303,8 @@ def examine(
                         samples = padded[shape].setdefault(_describe(wider), [])
                         if len(samples) < len(matmuls[shape]):
                             samples.append(time_matmul(wider, torch_dtype, timer))
-            for shape in sorted(step.attention):
-                attention[shape].append(time_attention(shape, torch_dtype, timer, segments[shape]))
+            for call in sorted(step.attention):
+                attention[call].append(time_attention(call, torch_dtype, timer, segments[call]))
         bandwidths.append(copy_bandwidth(timer))
         tinies.append(tiny_kernel_seconds(timer))
         seconds = 0.0
@@ -338,8 +338,9 @@ def examine(
         TimedAttention(shape, step.attention[shape], tuple(attention[shape]), segments[shape])
         for shape in sorted(step.attention)
     )
+    pieces: list[TimedMatmul | TimedAttention] = [*timed_matmuls, *timed_attention]
     predicted_rounds = tuple(
-        sum(item.samples[index] * item.count for item in (*timed_matmuls, *timed_attention))
+        sum(item.samples[index] * item.count for item in pieces)
         + replayed[index]
         + modelled
         + optimizers[index]
