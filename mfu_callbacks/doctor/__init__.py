@@ -303,8 +303,8 @@ def examine(
                         samples = padded[shape].setdefault(_describe(wider), [])
                         if len(samples) < len(matmuls[shape]):
                             samples.append(time_matmul(wider, torch_dtype, timer))
-            for call in sorted(step.attention):
-                attention[call].append(time_attention(call, torch_dtype, timer, segments[call]))
+            for called in sorted(step.attention):
+                attention[called].append(time_attention(called, torch_dtype, timer, segments[called]))
         bandwidths.append(copy_bandwidth(timer))
         tinies.append(tiny_kernel_seconds(timer))
         seconds = 0.0
