@@ -665,6 +665,83 @@ def test_an_idle_gpu_or_missing_nvml_is_no_reading(clean_model, monkeypatch):
     assert meter.metrics() and meter.diagnostics() == []
 
 
+class UuidNvml:
+    """NVML of a host with three GPUs and a MIG instance on the second: handles are names."""
+
+    UUIDS = ("GPU-aaaa1111", "GPU-bbbb2222", "GPU-aaaa3333")
+    MIG = "MIG-cccc4444"
+
+    def nvmlDeviceGetCount(self) -> int:  # noqa: N802 - NVML's names
+        return len(self.UUIDS)
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> str:  # noqa: N802
+        return f"gpu{index}"
+
+    def nvmlDeviceGetUUID(self, handle: str) -> bytes:  # noqa: N802
+        return self.UUIDS[int(handle[3:])].encode()
+
+    def nvmlDeviceGetHandleByUUID(self, uuid: str) -> str:  # noqa: N802
+        if uuid == self.MIG:
+            return "mig-on-gpu1"
+        if uuid not in self.UUIDS:
+            raise RuntimeError("NVML_ERROR_NOT_FOUND")  # as pynvml raises for a partial UUID
+        return f"gpu{self.UUIDS.index(uuid)}"
+
+    def nvmlDeviceGetDeviceHandleFromMigDeviceHandle(self, handle: str) -> str:  # noqa: N802
+        assert handle == "mig-on-gpu1"
+        return "gpu1"
+
+
+@pytest.mark.parametrize(
+    ("visible", "device", "handle"),
+    [
+        (None, "cuda:2", "gpu2"),
+        ("2,0", "cuda:0", "gpu2"),
+        ("2,0", "cuda:1", "gpu0"),
+        ("1gpu2,0", "cuda:0", "gpu1"),  # read as strtoul reads it
+        ("2,-1,0", "cuda:1", None),  # a negative entry ends the list
+        ("0,0", "cuda:0", None),  # a repeated entry hides every GPU
+        ("GPU-aaaa3333,GPU-aaaa1111", "cuda:0", "gpu2"),  # whole UUIDs
+        ("GPU-bbbb", "cuda:0", "gpu1"),  # a prefix of one UUID
+        ("GPU-aaaa", "cuda:0", None),  # a prefix of two: CUDA and torch refuse it
+        ("GPU-aaaa1111,3", "cuda:1", None),  # another kind of entry ends the list
+        ("MIG-cccc4444", "cuda:0", "gpu1"),  # a MIG instance: its parent GPU's clock
+    ],
+)
+def test_the_nvml_device_is_the_gpu_torch_calls_the_device(monkeypatch, visible, device, handle):
+    from mfu_callbacks.diagnostics.clocks import nvml_handle
+
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    assert nvml_handle(UuidNvml(), torch.device(device)) == handle
+
+
+@pytest.mark.parametrize(
+    "visible",
+    [
+        "0",
+        "3,1",
+        "1gpu2,2ampere",
+        "0,-1,2",
+        "1,1",
+        "",
+        " 2, 3",
+        "GPU-ab,GPU-cd",
+        "GPU-ab,1",
+        "MIG-x,MIG-y",
+        "MIG-x,MIG-x",
+        "x,1",
+    ],
+)
+def test_visible_devices_are_read_as_torch_reads_them(monkeypatch, visible):
+    from mfu_callbacks.diagnostics.clocks import visible_devices
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    assert visible_devices(visible) == torch.cuda._parse_visible_devices()
+
+
 # -- silencing -------------------------------------------------------------------------------------
 def test_a_silenced_diagnosis_never_fires(clean_model):
     clock = FakeClock()
