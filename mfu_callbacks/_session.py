@@ -469,7 +469,9 @@ class MeterSession:
             if distributed.rank() != 0:
                 return
             if self.options.report:
-                text = format_report(summary, meter.run_flops(), meter.peak, diagnoses, self.status)
+                text = format_report(
+                    summary, meter.run_flops(), meter.peak, diagnoses, self.status, device=str(meter.device)
+                )
                 if breakdown is not None:
                     text += "\n" + format_breakdown(breakdown)
                 elif meter.profile_note:
@@ -491,8 +493,9 @@ class MeterSession:
         if distributed.rank() != 0:
             return
         peak = self.meter.peak if self.meter is not None else None
+        device = str(self.meter.device) if self.meter is not None else None
         if self.options.report:
-            print(format_report({}, None, peak, (), self.status), flush=True)
+            print(format_report({}, None, peak, (), self.status, device=device), flush=True)
         run = _wandb.active_run()
         if run is not None:
             _wandb.summarize_run(run, {}, (), self.status)

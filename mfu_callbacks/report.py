@@ -21,9 +21,11 @@ def format_report(
     peak: PeakInfo | None,
     diagnoses: Sequence[Any] = (),
     status: Status | None = None,
+    device: str | None = None,
 ) -> str:
     """The report as printed when training ends; ``summary`` is ``MFUMeter.summary()``, ``status``
-    whether MFU was measured (a run without it says why and what to do)."""
+    whether MFU was measured (a run without it says why and what to do), ``device`` where it ran
+    (names a CPU as such when there is no peak). Every share and utilization is in percent."""
     lines = ["MFU report (mfu-callbacks), measured steps after warm-up"]
     # Without a peak, the peak line below says what is missing and how to supply it.
     if status is not None and not status.measuring and status.code != MFUStatus.NO_PEAK:
@@ -35,7 +37,10 @@ def format_report(
             f"  peak: {peak.device_name}, {peak.dtype}, {peak.tflops:.1f} TFLOP/s dense per GPU ({peak.source})"
         )
     elif status is None or status.code == MFUStatus.NO_PEAK:
-        lines.append("  peak: unknown GPU, MFU not computed (pass peak_tflops= or set MFU_PEAK_TFLOPS)")
+        where = "cpu (a CPU has no datasheet peak)" if _is_cpu(device) else "unknown GPU"
+        if device and not _is_cpu(device):
+            where += f" ({device})"
+        lines.append(f"  peak: {where}, MFU not computed (pass peak_tflops= or set MFU_PEAK_TFLOPS)")
     figures = [
         ("MFU", summary.get("mfu"), "{:.1%}"),
         ("HFU", summary.get("hfu"), "{:.1%}"),
@@ -57,3 +62,7 @@ def format_report(
         lines.append("  diagnoses:")
         lines.extend(f"    [{getattr(d, 'id', '?')}] {getattr(d, 'message', d)}" for d in diagnoses)
     return "\n".join(lines)
+
+
+def _is_cpu(device: str | None) -> bool:
+    return device is not None and device.split(":")[0].strip().lower() == "cpu"

@@ -374,6 +374,29 @@ def test_padding_reports_its_share_and_the_mfu_it_costs(clean_model):
         assert option in diagnosis.message
 
 
+def test_a_diagnosis_quotes_the_run_in_percent_not_the_read_that_fired_it(clean_model, caplog):
+    """Padding fires at the first read (steps of 2 s); the run then speeds up (0.5 s steps): the
+    diagnosis the report prints quotes the run's MFU, in percent like the report, and it was warned
+    about once."""
+    clock = FakeClock()
+    batch = padded_batch([16, 8, 8, 8])
+    meter = make_meter(clean_model, clock, batch)
+    with caplog.at_level("WARNING", logger="mfu_callbacks"):
+        run_steps(meter, clock, batch, 4, seconds=2.0)
+        meter.metrics()
+        first = fired(meter, "padding_waste")
+        for _ in range(3):
+            run_steps(meter, clock, batch, 8, seconds=0.5)
+            meter.metrics()
+    run_mfu = meter.summary()["mfu"]
+    last = fired(meter, "padding_waste")
+    assert f"MFU {run_mfu:.1%} would be about" in last.message and first.message != last.message
+    assert last.mfu_cost == pytest.approx(
+        run_mfu * last.details["padding_flops_share"] / (1 - last.details["padding_flops_share"]), rel=1e-6
+    )
+    assert sum("padding_waste" in record.getMessage() for record in caplog.records) == 1
+
+
 def test_padding_below_ten_percent_is_not_reported(clean_model):
     clock = FakeClock()
     batch = padded_batch([16, 16, 16, 12])  # 4 of 64 tokens: 6.25%
@@ -401,7 +424,8 @@ def test_waiting_for_input_reports_the_mfu_it_costs(clean_model):
     assert "num_workers" in diagnosis.message and "pin_memory" in diagnosis.message
     run_steps(meter, clock, batch, 12, seconds=1.0, wait=0.5)
     meter.metrics()
-    assert fired(meter, "input_bound") is diagnosis, "once per run: the first record stays"
+    # Fired once; its figures follow the run: 11 x 0.1 s + 12 x 0.5 s of waiting in 31.1 s.
+    assert fired(meter, "input_bound").value == pytest.approx(7.1 / 31.1)
 
 
 # -- stragglers ------------------------------------------------------------------------------------
