@@ -66,5 +66,7 @@ def test_the_wheel_names_the_project_urls_and_classifiers(wheel):
     text = wheel.read(metadata).decode()
     for label in ("Homepage", "Repository", "Issues", "Changelog", "Documentation"):
         assert f"\nProject-URL: {label}, https://github.com/mfu-callbacks/mfu-callbacks" in text
-    assert "Classifier: Typing :: Typed" in text and "Classifier: Programming Language :: Python :: 3.11" in text
+    assert (
+        "Classifier: Typing :: Typed" in text and "Classifier: Programming Language :: Python :: 3.11" in text
+    )
     assert "Provides-Extra: docs" in text

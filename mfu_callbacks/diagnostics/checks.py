@@ -278,7 +278,9 @@ def stragglers(review: Review) -> Diagnosis | None:
     mfu = review.mfu
     cost = mfu * excess if mfu is not None else None  # every rank at the fastest rank's pace
     cost_text = (
-        f": MFU {mfu:.1%} would be up to {mfu + cost:.1%} at the fastest's pace" if cost is not None else ""
+        f": MFU {mfu:.1%} would be up to {mfu + cost:.1%} at the fastest's pace"
+        if mfu is not None and cost is not None
+        else ""
     )
     return Diagnosis(
         "stragglers",
