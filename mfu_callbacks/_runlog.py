@@ -26,6 +26,7 @@ from .run_summary import DEFAULT_FILENAME, RunSummary, RunSummaryError
 
 _LOSS_KEYS = ("train/loss", "loss")
 _STEP_KEYS = ("train/global_step", "trainer/global_step", "step", "_step")
+_LIGHTNING_STEP_KEY = "trainer/global_step"  # Lightning's WandbLogger: the 0-based index of the step
 _WANDB_CONFIG_KEY = "mfu_callbacks"  # where the integrations describe the measurement in a W&B run's config
 EXPECTED = (
     "an mfu-callbacks run summary (mfu_summary.json), a W&B run (run-*.wandb), a Lightning metrics.csv "
@@ -64,10 +65,16 @@ class RunLog:
     run_totals: dict[str, float] | None = None
 
     def add(self, row: dict) -> None:
-        """A logged row: a window if it holds any MFU metric, a loss point if it holds the loss."""
-        step = next((float(row[key]) for key in _STEP_KEYS if _is_number(row.get(key))), None)
-        if step is None:
+        """A logged row: a window if it holds any MFU metric, a loss point if it holds the loss.
+
+        Steps are global optimizer steps counted from 1, as HF Trainer and the run summary count them:
+        Lightning logs the 0-based index of the step (``step`` in ``metrics.csv``, ``trainer/global_step``
+        in W&B), one less, so its steps are read plus one."""
+        key = next((key for key in _STEP_KEYS if _is_number(row.get(key))), None)
+        if key is None:
             return
+        zero_based = key == _LIGHTNING_STEP_KEY or (key == "step" and self.kind == "Lightning metrics.csv")
+        step = float(row[key]) + (1.0 if zero_based else 0.0)
         metrics = metric_values(row)
         if metrics:
             self.windows.append((step, metrics))

@@ -372,13 +372,14 @@ def test_intervals_are_log_ratios_that_never_reach_minus_100_percent(capsys, tmp
 
 
 def csv_run(folder, seed: int) -> str:
-    """A Lightning CSVLogger metrics.csv: loss rows every step, MFU rows every tenth (no setup recorded)."""
+    """A Lightning CSVLogger metrics.csv: a loss row, then a row with loss and MFU every tenth step (no
+    setup recorded); steps 0-based, as Lightning writes them (the step the summary calls 10 is 9)."""
     folder.mkdir(parents=True)
     names = ["epoch", "step", "train/loss", *(f"train/{key}" for key in windows(0, 1)[0][1])]
     lines = [",".join(names)]
     for step, values in windows(seed):
-        lines.append(f"0,{step - 1},2.0" + "," * len(values))
-        lines.append(f"0,{step},1.9," + ",".join(repr(value) for value in values.values()))
+        lines.append(f"0,{step - 2},2.0" + "," * len(values))
+        lines.append(f"0,{step - 1},1.9," + ",".join(repr(value) for value in values.values()))
     (folder / "metrics.csv").write_text("\n".join(lines) + "\n")
     return str(folder)
 
@@ -398,6 +399,11 @@ def test_lightning_csv_and_trainer_state_compare_with_a_summary(capsys, tmp_path
     assert "pl:" in out and "hf:" in out and "FAIL" not in out
     assert "device and dtype not checked against main (pl (Lightning metrics.csv) records none)" in out
     assert len(read_curves(lightning).loss) == 40  # plot still reads the loss beside MFU
+    # One step convention: Lightning's 0-based steps read as the summary's and the Trainer's 1-based ones.
+    steps = [step for step, _ in windows(1)]
+    assert [step for step, _ in read_curves(lightning).mfu] == steps
+    assert [step for step, _ in read_curves(baseline).mfu] == steps
+    assert [step for step, _ in read_curves(str(tmp_path / "hf")).mfu] == steps
 
 
 @pytest.mark.parametrize(
