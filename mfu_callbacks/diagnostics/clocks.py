@@ -22,7 +22,7 @@ _CLOCK_REASONS: Mapping[int, str] = {
 
 def visible_devices(variable: str | None) -> list[int] | list[str] | None:
     """The host GPUs CUDA shows, in CUDA's order, as torch reads ``CUDA_VISIBLE_DEVICES``
-    (``torch.cuda._parse_visible_devices``): None when unset (every GPU, in NVML's order); NVML indices;
+    (torch.cuda parses it the same way): None when unset (every GPU, in NVML's order); NVML indices;
     or ``GPU-`` / ``MIG-`` UUIDs (or their prefixes). A list stops at its first entry of another kind
     or a negative number; a repeated entry hides every GPU; ``"1gpu2"`` reads as 1, as ``strtoul`` does."""
     if variable is None:
