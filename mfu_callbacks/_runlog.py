@@ -27,6 +27,7 @@ from .run_summary import DEFAULT_FILENAME, RunSummary, RunSummaryError
 
 _LOSS_KEYS = ("train/loss", "loss")
 _STEP_KEYS = ("train/global_step", "trainer/global_step", "step", "_step")
+_LIGHTNING_STEP_KEY = "trainer/global_step"  # Lightning's WandbLogger: the 0-based index of the step
 _WANDB_CONFIG_KEY = "mfu_callbacks"  # where the integrations describe the measurement in a W&B run's config
 # A logged number beyond this is no measurement (and its square would overflow a float): left out like NaN.
 _LARGEST_VALUE = 1e100
@@ -61,12 +62,22 @@ class RunLog:
     setup: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # what a reader should know about how it was found
+    # Run summaries since 0.2.0: what each window added to the run's totals (by the window's step), and
+    # the run's totals as its report divided them (see ``mfu_callbacks.run_summary``).
+    window_totals: dict[float, dict[str, float]] = field(default_factory=dict)
+    run_totals: dict[str, float] | None = None
 
     def add(self, row: dict) -> None:
-        """A logged row: a window if it holds any MFU metric, a loss point if it holds the loss."""
-        step = next((float(row[key]) for key in _STEP_KEYS if _is_number(row.get(key))), None)
-        if step is None:
+        """A logged row: a window if it holds any MFU metric, a loss point if it holds the loss.
+
+        Steps are global optimizer steps counted from 1, as HF Trainer and the run summary count them:
+        Lightning logs the 0-based index of the step (``step`` in ``metrics.csv``, ``trainer/global_step``
+        in W&B), one less, so its steps are read plus one."""
+        key = next((key for key in _STEP_KEYS if _is_number(row.get(key))), None)
+        if key is None:
             return
+        zero_based = key == _LIGHTNING_STEP_KEY or (key == "step" and self.kind == "Lightning metrics.csv")
+        step = float(row[key]) + (1.0 if zero_based else 0.0)
         metrics = metric_values(row)
         if metrics:
             self.windows.append((step, metrics))
@@ -357,6 +368,8 @@ def _read_json(path: Path) -> RunLog:
             )
             for window in summary.windows
         ]
+        run.window_totals = {float(w["step"]): w["totals"] for w in summary.windows if "totals" in w}
+        run.run_totals = summary.totals
         return run
     if not isinstance(document, dict) or not isinstance(document.get("log_history"), list):
         raise RunLogError(f"{path} has no 'log_history' (nor a run summary's 'format'): {expected}")

@@ -376,10 +376,11 @@ class MeterSession:
             return
         if self._setup_described is None:
             self._setup_described = self._setup()
-        writer.append(self.optimizer_steps, metrics)
+        window = self.meter.last_window if self.meter is not None else None
+        writer.append(self.optimizer_steps, metrics, window.totals() if window is not None else None)
         status = self.status.as_dict()
         if status != self._summary_status:
-            writer.write_header(self._setup_described, status)
+            writer.write_header(self._setup_described, status, totals=self._run_totals())
             self._summary_status = status
 
     def _sync_summary(self, *, close: bool = False) -> None:
@@ -390,12 +391,19 @@ class MeterSession:
             return
         self._setup_described = self._setup()
         self._summary_status = self.status.as_dict()
-        writer.write_header(self._setup_described, self._summary_status)
+        writer.write_header(self._setup_described, self._summary_status, totals=self._run_totals())
         if close:
             writer.close()
             self._summary = None
         else:
             writer.sync()
+
+    def _run_totals(self) -> dict[str, float] | None:
+        """The run's totals as the report divides them, once a step was read."""
+        meter = self.meter
+        if meter is None or meter.last_window is None:
+            return None
+        return meter.run_totals()
 
     def _summary_writer(self, *, open_if_needed: bool = True) -> SummaryWriter | None:
         """The run summary's writer on rank 0 when a folder is known; opened on first use."""
@@ -471,7 +479,13 @@ class MeterSession:
                 return
             if self.options.report:
                 text = format_report(
-                    summary, meter.run_flops(), meter.peak, diagnoses, self.status, meter.matmul_dtypes()
+                    summary,
+                    meter.run_flops(),
+                    meter.peak,
+                    diagnoses,
+                    self.status,
+                    meter.matmul_dtypes(),
+                    device=str(meter.device),
                 )
                 if breakdown is not None:
                     text += "\n" + format_breakdown(breakdown)
@@ -494,8 +508,9 @@ class MeterSession:
         if distributed.rank() != 0:
             return
         peak = self.meter.peak if self.meter is not None else None
+        device = str(self.meter.device) if self.meter is not None else None
         if self.options.report:
-            print(format_report({}, None, peak, (), self.status), flush=True)
+            print(format_report({}, None, peak, (), self.status, device=device), flush=True)
         run = _wandb.active_run()
         if run is not None:
             _wandb.summarize_run(run, {}, (), self.status)

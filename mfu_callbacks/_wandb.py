@@ -11,13 +11,16 @@ from typing import TYPE_CHECKING, Any
 
 from .flops import StepFlops
 from .hardware import PeakInfo
-from .metrics import NUMERIC_METRICS
+from .metrics import HFU_LAST_STEP, MFU_LAST_STEP, MFU_STATUS, NUMERIC_METRICS
 
 if TYPE_CHECKING:
     from ._status import Status
     from .attribution import Breakdown
 
 CONFIG_KEY = "mfu_callbacks"
+# Logged for what they tell a reader of the row or a script, not as curves: hidden from W&B's default
+# charts (still in the run's history, and shown when added to a panel by hand).
+HIDDEN_METRICS = (MFU_STATUS, MFU_LAST_STEP, HFU_LAST_STEP)
 SUMMARY_PREFIX = "mfu_run/"
 
 
@@ -48,11 +51,11 @@ def run_config(
 def describe_run(run: Any, config: Mapping[str, Any], metric_prefix: str, step_metric: str | None) -> None:
     """Record how MFU was computed, and plot the metrics against the framework's global step."""
     run.config.update({CONFIG_KEY: dict(config)}, allow_val_change=True)
-    for name in NUMERIC_METRICS:
+    for name in (*NUMERIC_METRICS, MFU_STATUS):
+        options: dict[str, Any] = {"hidden": True} if name in HIDDEN_METRICS else {}
         if step_metric:
-            run.define_metric(metric_prefix + name, step_metric=step_metric)
-        else:
-            run.define_metric(metric_prefix + name)
+            options["step_metric"] = step_metric
+        run.define_metric(metric_prefix + name, **options)
 
 
 def summarize_run(

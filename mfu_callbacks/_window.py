@@ -102,6 +102,10 @@ class Window:
     last_model_by_dtype: tuple[float, ...] = _NO_FLOPS
     last_hardware_by_dtype: tuple[float, ...] = _NO_FLOPS
 
+    def totals(self) -> dict[str, float]:
+        """The sums this window adds to the run (``RunTotals.totals``): what the run summary stores."""
+        return _totals(self, self.wall_seconds * self.world_size)
+
 
 def read_place(steps: int, *, final: bool) -> float:
     """The place of a read: the optimizer steps ended before it, and whether it is the run's last
@@ -219,6 +223,23 @@ def unpack(local: Window, sums: list[float], maxima: list[float]) -> Window:
     return replace(local, **combined)
 
 
+# The run summary's totals: enough to recompute every run-level figure of ``metrics.run_summary``.
+TOTAL_KEYS = (
+    "model_flops",
+    "hardware_flops",
+    "tokens",
+    "padded_tokens",
+    "wall_seconds",
+    "gpu_seconds",
+    "steps",
+)
+
+
+def _totals(source: Window | RunTotals, gpu_seconds: float) -> dict[str, float]:
+    values = {key: float(getattr(source, key)) for key in TOTAL_KEYS if key != "gpu_seconds"}
+    return {**values, "gpu_seconds": float(gpu_seconds)}
+
+
 _RUN_SUMMED = (
     "model_flops",
     "hardware_flops",
@@ -296,6 +317,11 @@ class RunTotals:
         if self.gpu_seconds > 0:
             return amount / self.gpu_seconds
         return per_gpu_per_second(amount, self.wall_seconds, self.world_size)
+
+    def totals(self) -> dict[str, float]:
+        """The sums every run-level figure divides (MFU = model_flops / gpu_seconds / peak, as the
+        report computes it): what the run summary stores, so that ``compare`` divides the same."""
+        return _totals(self, self.gpu_seconds)
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -64,7 +64,7 @@ class MFUTracker:
     """Adds ``train/mfu``, ``train/hfu``, ``train/tflops_per_gpu`` ... to the accelerator's logs.
 
     Create it after ``accelerator.prepare``. Options are those of
-    :class:`~mfu_callbacks._options.MFUOptions`; ``log_interval`` defaults to 10 optimizer steps.
+    [`mfu_callbacks.MFUOptions`][mfu_callbacks.MFUOptions]; ``log_interval`` defaults to 10 optimizer steps.
     ``latest`` holds the last metrics read, for loops that log elsewhere.
     """
 

@@ -7,34 +7,39 @@ The first run is the baseline, every other one a candidate. Each run may be a ru
 (``mfu_summary.json`` or its folder), a W&B offline run (folder or ``.wandb`` file), a Lightning
 ``metrics.csv`` (or its log dir) or a Trainer ``trainer_state.json`` (or its output dir).
 
-**Samples.** Each logged window (one metrics read: the steps since the previous read) is one
-sample; the first ``--warmup-windows`` (default 1) of every run are left out, on top of the
-meter's own warm-up steps. A run's value is the mean of its windows (the meter's run summary,
-totals over totals, weights windows by their length and can differ slightly).
+**Figures.** Each logged window (one metrics read: the steps since the previous read) is one
+sample; the first ``--warmup-windows`` (default 0) of every run are left out, on top of the
+meter's own warm-up steps. A run's figure is a ratio of totals, as its end-of-run report divides
+them (MFU: all model FLOPs over all GPU-seconds over the peak): a run summary written since 0.2.0
+stores the totals, and with no window left out its MFU is the report's. Logs without totals (older
+summaries, W&B, ``metrics.csv``, ``trainer_state.json``) weight each window by its length (step
+time × steps since the previous window), and the notes say so.
 
-**Difference and interval.** For each metric, the candidate's difference from the baseline is
-the difference of the window means divided by the baseline's mean, in percent (``padding
-fraction`` and ``input wait``, fractions that are often zero, are compared in percentage points
-instead). Its interval is Welch's t-interval on the difference of means (unequal variances,
-Welch–Satterthwaite degrees of freedom, two-sided, ``--confidence`` 0.95 by default), divided by
-the baseline's mean; the uncertainty of that mean as a divisor is ignored (second order while
-the interval is narrow). The t quantile is computed here (the regularized incomplete beta
-function by its continued fraction, inverted by bisection): no scipy. Windows are treated as
-independent: slow drifts within a run (thermals, a neighbour on the node) make the interval too
-narrow, and only another run shows them.
+**Difference and interval.** For each metric, the candidate's difference from the baseline is the
+ratio of their figures, in percent, and its interval is Welch's t-interval on the log of that ratio
+(the ratio estimator's variance from each run's windows, Welch–Satterthwaite degrees of freedom,
+two-sided, ``--confidence`` 0.95 by default), turned back into percent: it never reaches -100%.
+``padding`` and ``input wait``, fractions that are often zero, are compared in percentage points.
+The t quantile is computed here: no scipy. Windows are treated as independent: slow drifts within
+a run (thermals, a neighbour on the node) make the interval too narrow, and only another run shows
+them.
 
 **Verdict.** "faster" when the interval of tokens/s per GPU lies above zero, "slower" when below,
 else "no difference within noise" (the gate's metric decides when a run lacks tokens/s).
 
 **Gate.** Let the *change* be the relative difference of the gate's metric (``--metric``, default
-``mfu``), its sign turned for step time so that a negative change is always worse, with interval
-[low, high]. A candidate fails when ``high < -max_drop``: the whole interval lies below
-``-max_drop`` percent, so the metric dropped by more than ``max_drop`` with the stated confidence
-(one-sided, ``(1 + confidence) / 2``: 97.5% by default). Exit code 1 when any candidate fails,
-0 otherwise, 2 when a run cannot be read or compared. A noisy run widens the interval and so
-passes more easily: the output says so when the interval is wider than ``max_drop``. Runs differ
-by more than their windows do (another node, another day): compare a rerun of the baseline with
-the baseline to see how much, and set ``max_drop`` above that.
+``mfu``), turned for step time so that a negative change is always worse (a step 10% longer is a
+speed 9.1% lower), with interval [low, high]. A candidate fails when ``high < -max_drop``: the whole
+interval lies below ``-max_drop`` percent, so the metric dropped by more than ``max_drop`` with the
+stated confidence (one-sided, ``(1 + confidence) / 2``: 97.5% by default). It passes when the
+interval is narrow enough to have seen such a drop (half its width at most ``max_drop``). Otherwise
+there are not enough windows to decide: fewer than ``--min-windows`` (default 5) in a run, or an
+interval wider than ``max_drop`` (a noisy or short run), and no verdict is given.
+
+Exit codes: 0 every candidate passed, 1 a candidate failed, 3 none failed but one could not be
+decided (not enough windows: log more often or train longer), 2 a run cannot be read or compared.
+Runs differ by more than their windows do (another node, another day): compare a rerun of the
+baseline with the baseline to see how much, and set ``max_drop`` above that.
 
 **Setups.** Runs measured on different GPUs or dtypes are refused unless ``--allow-mismatch``. When
 FLOPs per token differ (another model, sequence length, LoRA), MFU and tokens/s answer different
@@ -46,17 +51,20 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import metrics as m
+from ._intervals import Difference, Estimate, difference, t_quantile, welch_difference
+from ._run_figures import FLOPS_PER_TOKEN, run_figures
 from ._runlog import RunLog, RunLogError, read_run
 
-EXIT_OK, EXIT_DROP, EXIT_USAGE = 0, 1, 2
-FLOPS_PER_TOKEN = "model_flops_per_token"  # derived per window: TFLOP/s per GPU over tokens/s per GPU
+__all__ = ["Difference", "Estimate", "compare_runs", "load_run", "t_quantile", "welch_difference"]
+
+EXIT_OK, EXIT_DROP, EXIT_USAGE, EXIT_UNDECIDED = 0, 1, 2, 3
+DEFAULT_MIN_WINDOWS = 5  # below this a run's spread says too little to pass or fail anyone
 _FLOPS_PER_TOKEN_TOLERANCE = 0.01  # relative: beyond it the runs count different work per token
 _GENERIC_NAMES = {"mfu_summary.json", "metrics.csv", "trainer_state.json", "files"}
 
@@ -92,139 +100,31 @@ class CompareError(Exception):
     """Runs that cannot be compared: printed as one line, exit code 2."""
 
 
-# -- statistics ------------------------------------------------------------------------------------
-def _continued_fraction(a: float, b: float, x: float) -> float:
-    """The continued fraction of the incomplete beta function (modified Lentz; Numerical Recipes §6.4)."""
-    tiny, c, d = 1e-300, 1.0, 1.0 - (a + b) * x / (a + 1.0)
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    result = d
-    for step in range(1, 500):
-        for numerator in (
-            step * (b - step) * x / ((a + 2 * step - 1) * (a + 2 * step)),
-            -(a + step) * (a + b + step) * x / ((a + 2 * step) * (a + 2 * step + 1)),
-        ):
-            d = 1.0 + numerator * d
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = 1.0 + numerator / c
-            c = c if abs(c) > tiny else tiny
-            result *= c * d
-        if abs(c * d - 1.0) < 1e-15:
-            break
-    return result
-
-
-def _beta_regularized(a: float, b: float, x: float) -> float:
-    """I_x(a, b), the regularized incomplete beta function."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    front = math.exp(
-        math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    )
-    if x < (a + 1.0) / (a + b + 2.0):
-        return front * _continued_fraction(a, b, x) / a
-    return 1.0 - front * _continued_fraction(b, a, 1.0 - x) / b
-
-
-def t_quantile(probability: float, df: float) -> float:
-    """The ``probability`` quantile (above 0.5) of Student's t with ``df`` degrees of freedom (any df > 0).
-
-    Two-sided tail P(|T| > t) = I_{df/(df+t²)}(df/2, 1/2), solved for t by bisection; infinite df
-    is the normal quantile.
-    """
-    if not 0.5 <= probability < 1.0 or not df > 0:
-        raise ValueError(f"t_quantile needs 0.5 <= probability < 1 and df > 0, got {probability}, {df}")
-    if math.isinf(df) or df > 1e7:
-        return statistics.NormalDist().inv_cdf(probability)
-    tail = 2.0 * (1.0 - probability)
-
-    def two_sided_tail(t: float) -> float:
-        return _beta_regularized(df / 2.0, 0.5, df / (df + t * t))
-
-    low, high = 0.0, 1.0
-    while two_sided_tail(high) > tail:
-        low, high = high, high * 2.0
-    for _ in range(200):
-        middle = (low + high) / 2.0
-        if two_sided_tail(middle) > tail:
-            low = middle
-        else:
-            high = middle
-        if high - low < 1e-12 * high:
-            break
-    return (low + high) / 2.0
-
-
-@dataclass(frozen=True)
-class Difference:
-    """Candidate minus baseline: the point estimate and its interval, in the unit of ``scale``."""
-
-    estimate: float
-    low: float
-    high: float
-    df: float
-    scale: str  # "percent" (relative to the baseline mean) or "points" (percentage points)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "estimate": self.estimate,
-            "low": self.low,
-            "high": self.high,
-            "df": self.df if math.isfinite(self.df) else None,
-            "scale": self.scale,
-        }
-
-
-def welch_difference(
-    baseline: list[float], candidate: list[float], confidence: float, *, points: bool = False
-) -> Difference | None:
-    """Welch's t-interval on mean(candidate) - mean(baseline), relative to mean(baseline) in percent
-    (or in percentage points of a fraction); None with fewer than 2 samples a side or a zero baseline."""
-    n1, n2 = len(baseline), len(candidate)
-    if n1 < 2 or n2 < 2:
-        return None
-    mean1, mean2 = statistics.fmean(baseline), statistics.fmean(candidate)
-    spread1, spread2 = statistics.variance(baseline, mean1) / n1, statistics.variance(candidate, mean2) / n2
-    error = math.sqrt(spread1 + spread2)
-    if error > 0:
-        df = (spread1 + spread2) ** 2 / (spread1**2 / (n1 - 1) + spread2**2 / (n2 - 1))
-    else:
-        df = math.inf
-    half = t_quantile((1.0 + confidence) / 2.0, df) * error
-    difference = mean2 - mean1
-    if points:
-        scale = 100.0
-    elif mean1 != 0:
-        scale = 100.0 / abs(mean1)
-    else:
-        return None
-    return Difference(
-        difference * scale,
-        (difference - half) * scale,
-        (difference + half) * scale,
-        df,
-        "points" if points else "percent",
-    )
-
-
 # -- runs ------------------------------------------------------------------------------------------
 @dataclass
 class RunSamples:
-    """One run as compared: its label, where it was read from, its setup and its samples after warm-up."""
+    """One run as compared: its label, where it was read from, its setup and each metric's figure
+    (``_run_figures``) over its windows after warm-up."""
 
     label: str
     log: RunLog
-    samples: dict[str, list[float]]
+    estimates: dict[str, Estimate]
     windows_used: int
+    from_totals: bool = False
+    notes: list[str] = field(default_factory=list)
 
     @property
     def setup(self) -> dict[str, Any]:
         return self.log.setup
 
     def mean(self, key: str) -> float | None:
-        values = self.samples.get(key)
-        return statistics.fmean(values) if values else None
+        """The run's figure for ``key``: a ratio of its totals (or of its windows' weighted sums)."""
+        estimate = self.estimates.get(key)
+        return estimate.value if estimate is not None else None
+
+    def windows(self, key: str) -> int:
+        estimate = self.estimates.get(key)
+        return estimate.windows if estimate is not None else 0
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -235,7 +135,8 @@ class RunSamples:
             "versions": self.log.versions,
             "windows": len(self.log.windows),
             "windows_used": self.windows_used,
-            "means": {key: self.mean(key) for key in self.samples},
+            "figures_from": "run totals" if self.from_totals else "window means weighted by length",
+            "means": {key: estimate.value for key, estimate in self.estimates.items()},
         }
 
 
@@ -250,17 +151,11 @@ def load_run(path: str, label: str, warmup_windows: int) -> RunSamples:
             f"no MFU metrics in {log.source} ({log.kind}): expected windows logged by the MFU "
             f"callback ({', '.join(m.SUMMARY_METRICS)}, ...); was it in the run, past its warm-up?"
         )
-    used = log.windows[warmup_windows:]
-    samples: dict[str, list[float]] = {}
-    for _, values in used:
-        for key, value in values.items():
-            samples.setdefault(key, []).append(value)
-        tflops, tokens = values.get(m.TFLOPS_PER_GPU), values.get(m.TOKENS_PER_SEC_PER_GPU)
-        if tflops is not None and tokens:
-            samples.setdefault(FLOPS_PER_TOKEN, []).append(tflops * 1e12 / tokens)
-    if FLOPS_PER_TOKEN not in samples and isinstance(log.setup.get(FLOPS_PER_TOKEN), (int, float)):
-        samples[FLOPS_PER_TOKEN] = [float(log.setup[FLOPS_PER_TOKEN])]
-    return RunSamples(label, log, samples, len(used))
+    figures = run_figures(log, warmup_windows, label)
+    estimates = figures.estimates
+    if FLOPS_PER_TOKEN not in estimates and isinstance(log.setup.get(FLOPS_PER_TOKEN), (int, float)):
+        estimates[FLOPS_PER_TOKEN] = Estimate(float(log.setup[FLOPS_PER_TOKEN]), float("nan"), 1)
+    return RunSamples(label, log, estimates, figures.windows_used, figures.from_totals, figures.notes)
 
 
 def default_labels(paths: list[str]) -> list[str]:
@@ -285,11 +180,21 @@ def default_labels(paths: list[str]) -> list[str]:
 # -- comparison ------------------------------------------------------------------------------------
 @dataclass
 class Gate:
+    """The gate's verdict on one candidate: "fail", "pass" or "undecided" (not enough windows to decide)."""
+
     metric: str
     max_drop: float
     change: Difference | None  # sign turned so that negative is worse
-    failed: bool
-    resolvable: bool  # the interval is narrow enough to see a drop of max_drop
+    verdict: str
+    reason: str = ""  # why undecided
+
+    @property
+    def failed(self) -> bool:
+        return self.verdict == "fail"
+
+    @property
+    def undecided(self) -> bool:
+        return self.verdict == "undecided"
 
 
 @dataclass
@@ -313,11 +218,16 @@ class Comparison:
 
     @property
     def exit_code(self) -> int:
-        return EXIT_DROP if any(candidate.gate.failed for candidate in self.candidates) else EXIT_OK
+        """1 when a candidate failed, else 3 when one could not be decided, else 0."""
+        if any(candidate.gate.failed for candidate in self.candidates):
+            return EXIT_DROP
+        if any(candidate.gate.undecided for candidate in self.candidates):
+            return EXIT_UNDECIDED
+        return EXIT_OK
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "method": "welch-t",
+            "method": "welch-t on log ratios",
             "confidence": self.confidence,
             "exit_code": self.exit_code,
             "baseline": self.baseline.describe(),
@@ -331,8 +241,9 @@ class Comparison:
                         "metric": candidate.gate.metric,
                         "max_drop_pct": candidate.gate.max_drop,
                         "change": candidate.gate.change.to_dict() if candidate.gate.change else None,
+                        "verdict": candidate.gate.verdict,
                         "failed": candidate.gate.failed,
-                        "resolvable": candidate.gate.resolvable,
+                        "reason": candidate.gate.reason,
                     },
                     "notes": candidate.notes,
                 }
@@ -350,6 +261,7 @@ def compare_runs(
     max_drop: float = 2.0,
     confidence: float = 0.95,
     allow_mismatch: bool = False,
+    min_windows: int = DEFAULT_MIN_WINDOWS,
 ) -> Comparison:
     """Each candidate against the baseline: differences with intervals, a verdict, and the gate on ``metric``."""
     if metric not in GATE_METRICS:
@@ -358,11 +270,15 @@ def compare_runs(
         raise CompareError(f"--confidence must lie between 0 and 1, got {confidence}")
     if not max_drop >= 0:
         raise CompareError(f"--max-drop must be a percentage >= 0, got {max_drop}")
+    if min_windows < 2:
+        raise CompareError(
+            f"--min-windows must be at least 2 (an interval needs a spread), got {min_windows}"
+        )
     for run in (baseline, *candidates):
-        if len(run.samples.get(metric, [])) < 2:
+        if run.windows(metric) == 0:
             raise CompareError(
-                f"{run.log.source} has {len(run.samples.get(metric, []))} window(s) with {metric} after warm-up "
-                f"({run.windows_used} of {len(run.log.windows)} windows used): a comparison needs at least 2 "
+                f"{run.log.source} has no window with {metric} after warm-up "
+                f"({run.windows_used} of {len(run.log.windows)} windows used) "
                 + (
                     "(lower --warmup-windows or log more often)"
                     if metric in _any_window_keys(run)
@@ -370,16 +286,19 @@ def compare_runs(
                 )
             )
     comparison = Comparison(baseline, [], confidence)
-    comparison.notes.extend(baseline.log.notes)
+    comparison.notes.extend([*baseline.log.notes, *baseline.notes])
     for run in candidates:
-        notes = [*run.log.notes, *_setup_notes(baseline, run, allow_mismatch)]
+        notes = [*run.log.notes, *run.notes, *_setup_notes(baseline, run, allow_mismatch)]
         differences = {}
         for key, row in _ROW.items():
-            difference = welch_difference(
-                baseline.samples.get(key, []), run.samples.get(key, []), confidence, points=row.points
+            first, second = baseline.estimates.get(key), run.estimates.get(key)
+            change = (
+                difference(first, second, confidence, points=row.points)
+                if first is not None and second is not None
+                else None
             )
-            if difference is not None:
-                differences[key] = difference
+            if change is not None:
+                differences[key] = change
         verdict_metric = SPEED_METRIC if SPEED_METRIC in differences else metric
         comparison.candidates.append(
             Candidate(
@@ -387,7 +306,7 @@ def compare_runs(
                 differences,
                 _verdict(differences.get(verdict_metric), _ROW[verdict_metric]),
                 verdict_metric,
-                _gate(differences.get(metric), metric, max_drop),
+                _gate(differences.get(metric), metric, max_drop, (baseline, run), min_windows),
                 notes,
             )
         )
@@ -399,18 +318,29 @@ def _any_window_keys(run: RunSamples) -> set[str]:
 
 
 def _oriented(difference: Difference | None, row: _Row) -> Difference | None:
-    """The difference with its sign turned where lower is better: negative is then always worse."""
+    """The difference turned where lower is better, so that negative is always worse: a step time
+    10% longer is a speed 9.1% lower (the ratio inverted); percentage points change sign."""
     if difference is None or row.better >= 0:
         return difference
+    if difference.scale == "points":
+        return Difference(-difference.estimate, -difference.high, -difference.low, difference.df, "points")
+
+    def inverted(percent: float) -> float:
+        return 100.0 * (100.0 / (100.0 + percent) - 1.0)
+
     return Difference(
-        -difference.estimate, -difference.high, -difference.low, difference.df, difference.scale
+        inverted(difference.estimate),
+        inverted(difference.high),
+        inverted(difference.low),
+        difference.df,
+        difference.scale,
     )
 
 
 def _verdict(difference: Difference | None, row: _Row) -> str:
     change = _oriented(difference, row)
     if change is None:
-        return "no verdict (too few samples)"
+        return "no verdict (too few windows)"
     if change.low > 0:
         return "faster"
     if change.high < 0:
@@ -418,12 +348,34 @@ def _verdict(difference: Difference | None, row: _Row) -> str:
     return "no difference within noise"
 
 
-def _gate(difference: Difference | None, metric: str, max_drop: float) -> Gate:
+def _gate(
+    difference: Difference | None,
+    metric: str,
+    max_drop: float,
+    runs: tuple[RunSamples, RunSamples],
+    min_windows: int,
+) -> Gate:
+    """Fail when the whole interval lies below -max_drop; pass when it is narrow enough to have seen
+    such a drop (half-width <= max_drop); else undecided, as with fewer than ``min_windows`` a run."""
     change = _oriented(difference, _ROW[metric])
-    if change is None:
-        return Gate(metric, max_drop, None, False, False)
-    half_width = (change.high - change.low) / 2.0
-    return Gate(metric, max_drop, change, change.high < -max_drop, half_width <= max_drop)
+    short = [f"{run.label} has {run.windows(metric)}" for run in runs if run.windows(metric) < min_windows]
+    if short:
+        reason = (
+            f"not enough windows to decide: {' and '.join(short)} window(s) with {metric}, the gate needs "
+            f"{min_windows} per run (--min-windows): log more often or train longer"
+        )
+        return Gate(metric, max_drop, change, "undecided", reason)
+    assert change is not None  # two windows a side give an interval
+    if change.high < -max_drop:
+        return Gate(metric, max_drop, change, "fail")
+    if (change.high - change.low) / 2.0 > max_drop:
+        reason = (
+            f"not enough windows to decide: the interval [{change.low:+.1f}%, {change.high:+.1f}%] is wider "
+            f"than ±{max_drop:g}%, so a drop of {max_drop:g}% could pass unseen: more windows (or a steadier "
+            "machine) narrow it"
+        )
+        return Gate(metric, max_drop, change, "undecided", reason)
+    return Gate(metric, max_drop, change, "pass")
 
 
 def _same(first: Any, second: Any) -> bool:
@@ -556,7 +508,7 @@ def format_table(comparison: Comparison) -> str:
             add(label, cells)
     add("windows used", [f"{run.windows_used} of {len(run.log.windows)}" for run in runs])
     for row in ROWS:
-        if not any(row.key in run.samples for run in runs):
+        if not any(row.key in run.estimates for run in runs):
             continue
         add(
             row.label,
@@ -575,13 +527,6 @@ def format_table(comparison: Comparison) -> str:
     for candidate in comparison.candidates:
         text.append(_verdict_line(candidate, level))
     notes = comparison.notes + [note for candidate in comparison.candidates for note in candidate.notes]
-    for candidate in comparison.candidates:
-        gate = candidate.gate
-        if gate.change is not None and not gate.resolvable:
-            notes.append(
-                f"{candidate.run.label}: the {gate.metric} interval is wider than ±{gate.max_drop:g}%: a "
-                f"drop of {gate.max_drop:g}% could pass unseen; more windows narrow it"
-            )
     if notes:
         text.append("notes:")
         text.extend(f"  - {note}" for note in notes)
@@ -594,13 +539,13 @@ def _verdict_line(candidate: Candidate, level: str) -> str:
     if speed is not None and candidate.verdict_metric:
         line += f" ({_ROW[candidate.verdict_metric].label} {_format_difference(speed)})"
     gate = candidate.gate
-    if gate.change is not None:
+    if gate.failed and gate.change is not None:
         bound = f"{gate.change.high:+.2f}%"
-        line += (
-            f"; gate on {gate.metric}: FAIL, dropped more than {gate.max_drop:g}% ({level} interval ends at {bound})"
-            if gate.failed
-            else f"; gate on {gate.metric}: pass (max drop {gate.max_drop:g}%)"
-        )
+        line += f"; gate on {gate.metric}: FAIL, dropped more than {gate.max_drop:g}% ({level} interval ends at {bound})"
+    elif gate.undecided:
+        line += f"; gate on {gate.metric}: {gate.reason}"
+    else:
+        line += f"; gate on {gate.metric}: pass (max drop {gate.max_drop:g}%)"
     return line
 
 
@@ -660,7 +605,8 @@ def add_parser(subcommands: argparse._SubParsersAction) -> argparse.ArgumentPars
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="exit codes: 0 no drop beyond --max-drop, 1 a candidate dropped, 2 a run could not be read or "
-        "compared.\nexamples:\n  mfu-callbacks compare runs/main runs/pr\n"
+        "compared, 3 not enough windows to decide (fewer than --min-windows, or an interval wider than "
+        "--max-drop).\nexamples:\n  mfu-callbacks compare runs/main runs/pr\n"
         "  mfu-callbacks compare main/mfu_summary.json pr/mfu_summary.json --max-drop 3 --json",
     )
     parser.add_argument("baseline", help="the run to compare against")
@@ -681,9 +627,17 @@ def add_parser(subcommands: argparse._SubParsersAction) -> argparse.ArgumentPars
     parser.add_argument(
         "--warmup-windows",
         type=int,
-        default=1,
+        default=0,
         metavar="N",
-        help="windows left out at the start of every run (default: 1)",
+        help="windows left out at the start of every run, on top of the meter's warm-up steps (default: 0, "
+        "which gives a run summary the figures of its own report)",
+    )
+    parser.add_argument(
+        "--min-windows",
+        type=int,
+        default=DEFAULT_MIN_WINDOWS,
+        metavar="N",
+        help=f"windows each run needs for a gate verdict; fewer: exit code 3 (default: {DEFAULT_MIN_WINDOWS})",
     )
     parser.add_argument(
         "--names", help="comma-separated labels, baseline first (default: file or folder names)"
@@ -697,7 +651,7 @@ def add_parser(subcommands: argparse._SubParsersAction) -> argparse.ArgumentPars
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``compare``: print the table (or JSON) and return the exit code (0, 1, or 2 after one error line)."""
+    """Run ``compare``: print the table (or JSON) and return the exit code (0, 1, 3, or 2 after one error line)."""
     try:
         comparison = _compare(args)
     except CompareError as error:
@@ -731,4 +685,5 @@ def _compare(args: argparse.Namespace) -> Comparison:
         max_drop=args.max_drop,
         confidence=args.confidence,
         allow_mismatch=args.allow_mismatch,
+        min_windows=args.min_windows,
     )

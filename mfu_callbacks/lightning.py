@@ -44,7 +44,7 @@ def _training_step(module: LightningModule, batch: Any) -> Any:
 class MFUCallback(Callback):
     """Logs ``train/mfu``, ``train/hfu``, ``train/tflops_per_gpu``, ``train/tokens_per_sec`` ... beside the loss.
 
-    Options are those of :class:`~mfu_callbacks._options.MFUOptions` (``peak_tflops``, ``dtype``,
+    Options are those of [`mfu_callbacks.MFUOptions`][mfu_callbacks.MFUOptions] (``peak_tflops``, ``dtype``,
     ``warmup_steps``, ``log_interval``, ``prefix``, ``token_counter``, ``forward``, ``report``,
     ``silence_diagnostics``, ``summary_dir``, ``real_step``, ``profile_steps``, ``profile_start``).
     When training ends, ``summary`` holds the run's means and the

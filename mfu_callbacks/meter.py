@@ -128,6 +128,7 @@ class MFUMeter:
         self._profiling = False  # whether the open step is profiled
         self._steps_ended = 0  # where a read is in the run (``read_place``), unless the caller says
         self._run = RunTotals()
+        self.last_window: Window | None = None  # the window of the latest read, all ranks combined
         self._run_features: torch.Tensor | None = None  # summed features of every step read so far
         self._reviewed: tuple[float, bool] | None = (
             None  # (measured steps, profile pending) at the last review
@@ -309,6 +310,14 @@ class MFUMeter:
             return {}
         return dtype_shares(flops, self.dtype_peaks(), self.peak, lambda: _run_dtype(self))
 
+    def run_totals(self) -> dict[str, float]:
+        """The sums the run summary divides (all ranks, every measured step read so far): the run
+        summary file stores them, so that ``mfu-callbacks compare`` computes the report's figures."""
+        totals = self._run.totals()
+        if self.peak is not None:
+            totals["peak_flops"] = float(self.peak.flops)
+        return totals
+
     def run_flops(self) -> StepFlops | None:
         """This rank's FLOPs over every measured step read so far (with the per-component breakdown)."""
         features, engine = self._run_features, self.engine
@@ -383,6 +392,7 @@ class MFUMeter:
             if window.steps == 0 or window.wall_seconds <= 0:
                 return None
             self._run.add(window)
+            self.last_window = window
             self._diagnose()
             return window
 

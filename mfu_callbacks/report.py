@@ -22,10 +22,13 @@ def format_report(
     diagnoses: Sequence[Any] = (),
     status: Status | None = None,
     dtypes: Mapping[str, tuple[float, PeakInfo | None]] | None = None,
+    device: str | None = None,
 ) -> str:
     """The report as printed when training ends; ``summary`` is ``MFUMeter.summary()``, ``status``
     whether MFU was measured (a run without it says why and what to do), ``dtypes``
-    ``MFUMeter.matmul_dtypes()``: with matmuls in several dtypes, each one's share and its peak."""
+    ``MFUMeter.matmul_dtypes()``: with matmuls in several dtypes, each one's share and its peak;
+    ``device`` where it ran (names a CPU as such when there is no peak). Every share and utilization
+    is in percent."""
     lines = ["MFU report (mfu-callbacks), measured steps after warm-up"]
     # Without a peak, the peak line below says what is missing and how to supply it.
     if status is not None and not status.measuring and status.code != MFUStatus.NO_PEAK:
@@ -40,7 +43,10 @@ def format_report(
             f"  peak: {peak.device_name}, {peak.dtype}, {peak.tflops:.1f} TFLOP/s dense per GPU ({peak.source})"
         )
     elif status is None or status.code == MFUStatus.NO_PEAK:
-        lines.append("  peak: unknown GPU, MFU not computed (pass peak_tflops= or set MFU_PEAK_TFLOPS)")
+        where = "cpu (a CPU has no datasheet peak)" if _is_cpu(device) else "unknown GPU"
+        if device and not _is_cpu(device):
+            where += f" ({device})"
+        lines.append(f"  peak: {where}, MFU not computed (pass peak_tflops= or set MFU_PEAK_TFLOPS)")
     if dtypes and len(dtypes) > 1:
         lines.append("  model FLOPs by matmul dtype, each judged against the peak named:")
         for dtype, (share, dtype_peak) in dtypes.items():
@@ -71,3 +77,7 @@ def format_report(
         lines.append("  diagnoses:")
         lines.extend(f"    [{getattr(d, 'id', '?')}] {getattr(d, 'message', d)}" for d in diagnoses)
     return "\n".join(lines)
+
+
+def _is_cpu(device: str | None) -> bool:
+    return device is not None and device.split(":")[0].strip().lower() == "cpu"

@@ -43,14 +43,22 @@ it; a last line cut off mid-write is skipped by the reader.
                          "lora": {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]}}},
      "versions": {"torch": "2.11.0", "transformers": "5.17.0", "mfu_callbacks": "0.1.0"},
      "windows_file": "mfu_windows.jsonl",
-     "status": {"code": 1, "name": "measuring", "reason": "", "fix": ""}}
+     "status": {"code": 1, "name": "measuring", "reason": "", "fix": ""},
+     "totals": {"model_flops": 3.1e18, "hardware_flops": 3.4e18, "tokens": 7.2e8,
+                "padded_tokens": 7.6e8, "wall_seconds": 512.0, "gpu_seconds": 4096.0,
+                "steps": 1000, "peak_flops": 9.894e14}}
 
 and each line of the windows file::
 
-    {"step": 10, "metrics": {"mfu": 0.412, "tokens_per_sec_per_gpu": 9012.5, ...}}
+    {"step": 10, "metrics": {"mfu": 0.412, "tokens_per_sec_per_gpu": 9012.5, ...},
+     "totals": {"model_flops": 3.1e16, "gpu_seconds": 40.9, ...}}
 
 ``status`` (optional) says whether MFU was measured when the header was last written, and if not,
-why and what to do (codes in :mod:`mfu_callbacks.metrics`). Every setup key is optional: a reader
+why and what to do (codes in :mod:`mfu_callbacks.metrics`). ``totals`` (optional, written since
+0.2.0) are the sums the run's figures divide, all ranks together: the header's are the run's as of
+its last rewrite (each checkpoint and the end of the run), so its MFU is the end-of-run report's,
+``model_flops / gpu_seconds / peak_flops``; a window's are what that window added. ``compare``
+divides them; for files without them it falls back to window means weighted by each window's time. Every setup key is optional: a reader
 shows what is there. Files of format version 1 (the windows inside ``mfu_summary.json``) are still
 read. Only torch and the standard library are imported here.
 """
@@ -88,20 +96,33 @@ class RunSummaryError(ValueError):
     """A document that is not a run summary this version can read; the message says what is wrong."""
 
 
-def window_record(step: int, metrics: Mapping[str, float]) -> dict[str, Any]:
-    """One window as stored: the optimizer step it was read at and its finite metrics."""
+def window_record(
+    step: int, metrics: Mapping[str, float], totals: Mapping[str, float] | None = None
+) -> dict[str, Any]:
+    """One window as stored: the optimizer step it was read at, its finite metrics and (when given)
+    the totals it adds to the run."""
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"step must be a non-negative int, got {step!r}")
+    record: dict[str, Any] = {"step": step, "metrics": _finite(metrics)}
+    if totals is not None:
+        record["totals"] = _finite(totals)
+    return record
+
+
+def _finite(numbers: Mapping[str, float]) -> dict[str, float]:
     values: dict[str, float] = {}
-    for key, value in metrics.items():
+    for key, value in numbers.items():
         number = float(value)  # a 0-d tensor works too; a string raises here, not in the reader
         if math.isfinite(number):
             values[str(key)] = number
-    return {"step": step, "metrics": values}
+    return values
 
 
 def header_document(
-    setup: Mapping[str, Any], versions: Mapping[str, str], status: Mapping[str, Any] | None
+    setup: Mapping[str, Any],
+    versions: Mapping[str, str],
+    status: Mapping[str, Any] | None,
+    totals: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
     """The ``mfu_summary.json`` document: everything but the windows, which live in the windows file."""
     return {
@@ -111,6 +132,7 @@ def header_document(
         "versions": dict(versions),
         "windows_file": WINDOWS_FILENAME,
         **({"status": _plain(status)} if status is not None else {}),
+        **({"totals": _finite(totals)} if totals is not None else {}),
     }
 
 
@@ -139,10 +161,14 @@ class RunSummary:
         self.versions: dict[str, str] = dict(versions) if versions is not None else library_versions()
         self.windows: list[dict[str, Any]] = []
         self.status: dict[str, Any] | None = None  # {"code", "name", "reason", "fix"}, as in the docstring
+        self.totals: dict[str, float] | None = None  # the run's totals when last written (see the docstring)
 
-    def add_window(self, step: int, metrics: Mapping[str, float]) -> None:
-        """One window: the optimizer step it was read at and its metrics (non-finite values are left out)."""
-        self.windows.append(window_record(step, metrics))
+    def add_window(
+        self, step: int, metrics: Mapping[str, float], totals: Mapping[str, float] | None = None
+    ) -> None:
+        """One window: the optimizer step it was read at, its metrics (non-finite values are left out)
+        and the totals it added to the run, if known."""
+        self.windows.append(window_record(step, metrics, totals))
 
     def write(self, path: str | os.PathLike[str]) -> Path:
         """Write the whole summary to ``path`` (the header file, or a folder); return the header written.
@@ -153,7 +179,7 @@ class RunSummary:
         header, windows = summary_paths(path)
         lines = "".join(_json_line(window) for window in self.windows)
         write_text(windows, lines)
-        return write_json(header, header_document(self.setup, self.versions, self.status))
+        return write_json(header, header_document(self.setup, self.versions, self.status, self.totals))
 
     @classmethod
     def from_dict(cls, document: Any, windows: list[Any] | None = None) -> RunSummary:
@@ -177,9 +203,10 @@ class RunSummary:
         summary = cls(setup, versions=versions)
         status = document.get("status")
         summary.status = dict(status) if isinstance(status, dict) else None
+        summary.totals = _totals_or_none(document.get("totals"))
         for index, window in enumerate(windows):
             try:
-                summary.add_window(window["step"], window["metrics"])
+                summary.add_window(window["step"], window["metrics"], _totals_or_none(window.get("totals")))
             except (TypeError, KeyError, ValueError, AttributeError):
                 raise RunSummaryError(
                     f'window {index} is not {{"step": int, "metrics": {{name: number}}}}: {str(window)[:80]}'
@@ -235,11 +262,13 @@ class SummaryWriter:
         if resume_after is None or not self.header_path.exists():
             self.write_header({})  # readable from the start; the setup comes with the first window
 
-    def append(self, step: int, metrics: Mapping[str, float]) -> None:
-        """One window, as one line at the end of the windows file."""
+    def append(
+        self, step: int, metrics: Mapping[str, float], totals: Mapping[str, float] | None = None
+    ) -> None:
+        """One window, as one line at the end of the windows file (``totals``: what it added to the run)."""
         if self._windows is None:
             raise ValueError("SummaryWriter.append() after close()")
-        line = _json_line(window_record(step, metrics))
+        line = _json_line(window_record(step, metrics, totals))
         self._windows.write(line)
         self._windows.flush()
         self.bytes_written += len(line)
@@ -249,9 +278,11 @@ class SummaryWriter:
         setup: Mapping[str, Any],
         status: Mapping[str, Any] | None = None,
         versions: Mapping[str, str] | None = None,
+        totals: Mapping[str, float] | None = None,
     ) -> None:
         """Rewrite ``mfu_summary.json`` (atomically) if its content changed; otherwise do nothing."""
-        document = header_document(setup, versions if versions is not None else library_versions(), status)
+        versions = versions if versions is not None else library_versions()
+        document = header_document(setup, versions, status, totals)
         text = json.dumps(document, indent=1, allow_nan=False)
         if text == self._header:
             return
@@ -304,6 +335,18 @@ def _read_document(target: Path) -> Any:
         return load_json(target, "expected an mfu-callbacks run summary")
     except InputFileError as error:
         raise RunSummaryError(str(error)) from None
+
+
+def _totals_or_none(value: Any) -> dict[str, float] | None:
+    """Stored totals as numbers; None when absent (files written before they were stored) or malformed."""
+    if not isinstance(value, dict):
+        return None
+    totals = {
+        str(key): float(number)
+        for key, number in value.items()
+        if isinstance(number, (int, float)) and not isinstance(number, bool) and math.isfinite(number)
+    }
+    return totals if len(totals) == len(value) else None
 
 
 def _json_line(window: Mapping[str, Any]) -> str:

@@ -62,7 +62,7 @@ trainer_logger = transformers_logging.get_logger("transformers.mfu_callbacks")
 class MFUCallback(TrainerCallback, ExportableState):
     """Logs ``mfu``, ``hfu``, ``tflops_per_gpu``, ``tokens_per_sec`` ... beside ``loss``.
 
-    Options are those of :class:`~mfu_callbacks._options.MFUOptions`; ``prefix`` defaults to ""
+    Options are those of [`mfu_callbacks.MFUOptions`][mfu_callbacks.MFUOptions]; ``prefix`` defaults to ""
     because the Trainer's reporting callbacks add ``train/`` themselves. When training ends,
     ``summary`` holds the run's means (after warm-up).
     """

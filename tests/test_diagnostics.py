@@ -375,6 +375,29 @@ def test_padding_reports_its_share_and_the_mfu_it_costs(clean_model):
         assert option in diagnosis.message
 
 
+def test_a_diagnosis_quotes_the_run_in_percent_not_the_read_that_fired_it(clean_model, caplog):
+    """Padding fires at the first read (steps of 2 s); the run then speeds up (0.5 s steps): the
+    diagnosis the report prints quotes the run's MFU, in percent like the report, and it was warned
+    about once."""
+    clock = FakeClock()
+    batch = padded_batch([16, 8, 8, 8])
+    meter = make_meter(clean_model, clock, batch)
+    with caplog.at_level("WARNING", logger="mfu_callbacks"):
+        run_steps(meter, clock, batch, 4, seconds=2.0)
+        meter.metrics()
+        first = fired(meter, "padding_waste")
+        for _ in range(3):
+            run_steps(meter, clock, batch, 8, seconds=0.5)
+            meter.metrics()
+    run_mfu = meter.summary()["mfu"]
+    last = fired(meter, "padding_waste")
+    assert f"MFU {run_mfu:.1%} would be about" in last.message and first.message != last.message
+    assert last.mfu_cost == pytest.approx(
+        run_mfu * last.details["padding_flops_share"] / (1 - last.details["padding_flops_share"]), rel=1e-6
+    )
+    assert sum("padding_waste" in record.getMessage() for record in caplog.records) == 1
+
+
 def test_padding_below_ten_percent_is_not_reported(clean_model):
     clock = FakeClock()
     batch = padded_batch([16, 16, 16, 12])  # 4 of 64 tokens: 6.25%
@@ -402,7 +425,8 @@ def test_waiting_for_input_reports_the_mfu_it_costs(clean_model):
     assert "num_workers" in diagnosis.message and "pin_memory" in diagnosis.message
     run_steps(meter, clock, batch, 12, seconds=1.0, wait=0.5)
     meter.metrics()
-    assert fired(meter, "input_bound") is diagnosis, "once per run: the first record stays"
+    # Fired once; its figures follow the run: 11 x 0.1 s + 12 x 0.5 s of waiting in 31.1 s.
+    assert fired(meter, "input_bound").value == pytest.approx(7.1 / 31.1)
 
 
 # -- stragglers ------------------------------------------------------------------------------------
@@ -678,6 +702,83 @@ def test_an_idle_gpu_or_missing_nvml_is_no_reading(clean_model, monkeypatch):
     meter = make_meter(clean_model, clock, batch, device="cuda:0")
     run_steps(meter, clock, batch, 1)
     assert meter.metrics() and meter.diagnostics() == []
+
+
+class UuidNvml:
+    """NVML of a host with three GPUs and a MIG instance on the second: handles are names."""
+
+    UUIDS = ("GPU-aaaa1111", "GPU-bbbb2222", "GPU-aaaa3333")
+    MIG = "MIG-cccc4444"
+
+    def nvmlDeviceGetCount(self) -> int:  # noqa: N802 - NVML's names
+        return len(self.UUIDS)
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> str:  # noqa: N802
+        return f"gpu{index}"
+
+    def nvmlDeviceGetUUID(self, handle: str) -> bytes:  # noqa: N802
+        return self.UUIDS[int(handle[3:])].encode()
+
+    def nvmlDeviceGetHandleByUUID(self, uuid: str) -> str:  # noqa: N802
+        if uuid == self.MIG:
+            return "mig-on-gpu1"
+        if uuid not in self.UUIDS:
+            raise RuntimeError("NVML_ERROR_NOT_FOUND")  # as pynvml raises for a partial UUID
+        return f"gpu{self.UUIDS.index(uuid)}"
+
+    def nvmlDeviceGetDeviceHandleFromMigDeviceHandle(self, handle: str) -> str:  # noqa: N802
+        assert handle == "mig-on-gpu1"
+        return "gpu1"
+
+
+@pytest.mark.parametrize(
+    ("visible", "device", "handle"),
+    [
+        (None, "cuda:2", "gpu2"),
+        ("2,0", "cuda:0", "gpu2"),
+        ("2,0", "cuda:1", "gpu0"),
+        ("1gpu2,0", "cuda:0", "gpu1"),  # read as strtoul reads it
+        ("2,-1,0", "cuda:1", None),  # a negative entry ends the list
+        ("0,0", "cuda:0", None),  # a repeated entry hides every GPU
+        ("GPU-aaaa3333,GPU-aaaa1111", "cuda:0", "gpu2"),  # whole UUIDs
+        ("GPU-bbbb", "cuda:0", "gpu1"),  # a prefix of one UUID
+        ("GPU-aaaa", "cuda:0", None),  # a prefix of two: CUDA and torch refuse it
+        ("GPU-aaaa1111,3", "cuda:1", None),  # another kind of entry ends the list
+        ("MIG-cccc4444", "cuda:0", "gpu1"),  # a MIG instance: its parent GPU's clock
+    ],
+)
+def test_the_nvml_device_is_the_gpu_torch_calls_the_device(monkeypatch, visible, device, handle):
+    from mfu_callbacks.diagnostics.clocks import nvml_handle
+
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    assert nvml_handle(UuidNvml(), torch.device(device)) == handle
+
+
+@pytest.mark.parametrize(
+    "visible",
+    [
+        "0",
+        "3,1",
+        "1gpu2,2ampere",
+        "0,-1,2",
+        "1,1",
+        "",
+        " 2, 3",
+        "GPU-ab,GPU-cd",
+        "GPU-ab,1",
+        "MIG-x,MIG-y",
+        "MIG-x,MIG-x",
+        "x,1",
+    ],
+)
+def test_visible_devices_are_read_as_torch_reads_them(monkeypatch, visible):
+    from mfu_callbacks.diagnostics.clocks import visible_devices
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    assert visible_devices(visible) == torch.cuda._parse_visible_devices()
 
 
 # -- silencing -------------------------------------------------------------------------------------

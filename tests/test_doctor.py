@@ -45,7 +45,8 @@ def config_path(tmp_path_factory):
 def doctor(path, *extra: str) -> dict:
     """The JSON of one doctor run (the capture is done by hand: a module-scoped fixture has no capsys)."""
     argv = ["doctor", "--config", str(path), "--batch-size", str(ROWS), "--seq-len", str(LENGTH)]
-    argv += ["--repeats", "1", "--peak-tflops", "0.5", "--json", *extra]
+    rounds = [] if "--rounds" in extra else ["--rounds", "1"]  # one round keeps the tests quick
+    argv += ["--repeats", "1", "--peak-tflops", "0.5", "--json", *rounds, *extra]
     import contextlib
     import io
 
@@ -207,12 +208,14 @@ def test_the_table_names_what_is_measured_and_modelled(capsys, config_path):
     assert (
         main(
             ["doctor", "--config", str(config_path), "--batch-size", "1", "--seq-len", "8", "--repeats", "1"]
+            + ["--rounds", "2"]
         )
         == 0
     )
     out = capsys.readouterr().out
     for text in ("compute floor", "measured: matmuls", "replayed", "AdamW", "lm_head fwd", "predicted step"):
         assert text in out
+    assert out.count("over 2 rounds (") == 2  # the floor's and the prediction's spread
     assert "no peak for this device: pass --peak-tflops" in out
 
 
@@ -220,6 +223,7 @@ def test_the_table_names_what_is_measured_and_modelled(capsys, config_path):
     ("extra", "message"),
     [
         (["--repeats", "0"], "--repeats must be from 1 to 10,000 (got 0)"),
+        (["--rounds", "0"], "--rounds must be from 1 to 1,000 (got 0)"),
         (["--peak-tflops", "-3"], "--peak-tflops must be a positive number"),
         (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "nope"], "--device"),
     ],
@@ -238,3 +242,66 @@ def test_an_encoder_decoder_is_refused(capsys, tmp_path):
     )
     assert main(["doctor", "--config", str(path), "--batch-size", "1", "--seq-len", "8"]) == 2
     assert "doctor times decoder-only language models" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # three rounds of real timings
+def test_every_piece_is_timed_in_each_round_and_the_figures_are_medians(config_path):
+    result = doctor(config_path, "--rounds", "3")
+    assert result["rounds"] == 3
+    floor = sum(row["seconds"] * row["count"] for row in result["matmuls"] + result["attention"])
+    assert result["floor_seconds"] == pytest.approx(floor, rel=1e-12)
+    assert result["floor_spread_seconds"] >= 0 and result["predicted_spread_seconds"] >= 0
+    assert all(row["spread_seconds"] >= 0 for row in result["matmuls"] + result["attention"])
+
+
+def noisy_machine(monkeypatch, slow_round: float) -> None:
+    """GEMMs take 1 ms, 0.9 ms once padded to a multiple of 8, except that the second timing of every
+    shape runs ``slow_round`` times slower (another job on the machine)."""
+    calls: Counter = Counter()
+
+    def time_matmul(shape, dtype, timer):
+        calls[shape] += 1
+        aligned = all(size % 8 == 0 for size in (shape.m, shape.k, shape.n))
+        return (0.9e-3 if aligned else 1e-3) * (slow_round if calls[shape] == 2 else 1.0)
+
+    monkeypatch.setattr(doctor_module, "time_matmul", time_matmul)
+    # The rest is not what this test is about: constant, and instant.
+    monkeypatch.setattr(doctor_module, "time_attention", lambda shape, dtype, timer, segments=1: 1e-4)
+    monkeypatch.setattr(doctor_module, "time_op", lambda call, timer: 1e-6)
+    monkeypatch.setattr(doctor_module, "time_optimizer", lambda shapes, timer: (1e-4, 1))
+    monkeypatch.setattr(doctor_module, "copy_bandwidth", lambda timer: 1e10)
+    monkeypatch.setattr(doctor_module, "tiny_kernel_seconds", lambda timer: 1e-6)
+
+
+@pytest.mark.slow  # two doctor runs
+def test_padding_is_advised_only_when_its_saving_exceeds_the_spread(capsys, config_path, monkeypatch):
+    argv = ["doctor", "--config", str(config_path), "--batch-size", str(ROWS), "--seq-len", str(LENGTH)]
+    argv += ["--repeats", "1", "--rounds", "3"]
+    noisy_machine(monkeypatch, slow_round=3.0)  # one round three times slower: spread 2 ms, saving 0.1 ms
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "saves" not in out
+    assert "lm_head fwd): no advice, its saving" in out and "within the noise" in out
+    noisy_machine(monkeypatch, slow_round=1.0)  # a steady machine: the same saving is advised
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "lm_head fwd) to 48x64x1008 saves" in out and "no advice" not in out
+
+
+def test_a_padding_gain_must_hold_in_every_round_and_beat_the_spread():
+    from mfu_callbacks.doctor import TimedMatmul
+    from mfu_callbacks.doctor.step_trace import MatmulShape
+
+    shape = MatmulShape(batch=1, m=48, k=64, n=1001)
+
+    def gain(original, padded):
+        return TimedMatmul(shape, 2, original, "lm_head fwd", {"48x64x1008": padded}).padding_gain
+
+    # Steady rounds: saves 0.1 ms a call, 0.2 ms a step (two calls).
+    assert gain((1.0e-3, 1.01e-3, 1.0e-3), (0.9e-3, 0.9e-3, 0.91e-3)) == ("48x64x1008", pytest.approx(2e-4))
+    # One slow round: the spread (2 ms a call) dwarfs the saving.
+    assert gain((1.0e-3, 3.0e-3, 1.0e-3), (0.9e-3, 2.9e-3, 0.9e-3)) is None
+    # Faster in the median but slower in one round: not advised.
+    assert gain((1.0e-3, 1.0e-3, 1.0e-3), (0.5e-3, 1.2e-3, 0.5e-3)) is None
+    # One round: no spread to beat, the 3% floor alone.
+    assert gain((1.0e-3,), (0.9e-3,)) is not None and gain((1.0e-3,), (0.99e-3,)) is None

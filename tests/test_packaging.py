@@ -59,3 +59,14 @@ def test_the_version_is_written_once_and_the_wheel_carries_it(wheel):
     assert "Requires-Python: >=3.11" in text
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert "version" not in project and "version" in project["dynamic"]
+
+
+def test_the_wheel_names_the_project_urls_and_classifiers(wheel):
+    metadata = next(name for name in wheel.namelist() if name.endswith(".dist-info/METADATA"))
+    text = wheel.read(metadata).decode()
+    for label in ("Homepage", "Repository", "Issues", "Changelog", "Documentation"):
+        assert f"\nProject-URL: {label}, https://github.com/mfu-callbacks/mfu-callbacks" in text
+    assert (
+        "Classifier: Typing :: Typed" in text and "Classifier: Programming Language :: Python :: 3.11" in text
+    )
+    assert "Provides-Extra: docs" in text

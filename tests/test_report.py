@@ -55,6 +55,12 @@ def test_the_report_states_the_run_figures_and_the_breakdown_shares():
 def test_an_unknown_peak_says_how_to_supply_one():
     text = format_report({"tflops_per_gpu": 1.0}, None, None)
     assert "MFU not computed" in text and "MFU_PEAK_TFLOPS" in text and "tflops_per_gpu" not in text
+    on_cpu = format_report({"tflops_per_gpu": 1.0}, None, None, device="cpu")
+    assert (
+        "peak: cpu (a CPU has no datasheet peak)" in on_cpu
+        and "GPU" not in on_cpu.split("peak:")[1].split(",")[0]
+    )
+    assert "peak: unknown GPU (cuda:0)" in format_report({}, None, None, device="cuda:0")
 
 
 def train(tmp_path, **options):

@@ -65,6 +65,10 @@ def check_run(records: list[dict], loss_key: str, mfu_key: str, step_metric: str
     assert mfu_key in defined
     if step_metric:
         assert defined[mfu_key].get("step_metric") == step_metric
+    prefix = mfu_key.removesuffix("mfu")
+    for name in ("mfu_status", "mfu_last_step", "hfu_last_step"):  # not charted by default
+        assert defined[prefix + name].get("options", {}).get("hidden") is True, defined[prefix + name]
+    assert not defined[mfu_key].get("options", {}).get("hidden")
     config = {}
     for record in records:
         if record["type"] == "config":

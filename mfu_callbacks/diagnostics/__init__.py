@@ -88,7 +88,8 @@ class Diagnostics:
         measured_matmuls: Mapping[str, MatmulTime] | None = None,
         profile_pending: bool = False,
     ) -> list[Diagnosis]:
-        """Run every check not fired or silenced on the run read so far; returns the new diagnoses.
+        """Run every check not silenced on the run read so far; returns the diagnoses new in this review
+        (one fired before is updated in place with the run's figures, and not warned about again).
 
         ``run_features``: this rank's summed features of every step read so far (the engine turns
         them into FLOPs); ``autocast_in_training``: whether autocast was on at the first forward
@@ -110,17 +111,23 @@ class Diagnostics:
             measured_matmuls,
             profile_pending,
         )
-        done = {diagnosis.id for diagnosis in self.fired} | self.silenced
+        fired = {diagnosis.id: index for index, diagnosis in enumerate(self.fired)}
         new: list[Diagnosis] = []
         for diagnosis_id, check in CHECKS.items():
-            if diagnosis_id in done:
+            if diagnosis_id in self.silenced:
                 continue
             try:
                 diagnosis = check(review)
             except Exception:  # noqa: BLE001 - a failed check must not cost the run its metrics
                 logger.debug("mfu_callbacks: the %s check failed", diagnosis_id, exc_info=True)
                 continue
-            if diagnosis is not None:
+            if diagnosis is None:
+                continue  # one that fired earlier keeps its last figures
+            if diagnosis_id in fired:
+                # Warned once, when it fired; its figures follow the run, so that the report quotes
+                # the run's MFU, not that of the read that fired it.
+                self.fired[fired[diagnosis_id]] = diagnosis
+            else:
                 new.append(diagnosis)
         self.fired.extend(new)
         if distributed.rank() == 0:

@@ -277,7 +277,11 @@ def stragglers(review: Review) -> Diagnosis | None:
         return None
     mfu = review.mfu
     cost = mfu * excess if mfu is not None else None  # every rank at the fastest rank's pace
-    cost_text = f": MFU would be up to {cost:.3f} higher ({mfu:.3f} now)" if cost is not None else ""
+    cost_text = (
+        f": MFU {mfu:.1%} would be up to {mfu + cost:.1%} at the fastest's pace"
+        if mfu is not None and cost is not None
+        else ""
+    )
     return Diagnosis(
         "stragglers",
         f"the slowest rank's mean step ({slowest:.3f} s; under model parallelism, the slowest data-parallel "
@@ -305,7 +309,10 @@ def recompute_cost(review: Review) -> Diagnosis | None:
     if mfu is not None and hfu is not None and cost is not None:
         recompute_gap = hfu * split.recompute_share  # the recompute FLOPs at the run's pace
         details.update(hfu=hfu, mfu=mfu, hfu_mfu_gap_from_recompute=recompute_gap)
-        gap = f": {recompute_gap:.3f} of the HFU - MFU gap ({hfu:.3f} vs {mfu:.3f}); without it MFU would be about {mfu + cost:.3f}"
+        gap = (
+            f": {recompute_gap:.1%} of the HFU - MFU gap (HFU {hfu:.1%}, MFU {mfu:.1%}); without it MFU would be "
+            f"about {mfu + cost:.1%}"
+        )
     return Diagnosis(
         "recompute_cost",
         f"gradient checkpointing reruns {split.recompute_share:.1%} of the computed FLOPs{gap}; if memory allows, "
@@ -436,7 +443,7 @@ def fp32_adapters(review: Review) -> Diagnosis | None:
     mfu = review.mfu
     cost = mfu * (slowdown - 1.0) if mfu is not None else None  # the step runs slowdown x faster in bf16
     adapters_share = review.share_of_model_flops("adapters") if review.split is not None else None
-    cost_text = f" (MFU {mfu:.3f} -> about {mfu + cost:.3f})" if mfu is not None and cost is not None else ""
+    cost_text = f" (MFU {mfu:.1%} -> about {mfu + cost:.1%})" if mfu is not None and cost is not None else ""
     return Diagnosis(
         "fp32_adapters",
         f"{shapes.fp32_trainable_parameters:,} trainable parameters are fp32 while the base computes in "
@@ -461,7 +468,11 @@ def gpu_clocks(review: Review) -> Diagnosis | None:
     mfu = review.mfu
     cost = mfu * (1.0 / mean_ratio - 1.0) if mfu is not None else None  # matmul time scales with 1 / clock
     why = f" ({', '.join(sorted(clocks.low_reasons))})" if clocks.low_reasons else ""
-    cost_text = f": MFU would be up to {cost:.3f} higher at full clock" if cost is not None else ""
+    cost_text = (
+        f": MFU {mfu:.1%} would be up to {mfu + cost:.1%} at full clock"
+        if mfu is not None and cost is not None
+        else ""
+    )
     return Diagnosis(
         "gpu_clocks",
         f"SM clock averaged {mean_ratio:.0%} of its {clocks.max_mhz:,.0f} MHz maximum at {len(clocks.low_ratios)} "
@@ -496,7 +507,7 @@ def _recovered(mfu: float | None, wasted_share: float) -> float | None:
 def _cost_text(mfu: float | None, cost: float | None) -> str:
     if mfu is None or cost is None:
         return ""
-    return f": MFU {mfu:.3f} would be about {mfu + cost:.3f} without it"
+    return f": MFU {mfu:.1%} would be about {mfu + cost:.1%} without it"
 
 
 def split_flops(engine: Any | None, features: torch.Tensor | None) -> FlopSplit | None:

@@ -21,17 +21,80 @@ _CLOCK_REASONS: Mapping[int, str] = {
 }
 
 
-def _nvml_index(device: torch.device) -> int:
-    """NVML numbers all GPUs of the host; CUDA numbers the visible ones (CUDA_VISIBLE_DEVICES)."""
+def visible_devices(variable: str | None) -> list[int] | list[str] | None:
+    """The host GPUs CUDA shows, in CUDA's order, as torch reads ``CUDA_VISIBLE_DEVICES``
+    (torch.cuda parses it the same way): None when unset (every GPU, in NVML's order); NVML indices;
+    or ``GPU-`` / ``MIG-`` UUIDs (or their prefixes). A list stops at its first entry of another kind
+    or a negative number; a repeated entry hides every GPU; ``"1gpu2"`` reads as 1, as ``strtoul`` does."""
+    if variable is None:
+        return None
+    for prefix in ("GPU-", "MIG-"):
+        if variable.startswith(prefix):
+            uuids: list[str] = []
+            for entry in variable.split(","):
+                if entry in uuids:
+                    return []
+                if not entry.startswith(prefix):
+                    break
+                uuids.append(entry)
+            return uuids
+    indices: list[int] = []
+    for entry in variable.split(","):
+        number = _leading_number(entry.strip())
+        if number in indices:
+            return []
+        if number < 0:
+            break
+        indices.append(number)
+    return indices
+
+
+def _leading_number(text: str) -> int:
+    """The number ``text`` starts with (a sign allowed), -1 when it starts with none."""
+    end = 0
+    while end < len(text) and (text[end].isdigit() or (end == 0 and text[end] in "+-")):
+        end += 1
+    try:
+        return int(text[:end])
+    except ValueError:
+        return -1
+
+
+def nvml_handle(nvml: Any, device: torch.device) -> Any:
+    """The NVML handle of the GPU torch calls ``device``: CUDA numbers the visible GPUs, NVML all
+    of the host's. A UUID entry is looked up by UUID (a prefix by matching every GPU's UUID, as
+    torch does); a MIG instance answers for its parent GPU, whose SM clock it runs at. None when
+    the device is not among the visible ones or a prefix matches none or several."""
     index = (
         device.index
         if device.index is not None
         else (torch.cuda.current_device() if torch.cuda.is_available() else 0)
     )
-    visible = [item.strip() for item in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if item.strip()]
-    if index < len(visible) and visible[index].isdigit():
-        return int(visible[index])
-    return index
+    visible = visible_devices(os.environ.get("CUDA_VISIBLE_DEVICES"))
+    if visible is None:
+        return nvml.nvmlDeviceGetHandleByIndex(index)
+    if index >= len(visible):
+        return None
+    entry = visible[index]
+    if isinstance(entry, int):
+        return nvml.nvmlDeviceGetHandleByIndex(entry)
+    try:
+        handle = nvml.nvmlDeviceGetHandleByUUID(entry)
+    except Exception:  # noqa: BLE001 - not a whole UUID: a prefix of one
+        handle = _handle_by_uuid_prefix(nvml, entry)
+    if handle is not None and entry.startswith("MIG-"):
+        handle = nvml.nvmlDeviceGetDeviceHandleFromMigDeviceHandle(handle)
+    return handle
+
+
+def _handle_by_uuid_prefix(nvml: Any, prefix: str) -> Any:
+    matches = []
+    for index in range(nvml.nvmlDeviceGetCount()):
+        handle = nvml.nvmlDeviceGetHandleByIndex(index)
+        uuid = nvml.nvmlDeviceGetUUID(handle)
+        if (uuid.decode() if isinstance(uuid, bytes) else str(uuid)).startswith(prefix):
+            matches.append(handle)
+    return matches[0] if len(matches) == 1 else None
 
 
 class NvmlClocks:
@@ -53,7 +116,9 @@ class NvmlClocks:
 
             if self._handle is None:
                 pynvml.nvmlInit()
-                self._handle = pynvml.nvmlDeviceGetHandleByIndex(_nvml_index(device))
+                self._handle = nvml_handle(pynvml, device)
+                if self._handle is None:
+                    raise LookupError(f"NVML does not see the GPU CUDA calls {device}")
             current = pynvml.nvmlDeviceGetClockInfo(self._handle, pynvml.NVML_CLOCK_SM)
             if self._maximum is None:
                 self._maximum = pynvml.nvmlDeviceGetMaxClockInfo(self._handle, pynvml.NVML_CLOCK_SM)

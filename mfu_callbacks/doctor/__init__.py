@@ -19,10 +19,16 @@ allocator; both show as measured time above the prediction.
 
 For each GEMM shape with a size off a multiple of 64 (other than the token count), the padded
 shapes are timed too: what padding would buy per step.
+
+Everything is timed in ``rounds`` passes, a padded shape beside its original in each: a figure is
+the median of its rounds, and the spread (slowest round minus fastest) is shown beside it. On a
+busy machine one pass can be ten times another; padding is advised only when it saved time in every
+round and its smallest saving exceeds the spread of the original shape's own time.
 """
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -54,24 +60,51 @@ _WRAPPERS = frozenset(
 )  # PEFT's parts of a module path (adapter name, wrapped layer)
 
 
+def spread(samples: Sequence[float]) -> float:
+    """Slowest round minus fastest: how far one timing of this machine can be from another."""
+    return max(samples) - min(samples) if samples else 0.0
+
+
 @dataclass(frozen=True)
 class TimedMatmul:
     shape: MatmulShape
     count: int  # per step
-    seconds: float  # one call
+    samples: tuple[float, ...]  # seconds of one call, one per round
     layers: str  # which layers run it and how: "q_proj fwd, o_proj dgrad"
-    # Padded shape -> seconds of one call, for a shape with a size off a multiple of 64.
-    padded: dict[str, float] = field(default_factory=dict)
+    # Padded shape -> seconds of one call per round, for a shape with a size off a multiple of 64.
+    padded_samples: dict[str, tuple[float, ...]] = field(default_factory=dict)
+
+    @property
+    def seconds(self) -> float:
+        """One call: the median of the rounds."""
+        return statistics.median(self.samples)
+
+    @property
+    def padded(self) -> dict[str, float]:
+        return {name: statistics.median(samples) for name, samples in self.padded_samples.items()}
 
     @property
     def step_seconds(self) -> float:
         return self.seconds * self.count
 
     @property
+    def step_spread(self) -> float:
+        """The spread of this shape's time per step over the rounds."""
+        return spread(self.samples) * self.count
+
+    @property
     def padding_gain(self) -> tuple[str, float] | None:
-        """The padded shape that saves the most time per step, and how many seconds; None if none saves any."""
+        """The padded shape that saves the most time per step (median over rounds), and how many
+        seconds; None unless it saved time in every round, its smallest saving exceeds the spread of
+        the shape's own time, and the median saving is more than ``MIN_GAIN`` of it."""
         best = min(self.padded.items(), key=lambda item: item[1], default=None)
         if best is None or best[1] >= self.seconds * (1.0 - MIN_GAIN):
+            return None
+        savings = [
+            (original - padded) * self.count
+            for original, padded in zip(self.samples, self.padded_samples[best[0]])
+        ]
+        if min(savings) <= self.step_spread:
             return None
         return best[0], (self.seconds - best[1]) * self.count
 
@@ -80,8 +113,12 @@ class TimedMatmul:
 class TimedAttention:
     shape: AttentionShape
     count: int
-    seconds: float
+    samples: tuple[float, ...]  # seconds of one call, one per round
     segments: int  # documents in a row (a packed row's block-diagonal mask)
+
+    @property
+    def seconds(self) -> float:
+        return statistics.median(self.samples)
 
     @property
     def step_seconds(self) -> float:
@@ -109,6 +146,17 @@ class Examination:
     optimizer_parameters_timed: int
     model_flops: float | None = None
     peak_flops: float | None = None
+    predicted_rounds: tuple[float, ...] = ()  # the predicted step of each round alone
+
+    @property
+    def rounds(self) -> int:
+        return len(self.predicted_rounds)
+
+    @property
+    def floor_rounds(self) -> tuple[float, ...]:
+        """The compute floor of each round alone."""
+        timed: list[TimedMatmul | TimedAttention] = [*self.matmuls, *self.attention]
+        return tuple(sum(item.samples[index] * item.count for item in timed) for index in range(self.rounds))
 
     @property
     def matmul_seconds(self) -> float:
@@ -146,9 +194,12 @@ class Examination:
             "tokens_per_step": self.tokens,
             "model_flops_per_step": self.model_flops,
             "peak_tflops": self.peak_flops / 1e12 if self.peak_flops else None,
+            "rounds": self.rounds,
             "floor_seconds": self.floor_seconds,
+            "floor_spread_seconds": spread(self.floor_rounds),
             "mfu_ceiling": self.mfu_at(self.floor_seconds),
             "predicted_seconds": self.predicted_seconds,
+            "predicted_spread_seconds": spread(self.predicted_rounds),
             "predicted_mfu": self.mfu_at(self.predicted_seconds),
             "parts": {name: {"seconds": value, "how": how} for name, (value, how) in parts.items()},
             "matmuls": [
@@ -157,6 +208,7 @@ class Examination:
                     "flops": item.shape.flops,
                     "count": item.count,
                     "seconds": item.seconds,
+                    "spread_seconds": spread(item.samples),
                     "tflops": item.shape.flops / item.seconds / 1e12 if item.seconds > 0 else None,
                     "layers": item.layers,
                     "padded_seconds": item.padded,
@@ -171,6 +223,7 @@ class Examination:
                     "flops": item.shape.flops,
                     "count": item.count,
                     "seconds": item.seconds,
+                    "spread_seconds": spread(item.samples),
                     "segments": item.segments,
                 }
                 for item in self.attention
@@ -214,6 +267,7 @@ def examine(
     device: torch.device,
     packed: bool = False,
     repeats: int = 10,
+    rounds: int = 3,
     model_flops: float | None = None,
     peak_flops: float | None = None,
 ) -> Examination:
@@ -229,30 +283,77 @@ def examine(
     check_fits(step, shapes, torch_dtype, device)  # before anything is allocated
     timer = Timer(device, repeats)
     tokens = batch_size * seq_len
-    with _matmul_precision(dtype):
-        matmuls = tuple(
-            _time_matmul(shape, count, tokens, torch_dtype, timer, _layer_names(model))
-            for shape, count in sorted(step.matmuls.items())
-        )
-        attention = tuple(_time_attention(step.attention, packed, batch_size, torch_dtype, timer))
-    bandwidth, tiny = copy_bandwidth(timer), tiny_kernel_seconds(timer)
-    other = modelled = 0.0
-    modelled_ops = 0
-    for call, count in step.other.items():
-        seconds = time_op(call, timer)
-        if seconds is None:
-            seconds = max(call.moved / bandwidth, tiny)
-            modelled += seconds * count
-            modelled_ops += count
-        other += seconds * count
+    rounds = max(1, rounds)
+    layers = _layer_names(model)
     total = sum(size.numel() for size in shapes)
-    optimizer, timed = time_optimizer(shapes, timer)
+    matmuls: dict[MatmulShape, list[float]] = {shape: [] for shape in step.matmuls}
+    padded: dict[MatmulShape, dict[str, list[float]]] = {shape: {} for shape in step.matmuls}
+    attention: dict[AttentionShape, list[float]] = {shape: [] for shape in step.attention}
+    segments = {shape: batch_size if packed and shape.masked else 1 for shape in step.attention}
+    bandwidths, tinies, optimizers, replayed = [], [], [], []
+    replayable: dict[Any, bool] = {}
+    timed = 0
+    # Round after round, every piece once per round: a slow moment of the machine hits one round of
+    # every piece, not every round of one piece.
+    for _ in range(rounds):
+        with _matmul_precision(dtype):
+            for shape in sorted(step.matmuls):
+                matmuls[shape].append(time_matmul(shape, torch_dtype, timer))
+                for multiple in PAD_MULTIPLES:
+                    wider = _padded(shape, multiple, tokens)
+                    if wider is not None:
+                        samples = padded[shape].setdefault(_describe(wider), [])
+                        if len(samples) < len(matmuls[shape]):
+                            samples.append(time_matmul(wider, torch_dtype, timer))
+            for called in sorted(step.attention):
+                attention[called].append(time_attention(called, torch_dtype, timer, segments[called]))
+        bandwidths.append(copy_bandwidth(timer))
+        tinies.append(tiny_kernel_seconds(timer))
+        seconds = 0.0
+        for call, count in step.other.items():
+            measured = time_op(call, timer) if replayable.get(call, True) else None
+            replayable[call] = measured is not None
+            seconds += (measured or 0.0) * count
+        replayed.append(seconds)
+        optimizer, timed = time_optimizer(shapes, timer)
+        optimizers.append(optimizer * total / timed if timed else 0.0)
+    bandwidth, tiny = statistics.median(bandwidths), statistics.median(tinies)
+    # What cannot be replayed is modelled once, from the medians: its bytes over the copy bandwidth.
+    modelled_ops = sum(count for call, count in step.other.items() if not replayable[call])
+    modelled = sum(
+        max(call.moved / bandwidth, tiny) * count
+        for call, count in step.other.items()
+        if not replayable[call]
+    )
+    other = statistics.median(replayed) + modelled
+    timed_matmuls = tuple(
+        TimedMatmul(
+            shape,
+            step.matmuls[shape],
+            tuple(matmuls[shape]),
+            _label(shape, tokens, layers),
+            {name: tuple(samples) for name, samples in padded[shape].items()},
+        )
+        for shape in sorted(step.matmuls)
+    )
+    timed_attention = tuple(
+        TimedAttention(shape, step.attention[shape], tuple(attention[shape]), segments[shape])
+        for shape in sorted(step.attention)
+    )
+    pieces: list[TimedMatmul | TimedAttention] = [*timed_matmuls, *timed_attention]
+    predicted_rounds = tuple(
+        sum(item.samples[index] * item.count for item in pieces)
+        + replayed[index]
+        + modelled
+        + optimizers[index]
+        for index in range(rounds)
+    )
     return Examination(
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
         dtype=dtype,
         tokens=tokens,
-        matmuls=matmuls,
-        attention=attention,
+        matmuls=timed_matmuls,
+        attention=timed_attention,
         other_bytes=step.other_bytes,
         other_ops=step.other_ops,
         other_seconds=other,
@@ -260,11 +361,12 @@ def examine(
         other_modelled_ops=modelled_ops,
         copy_bandwidth=bandwidth,
         tiny_kernel_seconds=tiny,
-        optimizer_seconds=optimizer * total / timed if timed else 0.0,
+        optimizer_seconds=statistics.median(optimizers),
         optimizer_parameters=total,
         optimizer_parameters_timed=timed,
         model_flops=model_flops,
         peak_flops=peak_flops,
+        predicted_rounds=predicted_rounds,
     )
 
 
@@ -281,33 +383,6 @@ class _matmul_precision:
 
     def __exit__(self, *exc: object) -> None:
         torch.backends.cuda.matmul.allow_tf32 = self.saved
-
-
-def _time_matmul(
-    shape: MatmulShape,
-    count: int,
-    tokens: int,
-    dtype: torch.dtype,
-    timer: Timer,
-    layers: dict[tuple[int, int], list[str]],
-) -> TimedMatmul:
-    padded: dict[str, float] = {}
-    for multiple in PAD_MULTIPLES:
-        wider = _padded(shape, multiple, tokens)
-        if wider is not None and _describe(wider) not in padded:
-            padded[_describe(wider)] = time_matmul(wider, dtype, timer)
-    return TimedMatmul(shape, count, time_matmul(shape, dtype, timer), _label(shape, tokens, layers), padded)
-
-
-def _time_attention(
-    calls: dict[AttentionShape, int], packed: bool, rows: int, dtype: torch.dtype, timer: Timer
-) -> list[TimedAttention]:
-    timed = []
-    for shape, count in sorted(calls.items()):
-        # A mask on a packed row stands for its documents' block diagonal.
-        segments = rows if packed and shape.masked else 1
-        timed.append(TimedAttention(shape, count, time_attention(shape, dtype, timer, segments), segments))
-    return timed
 
 
 def _padded(shape: MatmulShape, multiple: int, tokens: int) -> MatmulShape | None:

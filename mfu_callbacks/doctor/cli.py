@@ -16,6 +16,7 @@ from .budget import TooLarge
 
 CPU_REPEATS, GPU_REPEATS = 3, 10
 MAX_REPEATS = 10_000
+ROUNDS, MAX_ROUNDS = 3, 1_000
 
 
 def add_parser(commands: Any) -> None:
@@ -44,6 +45,13 @@ def add_parser(commands: Any) -> None:
         help=f"timed calls per shape (default: {GPU_REPEATS} on a GPU, {CPU_REPEATS} on a CPU)",
     )
     doctor.add_argument(
+        "--rounds",
+        type=int,
+        default=ROUNDS,
+        help=f"times every piece is timed, round after round; figures are the median, the spread is shown "
+        f"and padding is advised only when its saving exceeds it (default: {ROUNDS})",
+    )
+    doctor.add_argument(
         "--peak-tflops", type=float, help="dense peak TFLOP/s of one GPU, for a GPU the table lacks"
     )
     doctor.set_defaults(handler=run, gradient_checkpointing=False)
@@ -70,6 +78,11 @@ def diagnose(args: argparse.Namespace) -> Examination:
         raise CliError(
             f"--repeats must be from 1 to {MAX_REPEATS:,} (got {args.repeats:,}): timed calls per shape, e.g. 10"
         )
+    if not 1 <= args.rounds <= MAX_ROUNDS:
+        raise CliError(
+            f"--rounds must be from 1 to {MAX_ROUNDS:,} (got {args.rounds:,}): timing rounds, e.g. 3"
+        )
+
     try:
         peak_override = _validate.peak_tflops(args.peak_tflops, name="--peak-tflops")
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -95,6 +108,7 @@ def diagnose(args: argparse.Namespace) -> Examination:
             device=device,
             packed=args.packed,
             repeats=args.repeats or (GPU_REPEATS if device.type == "cuda" else CPU_REPEATS),
+            rounds=args.rounds,
             model_flops=step.model_flops,
             peak_flops=peak.flops if peak is not None else None,
         )
@@ -164,6 +178,7 @@ def print_examination(result: Examination, *, packed: bool = False, lora: bool =
     print(
         f"  compute floor    {result.floor_seconds * 1e3:9.2f} ms  measured: matmuls "
         f"{result.matmul_seconds * 1e3:.2f}, attention {result.attention_seconds * 1e3:.2f}"
+        f"{_spread_text(result.floor_rounds)}"
     )
     if ceiling is not None and result.peak_flops:
         print(
@@ -194,11 +209,34 @@ def print_examination(result: Examination, *, packed: bool = False, lora: bool =
             f"at least {result.tiny_kernel_seconds * 1e6:.1f} us each"
         )
     predicted_text = f" -> MFU {predicted:.1%}" if predicted is not None else ""
-    print(f"  predicted step   {result.predicted_seconds * 1e3:9.2f} ms{predicted_text}")
+    print(
+        f"  predicted step   {result.predicted_seconds * 1e3:9.2f} ms{predicted_text}"
+        f"{_spread_text(result.predicted_rounds)}"
+    )
     gains = [(item, item.padding_gain) for item in result.matmuls if item.padding_gain]
     for item, (padded, seconds) in sorted(gains, key=lambda pair: -pair[1][1]):
         shape = item.shape
         print(
             f"  padding {shape.m}x{shape.k}x{shape.n} ({item.layers}) to {padded} saves "
-            f"{seconds * 1e3:.2f} ms per step"
+            f"{seconds * 1e3:.2f} ms per step (more than the spread of its timings, "
+            f"{item.step_spread * 1e3:.2f} ms)"
         )
+    for item in result.matmuls:
+        best = min(item.padded.values(), default=None)
+        if item.padding_gain is None and best is not None and best < item.seconds:
+            shape = item.shape
+            print(
+                f"  padding {shape.m}x{shape.k}x{shape.n} ({item.layers}): no advice, its saving "
+                f"({(item.seconds - best) * item.count * 1e3:.2f} ms per step) is within the noise of this "
+                f"machine's timings (spread {item.step_spread * 1e3:.2f} ms over {result.rounds} rounds)"
+            )
+
+
+def _spread_text(rounds: tuple[float, ...]) -> str:
+    """ ", spread 1.20 ms over 3 rounds (11.90-13.10)": how much the rounds disagreed."""
+    if len(rounds) < 2:
+        return ""
+    low, high = min(rounds), max(rounds)
+    return (
+        f"; spread {(high - low) * 1e3:.2f} ms over {len(rounds)} rounds ({low * 1e3:.2f}-{high * 1e3:.2f})"
+    )
