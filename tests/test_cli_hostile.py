@@ -182,7 +182,11 @@ def test_a_truncated_last_window_is_a_run_still_being_written_and_reads(capsys, 
     (run / "mfu_summary.json").write_text((GOOD_RUN / "mfu_summary.json").read_text())
     (run / "mfu_windows.jsonl").write_text((GOOD_RUN / "mfu_windows.jsonl").read_text() + '{"step": 6, "metr')
     assert len(read_run(run).windows) == len(read_run(GOOD_RUN).windows) == 5
-    assert main(["compare", str(GOOD_RUN), str(run)]) in (0, 1)
+    assert main(["compare", str(GOOD_RUN), str(run)]) in (
+        0,
+        1,
+        3,
+    )  # read: a verdict, or too few windows for one (never 2)
     assert "error" not in capsys.readouterr().err
 
 
