@@ -69,6 +69,13 @@ class Window:
     # Where in the run the read happened (``read_place``), the same on every rank that reads at the
     # same point; -inf on a rank that has no say (its meter failed). Checked by the reduction.
     read_at: float = -math.inf
+    # Generation inside the steps (``_generation.py``): its time (inside ``step_seconds``), its model and
+    # hardware FLOPs (inside ``model_flops`` and ``hardware_flops``), the tokens it made and the bytes it read.
+    generation_seconds: float = 0.0
+    generation_model_flops: float = 0.0
+    generation_hardware_flops: float = 0.0
+    generated_tokens: float = 0.0
+    generation_bytes: float = 0.0
 
 
 def read_place(steps: int, *, final: bool) -> float:
@@ -121,6 +128,11 @@ _SUMMED_OVER_RANKS = (
     "last_model_flops",
     "last_hardware_flops",
     "failed_ranks",
+    "generation_seconds",
+    "generation_model_flops",
+    "generation_hardware_flops",
+    "generated_tokens",
+    "generation_bytes",
 )
 _SLOWEST_RANK = ("wall_seconds", "steps", "last_step_seconds")
 _ONE_PER_BATCH = ("tokens", "padded_tokens")  # counted by every rank that runs the batch

@@ -307,6 +307,8 @@ class FlopEngine:
         self.components = {
             name: [f + b for f, b in zip(c.forward, c.backward)] for name, c in coefficients.items()
         }
+        # The forward alone, per component: what a pass without backward costs (generation, ``generation.py``).
+        self.forward_coefficients = {name: list(c.forward) for name, c in coefficients.items()}
         self._model = [sum(values) for values in zip(*self.components.values())] or [0.0] * NUM_FEATURES
         # Hardware FLOPs add what runs beyond the model's needs: the recompute, the forced input gradients
         # and what the attention kernel computes beyond (or short of) every pair.
