@@ -225,3 +225,158 @@ def test_every_gpu_of_the_peak_table_has_a_memory_bandwidth_and_unknown_ones_hav
     assert hardware.memory_bandwidth(torch.device("cpu")) is None
     slice_of_h100 = hardware.memory_bandwidth("NVIDIA H100 80GB HBM3 MIG 3g.40gb", multiprocessors=60)
     assert slice_of_h100 is not None and slice_of_h100[0] == pytest.approx(3.35e12 * 60 / 132)
+
+
+# -- TRL's online trainers, against a FlopCounterMode truth of each whole optimizer step (slow) --------------
+class _Truth:
+    """A TrainerCallback (built lazily: transformers is imported by the slow tests only) that counts each
+    optimizer step under FlopCounterMode, generation included, and the generation's part apart."""
+
+    def __new__(cls):
+        from transformers import TrainerCallback
+
+        class Truth(TrainerCallback):
+            def __init__(self):
+                self.steps: list[int] = []
+                self.generation: list[int] = []
+                self._mode: FlopCounterMode | None = None
+
+            def on_train_begin(self, args, state, control, model=None, **kwargs):
+                generate = model.generate
+
+                def counted(*args, **kwargs):
+                    with FlopCounterMode(display=False) as counter:
+                        output = generate(*args, **kwargs)
+                    self.generation[-1] += counter.get_total_flops()
+                    return output
+
+                model.generate = counted
+
+            def on_step_begin(self, args, state, control, **kwargs):
+                self._mode = FlopCounterMode(display=False)
+                self._mode.__enter__()
+                self.generation.append(0)
+
+            def on_step_end(self, args, state, control, **kwargs):
+                assert self._mode is not None
+                self._mode.__exit__(None, None, None)
+                self.steps.append(self._mode.get_total_flops())
+
+        return Truth()
+
+
+def _online_run(tmp_path, name, *, beta, prompt, new, callbacks, steps=2):
+    """A few steps of TRL's GRPO or RLOO trainer on a tiny Llama; every completion exactly ``new`` tokens
+    (the end-of-sequence token is suppressed until then) and every prompt ``prompt`` tokens: no padding."""
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+    from transformers import LlamaForCausalLM
+
+    from mfu_callbacks.testing import word_tokenizer
+
+    path = tmp_path / "policy"
+    if not path.exists():  # the reference model (beta > 0) is built by TRL from the policy's path
+        policy = causal_lm(hidden=32, layers=2, heads=4, kv_heads=2, vocab=VOCAB, attention="eager")
+        policy.config.pad_token_id, policy.config.eos_token_id = PAD, EOS
+        policy.save_pretrained(path)
+    model = LlamaForCausalLM.from_pretrained(path, attn_implementation="eager")
+    prompts = [" ".join(f"w{3 + (i * 7 + j) % 60}" for j in range(prompt)) for i in range(32)]
+    config = getattr(trl, f"{name}Config")(
+        output_dir=str(tmp_path / "out"),
+        max_steps=steps,
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=new,
+        generation_kwargs={"min_new_tokens": new},
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+        beta=beta,
+        model_init_kwargs={"attn_implementation": "eager", "dtype": torch.float32},
+    )
+    trainer = getattr(trl, f"{name}Trainer")(
+        model=model,
+        reward_funcs=lambda completions, **kwargs: [float(len(c)) for c in completions],
+        args=config,
+        train_dataset=Dataset.from_dict({"prompt": prompts}),
+        processing_class=word_tokenizer(VOCAB),
+        callbacks=callbacks,
+    )
+    trainer.train()
+    return trainer
+
+
+PEAK_TFLOPS = 1e-3
+
+
+class TotalNotYetCounted(AssertionError):
+    """The step's total FLOPs are off the truth by work outside generation (the training passes)."""
+
+
+# Measured on this branch (CPU, TRL 1.16): beta 0 logs 1.023x the truth, the training forward's head counted
+# by the real step over more positions than TRL's fused head scores (issue 23 item 4); beta 0.1 logs 0.81x,
+# the reference model's forward without grad is not counted (issue 23 item 1). The generation phase is exact.
+_TRAINING_COUNT = pytest.mark.xfail(
+    strict=True,
+    raises=TotalNotYetCounted,
+    reason="the training passes of GRPO/RLOO are counted by the no-grad rule and the labelled-positions head",
+)
+
+
+@pytest.mark.slow  # two optimizer steps with generation per case, under FlopCounterMode: 2-4 s each on a CPU
+@pytest.mark.parametrize(("prompt", "new"), [(4, 6), (8, 3)])
+@pytest.mark.parametrize(
+    "beta", [pytest.param(0.0, marks=_TRAINING_COUNT), pytest.param(0.1, marks=_TRAINING_COUNT)]
+)
+@pytest.mark.parametrize("name", ["GRPO", "RLOO"])
+def test_online_trainers_log_the_generation_phase_against_a_truth_of_the_whole_step(
+    tmp_path, name, beta, prompt, new
+):
+    """Step 1 builds the engine (warm-up); step 2 is measured and compared with FlopCounterMode over the
+    whole step and over its ``generate`` call."""
+    from mfu_callbacks.transformers import MFUCallback
+
+    truth = _Truth()
+    callback = MFUCallback(peak_tflops=PEAK_TFLOPS, warmup_steps=1)
+    trainer = _online_run(tmp_path, name, beta=beta, prompt=prompt, new=new, callbacks=[callback, truth])
+    (row,) = [row for row in trainer.state.log_history if "mfu" in row]
+    # The trainer's own step_time stays; ours is beside it.
+    assert row["step_time"] != row["mfu/step_time"]
+    share, seconds = row["mfu/generation_time_fraction"], row["mfu/step_time"]
+    assert 0 < share < 1
+    assert row["mfu/generation_tokens_per_sec"] == pytest.approx(4 * new / (share * seconds), rel=1e-6)
+    assert row["mfu/generation_flops"] == pytest.approx(truth.generation[1], rel=0.01)
+    assert row["mfu/generation"] == pytest.approx(
+        row["mfu/generation_flops"] / (share * seconds * PEAK_TFLOPS * 1e12), rel=1e-6
+    )
+    # mfu: every model FLOP of the step over the whole step; mfu/training: the rest over the rest.
+    logged = row["tflops_per_gpu"] * seconds * 1e12
+    assert row["mfu"] == pytest.approx(logged / (seconds * PEAK_TFLOPS * 1e12), rel=1e-6)
+    training = logged - row["mfu/generation_flops"]
+    assert row["mfu/training"] == pytest.approx(
+        training / ((1 - share) * seconds * PEAK_TFLOPS * 1e12), rel=1e-6
+    )
+    if logged != pytest.approx(truth.steps[1], rel=0.01):
+        raise TotalNotYetCounted(
+            f"logged {logged:.6g} FLOPs, truth {truth.steps[1]}: {logged / truth.steps[1]:.4f}"
+        )
+
+
+@pytest.mark.slow  # two short runs per trainer
+@pytest.mark.parametrize("name", ["GRPO", "RLOO"])
+def test_online_training_is_bit_identical_with_and_without_the_callback(tmp_path, name):
+    from mfu_callbacks.transformers import MFUCallback
+
+    def weights(callbacks):
+        torch.manual_seed(0)
+        trainer = _online_run(tmp_path, name, beta=0.1, prompt=4, new=4, callbacks=callbacks, steps=3)
+        return [parameter.detach().clone() for parameter in trainer.model.parameters()]
+
+    plain = weights([])
+    measured = weights([MFUCallback(peak_tflops=PEAK_TFLOPS, warmup_steps=1)])
+    assert all(torch.equal(a, b) for a, b in zip(plain, measured))
