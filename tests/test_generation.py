@@ -197,6 +197,50 @@ def test_the_phase_split_of_a_window_adds_up():
     )
 
 
+@pytest.mark.slow  # builds the meter's own engine
+def test_a_generation_the_meter_cannot_watch_is_timed_and_counted_from_its_lengths(model):
+    """A plain loop with ``MFUMeter``: each step generates (3 s on a fake clock, counted from lengths, as
+    for vLLM) and trains (1 s); a generation between the steps belongs to no step."""
+    from conftest import FakeClock
+
+    from mfu_callbacks import MFUMeter
+    from mfu_callbacks.timer import StepTimer
+
+    clock = FakeClock()
+    meter = MFUMeter(
+        model,
+        peak_tflops=1e-3,
+        warmup_steps=1,
+        timer=StepTimer(1, clock=clock, force_cpu=True),
+        real_step="off",
+    )
+    ids = torch.randint(3, VOCAB, (3, 9))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    for _ in range(3):
+        with meter.generation():  # outside a step (an evaluation's): not counted
+            meter.add_generation([5, 5, 5], [4, 4, 4])
+        meter.start_step()
+        assert not meter.generating
+        with meter.generation():
+            assert meter.generating
+            clock.advance(3.0)
+        meter.add_generation([5, 5, 5], [4, 4, 4])
+        meter.add_batch(batch)
+        model(**batch).loss.backward()
+        clock.advance(1.0)
+        meter.end_step()
+    values = meter.metrics()
+    model.zero_grad(set_to_none=True)
+    _, generated = _generate(model, *_prompts([5] * 3), 4)
+    training = meter.engine.estimate(batch).model_flops
+    assert values[GENERATION_TIME_FRACTION] == pytest.approx(3.0 / 4.0)
+    assert values[GENERATION_FLOPS] == pytest.approx(generated, rel=1e-9)
+    assert values[GENERATION_TOKENS_PER_SEC] == pytest.approx(12 / 3.0)
+    assert values[MFU] == pytest.approx((training + generated) / 4.0 / 1e9, rel=1e-9)
+    assert values[TRAINING_MFU] == pytest.approx(training / 1.0 / 1e9, rel=1e-9)
+    assert GENERATION_BANDWIDTH_UTILIZATION not in values  # a CPU has no datasheet bandwidth
+
+
 # Datasheet memory bandwidths, typed from the datasheets (TB/s).
 @pytest.mark.parametrize(
     ("name", "tbps"),
