@@ -121,6 +121,24 @@ def test_a_row_that_ends_early_counts_its_tokens_up_to_its_end_of_sequence():
     assert features[MODEL, GenerationFeature.CALLS] == features[HARDWARE, GenerationFeature.CALLS] == 4
 
 
+def test_counting_a_generate_call_reads_nothing_back_and_copies_nothing_from_the_host():
+    """On a GPU, a value read back or a tensor made from host data would wait for the device."""
+    from mfu_callbacks.testing import SYNCING_OPERATIONS, OperationLog
+
+    ids, mask = _prompts([3, 5])
+    output = torch.cat([ids, torch.tensor([[7, EOS, PAD], [7, 8, 9]])], dim=1)
+
+    class Model(torch.nn.Module):
+        generation_config = type("Config", (), {"eos_token_id": EOS})()
+
+    with OperationLog() as log:
+        lengths = generate_lengths(Model(), (), {"input_ids": ids, "attention_mask": mask}, output)
+        assert lengths is not None
+        count_generation(*lengths[:2], padded_prompt=lengths[2], padded_completion=lengths[3])
+    assert not SYNCING_OPERATIONS & set(log.operations)
+    assert "aten.lift_fresh" not in log.operations  # no torch.tensor(host values)
+
+
 @pytest.mark.parametrize("window", [AttentionWindow(4), AttentionWindow(3, chunked=True)])
 def test_decode_steps_under_an_attention_window_attend_the_keys_the_window_leaves(window):
     prompt, new = torch.tensor([2, 6]), torch.tensor([5, 3])

@@ -94,7 +94,7 @@ def _row(
 ) -> torch.Tensor:
     decode = new - 1
     columns = [
-        torch.tensor(prompt.numel(), device=prompt.device),
+        torch.full((), prompt.numel(), dtype=torch.int64, device=prompt.device),  # a fill: no copy, no sync
         prompt.sum(),
         (prompt * prompt).sum(),
         new.sum(),
