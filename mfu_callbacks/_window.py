@@ -127,12 +127,12 @@ _SUMMED_OVER_RANKS = (
     "counting_ranks",
     "last_model_flops",
     "last_hardware_flops",
-    "failed_ranks",
     "generation_seconds",
     "generation_model_flops",
     "generation_hardware_flops",
     "generated_tokens",
     "generation_bytes",
+    "failed_ranks",  # the last (tests that fake another rank's failure set it there)
 )
 _SLOWEST_RANK = ("wall_seconds", "steps", "last_step_seconds")
 _ONE_PER_BATCH = ("tokens", "padded_tokens")  # counted by every rank that runs the batch
