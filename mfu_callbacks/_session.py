@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from . import _status, _wandb, distributed
+from ._generate_watch import GenerateWatch, generate_lengths
 from ._guard import Guard, entry_point
 from ._options import MFUOptions
 from ._status import Status
@@ -52,6 +53,7 @@ class MeterSession:
         self._wandb_step_metric = wandb_step_metric
         self._warn = warn or _warn
         self._hook: torch.utils.hooks.RemovableHandle | None = None
+        self._generate_watch: GenerateWatch | None = None
         self._resume_state: Mapping[str, Any] | None = None
         self.summary_dir: str | None = None  # where the run summary (mfu_summary.json) is written
         self.start_run()
@@ -164,10 +166,13 @@ class MeterSession:
         self.unwatch()  # a run that ended by an exception may have left its hook
         hook = torch.compiler.disable(self._before_forward)
         self._hook = model.register_forward_pre_hook(hook, with_kwargs=True)
+        self._generate_watch = GenerateWatch(model, self._generation_begins, self._generation_ends)
 
     @entry_point()
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """The forward pre-hook (returns None: the call's arguments go through unchanged)."""
+        if self.generating:
+            return  # a forward inside generate: counted by the generation phase, never as training
         if not module.training:
             if not self._step_open:
                 self.pause()  # an evaluation between two steps: not training, until the next step
@@ -185,10 +190,45 @@ class MeterSession:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+        watch, self._generate_watch = getattr(self, "_generate_watch", None), None
+        if watch is not None:
+            watch.remove()
         meter = getattr(self, "meter", None)
         if meter is not None:
             with suppress(Exception):  # the run is over: nothing more to measure
                 meter.stop_observing()
+
+    # -- generation inside the step: a phase of its own (``_generation.py``) -----------------------------
+    @property
+    def generating(self) -> bool:
+        """Whether the watched model's ``generate`` is running (its forwards are not training forwards)."""
+        meter = self.meter
+        return meter is not None and not self.guard.failed and meter.generating
+
+    @entry_point()
+    def _generation_begins(self) -> None:
+        """``generate`` was called: inside a step, its time is the generation phase's."""
+        if self.meter is not None and self._step_open and not self.guard.failed:
+            self.meter.generation_begins()
+
+    @entry_point()
+    def _generation_ends(self, args: tuple, kwargs: dict, output: Any) -> None:
+        """``generate`` returned (``output`` None: it raised): its time ends, its lengths are counted."""
+        meter = self.meter
+        if meter is None or not meter.generating or self.guard.failed:
+            return
+        meter.generation_ends()
+        model = self._model
+        lengths = (
+            generate_lengths(model, args, kwargs, output)
+            if model is not None and output is not None
+            else None
+        )
+        if lengths is not None:
+            prompt, completion, padded_prompt, padded_completion = lengths
+            meter.add_generation(
+                prompt, completion, padded_prompt=padded_prompt, padded_completion=padded_completion
+            )
 
     # -- step events ------------------------------------------------------------------------------
     @property

@@ -101,6 +101,13 @@ class Window:
     hardware_by_dtype: tuple[float, ...] = _NO_FLOPS
     last_model_by_dtype: tuple[float, ...] = _NO_FLOPS
     last_hardware_by_dtype: tuple[float, ...] = _NO_FLOPS
+    # Generation inside the steps (``_generation.py``): its time (inside ``step_seconds``), its model and
+    # hardware FLOPs (inside ``model_flops`` and ``hardware_flops``), the tokens it made and the bytes it read.
+    generation_seconds: float = 0.0
+    generation_model_flops: float = 0.0
+    generation_hardware_flops: float = 0.0
+    generated_tokens: float = 0.0
+    generation_bytes: float = 0.0
 
     def totals(self) -> dict[str, float]:
         """The sums this window adds to the run (``RunTotals.totals``): what the run summary stores."""
@@ -160,7 +167,12 @@ _SUMMED_OVER_RANKS = (
     "counting_ranks",
     "last_model_flops",
     "last_hardware_flops",
-    "failed_ranks",
+    "generation_seconds",
+    "generation_model_flops",
+    "generation_hardware_flops",
+    "generated_tokens",
+    "generation_bytes",
+    "failed_ranks",  # the last (tests that fake another rank's failure set it there)
 )
 _SUMMED_BY_DTYPE = ("model_by_dtype", "hardware_by_dtype", "last_model_by_dtype", "last_hardware_by_dtype")
 _SLOWEST_RANK = ("wall_seconds", "steps", "last_step_seconds")

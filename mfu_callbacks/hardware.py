@@ -306,6 +306,47 @@ PEAK_TABLE: tuple[GpuSpec, ...] = (
 # fmt: on
 
 _PEAK_FIELDS = tuple(field.name for field in fields(GpuSpec) if field.name in COMPUTE_DTYPES)
+
+# Memory bandwidth of one GPU in TB/s (1e12 bytes/s), from the same datasheets as the peaks: what a
+# decode step, which reads every weight and the KV cache for a few tokens, is bound by. Keyed by the
+# peak table's names; a test checks that every row has one.
+# fmt: off
+MEMORY_BANDWIDTH: dict[str, tuple[float, str]] = {
+    "NVIDIA V100 SXM2": (0.900, "NVIDIA V100 Tensor Core GPU datasheet (2020): 900 GB/s HBM2"),
+    "NVIDIA V100 PCIe": (0.900, "NVIDIA V100 Tensor Core GPU datasheet (2020): 900 GB/s HBM2"),
+    "NVIDIA V100S PCIe": (1.134, "NVIDIA V100 Tensor Core GPU datasheet (2020), V100S: 1,134 GB/s"),
+    "NVIDIA T4": (0.320, "NVIDIA T4 Tensor Core GPU datasheet (2019): 320+ GB/s GDDR6"),
+    "NVIDIA A10": (0.600, "NVIDIA A10 Tensor Core GPU datasheet (2021): 600 GB/s GDDR6"),
+    "NVIDIA A10G": (0.600, "AWS EC2 G5 instance specifications (2021): A10G, 600 GB/s GDDR6"),
+    "NVIDIA A30": (0.933, "NVIDIA A30 Tensor Core GPU datasheet (2021): 933 GB/s HBM2"),
+    "NVIDIA A40": (0.696, "NVIDIA A40 datasheet (2020): 696 GB/s GDDR6"),
+    "NVIDIA A100 SXM4 40GB": (1.555, "NVIDIA A100 Tensor Core GPU datasheet (2021): 1,555 GB/s HBM2"),
+    "NVIDIA A100 SXM4 80GB": (2.039, "NVIDIA A100 Tensor Core GPU datasheet (2021): 2,039 GB/s HBM2e"),
+    "NVIDIA A100 PCIe 40GB": (1.555, "NVIDIA A100 Tensor Core GPU datasheet (2021): 1,555 GB/s HBM2"),
+    "NVIDIA A100 PCIe 80GB": (1.935, "NVIDIA A100 Tensor Core GPU datasheet (2021): 1,935 GB/s HBM2e"),
+    "NVIDIA RTX A6000": (0.768, "NVIDIA RTX A6000 datasheet (2021): 768 GB/s GDDR6"),
+    "NVIDIA GeForce RTX 3090": (0.936, "NVIDIA Ampere GA102 GPU architecture whitepaper (2021), RTX 3090: 936 GB/s"),
+    "NVIDIA L4": (0.300, "NVIDIA L4 Tensor Core GPU datasheet (2023): 300 GB/s GDDR6"),
+    "NVIDIA L40": (0.864, "NVIDIA L40 GPU datasheet (2022): 864 GB/s GDDR6"),
+    "NVIDIA L40S": (0.864, "NVIDIA L40S GPU datasheet (2023): 864 GB/s GDDR6"),
+    "NVIDIA GeForce RTX 4090": (1.008, "NVIDIA Ada GPU architecture whitepaper (2022), RTX 4090: 1,008 GB/s"),
+    "NVIDIA H100 SXM": (3.35, "NVIDIA H100 Tensor Core GPU datasheet (2023), SXM: 3.35 TB/s HBM3"),
+    "NVIDIA H100 PCIe": (2.0, "NVIDIA H100 Tensor Core GPU datasheet (2023), PCIe: 2 TB/s HBM2e"),
+    "NVIDIA H100 NVL": (3.9, "NVIDIA H100 Tensor Core GPU datasheet (2024), H100 NVL: 3.9 TB/s per GPU"),
+    "NVIDIA H200 SXM": (4.8, "NVIDIA H200 Tensor Core GPU datasheet (2024), SXM: 4.8 TB/s HBM3e"),
+    "NVIDIA H200 NVL": (4.8, "NVIDIA H200 Tensor Core GPU datasheet (2024), H200 NVL: 4.8 TB/s HBM3e"),
+    "NVIDIA H20": (4.0, "NVIDIA H20 product brief (2024), as reported by partners: 4.0 TB/s HBM3"),
+    "NVIDIA GH200": (4.0, "NVIDIA GH200 Grace Hopper Superchip datasheet (2024): 4 TB/s with 96 GB HBM3 "
+                          "(4.9 TB/s for the 144 GB HBM3e variant)"),
+    "NVIDIA B200": (8.0, "NVIDIA HGX B200 datasheet (2025): 8 TB/s HBM3e per GPU"),
+    "NVIDIA GB200": (8.0, "NVIDIA GB200 NVL72 datasheet (2024): 576 TB/s for 72 GPUs, 8 TB/s per GPU"),
+    "NVIDIA GeForce RTX 5090": (1.792, "NVIDIA RTX Blackwell GPU architecture whitepaper (2025), RTX 5090: 1,792 GB/s"),
+    "AMD Instinct MI250X": (1.6384, "AMD Instinct MI250X data sheet (2021): 3.2768 TB/s per package, halved per GCD"),
+    "AMD Instinct MI250": (1.6384, "AMD Instinct MI250 data sheet (2021): 3.2768 TB/s per package, halved per GCD"),
+    "AMD Instinct MI300X": (5.3, "AMD Instinct MI300X data sheet (2023): 5.3 TB/s HBM3"),
+    "AMD Instinct MI325X": (6.0, "AMD Instinct MI325X data sheet (2024): 6 TB/s HBM3e"),
+}
+# fmt: on
 _warned_keys: set[str] = set()
 
 
@@ -396,6 +437,24 @@ def resolve_peak(
         if (figure := _table_peak(*identity, dtype)[0]) is not None
     )
     return PeakInfo(tflops * 1e12, device_name, key, row.source, table)
+
+
+def memory_bandwidth(
+    device_or_name: torch.device | int | str, *, multiprocessors: int | None = None
+) -> tuple[float, str] | None:
+    """Datasheet memory bandwidth of one GPU in bytes/s, and its source; None for an unknown device.
+
+    A MIG slice gets its share of the chip (memory slices follow compute slices in every profile).
+    """
+    identity = _identify(device_or_name, multiprocessors)
+    if identity is None:
+        return None
+    rows, compute_slices = _matching_rows(*identity)
+    figures = {MEMORY_BANDWIDTH.get(row.name) for row in rows}
+    if len(figures) != 1 or None in figures:
+        return None
+    ((tbps, source),) = figures  # type: ignore[misc]
+    return tbps * 1e12 * _chip_share(rows[0], compute_slices, identity[1]), source
 
 
 # -- identifying the device ---------------------------------------------------------------------------

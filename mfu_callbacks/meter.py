@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -32,6 +32,7 @@ from torch import nn
 
 from . import _validate, distributed, metrics, parallelism
 from ._dtype_peaks import dtype_shares, peaks_by_dtype
+from ._generation import GenerationPhase, GenerationWindow, generation_cost
 from ._profile_window import ProfileWindow
 from ._recorder import StepRecorder
 from ._window import PeakFlops, RunTotals, Window, combine_ranks, pack, rank_window, read_place, unpack
@@ -124,6 +125,14 @@ class MFUMeter:
         self._recorder = StepRecorder(
             model, self._timer, engine, forward, token_counter, _validate.real_step(real_step)
         )
+        self._generation = GenerationPhase(
+            model,
+            uses_cuda_events=self._timer.uses_cuda_events,
+            device=self.device if self._timer.uses_cuda_events else None,
+            clock=self._timer.clock,
+        )
+        # Bytes/s of one GPU's memory (datasheet), for the generation's bandwidth utilization; None on a CPU.
+        self.memory_bandwidth: float | None = _memory_bandwidth(self.device)
         self._profile = _profile_window(model, self.device, warmup_steps, profile_steps, profile_start)
         self._profiling = False  # whether the open step is profiled
         self._steps_ended = 0  # where a read is in the run (``read_place``), unless the caller says
@@ -157,6 +166,7 @@ class MFUMeter:
     def start_step(self, batch: Any = None) -> None:
         """An optimizer step begins; ``batch`` is its first micro-batch, if known yet."""
         self._profiling = self._profile is not None and self._profile_step_begins(self._profile)
+        self._generation.step_begins()
         self._recorder.start_step(batch)
         if self._profiling:
             self._recorder.leave_step_out()  # the profiler and its syncs slow the step
@@ -181,6 +191,7 @@ class MFUMeter:
     def end_step(self) -> None:
         """The optimizer step ends (its kernels may still run: they are timed by events)."""
         self._steps_ended += 1
+        self._generation.step_ends(measured=self._timer.measuring)
         self._recorder.end_step()
         if self._profiling:
             self._profile.step_ends()  # type: ignore[union-attr]
@@ -236,6 +247,42 @@ class MFUMeter:
         """Stop watching the real step, if a step is being observed (a run ends or fails)."""
         self._recorder.stop_observing()
 
+    # -- generation inside the step (GRPO, RLOO, online DPO: ``_generation.py``) ---------------------------
+    @property
+    def generating(self) -> bool:
+        """Whether a generation is running: its forwards are counted by the generation's formula, not as training."""
+        return self._generation.running
+
+    def generation_begins(self) -> None:
+        """A generation inside the open step begins (``generation()`` around a block does both)."""
+        self._generation.begins()
+
+    def generation_ends(self) -> None:
+        self._generation.ends()
+
+    def generation(self) -> AbstractContextManager[None]:
+        """Around a generation inside the step: timed apart (its time stays in the step's), no host sync."""
+        return self._generation.timed()
+
+    def add_generation(
+        self,
+        prompt_lengths: torch.Tensor | Sequence[int],
+        completion_lengths: torch.Tensor | Sequence[int],
+        *,
+        padded_prompt: int | None = None,
+        padded_completion: int | None = None,
+    ) -> None:
+        """Count a generation of the open step from its real prompt and completion lengths (one per
+        generated sequence, end-of-sequence token included; tensors are not read back). ``padded_prompt``
+        and ``padded_completion``: the padded shape it ran, for hardware FLOPs (None: no padding). This is
+        how generators the meter cannot watch (vLLM) are counted, with the engine's forward formula."""
+        self._generation.add(
+            prompt_lengths,
+            completion_lengths,
+            padded_prompt=padded_prompt,
+            padded_completion=padded_completion,
+        )
+
     # -- at log time -----------------------------------------------------------------------------
     def own_work(self) -> AbstractContextManager[None]:
         """Around the meter's own work between two steps (a read, and what an integration does with
@@ -266,7 +313,12 @@ class MFUMeter:
         if window.failed_ranks:
             # Some rank could not count: MFU of the others alone would pass for the whole job's.
             window = replace(window, counting_ranks=0.0)
-        return metrics.window_metrics(window, self._peak_flops(), distributed=distributed.is_distributed())
+        return metrics.window_metrics(
+            window,
+            self._peak_flops(),
+            distributed=distributed.is_distributed(),
+            bandwidth=self.memory_bandwidth,
+        )
 
     def summary(self, *, read_at: int | None = None) -> dict[str, float]:
         """Means over the whole run after warm-up: mfu, hfu, tflops_per_gpu, tokens_per_sec_per_gpu.
@@ -433,12 +485,44 @@ class MFUMeter:
 
     def _local_window(self, world: int, wait: bool) -> Window:
         timings, counted = self._recorder.take(wait=wait)
+        generated = self._generation.take(sum(timing.steps for timing in timings))
         engine = self.engine
         if counted is None or engine is None:
-            return rank_window(world, timings, None, None)
+            return replace(rank_window(world, timings, None, None), generation_seconds=generated.seconds)
         window, last = counted
         self._run_features = window if self._run_features is None else self._run_features + window
-        return rank_window(world, timings, engine.evaluate(window), engine.evaluate(last))
+        local = rank_window(world, timings, engine.evaluate(window), engine.evaluate(last))
+        return self._with_generation(local, generated, engine)
+
+    def _with_generation(self, local: Window, generated: GenerationWindow, engine: FlopEngine) -> Window:
+        """The window with its steps' generations: their time and cost, their FLOPs added to the step's."""
+        if generated.features is None:
+            return replace(local, generation_seconds=generated.seconds)
+        dtype = _compute_dtype(self)
+        cost = generation_cost(engine, self._model, generated.features, dtype)
+        last = generation_cost(engine, self._model, generated.last, dtype) if generated.last else None
+
+        def in_run_dtype(by_dtype: tuple[float, ...], flops: float) -> tuple[float, ...]:
+            return (by_dtype[0] + flops, *by_dtype[1:])  # generation runs in the run's dtype (slot 0)
+
+        return replace(
+            local,
+            model_by_dtype=in_run_dtype(local.model_by_dtype, cost.model_flops),
+            hardware_by_dtype=in_run_dtype(local.hardware_by_dtype, cost.hardware_flops),
+            last_model_by_dtype=in_run_dtype(local.last_model_by_dtype, last.model_flops if last else 0.0),
+            last_hardware_by_dtype=in_run_dtype(
+                local.last_hardware_by_dtype, last.hardware_flops if last else 0.0
+            ),
+            model_flops=local.model_flops + cost.model_flops,
+            hardware_flops=local.hardware_flops + cost.hardware_flops,
+            last_model_flops=local.last_model_flops + (last.model_flops if last else 0.0),
+            last_hardware_flops=local.last_hardware_flops + (last.hardware_flops if last else 0.0),
+            generation_seconds=generated.seconds,
+            generation_model_flops=cost.model_flops,
+            generation_hardware_flops=cost.hardware_flops,
+            generated_tokens=cost.tokens,
+            generation_bytes=cost.bytes_read,
+        )
 
     # -- resuming ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -529,6 +613,16 @@ def device_of(model: nn.Module) -> torch.device:
         if parameter.device.type != "meta":
             return parameter.device
     return torch.device("cpu")
+
+
+def _memory_bandwidth(device: torch.device) -> float | None:
+    """Datasheet memory bandwidth of the GPU in bytes/s; None on a CPU or an unknown GPU."""
+    if device.type != "cuda":
+        return None
+    from .hardware import memory_bandwidth
+
+    found = memory_bandwidth(device)
+    return found[0] if found is not None else None
 
 
 def _resolve_peak(

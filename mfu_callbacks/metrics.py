@@ -22,6 +22,25 @@ key                        meaning
 ``mfu_status``             whether ``mfu`` is in the row, and if not why: a code of ``MFUStatus`` below
 =========================  ==============================================================================
 
+Logged on the rows of trainers that generate inside the step (GRPO, RLOO, online DPO: ``generate``
+timed and counted as a phase of its own, ``mfu_callbacks._generation``). ``mfu`` then covers every model
+FLOP of the step, training and generation, over the whole step time (the wall clock):
+
+======================================  =================================================================
+key                                     meaning
+======================================  =================================================================
+``mfu/training``                        MFU of the training phase: the step's FLOPs but the generation's,
+                                        over the step time but the generation's
+``mfu/generation``                      MFU of the generation phase alone
+``mfu/generation_time_fraction``        share of the step time spent generating
+``mfu/generation_tokens_per_sec``       new tokens per second of generation, all GPUs together
+``mfu/generation_flops``                model FLOPs of the generation per step and GPU
+``mfu/generation_bandwidth_utilization`` bytes the generation read (every weight once per forward, the KV
+                                        cache at every decode step) per second of generation over the
+                                        GPU's datasheet memory bandwidth (``hardware.MEMORY_BANDWIDTH``);
+                                        decode is bound by it, not by FLOPs
+======================================  =================================================================
+
 **Never overwritten, never overwriting**: where the trainer or the user already put one of these keys
 in the logged row (TRL's GRPO and RLOO log their own ``step_time``), theirs stays and ours is logged
 beside it with ``mfu/`` before the key, after the prefix (``mfu/step_time``; ``train/mfu/step_time``
@@ -77,6 +96,12 @@ HFU_LAST_STEP = "hfu_last_step"
 STEP_TIME_MAX = "step_time_max"
 STEP_TIME_MIN = "step_time_min"
 MFU_STATUS = "mfu_status"
+TRAINING_MFU = "mfu/training"
+GENERATION_MFU = "mfu/generation"
+GENERATION_TIME_FRACTION = "mfu/generation_time_fraction"
+GENERATION_TOKENS_PER_SEC = "mfu/generation_tokens_per_sec"
+GENERATION_FLOPS = "mfu/generation_flops"
+GENERATION_BANDWIDTH_UTILIZATION = "mfu/generation_bandwidth_utilization"
 RENAMED = "mfu/"  # before a key of ours that the trainer or the user logged too (after the prefix)
 
 
@@ -103,13 +128,22 @@ NUMERIC_METRICS = (
     HFU_LAST_STEP,
     STEP_TIME_MAX,
     STEP_TIME_MIN,
+    TRAINING_MFU,
+    GENERATION_MFU,
+    GENERATION_TIME_FRACTION,
+    GENERATION_TOKENS_PER_SEC,
+    GENERATION_FLOPS,
+    GENERATION_BANDWIDTH_UTILIZATION,
 )
 SUMMARY_METRICS = (MFU, HFU, TFLOPS_PER_GPU, TOKENS_PER_SEC_PER_GPU)
 
 
-def window_metrics(window: Window, peak_flops: PeakFlops | None, *, distributed: bool) -> dict[str, float]:
-    """The logged values of one window, all ranks combined (see the table above); ``peak_flops``: one
-    peak, or one per dtype the matmuls ran in (``_window.utilization``)."""
+def window_metrics(
+    window: Window, peak_flops: PeakFlops | None, *, distributed: bool, bandwidth: float | None = None
+) -> dict[str, float]:
+    """The logged values of one window, all ranks combined (see the tables above); ``peak_flops``: one
+    peak, or one per dtype the matmuls ran in (``_window.utilization``); ``bandwidth``: the memory
+    bandwidth of one GPU in bytes/s, for the generation's utilization of it."""
     wall, world = window.wall_seconds, window.world_size
     values: dict[str, float] = {}
     if window.counting_ranks:
@@ -137,6 +171,42 @@ def window_metrics(window: Window, peak_flops: PeakFlops | None, *, distributed:
     if distributed:
         values[STEP_TIME_MAX] = window.step_time_max
         values[STEP_TIME_MIN] = window.step_time_min
+    if window.generation_seconds > 0:
+        values.update(generation_metrics(window, peak_flops, bandwidth))
+    return values
+
+
+def generation_metrics(
+    window: Window, peak_flops: PeakFlops | None, bandwidth: float | None
+) -> dict[str, float]:
+    """The phase split of a window whose steps generated (see the second table above).
+
+    Generation seconds are summed over ranks, the wall is the slowest rank's: each GPU's generation
+    time is their mean, and the training phase is the rest of the wall.
+    """
+    wall, world = window.wall_seconds, window.world_size
+    generating = window.generation_seconds / world  # per GPU
+    values = {GENERATION_TIME_FRACTION: min(generating / wall, 1.0)}
+    if not window.counting_ranks:
+        return values
+    if window.generated_tokens:
+        values[GENERATION_TOKENS_PER_SEC] = window.generated_tokens / generating
+    values[GENERATION_FLOPS] = window.generation_model_flops / (world * window.steps)
+    if peak_flops:
+        generated = window.generation_model_flops
+        by_dtype = window.model_by_dtype  # with a peak per dtype: generation is in the run's (slot 0)
+        only_generated = (generated,) + (0.0,) * (len(by_dtype) - 1)
+        values[GENERATION_MFU] = utilization(generated, generating, world, peak_flops, only_generated)
+        training = window.model_flops - generated
+        training_by_dtype = (by_dtype[0] - generated, *by_dtype[1:]) if by_dtype else ()
+        if wall > generating:
+            values[TRAINING_MFU] = utilization(
+                training, wall - generating, world, peak_flops, training_by_dtype
+            )
+    if bandwidth and window.generation_bytes:
+        values[GENERATION_BANDWIDTH_UTILIZATION] = (
+            per_gpu_per_second(window.generation_bytes, generating, world) / bandwidth
+        )
     return values
 
 

@@ -103,6 +103,11 @@ class StepTimer:
         self._spare_events: list[torch.cuda.Event] = []
 
     @property
+    def clock(self) -> Callable[[], float]:
+        """The host clock (tests replace it with a fake)."""
+        return self._clock
+
+    @property
     def measuring(self) -> bool:
         """Whether the open step is past warm-up and will appear in ``read()``."""
         return self._measuring

@@ -434,6 +434,12 @@ def test_trl_online_trainers_keep_their_own_step_time(tmp_path, monkeypatch, nam
     assert len(measured) >= 2, trainer.state.log_history
     assert [row["step_time"] for row in rows] == own
     assert all(row["mfu/step_time"] > 0 for row in measured)
+    # Generation is a phase of the step: its split sits beside mfu, and no trainer key is replaced.
+    for row in measured:
+        assert 0 < row["mfu/generation_time_fraction"] < 1
+        assert row["mfu/generation_flops"] > 0 and row["mfu/generation_tokens_per_sec"] > 0
+        phases = (row["mfu/training"], row["mfu/generation"])
+        assert min(phases) <= row["mfu"] <= max(phases)  # the time-weighted mix of the two phases
 
 
 def test_a_callback_rebuilt_from_saved_args_keeps_its_options_and_names_what_could_not_travel(caplog):

@@ -323,6 +323,8 @@ class FlopEngine:
             ):
                 into[name] = [a + b for a, b in zip(into.get(name, [0.0] * NUM_FEATURES), values)]
         self._model_by_dtype, self._hardware_by_dtype = model_by_dtype, hardware_by_dtype
+        # The forward alone, per component: what a pass without backward costs (generation, ``generation.py``).
+        self.forward_coefficients = {name: list(c.forward) for name, c in coefficients.items()}
         self._model = [sum(values) for values in zip(*self.components.values())] or [0.0] * NUM_FEATURES
         extra = [
             sum(c.recompute[i] + c.forced[i] + c.kernel[i] for c in coefficients.values())

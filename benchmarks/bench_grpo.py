@@ -1,0 +1,235 @@
+"""GRPO with generation inside the step on a GPU: logged MFU, model FLOPs and the phase split against
+an independent truth of the same run.
+
+TRL's ``GRPOTrainer`` (transformers' ``generate``, beta 0) on a Llama-style model (hidden 1024, 8 layers,
+bf16 weights, eager attention so that FlopCounterMode sees every matmul), 8 prompts x 4 generations a
+step, every completion exactly ``--new-tokens`` long (end of sequence suppressed until then) and every
+prompt ``--prompt-tokens`` long: each step runs the same FLOPs. The truth, from the same run:
+
+- FLOPs: FlopCounterMode over one whole optimizer step (generation, scoring and training), and over
+  its ``generate`` call apart, on one extra step after the measured ones (the same shapes);
+- time: the wall clock of the measured steps (a sync before the first and after the last), and the
+  wall clock of each ``generate`` call (a sync on each side: seconds-long calls, so they cost little).
+
+    python benchmarks/bench_grpo.py                 # H100/H200: about 2 minutes
+    python benchmarks/bench_grpo.py --tiny          # CPU check of the script (tiny model, a few tokens)
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+import warnings
+from typing import Any
+
+import torch
+from common import sync
+from torch.utils.flop_counter import FlopCounterMode
+
+from mfu_callbacks.hardware import memory_bandwidth, resolve_peak
+from mfu_callbacks.testing import causal_lm, word_tokenizer
+
+# hidden, layers, heads, kv_heads, intermediate, vocab
+MODEL = {"mid": (1024, 8, 16, 8, 2816, 32000), "tiny": (64, 2, 4, 2, 128, 256)}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import trl
+    from datasets import Dataset
+    from transformers import TrainerCallback
+
+    from mfu_callbacks.transformers import MFUCallback
+
+    hidden, layers, heads, kv_heads, intermediate, vocab = MODEL["tiny" if args.tiny else "mid"]
+    cuda = torch.cuda.is_available()
+    model = causal_lm(
+        hidden=hidden,
+        layers=layers,
+        heads=heads,
+        kv_heads=kv_heads,
+        intermediate=intermediate,
+        vocab=vocab,
+        max_positions=args.prompt_tokens + args.new_tokens + 8,
+        attention="eager",
+    )
+    model.config.pad_token_id, model.config.eos_token_id = 0, 2
+    if cuda:
+        model.to(torch.bfloat16)  # as TRL loads a model by name (dtype "auto"): generation runs in bf16 too
+    measured_from, measured_to = args.warmup, args.warmup + args.measured  # global steps
+    clock: dict[str, float] = {}
+    generation_seconds: list[float] = []
+    truth: dict[str, int] = {}
+
+    class Truth(TrainerCallback):
+        """Wall clock of the measured steps and of each generate call; FlopCounterMode on the last step."""
+
+        def __init__(self) -> None:
+            self.mode: FlopCounterMode | None = None
+
+        def on_train_begin(self, args_, state, control, model=None, **kwargs):
+            generate = model.generate
+
+            def timed(*call_args, **call_kwargs):
+                measured = measured_from <= state.global_step < measured_to
+                if measured:
+                    sync()
+                    began = time.perf_counter()
+                if self.mode is not None:
+                    with FlopCounterMode(display=False) as counter:
+                        output = generate(*call_args, **call_kwargs)
+                    truth["generation"] = truth.get("generation", 0) + counter.get_total_flops()
+                else:
+                    output = generate(*call_args, **call_kwargs)
+                if measured:
+                    sync()
+                    generation_seconds.append(time.perf_counter() - began)
+                return output
+
+            model.generate = timed
+
+        def on_step_begin(self, args_, state, control, **kwargs):
+            if state.global_step == measured_from:
+                sync()
+                clock["begin"] = time.perf_counter()
+            if state.global_step == measured_to:  # the extra step: counted, not timed
+                self.mode = FlopCounterMode(display=False)
+                self.mode.__enter__()
+
+        def on_step_end(self, args_, state, control, **kwargs):
+            if state.global_step == measured_to:
+                sync()
+                clock["end"] = time.perf_counter()
+            if self.mode is not None:
+                self.mode.__exit__(None, None, None)
+                truth["step"] = self.mode.get_total_flops()
+                self.mode = None
+
+    prompts = [
+        " ".join(f"w{3 + (i * 7 + j) % (vocab - 3)}" for j in range(args.prompt_tokens)) for i in range(512)
+    ]
+    config = trl.GRPOConfig(
+        output_dir=tempfile.mkdtemp(),
+        max_steps=measured_to + 1,
+        per_device_train_batch_size=args.prompts * args.generations,
+        num_generations=args.generations,
+        max_completion_length=args.new_tokens,
+        generation_kwargs={"min_new_tokens": args.new_tokens},
+        logging_steps=measured_to,  # one row, over the measured steps; the truth step comes after it
+        report_to=[],
+        use_cpu=not cuda,
+        bf16=cuda,
+        gradient_checkpointing=False,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+        beta=0.0,
+    )
+    callback = MFUCallback(warmup_steps=args.warmup, peak_tflops=args.peak_tflops)
+    trainer = trl.GRPOTrainer(
+        model=model,
+        reward_funcs=lambda completions, **kwargs: [float(len(c)) for c in completions],
+        args=config,
+        train_dataset=Dataset.from_dict({"prompt": prompts}),
+        processing_class=word_tokenizer(vocab),
+        callbacks=[callback, Truth()],
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train()
+    row = next(row for row in trainer.state.log_history if "mfu/generation_time_fraction" in row)
+    wall = clock["end"] - clock["begin"]
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else resolve_peak(torch.device("cuda"), "bf16").flops
+    bandwidth = memory_bandwidth(torch.device("cuda")) if cuda else None
+    logged_seconds = row["mfu/step_time"]
+    return {
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "logged": row,
+        "logged step flops": row["tflops_per_gpu"] * logged_seconds * 1e12,
+        "truth step flops": truth["step"],
+        "truth generation flops": truth["generation"],
+        "truth step seconds": wall / args.measured,
+        "truth generation fraction": sum(generation_seconds) / wall,
+        "truth mfu": truth["step"] * args.measured / wall / peak,
+        "truth generation mfu": truth["generation"] * args.measured / sum(generation_seconds) / peak,
+        "truth training mfu": (truth["step"] - truth["generation"])
+        * args.measured
+        / (wall - sum(generation_seconds))
+        / peak,
+        "truth tokens per sec": args.prompts
+        * args.generations
+        * args.new_tokens
+        * args.measured
+        / sum(generation_seconds),
+        "bandwidth": bandwidth,
+    }
+
+
+def table(result: dict[str, Any]) -> str:
+    logged = result["logged"]
+    rows = [
+        ("model FLOPs per step", result["logged step flops"], result["truth step flops"]),
+        ("generation FLOPs per step", logged["mfu/generation_flops"], result["truth generation flops"]),
+        ("step time (s)", logged["mfu/step_time"], result["truth step seconds"]),
+        ("mfu", logged["mfu"], result["truth mfu"]),
+        ("mfu/generation", logged.get("mfu/generation"), result["truth generation mfu"]),
+        ("mfu/training", logged.get("mfu/training"), result["truth training mfu"]),
+        (
+            "mfu/generation_time_fraction",
+            logged["mfu/generation_time_fraction"],
+            result["truth generation fraction"],
+        ),
+        (
+            "mfu/generation_tokens_per_sec",
+            logged["mfu/generation_tokens_per_sec"],
+            result["truth tokens per sec"],
+        ),
+        ("mfu/generation_bandwidth_utilization", logged.get("mfu/generation_bandwidth_utilization"), None),
+        ("TRL's own step_time (s)", logged.get("step_time"), None),
+    ]
+    lines = ["| quantity | logged | truth | logged / truth |", "|---|---:|---:|---:|"]
+    for name, ours, theirs in rows:
+        ratio = f"{ours / theirs:.4f}" if ours is not None and theirs else ""
+        lines.append(f"| {name} | {_fmt(ours)} | {_fmt(theirs)} | {ratio} |")
+    return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.4e}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--tiny", action="store_true", help="a tiny model and a few tokens: checks the script on a CPU"
+    )
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--generations", type=int, default=4)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--warmup", type=int, default=2, help="optimizer steps before the measured ones")
+    parser.add_argument("--measured", type=int, default=4)
+    parser.add_argument("--peak-tflops", type=float, default=None, help="needed on a CPU")
+    args = parser.parse_args()
+    if args.tiny:
+        args.prompts, args.generations, args.new_tokens, args.prompt_tokens = 2, 2, 6, 8
+        args.warmup, args.measured = 1, 2
+        args.peak_tflops = args.peak_tflops or 1.0
+    result = run(args)
+    print(
+        f"device: {result['device']}; torch {torch.__version__}; GRPO, {args.prompts} prompts x {args.generations} "
+        f"generations x {args.new_tokens} new tokens, prompts of {args.prompt_tokens} tokens; "
+        f"{args.warmup} warm-up + {args.measured} measured steps"
+    )
+    if result["bandwidth"]:
+        print(f"memory bandwidth (datasheet): {result['bandwidth'] / 1e12:.2f} TB/s")
+    print()
+    print(table(result))
+
+
+if __name__ == "__main__":
+    main()
