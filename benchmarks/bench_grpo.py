@@ -30,6 +30,14 @@ from torch.utils.flop_counter import FlopCounterMode
 from mfu_callbacks.hardware import memory_bandwidth, resolve_peak
 from mfu_callbacks.testing import causal_lm, word_tokenizer
 
+def _addmm_flops(self_shape, a_shape, b_shape, *rest, out_shape=None, **kwargs) -> int:
+    """torch's own formula, taking ``addmm(..., out_dtype=)`` too (TRL's chunked log-prob kernel on CUDA
+    passes it; torch 2.11's FlopCounterMode reads it as the output's shape and raises)."""
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+
+ADDMM_WITH_OUT_DTYPE = {torch.ops.aten.addmm: _addmm_flops}
+
 # hidden, layers, heads, kv_heads, intermediate, vocab
 MODEL = {"mid": (1024, 8, 16, 8, 2816, 32000), "tiny": (64, 2, 4, 2, 128, 256)}
 
@@ -76,7 +84,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     sync()
                     began = time.perf_counter()
                 if self.mode is not None:
-                    with FlopCounterMode(display=False) as counter:
+                    with FlopCounterMode(display=False, custom_mapping=ADDMM_WITH_OUT_DTYPE) as counter:
                         output = generate(*call_args, **call_kwargs)
                     truth["generation"] = truth.get("generation", 0) + counter.get_total_flops()
                 else:
@@ -93,7 +101,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 sync()
                 clock["begin"] = time.perf_counter()
             if state.global_step == measured_to:  # the extra step: counted, not timed
-                self.mode = FlopCounterMode(display=False)
+                self.mode = FlopCounterMode(display=False, custom_mapping=ADDMM_WITH_OUT_DTYPE)
                 self.mode.__enter__()
 
         def on_step_end(self, args_, state, control, **kwargs):
