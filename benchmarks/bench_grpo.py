@@ -234,7 +234,7 @@ def main() -> None:
         f"{args.warmup} warm-up + {args.measured} measured steps"
     )
     if result["bandwidth"]:
-        print(f"memory bandwidth (datasheet): {result['bandwidth'] / 1e12:.2f} TB/s")
+        print(f"memory bandwidth (datasheet): {result['bandwidth'][0] / 1e12:.2f} TB/s ({result['bandwidth'][1]})")
     print()
     print(table(result))
 
