@@ -30,6 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from mfu_callbacks.hardware import memory_bandwidth, resolve_peak
 from mfu_callbacks.testing import causal_lm, word_tokenizer
 
+
 def _addmm_flops(self_shape, a_shape, b_shape, *rest, out_shape=None, **kwargs) -> int:
     """torch's own formula, taking ``addmm(..., out_dtype=)`` too (TRL's chunked log-prob kernel on CUDA
     passes it; torch 2.11's FlopCounterMode reads it as the output's shape and raises)."""
@@ -234,7 +235,9 @@ def main() -> None:
         f"{args.warmup} warm-up + {args.measured} measured steps"
     )
     if result["bandwidth"]:
-        print(f"memory bandwidth (datasheet): {result['bandwidth'][0] / 1e12:.2f} TB/s ({result['bandwidth'][1]})")
+        print(
+            f"memory bandwidth (datasheet): {result['bandwidth'][0] / 1e12:.2f} TB/s ({result['bandwidth'][1]})"
+        )
     print()
     print(table(result))
 

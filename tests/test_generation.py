@@ -390,12 +390,27 @@ _TRAINING_COUNT = pytest.mark.xfail(
 )
 
 
-@pytest.mark.slow  # two optimizer steps with generation per case, under FlopCounterMode: 2-4 s each on a CPU
-@pytest.mark.parametrize(("prompt", "new"), [(4, 6), (8, 3)])
-@pytest.mark.parametrize(
-    "beta", [pytest.param(0.0, marks=_TRAINING_COUNT), pytest.param(0.1, marks=_TRAINING_COUNT)]
+# RLOO scores its completions with a forward without grad of the policy itself; the real step fits that
+# pass into the model's per-token forward, which the generation formula reads as one forward: its
+# generation is counted 2-3.5x. Strict: this turns into a failure once it is fixed.
+_RLOO_GENERATION = pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="RLOO's scoring pass without grad is fitted into the per-token forward that generation reads",
 )
-@pytest.mark.parametrize("name", ["GRPO", "RLOO"])
+
+
+def _online_cases() -> list:
+    return [
+        pytest.param(name, beta, prompt, new, marks=_RLOO_GENERATION if name == "RLOO" else _TRAINING_COUNT)
+        for name in ("GRPO", "RLOO")
+        for beta in (0.0, 0.1)
+        for prompt, new in ((4, 6), (8, 3))
+    ]
+
+
+@pytest.mark.slow  # two optimizer steps with generation per case, under FlopCounterMode: 2-4 s each on a CPU
+@pytest.mark.parametrize(("name", "beta", "prompt", "new"), _online_cases())
 def test_online_trainers_log_the_generation_phase_against_a_truth_of_the_whole_step(
     tmp_path, name, beta, prompt, new
 ):
