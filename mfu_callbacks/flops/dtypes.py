@@ -8,7 +8,9 @@ else the weights', fp32 as TF32 where torch allows it), which the meter resolves
 one peak before. A step whose matmuls all run in the run's dtype is counted and judged as it always was.
 
 Inside the engine a component's key carries the dtype after ``#`` ("mlp#fp8"); the run's dtype adds
-nothing, so such keys are plain component names.
+nothing, so such keys are plain component names. Matmuls of a pass without grad inside the step (a
+reference model, a scoring pass) end their key with ``!``: they count in the step's model FLOPs like any
+other, but are no part of one forward of the model (which generation reads).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ RUN_DTYPE = ""
 """The key of matmuls in the dtype the run computes in (not fp8, not declared otherwise)."""
 FP8 = "fp8"
 _SEPARATOR = "#"
+_WITHOUT_GRAD = "!"
 
 
 def tagged(component: str, dtype: str | None) -> str:
@@ -29,9 +32,18 @@ def tagged(component: str, dtype: str | None) -> str:
 
 
 def untagged(key: str) -> tuple[str, str]:
-    """The component and the dtype of a key made by ``tagged``."""
-    component, _, dtype = key.partition(_SEPARATOR)
+    """The component and the dtype of a key made by ``tagged`` (or ``without_grad``)."""
+    component, _, dtype = key.removesuffix(_WITHOUT_GRAD).partition(_SEPARATOR)
     return component, dtype
+
+
+def without_grad(key: str) -> str:
+    """The key of the same matmuls run in a pass without grad (a reference model, a scoring pass)."""
+    return key if key.endswith(_WITHOUT_GRAD) else key + _WITHOUT_GRAD
+
+
+def is_without_grad(key: str) -> bool:
+    return key.endswith(_WITHOUT_GRAD)
 
 
 def dtype_of_operands(operands: Iterable[object]) -> str:

@@ -35,7 +35,7 @@ from .._torch_internals import (
 )
 from .checkpoint import checkpoint_to
 from .components import ATTENTION_SCORES, windowed_scores
-from .dtypes import untagged
+from .dtypes import is_without_grad, untagged
 from .features import HARDWARE, MODEL, NUM_FEATURES, WINDOW_FEATURES, Feature
 from .flex import FlexKernel
 from .isolation import map_tensors, preserved_random_state
@@ -324,7 +324,9 @@ class FlopEngine:
                 into[name] = [a + b for a, b in zip(into.get(name, [0.0] * NUM_FEATURES), values)]
         self._model_by_dtype, self._hardware_by_dtype = model_by_dtype, hardware_by_dtype
         # The forward alone, per component: what a pass without backward costs (generation, ``generation.py``).
-        self.forward_coefficients = {name: list(c.forward) for name, c in coefficients.items()}
+        self.forward_coefficients = {
+            name: list(c.forward) for name, c in coefficients.items() if not is_without_grad(name)
+        }
         self._model = [sum(values) for values in zip(*self.components.values())] or [0.0] * NUM_FEATURES
         extra = [
             sum(c.recompute[i] + c.forced[i] + c.kernel[i] for c in coefficients.values())

@@ -60,7 +60,7 @@ from .._torch_internals import (
 )
 from .components import EMBEDDINGS, HEAD, OTHER, classify
 from .declared import Declaration, declared
-from .dtypes import RUN_DTYPE, dtype_of_operands, retagged, tagged
+from .dtypes import RUN_DTYPE, dtype_of_operands, retagged, tagged, without_grad
 from .features import HARDWARE, MODEL, NUM_FEATURES, WINDOW_FEATURES, Feature
 from .isolation import tensors_in
 from .matmuls import matmul_flops, operands
@@ -122,7 +122,14 @@ class Observation:
         gradients forced onto inputs)."""
         totals: dict[tuple[str, Feature, bool, bool], ComponentFlops] = defaultdict(ComponentFlops)
         for matmul in self.matmuls:
-            key = (matmul.component, matmul.feature, matmul.per_unit, matmul.subset)
+            # A pass without grad (grad off outside a custom Function's forward) is kept apart: it is
+            # no part of one forward of the model.
+            component = (
+                matmul.component
+                if matmul.with_grad or matmul.function is not None
+                else without_grad(matmul.component)
+            )
+            key = (component, matmul.feature, matmul.per_unit, matmul.subset)
             totals[key].forward += matmul.forward
             if matmul.reached:
                 totals[key].backward += matmul.forward * matmul.products
