@@ -18,12 +18,12 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from common import SIZES, llama, sync
+from bench_accuracy import hf_wall_clock
+from common import SIZES, llama
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from trl_steps import StepTruth, replay  # noqa: E402 - the shared truth of the tests
@@ -46,7 +46,6 @@ def preference_data(vocab: int, rows: int, prompt: int, completion: int) -> list
 
 def run(size: str, warmup: int, measured: int, peak_tflops: float | None) -> dict[str, Any]:
     from datasets import Dataset
-    from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
     from mfu_callbacks.transformers import MFUCallback
@@ -60,17 +59,6 @@ def run(size: str, warmup: int, measured: int, peak_tflops: float | None) -> dic
     gpu = torch.cuda.is_available()
     clock: dict[str, float] = {}
 
-    class WallClock(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            if state.global_step == warmup:
-                sync()
-                clock["begin"] = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == steps:
-                sync()
-                clock["end"] = time.perf_counter()
-
     config = DPOConfig(
         output_dir=tempfile.mkdtemp(), max_steps=steps, per_device_train_batch_size=pairs, logging_steps=steps,
         report_to=[], save_strategy="no", disable_tqdm=True, use_cpu=not gpu, bf16=gpu,
@@ -80,7 +68,7 @@ def run(size: str, warmup: int, measured: int, peak_tflops: float | None) -> dic
     trainer = DPOTrainer(
         model=llama(size), ref_model=llama(size), args=config,
         train_dataset=Dataset.from_list(preference_data(vocab, pairs * steps, prompt, completion)),
-        processing_class=word_tokenizer(vocab), callbacks=[callback, WallClock()],
+        processing_class=word_tokenizer(vocab), callbacks=[callback, hf_wall_clock(warmup, measured, clock)],
     )  # fmt: skip
     truth = StepTruth(trainer.model, trainer.ref_model)
     trainer.add_callback(truth)
