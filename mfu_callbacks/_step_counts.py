@@ -5,7 +5,9 @@ small tensors it took (``TokenCounting.defer``): one operation on the device, no
 read, where the host waits for the GPU anyway, the held micro-batches become features all at once:
 per layout a few operations on their concatenated tensors (``layouts.Group.reduce``), whatever the
 number of steps, then one device-to-host copy; the host-known part (rows, computed tokens, full
-squares) is summed in Python ints. The last finished step is summed apart, for its own FLOPs.
+squares) is summed in Python ints. The last finished step is summed apart, for its own FLOPs. A
+small window (a log every step or every few steps) is copied to the host as it is and reduced there:
+a copy per tensor instead of a kernel launch per reduction, which is most of a read's host time.
 
 Memory stays bounded in a run that never reads: every ``ROWS`` steps (or when the held tensors pass
 ``MAX_BYTES``) the finished steps but the last are reduced into one feature row on the device,
@@ -27,6 +29,7 @@ from .flops.layouts import Group, Plan, constant_plan, whole_plan
 
 ROWS = 64  # finished steps held before folding
 MAX_BYTES = 16 * 2**20  # device memory of held tensors before folding
+HOST_REDUCE_BYTES = 256 * 2**10  # a window holding at most this much is reduced on the host
 
 Entry = tuple[Plan, tuple[torch.Tensor, ...]]
 
@@ -213,7 +216,10 @@ def _sums(steps: list[list[Entry]], width: int) -> tuple[list[int], list[int]]:
     window, last = _constants(plans, width), _constants(last_plans, width)
     by_device: dict[torch.device, list[tuple[Group, torch.Tensor]]] = {}
     for group, tensors in owned.items():
-        by_device.setdefault(group.device, []).append((group, group.reduce(tensors, tuple(last_from[group]))))
+        if _reduce_on_host(group, tensors):
+            tensors = [_on_host(tensors)]
+        sums = group.reduce(tensors, tuple(last_from[group]))
+        by_device.setdefault(sums.device, []).append((group, sums))
     for reduced in by_device.values():
         joined = (
             torch.cat([values.reshape(-1) for _, values in reduced]) if len(reduced) > 1 else reduced[0][1]
@@ -231,6 +237,23 @@ def _sums(steps: list[list[Entry]], width: int) -> tuple[list[int], list[int]]:
                 last[slot] += in_last
             offset += 2 * len(cells)
     return window, last
+
+
+def _reduce_on_host(group: Group, owned: list[tuple[torch.Tensor, ...]]) -> bool:
+    """Whether a device's window is small enough to copy as it is and reduce on the host."""
+    if group.device.type == "cpu":
+        return False
+    held = sum(tensor.numel() * tensor.element_size() for item in owned for tensor in item)
+    return held <= HOST_REDUCE_BYTES
+
+
+def _on_host(owned: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+    """The batches' owned tensors, concatenated per slot and copied to the host: one copy per slot.
+
+    A small window (a log every few steps) is reduced on the host: its dozen small reductions cost a
+    few microseconds each there, against a kernel launch each on the device, which is most of a read.
+    """
+    return tuple((slot[0] if len(slot) == 1 else torch.cat(slot)).cpu() for slot in zip(*owned, strict=True))
 
 
 def _fold(steps: list[list[Entry]], shape: tuple[int, ...]) -> list[Entry]:

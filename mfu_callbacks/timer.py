@@ -12,8 +12,9 @@ CUDA it is read from the GPU's timeline (the previous step's end event to this s
 so host work that overlaps with queued GPU work costs nothing, as it costs nothing in training.
 The meter's own log-time reads are not left out: what they cost the run is counted apart
 (``StepTimer.meter_work``: its own seconds, part of the iteration, never input wait), so the time base
-is the wall clock. On CUDA that is the time the device idled while the read ran (two events around
-it), which is nothing while the device still works on queued steps. Only one-off work that is no
+is the wall clock. On CUDA that is the read's host time, capped by the device's idle time before the
+next step (the gap between the two steps' events): a read that runs while the device still works on
+queued steps costs the run nothing, and is counted as nothing. Only one-off work that is no
 training is left out (``StepTimer.paused``): evaluation runs, checkpoint saves, a profile's analysis.
 
 A read does not wait for the GPU: it resolves the steps whose end the GPU has already passed
@@ -53,10 +54,9 @@ class StepTiming:
 
 
 # One measured step on CUDA, unresolved: where its wait began (the previous step's end, or None),
-# its start and stop events, (begin, end) event pairs around the meter's work before it inside that
-# wait, and those around its work before a pause (outside the wait: the pause moved its beginning).
-_Marks = tuple[tuple[torch.cuda.Event, torch.cuda.Event], ...]
-_Recorded = tuple[torch.cuda.Event | None, torch.cuda.Event, torch.cuda.Event, _Marks, _Marks]
+# its start and stop events, the host seconds of the meter's work before it inside that wait, and of
+# its work before a pause (outside the wait: the pause moved its beginning).
+_Recorded = tuple[torch.cuda.Event | None, torch.cuda.Event, torch.cuda.Event, float, float]
 
 
 class StepTimer:
@@ -90,17 +90,16 @@ class StepTimer:
         self._input_wait = 0.0
         self._in_meter_work = False
         self._paused = False
-        self._meter_seconds = 0.0  # host-clock path: the meter's work since the last step ended
+        self._meter_seconds = 0.0  # the meter's work since the last step ended (host clock)
         self._step_meter_seconds = 0.0  # ... and before the open step
-        self._meter_marks: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []  # CUDA path, the same
-        self._marks_before_pause: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []  # ... before a pause
+        self._meter_before_pause = 0.0  # CUDA path: the meter's work before a pause since the last step
         self._finished: list[StepTiming] = []  # host-clock path
         self._recorded: list[_Recorded] = []  # CUDA path, unresolved, oldest first
         self._previous_stop: torch.cuda.Event | None = None  # where the next step's input wait begins
         self._wait_began: torch.cuda.Event | None = None  # ... and where the open step's began
-        self._open_marks: _Marks = ()  # the open step's
-        self._open_marks_before_pause: _Marks = ()
+        self._open_meter_before_pause = 0.0  # the open step's
         self._spare_events: list[torch.cuda.Event] = []
+        self._known_complete = 0  # unread steps the last ``completed_steps`` found finished
 
     @property
     def clock(self) -> Callable[[], float]:
@@ -120,19 +119,15 @@ class StepTimer:
         self._open = True
         self._measuring = self.steps_started >= self.warmup_steps
         self.steps_started += 1
-        marks, self._meter_marks = tuple(self._meter_marks), []
-        before_pause, self._marks_before_pause = tuple(self._marks_before_pause), []
         meter_seconds, self._meter_seconds = self._meter_seconds, 0.0
-        if not self._measuring or self._last_stop is None:  # nobody's wait: dropped
-            self._spare_events += [event for pair in (*marks, *before_pause) for event in pair]
+        before_pause, self._meter_before_pause = self._meter_before_pause, 0.0
         if not self._measuring:
             return
         self._input_wait = now - self._last_stop if self._last_stop is not None else 0.0
         self._step_meter_seconds = meter_seconds if self._last_stop is not None else 0.0
         if self.uses_cuda_events:
             self._wait_began = self._previous_stop
-            self._open_marks = marks if self._previous_stop is not None else ()
-            self._open_marks_before_pause = before_pause if self._previous_stop is not None else ()
+            self._open_meter_before_pause = before_pause if self._previous_stop is not None else 0.0
             self._start_event = self._record_event()
         else:
             self._start_time = now
@@ -153,8 +148,8 @@ class StepTimer:
                         self._wait_began,
                         self._start_event,
                         stop,
-                        self._open_marks,
-                        self._open_marks_before_pause,
+                        self._step_meter_seconds,
+                        self._open_meter_before_pause,
                     )
                 )
                 self._previous_stop = stop
@@ -184,26 +179,23 @@ class StepTimer:
         """Time spent inside between two steps is the meter's own (a read): counted in the next step's
         iteration as ``meter_seconds``, not as input wait, so MFU stays on the wall clock.
 
-        On CUDA it is the time the device idled while the work ran, from two events around it: a
-        read that runs while the device still works on queued steps costs the run nothing.
+        On CUDA the host seconds inside are capped by the device's idle time before the next step
+        (the gap between the steps' events) when the step is resolved: a read that runs while the
+        device still works on queued steps costs the run nothing. No CUDA call: a read stays cheap.
         """
         if self._open or self._in_meter_work or self._paused:  # inside a step or a pause: part of it
             yield
             return
         self._in_meter_work = True
         begin = self._clock()
-        first = self._record_event() if self.uses_cuda_events else None
         try:
             yield
         finally:
             self._in_meter_work = False
-            if first is not None:
-                self._meter_marks.append((first, self._record_event()))
-            else:
-                spent = self._clock() - begin
-                self._meter_seconds += spent
-                if self._last_stop is not None:
-                    self._last_stop += spent
+            spent = self._clock() - begin
+            self._meter_seconds += spent
+            if self._last_stop is not None and not self.uses_cuda_events:
+                self._last_stop += spent
 
     @contextmanager
     def paused(self) -> Iterator[None]:
@@ -227,10 +219,11 @@ class StepTimer:
             if self.uses_cuda_events and self._previous_stop is not None and not self._open:
                 # The device idled or ran the paused work (however many kernels): the next input wait
                 # starts after them. The meter's work before the pause is no longer inside that wait.
-                self._previous_stop = torch.cuda.Event(enable_timing=True)
-                self._previous_stop.record(torch.cuda.current_stream(self._device))
-                self._marks_before_pause += self._meter_marks
-                self._meter_marks = []
+                replaced, self._previous_stop = self._previous_stop, self._record_event()
+                if not (self._recorded and self._recorded[-1][2] is replaced):  # resolved already: reuse it
+                    self._spare_events.append(replaced)
+                self._meter_before_pause += self._meter_seconds
+                self._meter_seconds = 0.0
 
     @property
     def _resolved_steps(self) -> int:
@@ -248,10 +241,12 @@ class StepTimer:
         CUDA events complete in stream order, so the newest finished one tells: one or two queries.
         """
         resolved = self._resolved_steps
+        self._known_complete = resolved
         for index in range(len(self._recorded) - 1, -1, -1):
             if self._recorded[index][2].query():
-                return resolved + index + 1
-        return resolved
+                self._known_complete = resolved + index + 1
+                break
+        return self._known_complete
 
     def end_event(self, steps: int) -> torch.cuda.Event | None:
         """The event at the end of the ``steps``-th unread step, if it is still unresolved (CUDA)."""
@@ -274,8 +269,10 @@ class StepTimer:
             raise ValueError(f"cannot read {steps} steps: {resolved} are already resolved together")
         count = min(steps - resolved, len(self._recorded))
         if count:
-            self._recorded[count - 1][2].synchronize()  # stream order: every earlier event has completed too
+            if resolved + count > self._known_complete:
+                self._recorded[count - 1][2].synchronize()  # stream order: every earlier one completed too
             self._resolve(count)
+        self._known_complete = 0
         finished, self._finished = self._finished, []
         return finished
 
@@ -292,28 +289,19 @@ class StepTimer:
     def _resolve(self, count: int) -> None:
         """Turn the oldest ``count`` recorded steps into timings and reuse their events."""
         resolved: dict[int, torch.cuda.Event] = {}
-        for wait_began, start, stop, marks, before_pause in self._recorded[:count]:
-            between = wait_began.elapsed_time(start) / 1000.0 if wait_began is not None else 0.0
-            meter = sum(begin.elapsed_time(end) for begin, end in marks) / 1000.0
-            earlier = sum(begin.elapsed_time(end) for begin, end in before_pause) / 1000.0
+        for wait_began, start, stop, meter, earlier in self._recorded[:count]:
+            between = max(wait_began.elapsed_time(start) / 1000.0, 0.0) if wait_began is not None else 0.0
+            meter = min(meter, between)  # the device idled this long at most because of the meter
             self._finished.append(
-                StepTiming(
-                    start.elapsed_time(stop) / 1000.0,
-                    max(between - meter, 0.0),
-                    meter_seconds=min(max(meter, 0.0), max(between, 0.0)) + max(earlier, 0.0),
-                )
+                StepTiming(start.elapsed_time(stop) / 1000.0, between - meter, meter_seconds=meter + earlier)
             )
-            events = (wait_began, start, stop, *(event for pair in (*marks, *before_pause) for event in pair))
-            resolved.update((id(event), event) for event in events if event is not None)
+            resolved.update((id(event), event) for event in (wait_began, start, stop) if event is not None)
         del self._recorded[:count]
         still_needed = {id(self._previous_stop)} | ({id(self._wait_began)} if self._open else set())
         still_needed |= {
-            id(event) for pair in (*self._meter_marks, *self._marks_before_pause) for event in pair
-        }
-        still_needed |= {
             id(event)
-            for wait_began, start, stop, marks, before_pause in self._recorded
-            for event in (wait_began, start, stop, *(e for pair in (*marks, *before_pause) for e in pair))
+            for wait_began, start, stop, _, _ in self._recorded
+            for event in (wait_began, start, stop)
             if event is not None
         }
         self._spare_events += [event for key, event in resolved.items() if key not in still_needed]

@@ -15,6 +15,7 @@ import torch
 from conftest import VOCAB, FakeClock, full_batch, model_truth, packed_batch, padded_batch, seq2seq_batch
 
 from mfu_callbacks import MFUMeter
+from mfu_callbacks import _step_counts as step_counts
 from mfu_callbacks._step_counts import StepCounts
 from mfu_callbacks.flops.tokens import TokenCounting
 from mfu_callbacks.flops.windows import Window
@@ -125,12 +126,17 @@ def test_the_meter_counts_mixed_layouts_and_a_read_mid_step_as_flop_counter_mode
     assert counted.model_flops == truth
 
 
+@pytest.mark.parametrize("on_host", [False, True], ids=["reduced-on-device", "copied-to-host"])
 @pytest.mark.parametrize(
     "rows, max_bytes", [(64, 2**24), (4, 2**24), (2, 1)], ids=["held", "folded", "tiny-buffer"]
 )
-def test_deferred_sums_equal_batches_counted_one_by_one(rows: int, max_bytes: int):
+def test_deferred_sums_equal_batches_counted_one_by_one(
+    rows: int, max_bytes: int, on_host: bool, monkeypatch
+):
     """Window and last step over mixed layouts, with folds of full buffers (``rows``) and of a step's own
-    micro-batches (``max_bytes``), reads after each few steps and a read in the middle of a step."""
+    micro-batches (``max_bytes``), reads after each few steps and a read in the middle of a step; the
+    small windows of a GPU (concatenated per tensor, copied, reduced on the host) taken by every group."""
+    monkeypatch.setattr(step_counts, "_reduce_on_host", lambda group, owned: on_host)
     for counting, batches in counters():
         counts = StepCounts(rows=rows, max_bytes=max_bytes)
         steps = steps_of(batches, 23)

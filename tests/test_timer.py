@@ -184,7 +184,7 @@ def test_on_cuda_a_read_takes_the_steps_the_device_finished_and_leaves_the_rest(
 
 
 def test_the_meters_work_between_steps_is_its_own_time_not_input_wait(fake_cuda):
-    """On CUDA, from events around it: the time the device idled while the meter read."""
+    """On CUDA, the read's host time, capped by the device's idle time before the next step."""
     clock = fake_cuda
     timer = StepTimer(0, device="cuda", clock=clock)
     timed_step(timer, clock, wait=0.0, seconds=1.0)
@@ -239,8 +239,17 @@ def test_on_cuda_a_pause_over_many_forwards_leaves_the_read_before_it_as_the_met
     assert second.step_seconds == pytest.approx(1.0)
     assert second.input_wait_seconds == pytest.approx(0.5)
     assert second.meter_seconds == pytest.approx(2.0)
+
+    def read_pause_and_three_steps() -> None:
+        with timer.meter_work():  # a read records no event: it is timed on the host
+            clock.advance(1.0)
+        with timer.paused():
+            clock.advance(1.0)
+        for _ in range(3):
+            timed_step(timer, clock, wait=0.0, seconds=1.0)
+        timer.read()
+
+    read_pause_and_three_steps()
     created = len(FakeEvent.created)
-    for _ in range(3):  # the events of the read before the pause are recycled like the others
-        timed_step(timer, clock, wait=0.0, seconds=1.0)
-    timer.read()
-    assert len(FakeEvent.created) <= created + 1
+    read_pause_and_three_steps()
+    assert len(FakeEvent.created) == created  # steady state: the pause's event is recycled like the steps'
