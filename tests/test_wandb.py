@@ -10,7 +10,7 @@ import torch
 from conftest import FixedLengthTokens, accelerate_loop, collate, tiny_llama
 from torch.utils.data import DataLoader
 
-from mfu_callbacks._runlog import wandb_records
+from mfu_callbacks.runs.logs import wandb_records
 
 wandb = pytest.importorskip("wandb")
 
@@ -157,7 +157,7 @@ class FakeOnlineRun:
 
 def check_online_reading_of(records: list[dict], offline: Path) -> None:
     """`compare` reads a run by entity/project/run_id as it reads the offline files of the same run."""
-    from mfu_callbacks._runlog import read_online_wandb_run, read_run
+    from mfu_callbacks.runs.logs import read_online_wandb_run, read_run
 
     class Api:
         def run(self, path):
@@ -223,7 +223,7 @@ def test_accelerate_with_log_with_wandb(offline):
 
 
 def test_an_online_run_that_cannot_be_reached_is_one_line_naming_it():
-    from mfu_callbacks._runlog import RunLogError, read_online_wandb_run
+    from mfu_callbacks.runs.logs import RunLogError, read_online_wandb_run
 
     class Offline:
         def run(self, path):

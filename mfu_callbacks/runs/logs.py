@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._input_files import InputFileError, check_size, load_json, parse_json
-from .metrics import MFU, NUMERIC_METRICS
-from .run_summary import DEFAULT_FILENAME, RunSummary, RunSummaryError
+from .._input_files import InputFileError, check_size, load_json, parse_json
+from ..metrics import MFU, NUMERIC_METRICS
+from .summary import DEFAULT_FILENAME, RunSummary, RunSummaryError
 
 _LOSS_KEYS = ("train/loss", "loss")
 _STEP_KEYS = ("train/global_step", "trainer/global_step", "step", "_step")

@@ -18,9 +18,9 @@ import statistics
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from . import metrics as m
-from ._intervals import Estimate, ratio_estimate
-from ._runlog import RunLog
+from ... import metrics as m
+from ..logs import RunLog
+from .intervals import Estimate, ratio_estimate
 
 FLOPS_PER_TOKEN = "model_flops_per_token"  # derived per window: TFLOP/s per GPU over tokens/s per GPU
 
