@@ -13,7 +13,7 @@ each is read. Neither file is synced to disk at a read; ``SummaryWriter.sync`` m
 (at checkpoints and at the end of the run). A run killed mid-way leaves every window written before
 it; a last line cut off mid-write is skipped by the reader.
 
-    from mfu_callbacks.run_summary import SummaryWriter, describe_setup
+    from mfu_callbacks.runs.summary import SummaryWriter, describe_setup
 
     writer = SummaryWriter("out")                         # out/mfu_summary.json + out/mfu_windows.jsonl
     for step, batch in enumerate(loader, start=1):

@@ -9,8 +9,6 @@ import sys
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from ..flops import StepFlops
-from ..hardware import PeakInfo
 from ..metrics import HFU_LAST_STEP, MFU_LAST_STEP, MFU_STATUS, NUMERIC_METRICS
 
 if TYPE_CHECKING:
@@ -30,22 +28,10 @@ def active_run() -> Any | None:
     return getattr(wandb, "run", None) if wandb is not None else None
 
 
-def run_config(
-    peak: PeakInfo | None, flops_per_token: float | None, flops: StepFlops | None
-) -> dict[str, Any]:
-    """What a run's config should say about how MFU was computed."""
-    values: dict[str, Any] = {}
-    if peak is not None:
-        values.update(
-            peak_tflops=peak.tflops, device=peak.device_name, dtype=peak.dtype, peak_source=peak.source
-        )
-    if flops_per_token is not None:
-        values["model_flops_per_token_linear"] = flops_per_token
-    if flops is not None and flops.model_flops:
-        values["flops_breakdown_share"] = {
-            name: value / flops.model_flops for name, value in flops.breakdown.items() if value
-        }
-    return values
+def run_config(setup: Mapping[str, Any], versions: Mapping[str, str]) -> dict[str, Any]:
+    """What the run's config says about how MFU was computed, under ``mfu_callbacks``: the run summary's
+    setup (``summary.describe_setup``: the same keys, written once) and the library versions."""
+    return {**setup, "versions": dict(versions)}
 
 
 def describe_run(run: Any, config: Mapping[str, Any], metric_prefix: str, step_metric: str | None) -> None:
