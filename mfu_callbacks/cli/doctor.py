@@ -156,6 +156,13 @@ def print_examination(result: Examination, *, packed: bool = False, lora: bool =
     mode = "mixed precision, fp32 weights" if result.dtype in MIXED_PRECISION else "fp32 weights"
     what = ", ".join(filter(None, ["LoRA" if lora else "full", "packed" if packed else ""]))
     print(f"{result.device}, {result.dtype} ({mode}), {what}: {result.tokens:,} tokens per step")
+    _print_pieces(result)
+    _print_step(result)
+    _print_padding(result)
+
+
+def _print_pieces(result: Examination) -> None:
+    """Each distinct matmul shape and attention call: its rate and its time per step."""
     print("  matmuls, per step (M x K x N; T: a transposed operand):")
     print(f"    {'count':>5}  {'shape':<26} {'TFLOP/s':>8} {'ms/step':>8}  layers")
     for item in sorted(result.matmuls, key=lambda item: -item.step_seconds):
@@ -176,6 +183,10 @@ def print_examination(result: Examination, *, packed: bool = False, lora: bool =
             f"{', fwd+bwd' if attention.backward else ''}): {rate:.1f} TFLOP/s, "
             f"{call.step_seconds * 1e3:.2f} ms/step"
         )
+
+
+def _print_step(result: Examination) -> None:
+    """The step's compute floor, MFU ceiling, optimizer, other ops, and the predicted step time."""
     ceiling = result.mfu_at(result.floor_seconds)
     predicted = result.mfu_at(result.predicted_seconds)
     print(
@@ -216,6 +227,10 @@ def print_examination(result: Examination, *, packed: bool = False, lora: bool =
         f"  predicted step   {result.predicted_seconds * 1e3:9.2f} ms{predicted_text}"
         f"{_spread_text(result.predicted_rounds)}"
     )
+
+
+def _print_padding(result: Examination) -> None:
+    """Padding advice where its saving exceeds the spread of the timings, and where it does not."""
     gains = [(item, item.padding_gain) for item in result.matmuls if item.padding_gain]
     for item, (padded, seconds) in sorted(gains, key=lambda pair: -pair[1][1]):
         shape = item.shape

@@ -35,27 +35,7 @@ def format_report(
         where = " in every window" if status.code == MFUStatus.NOT_COUNTED else ""
         lines.append(f"  MFU not measured{where} ({status.name}): {status.reason}")
         lines.append(f"  fix: {status.fix}")
-    per_dtype = bool(dtypes) and len({p.dtype for _, p in (dtypes or {}).values() if p is not None}) > 1
-    if peak is not None and per_dtype:
-        lines.append(f"  peak: {peak.device_name}, dense per GPU at each matmul's dtype ({peak.source})")
-    elif peak is not None:
-        lines.append(
-            f"  peak: {peak.device_name}, {peak.dtype}, {peak.tflops:.1f} TFLOP/s dense per GPU ({peak.source})"
-        )
-    elif status is None or status.code == MFUStatus.NO_PEAK:
-        where = "cpu (a CPU has no datasheet peak)" if _is_cpu(device) else "unknown GPU"
-        if device and not _is_cpu(device):
-            where += f" ({device})"
-        lines.append(f"  peak: {where}, MFU not computed (pass peak_tflops= or set MFU_PEAK_TFLOPS)")
-    if dtypes and len(dtypes) > 1:
-        lines.append("  model FLOPs by matmul dtype, each judged against the peak named:")
-        for dtype, (share, dtype_peak) in dtypes.items():
-            judged = (
-                f"{dtype_peak.dtype} peak {dtype_peak.tflops:.1f} TFLOP/s"
-                if dtype_peak is not None
-                else "no peak"
-            )
-            lines.append(f"    {dtype:<24} {share:>6.1%}   {judged}")
+    lines += _peak_lines(peak, status, dtypes, device)
     figures = [
         ("MFU", summary.get("mfu"), "{:.1%}"),
         ("HFU", summary.get("hfu"), "{:.1%}"),
@@ -77,6 +57,38 @@ def format_report(
         lines.append("  diagnoses:")
         lines.extend(f"    [{getattr(d, 'id', '?')}] {getattr(d, 'message', d)}" for d in diagnoses)
     return "\n".join(lines)
+
+
+def _peak_lines(
+    peak: PeakInfo | None,
+    status: Status | None,
+    dtypes: Mapping[str, tuple[float, PeakInfo | None]] | None,
+    device: str | None,
+) -> list[str]:
+    """The peak MFU is judged against (each matmul dtype's, when they differ), or why there is none."""
+    lines = []
+    per_dtype = bool(dtypes) and len({p.dtype for _, p in (dtypes or {}).values() if p is not None}) > 1
+    if peak is not None and per_dtype:
+        lines.append(f"  peak: {peak.device_name}, dense per GPU at each matmul's dtype ({peak.source})")
+    elif peak is not None:
+        lines.append(
+            f"  peak: {peak.device_name}, {peak.dtype}, {peak.tflops:.1f} TFLOP/s dense per GPU ({peak.source})"
+        )
+    elif status is None or status.code == MFUStatus.NO_PEAK:
+        where = "cpu (a CPU has no datasheet peak)" if _is_cpu(device) else "unknown GPU"
+        if device and not _is_cpu(device):
+            where += f" ({device})"
+        lines.append(f"  peak: {where}, MFU not computed (pass peak_tflops= or set MFU_PEAK_TFLOPS)")
+    if dtypes and len(dtypes) > 1:
+        lines.append("  model FLOPs by matmul dtype, each judged against the peak named:")
+        for dtype, (share, dtype_peak) in dtypes.items():
+            judged = (
+                f"{dtype_peak.dtype} peak {dtype_peak.tflops:.1f} TFLOP/s"
+                if dtype_peak is not None
+                else "no peak"
+            )
+            lines.append(f"    {dtype:<24} {share:>6.1%}   {judged}")
+    return lines
 
 
 def _is_cpu(device: str | None) -> bool:
