@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
+from mfu_callbacks.cli.doctor import ROUNDS, diagnose
 from mfu_callbacks.doctor import Examination
-from mfu_callbacks.doctor.cli import diagnose
 from mfu_callbacks.testing import causal_lm
 
 SIZES = {  # hidden, layers, heads, intermediate, vocab, rows, length
@@ -53,13 +53,13 @@ def predict(path: Path, size: str, lora_rank: int, packed: bool, device: str, re
         batch_size=rows,
         seq_len=length,
         dtype="bf16",
-        lora_r=lora_rank,
+        lora_rank=lora_rank,
         lora_targets="",
         packed=packed,
         device=device,
         repeats=repeats,
+        rounds=ROUNDS,
         peak_tflops=None if device == "cuda" else 1.0,
-        gradient_checkpointing=False,
     )
     return diagnose(args)
 

@@ -16,8 +16,8 @@ import pytest
 from transformers import LlamaConfig
 
 from mfu_callbacks._input_files import MAX_MB_ENV
-from mfu_callbacks._runlog import read_run
 from mfu_callbacks.cli import main
+from mfu_callbacks.runs.logs import read_run
 
 CORPUS = Path(__file__).parent / "data" / "hostile"
 GOOD_RUN = CORPUS / "good_run"
@@ -191,7 +191,7 @@ def test_a_truncated_last_window_is_a_run_still_being_written_and_reads(capsys, 
 
 
 def test_a_w_and_b_reference_is_read_as_one_only_in_its_form(tmp_path, monkeypatch):
-    from mfu_callbacks._runlog import wandb_reference
+    from mfu_callbacks.runs.logs import wandb_reference
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "out").mkdir()
@@ -204,7 +204,7 @@ def test_a_w_and_b_reference_is_read_as_one_only_in_its_form(tmp_path, monkeypat
 
 def test_an_unexpected_error_is_one_line_exit_2_not_a_traceback(capsys, monkeypatch):
     """Exit 1 means "a candidate dropped" to a CI gate: a bug must never read as that."""
-    from mfu_callbacks import compare
+    from mfu_callbacks.cli import compare
 
     def broken(args):
         raise KeyError("deliberate")

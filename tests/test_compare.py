@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from mfu_callbacks._runlog import read_curves
 from mfu_callbacks.cli import main
-from mfu_callbacks.compare import t_quantile, welch_difference
 from mfu_callbacks.flops import StepFlops
 from mfu_callbacks.hardware import PeakInfo
-from mfu_callbacks.run_summary import (
+from mfu_callbacks.runs.compare import t_quantile, welch_difference
+from mfu_callbacks.runs.logs import read_curves
+from mfu_callbacks.runs.summary import (
     DEFAULT_FILENAME,
     FORMAT_VERSION,
     WINDOWS_FILENAME,

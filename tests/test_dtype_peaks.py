@@ -19,8 +19,8 @@ from test_flops_fp8 import BATCHES, component_truth
 from torch import nn
 
 from mfu_callbacks import MFUMeter, hardware
-from mfu_callbacks.report import format_report
-from mfu_callbacks.run_summary import describe_setup
+from mfu_callbacks.runs.report import format_report
+from mfu_callbacks.runs.summary import describe_setup
 from mfu_callbacks.testing import causal_lm, make_eager
 
 H100_BF16, H100_FP8 = 989.4e12, 1978.9e12

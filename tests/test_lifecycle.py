@@ -9,7 +9,7 @@ from conftest import FixedLengthTokens, collate, tiny_llama
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
-from mfu_callbacks.run_summary import RunSummary
+from mfu_callbacks.runs.summary import RunSummary
 
 PEAK_TFLOPS = 0.5
 
@@ -127,7 +127,7 @@ def test_hf_the_callback_the_user_holds_gets_the_summary_when_the_trainer_rebuil
 
 
 def test_hf_writes_a_run_summary_beside_its_outputs(tmp_path):
-    from mfu_callbacks.run_summary import RunSummary
+    from mfu_callbacks.runs.summary import RunSummary
     from mfu_callbacks.transformers import MFUCallback
 
     hf_trainer(tmp_path, MFUCallback(peak_tflops=PEAK_TFLOPS, warmup_steps=1)).train()
@@ -139,7 +139,7 @@ def test_hf_writes_a_run_summary_beside_its_outputs(tmp_path):
 
 
 def test_hf_writes_the_run_summary_where_the_option_says(tmp_path):
-    from mfu_callbacks.run_summary import RunSummary
+    from mfu_callbacks.runs.summary import RunSummary
     from mfu_callbacks.transformers import MFUCallback
 
     elsewhere = tmp_path / "summaries"

@@ -19,7 +19,7 @@ from torch import nn
 
 from mfu_callbacks import parallelism
 from mfu_callbacks.meter import MFUMeter
-from mfu_callbacks.run_summary import describe_setup
+from mfu_callbacks.runs.summary import describe_setup
 from mfu_callbacks.timer import StepTimer
 
 WORLD_SIZE = 4

@@ -12,7 +12,7 @@ from transformers import Trainer, TrainingArguments
 from mfu_callbacks.attribution import FILE_NAME, MATMUL
 from mfu_callbacks.flops import StepFlops
 from mfu_callbacks.hardware import PeakInfo
-from mfu_callbacks.report import format_report
+from mfu_callbacks.runs.report import format_report
 from mfu_callbacks.transformers import MFUCallback
 
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 from conftest import tiny_llama
 
-from mfu_callbacks import run_summary
 from mfu_callbacks._options import MFUOptions
 from mfu_callbacks._session import MeterSession
-from mfu_callbacks.run_summary import (
+from mfu_callbacks.runs import summary as run_summary
+from mfu_callbacks.runs.summary import (
     DEFAULT_FILENAME,
     WINDOWS_FILENAME,
     RunSummary,

@@ -45,7 +45,7 @@ RANK = int(os.environ["RANK"])
 
 def finish(rows, summary_dir, **extra):
     if RANK == 0:
-        from mfu_callbacks.run_summary import RunSummary
+        from mfu_callbacks.runs.summary import RunSummary
         written = RunSummary.read(summary_dir)
         summary = {{"setup": written.setup, "windows": written.windows}}
         print("RESULT", json.dumps({{"rows": rows, "summary": summary, **extra}}), flush=True)

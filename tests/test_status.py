@@ -23,14 +23,15 @@ from conftest import FixedLengthTokens, accelerate_loop, collate, full_batch, st
 from test_meter_faults import _pretend_two_ranks
 from torch.utils.data import DataLoader
 
-from mfu_callbacks import MFUOptions, _wandb
+from mfu_callbacks import MFUOptions
 from mfu_callbacks._guard import Guard
 from mfu_callbacks._session import MeterSession
 from mfu_callbacks._status import Status
 from mfu_callbacks.flops import ModelIntrospectionError
 from mfu_callbacks.metrics import MFUStatus
-from mfu_callbacks.report import format_report
-from mfu_callbacks.run_summary import RunSummary
+from mfu_callbacks.runs import wandb as run_wandb
+from mfu_callbacks.runs.report import format_report
+from mfu_callbacks.runs.summary import RunSummary
 
 PEAK_TFLOPS = 0.5
 BATCH = 4
@@ -300,7 +301,7 @@ class FakeWandbRun:
 
 def test_the_wandb_summary_carries_the_status_its_reason_and_the_fix():
     run = FakeWandbRun()
-    _wandb.summarize_run(run, {}, (), Status(MFUStatus.OFF, "the engine broke", "pass forward="))
+    run_wandb.summarize_run(run, {}, (), Status(MFUStatus.OFF, "the engine broke", "pass forward="))
     assert run.summary == {
         "mfu_run/status": 0,
         "mfu_run/status_name": "off",
@@ -308,5 +309,5 @@ def test_the_wandb_summary_carries_the_status_its_reason_and_the_fix():
         "mfu_run/status_fix": "pass forward=",
     }
     healthy = FakeWandbRun()
-    _wandb.summarize_run(healthy, {"mfu": 0.4}, (), Status(MFUStatus.MEASURING))
+    run_wandb.summarize_run(healthy, {"mfu": 0.4}, (), Status(MFUStatus.MEASURING))
     assert healthy.summary == {"mfu_run/mfu": 0.4, "mfu_run/status": 1, "mfu_run/status_name": "measuring"}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import types
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +12,10 @@ import torch
 from conftest import FixedLengthTokens, accelerate_loop, collate, tiny_llama
 from torch.utils.data import DataLoader
 
-from mfu_callbacks._runlog import wandb_records
+from mfu_callbacks._options import MFUOptions
+from mfu_callbacks._session import MeterSession
+from mfu_callbacks.runs.logs import wandb_records
+from mfu_callbacks.runs.summary import RunSummary
 
 wandb = pytest.importorskip("wandb")
 
@@ -78,14 +83,60 @@ def check_run(records: list[dict], loss_key: str, mfu_key: str, step_metric: str
     described = config["mfu_callbacks"]
     assert described["peak_tflops"] == PEAK_TFLOPS
     assert described["dtype"] == "fp32"
-    assert described["model_flops_per_token_linear"] > 0
-    assert sum(described["flops_breakdown_share"].values()) == pytest.approx(1.0)
+    # The run summary's setup (runs.summary.describe_setup), not keys of its own.
+    assert described["model_flops_per_token"] > 0
+    assert sum(described["flops_breakdown_per_token"].values()) == pytest.approx(
+        described["model_flops_per_token"]
+    )
+    assert described["versions"]["mfu_callbacks"] and described["world_size"] == 1
     summary = summary_of(records)
     assert 0 < summary["mfu_run/mfu"] < 1
     assert summary["mfu_run/hfu"] >= summary["mfu_run/mfu"]
     assert summary["mfu_run/status"] == 1 and summary["mfu_run/status_name"] == "measuring"
     status_key = mfu_key.removesuffix("mfu") + "mfu_status"
     assert all(row[status_key] == 1 for row in with_mfu), "a row with MFU says it is measuring"
+
+
+class RecordingRun:
+    """What a session touches on a W&B run (config, metric axes, summary), kept for the test to read."""
+
+    def __init__(self) -> None:
+        self.config = types.SimpleNamespace(values={})
+        self.config.update = lambda values, allow_val_change=False: self.config.values.update(values)
+        self.summary: dict[str, Any] = {}
+
+    def define_metric(self, name: str, **options: Any) -> None:
+        pass
+
+    def log(self, row: dict) -> None:
+        pass
+
+
+def test_the_wandb_config_is_the_run_summary_setup_and_the_versions(tmp_path, monkeypatch):
+    """One description of the setup: the W&B config holds the run summary's setup keys, with the same
+    values, and the library versions; no key of its own."""
+    run = RecordingRun()
+    monkeypatch.setattr(wandb, "run", run)
+    model = tiny_llama()
+    batch = {"input_ids": torch.randint(0, 64, (2, 8))}
+    batch["labels"] = batch["input_ids"]
+    session = MeterSession(MFUOptions(peak_tflops=PEAK_TFLOPS, warmup_steps=1, report=False), "test")
+    session.write_summary_to(tmp_path)
+    session.attach(model)
+    session.watch_forward(model)
+    for _ in range(3):
+        session.begin_step()
+        model(**batch).loss.backward()
+        session.end_step()
+        session.read()
+    session.finish()
+    described = json.loads(json.dumps(run.config.values["mfu_callbacks"]))
+    header = RunSummary.read(tmp_path)
+    assert set(described) == set(header.setup) | {"versions"}
+    assert {"device", "peak_tflops", "dtype", "model_flops_per_token", "model"} <= set(described)
+    for key, value in header.setup.items():
+        assert described[key] == (pytest.approx(value) if isinstance(value, float) else value), key
+    assert described["versions"] == header.versions
 
 
 def collate_with_padding(rows):
@@ -157,7 +208,7 @@ class FakeOnlineRun:
 
 def check_online_reading_of(records: list[dict], offline: Path) -> None:
     """`compare` reads a run by entity/project/run_id as it reads the offline files of the same run."""
-    from mfu_callbacks._runlog import read_online_wandb_run, read_run
+    from mfu_callbacks.runs.logs import read_online_wandb_run, read_run
 
     class Api:
         def run(self, path):
@@ -223,7 +274,7 @@ def test_accelerate_with_log_with_wandb(offline):
 
 
 def test_an_online_run_that_cannot_be_reached_is_one_line_naming_it():
-    from mfu_callbacks._runlog import RunLogError, read_online_wandb_run
+    from mfu_callbacks.runs.logs import RunLogError, read_online_wandb_run
 
     class Offline:
         def run(self, path):

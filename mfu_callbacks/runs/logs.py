@@ -1,6 +1,6 @@
 """Read a run's MFU windows, loss curve and setup back from what a training run left on disk.
 
-Four formats: the run summary (``mfu_summary.json``, see :mod:`mfu_callbacks.run_summary`), a W&B
+Four formats: the run summary (``mfu_summary.json``, see :mod:`mfu_callbacks.runs.summary`), a W&B
 offline run (read with W&B's own reader, ``wandb leet inspect --json``), a Lightning ``CSVLogger``
 ``metrics.csv``, and a Hugging Face Trainer ``trainer_state.json``. A folder is searched for them.
 
@@ -21,14 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._input_files import InputFileError, check_size, load_json, parse_json
-from .metrics import MFU, NUMERIC_METRICS
-from .run_summary import DEFAULT_FILENAME, RunSummary, RunSummaryError
+from .._input_files import InputFileError, check_size, load_json, parse_json
+from ..metrics import MFU, NUMERIC_METRICS
+from .summary import DEFAULT_FILENAME, RunSummary, RunSummaryError
+from .wandb import CONFIG_KEY
 
 _LOSS_KEYS = ("train/loss", "loss")
 _STEP_KEYS = ("train/global_step", "trainer/global_step", "step", "_step")
 _LIGHTNING_STEP_KEY = "trainer/global_step"  # Lightning's WandbLogger: the 0-based index of the step
-_WANDB_CONFIG_KEY = "mfu_callbacks"  # where the integrations describe the measurement in a W&B run's config
 # A logged number beyond this is no measurement (and its square would overflow a float): left out like NaN.
 _LARGEST_VALUE = 1e100
 EXPECTED = (
@@ -63,7 +63,7 @@ class RunLog:
     versions: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # what a reader should know about how it was found
     # Run summaries since 0.2.0: what each window added to the run's totals (by the window's step), and
-    # the run's totals as its report divided them (see ``mfu_callbacks.run_summary``).
+    # the run's totals as its report divided them (see ``mfu_callbacks.runs.summary``).
     window_totals: dict[float, dict[str, float]] = field(default_factory=dict)
     run_totals: dict[str, float] | None = None
 
@@ -303,7 +303,7 @@ def read_online_wandb_run(path: str, api: Any = None) -> RunLog:
     for row in rows:
         if isinstance(row, dict):
             run.add(row)
-    described = config.get(_WANDB_CONFIG_KEY)
+    described = config.get(CONFIG_KEY)
     if isinstance(described, dict):
         run.setup.update(described)
     _check_setup(run)
@@ -324,7 +324,7 @@ def _read_wandb(path: Path) -> RunLog:
         elif kind in ("config", "run"):
             config = body.get("config", {}) if kind == "run" else body
             update = config.get("update", {}) if isinstance(config, dict) else None
-            described = update.get(_WANDB_CONFIG_KEY) if isinstance(update, dict) else None
+            described = update.get(CONFIG_KEY) if isinstance(update, dict) else None
             if isinstance(described, dict):
                 run.setup.update(described)
     return run

@@ -10,19 +10,23 @@ import argparse
 import json
 from typing import Any
 
-from ..cli import add_model_arguments
-from . import MIXED_PRECISION, TORCH_DTYPES, Examination, examine
-from .budget import TooLarge
+from ..doctor import MIXED_PRECISION, TORCH_DTYPES, Examination, examine
+from ..doctor.budget import TooLarge
+from ._common import CliError, ModelArguments, add_model_arguments
+from .model import count_step
 
 CPU_REPEATS, GPU_REPEATS = 3, 10
 MAX_REPEATS = 10_000
 ROUNDS, MAX_ROUNDS = 3, 1_000
 
 
+SUMMARY = "time each matmul shape, attention and the optimizer of a config's step on this device"
+
+
 def add_parser(commands: Any) -> None:
     doctor = commands.add_parser(
         "doctor",
-        help="time each matmul shape, attention and the optimizer of a config's step on this device",
+        help=SUMMARY,
         description="Builds the model on the meta device from a local config.json (nothing is downloaded), "
         "reads the distinct matmul shapes of one training step and times each here: the step's compute "
         "floor, the MFU ceiling it implies, a predicted step time, and what padding misaligned sizes buys.",
@@ -54,7 +58,7 @@ def add_parser(commands: Any) -> None:
     doctor.add_argument(
         "--peak-tflops", type=float, help="dense peak TFLOP/s of one GPU, for a GPU the table lacks"
     )
-    doctor.set_defaults(handler=run, gradient_checkpointing=False)
+    doctor.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -70,10 +74,9 @@ def diagnose(args: argparse.Namespace) -> Examination:
     import torch
 
     from .. import _validate
-    from ..cli import CliError, _check_arguments, _count
     from ..hardware import resolve_peak
 
-    _check_arguments(args)
+    arguments = ModelArguments.of(args)
     if args.repeats is not None and not 1 <= args.repeats <= MAX_REPEATS:
         raise CliError(
             f"--repeats must be from 1 to {MAX_REPEATS:,} (got {args.repeats:,}): timed calls per shape, e.g. 10"
@@ -92,7 +95,7 @@ def diagnose(args: argparse.Namespace) -> Examination:
         raise CliError(
             f"--device {args.device}: torch sees no CUDA device here; leave --device out to time on the CPU"
         )
-    config, model, step = _count(args)
+    config, model, step = count_step(arguments)
     if getattr(config, "is_encoder_decoder", False):
         raise CliError(
             f"{args.config} is an encoder-decoder ({config.model_type!r}): doctor times decoder-only language "
@@ -113,7 +116,7 @@ def diagnose(args: argparse.Namespace) -> Examination:
             peak_flops=peak.flops if peak is not None else None,
         )
     except TooLarge as error:
-        raise CliError(f"{error}: {_blame(error.piece.sizes, config, args)}") from None
+        raise CliError(f"{error}: {_blame(error.piece.sizes, config, arguments)}") from None
     except torch.cuda.OutOfMemoryError as error:
         raise CliError(
             f"out of GPU memory while timing a shape ({' '.join(str(error).split())[:200]}): free the GPU, "
@@ -121,20 +124,20 @@ def diagnose(args: argparse.Namespace) -> Examination:
         ) from None
 
 
-def _blame(sizes: tuple[int, ...], config: Any, args: argparse.Namespace) -> str:
+def _blame(sizes: tuple[int, ...], config: Any, arguments: ModelArguments) -> str:
     """Which options and config fields gave the piece its sizes, and what to do."""
     named = []
-    tokens = args.batch_size * args.seq_len
+    tokens = arguments.batch_size * arguments.seq_len
     if tokens in sizes:
         named.append(f"--batch-size x --seq-len ({tokens:,} tokens)")
-    elif args.seq_len in sizes and args.seq_len > 1:
-        named.append(f"--seq-len {args.seq_len:,}")
+    elif arguments.seq_len in sizes and arguments.seq_len > 1:
+        named.append(f"--seq-len {arguments.seq_len:,}")
     fields = sorted(
         (value, key)
         for key, value in _int_fields(config.to_dict())
-        if value > max(sizes) // 16 and value in sizes and value not in (tokens, args.seq_len)
+        if value > max(sizes) // 16 and value in sizes and value not in (tokens, arguments.seq_len)
     )
-    named += [f"{key} {value:,} in {args.config}" for value, key in reversed(fields[-2:])]
+    named += [f"{key} {value:,} in {arguments.config}" for value, key in reversed(fields[-2:])]
     cause = f"from {' and '.join(named)}" if named else "check the config's sizes"
     return f"{cause}; time a smaller one and scale (estimate counts any size without allocating)"
 
@@ -153,6 +156,13 @@ def print_examination(result: Examination, *, packed: bool = False, lora: bool =
     mode = "mixed precision, fp32 weights" if result.dtype in MIXED_PRECISION else "fp32 weights"
     what = ", ".join(filter(None, ["LoRA" if lora else "full", "packed" if packed else ""]))
     print(f"{result.device}, {result.dtype} ({mode}), {what}: {result.tokens:,} tokens per step")
+    _print_pieces(result)
+    _print_step(result)
+    _print_padding(result)
+
+
+def _print_pieces(result: Examination) -> None:
+    """Each distinct matmul shape and attention call: its rate and its time per step."""
     print("  matmuls, per step (M x K x N; T: a transposed operand):")
     print(f"    {'count':>5}  {'shape':<26} {'TFLOP/s':>8} {'ms/step':>8}  layers")
     for item in sorted(result.matmuls, key=lambda item: -item.step_seconds):
@@ -173,6 +183,10 @@ def print_examination(result: Examination, *, packed: bool = False, lora: bool =
             f"{', fwd+bwd' if attention.backward else ''}): {rate:.1f} TFLOP/s, "
             f"{call.step_seconds * 1e3:.2f} ms/step"
         )
+
+
+def _print_step(result: Examination) -> None:
+    """The step's compute floor, MFU ceiling, optimizer, other ops, and the predicted step time."""
     ceiling = result.mfu_at(result.floor_seconds)
     predicted = result.mfu_at(result.predicted_seconds)
     print(
@@ -213,6 +227,10 @@ def print_examination(result: Examination, *, packed: bool = False, lora: bool =
         f"  predicted step   {result.predicted_seconds * 1e3:9.2f} ms{predicted_text}"
         f"{_spread_text(result.predicted_rounds)}"
     )
+
+
+def _print_padding(result: Examination) -> None:
+    """Padding advice where its saving exceeds the spread of the timings, and where it does not."""
     gains = [(item, item.padding_gain) for item in result.matmuls if item.padding_gain]
     for item, (padded, seconds) in sorted(gains, key=lambda pair: -pair[1][1]):
         shape = item.shape

@@ -2,14 +2,14 @@
 
 MFU is the model FLOPs of every measured step over their GPU-seconds over the peak (``metrics.py``:
 "totals over totals, never means of per-step ratios"). A run summary written since 0.2.0 stores the
-totals each window added and the run's totals (``run_summary.py``): the figure of a run is then
+totals each window added and the run's totals (``runs/summary.py``): the figure of a run is then
 computed from them exactly, and with no window left out (``--warmup-windows 0``, the default) it is
 the end-of-run report's. Logs without totals (older summaries, W&B, Lightning ``metrics.csv``,
 ``trainer_state.json``) hold each window's ratios only: each is weighted by the window's length (its
 step time × the optimizer steps since the previous window), which is the ratio of totals when the
 step counts between windows are right, and close to it otherwise; the run's notes say so.
 
-Every figure's interval comes from the spread of its windows (``_intervals.ratio_estimate``).
+Every figure's interval comes from the spread of its windows (``intervals.ratio_estimate``).
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import statistics
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from . import metrics as m
-from ._intervals import Estimate, ratio_estimate
-from ._runlog import RunLog
+from ... import metrics as m
+from ..logs import RunLog
+from .intervals import Estimate, ratio_estimate
 
 FLOPS_PER_TOKEN = "model_flops_per_token"  # derived per window: TFLOP/s per GPU over tokens/s per GPU
 
