@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import FakeClock
 from torch import nn
 
 import mfu_callbacks.meter as meter_module
@@ -18,6 +17,7 @@ from mfu_callbacks.flops.features import HARDWARE, MODEL, NUM_FEATURES, Feature
 from mfu_callbacks.flops.step_flops import StepFlops
 from mfu_callbacks.meter import MFUMeter
 from mfu_callbacks.timer import StepTimer
+from tests.conftest import FakeClock
 
 MODEL_FLOPS_PER_TOKEN = 1e9  # FLOPs the fake model needs per real token
 HARDWARE_FLOPS_PER_TOKEN = 1.5e9  # FLOPs it runs per computed token (as if with recompute)
@@ -340,7 +340,7 @@ def test_bad_options_are_refused(options, message):
 
 
 def test_with_the_real_flop_engine_on_a_tiny_llama():
-    from conftest import FixedLengthTokens, collate, step_truth, tiny_llama
+    from tests.conftest import FixedLengthTokens, collate, step_truth, tiny_llama
 
     model = tiny_llama()
     full = collate([FixedLengthTokens(4)[i] for i in range(4)])  # 4 rows x 16 tokens

@@ -13,14 +13,14 @@ from collections.abc import Sequence
 
 import pytest
 import torch
-from conftest import FakeClock
-from test_meter import FakeEngine, FakePeak, batch, make_meter, run_step
 from torch import nn
 
 from mfu_callbacks import MFUMeter, MFUOptions, distributed
 from mfu_callbacks._step_counts import StepCounts
 from mfu_callbacks.flops import BatchError
 from mfu_callbacks.timer import StepTimer
+from tests.conftest import FakeClock
+from tests.test_meter import FakeEngine, FakePeak, batch, make_meter, run_step
 
 
 class PickyEngine(FakeEngine):

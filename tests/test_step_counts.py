@@ -12,7 +12,6 @@ import tracemalloc
 
 import pytest
 import torch
-from conftest import VOCAB, FakeClock, full_batch, model_truth, packed_batch, padded_batch, seq2seq_batch
 
 from mfu_callbacks import MFUMeter
 from mfu_callbacks._step_counts import StepCounts
@@ -20,6 +19,15 @@ from mfu_callbacks.flops.tokens import TokenCounting
 from mfu_callbacks.flops.windows import Window
 from mfu_callbacks.testing import SYNCING_OPERATIONS, OperationLog, causal_lm
 from mfu_callbacks.timer import StepTimer
+from tests.conftest import (
+    VOCAB,
+    FakeClock,
+    full_batch,
+    model_truth,
+    packed_batch,
+    padded_batch,
+    seq2seq_batch,
+)
 
 WINDOWED = {"windows": (Window(4), Window(8, chunked=True)), "kernel_windows": (Window(4), None)}
 
