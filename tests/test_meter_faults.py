@@ -1,6 +1,6 @@
 """The meter under faults: odd batches, runs that never read, bad settings, a failing rank, resuming.
 
-The fake clock, engine and peak are those of ``test_meter``; expected values are worked out by hand.
+The fake clock, engine and peak are those of ``tests/helpers/fakes.py``; expected values are worked out by hand.
 """
 
 from __future__ import annotations
@@ -9,18 +9,25 @@ import json
 import logging
 import math
 import tracemalloc
-from collections.abc import Sequence
 
 import pytest
 import torch
 from torch import nn
 
-from mfu_callbacks import MFUMeter, MFUOptions, distributed
+from mfu_callbacks import MFUMeter, MFUOptions
 from mfu_callbacks._step_counts import StepCounts
 from mfu_callbacks.flops import BatchError
 from mfu_callbacks.timer import StepTimer
-from tests.conftest import FakeClock
-from tests.test_meter import FakeEngine, FakePeak, batch, make_meter, run_step
+from tests.helpers.fakes import (
+    DeferredFeatures,
+    FakeClock,
+    FakeEngine,
+    FakePeak,
+    batch,
+    make_meter,
+    pretend_two_ranks,
+    run_step,
+)
 
 
 class PickyEngine(FakeEngine):
@@ -111,11 +118,11 @@ def test_thirty_thousand_steps_without_a_read_stay_within_two_megabytes():
 
 
 def test_folded_counts_keep_the_window_sum_and_the_last_step():
-    counts = StepCounts(rows=4)
+    counts, deferred = StepCounts(rows=4), DeferredFeatures()
     for step in range(1, 11):
-        counts.add(torch.full((2, 3), step, dtype=torch.int64))
+        counts.add_deferred(*deferred(torch.full((2, 3), step, dtype=torch.int64)))
         counts.end_step()
-    counts.add(torch.full((2, 3), 100, dtype=torch.int64))  # an open step keeps its count
+    counts.add_deferred(*deferred(torch.full((2, 3), 100, dtype=torch.int64)))  # an open step keeps its count
     window, last = counts.take()
     assert window.tolist() == [[55] * 3] * 2
     assert last.tolist() == [[10] * 3] * 2
@@ -225,22 +232,6 @@ def test_the_limits_themselves_are_accepted():
 
 
 # -- a failing rank never leaves the others waiting ---------------------------------------------------
-def _pretend_two_ranks(monkeypatch, calls: list, *, other_failed: bool = False) -> None:
-    """A process group of two whose other rank did what this one did (or failed), reduced by hand."""
-
-    def sum_and_max(sums: Sequence[float], maxima: Sequence[float]) -> tuple[list[float], list[float]]:
-        calls.append(len(sums) + len(maxima))
-        other = [0.0] * len(sums) if other_failed else list(sums)
-        if other_failed:
-            other[-1] = 1.0  # failed_ranks, the last summed field
-        return [mine + theirs for mine, theirs in zip(sums, other)], list(maxima)
-
-    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
-    monkeypatch.setattr(distributed, "world_size", lambda: 2)
-    monkeypatch.setattr(distributed, "rank", lambda: 0)
-    monkeypatch.setattr(distributed, "sum_and_max_over_ranks", sum_and_max)
-
-
 class BrokenEngine(FakeEngine):
     def evaluate(self, features):
         raise RuntimeError("the engine broke")
@@ -248,7 +239,7 @@ class BrokenEngine(FakeEngine):
 
 def test_a_rank_whose_read_fails_still_joins_the_reduction(monkeypatch):
     calls: list = []
-    _pretend_two_ranks(monkeypatch, calls)
+    pretend_two_ranks(monkeypatch, calls)
     clock = FakeClock()
     meter = make_meter(clock, engine=BrokenEngine())
     run_step(meter, clock, batch(1000), seconds=1.0)
@@ -261,7 +252,7 @@ def test_a_rank_whose_read_fails_still_joins_the_reduction(monkeypatch):
 
 def test_mfu_is_left_out_of_a_window_in_which_a_rank_failed(monkeypatch):
     calls: list = []
-    _pretend_two_ranks(monkeypatch, calls, other_failed=True)
+    pretend_two_ranks(monkeypatch, calls, other_failed=True)
     clock = FakeClock()
     meter = make_meter(clock)
     run_step(meter, clock, batch(1000), seconds=1.0)

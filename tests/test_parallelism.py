@@ -19,8 +19,8 @@ from mfu_callbacks import parallelism
 from mfu_callbacks.meter import MFUMeter
 from mfu_callbacks.run_summary import describe_setup
 from mfu_callbacks.timer import StepTimer
-from tests.conftest import FakeClock, gloo_reports
-from tests.test_meter import FakeEngine, FakePeak, batch, run_step
+from tests.conftest import gloo_reports
+from tests.helpers.fakes import FakeClock, FakeEngine, FakePeak, batch, run_step
 
 WORLD_SIZE = 4
 # Per rank, on the mesh [[0, 1], [2, 3]] (dp_shard x tp): rank 0 is fastest, but it waits for rank 1

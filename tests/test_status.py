@@ -30,7 +30,7 @@ from mfu_callbacks.metrics import MFUStatus
 from mfu_callbacks.report import format_report
 from mfu_callbacks.run_summary import RunSummary
 from tests.conftest import FixedLengthTokens, accelerate_loop, collate, full_batch, step_truth, tiny_llama
-from tests.test_meter_faults import _pretend_two_ranks
+from tests.helpers.fakes import pretend_two_ranks
 
 PEAK_TFLOPS = 0.5
 BATCH = 4
@@ -277,7 +277,7 @@ def test_the_run_summary_file_keeps_the_status(tmp_path):
 
 
 def test_a_window_in_which_another_rank_failed_says_so_and_the_run_ends_saying_so(monkeypatch, fake_meter):
-    _pretend_two_ranks(monkeypatch, [], other_failed=True)
+    pretend_two_ranks(monkeypatch, [], other_failed=True)
     said: list[str] = []
     session = MeterSession(
         MFUOptions(peak_tflops=PEAK_TFLOPS, warmup_steps=0, report=False), "owner", warn=said.append

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mfu_callbacks.timer import StepTimer, StepTiming
-from tests.conftest import FakeClock
+from tests.helpers.fakes import FakeClock
 
 
 def timed_step(timer: StepTimer, clock: FakeClock, *, wait: float, seconds: float) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import sys
 import types
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -38,7 +37,6 @@ from mfu_callbacks.meter import MFUMeter
 from mfu_callbacks.timer import StepTimer
 from tests.conftest import (
     VOCAB,
-    FakeClock,
     checkpointing_off,
     full_batch,
     make_eager,
@@ -46,19 +44,10 @@ from tests.conftest import (
     padded_batch,
     step_truth,
 )
+from tests.helpers.fakes import FakeClock, FakePeak
 
 PEAK_FLOPS = 1e9  # a slow fake GPU, so that the tiny model's MFU is a readable fraction
 HIDDEN, LAYERS = 64, 2
-
-
-@dataclass(frozen=True)
-class FakePeak:
-    """The PeakInfo interface, at a chosen dtype."""
-
-    flops: float = PEAK_FLOPS
-    device_name: str = "Fake GPU"
-    dtype: str = "bf16"
-    source: str = "test"
 
 
 def llama(vocab: int = VOCAB, intermediate: int = 128, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -90,7 +79,7 @@ def make_meter(
     """A meter on a fake clock with the engine built up front (no warm-up step needed)."""
     timer = StepTimer(0, clock=clock, force_cpu=True)
     engine = FlopEngine.from_model(model, template)
-    peak = peak if peak is not None else FakePeak(dtype=dtype)
+    peak = peak if peak is not None else FakePeak(flops=PEAK_FLOPS, dtype=dtype)
     return MFUMeter(model, engine=engine, timer=timer, peak=peak, **kwargs)
 
 
@@ -170,7 +159,9 @@ def vocab_run(
     model = make_eager(llama(vocab=vocab))
     clock = FakeClock()
     batch = full_batch(2, 16)
-    meter = make_meter(model, clock, batch, peak=FakePeak(device_name=device_name), **kwargs)
+    meter = make_meter(
+        model, clock, batch, peak=FakePeak(flops=PEAK_FLOPS, device_name=device_name), **kwargs
+    )
     run_steps(meter, clock, batch, 2, seconds=seconds)
     meter.metrics()
     return meter, model
@@ -552,7 +543,7 @@ def test_misaligned_matmuls_on_a_measured_gpu_report_the_measured_cost(monkeypat
     model = make_eager(llama(intermediate=100))
     clock = FakeClock()
     batch = full_batch(2, 16)
-    meter = make_meter(model, clock, batch, peak=FakePeak(device_name=H100))
+    meter = make_meter(model, clock, batch, peak=FakePeak(flops=PEAK_FLOPS, device_name=H100))
     run_steps(meter, clock, batch, 1, seconds=5.0)
     meter.metrics()
     diagnosis = fired(meter, "matmul_alignment")
@@ -793,7 +784,7 @@ def test_a_silenced_diagnosis_never_fires(clean_model):
 
 def test_unknown_ids_are_refused_with_the_known_ones():
     with pytest.raises(ValueError, match="padding_wast'.*known ids are vocab_alignment, padding_waste"):
-        MFUMeter(nn.Linear(2, 2), peak=FakePeak(), silence_diagnostics=["padding_wast"])
+        MFUMeter(nn.Linear(2, 2), peak=FakePeak(flops=PEAK_FLOPS), silence_diagnostics=["padding_wast"])
     with pytest.raises(ValueError, match="list of diagnosis ids"):
         Diagnostics("padding_waste")
     assert len(DIAGNOSIS_IDS) == 8

@@ -13,17 +13,8 @@ from accelerate.tracking import GeneralTracker
 from torch.utils.data import DataLoader
 
 from mfu_callbacks.accelerate import MFUTracker
-from tests.conftest import (
-    FLOPS_PER_TOKEN,
-    SECONDS_PER_BATCH,
-    SEQ,
-    FixedLengthTokens,
-    HookSpy,
-    collate,
-    step_truth,
-    tiny_llama,
-    torchrun,
-)
+from tests.conftest import SEQ, FixedLengthTokens, HookSpy, collate, step_truth, tiny_llama, torchrun
+from tests.helpers.fakes import FLOPS_PER_TOKEN, SECONDS_PER_BATCH
 
 PEAK_TFLOPS = 0.5
 BATCH = 4

@@ -221,7 +221,7 @@ def test_a_generation_the_meter_cannot_watch_is_timed_and_counted_from_its_lengt
     for vLLM) and trains (1 s); a generation between the steps belongs to no step."""
     from mfu_callbacks import MFUMeter
     from mfu_callbacks.timer import StepTimer
-    from tests.conftest import FakeClock
+    from tests.helpers.fakes import FakeClock
 
     clock = FakeClock()
     meter = MFUMeter(

@@ -17,16 +17,8 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
 from mfu_callbacks.lightning import MFUCallback
-from tests.conftest import (
-    FLOPS_PER_TOKEN,
-    SECONDS_PER_BATCH,
-    SEQ,
-    FixedLengthTokens,
-    HookSpy,
-    collate,
-    step_truth,
-    tiny_llama,
-)
+from tests.conftest import SEQ, FixedLengthTokens, HookSpy, collate, step_truth, tiny_llama
+from tests.helpers.fakes import FLOPS_PER_TOKEN, SECONDS_PER_BATCH
 
 PEAK_TFLOPS = 0.5
 BATCH = 4

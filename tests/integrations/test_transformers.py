@@ -10,17 +10,8 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from mfu_callbacks.transformers import MFUCallback
-from tests.conftest import (
-    FLOPS_PER_TOKEN,
-    SECONDS_PER_BATCH,
-    SEQ,
-    FixedLengthTokens,
-    HookSpy,
-    collate,
-    step_truth,
-    tiny_llama,
-    torchrun,
-)
+from tests.conftest import SEQ, FixedLengthTokens, HookSpy, collate, step_truth, tiny_llama, torchrun
+from tests.helpers.fakes import FLOPS_PER_TOKEN, SECONDS_PER_BATCH
 
 PEAK_TFLOPS = 0.5
 BATCH = 4
