@@ -190,18 +190,6 @@ def test_a_truncated_last_window_is_a_run_still_being_written_and_reads(capsys, 
     assert "error" not in capsys.readouterr().err
 
 
-def test_a_w_and_b_reference_is_read_as_one_only_in_its_form(tmp_path, monkeypatch):
-    from mfu_callbacks._runlog import wandb_reference
-
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "out").mkdir()
-    assert wandb_reference("out/run1/checkpoint-500") is None  # beside an out folder: a local path
-    assert wandb_reference("team/project/abc123") == "team/project/abc123"
-    assert wandb_reference("wandb:out/run1/abc123") == "out/run1/abc123"
-    assert wandb_reference("https://wandb.ai/team/project/runs/abc123?nw=1") == "team/project/abc123"
-    assert wandb_reference("runs/main.csv") is None
-
-
 def test_an_unexpected_error_is_one_line_exit_2_not_a_traceback(capsys, monkeypatch):
     """Exit 1 means "a candidate dropped" to a CI gate: a bug must never read as that."""
     from mfu_callbacks import compare
