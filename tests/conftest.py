@@ -1,4 +1,5 @@
-"""Shared test helpers: batches of known shape, tiny models, fakes, and torch's own FLOP counter as the truth.
+"""Shared test helpers: batches of known shape, tiny models, the fixture that fakes every meter's engine and
+clock, and torch's own FLOP counter as the truth. The fakes themselves live in ``helpers/fakes.py``.
 
 The truth of a step is ``torch.utils.flop_counter.FlopCounterMode`` around forward + backward of the
 real model on CPU, with eager attention and eager MoE experts (the kernels it counts exactly, see
@@ -317,7 +318,7 @@ def _flat(value: Any) -> Iterator[Any]:
         yield value
 
 
-# -- fakes -----------------------------------------------------------------------------------------
+# -- the integrations' fake meter ------------------------------------------------------------------
 @pytest.fixture
 def fake_meter(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
     """Every MFUMeter the integrations build in this test counts with a TokenEngine and times with a fake clock."""
