@@ -14,7 +14,7 @@ from tests.conftest import LENGTHS, VOCAB, assert_flops, full_batch, model_truth
 
 @pytest.fixture(scope="module")
 def llama_and_engine() -> tuple[torch.nn.Module, FlopEngine]:
-    model = causal_lm(hidden=32, intermediate=64, layers=2, heads=4, kv_heads=2, vocab=VOCAB)
+    model = causal_lm(hidden=16, intermediate=32, layers=1, heads=2, kv_heads=1, vocab=VOCAB)
     engine = FlopEngine.from_model(model, full_batch(2, 9))
     make_eager(model)
     return model, engine
