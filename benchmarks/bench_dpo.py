@@ -5,7 +5,7 @@ head), full fine-tuning, a separate unfrozen reference model, a Llama-style mode
 ``common.py`` (``mid``: hidden 1024, 8 layers), every sequence of the same length (no padding).
 ``MFUCallback`` logs one row over the measured steps. The truth of the same run: every forward the
 trainer's two models ran in the last measured step, recorded with its inputs and grad mode, replayed
-under ``FlopCounterMode`` on eager attention (``tests/trl_steps.py``: with grad forward + backward,
+under ``FlopCounterMode`` on eager attention (``tests/helpers/trl_steps.py``: with grad forward + backward,
 without grad the forward once; the head on the positions TRL's fused head scores); MFU from it over
 the wall time of the measured steps (one sync before, one after).
 
@@ -25,7 +25,7 @@ import torch
 from bench_accuracy import hf_wall_clock
 from common import SIZES, llama
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "helpers"))
 from trl_steps import StepTruth, replay  # noqa: E402 - the shared truth of the tests
 
 from mfu_callbacks.hardware import resolve_peak  # noqa: E402

@@ -50,11 +50,11 @@ def convert(model: nn.Module, recipe: str) -> str:
     try:
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
     except ImportError:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "helpers"))
         from fp8 import convert_to_fp8  # the tests' stand-in: torch._scaled_mm, no torchao
 
         convert_to_fp8(model, recipe)
-        return "tests/fp8.py stand-in (torchao not installed)"
+        return "tests/helpers/fp8.py stand-in (torchao not installed)"
     convert_to_float8_training(
         model, config=Float8LinearConfig.from_recipe_name(recipe), module_filter_fn=skip_head
     )

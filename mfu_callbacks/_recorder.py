@@ -206,12 +206,8 @@ class StepRecorder:
             if self._observing_again():
                 self._observe(batch)  # an earlier observation saw no backward: try again
                 return
-            if self.timer.measuring:
-                defer = getattr(counter, "defer", None)
-                if defer is not None:  # features later, at the read (``_step_counts.py``)
-                    self._counts.add_deferred(*defer(batch))
-                else:
-                    self._counts.add(counter.count(batch))
+            if self.timer.measuring:  # features later, at the read (``_step_counts.py``)
+                self._counts.add_deferred(*counter.defer(batch))
         except (BatchError, ValueError) as error:
             self._leave_step_out(error)
 

@@ -47,16 +47,7 @@ class StepCounts:
         self._open: list[Entry] = []
         self._bytes = 0  # held by the owned tensors
         self._counted = False  # whether anything was ever added
-        self._ready: dict[tuple, Plan] = {}  # plans of feature tensors counted already, per shape
         self._shape: tuple[int, ...] = ()  # of a feature tensor, from the first micro-batch
-
-    def add(self, features: torch.Tensor) -> None:
-        """Add one micro-batch's feature tensor, counted already (an engine's ``count``)."""
-        key = (tuple(features.shape), features.device)
-        plan = self._ready.get(key)
-        if plan is None:
-            plan = self._ready[key] = whole_plan(features.numel(), tuple(features.shape), features.device)
-        self.add_deferred(plan, (features.reshape(1, -1),))
 
     def add_deferred(self, plan: Plan, owned: tuple[torch.Tensor, ...]) -> None:
         """Add one micro-batch to the open step: its plan and what it took (``TokenCounting.defer``)."""

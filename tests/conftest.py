@@ -1,4 +1,5 @@
-"""Shared test helpers: batches of known shape, tiny models, fakes, and torch's own FLOP counter as the truth.
+"""Shared test helpers: batches of known shape, tiny models, the fixture that fakes every meter's engine and
+clock, and torch's own FLOP counter as the truth. The fakes themselves live in ``helpers/fakes.py``.
 
 The truth of a step is ``torch.utils.flop_counter.FlopCounterMode`` around forward + backward of the
 real model on CPU, with eager attention and eager MoE experts (the kernels it counts exactly, see
@@ -25,11 +26,10 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import Dataset
 
-from mfu_callbacks.flops import StepFlops
-from mfu_callbacks.flops.features import HARDWARE, MODEL, NUM_FEATURES, Feature
 from mfu_callbacks.meter import MFUMeter
 from mfu_callbacks.testing import causal_lm, configs_of, make_eager, reference_step_flops
 from mfu_callbacks.timer import StepTimer
+from tests.helpers.fakes import FakeClock, TokenEngine
 
 # Tiny models gain nothing from intra-op threads, and on a busy machine a test's threads spin
 # waiting for each other: one thread per test process (pytest-xdist runs a process per core).
@@ -318,47 +318,7 @@ def _flat(value: Any) -> Iterator[Any]:
         yield value
 
 
-# -- fakes -----------------------------------------------------------------------------------------
-class FakeClock:
-    """A host clock that moves only when told to (from 100 s: a duration is never a reading)."""
-
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-FLOPS_PER_TOKEN = 1e9  # what the fake engine counts per real token (per computed token for hardware FLOPs)
-SECONDS_PER_BATCH = 0.25  # what each micro-batch takes on the fake clock
-
-
-class TokenEngine:
-    """The FlopEngine interface for the integration tests: FLOPs proportional to tokens, no model traced.
-
-    Each micro-batch it counts moves the fake clock on by SECONDS_PER_BATCH, so a step's time is
-    known exactly from its micro-batches (and input waits are zero).
-    """
-
-    def __init__(self, clock: FakeClock) -> None:
-        self.clock = clock
-
-    def count(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        self.clock.advance(SECONDS_PER_BATCH)
-        mask = batch["attention_mask"]
-        features = torch.zeros(2, NUM_FEATURES, dtype=torch.int64)
-        features[MODEL, Feature.TOKENS] = int(mask.sum())
-        features[HARDWARE, Feature.TOKENS] = mask.numel()
-        return features
-
-    def evaluate(self, features: torch.Tensor) -> StepFlops:
-        tokens, computed = int(features[MODEL, Feature.TOKENS]), int(features[HARDWARE, Feature.TOKENS])
-        return StepFlops(round(tokens * FLOPS_PER_TOKEN), round(computed * FLOPS_PER_TOKEN), tokens, computed)
-
-
+# -- the integrations' fake meter ------------------------------------------------------------------
 @pytest.fixture
 def fake_meter(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
     """Every MFUMeter the integrations build in this test counts with a TokenEngine and times with a fake clock."""

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch.distributed as dist
-from conftest import FakeClock, gloo_reports
-from test_meter import FakeEngine, FakePeak, batch, run_step
 from torch import nn
 
 from mfu_callbacks import distributed
 from mfu_callbacks.meter import MFUMeter
 from mfu_callbacks.timer import StepTimer
+from tests.conftest import gloo_reports
+from tests.helpers.fakes import FakeClock, FakeEngine, FakePeak, batch, run_step
 
 WORLD_SIZE = 2
 # Per rank: seconds per step, input wait before each step, real tokens per step.

@@ -1,4 +1,4 @@
-"""MFU with a peak per matmul dtype: fp8 linears (``tests/fp8.py``) beside bf16 attention and head.
+"""MFU with a peak per matmul dtype: fp8 linears (``tests/helpers/fp8.py``) beside bf16 attention and head.
 
 The meter runs on CPU but reads its peaks from the table as an H100 SXM (``hardware._identify`` is
 made to name one): dense bf16 989.4 TFLOP/s, dense fp8 1,978.9 (the datasheet's sparse figures
@@ -13,15 +13,15 @@ import copy
 
 import pytest
 import torch
-from conftest import VOCAB
-from fp8 import convert_to_fp8
-from test_flops_fp8 import BATCHES, component_truth
 from torch import nn
 
 from mfu_callbacks import MFUMeter, hardware
 from mfu_callbacks.runs.report import format_report
 from mfu_callbacks.runs.summary import describe_setup
 from mfu_callbacks.testing import causal_lm, make_eager
+from tests.conftest import VOCAB
+from tests.flops.test_fp8 import BATCHES, component_truth
+from tests.helpers.fp8 import convert_to_fp8
 
 H100_BF16, H100_FP8 = 989.4e12, 1978.9e12
 MEASURED = BATCHES[1:]  # the first builds the engine

@@ -8,7 +8,6 @@ import logging
 
 import pytest
 import torch
-from conftest import FixedLengthTokens, collate, tiny_llama
 from torch.utils.data import DataLoader
 
 import mfu_callbacks.accelerate
@@ -16,6 +15,7 @@ import mfu_callbacks.lightning
 import mfu_callbacks.transformers
 from mfu_callbacks import _session
 from mfu_callbacks._guard import ENTRY_POINTS
+from tests.conftest import FixedLengthTokens, collate, tiny_llama
 
 OPTIONS = {"peak_tflops": 0.5, "warmup_steps": 0}
 

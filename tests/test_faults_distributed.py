@@ -11,15 +11,16 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import torchrun
+
+from tests.conftest import torchrun
 
 pytestmark = pytest.mark.multiprocess
 
 COMMON = """
 import json, os, sys, time, torch
-sys.path.insert(0, {tests!r})
+sys.path.insert(0, {root!r})
 import torch.distributed as dist
-from conftest import FixedLengthTokens, collate, tiny_llama
+from tests.conftest import FixedLengthTokens, collate, tiny_llama
 from mfu_callbacks.flops import FlopEngine
 
 FAULT = {fault!r}
@@ -176,7 +177,7 @@ def run(script: str, tmp_path: Path, fault: str, *, stderr: list | None = None) 
     path = tmp_path / f"{fault}.py"
     path.write_text(
         textwrap.dedent(script).format(
-            tests=str(Path(__file__).parent), fault=fault, out=str(tmp_path / f"out-{fault}")
+            root=str(Path(__file__).parents[1]), fault=fault, out=str(tmp_path / f"out-{fault}")
         )
     )
     # A hang (the old behaviour) runs into this limit; a healthy run takes seconds.

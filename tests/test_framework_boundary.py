@@ -14,8 +14,9 @@ import logging
 from pathlib import Path
 
 import torch
-from conftest import FixedLengthTokens, collate, tiny_llama
 from torch.utils.data import DataLoader
+
+from tests.conftest import FixedLengthTokens, collate, tiny_llama
 
 PEAK_TFLOPS = 0.5
 BATCH = 4
@@ -126,9 +127,9 @@ def test_lightning_the_logging_decision_matches_lightnings_own(tmp_path):
     private ``should_update_logs`` at every optimizer step (read here only, never by the package)."""
     import lightning as L
     from lightning.pytorch.loggers import CSVLogger
-    from test_lightning import TinyModule
 
     from mfu_callbacks.lightning import MFUCallback, lightning_writes_logs_now
+    from tests.integrations.test_lightning import TinyModule
 
     class Compare(L.Callback):
         def __init__(self) -> None:
@@ -214,9 +215,9 @@ def test_accelerate_the_prepared_optimizer_is_a_wrapper_around_the_one_that_step
 
 def test_accelerate_only_the_models_optimizer_ends_a_step_and_log_arguments_pass_through():
     from accelerate import Accelerator
-    from test_accelerate import MemoryTracker
 
     from mfu_callbacks.accelerate import MFUTracker
+    from tests.integrations.test_accelerate import MemoryTracker
 
     memory = MemoryTracker()
     accelerator = Accelerator(cpu=True, log_with=[memory])

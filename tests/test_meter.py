@@ -6,76 +6,14 @@ peak below, never with the meter's own helpers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 import torch
-from conftest import FakeClock
 from torch import nn
 
 import mfu_callbacks.meter as meter_module
-from mfu_callbacks.flops.features import HARDWARE, MODEL, NUM_FEATURES, Feature
-from mfu_callbacks.flops.step_flops import StepFlops
 from mfu_callbacks.meter import MFUMeter
 from mfu_callbacks.timer import StepTimer
-
-MODEL_FLOPS_PER_TOKEN = 1e9  # FLOPs the fake model needs per real token
-HARDWARE_FLOPS_PER_TOKEN = 1.5e9  # FLOPs it runs per computed token (as if with recompute)
-PEAK_FLOPS = 1e12
-
-
-def batch(tokens: int, padded: int | None = None) -> dict[str, int]:
-    """A stand-in batch: how many real and computed tokens it holds."""
-    return {"tokens": tokens, "padded": tokens if padded is None else padded}
-
-
-class FakeEngine:
-    """The FlopEngine interface with FLOPs linear in tokens; counts how often it is asked."""
-
-    def __init__(self) -> None:
-        self.counted = 0
-
-    def count(self, fake_batch: dict[str, int]) -> torch.Tensor:
-        self.counted += 1
-        features = torch.zeros(2, NUM_FEATURES, dtype=torch.int64)
-        features[MODEL, Feature.TOKENS] = fake_batch["tokens"]
-        features[HARDWARE, Feature.TOKENS] = fake_batch["padded"]
-        return features
-
-    def evaluate(self, features: torch.Tensor) -> StepFlops:
-        tokens, padded = int(features[MODEL, Feature.TOKENS]), int(features[HARDWARE, Feature.TOKENS])
-        return StepFlops(
-            round(tokens * MODEL_FLOPS_PER_TOKEN), round(padded * HARDWARE_FLOPS_PER_TOKEN), tokens, padded
-        )
-
-
-@dataclass(frozen=True)
-class FakePeak:
-    """The PeakInfo interface."""
-
-    flops: float = PEAK_FLOPS
-    device_name: str = "Fake GPU"
-    dtype: str = "bf16"
-    source: str = "test"
-
-
-def make_meter(
-    clock: FakeClock, *, warmup_steps: int = 0, engine: FakeEngine | None = None, **kwargs
-) -> MFUMeter:
-    timer = StepTimer(warmup_steps, clock=clock, force_cpu=True)
-    kwargs.setdefault("peak", FakePeak())
-    return MFUMeter(nn.Linear(2, 2), engine=engine or FakeEngine(), timer=timer, **kwargs)
-
-
-def run_step(
-    meter: MFUMeter, clock: FakeClock, *batches: dict[str, int], seconds: float, wait: float = 0.0
-) -> None:
-    clock.advance(wait)
-    meter.start_step(batches[0] if batches else None)
-    for micro_batch in batches[1:]:
-        meter.add_batch(micro_batch)
-    clock.advance(seconds)
-    meter.end_step()
+from tests.helpers.fakes import PEAK_FLOPS, FakeClock, FakeEngine, FakePeak, batch, make_meter, run_step
 
 
 def test_every_metric_of_a_window():
@@ -340,7 +278,7 @@ def test_bad_options_are_refused(options, message):
 
 
 def test_with_the_real_flop_engine_on_a_tiny_llama():
-    from conftest import FixedLengthTokens, collate, step_truth, tiny_llama
+    from tests.conftest import FixedLengthTokens, collate, step_truth, tiny_llama
 
     model = tiny_llama()
     full = collate([FixedLengthTokens(4)[i] for i in range(4)])  # 4 rows x 16 tokens

@@ -1,6 +1,6 @@
 """The meter under faults: odd batches, runs that never read, bad settings, a failing rank, resuming.
 
-The fake clock, engine and peak are those of ``test_meter``; expected values are worked out by hand.
+The fake clock, engine and peak are those of ``tests/helpers/fakes.py``; expected values are worked out by hand.
 """
 
 from __future__ import annotations
@@ -9,18 +9,25 @@ import json
 import logging
 import math
 import tracemalloc
-from collections.abc import Sequence
 
 import pytest
 import torch
-from conftest import FakeClock
-from test_meter import FakeEngine, FakePeak, batch, make_meter, run_step
 from torch import nn
 
-from mfu_callbacks import MFUMeter, MFUOptions, distributed
+from mfu_callbacks import MFUMeter, MFUOptions
 from mfu_callbacks._step_counts import StepCounts
 from mfu_callbacks.flops import BatchError
 from mfu_callbacks.timer import StepTimer
+from tests.helpers.fakes import (
+    DeferredFeatures,
+    FakeClock,
+    FakeEngine,
+    FakePeak,
+    batch,
+    make_meter,
+    pretend_two_ranks,
+    run_step,
+)
 
 
 class PickyEngine(FakeEngine):
@@ -111,11 +118,11 @@ def test_thirty_thousand_steps_without_a_read_stay_within_two_megabytes():
 
 
 def test_folded_counts_keep_the_window_sum_and_the_last_step():
-    counts = StepCounts(rows=4)
+    counts, deferred = StepCounts(rows=4), DeferredFeatures()
     for step in range(1, 11):
-        counts.add(torch.full((2, 3), step, dtype=torch.int64))
+        counts.add_deferred(*deferred(torch.full((2, 3), step, dtype=torch.int64)))
         counts.end_step()
-    counts.add(torch.full((2, 3), 100, dtype=torch.int64))  # an open step keeps its count
+    counts.add_deferred(*deferred(torch.full((2, 3), 100, dtype=torch.int64)))  # an open step keeps its count
     window, last = counts.take()
     assert window.tolist() == [[55] * 3] * 2
     assert last.tolist() == [[10] * 3] * 2
@@ -225,22 +232,6 @@ def test_the_limits_themselves_are_accepted():
 
 
 # -- a failing rank never leaves the others waiting ---------------------------------------------------
-def _pretend_two_ranks(monkeypatch, calls: list, *, other_failed: bool = False) -> None:
-    """A process group of two whose other rank did what this one did (or failed), reduced by hand."""
-
-    def sum_and_max(sums: Sequence[float], maxima: Sequence[float]) -> tuple[list[float], list[float]]:
-        calls.append(len(sums) + len(maxima))
-        other = [0.0] * len(sums) if other_failed else list(sums)
-        if other_failed:
-            other[-1] = 1.0  # failed_ranks, the last summed field
-        return [mine + theirs for mine, theirs in zip(sums, other)], list(maxima)
-
-    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
-    monkeypatch.setattr(distributed, "world_size", lambda: 2)
-    monkeypatch.setattr(distributed, "rank", lambda: 0)
-    monkeypatch.setattr(distributed, "sum_and_max_over_ranks", sum_and_max)
-
-
 class BrokenEngine(FakeEngine):
     def evaluate(self, features):
         raise RuntimeError("the engine broke")
@@ -248,7 +239,7 @@ class BrokenEngine(FakeEngine):
 
 def test_a_rank_whose_read_fails_still_joins_the_reduction(monkeypatch):
     calls: list = []
-    _pretend_two_ranks(monkeypatch, calls)
+    pretend_two_ranks(monkeypatch, calls)
     clock = FakeClock()
     meter = make_meter(clock, engine=BrokenEngine())
     run_step(meter, clock, batch(1000), seconds=1.0)
@@ -261,7 +252,7 @@ def test_a_rank_whose_read_fails_still_joins_the_reduction(monkeypatch):
 
 def test_mfu_is_left_out_of_a_window_in_which_a_rank_failed(monkeypatch):
     calls: list = []
-    _pretend_two_ranks(monkeypatch, calls, other_failed=True)
+    pretend_two_ranks(monkeypatch, calls, other_failed=True)
     clock = FakeClock()
     meter = make_meter(clock)
     run_step(meter, clock, batch(1000), seconds=1.0)
@@ -299,60 +290,3 @@ def test_a_resumed_meter_continues_the_run_summary():
 def test_a_state_of_another_version_is_refused():
     with pytest.raises(ValueError, match="version"):
         make_meter(FakeClock()).load_state_dict({"version": 99})
-
-
-def test_run_totals_resumed_with_another_world_size_weigh_each_window_by_its_gpus():
-    from mfu_callbacks._window import RunTotals, Window
-
-    # 2 GPUs: 4e12 FLOPs in 2 s (1e12 per GPU-second); then 1 GPU: 1e12 in 1 s (the same rate).
-    first = RunTotals()
-    first.add(Window(world_size=2, model_flops=4e12, wall_seconds=2.0, steps=2, counting_ranks=2))
-    resumed = RunTotals.from_state_dict(json.loads(json.dumps(first.state_dict())))
-    resumed.add(Window(world_size=1, model_flops=1e12, wall_seconds=1.0, steps=1, counting_ranks=1))
-    assert resumed.utilization(resumed.model_flops, 1e12) == pytest.approx(1.0)  # was 1.67 (5e12 / 3 s / 1)
-    grown = RunTotals.from_state_dict({k: v for k, v in first.state_dict().items() if k != "gpu_seconds"})
-    grown.add(Window(world_size=4, model_flops=8e12, wall_seconds=2.0, steps=2, counting_ranks=4))
-    assert grown.utilization(grown.model_flops, 1e12) == pytest.approx(
-        1.0
-    )  # an older state: gpu_seconds derived
-
-
-def test_run_totals_keep_flops_by_dtype_across_a_resume_and_an_older_state_puts_them_in_the_runs_dtype():
-    from mfu_callbacks._window import DTYPE_SLOTS, RunTotals, Window
-
-    fp8, run = DTYPE_SLOTS.index("fp8"), DTYPE_SLOTS.index("")
-    by_dtype = tuple(3e12 if i == fp8 else 1e12 if i == run else 0.0 for i in range(len(DTYPE_SLOTS)))
-    first = RunTotals()
-    first.add(Window(model_flops=4e12, model_by_dtype=by_dtype, wall_seconds=1.0, steps=1, counting_ranks=1))
-    peaks = {"": 1e12, "fp8": 2e12}
-    resumed = RunTotals.from_state_dict(json.loads(json.dumps(first.state_dict())))
-    assert resumed.model_utilization(peaks) == pytest.approx(3 / 2 + 1 / 1)  # seconds at the peaks over 1 s
-    older = RunTotals.from_state_dict(
-        {k: v for k, v in first.state_dict().items() if not k.endswith("_by_dtype")}
-    )
-    assert older.model_utilization(peaks) == pytest.approx(4.0)  # all at the run's dtype's peak
-    with pytest.raises(ValueError, match="model_by_dtype"):
-        RunTotals.from_state_dict({**first.state_dict(), "model_by_dtype": [1.0, -2.0]})
-
-
-@pytest.mark.parametrize(
-    "state",
-    [{"version": 99}, {"version": 1, "run": "abc"}, {"version": 1, "run": {"steps": "x"}}, ["a", "b"]],
-    ids=["other_version", "run_not_a_dict", "bad_value", "a_list"],
-)
-def test_a_corrupt_or_foreign_state_is_discarded_with_one_warning_and_measuring_goes_on(state):
-    from mfu_callbacks._session import MeterSession
-
-    warnings: list[str] = []
-    session = MeterSession(MFUOptions(peak_tflops=1, warmup_steps=0), "test", warn=warnings.append)
-    clock = FakeClock()
-    session.attach(nn.Linear(2, 2))
-    session.meter = make_meter(clock)
-    session.load_state_dict(state)
-    for _ in range(2):
-        session.begin_step(batch(1000))
-        clock.advance(1.0)
-        session.end_step()
-    assert not session.guard.failed
-    assert len(warnings) == 1 and "ignored" in warnings[0]
-    assert session.read()["train/mfu"] > 0

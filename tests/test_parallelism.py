@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import FakeClock, gloo_reports
-from test_meter import FakeEngine, FakePeak, batch, run_step
 from torch import nn
 
 from mfu_callbacks import parallelism
 from mfu_callbacks.meter import MFUMeter
 from mfu_callbacks.runs.summary import describe_setup
 from mfu_callbacks.timer import StepTimer
+from tests.conftest import gloo_reports
+from tests.helpers.fakes import FakeClock, FakeEngine, FakePeak, batch, run_step
 
 WORLD_SIZE = 4
 # Per rank, on the mesh [[0, 1], [2, 3]] (dp_shard x tp): rank 0 is fastest, but it waits for rank 1

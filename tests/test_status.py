@@ -19,8 +19,6 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import FixedLengthTokens, accelerate_loop, collate, full_batch, step_truth, tiny_llama
-from test_meter_faults import _pretend_two_ranks
 from torch.utils.data import DataLoader
 
 from mfu_callbacks import MFUOptions
@@ -32,6 +30,8 @@ from mfu_callbacks.metrics import MFUStatus
 from mfu_callbacks.runs import wandb as run_wandb
 from mfu_callbacks.runs.report import format_report
 from mfu_callbacks.runs.summary import RunSummary
+from tests.conftest import FixedLengthTokens, accelerate_loop, collate, full_batch, step_truth, tiny_llama
+from tests.helpers.fakes import pretend_two_ranks
 
 PEAK_TFLOPS = 0.5
 BATCH = 4
@@ -100,9 +100,9 @@ def train_hf(tmp_path: Path, length: int, **options: Any) -> Run:
 def train_lightning(tmp_path: Path, length: int, **options: Any) -> Run:
     import lightning as L
     from lightning.pytorch.loggers import CSVLogger
-    from test_lightning import TinyModule
 
     from mfu_callbacks.lightning import MFUCallback
+    from tests.integrations.test_lightning import TinyModule
 
     trainer = L.Trainer(
         max_steps=STEPS,
@@ -129,9 +129,9 @@ def train_lightning(tmp_path: Path, length: int, **options: Any) -> Run:
 
 def train_accelerate(tmp_path: Path, length: int, **options: Any) -> Run:
     from accelerate import Accelerator
-    from test_accelerate import MemoryTracker
 
     from mfu_callbacks.accelerate import MFUTracker
+    from tests.integrations.test_accelerate import MemoryTracker
 
     memory = MemoryTracker()
     accelerator = Accelerator(cpu=True, log_with=[memory], project_dir=str(tmp_path))
@@ -195,7 +195,7 @@ def empty_token_counter(batch: Any) -> Any:
 
 # fault: (option, a phrase of the reason, the start of the fix)
 FAULTS = {
-    "forward_on_meta": (  # with the real step not watched (else it is counted: tests/test_real_step.py)
+    "forward_on_meta": (  # with the real step not watched (else it is counted: tests/flops/test_real_step.py)
         {"forward": forward_without_meta_kernel, "real_step": "off"},
         "no meta kernel for fused_op",
         "pass forward=",
@@ -278,7 +278,7 @@ def test_the_run_summary_file_keeps_the_status(tmp_path):
 
 
 def test_a_window_in_which_another_rank_failed_says_so_and_the_run_ends_saying_so(monkeypatch, fake_meter):
-    _pretend_two_ranks(monkeypatch, [], other_failed=True)
+    pretend_two_ranks(monkeypatch, [], other_failed=True)
     said: list[str] = []
     session = MeterSession(
         MFUOptions(peak_tflops=PEAK_TFLOPS, warmup_steps=0, report=False), "owner", warn=said.append

@@ -12,7 +12,6 @@ import tracemalloc
 
 import pytest
 import torch
-from conftest import VOCAB, FakeClock, full_batch, model_truth, packed_batch, padded_batch, seq2seq_batch
 
 from mfu_callbacks import MFUMeter
 from mfu_callbacks import _step_counts as step_counts
@@ -21,6 +20,8 @@ from mfu_callbacks.flops.tokens import TokenCounting
 from mfu_callbacks.flops.windows import Window
 from mfu_callbacks.testing import SYNCING_OPERATIONS, OperationLog, causal_lm
 from mfu_callbacks.timer import StepTimer
+from tests.conftest import VOCAB, full_batch, model_truth, packed_batch, padded_batch, seq2seq_batch
+from tests.helpers.fakes import FakeClock
 
 WINDOWED = {"windows": (Window(4), Window(8, chunked=True)), "kernel_windows": (Window(4), None)}
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FakeClock
 
 from mfu_callbacks.timer import StepTimer, StepTiming
+from tests.helpers.fakes import FakeClock
 
 
 def timed_step(timer: StepTimer, clock: FakeClock, *, wait: float, seconds: float) -> None:

@@ -112,7 +112,7 @@ def test_the_convolution_kernel_takes_the_arguments_of_convolution_first():
 
 
 def test_the_tensors_a_subclass_wraps_are_read_by_its_flatten_protocol():
-    from fp8 import float8_tensor
+    from tests.helpers.fp8 import float8_tensor
 
     weight = nn.Parameter(torch.randn(4, 8))
     wrapped = float8_tensor(weight.detach())
@@ -221,7 +221,7 @@ def test_composable_distributed_apis_keep_their_state_under_the_prefixed_keys():
 
 def test_fsdp2_state_names_each_managed_parameter_and_the_spec_it_gathers_back_to(tmp_path):
     """FSDP2 alone gathers a plain tensor (no spec); the tensor-parallel spec it gathers back to is
-    checked in tests/test_flops_parallel.py, where a mesh of several ranks exists."""
+    checked in tests/flops/test_parallel.py, where a mesh of several ranks exists."""
     if not torch.distributed.is_available():
         pytest.skip("torch built without torch.distributed")
     import torch.distributed as dist
