@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .flops.engine import FlopEngine
+from .flops import FlopEngine
 from .flops.features import HARDWARE, MODEL
 from .flops.generation import (
     NUM_GENERATION_FEATURES,
@@ -154,7 +154,7 @@ class GenerationPhase:
     @property
     def windows(self) -> tuple[Window, ...]:
         if self._windows is None:
-            from .flops.engine import token_counting
+            from .flops import token_counting
 
             self._windows = token_counting(self._model).windows
         return self._windows

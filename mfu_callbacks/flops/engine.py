@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext, suppress
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,10 +24,7 @@ import torch
 from torch import nn
 
 from .._torch_internals import (
-    COMPILED_IN_PLACE,
-    COMPILED_WRAPPER,
     flex_attention_on_meta,
-    fsdp1_inner_module,
     global_module_hooks_limited_to,
     meta_autocast_as_cpu,
     raised_by_meta_autocast,
@@ -36,13 +33,13 @@ from .._torch_internals import (
 from .checkpoint import checkpoint_to
 from .components import ATTENTION_SCORES, windowed_scores
 from .dtypes import is_without_grad, untagged
-from .features import HARDWARE, MODEL, NUM_FEATURES, WINDOW_FEATURES, Feature
+from .features import HARDWARE, MODEL, NUM_FEATURES, WINDOW_FEATURES, Feature, stream_features
 from .flex import FlexKernel
 from .isolation import map_tensors, preserved_random_state
 from .layouts import Plan
-from .observe import Observation, RealStepObserver
+from .model_config import token_counting, use_eager_kernels
+from .observe import Observation
 from .replica import Replica, build_replica, is_model_library_hook
-from .sharding import tensor_parallel_degree
 from .step_flops import StepFlops
 from .substitutes import install_substitutes
 from .tokens import (
@@ -57,7 +54,7 @@ from .tokens import (
 )
 from .trace import ComponentFlops, MatmulRecorder
 from .unwrap import unwrap_model
-from .windows import Window, kernel_window, model_windows, window_of
+from .windows import Window, window_of
 
 logger = logging.getLogger("mfu_callbacks")
 
@@ -98,18 +95,6 @@ class ComponentCoefficients:
 
 # The fields of ComponentFlops and ComponentCoefficients, in the order the fit solves them.
 _PARTS = ("forward", "backward", "recompute", "forced", "kernel")
-
-
-def _design_row(rows: int, main: int, decoder: int) -> list[float]:
-    row = [0.0] * NUM_FEATURES
-    row[Feature.ROWS] = rows
-    row[Feature.TOKENS] = rows * main
-    row[Feature.SQUARES] = rows * main * main
-    row[Feature.DECODER_TOKENS] = rows * decoder
-    row[Feature.DECODER_SQUARES] = rows * decoder * decoder
-    row[Feature.CROSS] = rows * main * decoder
-    row[Feature.CALLS] = 1
-    return row
 
 
 def default_forward(model: nn.Module, batch: Any) -> Any:
@@ -207,51 +192,6 @@ class _ProbeBatches:
             dropped = ("position_ids", *PACKED_KEYS, "max_length_q", "max_length_k")
             batch = {k: v for k, v in batch.items() if k not in dropped}
         return map_tensors(batch, lambda key, tensor: self._convert(key, tensor, rows, main, decoder))
-
-
-def _configs(model: nn.Module) -> Iterator[Any]:
-    seen: set[int] = set()
-    for module in model.modules():
-        config = getattr(module, "config", None)
-        stack = [config]
-        while stack:
-            config = stack.pop()
-            if config is None or id(config) in seen or not hasattr(config, "to_dict"):
-                continue
-            seen.add(id(config))
-            yield config
-            stack.extend(
-                getattr(config, key, None) for key in ("text_config", "vision_config", "encoder", "decoder")
-            )
-
-
-def _attention_implementation(model: nn.Module) -> str:
-    for config in _configs(model):
-        implementation = getattr(config, "_attn_implementation", None)
-        if implementation:
-            return str(implementation)
-    return "eager"
-
-
-def _is_encoder_decoder(model: nn.Module) -> bool:
-    return any(getattr(config, "is_encoder_decoder", False) for config in _configs(model))
-
-
-def _pad_token_id(model: nn.Module) -> int | None:
-    """The pad id the model's config names (TRL's SFTTrainer copies the tokenizer's onto it)."""
-    for config in _configs(model):
-        pad = getattr(config, "pad_token_id", None)
-        if isinstance(pad, int):
-            return pad
-    return None
-
-
-def _use_eager_kernels(replica: nn.Module) -> None:
-    """Eager attention and experts on the replica: every matmul is then visible to the trace."""
-    for config in _configs(replica):
-        for attribute in ("_attn_implementation", "_experts_implementation"):
-            with suppress(AttributeError, ValueError, TypeError):
-                setattr(config, attribute, "eager")
 
 
 @contextmanager
@@ -470,60 +410,6 @@ class FlopEngine:
         return self._model[Feature.TOKENS] + self._model[Feature.DECODER_TOKENS]
 
 
-def token_counting(model: nn.Module, token_counter: TokenCounter | None = None) -> TokenCounting:
-    """How batches of ``model`` are reduced to features (what its attention kernel computes decides
-    whether packed rows count attention per document in hardware FLOPs)."""
-    base = unwrap_model(model)
-    implementation = _attention_implementation(base)
-    windows = model_windows(base, len(WINDOW_FEATURES))
-    return TokenCounting(
-        encoder_decoder=_is_encoder_decoder(base),
-        attention_per_document="flash" in implementation,
-        token_counter=token_counter,
-        pad_token_id=_pad_token_id(base),
-        windows=windows,
-        kernel_windows=tuple(kernel_window(window, implementation) for window in windows),
-    )
-
-
-def is_compiled(model: nn.Module) -> bool:
-    """Whether ``model`` runs through torch.compile (a wrapper, or ``Module.compile()`` in place)."""
-    return any(
-        type(module).__name__ == COMPILED_WRAPPER or getattr(module, COMPILED_IN_PLACE, None) is not None
-        for module in model.modules()
-    )
-
-
-def is_sharded(model: nn.Module) -> bool:
-    """Whether ``model``'s parameters are sharded across ranks (FSDP1 with or without ``use_orig_params``,
-    FSDP2, tensor parallel, DeepSpeed ZeRO-3). The copy then counts this rank's share (``sharding.py``),
-    and the real step is not watched: under tensor parallel it would see DTensor ops at their global
-    shapes, and under FSDP1 a frozen weight's view of the flat parameter asks for a gradient like a
-    trainable one's, so its count could not stand as the check of the copy's."""
-    return any(fsdp1_inner_module(module) is not None for module in model.modules()) or any(
-        type(parameter).__name__ in ("DTensor", "FlatParameter") or hasattr(parameter, "ds_id")
-        for parameter in model.parameters()
-    )
-
-
-def observe_step(model: nn.Module, batch: Any, counting: TokenCounting) -> RealStepObserver:
-    """A dispatch mode that counts the real step about to run on ``batch`` (enter it before the
-    forward, leave it after the backward); ``from_observation`` turns it into an engine."""
-    if tensor_parallel_degree(model) > 1:
-        raise ModelIntrospectionError(
-            "counting a real step under tensor parallel is not supported: its matmuls run as DTensor ops "
-            "of global shapes, not this rank's share; count from the model's copy instead "
-            "(real_step='check' or 'off')"
-        )
-    main, decoder, rows, _ = counting.streams(batch)
-    if decoder is not None:
-        raise ModelIntrospectionError(
-            "counting a real step of an encoder-decoder is not supported: its matmuls cannot be told "
-            "apart by stream from shapes alone"
-        )
-    return RealStepObserver(model, batch, counting.windows)
-
-
 def _dot(coefficients: Sequence[float], features: Sequence[float]) -> float:
     return sum(c * f for c, f in zip(coefficients, features) if c)
 
@@ -538,7 +424,7 @@ def _trace(
     windows: tuple[Window, ...] = (),
 ) -> tuple[list[dict[str, ComponentFlops]], Replica, list[str]]:
     replica = build_replica(model, fold=fold)
-    _use_eager_kernels(replica.module)
+    use_eager_kernels(replica.module)
     owners = replica.parameter_owners()
     slots = {
         replica.names[id(module)]: windows.index(window)
@@ -599,7 +485,9 @@ def _fit(
     totals: list[dict[str, ComponentFlops]], shapes: Sequence[tuple[int, int, int]]
 ) -> dict[str, ComponentCoefficients]:
     """Solve totals = design @ coefficients exactly, per component and per pass."""
-    design = torch.tensor([_design_row(*shape) for shape in shapes], dtype=torch.float64)
+    design = torch.tensor(
+        [stream_features(rows, main, decoder or None) for rows, main, decoder in shapes], dtype=torch.float64
+    )
     active = [i for i in range(NUM_FEATURES) if design[:, i].abs().sum() > 0]
     reduced = design[:, active]
     components = sorted({name for probe in totals for name in probe})

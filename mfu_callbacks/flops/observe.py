@@ -48,7 +48,6 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .._torch_internals import (
     ATTENTION_BACKWARD,
     ATTENTION_FORWARD,
-    HEADS_SECOND_TO_LAST,
     TorchDispatchMode,
     current_autograd_node,
     custom_function_forward,
@@ -63,21 +62,17 @@ from .declared import Declaration, declared
 from .dtypes import RUN_DTYPE, dtype_of_operands, retagged, tagged, without_grad
 from .features import HARDWARE, MODEL, NUM_FEATURES, WINDOW_FEATURES, Feature
 from .isolation import tensors_in
-from .matmuls import matmul_flops, operands
+from .matmul_ops import (
+    attention_backward_flops,
+    attention_backward_halves,
+    attention_flops_per_square,
+    matmul_flops,
+    operands,
+)
 from .trace import ComponentFlops
 from .windows import Window, window_of
 
 aten = torch.ops.aten
-
-
-def attention_flops_per_square(func: Any, query: torch.Tensor, value: torch.Tensor) -> float:
-    """Forward FLOPs of fused attention per (query, key) pair of one sequence: 2 * heads * (d_qk + d_v).
-
-    Scores and values, each 2 * d per pair and head (FACTS.md). Query layouts: [B, H, L, D] (SDPA),
-    [B, L, H, D] and [T, H, D] (the flash and memory-efficient kernels, variable lengths).
-    """
-    heads = query.shape[-2] if func in HEADS_SECOND_TO_LAST or query.dim() == 3 else query.shape[1]
-    return 2.0 * heads * (query.shape[-1] + value.shape[-1])
 
 
 @dataclass
@@ -539,8 +534,7 @@ class RealStepObserver(TorchDispatchMode):
         elif func in ATTENTION_FORWARD:
             query, key, value = args[:3]
             needed = [self._carries_grad(t, grad_enabled, function) for t in (query, key, value)]
-            # Backward products, each half the forward: dV = P^T dO, dP = dO V^T, dQ = dS K, dK = dS^T Q.
-            halves = needed[2] + (needed[0] or needed[1]) + needed[0] + needed[1]
+            halves = attention_backward_halves(*needed)  # backward products, each half the forward
             component = self._component_of((query,), True)
             per_square = attention_flops_per_square(func, query, value)
             matmul = _Matmul(component, self._squares(), per_square, halves / 2, per_unit=True)
@@ -591,8 +585,10 @@ class RealStepObserver(TorchDispatchMode):
                     component = retagged(component, dtype)
         elif func in ATTENTION_FORWARD or func in ATTENTION_BACKWARD:
             query, value = (args[0], args[2]) if func in ATTENTION_FORWARD else (args[1], args[3])
-            factor = 1.0 if func in ATTENTION_FORWARD else 2.0  # dQ, dK, dV and dP: four halves
-            flops, per_unit = factor * attention_flops_per_square(func, query, value), True
+            flops = attention_flops_per_square(func, query, value)
+            if func in ATTENTION_BACKWARD:  # dQ, dK, dV and dP: four halves of the forward
+                flops = attention_backward_flops(flops, True, True, True)
+            per_unit = True
             component, feature = self._nodes.get(node, (self._component_of((query,), True), self._squares()))
             out = out[0]
         else:

@@ -48,7 +48,14 @@ from .._torch_internals import (
 from .components import ATTENTION_SCORES, classify, component_of_parameter, windowed_scores
 from .dtypes import FP8, RUN_DTYPE, tagged
 from .isolation import tensors_in
-from .matmuls import CONVOLUTIONS, is_fp8, matmul_flops, operands
+from .matmul_ops import (
+    CONVOLUTIONS,
+    attention_backward_flops,
+    attention_flops,
+    is_fp8,
+    matmul_flops,
+    operands,
+)
 from .sharding import Shard
 
 aten = torch.ops.aten
@@ -499,8 +506,8 @@ class MatmulRecorder(TorchDispatchMode):
         rank runs ``local`` of it (its heads, under tensor parallel)."""
         forward = _attention_flops(query, key, value) * local
         grad = torch.is_grad_enabled()
-        backward = _attention_backward(forward, *(grad and self.trains(t) for t in (query, key, value)))
-        runs = _attention_backward(forward, *(grad and _requires_grad(t) for t in (query, key, value)))
+        backward = attention_backward_flops(forward, *(grad and self.trains(t) for t in (query, key, value)))
+        runs = attention_backward_flops(forward, *(grad and _requires_grad(t) for t in (query, key, value)))
         weight = self._weight
         self.record(
             self._component(True),
@@ -518,12 +525,6 @@ def _either(tensor: torch.Tensor | None, otherwise: torch.Tensor) -> torch.Tenso
 
 def _requires_grad(tensor: object) -> bool:
     return bool(getattr(tensor, "requires_grad", False))
-
-
-def _attention_backward(forward: float, q: bool, k: bool, v: bool) -> float:
-    """Backward products of fused attention, each half the forward: dV = P^T dO, dP = dO V^T (for dQ or
-    dK), dQ = dS K, dK = dS^T Q."""
-    return forward / 2 * (v + (q or k) + q + k)
 
 
 def _unpacked(tensor: torch.Tensor) -> torch.Tensor:
@@ -571,8 +572,6 @@ def _autograd_graph(result: Any) -> set | None:
 
 
 def _attention_flops(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> float:
-    """Scores plus values of fused attention: 2*B*H*Lq*Lk*(Dqk + Dv), key/value heads broadcast (GQA)."""
+    """Fused attention of [B, H, L, D] tensors, key/value heads broadcast (GQA)."""
     batch, heads, q_len, qk_dim = query.shape
-    k_len = key.shape[-2]
-    v_dim = value.shape[-1]
-    return 2.0 * batch * heads * q_len * k_len * (qk_dim + v_dim)
+    return attention_flops(batch, heads, q_len, key.shape[-2], qk_dim, value.shape[-1])
