@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .flops import FlopEngine
+from .flops.counting.windows import Window
 from .flops.features import HARDWARE, MODEL
 from .flops.generation import (
     NUM_GENERATION_FEATURES,
@@ -29,7 +30,6 @@ from .flops.generation import (
     weight_bytes_per_forward,
 )
 from .flops.unwrap import unwrap_model
-from .flops.windows import Window
 
 _KEEP_STEPS = 256  # steps kept apart before the oldest are folded together (as the step timer does)
 _Pair = tuple[torch.cuda.Event, torch.cuda.Event]

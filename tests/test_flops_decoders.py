@@ -26,8 +26,8 @@ from conftest import (
 from peft import LoraConfig, get_peft_model
 
 from mfu_callbacks.flops import FlopEngine
+from mfu_callbacks.flops.counting.tokens import TokenCounting
 from mfu_callbacks.flops.features import HARDWARE, MODEL, Feature
-from mfu_callbacks.flops.tokens import TokenCounting
 
 _IDS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
 _SMALL = {

@@ -7,8 +7,8 @@ import pytest
 import torch
 from conftest import packed_batch, padded_batch
 
+from mfu_callbacks.flops.counting.tokens import TokenCounting
 from mfu_callbacks.flops.features import HARDWARE, MODEL, Feature
-from mfu_callbacks.flops.tokens import TokenCounting
 
 
 def labelled(batch: dict[str, torch.Tensor], encoder_decoder: bool = False) -> tuple[int, int]:

@@ -38,9 +38,9 @@ from transformers.masking_utils import eager_mask
 
 import mfu_callbacks.flops.model_config as model_config
 from mfu_callbacks.flops import FlopEngine
+from mfu_callbacks.flops.counting.tokens import TokenCounting
+from mfu_callbacks.flops.counting.windows import Window
 from mfu_callbacks.flops.features import WINDOW_FEATURES, features_of_full_rows
-from mfu_callbacks.flops.tokens import TokenCounting
-from mfu_callbacks.flops.windows import Window
 
 TWIN = "window_only_reference"
 

@@ -19,12 +19,14 @@ from .build import (
     settle,
     start_observation,
 )
+from .counting.plans import Group, Plan, constant_plan, whole_plan
+from .counting.tokens import BatchError, TokenCounter, TokenCounting
 from .declared import declare_flops
-from .engine import FlopEngine, Forward, ModelIntrospectionError
+from .engine import FlopEngine, ModelIntrospectionError
+from .meta_copy.probes import Forward
 from .model_config import token_counting
 from .observe import RealStepObserver
 from .step_flops import StepFlops
-from .tokens import BatchError, TokenCounter, TokenCounting
 
 
 def estimate_step_flops(
@@ -42,12 +44,15 @@ __all__ = [
     "OBSERVATION_ATTEMPTS",
     "BatchError",
     "FlopEngine",
+    "Group",
+    "Plan",
     "Forward",
     "ModelIntrospectionError",
     "RealStepObserver",
     "StepFlops",
     "TokenCounter",
     "TokenCounting",
+    "constant_plan",
     "copy_engine",
     "counting_decision",
     "declare_flops",
@@ -59,4 +64,5 @@ __all__ = [
     "settle",
     "start_observation",
     "token_counting",
+    "whole_plan",
 ]

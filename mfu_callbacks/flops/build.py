@@ -17,11 +17,11 @@ import torch
 from torch import nn
 
 from .._torch_internals import COMPILED_IN_PLACE, COMPILED_WRAPPER, fsdp1_inner_module
+from .counting.tokens import TokenCounter, TokenCounting
 from .engine import FlopEngine, Forward, ModelIntrospectionError
 from .model_config import token_counting
 from .observe import RealStepObserver
 from .sharding import tensor_parallel_degree
-from .tokens import TokenCounter, TokenCounting
 
 logger = logging.getLogger("mfu_callbacks")
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from enum import IntEnum
 
-from .windows import Window
+from .counting.windows import Window
 
 
 class Feature(IntEnum):

@@ -10,10 +10,10 @@ from typing import Any
 
 from torch import nn
 
+from .counting.tokens import TokenCounter, TokenCounting
+from .counting.windows import kernel_window, model_windows
 from .features import WINDOW_FEATURES
-from .tokens import TokenCounter, TokenCounting
 from .unwrap import unwrap_model
-from .windows import kernel_window, model_windows
 
 
 def configs(model: nn.Module) -> Iterator[Any]:

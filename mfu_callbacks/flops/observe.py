@@ -58,10 +58,10 @@ from .._torch_internals import (
     wrapped_tensors,
 )
 from .components import EMBEDDINGS, HEAD, OTHER, classify
+from .counting.windows import Window, window_of
 from .declared import Declaration, declared
 from .dtypes import RUN_DTYPE, dtype_of_operands, retagged, tagged, without_grad
 from .features import HARDWARE, MODEL, NUM_FEATURES, WINDOW_FEATURES, Feature
-from .isolation import tensors_in
 from .matmul_ops import (
     attention_backward_flops,
     attention_backward_halves,
@@ -69,8 +69,8 @@ from .matmul_ops import (
     matmul_flops,
     operands,
 )
-from .trace import ComponentFlops
-from .windows import Window, window_of
+from .meta_copy.isolation import tensors_in
+from .meta_copy.trace import ComponentFlops
 
 aten = torch.ops.aten
 

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .._torch_internals import (
+from ..._torch_internals import (
     ASSERTION,
     FUSED_ATTENTION,
     READ_SCALAR,
@@ -45,10 +45,9 @@ from .._torch_internals import (
     view_base,
     wrapped_tensors,
 )
-from .components import ATTENTION_SCORES, classify, component_of_parameter, windowed_scores
-from .dtypes import FP8, RUN_DTYPE, tagged
-from .isolation import tensors_in
-from .matmul_ops import (
+from ..components import ATTENTION_SCORES, classify, component_of_parameter, windowed_scores
+from ..dtypes import FP8, RUN_DTYPE, tagged
+from ..matmul_ops import (
     CONVOLUTIONS,
     attention_backward_flops,
     attention_flops,
@@ -56,7 +55,8 @@ from .matmul_ops import (
     matmul_flops,
     operands,
 )
-from .sharding import Shard
+from ..sharding import Shard
+from .isolation import tensors_in
 
 aten = torch.ops.aten
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .._torch_internals import (
+from ..._torch_internals import (
     COMPOSABLE_STATE_KEY_PREFIX,
     FORWARD_HOOK_DICTS,
     OTHER_HOOK_DICTS,
@@ -38,10 +38,10 @@ from .._torch_internals import (
     fsdp1_inner_module,
     module_hook_dicts,
 )
-from .declared import Declaration, declared
-from .sharding import ComputeShapes, Shard, full_shape
-from .unwrap import unwrap_model
-from .windows import window_of
+from ..counting.windows import window_of
+from ..declared import Declaration, declared
+from ..sharding import ComputeShapes, Shard, full_shape
+from ..unwrap import unwrap_model
 
 # Hooks from these packages move data between devices or ranks (or measure, like ours); on a replica they must not run.
 # Hooks of the model libraries change autograd or record outputs: they run on the copy. No other hook does.
