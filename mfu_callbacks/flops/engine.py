@@ -40,7 +40,7 @@ from .meta_copy.probes import (
 from .meta_copy.replica import Replica
 from .meta_copy.tracing import trace_probes
 from .model_config import token_counting
-from .observe import Observation
+from .observation import Observation
 from .step_flops import StepFlops
 from .unwrap import unwrap_model
 

@@ -153,7 +153,11 @@ def make_plan(
     counting: Counting,
     groups: dict[tuple, Group],
 ) -> Plan:
-    """The plan of ``view``'s layout: every decision made here, from keys and shapes, once."""
+    """The plan of ``view``'s layout: every decision made here, from keys and shapes, once.
+
+    Long by design: the layouts' decisions (main stream, decoder stream, cross-attention, labels) read
+    best in one place, in the order the plan's cells are filled, each a few lines.
+    """
     mask = view[found.mask_key] if found.mask_key else None
     positions = view[found.positions_key] if found.positions_key else None
     boundaries = view[found.boundaries_key] if found.boundaries_key else None

@@ -312,7 +312,12 @@ def _cell_contents(cell: types.CellType) -> object:
 
 
 def build_replica(model: nn.Module, *, fold: bool = True) -> Replica:
-    """Copy ``model``'s structure (inside its wrappers) onto the meta device without touching its data."""
+    """Copy ``model``'s structure (inside its wrappers) onto the meta device without touching its data.
+
+    Over 60 lines because its steps share one deepcopy memo, in an order that matters: the folded
+    layers' placeholders, hooks and back references set first, then the copy, then names,
+    declarations, multiplicities and shards read through the memo from the originals to the copies.
+    """
     flattened = [p for unit in model.modules() for p in fsdp1_flattened_parameters(unit)]
     model = unwrap_model(model)
     shapes = ComputeShapes(model)
