@@ -411,7 +411,8 @@ def _kernel(
     factors = PROFILED_GEMMS.get(op.name)
     if factors is not None:
         dims = _matmul_dims(op.shapes, factors)
-        flops = gemm_flops(op.shapes[factors[0]], op.shapes[factors[1]]) if dims else 0.0
+        first, second = (list(op.shapes[i]) if len(op.shapes) > i else [] for i in factors)
+        flops = gemm_flops(first, second) if len(first) >= 2 and len(second) >= 2 else 0.0
         return Kernel(start, end, attribution.MATMUL, _component(op, components), flops, dims[:3])
     return Kernel(start, end, attribution.ELEMENTWISE)
 
