@@ -28,7 +28,7 @@ from common import SIZES, llama, sync
 from torch import nn
 
 from mfu_callbacks import MFUMeter
-from mfu_callbacks.flops.engine import observe_step, token_counting
+from mfu_callbacks.flops import observe_step, token_counting
 from mfu_callbacks.hardware import resolve_peak
 from mfu_callbacks.testing import make_eager, moe_lm, reference_step_flops, word_tokenizer
 

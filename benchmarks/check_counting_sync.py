@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 
 from mfu_callbacks._step_counts import StepCounts
-from mfu_callbacks.flops.tokens import TokenCounting
-from mfu_callbacks.flops.windows import Window
+from mfu_callbacks.flops.counting.tokens import TokenCounting
+from mfu_callbacks.flops.counting.windows import Window
 
 
 def main() -> None:

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .flops.engine import FlopEngine
+from .flops import FlopEngine
+from .flops.counting.windows import Window
 from .flops.features import HARDWARE, MODEL
 from .flops.generation import (
     NUM_GENERATION_FEATURES,
@@ -29,7 +30,6 @@ from .flops.generation import (
     weight_bytes_per_forward,
 )
 from .flops.unwrap import unwrap_model
-from .flops.windows import Window
 
 _KEEP_STEPS = 256  # steps kept apart before the oldest are folded together (as the step timer does)
 _Pair = tuple[torch.cuda.Event, torch.cuda.Event]
@@ -154,7 +154,7 @@ class GenerationPhase:
     @property
     def windows(self) -> tuple[Window, ...]:
         if self._windows is None:
-            from .flops.engine import token_counting
+            from .flops import token_counting
 
             self._windows = token_counting(self._model).windows
         return self._windows

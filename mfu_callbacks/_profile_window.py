@@ -25,8 +25,9 @@ from torch import nn
 from . import attribution
 from ._torch_internals import profiler_running
 from .attribution import Breakdown, Kernel
+from .flops import is_compiled
 from .flops.components import ATTENTION_SCORES, classify
-from .flops.engine import is_compiled
+from .flops.matmul_ops import PROFILED_GEMMS, gemm_flops
 
 logger = logging.getLogger("mfu_callbacks")
 
@@ -36,15 +37,6 @@ _SPAN = _PREFIX + "profiled_steps"
 _BETWEEN = _PREFIX + "between_steps"
 _BACKWARD = "autograd::engine::evaluate_function: "
 _OPTIMIZER = ("Optimizer.step#", "Optimizer.zero_grad#")
-# Operators whose kernels are matmuls, and where in their inputs the two factors are.
-_MATMULS: Mapping[str, tuple[int, int]] = {
-    "aten::mm": (0, 1),
-    "aten::addmm": (1, 2),
-    "aten::bmm": (0, 1),
-    "aten::baddbmm": (1, 2),
-    "aten::_scaled_mm": (0, 1),
-    "aten::addmm_": (1, 2),
-}
 _ATTENTION_WORDS = (
     "scaled_dot_product",
     "flash_attention",
@@ -416,10 +408,11 @@ def _kernel(
         return Kernel(start, end, "communication")
     if any(any(word in n for word in _ATTENTION_WORDS) for n in names):
         return Kernel(start, end, attribution.ATTENTION)
-    factors = _MATMULS.get(op.name)
+    factors = PROFILED_GEMMS.get(op.name)
     if factors is not None:
         dims = _matmul_dims(op.shapes, factors)
-        flops = 2.0 * dims[0] * dims[1] * dims[2] * (dims[3] if len(dims) > 3 else 1) if dims else 0.0
+        first, second = (list(op.shapes[i]) if len(op.shapes) > i else [] for i in factors)
+        flops = gemm_flops(first, second) if len(first) >= 2 and len(second) >= 2 else 0.0
         return Kernel(start, end, attribution.MATMUL, _component(op, components), flops, dims[:3])
     return Kernel(start, end, attribution.ELEMENTWISE)
 

@@ -5,8 +5,8 @@ building it and is left out). A batch the engine cannot count costs its own step
 the step is left out of timing and counts, once said in the log.
 
 With ``real_step="check"`` (the default) the same first step also runs under the real-step
-observer (``flops/observe.py``): its count checks the meta-device copy's, and replaces it when the
-copy cannot be traced or disagrees by more than 0.5%. The observation is fitted at the next read,
+observer (``flops/observe.py``; the policy is ``flops/build.py``'s): its count checks the meta-device
+copy's, and replaces it when the copy cannot be traced or disagrees by more than 0.5%. The observation is fitted at the next read,
 where the host waits for the GPU anyway; until then the steps' features are counted as usual.
 
 Only training forwards (grad on) are micro-batches with features of their own. The forwards without
@@ -26,14 +26,22 @@ import torch
 from torch import nn
 
 from ._step_counts import StepCounts
-from .flops import BatchError, FlopEngine, Forward, ModelIntrospectionError, TokenCounter
-from .flops.engine import is_compiled, is_sharded, observe_step, token_counting
-from .flops.observe import RealStepObserver
-from .flops.tokens import TokenCounting
+from .flops import (
+    OBSERVATION_ATTEMPTS,
+    BatchError,
+    FlopEngine,
+    Forward,
+    ModelIntrospectionError,
+    RealStepObserver,
+    TokenCounter,
+    TokenCounting,
+    copy_engine,
+    counting_decision,
+    fit_observation,
+    observe_step,
+    start_observation,
+)
 from .timer import StepTimer, StepTiming
-
-_AGREEMENT = 0.005  # the copy's count stands if within 0.5% of the real step's
-_OBSERVATION_ATTEMPTS = 3
 
 logger = logging.getLogger("mfu_callbacks")
 
@@ -52,13 +60,15 @@ class StepRecorder:
     ) -> None:
         self.engine = engine
         self.timer = timer
-        self.real_step = real_step if engine is None else "off"
+        # What this run counts with: the user's ``real_step`` until the first build decides
+        # (``counting_decision``), "off" once the copy's count stands unchecked.
+        self._decision = real_step if engine is None else "off"
         self._token_counting: TokenCounting | None = None  # built for an observed step, before any engine
         self._observer: RealStepObserver | None = None
         self._observed: tuple[RealStepObserver, torch.Tensor | None] | None = (
             None  # awaiting its fit at the next read
         )
-        self._observations_left = _OBSERVATION_ATTEMPTS
+        self._observations_left = OBSERVATION_ATTEMPTS
         self._awaiting = (
             False  # the open observation began at a forward without grad: its micro-batch is next
         )
@@ -138,7 +148,7 @@ class StepRecorder:
     def _observing_again(self) -> bool:
         """Whether the next micro-batch is observed again (an earlier observation saw no backward)."""
         return (
-            self.real_step != "off"
+            self._decision != "off"
             and bool(self._observations_left)
             and self.engine is None
             and not self._observed
@@ -217,44 +227,40 @@ class StepRecorder:
         of a real step being observed before any engine exists."""
         return self.engine if self.engine is not None else self._token_counting
 
-    # -- building the engine --------------------------------------------------------------------
+    # -- building the engine (the policy: ``flops/build.py``) ----------------------------------------
     def _build(self, batch: Any, *, awaiting: bool = False) -> None:
         """From the first countable batch: the copy's engine and/or an observation of this step
         (``awaiting``: the batch of a forward without grad, before the step's first training one)."""
         self.timer.discard_current()  # this step's time goes into building the engine, not into training
-        if self.real_step == "check" and (is_compiled(self._model) or is_sharded(self._model)):
-            # Compiled and sharded models are counted from the copy (README says how).
-            self.real_step = "off"
-        if self.real_step != "only":
-            try:
-                self.engine = FlopEngine.from_model(
-                    self._model, batch, forward=self._forward, token_counter=self._token_counter
-                )
-            except ModelIntrospectionError as error:
-                if self.real_step == "off":
-                    raise
-                logger.info("mfu_callbacks: %s; counting a real step instead", error)
-        if self.real_step == "off":
+        self._decision = counting_decision(self._model, self._decision)
+        self.engine = copy_engine(
+            self._model, batch, self._decision, forward=self._forward, token_counter=self._token_counter
+        )
+        if self._decision == "off":
             return
         try:
             self._observe(batch, awaiting=awaiting)
         except Exception as error:  # noqa: BLE001 - the check is optional where the copy counted
             if self.engine is None:
                 raise
-            self.real_step = "off"  # the copy's count stands unchecked
+            self._decision = "off"  # the copy's count stands unchecked
             logger.info("mfu_callbacks: the real step cannot be observed (%s)", error)
 
     def _observe(self, batch: Any, *, awaiting: bool = False) -> None:
         """Watch this micro-batch's forward and backward (until the recorder's next event); with
         ``awaiting``, from this forward without grad on, fitted to the next training micro-batch."""
-        counting = self._token_counting or token_counting(self._model, self._token_counter)
-        observer = observe_step(self._model, batch, counting)
-        features = None if awaiting else counting.count(batch)
-        self._token_counting = counting
+        observing = start_observation(
+            self._model, batch, self._token_counting, self._token_counter, awaiting=awaiting
+        )
+        self._token_counting = observing.counting
         self._observations_left -= 1
         self.timer.discard_current()  # the observed step runs slower: left out of timing
-        observer.__enter__()
-        self._observer, self._observed, self._awaiting = observer, (observer, features), awaiting
+        observing.observer.__enter__()
+        self._observer, self._observed, self._awaiting = (
+            observing.observer,
+            (observing.observer, observing.features),
+            awaiting,
+        )
 
     def stop_observing(self) -> None:
         """Leave the real step's dispatch mode now (the run ended or failed before the recorder's next event)."""
@@ -277,19 +283,16 @@ class StepRecorder:
             return
         observer, features = observed
         assert self._token_counting is not None and features is not None
-        try:
-            measured = FlopEngine.from_observation(
-                self._model, observer.observation, self._token_counting, features.tolist()
-            )
-        except (ModelIntrospectionError, ValueError) as error:
-            if self.engine is None and not self._observations_left:
-                raise ModelIntrospectionError(
-                    f"{error}. Pass forward= (a function that runs the model on a batch and returns the loss) "
-                    "or declare the FLOPs of the modules it cannot see (mfu_callbacks.declare_flops)"
-                ) from error
-            logger.info("mfu_callbacks: %s", error)
-            return
-        self.engine = _settle(self.engine, measured, features.tolist())
+        engine = fit_observation(
+            self._model,
+            observer,
+            self._token_counting,
+            features,
+            self.engine,
+            attempts_left=self._observations_left,
+        )
+        if engine is not None:
+            self.engine = engine
 
     def _leave_step_out(self, error: Exception) -> None:
         self._close_observation()
@@ -304,28 +307,3 @@ class StepRecorder:
                 "counted (%s); measuring goes on with the next step",
                 error,
             )
-
-
-def _settle(copied: FlopEngine | None, measured: FlopEngine, features: list[list[float]]) -> FlopEngine:
-    """The count a run uses: the copy's where it agrees with the real step, else the real step's."""
-    if copied is None:
-        logger.info(measured.description)
-        return measured
-    ours, theirs = copied.evaluate(features), measured.evaluate(features)
-    difference = ours.model_flops / max(theirs.model_flops, 1) - 1
-    if abs(difference) <= _AGREEMENT:
-        logger.info("mfu_callbacks: the real step's FLOPs agree with the copy's (%+.3f%%)", 100 * difference)
-        return copied
-    components = sorted(set(ours.breakdown) | set(theirs.breakdown))
-    differing = ", ".join(
-        f"{name} {ours.breakdown.get(name, 0):.4g} vs {theirs.breakdown.get(name, 0):.4g}"
-        for name in components
-        if ours.breakdown.get(name, 0) != theirs.breakdown.get(name, 0)
-    )
-    logger.warning(
-        "mfu_callbacks: the meta-device copy counted %+.2f%% FLOPs against the real step; the real step's "
-        "count is used (model FLOPs of the observed step by component, copy vs real: %s)",
-        100 * difference,
-        differing,
-    )
-    return measured

@@ -25,7 +25,7 @@ from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
-from .flops.layouts import Group, Plan, constant_plan, whole_plan
+from .flops import Group, Plan, constant_plan, whole_plan
 
 ROWS = 64  # finished steps held before folding
 MAX_BYTES = 16 * 2**20  # device memory of held tensors before folding

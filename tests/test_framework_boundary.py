@@ -174,7 +174,7 @@ def test_lightning_module_back_references_are_named_as_the_replica_expects():
     """The FLOP engine's replica does not copy a LightningModule's references to the Trainer, Fabric and mesh."""
     from lightning import LightningModule
 
-    from mfu_callbacks.flops.replica import _BACK_REFERENCES
+    from mfu_callbacks.flops.meta_copy.replica import _BACK_REFERENCES
 
     assert set(_BACK_REFERENCES) <= set(vars(LightningModule()))
 

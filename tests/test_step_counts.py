@@ -16,8 +16,8 @@ import torch
 from mfu_callbacks import MFUMeter
 from mfu_callbacks import _step_counts as step_counts
 from mfu_callbacks._step_counts import StepCounts
-from mfu_callbacks.flops.tokens import TokenCounting
-from mfu_callbacks.flops.windows import Window
+from mfu_callbacks.flops.counting.tokens import TokenCounting
+from mfu_callbacks.flops.counting.windows import Window
 from mfu_callbacks.testing import SYNCING_OPERATIONS, OperationLog, causal_lm
 from mfu_callbacks.timer import StepTimer
 from tests.conftest import VOCAB, full_batch, model_truth, packed_batch, padded_batch, seq2seq_batch

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from mfu_callbacks import _torch_internals as internals
-from mfu_callbacks.flops.trace import MatmulRecorder
+from mfu_callbacks.flops.meta_copy.trace import MatmulRecorder
 
 PACKAGE = Path(internals.__file__).parent
 

@@ -26,15 +26,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .._torch_internals import READ_SCALAR, TorchDispatchMode
+from ..flops.matmul_ops import attention_backward_flops, attention_flops, gemm_flops, gemm_operands
 
-aten = torch.ops.aten
-# Matmul ops and the argument positions of their two operands.
-_MATMULS: dict[Any, tuple[int, int]] = {
-    aten.mm.default: (0, 1),
-    aten.addmm.default: (1, 2),
-    aten.bmm.default: (0, 1),
-    aten.baddbmm.default: (1, 2),
-}
 # Ops that reshape without moving data (not all are marked as views in their schema), or only allocate.
 _FREE = frozenset({"_unsafe_view", "_reshape_alias", "empty", "empty_like", "empty_strided", "lift_fresh"})
 
@@ -52,7 +45,7 @@ class MatmulShape:
 
     @property
     def flops(self) -> float:
-        return 2.0 * self.batch * self.m * self.k * self.n
+        return gemm_flops((self.batch, self.m, self.k), (self.k, self.n))
 
 
 @dataclass(frozen=True, order=True)
@@ -77,12 +70,13 @@ class AttentionShape:
     @property
     def forward_flops(self) -> float:
         """Scores and values, every pair counted (no causal discount, the model-FLOP convention)."""
-        return 2.0 * self.batch * self.heads * self.q_len * self.k_len * (self.head_dim + self.v_dim)
+        return attention_flops(self.batch, self.heads, self.q_len, self.k_len, self.head_dim, self.v_dim)
 
     @property
     def flops(self) -> float:
-        """Forward and, where it runs, backward (twice the forward: dV, dP, dQ, dK each half of it)."""
-        return self.forward_flops * (3.0 if self.backward else 1.0)
+        """Forward and, where it runs, backward (dV, dP, dQ, dK, each half of the forward)."""
+        forward = self.forward_flops
+        return forward + (attention_backward_flops(forward, True, True, True) if self.backward else 0.0)
 
 
 @dataclass(frozen=True)
@@ -218,9 +212,9 @@ class _Recorder(TorchDispatchMode):
             # A meta tensor has no value: checks such as ``pad_token_id in input_ids`` take the False branch.
             return False
         out = func(*args, **kwargs)
-        if func in _MATMULS:
-            first, second = (args[i] for i in _MATMULS[func])
-            self.trace.matmuls[_shape(first, second)] += 1
+        pair = gemm_operands(func, args)
+        if pair is not None:
+            self.trace.matmuls[_shape(*pair)] += 1
         elif not func.is_view and func.overloadpacket.__name__ not in _FREE:
             moved = sum(
                 t.numel() * t.element_size() for t in _tensors(args) + _tensors(kwargs) + _tensors(out)

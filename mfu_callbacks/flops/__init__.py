@@ -1,4 +1,6 @@
-"""The FLOP engine: exact training FLOPs of a model from introspection. Knows no training framework."""
+"""The FLOP engine: exact training FLOPs of a model from introspection. Knows no training framework.
+
+The only door into ``flops/``: the rest of the package imports what it needs from here."""
 
 from __future__ import annotations
 
@@ -6,10 +8,25 @@ from typing import Any
 
 from torch import nn
 
+from .build import (
+    OBSERVATION_ATTEMPTS,
+    copy_engine,
+    counting_decision,
+    fit_observation,
+    is_compiled,
+    is_sharded,
+    observe_step,
+    settle,
+    start_observation,
+)
+from .counting.plans import Group, Plan, constant_plan, whole_plan
+from .counting.tokens import BatchError, TokenCounter, TokenCounting
 from .declared import declare_flops
-from .engine import FlopEngine, Forward, ModelIntrospectionError
+from .engine import FlopEngine, ModelIntrospectionError
+from .meta_copy.probes import Forward
+from .model_config import token_counting
+from .observe import RealStepObserver
 from .step_flops import StepFlops
-from .tokens import BatchError, TokenCounter
 
 
 def estimate_step_flops(
@@ -24,12 +41,28 @@ def estimate_step_flops(
 
 
 __all__ = [
+    "OBSERVATION_ATTEMPTS",
     "BatchError",
     "FlopEngine",
+    "Group",
+    "Plan",
     "Forward",
     "ModelIntrospectionError",
+    "RealStepObserver",
     "StepFlops",
     "TokenCounter",
+    "TokenCounting",
+    "constant_plan",
+    "copy_engine",
+    "counting_decision",
     "declare_flops",
     "estimate_step_flops",
+    "fit_observation",
+    "is_compiled",
+    "is_sharded",
+    "observe_step",
+    "settle",
+    "start_observation",
+    "token_counting",
+    "whole_plan",
 ]

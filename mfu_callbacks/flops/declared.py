@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from .dtypes import RUN_DTYPE
-from .isolation import tensors_in
+from .meta_copy.isolation import tensors_in
 
 FlopsOfCall = Callable[[nn.Module, tuple, dict], float]
 

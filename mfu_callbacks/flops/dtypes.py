@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from .matmuls import is_fp8
+from .matmul_ops import is_fp8
 
 RUN_DTYPE = ""
 """The key of matmuls in the dtype the run computes in (not fp8, not declared otherwise)."""

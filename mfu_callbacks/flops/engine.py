@@ -1,8 +1,9 @@
 """The FLOP engine: built once per model, then evaluated per step from token counts.
 
-Building it copies the model's structure onto the meta device (``replica.py``), runs a few tiny
-forward passes of different shapes there while recording every matmul and what its backward
-needs (``trace.py``), and fits the exact per-step formula
+Building it copies the model's structure onto the meta device (``meta_copy/replica.py``), runs a few
+tiny forward passes of different shapes there (``meta_copy/probes.py``, ``meta_copy/tracing.py``)
+while recording every matmul and what its backward needs (``meta_copy/trace.py``), and fits
+(``fit.py``) the exact per-step formula
 
     FLOPs = c . features(batch)
 
@@ -15,287 +16,39 @@ squares: their scores and values are recorded apart and moved to their window's 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext, suppress
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from .._torch_internals import (
-    COMPILED_IN_PLACE,
-    COMPILED_WRAPPER,
-    flex_attention_on_meta,
-    fsdp1_inner_module,
-    global_module_hooks_limited_to,
-    meta_autocast_as_cpu,
-    raised_by_meta_autocast,
-    torch_linear,
-)
-from .checkpoint import checkpoint_to
-from .components import ATTENTION_SCORES, windowed_scores
+from .components import ATTENTION_SCORES
+from .counting.plans import Plan
+from .counting.tokens import BatchError, TokenCounter, TokenCounting
+from .counting.windows import Window
 from .dtypes import is_without_grad, untagged
-from .features import HARDWARE, MODEL, NUM_FEATURES, WINDOW_FEATURES, Feature
-from .flex import FlexKernel
-from .isolation import map_tensors, preserved_random_state
-from .layouts import Plan
-from .observe import Observation, RealStepObserver
-from .replica import Replica, build_replica, is_model_library_hook
-from .sharding import tensor_parallel_degree
-from .step_flops import StepFlops
-from .substitutes import install_substitutes
-from .tokens import (
-    DECODER_KEYS,
-    GRID_KEYS,
-    IMAGE_KEYS,
-    MAIN_KEYS,
-    PACKED_KEYS,
-    BatchError,
-    TokenCounter,
-    TokenCounting,
+from .features import HARDWARE, MODEL, NUM_FEATURES, Feature
+from .fit import ComponentCoefficients, assign_windows, fit
+from .meta_copy.probes import (
+    PROBES_ENCODER_DECODER,
+    PROBES_MAIN,
+    PROBES_ROWS,
+    Forward,
+    ProbeBatches,
+    default_forward,
 )
-from .trace import ComponentFlops, MatmulRecorder
+from .meta_copy.replica import Replica
+from .meta_copy.tracing import trace_probes
+from .model_config import token_counting
+from .observation import Observation
+from .step_flops import StepFlops
 from .unwrap import unwrap_model
-from .windows import Window, kernel_window, model_windows, window_of
 
 logger = logging.getLogger("mfu_callbacks")
-
-Forward = Callable[[nn.Module, Any], Any]
-
-# Probe shapes (rows, main length, decoder length): distinct enough that the design matrix has full rank.
-_PROBES_MAIN = ((1, 5, 0), (1, 7, 0), (1, 9, 0), (2, 5, 0), (3, 7, 0), (2, 8, 0))
-_PROBES_ENCODER_DECODER = (
-    (1, 5, 3),
-    (1, 7, 3),
-    (1, 9, 4),
-    (2, 5, 6),
-    (1, 5, 6),
-    (3, 7, 4),
-    (2, 9, 3),
-    (1, 6, 7),
-    (2, 7, 7),
-)
-_PROBES_ROWS = ((1, 0, 0), (2, 0, 0), (3, 0, 0))
-_FIT_TOLERANCE = 1e-6
 
 
 class ModelIntrospectionError(RuntimeError):
     """The model could be neither introspected nor traced."""
-
-
-@dataclass
-class ComponentCoefficients:
-    """Forward, backward, recompute, forced-backward and kernel FLOPs of one component per unit of each
-    feature (length NUM_FEATURES); the last three are hardware FLOPs only (see ``ComponentFlops``)."""
-
-    forward: list[float]
-    backward: list[float]
-    recompute: list[float]
-    forced: list[float]
-    kernel: list[float]
-
-
-# The fields of ComponentFlops and ComponentCoefficients, in the order the fit solves them.
-_PARTS = ("forward", "backward", "recompute", "forced", "kernel")
-
-
-def _design_row(rows: int, main: int, decoder: int) -> list[float]:
-    row = [0.0] * NUM_FEATURES
-    row[Feature.ROWS] = rows
-    row[Feature.TOKENS] = rows * main
-    row[Feature.SQUARES] = rows * main * main
-    row[Feature.DECODER_TOKENS] = rows * decoder
-    row[Feature.DECODER_SQUARES] = rows * decoder * decoder
-    row[Feature.CROSS] = rows * main * decoder
-    row[Feature.CALLS] = 1
-    return row
-
-
-def default_forward(model: nn.Module, batch: Any) -> Any:
-    """How a batch reaches a model: keywords for a mapping, the first element for a tuple."""
-    if isinstance(batch, Mapping):
-        return model(**batch)
-    if isinstance(batch, (list, tuple)):
-        return model(batch[0])
-    return model(batch)
-
-
-def _resize(tensor: torch.Tensor, rows: int, length: int | None) -> torch.Tensor:
-    shape = [rows, *tensor.shape[1:]]
-    if length is not None and tensor.dim() >= 2:
-        shape[1] = length
-    return torch.empty(shape, dtype=tensor.dtype, device="meta")
-
-
-def _extended(tensor: torch.Tensor, rows: int, length: int) -> torch.Tensor:
-    """The template's first row on the CPU, its last column repeated up to ``length``, once per row."""
-    row = tensor[:1].cpu()
-    extra = length - row.shape[1]
-    if extra > 0:
-        row = torch.cat([row, row[:, -1:].expand(1, extra, *row.shape[2:])], dim=1)
-    return row[:, :length].repeat(rows, *[1] * (row.dim() - 1))
-
-
-class _ProbeBatches:
-    """Makes meta-device batches shaped like the user's, at the probe sizes.
-
-    Tensors with a row per sequence follow the probe's rows; images (``pixel_values``) follow them
-    too, k per row where the template has k images a row. So a vision-language model's image work
-    (vision tower, projector) is counted per row: exact when every row has the same number of
-    images of the same size, as its text tokens (image placeholders included) are counted per token.
-
-    A model that reads its image grids (``image_grid_thw``: Qwen2-VL) gets them as real CPU tensors,
-    and with them the integer tensors of the text stream (attention mask, token types), whose values
-    place the image tokens: copies of the template's first row, extended with its last (text) column.
-    """
-
-    def __init__(self, template: Any, counting: TokenCounting, custom_forward: bool) -> None:
-        self.template = template
-        self.custom_forward = custom_forward
-        main, decoder, self.rows, _ = counting.streams(template)
-        self.main_length = main.length if main is not None else None
-        self.decoder_length = decoder.length if decoder is not None else None
-        self.encoder_decoder = counting.encoder_decoder
-        self.grids = isinstance(template, Mapping) and any(
-            isinstance(template.get(key), torch.Tensor) for key in GRID_KEYS
-        )
-
-    def _stream_of(self, key: str | None, tensor: torch.Tensor) -> str | None:
-        if key is not None and (
-            key in DECODER_KEYS or key.startswith("decoder_") or (key == "labels" and self.encoder_decoder)
-        ):
-            return "decoder"
-        if tensor.dim() >= 2 and tensor.shape[0] == self.rows and tensor.shape[1] == self.main_length:
-            return "main"
-        return None
-
-    def _convert(
-        self, key: str | None, value: torch.Tensor, rows: int, main: int, decoder: int
-    ) -> torch.Tensor:
-        per_row = self._items_per_row(key, value)
-        if per_row is None:
-            return torch.empty(value.shape, dtype=value.dtype, device="meta")
-        if self.grids and key in GRID_KEYS:
-            return value[:per_row].cpu().repeat(rows, 1)
-        stream = self._stream_of(key, value)
-        if (
-            self.grids
-            and stream == "main"
-            and key not in (*MAIN_KEYS, "labels")
-            and not value.is_floating_point()
-        ):
-            return _extended(value, rows, main)
-        length = {"main": main, "decoder": decoder}.get(stream) if stream else None
-        return _resize(value, rows * per_row, length)
-
-    def _items_per_row(self, key: str | None, value: torch.Tensor) -> int | None:
-        """Entries of the first dimension per row: 1 for per-row tensors, k for k images a row,
-        None for a tensor that does not follow the rows."""
-        if value.dim() == 0:
-            return None
-        if value.shape[0] == self.rows:
-            return 1
-        if key in (*IMAGE_KEYS, *GRID_KEYS) and value.shape[0] % self.rows == 0:
-            return value.shape[0] // self.rows
-        return None
-
-    def make(self, rows: int, main: int, decoder: int) -> Any:
-        """A batch of the template's layout at the probe's sizes, every tensor in it (nested too) on meta."""
-        batch = self.template
-        if isinstance(batch, Mapping) and not self.custom_forward:
-            dropped = ("position_ids", *PACKED_KEYS, "max_length_q", "max_length_k")
-            batch = {k: v for k, v in batch.items() if k not in dropped}
-        return map_tensors(batch, lambda key, tensor: self._convert(key, tensor, rows, main, decoder))
-
-
-def _configs(model: nn.Module) -> Iterator[Any]:
-    seen: set[int] = set()
-    for module in model.modules():
-        config = getattr(module, "config", None)
-        stack = [config]
-        while stack:
-            config = stack.pop()
-            if config is None or id(config) in seen or not hasattr(config, "to_dict"):
-                continue
-            seen.add(id(config))
-            yield config
-            stack.extend(
-                getattr(config, key, None) for key in ("text_config", "vision_config", "encoder", "decoder")
-            )
-
-
-def _attention_implementation(model: nn.Module) -> str:
-    for config in _configs(model):
-        implementation = getattr(config, "_attn_implementation", None)
-        if implementation:
-            return str(implementation)
-    return "eager"
-
-
-def _is_encoder_decoder(model: nn.Module) -> bool:
-    return any(getattr(config, "is_encoder_decoder", False) for config in _configs(model))
-
-
-def _pad_token_id(model: nn.Module) -> int | None:
-    """The pad id the model's config names (TRL's SFTTrainer copies the tokenizer's onto it)."""
-    for config in _configs(model):
-        pad = getattr(config, "pad_token_id", None)
-        if isinstance(pad, int):
-            return pad
-    return None
-
-
-def _use_eager_kernels(replica: nn.Module) -> None:
-    """Eager attention and experts on the replica: every matmul is then visible to the trace."""
-    for config in _configs(replica):
-        for attribute in ("_attn_implementation", "_experts_implementation"):
-            with suppress(AttributeError, ValueError, TypeError):
-                setattr(config, attribute, "eager")
-
-
-@contextmanager
-def _probe_hooks(
-    replica: Replica, current: list[MatmulRecorder], *, meta_autocast: bool, build_length: int | None
-) -> Iterator[None]:
-    """Module-stack bookkeeping, checkpoint interception and flex_attention on meta tensors for the
-    replica's forward, with only the model libraries' hooks among those registered for every module
-    (a user's global hook never sees the probes) and torch's own ``F.linear`` (DeepSpeed ZeRO-3 puts
-    one in a custom autograd Function, whose backward a trace cannot see); with ``meta_autocast``,
-    ``torch.autocast(device_type="meta")`` does nothing instead of failing."""
-    handles = []
-    for module in replica.module.modules():
-        path = replica.names.get(id(module), "")
-        multiplicity = replica.multiplicity.get(id(module), 1)
-        class_name = type(module).__name__
-        declaration = replica.declarations.get(id(module))
-
-        def enter(mod, args, kwargs, _path=path, _name=class_name, _mult=multiplicity, _declared=declaration):
-            current[0].enter(_path, _name, _mult)
-            if _declared is not None:
-                forward, backward = _declared.flops_of_call(mod, args, kwargs)
-                current[0].enter_declared(_declared.component, forward, backward, _declared.dtype)
-
-        def leave(mod, args, output, _declared=declaration):
-            if _declared is not None:
-                current[0].exit_declared(output)
-            current[0].exit()
-
-        handles.append(module.register_forward_pre_hook(enter, with_kwargs=True))
-        handles.append(module.register_forward_hook(leave, always_call=True))
-
-    try:
-        with (
-            checkpoint_to(current),
-            flex_attention_on_meta(FlexKernel(lambda: current[0], build_length)),
-            global_module_hooks_limited_to(is_model_library_hook),
-            meta_autocast_as_cpu() if meta_autocast else nullcontext(),
-            torch_linear(),
-        ):
-            yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 class FlopEngine:
@@ -351,11 +104,11 @@ class FlopEngine:
         base = unwrap_model(model)
         counting = token_counting(model, token_counter)
         windows = counting.windows
-        probes = _ProbeBatches(batch, counting, custom_forward=forward is not None)
+        probes = ProbeBatches(batch, counting, custom_forward=forward is not None)
         if probes.main_length is None and probes.decoder_length is None:
-            shapes: Sequence[tuple[int, int, int]] = _PROBES_ROWS
+            shapes: Sequence[tuple[int, int, int]] = PROBES_ROWS
         elif probes.decoder_length is not None and probes.main_length is not None:
-            shapes = _PROBES_ENCODER_DECODER
+            shapes = PROBES_ENCODER_DECODER
         elif probes.main_length is None:
             raise BatchError(
                 "a decoder stream without an encoder stream: pass token_counter= to name the streams"
@@ -363,12 +116,14 @@ class FlopEngine:
         else:
             # Rows laid out by image grids keep the template's layout: probes add text after it.
             offset = probes.main_length if probes.grids else 0
-            shapes = tuple((rows, offset + main, decoder) for rows, main, decoder in _PROBES_MAIN)
+            shapes = tuple((rows, offset + main, decoder) for rows, main, decoder in PROBES_MAIN)
         run = forward or default_forward
         errors: list[str] = []
         for fold in (True, False):
             try:
-                totals, replica, substituted = _trace(model, probes, shapes, run, fold=fold, windows=windows)
+                totals, replica, substituted = trace_probes(
+                    model, probes, shapes, run, fold=fold, windows=windows
+                )
                 break
             except BatchError:
                 raise
@@ -381,7 +136,7 @@ class FlopEngine:
                 "the loss); if its forward cannot run on the meta device (custom kernels without a meta "
                 "implementation), pass a forward= that runs an equivalent made of torch operations."
             )
-        coefficients = _assign_windows(_fit(totals, shapes))
+        coefficients = assign_windows(fit(totals, shapes))
         description = _describe(base, replica, substituted, coefficients, windows)
         logger.info(description)
         return cls(coefficients, counting, description)
@@ -470,187 +225,8 @@ class FlopEngine:
         return self._model[Feature.TOKENS] + self._model[Feature.DECODER_TOKENS]
 
 
-def token_counting(model: nn.Module, token_counter: TokenCounter | None = None) -> TokenCounting:
-    """How batches of ``model`` are reduced to features (what its attention kernel computes decides
-    whether packed rows count attention per document in hardware FLOPs)."""
-    base = unwrap_model(model)
-    implementation = _attention_implementation(base)
-    windows = model_windows(base, len(WINDOW_FEATURES))
-    return TokenCounting(
-        encoder_decoder=_is_encoder_decoder(base),
-        attention_per_document="flash" in implementation,
-        token_counter=token_counter,
-        pad_token_id=_pad_token_id(base),
-        windows=windows,
-        kernel_windows=tuple(kernel_window(window, implementation) for window in windows),
-    )
-
-
-def is_compiled(model: nn.Module) -> bool:
-    """Whether ``model`` runs through torch.compile (a wrapper, or ``Module.compile()`` in place)."""
-    return any(
-        type(module).__name__ == COMPILED_WRAPPER or getattr(module, COMPILED_IN_PLACE, None) is not None
-        for module in model.modules()
-    )
-
-
-def is_sharded(model: nn.Module) -> bool:
-    """Whether ``model``'s parameters are sharded across ranks (FSDP1 with or without ``use_orig_params``,
-    FSDP2, tensor parallel, DeepSpeed ZeRO-3). The copy then counts this rank's share (``sharding.py``),
-    and the real step is not watched: under tensor parallel it would see DTensor ops at their global
-    shapes, and under FSDP1 a frozen weight's view of the flat parameter asks for a gradient like a
-    trainable one's, so its count could not stand as the check of the copy's."""
-    return any(fsdp1_inner_module(module) is not None for module in model.modules()) or any(
-        type(parameter).__name__ in ("DTensor", "FlatParameter") or hasattr(parameter, "ds_id")
-        for parameter in model.parameters()
-    )
-
-
-def observe_step(model: nn.Module, batch: Any, counting: TokenCounting) -> RealStepObserver:
-    """A dispatch mode that counts the real step about to run on ``batch`` (enter it before the
-    forward, leave it after the backward); ``from_observation`` turns it into an engine."""
-    if tensor_parallel_degree(model) > 1:
-        raise ModelIntrospectionError(
-            "counting a real step under tensor parallel is not supported: its matmuls run as DTensor ops "
-            "of global shapes, not this rank's share; count from the model's copy instead "
-            "(real_step='check' or 'off')"
-        )
-    main, decoder, rows, _ = counting.streams(batch)
-    if decoder is not None:
-        raise ModelIntrospectionError(
-            "counting a real step of an encoder-decoder is not supported: its matmuls cannot be told "
-            "apart by stream from shapes alone"
-        )
-    return RealStepObserver(model, batch, counting.windows)
-
-
 def _dot(coefficients: Sequence[float], features: Sequence[float]) -> float:
     return sum(c * f for c, f in zip(coefficients, features) if c)
-
-
-def _trace(
-    model: nn.Module,
-    probes: _ProbeBatches,
-    shapes: Sequence[tuple[int, int, int]],
-    run: Forward,
-    *,
-    fold: bool,
-    windows: tuple[Window, ...] = (),
-) -> tuple[list[dict[str, ComponentFlops]], Replica, list[str]]:
-    replica = build_replica(model, fold=fold)
-    _use_eager_kernels(replica.module)
-    owners = replica.parameter_owners()
-    slots = {
-        replica.names[id(module)]: windows.index(window)
-        for module in replica.module.modules()
-        if (window := window_of(module)) in windows and id(module) in replica.names
-    }
-    current: list[MatmulRecorder] = [
-        MatmulRecorder(replica.parameter_ids, owners, slots, replica.shards, replica.frozen, replica.copies)
-    ]
-    substituted = install_substitutes(replica.module, _CurrentRecorder(current))
-
-    def run_probes(meta_autocast: bool) -> list[dict[str, ComponentFlops]]:
-        totals = []
-        with (
-            preserved_random_state(),
-            _probe_hooks(replica, current, meta_autocast=meta_autocast, build_length=probes.main_length),
-            torch.enable_grad(),
-        ):
-            for rows, main, decoder in shapes:
-                recorder = MatmulRecorder(
-                    replica.parameter_ids, owners, slots, replica.shards, replica.frozen, replica.copies
-                )
-                current[0] = recorder
-                with recorder:
-                    result = run(replica.module, probes.make(rows, main, decoder))
-                totals.append(recorder.finish(result))
-        return totals
-
-    try:
-        return run_probes(meta_autocast=False), replica, substituted
-    except Exception as error:
-        if not raised_by_meta_autocast(error):
-            raise
-    # The model opens torch.autocast on its inputs' device type (PEFT's LoRA on parameters does): only then,
-    # and only for these meta forwards, is autocast told to accept the meta device.
-    return run_probes(meta_autocast=True), replica, substituted
-
-
-class _CurrentRecorder:
-    """Lets substitutes installed once record into whichever probe's recorder is current."""
-
-    def __init__(self, current: list[MatmulRecorder]) -> None:
-        self._current = current
-
-    def record_module_matmul(
-        self, forward: float, operands_requiring_grad: int, output: torch.Tensor | None, forced: int = 0
-    ) -> None:
-        self._current[0].record_module_matmul(forward, operands_requiring_grad, output, forced)
-
-    def backward_products(self, *operands: Sequence[torch.Tensor]) -> tuple[int, int]:
-        return self._current[0].backward_products(*operands)
-
-    def note_saved(self) -> None:
-        self._current[0].note_saved()
-
-
-def _fit(
-    totals: list[dict[str, ComponentFlops]], shapes: Sequence[tuple[int, int, int]]
-) -> dict[str, ComponentCoefficients]:
-    """Solve totals = design @ coefficients exactly, per component and per pass."""
-    design = torch.tensor([_design_row(*shape) for shape in shapes], dtype=torch.float64)
-    active = [i for i in range(NUM_FEATURES) if design[:, i].abs().sum() > 0]
-    reduced = design[:, active]
-    components = sorted({name for probe in totals for name in probe})
-    targets = torch.tensor(
-        [
-            [getattr(probe.get(name, ComponentFlops()), part) for name in components for part in _PARTS]
-            for probe in totals
-        ],
-        dtype=torch.float64,
-    )
-    solution = torch.linalg.lstsq(reduced, targets).solution if components else torch.zeros(len(active), 0)
-    residual = (reduced @ solution - targets).abs().max().item() if components else 0.0
-    scale = max(targets.abs().max().item(), 1.0) if components else 1.0
-    if residual > _FIT_TOLERANCE * scale:
-        logger.warning(
-            "mfu_callbacks: FLOPs of this model are not linear in tokens and squared lengths "
-            "(fit residual %.3g of %.3g); counts are approximate",
-            residual,
-            scale,
-        )
-    coefficients: dict[str, ComponentCoefficients] = {}
-    for index, name in enumerate(components):
-        parts = []
-        for offset in range(len(_PARTS)):
-            full = [0.0] * NUM_FEATURES
-            for column, feature in enumerate(active):
-                value = solution[column, len(_PARTS) * index + offset].item()
-                full[feature] = 0.0 if abs(value) < 1e-9 * scale else value
-            parts.append(full)
-        if any(any(p) for p in parts):
-            coefficients[name] = ComponentCoefficients(*parts)
-    return coefficients
-
-
-def _assign_windows(coefficients: dict[str, ComponentCoefficients]) -> dict[str, ComponentCoefficients]:
-    """Scores and values of windowed layers scale with their window's squares: the probes, shorter than
-    any window, fitted them to the full squares, the same per square. They join ATTENTION_SCORES."""
-    for slot, feature in enumerate(WINDOW_FEATURES):
-        for key in [key for key in coefficients if untagged(key)[0] == windowed_scores(slot)]:
-            windowed = coefficients.pop(key)
-            scores = coefficients.setdefault(
-                key.replace(windowed_scores(slot), ATTENTION_SCORES, 1),
-                ComponentCoefficients(*([0.0] * NUM_FEATURES for _ in _PARTS)),
-            )
-            for part, into in zip(
-                (getattr(windowed, name) for name in _PARTS), (getattr(scores, name) for name in _PARTS)
-            ):
-                part[feature], part[Feature.SQUARES] = part[Feature.SQUARES], 0.0
-                for index, value in enumerate(part):
-                    into[index] += value
-    return coefficients
 
 
 def _describe(

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from enum import IntEnum
 
-from .windows import Window
+from .counting.windows import Window
 
 
 class Feature(IntEnum):
@@ -48,6 +48,22 @@ MODEL = 0
 HARDWARE = 1
 
 
+def stream_features(rows: int, length: int, decoder_length: int | None = None) -> list[int]:
+    """Rows, tokens and squared lengths of ``rows`` unpadded rows of ``length`` tokens, their decoder
+    stream and cross-attention (``decoder_length`` tokens a row), one forward call: the features that
+    follow from the sizes alone (no labels, no windows). The engine's probes are described by them."""
+    features = [0] * NUM_FEATURES
+    features[Feature.ROWS] = rows
+    features[Feature.TOKENS] = rows * length
+    features[Feature.SQUARES] = rows * length * length
+    if decoder_length is not None:
+        features[Feature.DECODER_TOKENS] = rows * decoder_length
+        features[Feature.DECODER_SQUARES] = rows * decoder_length * decoder_length
+        features[Feature.CROSS] = rows * length * decoder_length
+    features[Feature.CALLS] = 1  # one forward call
+    return features
+
+
 def features_of_full_rows(
     rows: int,
     length: int,
@@ -66,15 +82,7 @@ def features_of_full_rows(
     what the kernel computes, full squares unless it computes only the window.
     Python integers, exact at any size (int64 overflows once rows * length**2 passes 9.2e18).
     """
-    features = [0] * NUM_FEATURES
-    features[Feature.ROWS] = rows
-    features[Feature.TOKENS] = rows * length
-    features[Feature.SQUARES] = rows * length * length
-    if decoder_length is not None:
-        features[Feature.DECODER_TOKENS] = rows * decoder_length
-        features[Feature.DECODER_SQUARES] = rows * decoder_length * decoder_length
-        features[Feature.CROSS] = rows * length * decoder_length
-    features[Feature.CALLS] = 1  # one forward call
+    features = stream_features(rows, length, decoder_length)
     if decoder_length is None:  # a causal LM's labels are its inputs: every position but a row's last has one
         features[Feature.LABELLED] = rows * (length - 1)
     hardware = list(features)

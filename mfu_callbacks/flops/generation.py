@@ -32,8 +32,8 @@ from enum import IntEnum
 import torch
 
 from .components import HEAD
+from .counting.windows import Window
 from .features import HARDWARE, MODEL, WINDOW_FEATURES, Feature
-from .windows import Window
 
 
 class GenerationFeature(IntEnum):

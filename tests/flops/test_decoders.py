@@ -13,8 +13,8 @@ import transformers
 from peft import LoraConfig, get_peft_model
 
 from mfu_callbacks.flops import FlopEngine
+from mfu_callbacks.flops.counting.tokens import TokenCounting
 from mfu_callbacks.flops.features import HARDWARE, MODEL, Feature
-from mfu_callbacks.flops.tokens import TokenCounting
 from tests.conftest import (
     LENGTHS,
     VOCAB,

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from mfu_callbacks.flops import FlopEngine, ModelIntrospectionError
-from mfu_callbacks.flops.replica import build_replica
+from mfu_callbacks.flops.meta_copy.replica import build_replica
 from tests.conftest import HookSpy, step_truth
 
 
@@ -95,7 +95,7 @@ def test_no_user_hook_of_any_kind_sees_the_probes_and_a_monitor_that_reads_value
 def test_hooks_of_the_model_libraries_registered_for_every_module_still_run_on_the_copy():
     from torch.nn.modules import module as torch_module
 
-    from mfu_callbacks.flops import replica
+    from mfu_callbacks.flops.meta_copy import replica
 
     seen: list[str] = []
 

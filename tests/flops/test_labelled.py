@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mfu_callbacks.flops.counting.tokens import TokenCounting
 from mfu_callbacks.flops.features import HARDWARE, MODEL, Feature
-from mfu_callbacks.flops.tokens import TokenCounting
 from tests.conftest import packed_batch, padded_batch
 
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import torch
 
+from mfu_callbacks.flops.counting.layouts import trailing_pads
+from mfu_callbacks.flops.counting.plans import cell, constant_plan, filled, whole_plan
 from mfu_callbacks.flops.features import HARDWARE, MODEL, NUM_FEATURES, Feature
-from mfu_callbacks.flops.layouts import cell, constant_plan, filled, trailing_pads, whole_plan
 
 CPU = torch.device("cpu")
 

@@ -12,8 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from mfu_callbacks.flops import FlopEngine
-from mfu_callbacks.flops.engine import observe_step, token_counting
+from mfu_callbacks.flops import FlopEngine, observe_step, token_counting
 from mfu_callbacks.testing import causal_lm, make_eager, moe_lm, reference_step_flops
 from tests.conftest import (
     VOCAB,

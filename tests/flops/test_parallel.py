@@ -37,8 +37,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from mfu_callbacks._torch_internals import TorchDispatchMode
-from mfu_callbacks.flops import FlopEngine, ModelIntrospectionError
-from mfu_callbacks.flops.engine import is_sharded, observe_step, token_counting
+from mfu_callbacks.flops import FlopEngine, ModelIntrospectionError, is_sharded, observe_step, token_counting
 from mfu_callbacks.flops.sharding import local_shape
 from mfu_callbacks.parallelism import detect
 from mfu_callbacks.testing import causal_lm, reference_step_flops

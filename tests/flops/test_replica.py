@@ -23,7 +23,7 @@ from torch.nn.utils import parametrizations
 from torch.profiler import ProfilerActivity, profile
 
 from mfu_callbacks.flops import FlopEngine
-from mfu_callbacks.flops.replica import build_replica
+from mfu_callbacks.flops.meta_copy.replica import build_replica
 from mfu_callbacks.testing import causal_lm
 from tests.conftest import LENGTHS, VOCAB, assert_flops, full_batch, gloo_reports, model_truth, step_truth
 

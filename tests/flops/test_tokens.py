@@ -11,9 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mfu_callbacks.flops.counting.tokens import TokenCounting
+from mfu_callbacks.flops.counting.windows import Window
 from mfu_callbacks.flops.features import NUM_FEATURES
-from mfu_callbacks.flops.tokens import TokenCounting
-from mfu_callbacks.flops.windows import Window
 from mfu_callbacks.testing import SYNCING_OPERATIONS, OperationLog
 
 

@@ -26,11 +26,11 @@ from torch import nn
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.masking_utils import eager_mask
 
-import mfu_callbacks.flops.engine as engine_module
+import mfu_callbacks.flops.model_config as model_config
 from mfu_callbacks.flops import FlopEngine
+from mfu_callbacks.flops.counting.tokens import TokenCounting
+from mfu_callbacks.flops.counting.windows import Window
 from mfu_callbacks.flops.features import WINDOW_FEATURES, features_of_full_rows
-from mfu_callbacks.flops.tokens import TokenCounting
-from mfu_callbacks.flops.windows import Window
 from tests.conftest import (
     SMALL_DECODER,
     assert_flops,
@@ -192,7 +192,7 @@ def test_flash_attention_computes_a_sliding_window_but_not_chunks(
     """Under flash attention (no flash kernel on CPU: the engine is told so) a sliding window is what
     the kernel computes, and documents of packed rows attend alone; chunks are computed in full."""
     model = build(name)
-    monkeypatch.setattr(engine_module, "_attention_implementation", lambda _: "flash_attention_2")
+    monkeypatch.setattr(model_config, "attention_implementation", lambda _: "flash_attention_2")
     engine = FlopEngine.from_model(model, full_batch(3, 7))
     kernel = twin(model) if name == "mistral" else make_eager(copy.deepcopy(model))
     for batch in (full_batch(2, 16), padded_batch([16, 6, 11])):

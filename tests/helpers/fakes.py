@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from mfu_callbacks import distributed
+from mfu_callbacks.flops import Plan, whole_plan
 from mfu_callbacks.flops.features import HARDWARE, MODEL, NUM_FEATURES, Feature
-from mfu_callbacks.flops.layouts import Plan, whole_plan
 from mfu_callbacks.flops.step_flops import StepFlops
 from mfu_callbacks.meter import MFUMeter
 from mfu_callbacks.timer import StepTimer

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from .._torch_internals import checkpoint_routed_to
+from ..._torch_internals import checkpoint_routed_to
 from .trace import MatmulRecorder
 
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .._torch_internals import (
+from ..._torch_internals import (
     COMPOSABLE_STATE_KEY_PREFIX,
     FORWARD_HOOK_DICTS,
     OTHER_HOOK_DICTS,
@@ -38,10 +38,10 @@ from .._torch_internals import (
     fsdp1_inner_module,
     module_hook_dicts,
 )
-from .declared import Declaration, declared
-from .sharding import ComputeShapes, Shard, full_shape
-from .unwrap import unwrap_model
-from .windows import window_of
+from ..counting.windows import window_of
+from ..declared import Declaration, declared
+from ..sharding import ComputeShapes, Shard, full_shape
+from ..unwrap import unwrap_model
 
 # Hooks from these packages move data between devices or ranks (or measure, like ours); on a replica they must not run.
 # Hooks of the model libraries change autograd or record outputs: they run on the copy. No other hook does.
@@ -312,7 +312,12 @@ def _cell_contents(cell: types.CellType) -> object:
 
 
 def build_replica(model: nn.Module, *, fold: bool = True) -> Replica:
-    """Copy ``model``'s structure (inside its wrappers) onto the meta device without touching its data."""
+    """Copy ``model``'s structure (inside its wrappers) onto the meta device without touching its data.
+
+    Over 60 lines because its steps share one deepcopy memo, in an order that matters: the folded
+    layers' placeholders, hooks and back references set first, then the copy, then names,
+    declarations, multiplicities and shards read through the memo from the originals to the copies.
+    """
     flattened = [p for unit in model.modules() for p in fsdp1_flattened_parameters(unit)]
     model = unwrap_model(model)
     shapes = ComputeShapes(model)

@@ -47,10 +47,6 @@ class Window:
             return lengths * lengths.clamp(max=self.size)
         return lengths * min(lengths, self.size)
 
-    def squares_of_positions(self, positions: torch.Tensor) -> torch.Tensor:
-        """Squared-length units of the documents of packed rows, from positions restarting at 0 in each."""
-        return self.position_squares(positions).sum()
-
     def position_squares(self, positions: torch.Tensor) -> torch.Tensor:
         """Each token's share of its document's squared-length units, elementwise.
 

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 import torch
 
-from .._torch_internals import (
+from ..._torch_internals import (
     FLEX_MASK_BLOCK_SIZES,
     FLEX_MASK_FULL_KV_NUM_BLOCKS,
     FLEX_MASK_KV_NUM_BLOCKS,

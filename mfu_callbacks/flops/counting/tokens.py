@@ -20,19 +20,9 @@ from typing import Any
 
 import torch
 
-from .features import CALLS_INDEX, HARDWARE, MODEL, WINDOW_FEATURES, Feature
-from .layouts import (
-    IGNORED_LABEL,
-    WIDTH,
-    BatchError,
-    Counting,
-    Group,
-    Plan,
-    StreamShape,
-    Tensors,
-    cell,
-    make_plan,
-)
+from ..features import CALLS_INDEX, HARDWARE, MODEL, WINDOW_FEATURES, Feature
+from .layouts import IGNORED_LABEL, BatchError, Counting, Tensors, make_plan
+from .plans import WIDTH, Group, Plan, StreamShape, cell
 from .windows import Window
 
 MAIN_KEYS = ("input_ids", "inputs_embeds")

@@ -24,32 +24,46 @@ the backward products of the tensors its operands were cast from, provided its r
 output of a custom Function (the output's node then runs the backward), and is attributed to the
 parameter its weight operand was cast from, exactly as the matmul it replaces. Other matmuls inside a
 custom Function get no backward here: what its backward runs is unknown, and the real step counts it.
+
+Sharded training (the recorder's ``shards``, ``frozen`` and ``copies``): ``shards`` (parameter id ->
+``Shard``) names the weights this rank multiplies with only part of (tensor parallel): a matmul with
+one counts the rank's share, and so does every matmul of activations that derive from its output alone
+(``sharding.py``). ``frozen``: parameters that require a gradient in the step although frozen (FSDP1
+flattens them with trainable ones): their gradients are hardware FLOPs only. ``copies``: parameters
+whose matmuls several ranks run whole on the same batch (a replicated weight under tensor parallel):
+the rank counts its share of their model FLOPs, and all as hardware.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 
-from .._torch_internals import (
+from ..._torch_internals import (
     ASSERTION,
     FUSED_ATTENTION,
     READ_SCALAR,
     TorchDispatchMode,
     view_base,
-    wrapped_tensors,
 )
-from .components import ATTENTION_SCORES, classify, component_of_parameter, windowed_scores
-from .dtypes import FP8, RUN_DTYPE, tagged
+from ..components import ATTENTION_SCORES, classify, component_of_parameter, windowed_scores
+from ..dtypes import FP8, RUN_DTYPE, tagged
+from ..matmul_ops import (
+    attention_backward_flops,
+    attention_flops,
+    is_fp8,
+    matmul_flops,
+    operands,
+)
+from ..sharding import Shard
+from .grad_sources import NeededGradients, requires_grad
 from .isolation import tensors_in
-from .matmuls import CONVOLUTIONS, is_fp8, matmul_flops, operands
-from .sharding import Shard
+from .recompute import RecomputeRegions
+from .shares import RankShares
 
 aten = torch.ops.aten
 
@@ -78,7 +92,7 @@ class _Matmul:
     share: float = 1.0  # of forward and backward, what the kernel computes
 
 
-class MatmulRecorder(TorchDispatchMode):
+class MatmulRecorder(RecomputeRegions, NeededGradients, RankShares, TorchDispatchMode):
     """Sums matmul FLOPs per component while a replica runs forward.
 
     Modules of the replica report entry and exit through hooks (``enter``/``exit``) so that each
@@ -87,14 +101,11 @@ class MatmulRecorder(TorchDispatchMode):
     a module's multiplicity scales ops inside a module that stands for several identical ones.
     Inside a module with declared FLOPs (``enter_declared``) no op is recorded: the declaration is.
     ``windows`` maps the path of an attention module with a window of keys to that window's slot:
-    its scores and values are recorded as ``windowed_scores(slot)``. ``shards`` (parameter id ->
-    ``Shard``) names the weights this rank multiplies with only part of (tensor parallel): a matmul
-    with one counts the rank's share, and so does every matmul of activations that derive from its
-    output alone (``sharding.py``). ``frozen``: parameters that require a gradient in the step although
-    frozen (FSDP1 flattens them with trainable ones): their gradients are hardware FLOPs only.
-    ``copies``: parameters whose matmuls several ranks run whole on the same batch (a replicated weight
-    under tensor parallel): the rank counts its share of their model FLOPs, and all as hardware.
-    ``finish`` turns the record into per-component totals.
+    its scores and values are recorded as ``windowed_scores(slot)``. ``shards``, ``frozen`` and
+    ``copies``: see sharded training in the module's docstring. ``finish`` turns the record into per-component totals. Checkpoint recompute is followed by
+    ``RecomputeRegions`` (``recompute.py``); which gradients the model needs, and what ops inside a custom
+    Function's forward derive from, by ``NeededGradients`` (``grad_sources.py``); the rank's share of
+    sharded weights by ``RankShares`` (``shares.py``).
     """
 
     def __init__(
@@ -111,22 +122,11 @@ class MatmulRecorder(TorchDispatchMode):
         self._copies = copies or {}
         self._frozen = frozen or set()  # parameters that require a gradient although frozen (FSDP1)
         self._shards = shards or {}
-        # The share of each tensor this rank holds where it is a part (tensor parallel): absent means all.
-        self._held: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self._owners = owners or {}
         self._windows = windows or {}
         self._stack: list[tuple[str, str, int]] = []  # (path, class name, multiplicity)
         self._declared: list[tuple[str | None, float, float, str] | None] = []  # open declared modules
-        self._regions: list[list[_Matmul | None]] = []  # open checkpoint regions, innermost last
         self._matmuls: list[_Matmul] = []
-        self._recompute: dict[str, float] = defaultdict(float)
-        self._trains: dict[Any, bool] = {}  # autograd node -> whether a trainable parameter lies upstream
-        # Made with grad mode off (inside a custom Function's forward): the tensors requiring a gradient it
-        # derives from, the parameter it alone derives from (an fp8 cast of a weight), and the fp8 matmuls
-        # upstream whose result has not yet left as a custom Function's output.
-        self._sources: WeakIdKeyDictionary = WeakIdKeyDictionary()
-        self._origins: WeakIdKeyDictionary = WeakIdKeyDictionary()
-        self._unlinked: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self._assertions: dict[int, torch.Tensor] = {}  # results of ASSERTION, by id
 
     # -- module stack -------------------------------------------------------------------------
@@ -181,62 +181,6 @@ class MatmulRecorder(TorchDispatchMode):
         key = tagged(component or self._component(False), dtype)
         self.record(key, forward * weight, backward * weight, reaching)
 
-    # -- activation checkpointing ---------------------------------------------------------------
-    def checkpoint_reentrant(self, function: Callable, *args):
-        """Stands in for torch's reentrant checkpoint (``checkpoint(..., use_reentrant=True)``).
-
-        The real one runs the region without autograd; its backward reruns all of it, and only
-        when one of its tensor arguments requires a gradient (parameters inside do not count: with
-        none, the output requires no gradient and nothing inside gets a backward).
-        """
-        backward_runs = torch.is_grad_enabled() and any(
-            isinstance(a, torch.Tensor) and a.requires_grad for a in args
-        )
-        with (
-            self.recompute_region(early_stop=False, backward_runs=backward_runs),
-            torch.set_grad_enabled(backward_runs),
-        ):
-            return function(*args)
-
-    @contextmanager
-    def recompute_region(self, *, early_stop: bool, backward_runs: bool | None = None) -> Iterator[None]:
-        """Ops inside run again in the backward pass, as far as torch's checkpoint reruns them.
-
-        Non-reentrant checkpoint (the default of transformers and torch) recomputes when the
-        backward first unpacks a tensor the region saved, so it reruns nothing if autograd saved
-        nothing there (``backward_runs=None`` decides from that). With ``early_stop`` (torch's
-        default) it stops as soon as the last tensor saved in the forward is saved again: a matmul
-        whose inputs are the last saved tensors (autograd saves inputs before the op runs) and the
-        ops after it are not rerun, e.g. a layer's final projection when only a residual add follows.
-        So each region records, in order, its matmuls and the moments autograd saves a tensor.
-        """
-        events: list[_Matmul | None] = []  # a matmul, or None where autograd saved a tensor
-        self._regions.append(events)
-        try:
-            with torch.autograd.graph.saved_tensors_hooks(self._saved, _unpacked):
-                yield
-        finally:
-            self._regions.pop()
-            saves = [index for index, event in enumerate(events) if event is None]
-            if backward_runs is None:
-                backward_runs = bool(saves)
-            if backward_runs:
-                end = (saves[-1] if saves else 0) if early_stop else len(events)
-                for event in events[:end]:
-                    if event is not None:
-                        self._recompute[event.component] += event.forward * event.share
-            if self._regions:  # a nested region is recomputed as part of the outer one too
-                self._regions[-1].extend(events)
-
-    def _saved(self, tensor: torch.Tensor) -> torch.Tensor:
-        self.note_saved()
-        return tensor
-
-    def note_saved(self) -> None:
-        """Autograd saved a tensor for the backward (called by the pack hook, and by substitutes)."""
-        if self._regions:
-            self._regions[-1].append(None)
-
     # -- recording -------------------------------------------------------------------------------
     def record(
         self,
@@ -270,56 +214,6 @@ class MatmulRecorder(TorchDispatchMode):
             forward * forced * weight,
         )
 
-    def backward_products(
-        self, *operands: Sequence[torch.Tensor], grad_mode_off: bool = False
-    ) -> tuple[int, int]:
-        """Of a matmul whose operands derive from the given tensors (one sequence per operand): how
-        many gradient products the model needs, and how many more run only because a gradient was forced.
-        ``grad_mode_off``: count them even with grad mode off (the sources of an fp8 matmul's operands)."""
-        if not torch.is_grad_enabled() and not grad_mode_off:
-            return 0, 0
-        needed = sum(any(self.trains(t) for t in sources) for sources in operands)
-        run = sum(any(_requires_grad(t) for t in sources) for sources in operands)
-        return needed, run - needed
-
-    def trains(self, tensor: object) -> bool:
-        """Whether the model needs this tensor's gradient: a trainable parameter lies upstream of it.
-
-        A tensor that requires a gradient only because a hook said so (``requires_grad_()`` on an
-        activation: a leaf that is no parameter) does not count, nor does anything derived from it alone.
-        """
-        if not isinstance(tensor, torch.Tensor) or not tensor.requires_grad:
-            return False
-        if tensor.grad_fn is None:
-            return self._is_trainable(tensor)
-        return self._reaches_parameter(tensor.grad_fn)
-
-    def _reaches_parameter(self, root: Any) -> bool:
-        """Depth first through the autograd graph below ``root`` to the leaves it accumulates into. Every
-        node on the path to a trainable parameter reaches it too; each node is decided once per probe."""
-        memo = self._trains
-        if root in memo:
-            return memo[root]
-        stack = [(root, iter(root.next_functions))]
-        while stack:
-            node, children = stack[-1]
-            for child, _ in children:
-                if child is None:
-                    continue
-                known = memo.get(child)
-                if known is None and not child.next_functions:  # AccumulateGrad: the leaf it fills
-                    known = memo[child] = self._is_trainable(getattr(child, "variable", None))
-                if known is None:
-                    stack.append((child, iter(child.next_functions)))
-                    break
-                if known:
-                    memo.update((ancestor, True) for ancestor, _ in stack)
-                    return True
-            else:
-                memo[node] = False
-                stack.pop()
-        return False
-
     def finish(self, result: Any) -> dict[str, ComponentFlops]:
         """Totals per component, given what the forward returned: its loss, where it has one, is the
         root of the backward; otherwise every tensor it returns is."""
@@ -338,19 +232,6 @@ class MatmulRecorder(TorchDispatchMode):
         for component, flops in self._recompute.items():
             totals[component].recompute += flops
         return dict(totals)
-
-    def _is_trainable(self, tensor: object) -> bool:
-        """A parameter the model trains: not a frozen one that asks for a gradient (``frozen``)."""
-        return (
-            isinstance(tensor, torch.Tensor)
-            and self._is_parameter(tensor)
-            and id(view_base(tensor)) not in self._frozen
-        )
-
-    def _is_parameter(self, tensor: object) -> bool:
-        if not isinstance(tensor, torch.Tensor):
-            return False
-        return id(view_base(tensor)) in self._parameter_ids or id(tensor) in self._parameter_ids
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -404,87 +285,6 @@ class MatmulRecorder(TorchDispatchMode):
             self._derive(inputs, out, self._matmuls[-1] if fp8 else None)
         return out
 
-    # -- inside a custom Function's forward (grad mode off) ----------------------------------------
-    def _grad_sources(self, tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The tensors requiring a gradient that ``tensor`` derives from through ops run with grad mode off
-        (itself if it requires one); a tensor subclass (fp8 data and scale) derives from what its parts do."""
-        sources = self._sources.get(tensor)
-        if sources is not None:
-            return sources
-        if tensor.requires_grad:
-            return (tensor,)
-        return tuple(s for inner in wrapped_tensors(tensor) for s in self._grad_sources(inner))
-
-    def _origin(self, tensor: torch.Tensor) -> torch.Tensor | None:
-        """The parameter ``tensor`` is, or alone derives from with grad mode off (an fp8 cast of a weight)."""
-        if self._is_parameter(tensor):
-            return tensor
-        origin = self._origins.get(tensor)
-        if origin is None:
-            inner = {id(o): o for o in (self._origin(t) for t in wrapped_tensors(tensor)) if o is not None}
-            origin = next(iter(inner.values())) if len(inner) == 1 else None
-        return origin
-
-    def _derive(self, inputs: list[torch.Tensor], out: Any, fp8: _Matmul | None) -> None:
-        """Note what the results of an op run with grad mode off derive from, and the fp8 matmul it was."""
-        outputs = list(tensors_in(out))
-        sources = {id(s): s for t in inputs for s in self._grad_sources(t)}
-        unlinked = {id(m): m for t in inputs for m in self._unlinked.get(t, ())}
-        if fp8 is not None:
-            unlinked[id(fp8)] = fp8
-        origins = [self._origin(t) for t in inputs]
-        origin = origins[0] if origins and all(o is origins[0] for o in origins) else None
-        for tensor in outputs:
-            if sources:
-                self._sources[tensor] = tuple(sources.values())
-            if unlinked:
-                self._unlinked[tensor] = tuple(unlinked.values())
-            if origin is not None:
-                self._origins[tensor] = origin
-
-    def _link(self, tensors: Any) -> None:
-        """A tensor made with grad mode off now has an autograd node: it left a custom Function as its
-        output, and the fp8 matmuls upstream get a backward where that node reaches the loss."""
-        for tensor in tensors:
-            unlinked = self._unlinked.get(tensor)
-            if unlinked and tensor.grad_fn is not None:
-                for matmul in unlinked:
-                    matmul.output = tensor
-                del self._unlinked[tensor]
-
-    def _copies_of(self, *operands: Any) -> int:
-        """Ranks that run this matmul alike, by its weight (1 unless it is replicated under tensor parallel)."""
-        for operand in operands:
-            if isinstance(operand, torch.Tensor):
-                copies = self._copies.get(id(view_base(operand)))
-                if copies:
-                    return copies
-        return 1
-
-    def _local_share(self, func: Any, args: tuple, kwargs: dict, out: Any) -> float:
-        """The share of this op that the rank runs, and (noted on its outputs) the share of them it holds.
-
-        A matmul with a sharded weight runs the weight's share; its output is held in that share when
-        the weight is split along the output's dimension (column-wise), whole when along the contracted
-        one (row-wise: the partial sums are reduced). Any other op runs on, and holds, the least share
-        of its inputs: a part derived from a part, combined with whole tensors, stays that part.
-        """
-        held = min((self._held.get(t, 1.0) for t in tensors_in((args, kwargs))), default=1.0)
-        local = output_held = held
-        pair = operands(func, args)
-        if pair is not None and func.overloadpacket not in CONVOLUTIONS:
-            first, second = pair
-            for operand, output_dim in ((second, -1), (first, -2)):
-                shard = self._shards.get(id(view_base(operand)))
-                if shard is not None:
-                    local = shard.fraction
-                    output_held = shard.fraction if shard.splits(operand, output_dim) else 1.0
-                    break
-        if output_held < 1.0:
-            for tensor in tensors_in(out):
-                self._held[tensor] = output_held
-        return local
-
     def record_attention(
         self,
         query: torch.Tensor,
@@ -499,8 +299,8 @@ class MatmulRecorder(TorchDispatchMode):
         rank runs ``local`` of it (its heads, under tensor parallel)."""
         forward = _attention_flops(query, key, value) * local
         grad = torch.is_grad_enabled()
-        backward = _attention_backward(forward, *(grad and self.trains(t) for t in (query, key, value)))
-        runs = _attention_backward(forward, *(grad and _requires_grad(t) for t in (query, key, value)))
+        backward = attention_backward_flops(forward, *(grad and self.trains(t) for t in (query, key, value)))
+        runs = attention_backward_flops(forward, *(grad and requires_grad(t) for t in (query, key, value)))
         weight = self._weight
         self.record(
             self._component(True),
@@ -514,20 +314,6 @@ class MatmulRecorder(TorchDispatchMode):
 
 def _either(tensor: torch.Tensor | None, otherwise: torch.Tensor) -> torch.Tensor:
     return otherwise if tensor is None else tensor
-
-
-def _requires_grad(tensor: object) -> bool:
-    return bool(getattr(tensor, "requires_grad", False))
-
-
-def _attention_backward(forward: float, q: bool, k: bool, v: bool) -> float:
-    """Backward products of fused attention, each half the forward: dV = P^T dO, dP = dO V^T (for dQ or
-    dK), dQ = dS K, dK = dS^T Q."""
-    return forward / 2 * (v + (q or k) + q + k)
-
-
-def _unpacked(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor
 
 
 def _on_meta(args: tuple) -> tuple:
@@ -571,8 +357,6 @@ def _autograd_graph(result: Any) -> set | None:
 
 
 def _attention_flops(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> float:
-    """Scores plus values of fused attention: 2*B*H*Lq*Lk*(Dqk + Dv), key/value heads broadcast (GQA)."""
+    """Fused attention of [B, H, L, D] tensors, key/value heads broadcast (GQA)."""
     batch, heads, q_len, qk_dim = query.shape
-    k_len = key.shape[-2]
-    v_dim = value.shape[-1]
-    return 2.0 * batch * heads * q_len * k_len * (qk_dim + v_dim)
+    return attention_flops(batch, heads, q_len, key.shape[-2], qk_dim, value.shape[-1])
