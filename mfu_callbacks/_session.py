@@ -87,20 +87,7 @@ class MeterSession:
         """Create the meter for ``model`` (continuing a resumed run's totals, if any were loaded)."""
 
         def create() -> None:
-            self.meter = MFUMeter(
-                model,
-                peak_tflops=self.options.peak_tflops,
-                dtype=self.options.dtype,
-                run_dtype=dtype,
-                warmup_steps=self.options.warmup_steps,
-                forward=self.options.forward,
-                token_counter=self.options.token_counter,
-                device=device_of(model),
-                silence_diagnostics=self.options.silence_diagnostics,
-                real_step=self.options.real_step,
-                profile_steps=self.options.profile_steps,
-                profile_start=self.options.profile_start,
-            )
+            self.meter = MFUMeter(model, options=self.options, run_dtype=dtype, device=device_of(model))
             if self._resume_state is not None:
                 saved_step = self._resume_state.get(_SAVED_STEP)
                 if self._resumed_at is None and isinstance(saved_step, int) and saved_step > 0:
@@ -122,12 +109,16 @@ class MeterSession:
     def state_dict(self) -> dict[str, Any]:
         """The meter's state for the framework's checkpoint (plain values; {} before a meter exists).
 
-        Called when the framework saves a checkpoint: the run summary is made durable then too.
+        Called when the framework saves a checkpoint: the run summary is made durable then too. The
+        options the run was measured with go with it (``MFUOptions.to_json``), so the checkpoint alone
+        says how to measure the resumed run alike (``MFUOptions.from_json``).
         """
         self._extras_guard.run(self._sync_summary)
         if self.meter is not None and not self.guard.failed:
             state: dict[str, Any] = self.guard.run(self.meter.state_dict) or {}
-            return {**state, _SAVED_STEP: self.optimizer_steps} if state else {}
+            if not state:
+                return {}
+            return {**state, _SAVED_STEP: self.optimizer_steps, SAVED_OPTIONS: self.options.to_json()}
         return dict(self._resume_state or {})
 
     def load_state_dict(self, state: Mapping[str, Any], *, when_attached: bool = False) -> None:
@@ -557,6 +548,7 @@ class MeterSession:
 
 
 _SAVED_STEP = "optimizer_steps"  # the global step in the saved state (frameworks without one of their own)
+SAVED_OPTIONS = "options"  # the options in the saved state, as ``MFUOptions.to_json`` writes them
 
 
 def _warn(message: str) -> None:

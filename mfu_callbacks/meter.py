@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Unpack
 
 import torch
 from torch import nn
@@ -33,6 +33,7 @@ from torch import nn
 from . import _validate, distributed, metrics, parallelism
 from ._dtype_peaks import dtype_shares, peaks_by_dtype
 from ._generation import GenerationPhase, GenerationWindow, generation_cost
+from ._options import MeterKeywords, MFUOptions, meter_options
 from ._profile_window import ProfileWindow
 from ._recorder import StepRecorder
 from ._window import PeakFlops, RunTotals, Window, combine_ranks, pack, rank_window, read_place, unpack
@@ -40,7 +41,7 @@ from .attribution import Breakdown, calibrated
 from .diagnostics import Diagnosis, Diagnostics
 from .diagnostics.checks import MATMUL_ALIGNMENT
 from .diagnostics.measured import MatmulTime
-from .flops import FlopEngine, Forward, StepFlops, TokenCounter
+from .flops import FlopEngine, StepFlops
 from .flops.features import NUM_FEATURES
 from .parallelism import Parallelism
 from .precision import AutocastWatch, detect_compute_dtype
@@ -62,68 +63,50 @@ class MFUMeter:
     ``metrics()`` when logging (on every rank at once when distributed: it holds a collective).
 
     model: what the FLOP engine introspects (any wrapper: DDP, FSDP, PEFT, compiled).
-    peak_tflops: dense peak TFLOP/s of one GPU, for hardware the table does not know (or to override it).
-    dtype: the precision the matmuls run in ("bf16", "fp16", "tf32", "fp32", "fp8", a torch dtype or
-        a Lightning precision string): every matmul is judged against that dtype's peak (torchtitan's
-        convention is ``dtype="bf16"``, whatever the matmul dtype). Omitted, each matmul is judged
-        against the peak of the dtype it runs in (fp8 linears beside bf16 attention: ``dtype_peaks``).
+    options, or its measuring fields as keyword arguments (``MeterKeywords``: ``peak_tflops``,
+        ``dtype``, ``warmup_steps``, ...): what each means and accepts is said once, in ``MFUOptions``.
     run_dtype: the precision the training framework runs in (HF ``bf16=True``, Lightning's
         ``precision``): the dtype of the matmuls that do not run in fp8; detected when omitted.
-    warmup_steps: optimizer steps left out of every average (compilation, allocator warm-up).
-    forward / token_counter: passed to the FLOP engine for models or batches it cannot read alone.
     device: where the model computes; default: the device of its first parameter.
     world_size: GPUs sharing the work; default: the process group's size. Without a process group
         the other ranks are assumed to do what this one does.
     engine / timer / peak: ready-made parts, for integrations that build them and for tests.
-    silence_diagnostics: ids of diagnoses never to report (see ``mfu_callbacks.diagnostics``).
-    real_step: "check" (default): count a meta-device copy of the model, and check it against the
-        first measured step as it really runs, whose count is used where the copy cannot be traced or
-        disagrees (custom autograd backward, data-dependent routing); "only": count the real step
-        alone; "off": never watch the real step.
-    profile_steps: profile this many optimizer steps with ``torch.profiler`` and split their time into
-        buckets (matmuls by component, attention, elementwise, optimizer, communication, idle GPU), with
-        ranked advice (``step_breakdown()``); 0 (default) never profiles. Profiled steps are left out of
-        the MFU averages.
-    profile_start: the optimizer step (0-based) the profile starts at; default: the one after warm-up
-        (later if the FLOP engine is not ready by then).
 
-    Every value is checked here: a bad one raises ValueError naming it, before training starts.
+    Every value is checked here (by ``MFUOptions``): a bad one raises ValueError naming it, before
+    training starts.
     """
 
     def __init__(
         self,
         model: nn.Module,
         *,
-        peak_tflops: float | None = None,
-        dtype: str | torch.dtype | None = None,
         run_dtype: str | torch.dtype | None = None,
-        warmup_steps: int = 2,
-        forward: Forward | None = None,
-        token_counter: TokenCounter | None = None,
         device: torch.device | str | None = None,
         world_size: int | None = None,
         engine: FlopEngine | None = None,
         timer: StepTimer | None = None,
         peak: PeakInfo | None = None,
-        silence_diagnostics: Iterable[str] = (),
-        real_step: str = "check",
-        profile_steps: int = 0,
-        profile_start: int | None = None,
+        options: MFUOptions | None = None,
+        **keywords: Unpack[MeterKeywords],
     ) -> None:
-        self._peak_tflops = _validate.peak_tflops(peak_tflops)
-        _validate.env_peak_tflops()
-        self._dtype_given = _validate.compute_dtype(dtype)
+        if options is None:
+            options = meter_options(keywords)
+        elif keywords:
+            raise TypeError("MFUMeter() takes options= or option keywords, not both")
+        self.options = options
+        self._peak_tflops = options.peak_tflops
+        self._dtype_given = options.dtype
         self._run_dtype_given = _validate.compute_dtype(run_dtype)
         self._world_size_given = _validate.optional_whole_number(world_size, name="world_size", minimum=1)
         self.device = torch.device(device) if device is not None else device_of(model)
-        self._timer = timer if timer is not None else StepTimer(warmup_steps, device=self.device)
-        self._diagnostics = Diagnostics(silence_diagnostics)
-        given = dtype if dtype is not None else run_dtype
+        self._timer = timer if timer is not None else StepTimer(options.warmup_steps, device=self.device)
+        self._diagnostics = Diagnostics(options.silence_diagnostics)
+        given = options.dtype if options.dtype is not None else run_dtype
         self.peak = peak if peak is not None else _resolve_peak(model, self.device, given, self._peak_tflops)
         self._dtype_peaks: tuple[FlopEngine, dict[str, PeakInfo] | None] | None = None  # for that engine
         self._model = model
         self._recorder = StepRecorder(
-            model, self._timer, engine, forward, token_counter, _validate.real_step(real_step)
+            model, self._timer, engine, options.forward, options.token_counter, options.real_step
         )
         self._generation = GenerationPhase(
             model,
@@ -133,7 +116,7 @@ class MFUMeter:
         )
         # Bytes/s of one GPU's memory (datasheet), for the generation's bandwidth utilization; None on a CPU.
         self.memory_bandwidth: float | None = _memory_bandwidth(self.device)
-        self._profile = _profile_window(model, self.device, warmup_steps, profile_steps, profile_start)
+        self._profile = _profile_window(model, self.device, options)
         self._profiling = False  # whether the open step is profiled
         self._steps_ended = 0  # where a read is in the run (``read_place``), unless the caller says
         self._run = RunTotals()
@@ -555,14 +538,12 @@ class MFUMeter:
         self._diagnostics.load_state_dict(state.get("diagnoses", []))
 
 
-def _profile_window(
-    model: nn.Module, device: torch.device, warmup_steps: int, steps: int, start: int | None
-) -> ProfileWindow | None:
-    steps = _validate.profile_steps(steps)
-    start = _validate.optional_whole_number(start, name="profile_start", minimum=0)
-    if not steps:
+def _profile_window(model: nn.Module, device: torch.device, options: MFUOptions) -> ProfileWindow | None:
+    """The window of ``profile_steps`` steps, from ``profile_start`` (default: the first after warm-up)."""
+    if not options.profile_steps:
         return None
-    return ProfileWindow(model, device, steps, start if start is not None else warmup_steps + 1)
+    start = options.profile_start if options.profile_start is not None else options.warmup_steps + 1
+    return ProfileWindow(model, device, options.profile_steps, start)
 
 
 def join_reduction_as_failed(
