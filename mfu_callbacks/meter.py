@@ -381,11 +381,6 @@ class MFUMeter:
         """Every diagnosis fired so far (each at most once per run); checked when metrics are read."""
         return list(self._diagnostics.fired)
 
-    def join_as_failed(self, *, read_at: int | None = None, final: bool = False) -> None:
-        """Take part in a read on a rank whose measurement failed, so the other ranks never wait for it."""
-        steps = self._steps_ended if read_at is None else read_at
-        join_reduction_as_failed(_world_size(self._world_size_given), read_at=steps, final=final)
-
     def _read_window(self, *, wait: bool, final: bool = False, read_at: int | None = None) -> Window | None:
         """Resolve the finished steps (all of them with ``wait``, else those the GPU has passed) and
         combine the ranks; None when no rank finished a measured step.
