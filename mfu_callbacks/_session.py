@@ -21,10 +21,10 @@ from . import _status, _wandb, distributed
 from ._generate_watch import GenerateWatch, generate_lengths
 from ._guard import Guard, entry_point
 from ._options import MFUOptions
-from ._status import Status
+from ._status import MFUStatus, Status
 from .attribution import format_breakdown, write_breakdown
 from .meter import MFUMeter, device_of, join_reduction_as_failed
-from .metrics import MFU_STATUS, RENAMED, MFUStatus
+from .metrics import MFU_STATUS, RENAMED
 from .report import format_report
 from .run_summary import SummaryWriter, describe_setup, library_versions
 

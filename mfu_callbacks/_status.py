@@ -1,13 +1,43 @@
-"""Whether MFU is being measured, and if not, why and what to do: what ``mfu_status`` says (codes in
-:mod:`mfu_callbacks.metrics`), the warning, the report and the summaries."""
+"""Whether MFU is being measured, and if not, why and what to do: what ``mfu_status`` says, the
+warning, the report and the summaries. The one home of the status: its codes, their reasons and fixes,
+and how a read is judged.
+
+``mfu_status`` is added by the integrations at every read, so it is logged on the rows without MFU too,
+from the first read on (warm-up included), and after a failure for as long as training goes on:
+
+====  ===============  ==================================================================================
+code  name             meaning
+====  ===============  ==================================================================================
+ 1    ``MEASURING``    ``mfu`` is in the row
+ 2    ``WARMING_UP``   no measured step yet: warm-up steps and the step that built the FLOP engine
+ 0    ``OFF``          MFU is not measured on this rank: the FLOP engine could not be built (no batch
+                       could be counted) or the callback stopped after an error
+-1    ``NO_PEAK``      the GPU's peak FLOP/s is unknown: throughput is logged, MFU cannot be
+-2    ``NOT_COUNTED``  some rank could not count its FLOPs in this window: MFU of the others alone
+                       would pass for the whole job's, so it is left out
+====  ===============  ==================================================================================
+
+The reason and the fix are said once per run in the framework's log (a warning), at the end of the
+run in the report, in the W&B run summary (``mfu_run/status``, ``mfu_run/status_reason``) and in
+the run summary file (``status``).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from enum import IntEnum
 from typing import Any
 
-from .metrics import MFU, MFUStatus
+
+class MFUStatus(IntEnum):
+    """The codes of ``mfu_status`` (a number, as W&B, TensorBoard and CSV loggers want): table above."""
+
+    WARMING_UP = 2
+    MEASURING = 1
+    OFF = 0
+    NO_PEAK = -1
+    NOT_COUNTED = -2
 
 
 @dataclass(frozen=True)
@@ -81,6 +111,8 @@ def judge(
     ``peak_device``: the device name when its peak is unknown, None when it is known. A read without
     values keeps the previous status, since nothing changed (warm-up until something was measured).
     """
+    from .metrics import MFU  # metrics imports this module (MFUStatus) at its top
+
     if MFU in values:
         return MEASURING
     if values:

@@ -26,9 +26,8 @@ from torch.utils.data import DataLoader
 from mfu_callbacks import MFUOptions, _wandb
 from mfu_callbacks._guard import Guard
 from mfu_callbacks._session import MeterSession
-from mfu_callbacks._status import Status
+from mfu_callbacks._status import MFUStatus, Status
 from mfu_callbacks.flops import ModelIntrospectionError
-from mfu_callbacks.metrics import MFUStatus
 from mfu_callbacks.report import format_report
 from mfu_callbacks.run_summary import RunSummary
 
