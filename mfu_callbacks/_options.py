@@ -151,9 +151,13 @@ class OptionKeywords(MeterKeywords, total=False):
     summary_dir: str | None
 
 
-def meter_options(keywords: Mapping[str, Any]) -> MFUOptions:
-    """``MFUMeter``'s keyword arguments as options; a name the meter does not take raises TypeError, as
-    an unknown keyword does (the reporting options belong to the integrations)."""
+def meter_options(options: MFUOptions | None, keywords: Mapping[str, Any]) -> MFUOptions:
+    """``MFUMeter``'s options: given whole, or as keyword arguments. A name the meter does not take raises
+    TypeError, as an unknown keyword does (the reporting options belong to the integrations)."""
+    if options is not None:
+        if keywords:
+            raise TypeError("MFUMeter() takes options= or option keywords, not both")
+        return options
     unexpected = sorted(set(keywords) - MeterKeywords.__optional_keys__)
     if unexpected:
         raise TypeError(f"MFUMeter() got an unexpected keyword argument {unexpected[0]!r}")

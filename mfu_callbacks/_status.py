@@ -24,10 +24,14 @@ the run summary file (``status``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._guard import Guard
+    from .meter import MFUMeter
 
 
 class MFUStatus(IntEnum):
@@ -120,3 +124,41 @@ def judge(
     if not engine_built and past_warmup:
         return NO_BATCH_COUNTED
     return previous if previous.code != MFUStatus.OFF else WARMING_UP
+
+
+class RunStatus:
+    """One run's status as its reads find it; a status without MFU is said once per run (``warn``)."""
+
+    def __init__(self, warn: Callable[[str], None]) -> None:
+        self.current: Status = WARMING_UP  # what the last read (or the end of the run) found
+        self._warn = warn
+        self._warned: set[MFUStatus] = set()
+
+    def judge(
+        self, values: Mapping[str, float], guard: Guard, meter: MFUMeter | None, *, past_warmup: bool
+    ) -> Status:
+        """The status of a read that gave ``values``, of a session whose meter is ``meter``."""
+        if guard.failed:
+            return stopped(guard.reason or "", guard.fix or "")
+        if meter is None:
+            return stopped("no model was given to measure", "pass the model when training starts")
+        return judge(
+            values,
+            self.current,
+            engine_built=meter.engine is not None,
+            past_warmup=past_warmup,
+            peak_device=str(meter.device) if meter.peak is None else None,
+        )
+
+    def set(self, status: Status) -> None:
+        """The run's status is now ``status``: warned about, the first time, unless MFU is on its way."""
+        self.current = status
+        if status.code not in (MFUStatus.MEASURING, MFUStatus.WARMING_UP) and status.code not in self._warned:
+            self._warned.add(status.code)
+            self._warn(status.message())
+
+    def finish(self, judged: Status) -> None:
+        """The run's status as it ends: a window left without MFU by a rank's failure still counts."""
+        if judged.measuring and self.current.code == MFUStatus.NOT_COUNTED:
+            judged = self.current
+        self.set(judged)

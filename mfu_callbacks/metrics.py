@@ -63,8 +63,13 @@ Averages are totals over totals (FLOPs over seconds), never means of per-step ra
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Collection, Mapping
+
 from ._status import MFUStatus as MFUStatus  # the codes of mfu_status, also read from here
 from ._window import PeakFlops, RunTotals, Window, per_gpu_per_second, utilization
+
+logger = logging.getLogger("mfu_callbacks")
 
 MFU = "mfu"
 HFU = "hfu"
@@ -109,6 +114,27 @@ NUMERIC_METRICS = (
     GENERATION_BANDWIDTH_UTILIZATION,
 )
 SUMMARY_METRICS = (MFU, HFU, TFLOPS_PER_GPU, TOKENS_PER_SEC_PER_GPU)
+
+
+def placed_beside(
+    row: Collection[str], metrics: Mapping[str, float], prefix: str, renamed: set[str]
+) -> dict[str, float]:
+    """``metrics`` (prefixed) as they go into a logged row that already holds the keys ``row``: never
+    overwriting (see above). ``renamed``: our keys the trainer or the user logs too, grown here and kept
+    for the rest of the run, so a curve never changes meaning. Where the ``mfu/`` name is taken too,
+    ours is left out."""
+    placed: dict[str, float] = {}
+    for key, value in metrics.items():
+        if key in row or key in renamed:
+            if key not in renamed:
+                renamed.add(key)
+                logger.info("mfu_callbacks: %r is logged by the trainer too; ours is logged beside it", key)
+            bare = key[len(prefix) :] if key.startswith(prefix) else key
+            key = prefix + RENAMED + bare
+            if key in row:
+                continue
+        placed[key] = value
+    return placed
 
 
 def window_metrics(
