@@ -236,8 +236,8 @@ class MeterSession:
             )
             if metrics:
                 # Reporting extras have a guard of their own: a failure there never stops the measurement.
-                if not self._outputs.wandb_described:
-                    self._extras_guard.run(self._outputs.describe_wandb_run, meter, self._model)
+                if not self._wandb_described:
+                    self._extras_guard.run(self._describe_wandb_run)
                 self._extras_guard.run(self._add_to_run_summary, metrics)
             return self._prefixed(self._with_status(metrics))
 
@@ -294,6 +294,14 @@ class MeterSession:
                 metrics,
                 resumed_at=self._resumed_at,
             )
+
+    @property
+    def _wandb_described(self) -> bool:
+        return self._outputs.wandb_described
+
+    def _describe_wandb_run(self) -> None:
+        if self.meter is not None:
+            self._outputs.describe_wandb_run(self.meter, self._model)
 
     def _sync_summary(self, *, close: bool = False) -> None:
         self._outputs.sync(self.meter, self._model, self.status, resumed_at=self._resumed_at, close=close)
