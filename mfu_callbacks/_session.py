@@ -6,29 +6,23 @@ the framework's logger.
 
 from __future__ import annotations
 
-import inspect
-import logging
 import os
 import warnings
 from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from typing import Any
 
-import torch
 from torch import nn
 
-from . import _status, _wandb, distributed
-from ._generate_watch import GenerateWatch, generate_lengths
-from ._guard import Guard, entry_point
+from . import distributed
+from ._forward_watch import ForwardWatch
+from ._guard import Guard
+from ._meter_state import SAVED_OPTIONS, SAVED_STEP, load_or_discard, saved_step
 from ._options import MFUOptions
-from ._status import Status
-from .attribution import format_breakdown, write_breakdown
+from ._run_outputs import RunOutputs
+from ._status import MFUStatus, RunStatus, Status
 from .meter import MFUMeter, device_of, join_reduction_as_failed
-from .metrics import MFU_STATUS, RENAMED, MFUStatus
-from .report import format_report
-from .run_summary import SummaryWriter, describe_setup, library_versions
-
-logger = logging.getLogger("mfu_callbacks")
+from .metrics import MFU_STATUS, placed_beside
 
 
 class MeterSession:
@@ -49,22 +43,16 @@ class MeterSession:
         """
         self.options = options
         self._owner = owner
-        self._wandb_prefix = options.prefix if wandb_prefix is None else wandb_prefix
-        self._wandb_step_metric = wandb_step_metric
+        self._outputs = RunOutputs(options, wandb_prefix=wandb_prefix, wandb_step_metric=wandb_step_metric)
         self._warn = warn or _warn
-        self._hook: torch.utils.hooks.RemovableHandle | None = None
-        self._generate_watch: GenerateWatch | None = None
+        self._watch: ForwardWatch | None = None
         self._resume_state: Mapping[str, Any] | None = None
-        self.summary_dir: str | None = None  # where the run summary (mfu_summary.json) is written
         self.start_run()
 
     def start_run(self) -> None:
         """A run starts: whatever an earlier run left (finished, failed or interrupted) is cleared."""
         self.unwatch()
-        earlier: SummaryWriter | None = getattr(self, "_summary", None)
-        if earlier is not None:
-            with suppress(Exception):  # an interrupted run's file: what it wrote stays
-                earlier.close()
+        self._outputs.start_run()
         self.guard = Guard(self._owner)
         self._extras_guard = Guard(self._owner, stops="writing the run summary and the W&B run description")
         self.meter: MFUMeter | None = None
@@ -75,37 +63,19 @@ class MeterSession:
         self._pause: AbstractContextManager[None] | None = None  # open while evaluating or saving
         self._renamed: set[str] = set()  # our keys the trainer or the user logs too: logged as mfu/<key>
         self._attached = False
-        self._wandb_described = False
         self._model: nn.Module | None = None
-        self._summary: SummaryWriter | None = None  # opened at the first window written
-        self._setup_described: dict[str, Any] | None = None  # the setup, described once per run
-        self._summary_status: dict[str, Any] | None = None  # the status the header last said
-        self.status: Status = _status.WARMING_UP  # what the last read (or the end of the run) found
-        self._warned: set[MFUStatus] = set()
+        self._status = RunStatus(self._warn)
 
     def attach(self, model: nn.Module, *, dtype: str | None = None) -> None:
         """Create the meter for ``model`` (continuing a resumed run's totals, if any were loaded)."""
 
         def create() -> None:
-            self.meter = MFUMeter(
-                model,
-                peak_tflops=self.options.peak_tflops,
-                dtype=self.options.dtype,
-                run_dtype=dtype,
-                warmup_steps=self.options.warmup_steps,
-                forward=self.options.forward,
-                token_counter=self.options.token_counter,
-                device=device_of(model),
-                silence_diagnostics=self.options.silence_diagnostics,
-                real_step=self.options.real_step,
-                profile_steps=self.options.profile_steps,
-                profile_start=self.options.profile_start,
-            )
+            self.meter = MFUMeter(model, options=self.options, run_dtype=dtype, device=device_of(model))
             if self._resume_state is not None:
-                saved_step = self._resume_state.get(_SAVED_STEP)
-                if self._resumed_at is None and isinstance(saved_step, int) and saved_step > 0:
-                    self.continue_from_step(saved_step)
-                self._load_or_discard(self.meter, self._resume_state)
+                step = saved_step(self._resume_state)
+                if self._resumed_at is None and step is not None:
+                    self.continue_from_step(step)
+                load_or_discard(self.meter, self._resume_state, self._warn)
                 self._resume_state = None
 
         self._attached = True
@@ -122,12 +92,16 @@ class MeterSession:
     def state_dict(self) -> dict[str, Any]:
         """The meter's state for the framework's checkpoint (plain values; {} before a meter exists).
 
-        Called when the framework saves a checkpoint: the run summary is made durable then too.
+        Called when the framework saves a checkpoint: the run summary is made durable then too. The
+        options the run was measured with go with it (``MFUOptions.to_json``), so the checkpoint alone
+        says how to measure the resumed run alike (``MFUOptions.from_json``).
         """
         self._extras_guard.run(self._sync_summary)
         if self.meter is not None and not self.guard.failed:
             state: dict[str, Any] = self.guard.run(self.meter.state_dict) or {}
-            return {**state, _SAVED_STEP: self.optimizer_steps} if state else {}
+            if not state:
+                return {}
+            return {**state, SAVED_STEP: self.optimizer_steps, SAVED_OPTIONS: self.options.to_json()}
         return dict(self._resume_state or {})
 
     def load_state_dict(self, state: Mapping[str, Any], *, when_attached: bool = False) -> None:
@@ -141,94 +115,25 @@ class MeterSession:
             )
             return
         if self.meter is not None and not when_attached:
-            self._load_or_discard(self.meter, state)
+            load_or_discard(self.meter, state, self._warn)
         else:
             self._resume_state = dict(state)
 
-    def _load_or_discard(self, meter: MFUMeter, state: Mapping[str, Any]) -> None:
-        """Continue the saved run totals; a corrupt or foreign-version state is discarded with one
-        warning and measuring goes on from this run's steps alone."""
-        before = meter.state_dict()
-        try:
-            meter.load_state_dict(state)
-        except Exception as error:  # noqa: BLE001 - a bad checkpoint file never stops measuring
-            meter.load_state_dict(before)
-            self._warn(
-                f"mfu_callbacks: ignored the saved MFU state ({type(error).__name__}: {str(error)[:200]}); "
-                "the run totals start afresh from this run's steps"
-            )
-
     # -- micro-batches seen by a forward pre-hook (when the framework hands callbacks no batch) --
     def watch_forward(self, model: nn.Module) -> None:
-        """Count each training forward of ``model`` as a micro-batch of the open step, and let its
-        forwards without grad inside the step (a reference, KL or scoring pass) open the step's
-        observation when they come first."""
+        """Count each training forward of ``model`` as a micro-batch of the open step (``ForwardWatch``)."""
         self.unwatch()  # a run that ended by an exception may have left its hook
-        hook = torch.compiler.disable(self._before_forward)
-        self._hook = model.register_forward_pre_hook(hook, with_kwargs=True)
-        self._generate_watch = GenerateWatch(model, self._generation_begins, self._generation_ends)
-
-    @entry_point()
-    def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        """The forward pre-hook (returns None: the call's arguments go through unchanged)."""
-        if self.generating:
-            return  # a forward inside generate: counted by the generation phase, never as training
-        if not module.training:
-            if not self._step_open:
-                self.pause()  # an evaluation between two steps: not training, until the next step
-            return  # evaluation is not a training step
-        if not torch.is_grad_enabled():
-            if self._step_open and self.meter is not None:  # a pass without grad inside the step
-                self.guard.run(self.meter.add_forward, _call_as_batch(module, args, kwargs))
-            return
-        if not self._step_open:
-            self.begin_step()
-        self.add_batch(_call_as_batch(module, args, kwargs))
+        self._watch = ForwardWatch(self, model)
 
     def unwatch(self) -> None:
         """Remove the forward hook, and leave a real step being observed (however the run ended)."""
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
-        watch, self._generate_watch = getattr(self, "_generate_watch", None), None
+        watch, self._watch = getattr(self, "_watch", None), None
         if watch is not None:
             watch.remove()
         meter = getattr(self, "meter", None)
         if meter is not None:
             with suppress(Exception):  # the run is over: nothing more to measure
                 meter.stop_observing()
-
-    # -- generation inside the step: a phase of its own (``_generation.py``) -----------------------------
-    @property
-    def generating(self) -> bool:
-        """Whether the watched model's ``generate`` is running (its forwards are not training forwards)."""
-        meter = self.meter
-        return meter is not None and not self.guard.failed and meter.generating
-
-    @entry_point()
-    def _generation_begins(self) -> None:
-        """``generate`` was called: inside a step, its time is the generation phase's."""
-        if self.meter is not None and self._step_open and not self.guard.failed:
-            self.meter.generation_begins()
-
-    @entry_point()
-    def _generation_ends(self, args: tuple, kwargs: dict, output: Any) -> None:
-        """``generate`` returned (``output`` None: it raised): its time ends, its lengths are counted."""
-        meter = self.meter
-        if meter is None or not meter.generating or self.guard.failed:
-            return
-        meter.generation_ends()
-        model = self._model
-        lengths = (
-            generate_lengths(model, args, kwargs, output)
-            if model is not None and output is not None
-            else None
-        )
-        if lengths is not None:
-            prompt, completion, padded_prompt, padded_completion = lengths
-            meter.add_generation(
-                prompt, completion, padded_prompt=padded_prompt, padded_completion=padded_completion
-            )
 
     # -- step events ------------------------------------------------------------------------------
     @property
@@ -347,54 +252,22 @@ class MeterSession:
         under that name for the rest of the run, so a curve never changes meaning. Where that name is
         taken too, ours is left out.
         """
-        placed: dict[str, float] = {}
-        prefix = self.options.prefix
-        for key, value in metrics.items():
-            if key in row or key in self._renamed:
-                if key not in self._renamed:
-                    self._renamed.add(key)
-                    logger.info(
-                        "mfu_callbacks: %r is logged by the trainer too; ours is logged beside it", key
-                    )
-                bare = key[len(prefix) :] if key.startswith(prefix) else key
-                key = prefix + RENAMED + bare
-                if key in row:
-                    continue
-            placed[key] = value
-        return placed
+        return placed_beside(row, metrics, self.options.prefix, self._renamed)
 
-    # -- the status: whether MFU is measured, said where users look ----------------------------------
+    # -- the status: whether MFU is measured, said where users look (``_status.RunStatus``) ------------
+    @property
+    def status(self) -> Status:
+        """What the last read (or the end of the run) found."""
+        return self._status.current
+
     def _with_status(self, metrics: dict[str, float]) -> dict[str, float]:
         """``metrics`` with ``mfu_status``; a status without MFU is warned about once per run."""
-        self._set_status(self._judge(metrics))
+        self._status.set(self._judge(metrics))
         return {**metrics, MFU_STATUS: float(self.status.code)}
 
     def _judge(self, values: Mapping[str, float]) -> Status:
-        meter = self.meter
-        if self.guard.failed:
-            return _status.stopped(self.guard.reason or "", self.guard.fix or "")
-        if meter is None:
-            return _status.stopped("no model was given to measure", "pass the model when training starts")
-        return _status.judge(
-            values,
-            self.status,
-            engine_built=meter.engine is not None,
-            past_warmup=self._steps_this_run > self.options.warmup_steps,
-            peak_device=str(meter.device) if meter.peak is None else None,
-        )
-
-    def _set_status(self, status: Status) -> None:
-        self.status = status
-        if status.code not in (MFUStatus.MEASURING, MFUStatus.WARMING_UP) and status.code not in self._warned:
-            self._warned.add(status.code)
-            self._warn(status.message())
-
-    def _final_status(self, summary: Mapping[str, float]) -> None:
-        """The run's status as it ends: a window left without MFU by a rank's failure still counts."""
-        status = self._judge(summary)
-        if status.measuring and self.status.code == MFUStatus.NOT_COUNTED:
-            status = self.status
-        self._set_status(status)
+        past_warmup = self._steps_this_run > self.options.warmup_steps
+        return self._status.judge(values, self.guard, self.meter, past_warmup=past_warmup)
 
     def _join_as_failed(self, *, final: bool = False) -> None:
         """Enter the read's reduction as a rank with nothing to say (none after a reduction failed)."""
@@ -404,86 +277,34 @@ class MeterSession:
 
     def write_summary_to(self, framework_folder: str | os.PathLike[str] | None) -> None:
         """Write the run summary into the ``summary_dir`` option, else the framework's output folder."""
-        folder = self.options.summary_dir or framework_folder
-        self.summary_dir = str(folder) if folder is not None else None
+        self._outputs.write_summary_to(framework_folder)
 
-    # -- the run summary: one line per window, the header when it changes (rank 0) ------------------
+    @property
+    def summary_dir(self) -> str | None:
+        """Where the run summary (``mfu_summary.json``) is written; None: nowhere."""
+        return self._outputs.summary_dir
+
     def _add_to_run_summary(self, metrics: Mapping[str, float]) -> None:
-        """Append the window (its cost does not grow with the run or the model: the setup is
-        described once, at the first window, and again only at checkpoints and at the end)."""
-        writer = self._summary_writer()
-        if writer is None:
-            return
-        if self._setup_described is None:
-            self._setup_described = self._setup()
-        window = self.meter.last_window if self.meter is not None else None
-        writer.append(self.optimizer_steps, metrics, window.totals() if window is not None else None)
-        status = self.status.as_dict()
-        if status != self._summary_status:
-            writer.write_header(self._setup_described, status, totals=self._run_totals())
-            self._summary_status = status
+        if self.meter is not None:
+            self._outputs.add_window(
+                self.meter,
+                self._model,
+                self.status,
+                self.optimizer_steps,
+                metrics,
+                resumed_at=self._resumed_at,
+            )
 
-    def _sync_summary(self, *, close: bool = False) -> None:
-        """Describe the setup as it is now, write the header and make both files durable (a
-        checkpoint is being saved, or the run ends)."""
-        writer = self._summary_writer(open_if_needed=close)
-        if writer is None:
-            return
-        self._setup_described = self._setup()
-        self._summary_status = self.status.as_dict()
-        writer.write_header(self._setup_described, self._summary_status, totals=self._run_totals())
-        if close:
-            writer.close()
-            self._summary = None
-        else:
-            writer.sync()
-
-    def _run_totals(self) -> dict[str, float] | None:
-        """The run's totals as the report divides them, once a step was read."""
-        meter = self.meter
-        if meter is None or meter.last_window is None:
-            return None
-        return meter.run_totals()
-
-    def _summary_writer(self, *, open_if_needed: bool = True) -> SummaryWriter | None:
-        """The run summary's writer on rank 0 when a folder is known; opened on first use."""
-        if self.summary_dir is None or distributed.rank() != 0:
-            return None
-        if self._summary is None and open_if_needed:
-            self._summary = SummaryWriter(self.summary_dir, resume_after=self._resumed_at)
-        return self._summary
+    @property
+    def _wandb_described(self) -> bool:
+        return self._outputs.wandb_described
 
     def _describe_wandb_run(self) -> None:
-        """The run config says how MFU was measured: the run summary's setup and the library versions."""
-        run = _wandb.active_run()
-        if run is None or self.meter is None:
-            return
-        self._wandb_described = True
-        meter, engine = self.meter, self.meter.engine
-        config = {
-            **self._setup(),
-            **_wandb.run_config(
-                meter.peak, engine.flops_per_token if engine is not None else None, meter.run_flops()
-            ),
-            "versions": library_versions(),
-        }
-        _wandb.describe_run(run, config, self._wandb_prefix, self._wandb_step_metric)
+        if self.meter is not None:
+            self._outputs.describe_wandb_run(self.meter, self._model)
 
-    def _setup(self) -> dict[str, Any]:
-        meter = self.meter
-        if meter is None:
-            return {}
-        return describe_setup(
-            peak=meter.peak,
-            world_size=distributed.world_size(),
-            flops=meter.run_flops(),
-            model=self._model,
-            device=str(meter.device),
-            dtype=meter.peak.dtype if meter.peak is not None else None,
-            parallelism=meter.parallelism.as_config(),
-            matmul_dtypes=meter.matmul_dtypes(),
-            peak_per_dtype=meter.dtype_peaks() is not None,
-        )
+    def _sync_summary(self, *, close: bool = False) -> None:
+        self._outputs.sync(self.meter, self._model, self.status, resumed_at=self._resumed_at, close=close)
 
     def summary(self) -> dict[str, float]:
         """The run's means (a collective when distributed, joined as "failed" after a failure; exactly
@@ -505,81 +326,16 @@ class MeterSession:
         summary = self.summary()
         with suppress(Exception):  # every rank has left the last reduction: nothing of ours outlives the run
             distributed.release_reductions()
-        self._final_status(summary)
+        self._status.finish(self._judge(summary))
         self._extras_guard.run(self._sync_summary, close=True)  # the setup as the run ended
         meter = self.meter
         if meter is None or not summary:
-            self._extras_guard.run(self._report_not_measured)
+            self._extras_guard.run(self._outputs.report_not_measured, meter, self.status)
             return summary
-
-        def report() -> None:
-            diagnoses = meter.diagnostics()
-            breakdown = meter.step_breakdown()
-            if distributed.rank() != 0:
-                return
-            if self.options.report:
-                text = format_report(
-                    summary,
-                    meter.run_flops(),
-                    meter.peak,
-                    diagnoses,
-                    self.status,
-                    meter.matmul_dtypes(),
-                    device=str(meter.device),
-                )
-                if breakdown is not None:
-                    text += "\n" + format_breakdown(breakdown)
-                elif meter.profile_note:
-                    text += "\n  " + meter.profile_note
-                print(text, flush=True)
-            if breakdown is not None and self.summary_dir is not None:
-                write_breakdown(breakdown, self.summary_dir)
-            run = _wandb.active_run()
-            if run is not None:
-                _wandb.summarize_run(run, summary, diagnoses, self.status)
-                if breakdown is not None:
-                    _wandb.log_breakdown(run, breakdown)
-
-        self.guard.run(report)
+        self.guard.run(self._outputs.report, meter, summary, self.status)
         return summary
-
-    def _report_not_measured(self) -> None:
-        """A run that measured nothing still ends with the report and the W&B summary saying why (rank 0)."""
-        if distributed.rank() != 0:
-            return
-        peak = self.meter.peak if self.meter is not None else None
-        device = str(self.meter.device) if self.meter is not None else None
-        if self.options.report:
-            print(format_report({}, None, peak, (), self.status, device=device), flush=True)
-        run = _wandb.active_run()
-        if run is not None:
-            _wandb.summarize_run(run, {}, (), self.status)
-
-
-_SAVED_STEP = "optimizer_steps"  # the global step in the saved state (frameworks without one of their own)
 
 
 def _warn(message: str) -> None:
     """The default way to say that MFU is not measured: a Python warning, shown by default."""
     warnings.warn(message, UserWarning, stacklevel=2)
-
-
-def _call_as_batch(module: nn.Module, args: tuple, kwargs: dict) -> Any:
-    """The batch a forward call was given: its keywords, with positional arguments named by the
-    forward's signature (``model(input_ids, attention_mask=mask)``); a lone positional batch as is."""
-    if not args:
-        return kwargs
-    if not kwargs:
-        return args[0] if len(args) == 1 else args
-    try:
-        signature = inspect.signature(module.forward)
-        bound = signature.bind_partial(*args, **kwargs)
-    except (TypeError, ValueError):
-        return kwargs
-    batch: dict[str, Any] = {}
-    for name, value in bound.arguments.items():
-        if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
-            batch.update(value)
-        else:
-            batch[name] = value
-    return batch

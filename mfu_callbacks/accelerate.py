@@ -33,7 +33,7 @@ import functools
 import json
 import weakref
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
 from torch import nn
 from torch.optim import Optimizer
@@ -50,7 +50,7 @@ except ImportError as error:
 
 from ._atomic import write_json
 from ._guard import entry_point
-from ._options import MFUOptions
+from ._options import MFUOptions, OptionKeywords
 from ._session import MeterSession
 
 _DEFAULT_LOG_INTERVAL = 10
@@ -68,10 +68,11 @@ class MFUTracker:
     ``latest`` holds the last metrics read, for loops that log elsewhere.
     """
 
-    def __init__(self, accelerator: Accelerator, model: nn.Module, **options: Any) -> None:
-        if options.get("log_interval") is None:  # Accelerate has no logging cadence of its own to follow
-            options["log_interval"] = _DEFAULT_LOG_INTERVAL
-        self.options = MFUOptions(**options)
+    def __init__(self, accelerator: Accelerator, model: nn.Module, **options: Unpack[OptionKeywords]) -> None:
+        given: dict[str, Any] = dict(options)
+        if given.get("log_interval") is None:  # Accelerate has no logging cadence of its own to follow
+            given["log_interval"] = _DEFAULT_LOG_INTERVAL
+        self.options = MFUOptions(**given)
         self.accelerator = accelerator
         self.latest: dict[str, float] = {}
         self._pending: dict[str, float] = {}

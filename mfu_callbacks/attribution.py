@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ._atomic import write_json
+from ._window import utilization
 
 FILE_NAME = "mfu_profile.json"
 
@@ -39,7 +40,6 @@ INPUT_WAIT = "GPU idle: input wait between steps"
 _IDLE = (HOST_GAPS, INPUT_WAIT)
 _MATMUL_PREFIX = MATMUL + ": "  # matmul buckets are named by component: "matmul: mlp"
 
-_COMPUTE_KINDS = (MATMUL, ATTENTION, ELEMENTWISE, OPTIMIZER, MEMORY)
 # Matmuls are compared with the best one only where they take a visible share of the step.
 _BEST_RATE_MIN_SHARE = 0.01
 # Kernels may run this much longer than the measured step before the calibration says so.
@@ -352,7 +352,7 @@ def _judged(result: Breakdown) -> Breakdown:
     best = _best_rate(buckets, step)
     total_model = sum(result.model_flops.values())
     peak = result.peak_flops
-    mfu = total_model / (step * peak) if total_model and peak and step > 0 else None
+    mfu = utilization(total_model, step, 1, peak) if total_model and peak and step > 0 else None
     judged = replace(
         result, buckets=buckets, best_matmul_tflops=best / 1e12 if best else None, mfu=mfu, advice=()
     )
@@ -425,8 +425,8 @@ def _advice(
     if faster >= bucket.seconds:
         return None
     step_if_fixed = step - bucket.seconds + faster
-    mfu = model_flops / (step * peak)
-    fixed = model_flops / (step_if_fixed * peak)
+    mfu = utilization(model_flops, step, 1, peak)  # the breakdown is one GPU's
+    fixed = utilization(model_flops, step_if_fixed, 1, peak)
     return Advice(bucket.name, fixed, fixed - mfu, change, upper)
 
 

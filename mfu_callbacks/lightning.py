@@ -18,7 +18,7 @@ are not training: their time leaves the step time and the input wait.
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, Unpack
 
 from ._extras import missing_extra
 
@@ -29,7 +29,7 @@ except ImportError as error:
     raise missing_extra(error, "mfu_callbacks.lightning", "lightning") from error
 
 from ._guard import Guard, entry_point
-from ._options import MFUOptions
+from ._options import MFUOptions, OptionKeywords
 from ._session import MeterSession
 from .precision import dtype_from_lightning_precision
 
@@ -44,10 +44,8 @@ def _training_step(module: LightningModule, batch: Any) -> Any:
 class MFUCallback(Callback):
     """Logs ``train/mfu``, ``train/hfu``, ``train/tflops_per_gpu``, ``train/tokens_per_sec`` ... beside the loss.
 
-    Options are those of [`mfu_callbacks.MFUOptions`][mfu_callbacks.MFUOptions] (``peak_tflops``, ``dtype``,
-    ``warmup_steps``, ``log_interval``, ``prefix``, ``token_counter``, ``forward``, ``report``,
-    ``silence_diagnostics``, ``summary_dir``, ``real_step``, ``profile_steps``, ``profile_start``).
-    When training ends, ``summary`` holds the run's means and the
+    Options are the fields of [`mfu_callbacks.MFUOptions`][mfu_callbacks.MFUOptions], where each is
+    described; ``forward`` defaults to the module's own ``training_step``. When training ends, ``summary`` holds the run's means and the
     end-of-run report is printed on rank 0.
 
     Example::
@@ -55,11 +53,12 @@ class MFUCallback(Callback):
         trainer = L.Trainer(max_steps=100, callbacks=[MFUCallback(warmup_steps=5)])
     """
 
-    def __init__(self, **options: Any) -> None:
+    def __init__(self, **options: Unpack[OptionKeywords]) -> None:
         super().__init__()
-        if options.get("forward") is None:  # LightningCLI passes every option, unset ones as None
-            options["forward"] = _training_step
-        self.options = MFUOptions(**options)
+        given: dict[str, Any] = dict(options)
+        if given.get("forward") is None:  # LightningCLI passes every option, unset ones as None
+            given["forward"] = _training_step
+        self.options = MFUOptions(**given)
         self.session = MeterSession(
             self.options,
             "mfu_callbacks.lightning.MFUCallback",

@@ -22,36 +22,34 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Unpack
 
 import torch
 from torch import nn
 
 from . import _validate, distributed, metrics, parallelism
-from ._dtype_peaks import dtype_shares, peaks_by_dtype
 from ._generation import GenerationPhase, GenerationWindow, generation_cost
+from ._meter_profile import profile_step_begins, profile_window, step_breakdown
+from ._meter_state import meter_state, read_meter_state
+from ._options import MeterKeywords, MFUOptions, meter_options
+from ._peak_choice import PeakChoice, memory_bandwidth
 from ._profile_window import ProfileWindow
 from ._recorder import StepRecorder
+from ._run_review import RunReview
 from ._window import PeakFlops, RunTotals, Window, combine_ranks, pack, rank_window, read_place, unpack
-from .attribution import Breakdown, calibrated
+from .attribution import Breakdown
 from .diagnostics import Diagnosis, Diagnostics
-from .diagnostics.checks import MATMUL_ALIGNMENT
-from .diagnostics.measured import MatmulTime
-from .flops import FlopEngine, Forward, StepFlops, TokenCounter
-from .flops.features import NUM_FEATURES
+from .flops import FlopEngine, StepFlops
 from .parallelism import Parallelism
-from .precision import AutocastWatch, detect_compute_dtype
 from .timer import StepTimer
 
 if TYPE_CHECKING:
     from .hardware import PeakInfo
 
 logger = logging.getLogger("mfu_callbacks")
-_STATE_VERSION = 1
-_REVIEW_GROWTH = 1.1  # the diagnoses are reviewed again once the measured steps grew by this factor
 
 
 class MFUMeter:
@@ -62,100 +60,58 @@ class MFUMeter:
     ``metrics()`` when logging (on every rank at once when distributed: it holds a collective).
 
     model: what the FLOP engine introspects (any wrapper: DDP, FSDP, PEFT, compiled).
-    peak_tflops: dense peak TFLOP/s of one GPU, for hardware the table does not know (or to override it).
-    dtype: the precision the matmuls run in ("bf16", "fp16", "tf32", "fp32", "fp8", a torch dtype or
-        a Lightning precision string): every matmul is judged against that dtype's peak (torchtitan's
-        convention is ``dtype="bf16"``, whatever the matmul dtype). Omitted, each matmul is judged
-        against the peak of the dtype it runs in (fp8 linears beside bf16 attention: ``dtype_peaks``).
+    options, or its measuring fields as keyword arguments (``MeterKeywords``: ``peak_tflops``,
+        ``dtype``, ``warmup_steps``, ...): what each means and accepts is said once, in ``MFUOptions``.
     run_dtype: the precision the training framework runs in (HF ``bf16=True``, Lightning's
         ``precision``): the dtype of the matmuls that do not run in fp8; detected when omitted.
-    warmup_steps: optimizer steps left out of every average (compilation, allocator warm-up).
-    forward / token_counter: passed to the FLOP engine for models or batches it cannot read alone.
     device: where the model computes; default: the device of its first parameter.
     world_size: GPUs sharing the work; default: the process group's size. Without a process group
         the other ranks are assumed to do what this one does.
     engine / timer / peak: ready-made parts, for integrations that build them and for tests.
-    silence_diagnostics: ids of diagnoses never to report (see ``mfu_callbacks.diagnostics``).
-    real_step: "check" (default): count a meta-device copy of the model, and check it against the
-        first measured step as it really runs, whose count is used where the copy cannot be traced or
-        disagrees (custom autograd backward, data-dependent routing); "only": count the real step
-        alone; "off": never watch the real step.
-    profile_steps: profile this many optimizer steps with ``torch.profiler`` and split their time into
-        buckets (matmuls by component, attention, elementwise, optimizer, communication, idle GPU), with
-        ranked advice (``step_breakdown()``); 0 (default) never profiles. Profiled steps are left out of
-        the MFU averages.
-    profile_start: the optimizer step (0-based) the profile starts at; default: the one after warm-up
-        (later if the FLOP engine is not ready by then).
 
-    Every value is checked here: a bad one raises ValueError naming it, before training starts.
+    Every value is checked here (by ``MFUOptions``): a bad one raises ValueError naming it, before
+    training starts.
     """
 
     def __init__(
         self,
         model: nn.Module,
         *,
-        peak_tflops: float | None = None,
-        dtype: str | torch.dtype | None = None,
         run_dtype: str | torch.dtype | None = None,
-        warmup_steps: int = 2,
-        forward: Forward | None = None,
-        token_counter: TokenCounter | None = None,
         device: torch.device | str | None = None,
         world_size: int | None = None,
         engine: FlopEngine | None = None,
         timer: StepTimer | None = None,
         peak: PeakInfo | None = None,
-        silence_diagnostics: Iterable[str] = (),
-        real_step: str = "check",
-        profile_steps: int = 0,
-        profile_start: int | None = None,
+        options: MFUOptions | None = None,
+        **keywords: Unpack[MeterKeywords],
     ) -> None:
-        self._peak_tflops = _validate.peak_tflops(peak_tflops)
-        _validate.env_peak_tflops()
-        self._dtype_given = _validate.compute_dtype(dtype)
-        self._run_dtype_given = _validate.compute_dtype(run_dtype)
+        self.options = options = meter_options(options, keywords)
         self._world_size_given = _validate.optional_whole_number(world_size, name="world_size", minimum=1)
         self.device = torch.device(device) if device is not None else device_of(model)
-        self._timer = timer if timer is not None else StepTimer(warmup_steps, device=self.device)
-        self._diagnostics = Diagnostics(silence_diagnostics)
-        given = dtype if dtype is not None else run_dtype
-        self.peak = peak if peak is not None else _resolve_peak(model, self.device, given, self._peak_tflops)
-        self._dtype_peaks: tuple[FlopEngine, dict[str, PeakInfo] | None] | None = None  # for that engine
+        self._timer = timer if timer is not None else StepTimer(options.warmup_steps, device=self.device)
+        self._diagnostics = Diagnostics(options.silence_diagnostics)
+        self._peaks = PeakChoice(model, self.device, options, _validate.compute_dtype(run_dtype), peak)
         self._model = model
         self._recorder = StepRecorder(
-            model, self._timer, engine, forward, token_counter, _validate.real_step(real_step)
+            model, self._timer, engine, options.forward, options.token_counter, options.real_step
         )
-        self._generation = GenerationPhase(
-            model,
-            uses_cuda_events=self._timer.uses_cuda_events,
-            device=self.device if self._timer.uses_cuda_events else None,
-            clock=self._timer.clock,
-        )
+        self._generation = _generation_phase(model, self._timer, self.device)
         # Bytes/s of one GPU's memory (datasheet), for the generation's bandwidth utilization; None on a CPU.
-        self.memory_bandwidth: float | None = _memory_bandwidth(self.device)
-        self._profile = _profile_window(model, self.device, warmup_steps, profile_steps, profile_start)
+        self.memory_bandwidth: float | None = memory_bandwidth(self.device)
+        self._profile = profile_window(model, self.device, options)
         self._profiling = False  # whether the open step is profiled
         self._steps_ended = 0  # where a read is in the run (``read_place``), unless the caller says
         self._run = RunTotals()
         self.last_window: Window | None = None  # the window of the latest read, all ranks combined
         self._run_features: torch.Tensor | None = None  # summed features of every step read so far
-        self._reviewed: tuple[float, bool] | None = (
-            None  # (measured steps, profile pending) at the last review
-        )
+        self._review = RunReview(self._diagnostics, model, self._peaks, self._profile)
         self._parallelism: Parallelism | None = None  # read from the model at the first read
-        # Autocast is entered around the forward, after the meter is built: look at the first forward
-        # and (unless the dtype or peak was given) pick the peak of the dtype the matmuls really run in.
-        self._repick_peak = given is None and peak is None
-        self._autocast = AutocastWatch(model, self.device, on_first_forward=self._check_peak_dtype)
 
-    def _check_peak_dtype(self, module: nn.Module) -> None:
-        if (
-            self._repick_peak
-            and self.peak is not None
-            and detect_compute_dtype(module, device=self.device) != self.peak.dtype
-        ):
-            self.peak = _resolve_peak(module, self.device, None, self._peak_tflops)
-            self._dtype_peaks = None
+    @property
+    def peak(self) -> PeakInfo | None:
+        """The dense peak of one GPU that MFU divides by (``PeakChoice``); None when unknown."""
+        return self._peaks.peak
 
     @property
     def engine(self) -> FlopEngine | None:
@@ -198,15 +154,7 @@ class MFUMeter:
 
     def _profile_step_begins(self, window: ProfileWindow) -> bool:
         """Open, go on with or close the profile window at this step boundary; whether the step is profiled."""
-        if window.finished or (not window.is_open and not self._recorder.ready_to_profile):
-            return False
-        with self._timer.paused():  # the syncs and the analysis are neither step time nor input wait
-            return window.step_begins(self._timer.steps_started, self._profile_context)
-
-    def _profile_context(self) -> tuple[float | None, int]:
-        """The peak and the matmul size multiple the profile's advice is judged with, when it closes."""
-        dtype = _compute_dtype(self)
-        return (self.peak.flops if self.peak is not None else None), MATMUL_ALIGNMENT.get(dtype or "", 1)
+        return profile_step_begins(window, self._recorder, self._timer, self._peaks)
 
     def step_breakdown(self) -> Breakdown | None:
         """Where the profiled steps' time went (``profile_steps``), once the window closed; else None.
@@ -215,28 +163,9 @@ class MFUMeter:
         breakdown is that of their mean step (``attribution.calibrated``): the profiled kernels' times,
         and the idle time the measured step leaves.
         """
-        window = self._profile
-        if window is None:
+        if self._profile is None:
             return None
-        if window.is_open:
-            window.close(*self._profile_context())
-        if window.result is None:
-            return None
-        measured = self._run.mean_iteration_seconds
-        return calibrated(window.result, measured) if measured > 0 else window.result
-
-    def _measured_matmuls(self) -> dict[str, MatmulTime] | None:
-        """Matmul time and FLOPs per step by component, from the profile window (once it closed)."""
-        window = self._profile
-        if window is None or window.result is None:
-            return None
-        result = self.step_breakdown()
-        assert result is not None
-        return {
-            name: MatmulTime(seconds=bucket.seconds, flops=bucket.flops)
-            for name, bucket in result.matmul_buckets().items()
-            if bucket.flops
-        }
+        return step_breakdown(self._profile, self._peaks, self._run.mean_iteration_seconds)
 
     @property
     def profile_note(self) -> str | None:
@@ -333,34 +262,18 @@ class MFUMeter:
 
     # -- the peak of each dtype ----------------------------------------------------------------------
     def dtype_peaks(self) -> dict[str, PeakInfo] | None:
-        """The peak each matmul is judged against, by the engine's dtype key ("" for the run's dtype,
-        "fp8"), when the step's matmuls run in dtypes of different peaks; None when ``peak`` judges
-        them all: one dtype, a ``dtype`` given, a peak given by hand (it holds for one dtype), no peak."""
-        engine = self.engine
-        if engine is None or self.peak is None or self._dtype_given is not None:
-            return None
-        if self._dtype_peaks is None or self._dtype_peaks[0] is not engine:
-            keys: frozenset[str] = getattr(engine, "dtypes", frozenset())  # a ready-made one: the run's alone
-            peaks = peaks_by_dtype(self.peak, keys, lambda: _run_dtype(self))
-            if not self._autocast.seen:  # the run's dtype is known at the first forward
-                return peaks
-            self._dtype_peaks = (engine, peaks)
-        return self._dtype_peaks[1]
+        """The peak of each dtype key when the matmuls run in dtypes of different peaks, else None
+        (``PeakChoice.dtype_peaks``)."""
+        return self._peaks.dtype_peaks(self.engine)
 
     def _peak_flops(self) -> PeakFlops | None:
         """What MFU divides by (``_window.utilization``): one peak, or one per dtype key."""
-        peaks = self.dtype_peaks()
-        if peaks is not None:
-            return {key: info.flops for key, info in peaks.items()}
-        return self.peak.flops if self.peak is not None else None
+        return self._peaks.peak_flops(self.engine)
 
     def matmul_dtypes(self) -> dict[str, tuple[float, PeakInfo | None]]:
         """Per dtype the matmuls ran in ("bf16", "fp8", ...): its share of the model FLOPs read so far,
         and the peak it is judged against (None without a peak); {} before any counted step."""
-        flops = self.run_flops()
-        if flops is None or flops.model_flops <= 0:
-            return {}
-        return dtype_shares(flops, self.dtype_peaks(), self.peak, lambda: _run_dtype(self))
+        return self._peaks.matmul_dtypes(self.run_flops(), self.engine)
 
     def run_totals(self) -> dict[str, float]:
         """The sums the run summary divides (all ranks, every measured step read so far): the run
@@ -382,26 +295,12 @@ class MFUMeter:
         Read at the first metrics read, when every wrapper (FSDP, DTensor parameters) is in place.
         """
         if self._parallelism is None:
-            try:
-                self._parallelism = parallelism.detect(self._model)
-            except Exception:  # noqa: BLE001 - an unreadable layout: each rank is its own data-parallel group
-                logger.debug("mfu_callbacks: could not read the parallel layout", exc_info=True)
-                rank = distributed.rank()
-                self._parallelism = Parallelism(
-                    world_size=distributed.world_size(),
-                    data_parallel=distributed.world_size(),
-                    batch_group=(rank,),
-                )
+            self._parallelism = _layout_of(self._model)
         return self._parallelism
 
     def diagnostics(self) -> list[Diagnosis]:
         """Every diagnosis fired so far (each at most once per run); checked when metrics are read."""
         return list(self._diagnostics.fired)
-
-    def join_as_failed(self, *, read_at: int | None = None, final: bool = False) -> None:
-        """Take part in a read on a rank whose measurement failed, so the other ranks never wait for it."""
-        steps = self._steps_ended if read_at is None else read_at
-        join_reduction_as_failed(_world_size(self._world_size_given), read_at=steps, final=final)
 
     def _read_window(self, *, wait: bool, final: bool = False, read_at: int | None = None) -> Window | None:
         """Resolve the finished steps (all of them with ``wait``, else those the GPU has passed) and
@@ -449,39 +348,13 @@ class MFUMeter:
             return window
 
     def _diagnose(self, *, force: bool = False) -> None:
-        """Run the diagnoses on what was just read (host-side numbers only: no sync, no collective).
+        """Run the diagnoses on what was just read, when due (``RunReview``)."""
+        self._review(self._run, self.engine, self._run_features, force=force)
 
-        They judge the run's totals, which a read moves little late in a run: they are reviewed when
-        the measured steps grew by a tenth since the last review (every read early on, O(log steps)
-        reviews over a run, so a read costs the same at step 10 and at step 100,000), when a profile
-        window has just closed, and at the end of the run (``force``).
-        """
-        profile_pending = self._profile is not None and not self._profile.finished
-        due = (
-            force
-            or self._reviewed is None
-            or self._run.steps >= self._reviewed[0] * _REVIEW_GROWTH
-            or profile_pending != self._reviewed[1]
-        )
-        if not due:
-            return
-        self._reviewed = (self._run.steps, profile_pending)
-        try:
-            dtype = _compute_dtype(self)
-            self._diagnostics.review(
-                self._run,
-                model=self._model,
-                engine=self.engine,
-                run_features=self._run_features,
-                peak_flops=self._peak_flops(),
-                compute_dtype=dtype,
-                autocast_in_training=self._autocast.enabled_at_first_forward,
-                device_name=self.peak.device_name if self.peak is not None else None,
-                measured_matmuls=self._measured_matmuls(),
-                profile_pending=profile_pending,
-            )
-        except Exception:  # noqa: BLE001 - diagnoses are advice: they never cost the run its metrics
-            logger.debug("mfu_callbacks: diagnoses failed", exc_info=True)
+    @property
+    def _reviewed(self) -> tuple[float, bool] | None:
+        """(measured steps, profile pending) at the last review of the diagnoses."""
+        return self._review.last
 
     def _local_window(self, world: int, wait: bool) -> Window:
         timings, counted = self._recorder.take(wait=wait)
@@ -532,37 +405,31 @@ class MFUMeter:
         are not included (reading them would be a collective): at most one log interval. Warm-up is
         not carried over: a resumed process compiles and warms its allocator again.
         """
-        features = self._run_features.tolist() if self._run_features is not None else None
-        return {
-            "version": _STATE_VERSION,
-            "run": self._run.state_dict(),
-            "run_features": features,
-            "diagnoses": self._diagnostics.state_dict(),
-        }
+        return meter_state(self._run, self._run_features, self._diagnostics)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue from ``state_dict()`` of an earlier run (before its first step is read)."""
-        if state.get("version") != _STATE_VERSION:
-            raise ValueError(
-                f"cannot resume MFU from state version {state.get('version')!r}: "
-                f"this mfu-callbacks writes version {_STATE_VERSION}"
-            )
-        self._run = RunTotals.from_state_dict(state["run"])
-        features = state.get("run_features")
-        if features is not None:  # written before columns were appended (attention windows): they were 0
-            features = [list(row) + [0] * (NUM_FEATURES - len(row)) for row in features]
-        self._run_features = torch.tensor(features, dtype=torch.int64) if features is not None else None
-        self._diagnostics.load_state_dict(state.get("diagnoses", []))
+        run, self._run_features, diagnoses = read_meter_state(state)
+        self._run = run
+        self._diagnostics.load_state_dict(diagnoses)
 
 
-def _profile_window(
-    model: nn.Module, device: torch.device, warmup_steps: int, steps: int, start: int | None
-) -> ProfileWindow | None:
-    steps = _validate.profile_steps(steps)
-    start = _validate.optional_whole_number(start, name="profile_start", minimum=0)
-    if not steps:
-        return None
-    return ProfileWindow(model, device, steps, start if start is not None else warmup_steps + 1)
+def _generation_phase(model: nn.Module, timer: StepTimer, device: torch.device) -> GenerationPhase:
+    """The generation inside the step, timed as the steps are (CUDA events, or the timer's clock)."""
+    events = timer.uses_cuda_events
+    return GenerationPhase(
+        model, uses_cuda_events=events, device=device if events else None, clock=timer.clock
+    )
+
+
+def _layout_of(model: nn.Module) -> Parallelism:
+    """How the job splits its work; each rank its own data-parallel group when the layout is unreadable."""
+    try:
+        return parallelism.detect(model)
+    except Exception:  # noqa: BLE001 - an unreadable layout: each rank is its own data-parallel group
+        logger.debug("mfu_callbacks: could not read the parallel layout", exc_info=True)
+        world = distributed.world_size()
+        return Parallelism(world_size=world, data_parallel=world, batch_group=(distributed.rank(),))
 
 
 def join_reduction_as_failed(
@@ -590,21 +457,8 @@ def _world_size(given: int | None) -> int:
 
 
 def _compute_dtype(meter: MFUMeter) -> str | None:
-    """The dtype the matmuls run in: the peak's, else as given, seen under autocast, or stored."""
-    if meter.peak is not None:
-        return meter.peak.dtype
-    try:
-        override = meter._dtype_given or meter._run_dtype_given or meter._autocast.dtype
-        return detect_compute_dtype(meter._model, override=override, device=meter.device)
-    except (ValueError, RuntimeError):
-        return None
-
-
-def _run_dtype(meter: MFUMeter) -> str:
-    """The dtype of the matmuls that do not run in fp8: as the framework says, seen under autocast, or
-    stored (the model's fp8 layers aside)."""
-    override = meter._run_dtype_given or meter._autocast.dtype
-    return detect_compute_dtype(meter._model, override=override, device=meter.device, fp8_layers=False)
+    """The dtype the matmuls run in (``PeakChoice.compute_dtype``)."""
+    return meter._peaks.compute_dtype()
 
 
 def device_of(model: nn.Module) -> torch.device:
@@ -613,23 +467,3 @@ def device_of(model: nn.Module) -> torch.device:
         if parameter.device.type != "meta":
             return parameter.device
     return torch.device("cpu")
-
-
-def _memory_bandwidth(device: torch.device) -> float | None:
-    """Datasheet memory bandwidth of the GPU in bytes/s; None on a CPU or an unknown GPU."""
-    if device.type != "cuda":
-        return None
-    from .hardware import memory_bandwidth
-
-    found = memory_bandwidth(device)
-    return found[0] if found is not None else None
-
-
-def _resolve_peak(
-    model: nn.Module, device: torch.device, dtype: str | torch.dtype | None, peak_tflops: float | None
-) -> PeakInfo | None:
-    """The dense peak of one GPU at the dtype the matmuls run in; None (after a warning) when unknown."""
-    from .hardware import resolve_peak
-
-    compute_dtype = detect_compute_dtype(model, override=dtype, device=device)
-    return resolve_peak(device, compute_dtype, override_tflops=peak_tflops)

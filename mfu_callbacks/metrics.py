@@ -19,7 +19,7 @@ key                        meaning
 ``step_time_max``          slowest data-parallel group's mean step time, input wait excluded (distributed runs
                            only); a group is the ranks that run one batch (tensor parallel), else one rank
 ``step_time_min``          fastest data-parallel group's mean step time, the same way
-``mfu_status``             whether ``mfu`` is in the row, and if not why: a code of ``MFUStatus`` below
+``mfu_status``             whether ``mfu`` is in the row, and if not why: a code of ``MFUStatus`` (``_status``)
 =========================  ==============================================================================
 
 Logged on the rows of trainers that generate inside the step (GRPO, RLOO, online DPO: ``generate``
@@ -52,24 +52,8 @@ Accelerate: the values given to ``accelerator.log``.
 ``input_wait_fraction`` (and of every time base), so neither MFU nor the ``input_bound`` diagnosis
 counts them.
 
-``mfu_status`` is added by the integrations at every read, so it is logged on the rows without MFU too,
-from the first read on (warm-up included), and after a failure for as long as training goes on:
-
-====  ===============  ==================================================================================
-code  name             meaning
-====  ===============  ==================================================================================
- 1    ``MEASURING``    ``mfu`` is in the row
- 2    ``WARMING_UP``   no measured step yet: warm-up steps and the step that built the FLOP engine
- 0    ``OFF``          MFU is not measured on this rank: the FLOP engine could not be built (no batch
-                       could be counted) or the callback stopped after an error
--1    ``NO_PEAK``      the GPU's peak FLOP/s is unknown: throughput is logged, MFU cannot be
--2    ``NOT_COUNTED``  some rank could not count its FLOPs in this window: MFU of the others alone
-                       would pass for the whole job's, so it is left out
-====  ===============  ==================================================================================
-
-The reason and the fix are said once per run in the framework's log (a warning), at the end of the
-run in the report, in the W&B run summary (``mfu_run/status``, ``mfu_run/status_reason``) and in
-the run summary file (``status``).
+``mfu_status`` is added by the integrations at every read, from the first read on: its codes, with
+their reasons and fixes, are listed in :mod:`mfu_callbacks._status` (``MFUStatus``).
 
 The run summary (``MFUMeter.summary()``, the W&B summary under ``mfu_run/``) holds ``mfu``, ``hfu``,
 ``tflops_per_gpu`` and ``tokens_per_sec_per_gpu`` over all measured steps.
@@ -79,9 +63,13 @@ Averages are totals over totals (FLOPs over seconds), never means of per-step ra
 
 from __future__ import annotations
 
-from enum import IntEnum
+import logging
+from collections.abc import Collection, Mapping
 
+from ._status import MFUStatus as MFUStatus  # the codes of mfu_status, also read from here
 from ._window import PeakFlops, RunTotals, Window, per_gpu_per_second, utilization
+
+logger = logging.getLogger("mfu_callbacks")
 
 MFU = "mfu"
 HFU = "hfu"
@@ -105,16 +93,6 @@ GENERATION_BANDWIDTH_UTILIZATION = "mfu/generation_bandwidth_utilization"
 RENAMED = "mfu/"  # before a key of ours that the trainer or the user logged too (after the prefix)
 
 
-class MFUStatus(IntEnum):
-    """The codes of ``mfu_status`` (a number, as W&B, TensorBoard and CSV loggers want): table above."""
-
-    WARMING_UP = 2
-    MEASURING = 1
-    OFF = 0
-    NO_PEAK = -1
-    NOT_COUNTED = -2
-
-
 NUMERIC_METRICS = (
     MFU,
     HFU,
@@ -136,6 +114,27 @@ NUMERIC_METRICS = (
     GENERATION_BANDWIDTH_UTILIZATION,
 )
 SUMMARY_METRICS = (MFU, HFU, TFLOPS_PER_GPU, TOKENS_PER_SEC_PER_GPU)
+
+
+def placed_beside(
+    row: Collection[str], metrics: Mapping[str, float], prefix: str, renamed: set[str]
+) -> dict[str, float]:
+    """``metrics`` (prefixed) as they go into a logged row that already holds the keys ``row``: never
+    overwriting (see above). ``renamed``: our keys the trainer or the user logs too, grown here and kept
+    for the rest of the run, so a curve never changes meaning. Where the ``mfu/`` name is taken too,
+    ours is left out."""
+    placed: dict[str, float] = {}
+    for key, value in metrics.items():
+        if key in row or key in renamed:
+            if key not in renamed:
+                renamed.add(key)
+                logger.info("mfu_callbacks: %r is logged by the trainer too; ours is logged beside it", key)
+            bare = key[len(prefix) :] if key.startswith(prefix) else key
+            key = prefix + RENAMED + bare
+            if key in row:
+                continue
+        placed[key] = value
+    return placed
 
 
 def window_metrics(

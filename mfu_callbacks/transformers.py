@@ -31,8 +31,7 @@ import gc
 import logging
 import weakref
 from collections.abc import Callable
-from dataclasses import fields
-from typing import Any, cast
+from typing import Any, Unpack, cast
 
 from ._extras import missing_extra
 
@@ -50,7 +49,7 @@ except ImportError as error:
     raise missing_extra(error, "mfu_callbacks.transformers", "transformers") from error
 
 from ._guard import entry_point
-from ._options import MFUOptions
+from ._options import FUNCTION_OPTIONS, MFUOptions, OptionKeywords
 from ._session import MeterSession
 from .precision import dtype_from_hf_args
 
@@ -67,12 +66,13 @@ class MFUCallback(TrainerCallback, ExportableState):
     ``summary`` holds the run's means (after warm-up).
     """
 
-    def __init__(self, **options: Any) -> None:
-        restored = options.pop(_RESTORED, None)  # rebuilt by the Trainer from a checkpoint's saved args
+    def __init__(self, **options: Unpack[OptionKeywords]) -> None:
+        given: dict[str, Any] = dict(options)
+        restored = given.pop(_RESTORED, None)  # rebuilt by the Trainer from a checkpoint's saved args
         if restored is not None:
-            options = _restorable(options, restored)
-        options.setdefault("prefix", "")
-        self.options = MFUOptions(**options)
+            given = _restorable(given, restored)
+        given.setdefault("prefix", "")
+        self.options = MFUOptions(**given)
         self.session = MeterSession(
             self.options,
             "mfu_callbacks.transformers.MFUCallback",
@@ -274,51 +274,33 @@ def saved_log_record(state: TrainerState) -> dict[str, Any] | None:
 
 # In the saved args: the options that could not be saved (functions), marking args a checkpoint wrote.
 _RESTORED = "mfu_not_saved"
-_CALLABLES = ("token_counter", "forward")
 
 
 def _json_options(options: MFUOptions) -> dict[str, Any]:
-    """The options a checkpoint can hold as JSON: all but functions (``token_counter``, ``forward``),
-    which are named under ``mfu_not_saved`` so that a rebuilt callback can say they are gone."""
-    values = {
-        name: getattr(options, name)
-        for name in (
-            "peak_tflops",
-            "warmup_steps",
-            "log_interval",
-            "prefix",
-            "report",
-            "real_step",
-            "profile_steps",
-            "profile_start",
-        )
+    """The options a checkpoint can hold as JSON (``MFUOptions.to_json``): all but functions, which are
+    named under ``mfu_not_saved`` so that a rebuilt callback can say they are gone."""
+    return {
+        **options.to_json(),
+        _RESTORED: [name for name in FUNCTION_OPTIONS if getattr(options, name) is not None],
     }
-    values["silence_diagnostics"] = list(options.silence_diagnostics)
-    if options.dtype is not None:
-        values["dtype"] = str(options.dtype).removeprefix("torch.")
-    if options.summary_dir is not None:
-        values["summary_dir"] = str(options.summary_dir)
-    values[_RESTORED] = [name for name in _CALLABLES if getattr(options, name) is not None]
-    return values
 
 
 def _restorable(saved: dict[str, Any], not_saved: Any) -> dict[str, Any]:
     """The saved options this version knows (unknown ones, from a newer version, are dropped with a
     warning), saying once which functions could not travel in the checkpoint."""
-    known = {field.name for field in fields(MFUOptions)}
-    unknown = sorted(set(saved) - known)
+    unknown = MFUOptions.unknown(saved)
     if unknown:
         trainer_logger.warning(
             f"mfu_callbacks: ignored options saved in the checkpoint that this version does not know: {unknown}"
         )
-    lost = [name for name in not_saved if name in _CALLABLES] if isinstance(not_saved, list) else []
+    lost = [name for name in not_saved if name in FUNCTION_OPTIONS] if isinstance(not_saved, list) else []
     if lost:
         trainer_logger.warning(
             f"mfu_callbacks: the callback rebuilt from the checkpoint has no {' or '.join(lost)}: functions "
             "cannot be saved in a checkpoint; pass them again (restore_callback_states_from_checkpoint=False "
             "keeps the callback you built)"
         )
-    return {key: value for key, value in saved.items() if key in known}
+    return {key: value for key, value in saved.items() if key not in unknown}
 
 
 def _saved_state(state: TrainerState, name: str) -> dict[str, Any]:

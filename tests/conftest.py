@@ -326,8 +326,10 @@ def fake_meter(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
     build = MFUMeter.__init__
 
     def build_with_fakes(self: MFUMeter, model: nn.Module, **options: Any) -> None:
+        given = options.get("options")
+        warmup = given.warmup_steps if given is not None else options.get("warmup_steps", 2)
         options.setdefault("engine", TokenEngine(clock))
-        options.setdefault("timer", StepTimer(options.get("warmup_steps", 2), clock=clock, force_cpu=True))
+        options.setdefault("timer", StepTimer(warmup, clock=clock, force_cpu=True))
         build(self, model, **options)
 
     monkeypatch.setattr(MFUMeter, "__init__", build_with_fakes)

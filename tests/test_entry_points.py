@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 import mfu_callbacks.accelerate
 import mfu_callbacks.lightning
 import mfu_callbacks.transformers
-from mfu_callbacks import _session
+from mfu_callbacks import _forward_watch
 from mfu_callbacks._guard import ENTRY_POINTS
 from tests.conftest import FixedLengthTokens, collate, tiny_llama
 
@@ -40,7 +40,7 @@ def test_every_framework_hook_of_the_callbacks_is_a_registered_entry_point():
             "_save_state",
             "_load_state",
         ],
-        _session.MeterSession: ["_before_forward", "_generation_begins", "_generation_ends"],
+        _forward_watch.ForwardWatch: ["_before_forward", "_generation_begins", "_generation_ends"],
     }
     for owner, names in hooks.items():
         for name in names:
@@ -162,7 +162,7 @@ def test_a_failure_in_the_forward_hook_binding_or_the_status_never_reaches_train
     def failing(*args, **kwargs):
         raise RuntimeError(f"injected into {where}")
 
-    monkeypatch.setattr(_session if where == "_call_as_batch" else _status, where, failing)
+    monkeypatch.setattr(_forward_watch if where == "_call_as_batch" else _status, where, failing)
     with caplog.at_level(logging.ERROR, logger="mfu_callbacks"):
         weights = _accelerate(True)
     assert all(torch.equal(a, b) for a, b in zip(weights, plain))

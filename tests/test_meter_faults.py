@@ -17,6 +17,7 @@ from torch import nn
 from mfu_callbacks import MFUMeter, MFUOptions
 from mfu_callbacks._step_counts import StepCounts
 from mfu_callbacks.flops import BatchError
+from mfu_callbacks.meter import join_reduction_as_failed
 from mfu_callbacks.timer import StepTimer
 from tests.helpers.fakes import (
     DeferredFeatures,
@@ -246,7 +247,7 @@ def test_a_rank_whose_read_fails_still_joins_the_reduction(monkeypatch):
     with pytest.raises(RuntimeError, match="the engine broke"):
         meter.metrics()
     assert len(calls) == 1, "the failing rank must enter the same reduction as the others"
-    meter.join_as_failed()
+    join_reduction_as_failed(read_at=1)  # as the session joins for a failed meter, after one step
     assert len(calls) == 2 and calls[0] == calls[1], "a failed rank sends a window of the same length"
 
 

@@ -24,9 +24,8 @@ from torch.utils.data import DataLoader
 from mfu_callbacks import MFUOptions
 from mfu_callbacks._guard import Guard
 from mfu_callbacks._session import MeterSession
-from mfu_callbacks._status import Status
+from mfu_callbacks._status import MFUStatus, Status
 from mfu_callbacks.flops import ModelIntrospectionError
-from mfu_callbacks.metrics import MFUStatus
 from mfu_callbacks.runs import wandb as run_wandb
 from mfu_callbacks.runs.report import format_report
 from mfu_callbacks.runs.summary import RunSummary

@@ -28,11 +28,9 @@ from ..hardware import lookup_gpu
 # Shape classes, for a size that should be a multiple of 64 (the widest tile of bf16 GEMMs):
 NOT_MULTIPLE_OF_8 = "not_multiple_of_8"  # off the 16-byte alignment of bf16/fp16 operands
 MULTIPLE_OF_8_NOT_64 = "multiple_of_8_not_64"  # aligned operands, partial last tile
-SHAPE_CLASSES = (NOT_MULTIPLE_OF_8, MULTIPLE_OF_8_NOT_64)
 # Roles of the misaligned size in a linear layer (in_features x out_features on T tokens).
 OUT_FEATURES = "out_features"  # an LM head's vocabulary, an up-projection's width
 IN_FEATURES = "in_features"  # a down-projection's input width
-ROLES = (OUT_FEATURES, IN_FEATURES)
 
 # Canonical peak-table names (hardware.py) of each family.
 GPU_FAMILIES: Mapping[str, tuple[str, ...]] = {

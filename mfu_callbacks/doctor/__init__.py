@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._window import utilization
 from .budget import check_fits
 from .step_trace import AttentionShape, MatmulShape, StepTrace, trace_step
 from .timing import (
@@ -178,7 +179,7 @@ class Examination:
     def mfu_at(self, seconds: float) -> float | None:
         if not self.model_flops or not self.peak_flops or seconds <= 0:
             return None
-        return self.model_flops / seconds / self.peak_flops
+        return utilization(self.model_flops, seconds, 1, self.peak_flops)  # one GPU's step
 
     def to_dict(self) -> dict[str, Any]:
         parts = {

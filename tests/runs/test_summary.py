@@ -116,9 +116,11 @@ def test_a_read_costs_the_same_at_every_step_of_a_long_run(tmp_path, monkeypatch
         optimizer.step()
         optimizer.zero_grad()
         session.end_step()
-        before = session._summary.bytes_written if session._summary is not None else 0
+        before = session._outputs.writer.bytes_written if session._outputs.writer is not None else 0
         session.read()
-        written.append(session._summary.bytes_written - before if session._summary is not None else 0)
+        written.append(
+            session._outputs.writer.bytes_written - before if session._outputs.writer is not None else 0
+        )
     steady = written[10:]
     assert max(steady[-100:]) <= max(steady[:100]) + 8, "a read writes no more late in the run than early"
     assert max(steady) < 600, "a read appends one window, never the run"
