@@ -13,8 +13,9 @@ forward rerun inside the backward).
   same cost for each operand that carries a needed gradient, counted when its result reaches the
   loss (its autograd node ran in the backward; for ops inside a custom ``autograd.Function``, the
   Function's output's node, or, where a kernel the dispatcher never sees wrote that output, that
-  Function's own node, known by its sequence number). A matmul run with grad off outside a custom
-  Function (``no_grad``: a reference model, adapters disabled, a KL pass) counts its forward once. A fused head that recomputes its logits in the backward
+  Function's own node, known by its sequence number). A matmul of a pass without grad (``no_grad``:
+  a reference model, adapters disabled, a KL pass; a custom Function applied there too) counts its
+  forward once. A fused head that recomputes its logits in the backward
   therefore counts like its unfused twin, and a gradient forced onto the embeddings (PEFT's
   ``enable_input_require_grads``) is not a model FLOP. A module with declared FLOPs
   (``declared.py``) counts its declaration instead of what runs inside it.
@@ -97,7 +98,7 @@ class _Matmul:
     forward: float  # FLOPs at the observed step, or per unit of the feature (per_unit)
     products: float  # backward products the model needs, in forwards (one per operand carrying one)
     per_unit: bool = False
-    with_grad: bool = True  # ran with grad mode on (off: inside a custom autograd Function, or no_grad)
+    with_grad: bool = True  # grad mode was on at the op, or where the custom Function running it was applied
     function: int | None = None  # the sequence number of the custom Function whose forward ran it
     subset: bool = False  # its batch operand holds a selection of the tokens (``hidden[mask]``)
     declared: bool = False  # a module's declared FLOPs (its backward is not observed but declared)
@@ -122,13 +123,9 @@ class Observation:
         gradients forced onto inputs)."""
         totals: dict[tuple[str, Feature, bool, bool], ComponentFlops] = defaultdict(ComponentFlops)
         for matmul in self.matmuls:
-            # A pass without grad (grad off outside a custom Function's forward) is kept apart: it is
-            # no part of one forward of the model.
-            component = (
-                matmul.component
-                if matmul.with_grad or matmul.function is not None
-                else without_grad(matmul.component)
-            )
+            # A pass without grad (a custom Function's forward included, where it was applied with grad
+            # off) is kept apart: it is no part of one forward of the model.
+            component = matmul.component if matmul.with_grad else without_grad(matmul.component)
             key = (component, matmul.feature, matmul.per_unit, matmul.subset)
             totals[key].forward += matmul.forward
             if matmul.reached:
@@ -222,6 +219,7 @@ class RealStepObserver(TorchDispatchMode):
             WeakIdKeyDictionary()
         )  # tensors carrying tags, to check at backward
         self._in_backward = False
+        self._grad_outside = True  # grad mode at the last op outside a custom Function: at its apply
         self._done = False
         self._declared_depth = 0  # inside a module with declared FLOPs: its ops are not recorded
         self._declared_calls: list[_Matmul] = []
@@ -467,6 +465,8 @@ class RealStepObserver(TorchDispatchMode):
             return
         grad_enabled = torch.is_grad_enabled()
         function = None if grad_enabled else custom_function_forward()
+        if function is None:
+            self._grad_outside = grad_enabled
         inputs = list(tensors_in((args, kwargs)))
         outputs = list(tensors_in(out))
         facts = [self._fact(t) for t in inputs]
@@ -547,7 +547,7 @@ class RealStepObserver(TorchDispatchMode):
             out = out[0]
         else:
             return None
-        matmul.with_grad, matmul.function = grad_enabled, function
+        matmul.with_grad, matmul.function = grad_enabled if function is None else self._grad_outside, function
         self.observation.matmuls.append(matmul)
         if grad_enabled:
             self._last.append((matmul, out))
