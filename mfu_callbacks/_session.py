@@ -20,6 +20,7 @@ from torch import nn
 from . import _status, _wandb, distributed
 from ._generate_watch import GenerateWatch, generate_lengths
 from ._guard import Guard, entry_point
+from ._torch_internals import call_keywords
 from ._options import MFUOptions
 from ._status import Status
 from .attribution import format_breakdown, write_breakdown
@@ -54,6 +55,8 @@ class MeterSession:
         self._warn = warn or _warn
         self._hook: torch.utils.hooks.RemovableHandle | None = None
         self._generate_watch: GenerateWatch | None = None
+        self._other_models: torch.utils.hooks.RemovableHandle | None = None  # see ``_watch_other_models``
+        self._own_modules: set[int] = set()  # ids of the watched model's modules, while that hook is in
         self._resume_state: Mapping[str, Any] | None = None
         self.summary_dir: str | None = None  # where the run summary (mfu_summary.json) is written
         self.start_run()
@@ -179,14 +182,47 @@ class MeterSession:
             return  # evaluation is not a training step
         if not torch.is_grad_enabled():
             if self._step_open and self.meter is not None:  # a pass without grad inside the step
+                self._stop_watching_other_models()
                 self.guard.run(self.meter.add_forward, _call_as_batch(module, args, kwargs))
             return
         if not self._step_open:
             self.begin_step()
+        self._stop_watching_other_models()
         self.add_batch(_call_as_batch(module, args, kwargs))
+
+    def _watch_other_models(self) -> None:
+        """From the start of a step whose real step is to be observed until its first forward of the
+        watched model, a hook on every module looks for a pass without grad of another model (GRPO's
+        reference model, which TRL builds itself, scores the completions before the policy's training
+        forward): the observation opens there, so that this pass is counted too."""
+        meter = self.meter
+        if self._hook is None or self._other_models is not None or meter is None or self.guard.failed:
+            return
+        if meter.awaits_first_pass and self._model is not None:
+            self._own_modules = {id(module) for module in self._model.modules()}
+            hook = torch.compiler.disable(self._before_other_forward)
+            self._other_models = torch.nn.modules.module.register_module_forward_pre_hook(hook)
+
+    def _stop_watching_other_models(self) -> None:
+        handle, self._other_models = self._other_models, None
+        if handle is not None:
+            handle.remove()
+            self._own_modules = set()
+
+    @entry_point()
+    def _before_other_forward(self, module: nn.Module, args: tuple) -> None:
+        """The hook on every module (returns None): the first call without grad outside ``generate``
+        of a module not in the watched model is the outermost of another model's pass."""
+        if id(module) in self._own_modules or torch.is_grad_enabled() or self.generating:
+            return
+        self._stop_watching_other_models()
+        kwargs = call_keywords(module)
+        if self.meter is not None and self._step_open and (args or kwargs):
+            self.meter.add_forward(_call_as_batch(module, args, kwargs or {}), other_model=True)
 
     def unwatch(self) -> None:
         """Remove the forward hook, and leave a real step being observed (however the run ended)."""
+        self._stop_watching_other_models()
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
@@ -244,6 +280,7 @@ class MeterSession:
         self._step_open = True
         if self.meter is not None:
             self.guard.run(self.meter.start_step, batch)
+            self.guard.run(self._watch_other_models)
 
     def add_batch(self, batch: Any) -> None:
         if self.meter is not None and self._step_open:
@@ -253,6 +290,7 @@ class MeterSession:
         if not self._step_open:
             return
         self._step_open = False
+        self._stop_watching_other_models()
         self.optimizer_steps += 1
         self._steps_this_run += 1
         if self.meter is not None:
