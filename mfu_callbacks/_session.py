@@ -20,9 +20,9 @@ from torch import nn
 from . import _status, _wandb, distributed
 from ._generate_watch import GenerateWatch, generate_lengths
 from ._guard import Guard, entry_point
-from ._torch_internals import call_keywords
 from ._options import MFUOptions
 from ._status import Status
+from ._torch_internals import call_keywords
 from .attribution import format_breakdown, write_breakdown
 from .meter import MFUMeter, device_of, join_reduction_as_failed
 from .metrics import MFU_STATUS, RENAMED, MFUStatus
