@@ -11,6 +11,7 @@ from torch import nn
 
 from ._generate_watch import GenerateWatch, generate_lengths
 from ._guard import entry_point
+from ._torch_internals import call_keywords
 
 if TYPE_CHECKING:
     from ._session import MeterSession
@@ -27,9 +28,12 @@ class ForwardWatch:
         hook = torch.compiler.disable(self._before_forward)
         self._hook = model.register_forward_pre_hook(hook, with_kwargs=True)
         self._generate_watch = GenerateWatch(model, self._generation_begins, self._generation_ends)
+        self._other_models: torch.utils.hooks.RemovableHandle | None = None  # see ``watch_other_models``
+        self._own_modules: set[int] = set()  # ids of the watched model's modules, while that hook is in
 
     def remove(self) -> None:
-        """Take the hooks off the model."""
+        """Take the hooks off the model (and off every module)."""
+        self.stop_watching_other_models()
         self._hook.remove()
         self._generate_watch.remove()
 
@@ -45,11 +49,46 @@ class ForwardWatch:
             return  # evaluation is not a training step
         if not torch.is_grad_enabled():
             if session.step_open and session.meter is not None:  # a pass without grad inside the step
+                self.stop_watching_other_models()
                 session.guard.run(session.meter.add_forward, _call_as_batch(module, args, kwargs))
             return
         if not session.step_open:
             session.begin_step()
+        self.stop_watching_other_models()
         session.add_batch(_call_as_batch(module, args, kwargs))
+
+    # -- another model's pass before the watched model's first (GRPO's reference) ------------------------
+    def watch_other_models(self) -> None:
+        """From the start of a step whose real step is to be observed until its first forward of the
+        watched model, a hook on every module looks for a pass without grad of another model (GRPO's
+        reference model, which TRL builds itself, scores the completions before the policy's training
+        forward): the observation opens there, so that this pass is counted too."""
+        meter = self.session.meter
+        if self._other_models is not None or meter is None or self.session.guard.failed:
+            return
+        if meter.awaits_first_pass:
+            self._own_modules = {id(module) for module in self._model.modules()}
+            hook = torch.compiler.disable(self._before_other_forward)
+            self._other_models = torch.nn.modules.module.register_module_forward_pre_hook(hook)
+
+    def stop_watching_other_models(self) -> None:
+        """Take the hook on every module off (the watched model's first pass came, or the step ended)."""
+        handle, self._other_models = self._other_models, None
+        if handle is not None:
+            handle.remove()
+            self._own_modules = set()
+
+    @entry_point()
+    def _before_other_forward(self, module: nn.Module, args: tuple) -> None:
+        """The hook on every module (returns None): the first call without grad outside ``generate``
+        of a module not in the watched model is the outermost of another model's pass."""
+        if id(module) in self._own_modules or torch.is_grad_enabled() or self.generating:
+            return
+        self.stop_watching_other_models()
+        session = self.session
+        kwargs = call_keywords(module)
+        if session.meter is not None and session.step_open and (args or kwargs):
+            session.meter.add_forward(_call_as_batch(module, args, kwargs or {}), other_model=True)
 
     # -- generation inside the step: a phase of its own (``_generation.py``) -----------------------------
     @property

@@ -38,6 +38,8 @@ from .flops import (
     copy_engine,
     counting_decision,
     fit_observation,
+    is_compiled,
+    is_sharded,
     observe_step,
     start_observation,
 )
@@ -126,11 +128,15 @@ class StepRecorder:
             self._count(batch)
         self._trained = True
 
-    def add_forward(self, batch: Any) -> None:
+    def add_forward(self, batch: Any, *, other_model: bool = False) -> None:
         """A forward without grad inside the open step (a reference, KL or scoring pass): no micro-batch
         of its own. Before the step's first training micro-batch, where this step is to be observed,
         the observation opens here, so that it covers this pass; the next training micro-batch is the
-        one it is fitted to."""
+        one it is fitted to.
+
+        ``other_model``: a pass of a model the meter does not watch (a reference model the trainer
+        built). Where its batch cannot open the observation, nothing is left out: the step's training
+        micro-batch opens it, as without that pass."""
         if not self.step_open or self._trained or self._left_out or self._observer is not None:
             return
         if isinstance(batch, dict) and batch.get("past_key_values") is not None:
@@ -142,8 +148,28 @@ class StepRecorder:
                 self._build(batch, awaiting=True)
             else:
                 self._observe(batch, awaiting=True)
-        except (BatchError, ValueError) as error:
-            self._leave_step_out(error)
+        except Exception as error:  # noqa: BLE001 - another model's batch only ever costs its own try
+            if other_model:
+                self._close_observation()
+                logger.info("mfu_callbacks: a pass of another model is not observed (%s)", error)
+            elif isinstance(error, (BatchError, ValueError)):
+                self._leave_step_out(error)
+            else:
+                raise
+
+    @property
+    def awaits_first_pass(self) -> bool:
+        """Whether a forward without grad would open the open step's observation now: the step is to be
+        observed and nothing of it ran yet (the real step of a compiled or sharded model never is)."""
+        return (
+            self.step_open
+            and not self._trained
+            and not self._left_out
+            and self._observer is None
+            and self._decision != "off"
+            and (self._counter is None or self._observing_again())
+            and not (is_compiled(self._model) or is_sharded(self._model))
+        )
 
     def _observing_again(self) -> bool:
         """Whether the next micro-batch is observed again (an earlier observation saw no backward)."""

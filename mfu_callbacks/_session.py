@@ -149,6 +149,8 @@ class MeterSession:
         self._step_open = True
         if self.meter is not None:
             self.guard.run(self.meter.start_step, batch)
+            if self._watch is not None:
+                self.guard.run(self._watch.watch_other_models)
 
     def add_batch(self, batch: Any) -> None:
         if self.meter is not None and self._step_open:
@@ -158,6 +160,8 @@ class MeterSession:
         if not self._step_open:
             return
         self._step_open = False
+        if self._watch is not None:
+            self._watch.stop_watching_other_models()
         self.optimizer_steps += 1
         self._steps_this_run += 1
         if self.meter is not None:

@@ -3,8 +3,8 @@
 The FLOP engine runs a meta-device copy of the model under a dispatch mode and needs a few things
 torch has no public API for: the dispatch mode class itself, the names of internal aten kernels,
 a way to route activation checkpointing to its recorder, the dictionaries in which a module keeps
-its hooks (per module and for every module at once), the module inside a ``torch.compile``
-wrapper, the tensors a tensor subclass wraps, a way to run ``flex_attention`` on meta tensors, and
+its hooks (per module and for every module at once), the keyword arguments of a module call (a hook
+for every module is not handed them), the module inside a ``torch.compile`` wrapper, the tensors a tensor subclass wraps, a way to run ``flex_attention`` on meta tensors, and
 (one patch of a public name) an autocast that accepts the meta device. Each is named here with what it is for;
 ``tests/test_torch_internals.py`` checks that every one still exists in the installed torch, so an
 upgrade that renames one fails that test (the callbacks' guard would otherwise reduce the breakage
@@ -223,6 +223,23 @@ def global_module_hooks_limited_to(keep: Callable[[Any], bool]) -> Iterator[None
         for hooks, original in saved:
             hooks.clear()
             hooks.update(original)
+
+
+_CALL_IMPL = "_call_impl"  # the body of Module.__call__: its frame holds the call's ``kwargs``
+
+
+def call_keywords(module: nn.Module) -> dict[str, Any] | None:
+    """The keyword arguments of the call of ``module`` whose forward pre-hooks run now: a hook torch runs
+    for every module is handed the positional ones only. None where no such call is on this stack."""
+    frame = inspect.currentframe()
+    for _ in range(8):  # the hook, a wrapper or two around it, then the call
+        if frame is None:
+            return None
+        if frame.f_code.co_name == _CALL_IMPL and frame.f_locals.get("self") is module:
+            kwargs = frame.f_locals.get("kwargs")
+            return kwargs if isinstance(kwargs, dict) else None
+        frame = frame.f_back
+    return None
 
 
 # Composable distributed APIs (fully_shard, replicate) keep their state in a module's __dict__

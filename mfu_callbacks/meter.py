@@ -138,11 +138,17 @@ class MFUMeter:
         if self._profiling:
             self._profile.add_batch(batch, self.engine)  # type: ignore[union-attr]
 
-    def add_forward(self, batch: Any) -> None:
+    def add_forward(self, batch: Any, *, other_model: bool = False) -> None:
         """A forward without grad inside the open step (a reference model, a KL or scoring pass):
         not a micro-batch of its own; its FLOPs are counted through the step's observation, which
-        opens here when the pass comes before the step's first training micro-batch."""
-        self._recorder.add_forward(batch)
+        opens here when the pass comes before the step's first training micro-batch.
+        ``other_model``: the pass is of another model than the meter's (one the trainer built)."""
+        self._recorder.add_forward(batch, other_model=other_model)
+
+    @property
+    def awaits_first_pass(self) -> bool:
+        """Whether the open step is to be observed from its first pass on, and none has run yet."""
+        return self._recorder.awaits_first_pass
 
     def end_step(self) -> None:
         """The optimizer step ends (its kernels may still run: they are timed by events)."""

@@ -40,7 +40,12 @@ def test_every_framework_hook_of_the_callbacks_is_a_registered_entry_point():
             "_save_state",
             "_load_state",
         ],
-        _forward_watch.ForwardWatch: ["_before_forward", "_generation_begins", "_generation_ends"],
+        _forward_watch.ForwardWatch: [
+            "_before_forward",
+            "_before_other_forward",
+            "_generation_begins",
+            "_generation_ends",
+        ],
     }
     for owner, names in hooks.items():
         for name in names:

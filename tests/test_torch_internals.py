@@ -206,6 +206,27 @@ def test_every_global_hook_registration_lands_in_a_named_dict_and_is_back_after_
             handle.remove()
 
 
+def test_a_hook_for_every_module_reads_the_keyword_arguments_of_the_call():
+    from torch.nn.modules import module as torch_module
+
+    class Model(nn.Module):
+        def forward(self, ids, mask=None):
+            return ids
+
+    model, seen = Model(), []
+    hook = torch.compiler.disable(lambda module, args: seen.append((args, internals.call_keywords(module))))
+    handle = torch_module.register_module_forward_pre_hook(hook)
+    try:
+        ids, mask = torch.ones(2), torch.zeros(2)
+        model(ids, mask=mask)
+        model(ids)
+    finally:
+        handle.remove()
+    assert seen[0][0] == (ids,) and seen[0][1] == {"mask": mask}
+    assert seen[1][1] == {}
+    assert internals.call_keywords(model) is None  # no call of it running
+
+
 def test_composable_distributed_apis_keep_their_state_under_the_prefixed_keys():
     if not torch.distributed.is_available():
         pytest.skip("torch built without torch.distributed")

@@ -30,7 +30,7 @@ class _Matmul:
     forward: float  # FLOPs at the observed step, or per unit of the feature (per_unit)
     products: float  # backward products the model needs, in forwards (one per operand carrying one)
     per_unit: bool = False
-    with_grad: bool = True  # ran with grad mode on (off: inside a custom autograd Function, or no_grad)
+    with_grad: bool = True  # grad mode was on at the op, or where the custom Function running it was applied
     function: int | None = None  # the sequence number of the custom Function whose forward ran it
     subset: bool = False  # its batch operand holds a selection of the tokens (``hidden[mask]``)
     declared: bool = False  # a module's declared FLOPs (its backward is not observed but declared)
@@ -55,13 +55,9 @@ class Observation:
         gradients forced onto inputs)."""
         totals: dict[tuple[str, Feature, bool, bool], ComponentFlops] = defaultdict(ComponentFlops)
         for matmul in self.matmuls:
-            # A pass without grad (grad off outside a custom Function's forward) is kept apart: it is
-            # no part of one forward of the model.
-            component = (
-                matmul.component
-                if matmul.with_grad or matmul.function is not None
-                else without_grad(matmul.component)
-            )
+            # A pass without grad (a custom Function's forward included, where it was applied with grad
+            # off) is kept apart: it is no part of one forward of the model.
+            component = matmul.component if matmul.with_grad else without_grad(matmul.component)
             key = (component, matmul.feature, matmul.per_unit, matmul.subset)
             totals[key].forward += matmul.forward
             if matmul.reached:

@@ -13,8 +13,9 @@ forward rerun inside the backward).
   same cost for each operand that carries a needed gradient, counted when its result reaches the
   loss (its autograd node ran in the backward; for ops inside a custom ``autograd.Function``, the
   Function's output's node, or, where a kernel the dispatcher never sees wrote that output, that
-  Function's own node, known by its sequence number). A matmul run with grad off outside a custom
-  Function (``no_grad``: a reference model, adapters disabled, a KL pass) counts its forward once. A fused head that recomputes its logits in the backward
+  Function's own node, known by its sequence number). A matmul of a pass without grad (``no_grad``:
+  a reference model, adapters disabled, a KL pass; a custom Function applied there too) counts its
+  forward once. A fused head that recomputes its logits in the backward
   therefore counts like its unfused twin, and a gradient forced onto the embeddings (PEFT's
   ``enable_input_require_grads``) is not a model FLOP. A module with declared FLOPs
   (``declared.py``) counts its declaration instead of what runs inside it.
@@ -37,6 +38,7 @@ import threading
 from contextlib import suppress
 from typing import Any
 
+import torch
 from torch import nn
 
 from .._torch_internals import (
@@ -49,7 +51,8 @@ from .declared import Declaration, declared
 from .dtypes import tagged
 from .features import Feature
 from .meta_copy.isolation import tensors_in
-from .observation import _Matmul
+from .observation import _Matmul, _TensorFacts
+from .observed_dataflow import _merged
 from .observed_ops import OpCounting
 
 
@@ -120,6 +123,7 @@ class RealStepObserver(OpCounting):
         try:
             self._add_hooks()
             self._wrap_forward()
+            self._wrap_function_apply()
             super().__enter__()
         except BaseException:
             self.close()
@@ -142,6 +146,7 @@ class RealStepObserver(OpCounting):
                 handle.remove()
             self._handles.clear()
             self._unwrap_forward()
+            self._unwrap_function_apply()
         finally:
             if self._thread == threading.get_ident():
                 leave_dispatch_mode(self)
@@ -177,6 +182,55 @@ class RealStepObserver(OpCounting):
 
         self._forward_patch = (forward, own, vars(model).get("forward"))
         model.forward = forward
+
+    def _wrap_function_apply(self) -> None:
+        """A custom autograd Function whose kernels the dispatcher never sees (Triton: Liger's RMSNorm,
+        RoPE and SwiGLU) returns outputs the observer saw made from nothing, or not at all: they derive
+        from what the Function was given (``_function_applied``), as they would through visible ops."""
+        torchs = vars(torch.autograd.Function)["apply"]
+        observer = self
+
+        def apply(cls: Any, *args: Any, **kwargs: Any) -> Any:
+            out = torchs.__func__(cls, *args, **kwargs)
+            if not observer._done and observer._thread == threading.get_ident():
+                try:
+                    observer._function_applied((args, kwargs), out)
+                except Exception as error:  # noqa: BLE001 - observing never breaks the step: the observation is void
+                    observer._done = True
+                    observer.observation.failure = f"{type(error).__name__}: {error}"
+            return out
+
+        ours = classmethod(apply)
+        self._apply_patch = (ours, torchs)
+        torch.autograd.Function.apply = ours  # type: ignore[method-assign, assignment]
+
+    def _unwrap_function_apply(self) -> None:
+        patch, self._apply_patch = self._apply_patch, None
+        if patch is not None and vars(torch.autograd.Function).get("apply") is patch[0]:
+            torch.autograd.Function.apply = patch[1]  # type: ignore[method-assign]
+
+    def _function_applied(self, inputs: Any, out: Any) -> None:
+        """What a custom Function returns derives from the batch, and carries a needed gradient, where
+        what it was given does (its own ops, if any were seen, may have said less: an allocation)."""
+        given = [self._fact(t) for t in tensors_in(inputs)]
+        if not given:
+            return
+        merged = _merged(given)
+        for tensor in tensors_in(out):
+            known = self._facts.get(tensor)
+            if known is None:
+                self._facts[tensor] = _TensorFacts(
+                    merged.from_batch, merged.needs_grad, True, owner=merged.owner, subset=merged.subset
+                )
+            elif (merged.from_batch and not known.from_batch) or (merged.needs_grad and not known.needs_grad):
+                self._facts[tensor] = _TensorFacts(
+                    known.from_batch or merged.from_batch,
+                    known.needs_grad or merged.needs_grad,
+                    known.made_with_grad,
+                    known.tags,
+                    None if merged.from_batch else known.owner,
+                    known.subset or merged.subset,
+                )
 
     def _unwrap_forward(self) -> None:
         patch, self._forward_patch = self._forward_patch, None

@@ -54,6 +54,8 @@ class TensorDataflow(TorchDispatchMode):
             WeakIdKeyDictionary()
         )  # tensors carrying tags, to check at backward
         self._in_backward = False
+        self._grad_outside = True  # grad mode at the last op outside a custom Function: at its apply
+        self._apply_patch: tuple[Any, Any] | None = None  # (ours, torch's) ``Function.apply``
         self._done = False
         self._declared_depth = 0  # inside a module with declared FLOPs: its ops are not recorded
         self._declared_calls: list[_Matmul] = []

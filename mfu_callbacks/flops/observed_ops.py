@@ -57,6 +57,8 @@ class OpCounting(TensorDataflow):
             return
         grad_enabled = torch.is_grad_enabled()
         function = None if grad_enabled else custom_function_forward()
+        if function is None:
+            self._grad_outside = grad_enabled
         inputs = list(tensors_in((args, kwargs)))
         outputs = list(tensors_in(out))
         facts = [self._fact(t) for t in inputs]
@@ -113,7 +115,7 @@ class OpCounting(TensorDataflow):
             out = out[0]
         else:
             return None
-        matmul.with_grad, matmul.function = grad_enabled, function
+        matmul.with_grad, matmul.function = grad_enabled if function is None else self._grad_outside, function
         self.observation.matmuls.append(matmul)
         if grad_enabled:
             self._last.append((matmul, out))

@@ -3,6 +3,7 @@ meta-device copy cannot trace or would miscount, at more than one shape."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy
@@ -286,3 +287,68 @@ def test_a_head_that_scores_labelled_positions_follows_each_batchs_labels() -> N
         assert_flops(step.model_flops, truth, "model FLOPs")
         assert_flops(step.hardware_flops, step_truth(model, batch, labelled_head_forward), "hardware FLOPs")
         assert step.breakdown["head"] > 0
+
+
+# -- kernels the dispatcher never sees (Triton: Liger's RMSNorm and SwiGLU), imitated on a CPU --------------
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+class _UnseenKernel(torch.autograd.Function):
+    """``function`` run as a Triton kernel runs: forward and backward out of the dispatcher's sight."""
+
+    @staticmethod
+    def forward(ctx, function, *inputs):
+        with torch._C._DisableTorchDispatch():
+            output = function(*inputs)
+        ctx.function = function
+        ctx.save_for_backward(*inputs)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad):
+        with torch._C._DisableTorchDispatch(), torch.enable_grad():
+            inputs = [t.detach().requires_grad_() for t in ctx.saved_tensors]
+            grads = torch.autograd.grad(ctx.function(*inputs), inputs, grad)
+        return (None, *grads)
+
+
+def _with_unseen_kernels(model: nn.Module) -> nn.Module:
+    """Each RMSNorm and each MLP's SwiGLU replaced by a kernel the dispatcher never sees (as Liger's are)."""
+
+    def norm(module: nn.Module):
+        def forward(hidden):
+            return _UnseenKernel.apply(
+                functools.partial(_rms_norm, eps=module.variance_epsilon), hidden, module.weight
+            )
+
+        return forward
+
+    def mlp(module: nn.Module):
+        def forward(x):
+            return module.down_proj(_UnseenKernel.apply(_swiglu, module.gate_proj(x), module.up_proj(x)))
+
+        return forward
+
+    for module in model.modules():
+        if type(module).__name__.endswith("RMSNorm"):
+            module.forward = norm(module)
+        elif type(module).__name__.endswith("MLP"):
+            module.forward = mlp(module)
+    return model
+
+
+@pytest.mark.slow  # three steps against FlopCounterMode: seconds on a CPU
+def test_the_outputs_of_kernels_the_dispatcher_never_sees_derive_from_their_inputs() -> None:
+    """Outputs written by an unseen kernel derive from the batch and carry gradients as the Function's
+    inputs do: the matmuls after them are fitted right, at the observed shape and at others."""
+    model, twin = _with_unseen_kernels(llama()), llama()
+    engine = observed_engine(model, padded_batch([5, 12]))
+    for batch in (padded_batch([5, 12]), full_batch(3, 24), padded_batch([7, 3, 16])):
+        step = engine.estimate(batch)
+        assert_flops(step.model_flops, model_truth(twin, batch), "model FLOPs")
+        assert_flops(step.hardware_flops, step_truth(twin, batch), "hardware FLOPs")

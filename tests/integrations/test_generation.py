@@ -288,47 +288,70 @@ def test_every_gpu_of_the_peak_table_has_a_memory_bandwidth_and_unknown_ones_hav
     assert slice_of_h100 is not None and slice_of_h100[0] == pytest.approx(3.35e12 * 60 / 132)
 
 
-# -- TRL's online trainers, against a FlopCounterMode truth of each whole optimizer step (slow) --------------
-class _Truth:
-    """A TrainerCallback (built lazily: transformers is imported by the slow tests only) that counts each
-    optimizer step under FlopCounterMode, generation included, and the generation's part apart."""
+# -- TRL's online trainers, against a truth of each whole optimizer step (slow) ------------------------------
+def _truth():
+    """A TrainerCallback (built lazily: transformers is imported by the slow tests only) with two truths of
+    each optimizer step, generation included:
 
-    def __new__(cls):
-        from transformers import TrainerCallback
+    - model FLOPs: the step's forwards of the trainer's models outside ``generate`` replayed by
+      ``trl_steps.StepTruth`` (unfused head on the positions TRL's head scores; with grad forward and
+      backward, without grad the forward once), plus FlopCounterMode over each ``generate`` call
+      (``generation``: a generation runs no backward and, without padding, no work beyond the model's);
+    - hardware FLOPs: FlopCounterMode over the whole step (``hardware``), with ``aten.addmm_`` counted by
+      torch's ``addmm`` formula: TRL's chunked log-prob head accumulates its gradients with it on a CPU,
+      and FlopCounterMode has no formula for it (it would count none of the head's backward products).
+    """
+    from tests.helpers.trl_steps import StepTruth
 
-        class Truth(TrainerCallback):
-            def __init__(self):
-                self.steps: list[int] = []
-                self.generation: list[int] = []
-                self._mode: FlopCounterMode | None = None
+    class Truth(StepTruth):
+        def __init__(self, *models):
+            super().__init__(*models)
+            self.hardware: list[int] = []
+            self.generation: list[int] = []
+            self._mode: FlopCounterMode | None = None
 
-            def on_train_begin(self, args, state, control, model=None, **kwargs):
-                generate = model.generate
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            generate = model.generate
 
-                def counted(*args, **kwargs):
+            def counted(*args, **kwargs):
+                calls, self._calls = self._calls, None  # generate's forwards are not the step's passes
+                try:
                     with FlopCounterMode(display=False) as counter:
                         output = generate(*args, **kwargs)
-                    self.generation[-1] += counter.get_total_flops()
-                    return output
+                finally:
+                    self._calls = calls
+                self.generation[-1] += counter.get_total_flops()
+                return output
 
-                model.generate = counted
+            model.generate = counted
 
-            def on_step_begin(self, args, state, control, **kwargs):
-                self._mode = FlopCounterMode(display=False)
-                self._mode.__enter__()
-                self.generation.append(0)
+        def on_step_begin(self, args, state, control, **kwargs):
+            super().on_step_begin(args, state, control, **kwargs)
+            self._mode = FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: _addmm_flops})
+            self._mode.__enter__()
+            self.generation.append(0)
 
-            def on_step_end(self, args, state, control, **kwargs):
-                assert self._mode is not None
-                self._mode.__exit__(None, None, None)
-                self.steps.append(self._mode.get_total_flops())
+        def on_step_end(self, args, state, control, **kwargs):
+            assert self._mode is not None
+            self._mode.__exit__(None, None, None)
+            self.hardware.append(self._mode.get_total_flops())
+            super().on_step_end(args, state, control, **kwargs)
 
-        return Truth()
+        def model_flops(self) -> list[float]:
+            return [passes + generated for passes, generated in zip(self.step_flops(), self.generation)]
+
+    return Truth
 
 
-def _online_run(tmp_path, name, *, beta, prompt, new, callbacks, steps=2):
+def _addmm_flops(self_shape, a_shape, b_shape, *rest, out_shape=None, **kwargs) -> int:
+    """torch's ``addmm`` formula: two FLOPs per multiply-add of the product."""
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+
+def _online_run(tmp_path, name, *, beta, prompt, new, callbacks, steps=2, truth=False):
     """A few steps of TRL's GRPO or RLOO trainer on a tiny Llama; every completion exactly ``new`` tokens
-    (the end-of-sequence token is suppressed until then) and every prompt ``prompt`` tokens: no padding."""
+    (the end-of-sequence token is suppressed until then) and every prompt ``prompt`` tokens: no padding.
+    With ``truth``, the trainer's models are watched by ``_truth()`` (returned with the trainer)."""
     trl = pytest.importorskip("trl")
     from datasets import Dataset
     from transformers import LlamaForCausalLM
@@ -368,64 +391,52 @@ def _online_run(tmp_path, name, *, beta, prompt, new, callbacks, steps=2):
         processing_class=word_tokenizer(VOCAB),
         callbacks=callbacks,
     )
+    watched = _truth()(trainer.model, trainer.ref_model) if truth else None
+    if watched is not None:
+        trainer.add_callback(watched)
     trainer.train()
-    return trainer
+    return trainer, watched
 
 
 PEAK_TFLOPS = 1e-3
 
 
-class TotalNotYetCounted(AssertionError):
-    """The step's total FLOPs are off the truth by work outside generation (the training passes)."""
-
-
-# Measured on this branch (CPU, TRL 1.16): beta 0 logs 1.023x the truth, the training forward's head counted
-# by the real step over more positions than TRL's fused head scores (issue 23 item 4); beta 0.1 logs 0.81x,
-# the reference model's forward without grad is not counted (issue 23 item 1). The generation phase is exact.
-_TRAINING_COUNT = pytest.mark.xfail(
-    strict=True,
-    raises=TotalNotYetCounted,
-    reason="the training passes of GRPO/RLOO are counted by the no-grad rule and the labelled-positions head",
-)
-
-
-# RLOO with a KL term: its generation is counted 1.09x the truth (beta 0: exact): something of its
-# reference pass still reaches the per-token forward that the generation formula reads. Strict: this
-# turns into a failure once it is fixed.
-_RLOO_REFERENCE = pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="RLOO with beta > 0: part of the reference pass reaches the forward that generation reads",
-)
-
-
 def _online_cases() -> list:
-    return [
-        pytest.param(
-            name,
-            beta,
-            prompt,
-            new,
-            marks=_RLOO_REFERENCE if (name, beta) == ("RLOO", 0.1) else _TRAINING_COUNT,
-        )
+    """GRPO and RLOO, without and with a reference model (beta > 0: TRL builds it from the policy's path),
+    at two shapes; with beta > 0 also with the head TRL runs where Triton does (``labelled``: it scores
+    the completion's positions only)."""
+    cases = [
+        (name, beta, False, prompt, new)
         for name in ("GRPO", "RLOO")
         for beta in (0.0, 0.1)
         for prompt, new in ((4, 6), (8, 3))
     ]
+    cases += [(name, 0.1, True, prompt, new) for name in ("GRPO", "RLOO") for prompt, new in ((4, 6), (8, 3))]
+    return cases
 
 
 @pytest.mark.slow  # two optimizer steps with generation per case, under FlopCounterMode: 2-4 s each on a CPU
-@pytest.mark.parametrize(("name", "beta", "prompt", "new"), _online_cases())
+@pytest.mark.parametrize(("name", "beta", "labelled", "prompt", "new"), _online_cases())
 def test_online_trainers_log_the_generation_phase_against_a_truth_of_the_whole_step(
-    tmp_path, name, beta, prompt, new
+    tmp_path, monkeypatch, name, beta, labelled, prompt, new
 ):
-    """Step 1 builds the engine (warm-up); step 2 is measured and compared with FlopCounterMode over the
-    whole step and over its ``generate`` call."""
+    """Step 1 builds the engine (warm-up); step 2 is measured: its model FLOPs against the replay of its
+    passes plus its ``generate`` call, its hardware FLOPs against FlopCounterMode over the whole step.
+
+    In GRPO the reference model's pass (beta > 0) is the step's first forward outside ``generate``; in
+    RLOO the policy's scoring pass without grad comes first. ``labelled``: TRL's head as it runs where
+    Triton does, on the completion's positions only (``_use_triton`` said yes on a CPU, as TRL's own
+    tests patch its module attributes)."""
     from mfu_callbacks.transformers import MFUCallback
 
-    truth = _Truth()
+    if labelled:
+        import trl.trainer.utils
+
+        monkeypatch.setattr(trl.trainer.utils, "_use_triton", lambda device: True)
     callback = MFUCallback(peak_tflops=PEAK_TFLOPS, warmup_steps=1)
-    trainer = _online_run(tmp_path, name, beta=beta, prompt=prompt, new=new, callbacks=[callback, truth])
+    trainer, truth = _online_run(
+        tmp_path, name, beta=beta, prompt=prompt, new=new, callbacks=[callback], truth=True
+    )
     (row,) = [row for row in trainer.state.log_history if "mfu" in row]
     # The trainer's own step_time stays; ours is beside it.
     assert row["step_time"] != row["mfu/step_time"]
@@ -443,10 +454,8 @@ def test_online_trainers_log_the_generation_phase_against_a_truth_of_the_whole_s
     assert row["mfu/training"] == pytest.approx(
         training / ((1 - share) * seconds * PEAK_TFLOPS * 1e12), rel=1e-6
     )
-    if logged != pytest.approx(truth.steps[1], rel=0.01):
-        raise TotalNotYetCounted(
-            f"logged {logged:.6g} FLOPs, truth {truth.steps[1]}: {logged / truth.steps[1]:.4f}"
-        )
+    assert logged == pytest.approx(truth.model_flops()[1], rel=0.01)
+    assert row["hfu"] * seconds * PEAK_TFLOPS * 1e12 == pytest.approx(truth.hardware[1], rel=0.01)
 
 
 @pytest.mark.slow  # two short runs per trainer
@@ -456,7 +465,7 @@ def test_online_training_is_bit_identical_with_and_without_the_callback(tmp_path
 
     def weights(callbacks):
         torch.manual_seed(0)
-        trainer = _online_run(tmp_path, name, beta=0.1, prompt=4, new=4, callbacks=callbacks, steps=3)
+        trainer, _ = _online_run(tmp_path, name, beta=0.1, prompt=4, new=4, callbacks=callbacks, steps=3)
         return [parameter.detach().clone() for parameter in trainer.model.parameters()]
 
     plain = weights([])
