@@ -17,15 +17,17 @@ from .flops import FlopEngine
 
 logger = logging.getLogger("mfu_callbacks")
 _REVIEW_GROWTH = 1.1  # the diagnoses are reviewed again once the measured steps grew by this factor
+_REVIEW_SECONDS = 1.0  # ... and the measured time by this much (a review walks the model's layers: milliseconds)
 
 
 class RunReview:
     """The diagnoses of one meter's run, reviewed at its reads when due.
 
-    They judge the run's totals, which a read moves little late in a run: they are reviewed when
-    the measured steps grew by a tenth since the last review (every read early on, O(log steps)
-    reviews over a run, so a read costs the same at step 10 and at step 100,000), when a profile
-    window has just closed, and at the end of the run (``force``).
+    They judge the run's totals, which a read moves little late in a run: they are reviewed at the
+    first read, then when the measured steps grew by a tenth and the measured time by a second since
+    the last review (O(log steps) reviews over a run, so a read costs the same at step 10 and at step
+    100,000, and a log at every step of a short step does not review at every step early on), when a
+    profile window has just closed, and at the end of the run (``force``).
     """
 
     def __init__(
@@ -35,7 +37,8 @@ class RunReview:
         self._model = model
         self._peaks = peaks
         self._profile = profile
-        self.last: tuple[float, bool] | None = None  # (measured steps, profile pending) at the last review
+        # (measured steps, profile pending, measured seconds) at the last review
+        self.last: tuple[float, bool, float] | None = None
 
     def __call__(
         self,
@@ -50,12 +53,15 @@ class RunReview:
         due = (
             force
             or self.last is None
-            or run.steps >= self.last[0] * _REVIEW_GROWTH
+            or (
+                run.steps >= self.last[0] * _REVIEW_GROWTH
+                and run.wall_seconds >= self.last[2] + _REVIEW_SECONDS
+            )
             or profile_pending != self.last[1]
         )
         if not due:
             return
-        self.last = (run.steps, profile_pending)
+        self.last = (run.steps, profile_pending, run.wall_seconds)
         peaks = self._peaks
         try:
             self._diagnostics.review(

@@ -358,8 +358,8 @@ class MFUMeter:
         self._review(self._run, self.engine, self._run_features, force=force)
 
     @property
-    def _reviewed(self) -> tuple[float, bool] | None:
-        """(measured steps, profile pending) at the last review of the diagnoses."""
+    def _reviewed(self) -> tuple[float, bool, float] | None:
+        """(measured steps, profile pending, measured seconds) at the last review of the diagnoses."""
         return self._review.last
 
     def _local_window(self, world: int, wait: bool) -> Window:
