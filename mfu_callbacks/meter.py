@@ -125,7 +125,7 @@ class MFUMeter:
         self._generation.step_begins()
         self._recorder.start_step(batch)
         if self._profiling:
-            self._recorder.leave_step_out()  # the profiler and its syncs slow the step
+            self._recorder.leave_out_open_step()  # the profiler and its syncs slow the step
             if batch is not None:
                 self._profile.add_batch(batch, self.engine)  # type: ignore[union-attr]
 
@@ -363,8 +363,8 @@ class MFUMeter:
         return self._review.last
 
     def _local_window(self, world: int, wait: bool) -> Window:
-        timings, counted = self._recorder.take(wait=wait)
-        generated = self._generation.take(sum(timing.steps for timing in timings))
+        timings, counted = self._recorder.drain(wait=wait)
+        generated = self._generation.drain(sum(timing.steps for timing in timings))
         engine = self.engine
         if counted is None or engine is None:
             return replace(rank_window(world, timings, None, None), generation_seconds=generated.seconds)

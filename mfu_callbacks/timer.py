@@ -167,7 +167,7 @@ class StepTimer:
         self._previous_stop = None  # an unmeasured step is nobody's input wait
         self._last_stop = self._clock()
 
-    def discard_current(self) -> None:
+    def leave_out_open_step(self) -> None:
         """Leave the open step out of the timings (it did one-off work, such as building the FLOP engine)."""
         if self._open and self._measuring:
             self._measuring = False

@@ -55,7 +55,7 @@ def test_a_discarded_step_is_not_reported():
     clock = FakeClock()
     timer = StepTimer(0, clock=clock, force_cpu=True)
     timer.start()
-    timer.discard_current()
+    timer.leave_out_open_step()
     clock.advance(30.0)
     timer.stop()
     timed_step(timer, clock, wait=0.5, seconds=1.0)
