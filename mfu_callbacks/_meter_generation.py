@@ -1,7 +1,7 @@
 """The meter's face for a generation inside the training step (GRPO, RLOO, online DPO: the phase itself
-is ``_generation.py``): what a trainer with a generation phase calls, apart from the rest of
-``MFUMeter``'s interface, as Lightning keeps ``ModelHooks`` and ``DataHooks`` apart from
-``LightningModule``."""
+is ``_generation.py``): what a trainer with a generation phase calls, a part of ``MFUMeter``'s interface
+on its own (a mixin, as Lightning's ``LightningModule`` is made of ``ModelHooks``, ``DataHooks`` and
+``CheckpointHooks``)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """What the meter's run read so far (``MFUMeter``'s part for the run summary and for resuming): the
 run's sums and FLOPs, the peak of each dtype the matmuls ran in, and the state a resumed run continues.
-A part of the meter's interface on its own, as Lightning keeps ``CheckpointHooks`` apart from
-``LightningModule``."""
+A part of the meter's interface on its own (a mixin, as Lightning's ``LightningModule`` is made of
+``ModelHooks``, ``DataHooks`` and ``CheckpointHooks``)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """What is not training, between two steps (evaluation runs, checkpoint saves): ``MeterSession``'s pause,
-a part of its interface on its own (as Lightning keeps ``CheckpointHooks`` apart from
-``LightningModule``)."""
+a part of its interface on its own (a mixin, as Lightning's ``LightningModule`` is made of
+``ModelHooks``, ``DataHooks`` and ``CheckpointHooks``)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """``MeterSession``'s reads: when to read (the cadence), the read and the run's summary as collectives
 (exactly one reduction per read on every rank, whatever fails), the metrics' names in the logged row,
-and the status said with them. A part of the session's interface on its own (as Lightning keeps
-``CheckpointHooks`` apart from ``LightningModule``)."""
+and the status said with them. A part of the session's interface on its own (a mixin, as Lightning's
+``LightningModule`` is made of ``ModelHooks``, ``DataHooks`` and ``CheckpointHooks``)."""
 
 from __future__ import annotations
 
