@@ -53,7 +53,7 @@ def main() -> None:
             counts.end_step()
     torch.cuda.set_sync_debug_mode(0)
     for counts, counter in zip(held, (counting, seq2seq, windowed)):
-        window, _ = counts.take(step_open=False)
+        window, _ = counts.drain()
         expected = sum(
             (f.cpu() for f, (c, _) in zip(features, batches) if c is counter), torch.zeros_like(window)
         )

@@ -160,7 +160,7 @@ class GenerationPhase:
         return self._windows
 
     # -- at the read ------------------------------------------------------------------------------------
-    def take(self, steps: int) -> GenerationWindow:
+    def drain(self, steps: int) -> GenerationWindow:
         """The oldest ``steps`` measured steps' generations (the steps the timer read: finished on the device)."""
         taken: list[_Step] = []
         while self._ended and steps > 0:

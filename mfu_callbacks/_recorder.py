@@ -25,23 +25,19 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._observation import StepObservation
 from ._step_counts import StepCounts
 from .flops import (
-    OBSERVATION_ATTEMPTS,
     BatchError,
     FlopEngine,
     Forward,
     ModelIntrospectionError,
-    RealStepObserver,
     TokenCounter,
     TokenCounting,
     copy_engine,
     counting_decision,
-    fit_observation,
     is_compiled,
     is_sharded,
-    observe_step,
-    start_observation,
 )
 from .timer import StepTimer, StepTiming
 
@@ -49,7 +45,7 @@ logger = logging.getLogger("mfu_callbacks")
 
 
 class StepRecorder:
-    """Timings and token counts of the measured steps since the last ``take``."""
+    """Timings and token counts of the measured steps since the last ``drain``."""
 
     def __init__(
         self,
@@ -62,31 +58,21 @@ class StepRecorder:
     ) -> None:
         self.engine = engine
         self.timer = timer
-        # What this run counts with: the user's ``real_step`` until the first build decides
-        # (``counting_decision``), "off" once the copy's count stands unchecked.
-        self._decision = real_step if engine is None else "off"
-        self._token_counting: TokenCounting | None = None  # built for an observed step, before any engine
-        self._observer: RealStepObserver | None = None
-        self._observed: tuple[RealStepObserver, torch.Tensor | None] | None = (
-            None  # awaiting its fit at the next read
-        )
-        self._observations_left = OBSERVATION_ATTEMPTS
-        self._awaiting = (
-            False  # the open observation began at a forward without grad: its micro-batch is next
-        )
+        decision = real_step if engine is None else "off"  # a ready-made engine is not checked
+        self._observation = StepObservation(model, timer, token_counter, decision)
         self._trained = False  # the open step has had a training micro-batch
         self.step_open = False
         self.steps_left_out = 0
         self._model = model
         self._forward = forward
-        self._token_counter = token_counter
-        self._counts = StepCounts()
+        self._user_token_counter = token_counter  # the ``token_counter`` option, given to the engine
+        self._step_counts = StepCounts()
         self._left_out = False  # the open step had a batch the engine cannot count
-        self._unread = 0  # measured steps finished since the last take
+        self._unread = 0  # measured steps finished since the last drain
 
     @property
     def unread_steps(self) -> int:
-        """Measured steps finished since the last ``take``."""
+        """Measured steps finished since the last ``drain``."""
         return self._unread
 
     def start_step(self, batch: Any = None) -> None:
@@ -94,25 +80,25 @@ class StepRecorder:
             raise ValueError(
                 "start_step() called while a step is open: call end_step() after each optimizer step"
             )
-        self._close_observation()
+        self._observation.close()
         self.step_open = True
         self._left_out = False
         self._trained = False
         self.timer.start()
         if batch is not None:
-            self._count(batch)
+            self._count_batch(batch)
 
     @property
     def ready_to_profile(self) -> bool:
         """Whether a step can be profiled now: the FLOP engine exists and no real step is being observed."""
-        return self.engine is not None and self._observer is None
+        return self.engine is not None and self._observation.observer is None
 
-    def leave_step_out(self) -> None:
+    def leave_out_open_step(self) -> None:
         """Leave the open step out of timings and counts (it does one-off work: a profile)."""
         if self.timer.measuring:
-            self._counts.discard_step()
+            self._step_counts.leave_out_open_step()
         self._left_out = True
-        self.timer.discard_current()
+        self.timer.leave_out_open_step()
 
     def add_batch(self, batch: Any) -> None:
         if not self.step_open:
@@ -121,11 +107,11 @@ class StepRecorder:
             )
         if batch is None:
             raise TypeError("add_batch() needs the micro-batch the model was given, got None")
-        if self._awaiting:
+        if self._observation.awaiting:
             self._adopt(batch)
         else:
-            self._close_observation()
-            self._count(batch)
+            self._observation.close()
+            self._count_batch(batch)
         self._trained = True
 
     def add_forward(self, batch: Any, *, other_model: bool = False) -> None:
@@ -137,23 +123,23 @@ class StepRecorder:
         ``other_model``: a pass of a model the meter does not watch (a reference model the trainer
         built). Where its batch cannot open the observation, nothing is left out: the step's training
         micro-batch opens it, as without that pass."""
-        if not self.step_open or self._trained or self._left_out or self._observer is not None:
+        if not self.step_open or self._trained or self._left_out or self._observation.observer is not None:
             return
         if isinstance(batch, dict) and batch.get("past_key_values") is not None:
             return  # a generation step: not a pass of the training step's own
-        if self._counter is not None and not self._observing_again():
+        if self._feature_source is not None and not self._observation.tries_again(self.engine):
             return
         try:
-            if self._counter is None:
+            if self._feature_source is None:
                 self._build(batch, awaiting=True)
             else:
-                self._observe(batch, awaiting=True)
+                self._observation.open(batch, awaiting=True)
         except Exception as error:  # noqa: BLE001 - another model's batch only ever costs its own try
             if other_model:
-                self._close_observation()
+                self._observation.close()
                 logger.info("mfu_callbacks: a pass of another model is not observed (%s)", error)
             elif isinstance(error, (BatchError, ValueError)):
-                self._leave_step_out(error)
+                self._leave_out_uncountable(error)
             else:
                 raise
 
@@ -165,168 +151,113 @@ class StepRecorder:
             self.step_open
             and not self._trained
             and not self._left_out
-            and self._observer is None
-            and self._decision != "off"
-            and (self._counter is None or self._observing_again())
+            and self._observation.observer is None
+            and self._observation.decision != "off"
+            and (self._feature_source is None or self._observation.tries_again(self.engine))
             and not (is_compiled(self._model) or is_sharded(self._model))
-        )
-
-    def _observing_again(self) -> bool:
-        """Whether the next micro-batch is observed again (an earlier observation saw no backward)."""
-        return (
-            self._decision != "off"
-            and bool(self._observations_left)
-            and self.engine is None
-            and not self._observed
         )
 
     def _adopt(self, batch: Any) -> None:
         """The first training micro-batch of a step whose observation opened at a forward without grad."""
-        self._awaiting = False
-        observer, counting = self._observer, self._token_counting
-        if observer is None or counting is None:  # it closed (the pass raised): observed again later
-            self._observed = None
-            self._count(batch)
-            return
         try:
-            observe_step(self._model, batch, counting)  # the checks a batch is observed with
-            observer.add_batch(batch)
-            self._observed = (observer, counting.count(batch))
+            adopted = self._observation.adopt(batch)
         except (BatchError, ValueError, ModelIntrospectionError) as error:
-            self._close_observation()
-            self._observed = None
             if self.engine is None:
-                self._leave_step_out(error)
+                self._leave_out_uncountable(error)
+            return
+        if not adopted:  # it closed (the pass raised): observed again later
+            self._count_batch(batch)
 
     def end_step(self) -> None:
         if not self.step_open:
             raise ValueError(
                 "end_step() called without start_step(): call start_step() at the beginning of each optimizer step"
             )
-        self._close_observation()
+        self._observation.close()
         self.step_open = False
         if self.timer.measuring:
             self._unread += 1
-            self._counts.end_step()
+            self._step_counts.end_step()
         self.timer.stop()
 
-    def take(self, *, wait: bool = True) -> tuple[list[StepTiming], tuple[torch.Tensor, torch.Tensor] | None]:
+    def drain(
+        self, *, wait: bool = True
+    ) -> tuple[list[StepTiming], tuple[torch.Tensor, torch.Tensor] | None]:
         """The finished steps' timings and (window, last step) feature sums on the host; clears them.
 
-        Counts are None when no engine counted anything. ``wait=False`` takes only the steps the
-        device has finished (CUDA events already passed) and leaves the others for the next take, so
-        nothing waits for the GPU; with ``wait`` every finished step is taken (the end of a run).
+        Counts are None when no engine counted anything. ``wait=False`` drains only the steps the
+        device has finished (CUDA events already passed) and leaves the others for the next drain, so
+        nothing waits for the GPU; with ``wait`` every finished step is drained (the end of a run).
         """
         steps = self.timer.unread_steps if wait else self.timer.completed_steps()
-        steps = self._counts.step_boundary(steps)  # a stretch of folded counts is taken whole
+        steps = self._step_counts.step_boundary(steps)  # a stretch of folded counts is drained whole
         if self.timer.unread_steps != self._unread:
             raise RuntimeError(
                 f"the timer holds {self.timer.unread_steps} unread steps but the meter counted {self._unread}"
             )
-        self._fit_observation()
-        counted = self._counts.take(steps, ready=self.timer.end_event(steps)) if steps else None
+        engine = self._observation.fit(self.engine)  # and settle which count the run uses
+        if engine is not None:
+            self.engine = engine
+        counted = self._step_counts.drain(steps, ready=self.timer.end_event(steps)) if steps else None
         timings = self.timer.read(steps)
         self._unread -= steps
         # Without an engine yet (the real step not observed in full: it is tried again), the window's
         # counts go with its timings: neither is measured.
         return timings, counted if self.engine is not None else None
 
-    def _count(self, batch: Any) -> None:
+    def _count_batch(self, batch: Any) -> None:
         if self._left_out:
             return
         try:
-            counter = self._counter
-            if counter is None:
+            source = self._feature_source
+            if source is None:
                 self._build(batch)
                 return
-            if self._observing_again():
-                self._observe(batch)  # an earlier observation saw no backward: try again
+            if self._observation.tries_again(self.engine):
+                self._observation.open(batch)  # an earlier observation saw no backward: try again
                 return
             if self.timer.measuring:  # features later, at the read (``_step_counts.py``)
-                self._counts.add_deferred(*counter.defer(batch))
+                self._step_counts.add_deferred(*source.defer(batch))
         except (BatchError, ValueError) as error:
-            self._leave_step_out(error)
+            self._leave_out_uncountable(error)
 
     @property
-    def _counter(self) -> FlopEngine | TokenCounting | None:
+    def _feature_source(self) -> FlopEngine | TokenCounting | None:
         """What reduces a batch to features: the engine (a ready-made one included), else the counting
         of a real step being observed before any engine exists."""
-        return self.engine if self.engine is not None else self._token_counting
+        return self.engine if self.engine is not None else self._observation.counting
 
     # -- building the engine (the policy: ``flops/build.py``) ----------------------------------------
     def _build(self, batch: Any, *, awaiting: bool = False) -> None:
         """From the first countable batch: the copy's engine and/or an observation of this step
         (``awaiting``: the batch of a forward without grad, before the step's first training one)."""
-        self.timer.discard_current()  # this step's time goes into building the engine, not into training
-        self._decision = counting_decision(self._model, self._decision)
+        self.timer.leave_out_open_step()  # this step's time goes into building the engine, not into training
+        self._observation.decision = decision = counting_decision(self._model, self._observation.decision)
         self.engine = copy_engine(
-            self._model, batch, self._decision, forward=self._forward, token_counter=self._token_counter
+            self._model, batch, decision, forward=self._forward, token_counter=self._user_token_counter
         )
-        if self._decision == "off":
+        if decision == "off":
             return
         try:
-            self._observe(batch, awaiting=awaiting)
+            self._observation.open(batch, awaiting=awaiting)
         except Exception as error:  # noqa: BLE001 - the check is optional where the copy counted
             if self.engine is None:
                 raise
-            self._decision = "off"  # the copy's count stands unchecked
+            self._observation.decision = "off"  # the copy's count stands unchecked
             logger.info("mfu_callbacks: the real step cannot be observed (%s)", error)
-
-    def _observe(self, batch: Any, *, awaiting: bool = False) -> None:
-        """Watch this micro-batch's forward and backward (until the recorder's next event); with
-        ``awaiting``, from this forward without grad on, fitted to the next training micro-batch."""
-        observing = start_observation(
-            self._model, batch, self._token_counting, self._token_counter, awaiting=awaiting
-        )
-        self._token_counting = observing.counting
-        self._observations_left -= 1
-        self.timer.discard_current()  # the observed step runs slower: left out of timing
-        observing.observer.__enter__()
-        self._observer, self._observed, self._awaiting = (
-            observing.observer,
-            (observing.observer, observing.features),
-            awaiting,
-        )
 
     def stop_observing(self) -> None:
         """Leave the real step's dispatch mode now (the run ended or failed before the recorder's next event)."""
-        self._close_observation()
+        self._observation.close()
 
-    def _close_observation(self) -> None:
-        observer, self._observer = self._observer, None
-        if observer is not None:
-            observer.__exit__(None, None, None)
-        if self._awaiting:  # no training micro-batch came: nothing to fit
-            self._awaiting = False
-            self._observed = None
-
-    def _fit_observation(self) -> None:
-        """Fit the observed step (at a read: its features are read back with the rest) and settle
-        which count the run uses."""
-        self._close_observation()
-        observed, self._observed = self._observed, None
-        if observed is None:
-            return
-        observer, features = observed
-        assert self._token_counting is not None and features is not None
-        engine = fit_observation(
-            self._model,
-            observer,
-            self._token_counting,
-            features,
-            self.engine,
-            attempts_left=self._observations_left,
-        )
-        if engine is not None:
-            self.engine = engine
-
-    def _leave_step_out(self, error: Exception) -> None:
-        self._close_observation()
+    def _leave_out_uncountable(self, error: Exception) -> None:
+        """Leave the open step out: one of its batches cannot be counted (said once in the log)."""
+        self._observation.close()
         self._left_out = True
         self.steps_left_out += 1
         if self.timer.measuring:
-            self._counts.discard_step()
-        self.timer.discard_current()
+            self._step_counts.leave_out_open_step()
+        self.timer.leave_out_open_step()
         if self.steps_left_out == 1:
             logger.warning(
                 "mfu_callbacks: a step was left out of the measurement, its batch could not be "

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable, Collection, Iterator, Mapping
-from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, suppress
 from typing import Any
 
 from torch import nn
@@ -20,12 +20,13 @@ from ._guard import Guard
 from ._meter_state import SAVED_OPTIONS, SAVED_STEP, load_or_discard, saved_step
 from ._options import MFUOptions
 from ._run_outputs import RunOutputs
-from ._status import MFUStatus, RunStatus, Status
-from .meter import MFUMeter, device_of, join_reduction_as_failed
-from .metrics import MFU_STATUS, placed_beside
+from ._session_pause import PauseHooks
+from ._session_read import ReadHooks
+from ._status import RunStatus
+from .meter import MFUMeter, device_of
 
 
-class MeterSession:
+class MeterSession(PauseHooks, ReadHooks):
     """One training run's meter, built lazily, with every call guarded."""
 
     def __init__(
@@ -167,118 +168,6 @@ class MeterSession:
         if self.meter is not None:
             self.guard.run(self.meter.end_step)
 
-    # -- what is not training: evaluation runs and checkpoint saves -------------------------------------
-    def pause(self) -> None:
-        """Work that is not training begins (evaluation, a checkpoint save): until ``resume()`` or the
-        next step begins, its time is neither step time nor input wait (``StepTimer.paused``), so it
-        never lowers MFU nor reads as waiting for input. Pausing again while paused changes nothing."""
-        meter = self.meter
-        if self._pause is not None or meter is None:
-            return
-
-        def enter() -> AbstractContextManager[None]:
-            pause = meter.not_training()
-            pause.__enter__()
-            return pause
-
-        self._pause = self.guard.run(enter)
-
-    def resume(self) -> None:
-        """Training goes on: the time after this counts again (nothing happens when not paused)."""
-        pause, self._pause = self._pause, None
-        if pause is not None:
-            self.guard.run(pause.__exit__, None, None, None)
-
-    @property
-    def paused(self) -> bool:
-        return self._pause is not None
-
-    @contextmanager
-    def not_training(self) -> Iterator[None]:
-        """``pause()`` around a block (ends the pause only if it opened it)."""
-        opened = self._pause is None
-        self.pause()
-        try:
-            yield
-        finally:
-            if opened:
-                self.resume()
-
-    def due(self, framework_logs_now: bool) -> bool:
-        """Whether to read metrics now: at the framework's cadence, or every ``log_interval`` steps."""
-        if self.options.log_interval is None:
-            return framework_logs_now
-        return self.optimizer_steps > 0 and self.optimizer_steps % self.options.log_interval == 0
-
-    def read(self) -> dict[str, float]:
-        """Metrics of the window since the last read, prefixed; {} when there is nothing to say.
-
-        When distributed this is a collective, and a rank whose measurement failed still takes part
-        (as "failed"), so no rank ever waits for another. The invariant, enforced here and in the
-        meter's read: **every rank enters exactly one reduction per read**. The meter's read enters it
-        whatever fails inside; a failure before it (or a failed meter) joins it as "failed" in the
-        ``finally`` below; a failure after it only stops this rank's measuring.
-        """
-        entered = distributed.reductions_entered()
-        try:
-            return self._read()
-        except Exception as error:  # noqa: BLE001 - training goes on; the guard says it once
-            self.guard.fail(error)
-            return self._prefixed({MFU_STATUS: float(MFUStatus.OFF)})
-        finally:
-            if distributed.reductions_entered() == entered:
-                self._join_as_failed()
-
-    def _read(self) -> dict[str, float]:
-        meter = self.meter
-        if meter is None or self.guard.failed:
-            return self._prefixed(self._with_status({}))
-        own_work = self.guard.run(meter.own_work)  # the whole read is counted as the meter's time
-        with own_work if own_work is not None else nullcontext():
-            metrics: dict[str, float] = (
-                self.guard.run(meter.metrics, read_at=self._steps_this_run, default={}) or {}
-            )
-            if metrics:
-                # Reporting extras have a guard of their own: a failure there never stops the measurement.
-                if not self._wandb_described:
-                    self._extras_guard.run(self._describe_wandb_run)
-                self._extras_guard.run(self._add_to_run_summary, metrics)
-            return self._prefixed(self._with_status(metrics))
-
-    def _prefixed(self, metrics: Mapping[str, float]) -> dict[str, float]:
-        return {self.options.prefix + key: value for key, value in metrics.items()}
-
-    def beside(self, row: Collection[str], metrics: Mapping[str, float]) -> dict[str, float]:
-        """``metrics`` (from ``read()``) as they go into a logged row that already holds the keys ``row``.
-
-        Never overwrite: where the trainer or the user logged one of our keys (GRPO's own ``step_time``),
-        ours goes beside it as ``mfu/<key>`` after the prefix (``mfu/step_time``, ``train/mfu/step_time``),
-        under that name for the rest of the run, so a curve never changes meaning. Where that name is
-        taken too, ours is left out.
-        """
-        return placed_beside(row, metrics, self.options.prefix, self._renamed)
-
-    # -- the status: whether MFU is measured, said where users look (``_status.RunStatus``) ------------
-    @property
-    def status(self) -> Status:
-        """What the last read (or the end of the run) found."""
-        return self._status.current
-
-    def _with_status(self, metrics: dict[str, float]) -> dict[str, float]:
-        """``metrics`` with ``mfu_status``; a status without MFU is warned about once per run."""
-        self._status.set(self._judge(metrics))
-        return {**metrics, MFU_STATUS: float(self.status.code)}
-
-    def _judge(self, values: Mapping[str, float]) -> Status:
-        past_warmup = self._steps_this_run > self.options.warmup_steps
-        return self._status.judge(values, self.guard, self.meter, past_warmup=past_warmup)
-
-    def _join_as_failed(self, *, final: bool = False) -> None:
-        """Enter the read's reduction as a rank with nothing to say (none after a reduction failed)."""
-        if self._attached and distributed.is_distributed() and distributed.reductions_broken() is None:
-            with suppress(Exception):  # the collective itself failed: nothing more to do here
-                join_reduction_as_failed(read_at=self._steps_this_run, final=final)
-
     def write_summary_to(self, framework_folder: str | os.PathLike[str] | None) -> None:
         """Write the run summary into the ``summary_dir`` option, else the framework's output folder."""
         self._outputs.write_summary_to(framework_folder)
@@ -288,39 +177,8 @@ class MeterSession:
         """Where the run summary (``mfu_summary.json``) is written; None: nowhere."""
         return self._outputs.summary_dir
 
-    def _add_to_run_summary(self, metrics: Mapping[str, float]) -> None:
-        if self.meter is not None:
-            self._outputs.add_window(
-                self.meter,
-                self._model,
-                self.status,
-                self.optimizer_steps,
-                metrics,
-                resumed_at=self._resumed_at,
-            )
-
-    @property
-    def _wandb_described(self) -> bool:
-        return self._outputs.wandb_described
-
-    def _describe_wandb_run(self) -> None:
-        if self.meter is not None:
-            self._outputs.describe_wandb_run(self.meter, self._model)
-
     def _sync_summary(self, *, close: bool = False) -> None:
         self._outputs.sync(self.meter, self._model, self.status, resumed_at=self._resumed_at, close=close)
-
-    def summary(self) -> dict[str, float]:
-        """The run's means (a collective when distributed, joined as "failed" after a failure; exactly
-        one reduction whatever fails, as in ``read``)."""
-        entered = distributed.reductions_entered()
-        try:
-            if self.meter is None or self.guard.failed:
-                return {}
-            return self.guard.run(self.meter.summary, read_at=self._steps_this_run, default={}) or {}
-        finally:
-            if distributed.reductions_entered() == entered:
-                self._join_as_failed(final=True)
 
     def finish(self) -> dict[str, float]:
         """Training ended: the run's summary (a collective when distributed: every rank calls this),

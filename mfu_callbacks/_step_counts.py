@@ -13,7 +13,7 @@ Memory stays bounded in a run that never reads: every ``ROWS`` steps (or when th
 ``MAX_BYTES``) the finished steps but the last are reduced into one feature row on the device,
 still without a host sync.
 
-A read takes the oldest steps, as many as the device has finished (``take(steps, ready=...)``): on
+A read drains the oldest steps, as many as the device has finished (``drain(steps, ready=...)``): on
 CUDA their reduction runs on a side stream that waits only for the end of those steps, so the copy
 to the host does not wait for the steps still queued behind them.
 """
@@ -35,7 +35,7 @@ Entry = tuple[Plan, tuple[torch.Tensor, ...]]
 
 
 class StepCounts:
-    """Micro-batches per step since the last read; ``take`` returns the window's sum and its last step."""
+    """Micro-batches per step since the last read; ``drain`` returns the window's sum and its last step."""
 
     def __init__(self, rows: int = ROWS, max_bytes: int = MAX_BYTES) -> None:
         if rows < 2:
@@ -58,7 +58,7 @@ class StepCounts:
         if self._bytes > self._max_bytes:
             self._shrink()
 
-    def discard_step(self) -> None:
+    def leave_out_open_step(self) -> None:
         """Forget what the open step counted (it is left out of the measurement)."""
         self._bytes -= _bytes(self._open)
         self._open = []
@@ -73,7 +73,7 @@ class StepCounts:
 
     def step_boundary(self, steps: int) -> int:
         """The fewest finished steps, at least ``steps``, that end with a step of its own: a fold of
-        several steps is taken whole, and never last (the last step's FLOPs are logged alone). A fold
+        several steps is drained whole, and never last (the last step's FLOPs are logged alone). A fold
         is always followed by a step of its own."""
         if steps <= 0:
             return 0
@@ -84,7 +84,7 @@ class StepCounts:
                 return total
         return total
 
-    def take(
+    def drain(
         self, steps: int | None = None, *, ready: torch.cuda.Event | None = None
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(sum of the oldest ``steps`` finished steps, the last of them) on the host, with one
@@ -96,13 +96,13 @@ class StepCounts:
             a side stream that waits for it alone, not for the work queued after it.
         """
         entries = len(self._finished) if steps is None else self._entries_for(steps)
-        taken, self._finished = self._finished[:entries], self._finished[entries:]
+        drained, self._finished = self._finished[:entries], self._finished[entries:]
         del self._steps_in[:entries]
         self._bytes = _bytes(self._open) + sum(_bytes(step) for step in self._finished)
         if not self._counted:
             return None
         with _after(ready):
-            window, last = _sums(taken, _width(self._shape))
+            window, last = _sums(drained, _width(self._shape))
         return torch.tensor(window).view(self._shape), torch.tensor(last).view(self._shape)
 
     def _entries_for(self, steps: int) -> int:

@@ -26,37 +26,18 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 
 from . import _validate
+from ._step_events import StepEvents
+from ._step_timing import StepTiming
+
+__all__ = ["StepTimer", "StepTiming"]
 
 # Finished steps kept one by one before the oldest are folded into one entry: bounds memory in a
 # run that reads its metrics rarely (or never), while the last steps stay separate.
 _KEEP_STEPS = 256
-
-
-@dataclass(frozen=True)
-class StepTiming:
-    """Finished steps: their duration, the input wait before them and the meter's own time before
-    them (its reads), in seconds (one step, or ``steps`` older steps folded together)."""
-
-    step_seconds: float
-    input_wait_seconds: float
-    steps: int = 1
-    meter_seconds: float = 0.0
-
-    @property
-    def iteration_seconds(self) -> float:
-        """The step and everything before it since the last one: the time base of throughput and MFU."""
-        return self.step_seconds + self.input_wait_seconds + self.meter_seconds
-
-
-# One measured step on CUDA, unresolved: where its wait began (the previous step's end, or None),
-# its start and stop events, the host seconds of the meter's work before it inside that wait, and of
-# its work before a pause (outside the wait: the pause moved its beginning).
-_Recorded = tuple[torch.cuda.Event | None, torch.cuda.Event, torch.cuda.Event, float, float]
 
 
 class StepTimer:
@@ -79,26 +60,20 @@ class StepTimer:
         self.uses_cuda_events = (
             not force_cpu and torch.cuda.is_available() and (device is None or device.type == "cuda")
         )
-        self._device = device if self.uses_cuda_events else None
         self._clock = clock
         self.steps_started = 0
         self._open = False
         self._measuring = False  # whether the open step will be reported
         self._last_stop: float | None = None
         self._start_time = 0.0  # host-clock path
-        self._start_event: torch.cuda.Event | None = None  # CUDA path
         self._input_wait = 0.0
         self._in_meter_work = False
         self._paused = False
         self._meter_seconds = 0.0  # the meter's work since the last step ended (host clock)
         self._step_meter_seconds = 0.0  # ... and before the open step
         self._meter_before_pause = 0.0  # CUDA path: the meter's work before a pause since the last step
-        self._finished: list[StepTiming] = []  # host-clock path
-        self._recorded: list[_Recorded] = []  # CUDA path, unresolved, oldest first
-        self._previous_stop: torch.cuda.Event | None = None  # where the next step's input wait begins
-        self._wait_began: torch.cuda.Event | None = None  # ... and where the open step's began
-        self._open_meter_before_pause = 0.0  # the open step's
-        self._spare_events: list[torch.cuda.Event] = []
+        self._finished: list[StepTiming] = []  # resolved, oldest first
+        self._events = StepEvents(device if self.uses_cuda_events else None)  # CUDA path, unresolved
         self._known_complete = 0  # unread steps the last ``completed_steps`` found finished
 
     @property
@@ -126,9 +101,7 @@ class StepTimer:
         self._input_wait = now - self._last_stop if self._last_stop is not None else 0.0
         self._step_meter_seconds = meter_seconds if self._last_stop is not None else 0.0
         if self.uses_cuda_events:
-            self._wait_began = self._previous_stop
-            self._open_meter_before_pause = before_pause if self._previous_stop is not None else 0.0
-            self._start_event = self._record_event()
+            self._events.start(before_pause)
         else:
             self._start_time = now
 
@@ -141,20 +114,9 @@ class StepTimer:
         self._open = False
         if self._measuring:
             if self.uses_cuda_events:
-                stop = self._record_event()
-                assert self._start_event is not None  # recorded by start() of a measured step
-                self._recorded.append(
-                    (
-                        self._wait_began,
-                        self._start_event,
-                        stop,
-                        self._step_meter_seconds,
-                        self._open_meter_before_pause,
-                    )
-                )
-                self._previous_stop = stop
+                self._events.stop(self._step_meter_seconds)
                 self._last_stop = self._clock()
-                if len(self._recorded) > _KEEP_STEPS:
+                if len(self._events.recorded) > _KEEP_STEPS:
                     self._resolve_finished_events()
                 return
             now = self._clock()
@@ -164,15 +126,14 @@ class StepTimer:
             self._last_stop = now
             self._fold_old_timings()
             return
-        self._previous_stop = None  # an unmeasured step is nobody's input wait
+        self._events.previous_stop = None  # an unmeasured step is nobody's input wait
         self._last_stop = self._clock()
 
-    def discard_current(self) -> None:
+    def leave_out_open_step(self) -> None:
         """Leave the open step out of the timings (it did one-off work, such as building the FLOP engine)."""
         if self._open and self._measuring:
             self._measuring = False
-            if self._start_event is not None:
-                self._spare_events.append(self._start_event)
+            self._events.leave_out_open_step()
 
     @contextmanager
     def meter_work(self) -> Iterator[None]:
@@ -216,12 +177,10 @@ class StepTimer:
                 self._last_stop += spent
             if self._open and self._measuring and not self.uses_cuda_events:
                 self._start_time += spent
-            if self.uses_cuda_events and self._previous_stop is not None and not self._open:
-                # The device idled or ran the paused work (however many kernels): the next input wait
-                # starts after them. The meter's work before the pause is no longer inside that wait.
-                replaced, self._previous_stop = self._previous_stop, self._record_event()
-                if not (self._recorded and self._recorded[-1][2] is replaced):  # resolved already: reuse it
-                    self._spare_events.append(replaced)
+            if self.uses_cuda_events and self._events.previous_stop is not None and not self._open:
+                # The next input wait starts after the paused work. The meter's work before the pause
+                # is no longer inside that wait.
+                self._events.restart_wait()
                 self._meter_before_pause += self._meter_seconds
                 self._meter_seconds = 0.0
 
@@ -233,25 +192,19 @@ class StepTimer:
     @property
     def unread_steps(self) -> int:
         """Measured steps finished since the last read, resolved or not."""
-        return self._resolved_steps + len(self._recorded)
+        return self._resolved_steps + len(self._events.recorded)
 
     def completed_steps(self) -> int:
         """How many of the unread steps the device has finished, asked without waiting.
 
         CUDA events complete in stream order, so the newest finished one tells: one or two queries.
         """
-        resolved = self._resolved_steps
-        self._known_complete = resolved
-        for index in range(len(self._recorded) - 1, -1, -1):
-            if self._recorded[index][2].query():
-                self._known_complete = resolved + index + 1
-                break
+        self._known_complete = self._resolved_steps + self._events.finished()
         return self._known_complete
 
     def end_event(self, steps: int) -> torch.cuda.Event | None:
         """The event at the end of the ``steps``-th unread step, if it is still unresolved (CUDA)."""
-        index = steps - self._resolved_steps - 1
-        return self._recorded[index][2] if 0 <= index < len(self._recorded) else None
+        return self._events.stop_event(steps - self._resolved_steps - 1)
 
     def read(self, steps: int | None = None) -> list[StepTiming]:
         """Timings of the oldest ``steps`` unread steps (default: all), oldest first; the rest stay
@@ -267,10 +220,10 @@ class StepTimer:
         resolved = self._resolved_steps
         if steps < resolved:
             raise ValueError(f"cannot read {steps} steps: {resolved} are already resolved together")
-        count = min(steps - resolved, len(self._recorded))
+        count = min(steps - resolved, len(self._events.recorded))
         if count:
             if resolved + count > self._known_complete:
-                self._recorded[count - 1][2].synchronize()  # stream order: every earlier one completed too
+                self._events.wait_for(count)  # stream order: every earlier one completed too
             self._resolve(count)
         self._known_complete = 0
         finished, self._finished = self._finished, []
@@ -278,33 +231,13 @@ class StepTimer:
 
     def _resolve_finished_events(self) -> None:
         """Resolve the oldest recorded steps whose events the GPU has passed (``query``: no wait)."""
-        done = 0
-        for _, _, stop, _, _ in self._recorded[: len(self._recorded) - _KEEP_STEPS // 2]:
-            if not stop.query():
-                break
-            done += 1
+        done = self._events.passed(len(self._events.recorded) - _KEEP_STEPS // 2)
         if done:
             self._resolve(done)
 
     def _resolve(self, count: int) -> None:
         """Turn the oldest ``count`` recorded steps into timings and reuse their events."""
-        resolved: dict[int, torch.cuda.Event] = {}
-        for wait_began, start, stop, meter, earlier in self._recorded[:count]:
-            between = max(wait_began.elapsed_time(start) / 1000.0, 0.0) if wait_began is not None else 0.0
-            meter = min(meter, between)  # the device idled this long at most because of the meter
-            self._finished.append(
-                StepTiming(start.elapsed_time(stop) / 1000.0, between - meter, meter_seconds=meter + earlier)
-            )
-            resolved.update((id(event), event) for event in (wait_began, start, stop) if event is not None)
-        del self._recorded[:count]
-        still_needed = {id(self._previous_stop)} | ({id(self._wait_began)} if self._open else set())
-        still_needed |= {
-            id(event)
-            for wait_began, start, stop, _, _ in self._recorded
-            for event in (wait_began, start, stop)
-            if event is not None
-        }
-        self._spare_events += [event for key, event in resolved.items() if key not in still_needed]
+        self._events.resolve(count, self._finished, step_open=self._open)
         self._fold_old_timings()
 
     def _fold_old_timings(self) -> None:
@@ -320,8 +253,3 @@ class StepTimer:
             sum(t.meter_seconds for t in old),
         )
         self._finished[:cut] = [folded]
-
-    def _record_event(self) -> torch.cuda.Event:
-        event = self._spare_events.pop() if self._spare_events else torch.cuda.Event(enable_timing=True)
-        event.record(torch.cuda.current_stream(self._device))
-        return event

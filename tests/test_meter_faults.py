@@ -124,11 +124,11 @@ def test_folded_counts_keep_the_window_sum_and_the_last_step():
         counts.add_deferred(*deferred(torch.full((2, 3), step, dtype=torch.int64)))
         counts.end_step()
     counts.add_deferred(*deferred(torch.full((2, 3), 100, dtype=torch.int64)))  # an open step keeps its count
-    window, last = counts.take()
+    window, last = counts.drain()
     assert window.tolist() == [[55] * 3] * 2
     assert last.tolist() == [[10] * 3] * 2
     counts.end_step()
-    window, last = counts.take()
+    window, last = counts.drain()
     assert window.tolist() == [[100] * 3] * 2 and last.tolist() == [[100] * 3] * 2
 
 

@@ -46,12 +46,12 @@ def test_a_read_sums_every_micro_batch_of_its_steps_and_keeps_the_last_step_apar
     step(rec, clock, batch(100, padded=128), batch(50), seconds=1.0)
     step(rec, clock, batch(30, padded=32), seconds=2.0)
     assert rec.unread_steps == 2
-    timings, counted = rec.take()
+    timings, counted = rec.drain()
     assert counted is not None
     window, last = counted
     assert tokens(window) == (180, 210) and tokens(last) == (30, 32)
     assert [timing.steps for timing in timings] == [1, 1]
-    assert rec.unread_steps == 0 and rec.take()[1] is None  # nothing unread: no counts
+    assert rec.unread_steps == 0 and rec.drain()[1] is None  # nothing unread: no counts
 
 
 def test_warm_up_steps_are_neither_timed_nor_counted():
@@ -61,7 +61,7 @@ def test_warm_up_steps_are_neither_timed_nor_counted():
     for size in (1000, 2000, 7):
         step(rec, clock, batch(size))
     assert rec.unread_steps == 1
-    _, counted = rec.take()
+    _, counted = rec.drain()
     assert counted is not None and tokens(counted[0]) == (7, 7)
     assert engine.counted == 1  # the warm-up batches were never counted
 
@@ -70,12 +70,12 @@ def test_a_step_left_out_counts_nothing_and_the_next_counts_alone():
     clock = FakeClock()
     rec = recorder(clock)
     rec.start_step(batch(500))
-    rec.leave_step_out()
+    rec.leave_out_open_step()
     rec.add_batch(batch(600))  # later micro-batches of the step left out are not counted either
     rec.end_step()
     step(rec, clock, batch(40))
     assert rec.unread_steps == 1
-    _, counted = rec.take()
+    _, counted = rec.drain()
     assert counted is not None and tokens(counted[0]) == (40, 40)
 
 
@@ -85,7 +85,7 @@ def test_an_uncountable_micro_batch_costs_its_whole_step():
     step(rec, clock, batch(100), {"odd": True}, batch(200))
     step(rec, clock, batch(9))
     assert rec.steps_left_out == 1 and rec.unread_steps == 1
-    _, counted = rec.take()
+    _, counted = rec.drain()
     assert counted is not None and tokens(counted[0]) == (9, 9)
 
 

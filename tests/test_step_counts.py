@@ -146,12 +146,12 @@ def test_deferred_sums_equal_batches_counted_one_by_one(
             for position, batch in enumerate(step):
                 counts.add_deferred(*counting.defer(batch))
                 if index % 7 == 6 and position == 0:  # a read mid-step leaves the open step alone
-                    check(counting, unread, *counts.take())
+                    check(counting, unread, *counts.drain())
             counts.end_step()
             unread.append(step)
             if index % 5 == 4:
-                check(counting, unread, *counts.take())
-        check(counting, unread, *counts.take())
+                check(counting, unread, *counts.drain())
+        check(counting, unread, *counts.drain())
 
 
 def test_a_discarded_step_counts_nothing_and_the_next_counts_alone():
@@ -159,10 +159,10 @@ def test_a_discarded_step_counts_nothing_and_the_next_counts_alone():
     counts = StepCounts(rows=4)
     counts.add_deferred(*counting.defer(batches[0]))
     counts.add_deferred(*counting.defer(batches[3]))
-    counts.discard_step()
+    counts.leave_out_open_step()
     counts.add_deferred(*counting.defer(batches[5]))
     counts.end_step()
-    window, last = counts.take()
+    window, last = counts.drain()
     assert window.tolist() == last.tolist() == one_by_one(counting, [batches[5]])
 
 
@@ -177,7 +177,7 @@ def test_a_batch_refilled_in_place_after_its_step_keeps_its_count():
             counts.end_step()
             for value in step.values():
                 value.fill_(1 if value.dtype != torch.bool else True)  # what the next batch would write
-            window, last = counts.take()
+            window, last = counts.drain()
             assert last.tolist() == expected, sorted(batch)
 
 
@@ -212,7 +212,7 @@ def test_a_read_costs_the_same_operations_for_ten_steps_as_for_fifty():
             counts.add_deferred(*counting.defer(padded_batch([5 + step % 4, 9, 3])))
             counts.end_step()
         with OperationLog() as log:
-            counts.take()
+            counts.drain()
         assert not SYNCING_OPERATIONS & set(log.operations) - {"aten._local_scalar_dense"}
         operations.append(len(log.operations))
     assert operations[0] == operations[1] and operations[0] < 25, operations
@@ -230,7 +230,7 @@ def test_ten_thousand_deferred_steps_without_a_read_stay_within_two_megabytes():
     for step in range(1000):  # warm: plans made, allocator pools filled
         counts.add_deferred(*counting.defer(batches[step % 3]))
         counts.end_step()
-    counts.take()
+    counts.drain()
     tracemalloc.start()
     python_before, rss_before = tracemalloc.get_traced_memory()[0], _resident_bytes()
     for step in range(9999):
@@ -241,7 +241,7 @@ def test_ten_thousand_deferred_steps_without_a_read_stay_within_two_megabytes():
     tracemalloc.stop()
     assert python_growth < 2 * 2**20, f"Python objects grew by {python_growth / 2**20:.2f} MB"
     assert rss_growth < 2 * 2**20, f"resident memory grew by {rss_growth / 2**20:.2f} MB"
-    window, _ = counts.take()  # and nothing was lost
+    window, _ = counts.drain()  # and nothing was lost
     each = torch.tensor([one_by_one(counting, [batch]) for batch in batches])
     assert window.tolist() == (3333 * each.sum(0)).tolist()
 
@@ -261,7 +261,7 @@ def test_a_read_of_the_oldest_steps_leaves_the_newer_ones_for_the_next(rows: int
     assert 9 <= taken <= 11
     if rows == 64:
         assert taken == 9  # no fold: any step is a boundary
-    check(counting, steps[:taken], *counts.take(taken))
+    check(counting, steps[:taken], *counts.drain(taken))
     if taken < 11:
-        check(counting, steps[taken:], *counts.take(counts.step_boundary(11 - taken)))
+        check(counting, steps[taken:], *counts.drain(counts.step_boundary(11 - taken)))
     assert counts.step_boundary(1) == 0  # nothing left

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mfu_callbacks._step_events import StepEvents
 from mfu_callbacks.timer import StepTimer, StepTiming
 from tests.helpers.fakes import FakeClock
 
@@ -55,7 +56,7 @@ def test_a_discarded_step_is_not_reported():
     clock = FakeClock()
     timer = StepTimer(0, clock=clock, force_cpu=True)
     timer.start()
-    timer.discard_current()
+    timer.leave_out_open_step()
     clock.advance(30.0)
     timer.stop()
     timed_step(timer, clock, wait=0.5, seconds=1.0)
@@ -157,6 +158,26 @@ def test_cuda_events_are_recycled_after_a_read(fake_cuda):
         timed_step(timer, clock, wait=0.0, seconds=2.0)
     assert [t.step_seconds for t in timer.read()] == [2.0, 2.0, 2.0]
     assert len(FakeEvent.created) == created, "steady state allocates no events"
+
+
+def test_resolved_events_are_reused_only_where_no_step_still_needs_them(fake_cuda):
+    clock = fake_cuda
+    events = StepEvents(None)
+    for _ in range(2):
+        events.start(0.0)
+        clock.advance(1.0)
+        events.stop(0.0)
+    events.start(0.0)  # a third step is open: its input wait began at the second step's stop
+    timings: list[StepTiming] = []
+    events.resolve(2, timings, step_open=True)
+    assert [timing.step_seconds for timing in timings] == [1.0, 1.0]
+    created = len(FakeEvent.created)
+    events.stop(0.0)
+    events.start(0.0)
+    events.stop(0.0)
+    assert len(FakeEvent.created) == created, "the first step's two events and the second's start are spare"
+    events.start(0.0)
+    assert len(FakeEvent.created) == created + 1, "the second step's stop begins the third's wait: kept"
 
 
 def test_on_cuda_a_read_between_steps_is_not_input_wait(fake_cuda):

@@ -252,10 +252,10 @@ def measured_review(
 ) -> list[Diagnosis]:
     """The meter's run reviewed again as a profile window would have it: with measured matmul times."""
     return Diagnostics().review(
-        meter._run,
+        meter._reader.run,
         model=meter._model,
         engine=meter.engine,
-        run_features=meter._run_features,
+        run_features=meter._reader.run_features,
         peak_flops=PEAK_FLOPS,
         compute_dtype=compute_dtype,
         device_name=H100,

@@ -79,7 +79,7 @@ def test_labelled_positions_are_summed_over_deferred_micro_batches() -> None:
     for batch in batches:
         counts.add_deferred(*counting.defer(batch))
         counts.end_step()
-    window, last = counts.take()
+    window, last = counts.drain()
     expected = [int((b["labels"][:, 1:] != -100).sum()) for b in batches]
     assert int(window[MODEL, Feature.LABELLED]) == sum(expected)
     assert int(last[MODEL, Feature.LABELLED]) == expected[1]

@@ -326,5 +326,5 @@ def test_evaluation_and_save_state_are_neither_step_time_nor_input_wait(tmp_path
     for values in measured:
         assert values["train/step_time"] == pytest.approx(SECONDS_PER_BATCH)
         assert values["train/input_wait_fraction"] == pytest.approx(0.0, abs=1e-9)
-    assert tracker.session.meter._run.steps >= 10
+    assert tracker.session.meter._reader.run.steps >= 10
     assert "input_bound" not in [d.id for d in tracker.session.meter.diagnostics()]

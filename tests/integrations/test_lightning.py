@@ -269,7 +269,7 @@ def assert_validation_and_saves_left_out(callback: MFUCallback, rows: list[dict[
     for row in measured:
         assert float(row["train/step_time"]) == pytest.approx(SECONDS_PER_BATCH)
         assert float(row["train/input_wait_fraction"]) == pytest.approx(0.0, abs=1e-9)
-    assert callback.session.meter._run.steps >= 10
+    assert callback.session.meter._reader.run.steps >= 10
     assert "input_bound" not in [d.id for d in callback.session.meter.diagnostics()]
 
 

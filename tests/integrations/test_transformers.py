@@ -310,7 +310,7 @@ def assert_evaluation_and_saves_left_out(callback: MFUCallback, rows: list[dict]
     for row in rows:
         assert row["step_time"] == pytest.approx(SECONDS_PER_BATCH)
         assert row["input_wait_fraction"] == pytest.approx(0.0, abs=1e-9)
-    assert callback.session.meter._run.steps >= 10  # enough for the input_bound check to judge
+    assert callback.session.meter._reader.run.steps >= 10  # enough for the input_bound check to judge
     assert "input_bound" not in [d.id for d in callback.session.meter.diagnostics()]
 
 

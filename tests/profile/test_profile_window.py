@@ -68,7 +68,7 @@ def test_profiled_steps_are_left_out_of_the_averages():
         meter = MFUMeter(model, peak_tflops=1.0, warmup_steps=1, profile_steps=profile_steps)
         train(model, meter, 16, steps=7)
         assert meter.metrics()["mfu"] > 0
-        return meter._run.steps
+        return meter._reader.run.steps
 
     assert measured_steps(0) - measured_steps(3) == 3
 

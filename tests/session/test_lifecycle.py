@@ -101,9 +101,9 @@ def test_hf_resumed_run_continues_the_summary_of_the_first(tmp_path):
     hf_trainer(tmp_path / "fresh", fresh, steps=3).train()
     # Steps 1-3 of the first run (the first built the engine: 2 measured) continue in the resumed run's
     # totals, beside its own steps 4-6 (2 measured): the run summary covers 4 measured steps.
-    fresh_steps = fresh.session.meter._run.steps
+    fresh_steps = fresh.session.meter._reader.run.steps
     assert fresh_steps == 2
-    assert resumed.session.meter._run.steps == 2 * fresh_steps
+    assert resumed.session.meter._reader.run.steps == 2 * fresh_steps
     assert resumed.session.meter.run_flops().model_flops == 2 * fresh.session.meter.run_flops().model_flops
     assert resumed.summary["mfu"] > 0
     # The run summary holds the windows of both runs by global step: the first run's up to the
@@ -293,9 +293,9 @@ def test_lightning_resumed_fit_continues_the_summary_of_the_first(tmp_path):
     lightning_trainer(tmp_path, [resumed], max_steps=6).fit(
         lightning_module(), loader, ckpt_path=str(checkpoint)
     )
-    first_steps = first.session.meter._run.steps
+    first_steps = first.session.meter._reader.run.steps
     assert first_steps == 2  # the first step builds the engine
-    assert resumed.session.meter._run.steps == 2 * first_steps
+    assert resumed.session.meter._reader.run.steps == 2 * first_steps
     assert resumed.summary["mfu"] > 0
 
 
@@ -308,7 +308,7 @@ def test_lightning_a_second_fit_with_the_same_callback_starts_clean(tmp_path):
     first = callback.session.meter
     lightning_trainer(tmp_path, [callback], max_steps=4).fit(lightning_module(), loader)
     assert callback.session.meter is not first
-    assert callback.session.meter._run.steps == 3  # four steps, the first built the engine
+    assert callback.session.meter._reader.run.steps == 3  # four steps, the first built the engine
 
 
 def test_lightning_training_is_bit_identical_with_and_without_the_callback(tmp_path):
@@ -376,8 +376,8 @@ def test_accelerate_save_and_load_state_continue_the_run_totals(tmp_path):
     accelerator, model, optimizer, resumed = setup()
     accelerator.load_state(str(tmp_path / "state"))
     loop(resumed, model, optimizer, accelerator, 3)
-    assert first.session.meter._run.steps == 2
-    assert resumed.session.meter._run.steps == 4
+    assert first.session.meter._reader.run.steps == 2
+    assert resumed.session.meter._reader.run.steps == 4
     resumed.close()
     written = RunSummary.read(tmp_path)
     assert written.windows, "the run summary is written beside the project's outputs"
