@@ -5,7 +5,7 @@ same ones that count a training forward) applied to the shape of a generation. A
 prompt tokens that generated ``n`` tokens (its end-of-sequence token included) runs:
 
 - the **prefill**: one forward over the ``P`` prompt tokens; projections and MLPs per token, attention
-  over ``P**2`` (query, key) pairs (no causal discount, as for training: FACTS.md), and the head on the
+  over ``P**2`` (query, key) pairs (no causal discount, as for training: PaLM appendix B and torchtitan), and the head on the
   last position only (transformers' ``generate`` passes ``logits_to_keep=1``);
 - ``n - 1`` **decode** forwards of one token each (the last new token is never fed back): each costs
   2 x the matmul parameters (the body and the head) plus attention over the KV cache, ``P + k`` keys
