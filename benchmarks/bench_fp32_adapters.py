@@ -1,5 +1,5 @@
 """Step time of LoRA adapters kept in fp32 against adapters in bf16, on a bf16 base: the measured cost
-behind the ``fp32_adapters`` diagnosis (``FP32_ADAPTER_SLOWDOWN`` in mfu_callbacks/diagnostics.py).
+behind the ``fp32_adapters`` diagnosis (``FP32_ADAPTER_SLOWDOWN`` in mfu_callbacks/diagnostics/checks/precision.py).
 
     python benchmarks/bench_fp32_adapters.py            # one CUDA GPU; about a minute on an H100
 

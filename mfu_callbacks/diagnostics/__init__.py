@@ -10,8 +10,8 @@ most once per run and can be silenced by id:
     for diagnosis in meter.diagnostics():
         print(diagnosis)            # [padding_waste] padding is 31.0% of computed tokens ...
 
-Each check is one function in ``checks.py``, registered under its id. Only torch is imported
-(NVML's ``pynvml`` lazily, when present).
+Each check is one function in ``checks/`` (one module per family), listed under its id in
+``checks.CHECKS``. Only torch is imported (NVML's ``pynvml`` lazily, when present).
 """
 
 from __future__ import annotations
@@ -27,10 +27,11 @@ from torch import nn
 
 from .. import distributed
 from .._window import PeakFlops, RunTotals
-from .checks import CHECKS, RENAMED, Diagnosis, Review, split_flops
+from .checks import CHECKS, RENAMED
 from .clocks import ClockLog
 from .measured import MatmulTime
 from .model_shapes import ModelShapes, read_shapes
+from .review import Diagnosis, Review, split_flops
 
 logger = logging.getLogger("mfu_callbacks")
 

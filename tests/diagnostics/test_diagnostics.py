@@ -19,13 +19,14 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 import mfu_callbacks.diagnostics.checks as diagnostics_module
+import mfu_callbacks.diagnostics.checks.precision as precision_checks
 from mfu_callbacks import distributed
 from mfu_callbacks._window import RunTotals
 from mfu_callbacks.diagnostics import DIAGNOSIS_IDS, Diagnosis, Diagnostics, clocks, slowdowns, validate_ids
-from mfu_callbacks.diagnostics.checks import FlopSplit, Review
 from mfu_callbacks.diagnostics.clocks import ClockLog
 from mfu_callbacks.diagnostics.measured import MatmulTime, measured_slowdown
 from mfu_callbacks.diagnostics.model_shapes import Linear, ModelShapes
+from mfu_callbacks.diagnostics.review import FlopSplit, Review
 from mfu_callbacks.diagnostics.slowdowns import (
     MULTIPLE_OF_8_NOT_64,
     NOT_MULTIPLE_OF_8,
@@ -578,7 +579,7 @@ def run_real_steps(
 
 
 def test_fp32_adapters_stay_silent_without_a_measured_cost(monkeypatch):
-    monkeypatch.setattr(diagnostics_module, "FP32_ADAPTER_SLOWDOWN", None)
+    monkeypatch.setattr(precision_checks, "FP32_ADAPTER_SLOWDOWN", None)
     model = lora_in_bf16()
     clock = FakeClock()
     batch = full_batch(2, 16)
@@ -590,7 +591,7 @@ def test_fp32_adapters_stay_silent_without_a_measured_cost(monkeypatch):
 
 @pytest.mark.parametrize("autocast", [False, True])
 def test_fp32_adapters_on_a_bf16_base_report_the_measured_cost(monkeypatch, autocast: bool):
-    monkeypatch.setattr(diagnostics_module, "FP32_ADAPTER_SLOWDOWN", 1.25)
+    monkeypatch.setattr(precision_checks, "FP32_ADAPTER_SLOWDOWN", 1.25)
     model = lora_in_bf16()
     clock = FakeClock()
     batch = full_batch(2, 16)
