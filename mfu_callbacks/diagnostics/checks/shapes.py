@@ -8,6 +8,7 @@ family and dtype; without either, a size off the dtype's alignment is reported w
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 from ...flops.components import ATTENTION_SCORES, HEAD, classify
@@ -32,6 +33,30 @@ def vocab_alignment(review: Review) -> Diagnosis | None:
     table of measured slowdowns for this GPU family and dtype. Without either, a size off the
     dtype's alignment is reported with no cost, and one that meets it is not reported.
     """
+    head = _unpadded_head(review)
+    if head is None:
+        return None
+    cost = _head_cost(review, head)
+    if cost is None and not head.vocab % head.tile:
+        return None  # nothing measured, and the size meets the dtype's alignment (or no tensor cores)
+    if cost is not None and cost.time_share == 0.0:
+        return None  # measured: no cost at this size
+    return _vocab_diagnosis(review, head, cost)
+
+
+@dataclass(frozen=True)
+class _Head:
+    """The LM head as the vocabulary check sees it."""
+
+    vocab: int
+    hidden: int  # its input size; 0 where the model has no head layer to read it from
+    flops_share: float  # of the step's model FLOPs
+    flops: float  # of the run
+    tile: int  # the dtype's alignment
+
+
+def _unpadded_head(review: Review) -> _Head | None:
+    """The head where its vocabulary is not a multiple of 64 and the dtype runs on tensor cores."""
     if review.profile_pending:
         return None  # judged once the profile window has measured the head
     split, shapes = review.split, review.shapes
@@ -44,22 +69,32 @@ def vocab_alignment(review: Review) -> Diagnosis | None:
     if not vocab % 64 or tile is None:
         return None  # aligned, or no tensor cores at this dtype (fp32 without TF32)
     hidden = head.in_features if head is not None else 0
+    return _Head(vocab, hidden, head_share, head_share * split.model_flops, tile)
+
+
+def _head_cost(review: Review, head: _Head) -> Cost | None:
+    """What the head's size costs: the run's own head time, else the measured table; None if neither knows."""
     # The run's own head time says how slow the head is, not why: it is read as the cost of
     # alignment only for a size off the dtype's tile (a small matmul is slow for other reasons).
-    in_run = alignment.from_run(review.measured_matmuls, HEAD, review.step_seconds) if vocab % tile else None
-    cost = in_run or alignment.from_table(
+    in_run = (
+        alignment.from_run(review.measured_matmuls, HEAD, review.step_seconds)
+        if head.vocab % head.tile
+        else None
+    )
+    return in_run or alignment.from_table(
         review.device_name,
         review.compute_dtype,
-        vocab,
+        head.vocab,
         OUT_FEATURES,
-        hidden,
-        head_share * split.model_flops,
+        head.hidden,
+        head.flops,
         review.run.wall_seconds,
     )
-    if cost is None and not vocab % tile:
-        return None  # nothing measured, and the size meets the dtype's alignment (or no tensor cores)
-    if cost is not None and cost.time_share == 0.0:
-        return None  # measured: no cost at this size
+
+
+def _vocab_diagnosis(review: Review, head: _Head, cost: Cost | None) -> Diagnosis:
+    """The diagnosis with its fix (the padded size), and its cost where one was measured."""
+    vocab, tile, head_share = head.vocab, head.tile, head.flops_share
     multiple = alignment.padding_multiple(review.device_name, review.compute_dtype)
     padded = _round_up(vocab, multiple)
     fix = (
@@ -120,8 +155,39 @@ def matmul_alignment(review: Review) -> Diagnosis | None:
     if not total:
         return None
     linear_flops = (1.0 - review.share_of_model_flops(ATTENTION_SCORES)) * split.model_flops
-    costed: list[tuple[Linear, int, Cost]] = []  # layers with a measured cost
-    unmeasured: list[tuple[Linear, int]] = []  # off the dtype's alignment, nothing measured
+    found = _misaligned_layers(review, linears, tile, total, linear_flops)
+    share = (
+        sum(linear.in_features * linear.out_features for linear in found.layers)
+        / total
+        * (linear_flops / split.model_flops)
+    )
+    if not found.layers or share < SHAPE_FLOPS_THRESHOLD:
+        return None
+    return _matmul_diagnosis(review, found, tile, share)
+
+
+@dataclass
+class _Misaligned:
+    """Linear layers with a size off 64: those with a measured cost, and those off the dtype's tile
+    with nothing measured."""
+
+    costed: list[tuple[Linear, int, Cost]] = field(default_factory=list)
+    unmeasured: list[tuple[Linear, int]] = field(default_factory=list)
+
+    @property
+    def layers(self) -> list[Linear]:
+        return list(dict.fromkeys(linear for linear, *_ in self.costed + self.unmeasured))
+
+    @property
+    def sizes(self) -> list[int]:
+        return sorted({size for _, size, *_ in self.costed + self.unmeasured})
+
+
+def _misaligned_layers(
+    review: Review, linears: tuple[Linear, ...], tile: int, total: int, linear_flops: float
+) -> _Misaligned:
+    """Each layer's first size off 64 that is measured to cost time or is off the tile (one per layer)."""
+    found = _Misaligned()
     in_run: dict[str, Cost | None] = {}
     for linear in linears:
         # The LM head's vocabulary dimension belongs to the vocabulary check.
@@ -149,20 +215,17 @@ def matmul_alignment(review: Review) -> Diagnosis | None:
             )
             if cost is not None:
                 if cost.time_share != 0.0:
-                    costed.append((linear, size, cost))
+                    found.costed.append((linear, size, cost))
                 break
             if size % tile:
-                unmeasured.append((linear, size))
+                found.unmeasured.append((linear, size))
                 break
-    layers = list(dict.fromkeys(linear for linear, *_ in costed + unmeasured))
-    share = (
-        sum(linear.in_features * linear.out_features for linear in layers)
-        / total
-        * (linear_flops / split.model_flops)
-    )
-    if not layers or share < SHAPE_FLOPS_THRESHOLD:
-        return None
-    sizes = sorted({size for _, size, *_ in costed + unmeasured})
+    return found
+
+
+def _matmul_diagnosis(review: Review, found: _Misaligned, tile: int, share: float) -> Diagnosis:
+    """The diagnosis with its fix (the padded sizes), and its cost where one was measured."""
+    costed, layers, sizes = found.costed, found.layers, found.sizes
     multiple = alignment.padding_multiple(review.device_name, review.compute_dtype) if costed else tile
     fixes = ", ".join(f"{size} -> {_round_up(size, multiple)}" for size in sizes[:4])
     example = layers[0]
