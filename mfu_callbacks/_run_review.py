@@ -10,7 +10,7 @@ from torch import nn
 
 from ._meter_profile import matmul_times
 from ._peak_choice import PeakChoice
-from ._profile_window import ProfileWindow
+from ._profiled_steps import ProfiledSteps
 from ._window import RunTotals
 from .diagnostics import Diagnostics
 from .flops import FlopEngine
@@ -24,12 +24,12 @@ class RunReview:
 
     They judge the run's totals, which a read moves little late in a run: they are reviewed when
     the measured steps grew by a tenth since the last review (every read early on, O(log steps)
-    reviews over a run, so a read costs the same at step 10 and at step 100,000), when a profile
-    window has just closed, and at the end of the run (``force``).
+    reviews over a run, so a read costs the same at step 10 and at step 100,000), when profiled
+    steps have just ended, and at the end of the run (``force``).
     """
 
     def __init__(
-        self, diagnostics: Diagnostics, model: nn.Module, peaks: PeakChoice, profile: ProfileWindow | None
+        self, diagnostics: Diagnostics, model: nn.Module, peaks: PeakChoice, profile: ProfiledSteps | None
     ) -> None:
         self._diagnostics = diagnostics
         self._model = model

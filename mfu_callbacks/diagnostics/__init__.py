@@ -95,8 +95,8 @@ class Diagnostics:
         ``run_features``: this rank's summed features of every step read so far (the engine turns
         them into FLOPs); ``autocast_in_training``: whether autocast was on at the first forward
         (None when no forward was seen); ``device_name``: the GPU as torch names it (picks the
-        measured slowdowns); ``measured_matmuls``: matmul times per component from a profile window;
-        ``profile_pending``: a profile window is still to come (the checks it measures for wait).
+        measured slowdowns); ``measured_matmuls``: matmul times per component from profiled steps;
+        ``profile_pending``: profiled steps are still to come (the checks they measure for wait).
         """
         self._model = model
         review = Review(

@@ -69,9 +69,9 @@ class Review:
     clocks: ClockLog
     read_model_shapes: Callable[[], ModelShapes]
     device_name: str | None = None  # as torch names the GPU: picks the rows of the slowdown table
-    # Matmul times per component measured in the run (a profile window); None where none ran.
+    # Matmul times per component measured in the run (profiled steps); None where none ran.
     measured_matmuls: Mapping[str, MatmulTime] | None = None
-    # A profile window is still to run: the alignment checks wait for its measurement.
+    # Profiled steps are still to run: the alignment checks wait for its measurement.
     profile_pending: bool = False
 
     @cached_property

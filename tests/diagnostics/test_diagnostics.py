@@ -251,7 +251,7 @@ def test_the_shipped_table_predicts_the_measured_cost_of_a_32001_vocabulary():
 def measured_review(
     meter: MFUMeter, measured: dict[str, MatmulTime], compute_dtype: str = "bf16"
 ) -> list[Diagnosis]:
-    """The meter's run reviewed again as a profile window would have it: with measured matmul times."""
+    """The meter's run reviewed again as profiled steps would have it: with measured matmul times."""
     return Diagnostics().review(
         meter._run,
         model=meter._model,

@@ -1,7 +1,7 @@
 """The shape checks: an LM head or linear layers with sizes off the tensor cores' alignment.
 
 Each claims a cost only from a measurement (``alignment.py``): the run's own matmul times per
-component where a profile window measured them, else the table of measured slowdowns for the GPU
+component where profiled steps measured them, else the table of measured slowdowns for the GPU
 family and dtype; without either, a size off the dtype's alignment is reported with no cost.
 """
 
@@ -29,7 +29,7 @@ def vocab_alignment(review: Review) -> Diagnosis | None:
     """An LM head whose vocabulary is off the tensor cores' alignment, where a measurement says it costs time.
 
     Cost: the head's time x (1 - 1 / slowdown) as a share of the step. The slowdown and the head's
-    time come from the run's own matmul times where a profile window measured them, else from the
+    time come from the run's own matmul times where profiled steps measured them, else from the
     table of measured slowdowns for this GPU family and dtype. Without either, a size off the
     dtype's alignment is reported with no cost, and one that meets it is not reported.
     """
@@ -58,7 +58,7 @@ class _Head:
 def _unpadded_head(review: Review) -> _Head | None:
     """The head where its vocabulary is not a multiple of 64 and the dtype runs on tensor cores."""
     if review.profile_pending:
-        return None  # judged once the profile window has measured the head
+        return None  # judged once the profiled steps have measured the head
     split, shapes = review.split, review.shapes
     head_share = review.share_of_model_flops(HEAD)
     head = next((linear for linear in shapes.linears if linear.is_head), None)
