@@ -1,4 +1,4 @@
-"""Where the step time goes, on the GPU table's configurations, from the meter's profile window.
+"""Where the step time goes, on the GPU table's configurations, from the meter's profiled steps.
 
 A 0.7B Llama-style model (hidden 2048, 12 layers, 4 x 2048 tokens, bf16 weights, SDPA, fused AdamW)
 in a plain loop with ``MFUMeter(profile_steps=3)``: full fine-tuning, LoRA (r=16, all linear layers),

@@ -1,5 +1,5 @@
 """Step time of LoRA adapters kept in fp32 against adapters in bf16, on a bf16 base: the measured cost
-behind the ``fp32_adapters`` diagnosis (``FP32_ADAPTER_SLOWDOWN`` in mfu_callbacks/diagnostics.py).
+behind the ``fp32_adapters`` diagnosis (``FP32_ADAPTER_SLOWDOWN`` in mfu_callbacks/diagnostics/checks/precision.py).
 
     python benchmarks/bench_fp32_adapters.py            # one CUDA GPU; about a minute on an H100
 
@@ -9,7 +9,8 @@ linear layer, batches of 4 x 2048 tokens, AdamW. PEFT upcasts adapters to fp32 b
 (``autocast_adapter_dtype=True``): their matmuls then run in fp32 on inputs cast up from bf16. The
 other copy keeps them in bf16 (``autocast_adapter_dtype=False``). The copies run in interleaved
 rounds, the first of each round alternating, and the medians of the per-round mean step times are
-compared (FACTS.md: order effects and noise are larger than small differences otherwise).
+compared (order effects and noise are larger than small differences otherwise: see ``RESULTS.md``,
+"Overhead against no measurement and against ThroughputMonitor").
 Imports torch, transformers and peft only.
 """
 

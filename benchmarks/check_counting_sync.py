@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 
 from mfu_callbacks._step_counts import StepCounts
+from mfu_callbacks.flops.counting.attention_windows import AttentionWindow
 from mfu_callbacks.flops.counting.tokens import TokenCounting
-from mfu_callbacks.flops.counting.windows import Window
 
 
 def main() -> None:
@@ -22,8 +22,8 @@ def main() -> None:
     windowed = TokenCounting(  # a sliding window the kernel computes (flash attention), and chunks
         encoder_decoder=False,
         attention_per_document=True,
-        windows=(Window(16), Window(32, chunked=True)),
-        kernel_windows=(Window(16), None),
+        windows=(AttentionWindow(16), AttentionWindow(32, chunked=True)),
+        kernel_windows=(AttentionWindow(16), None),
     )
     batches = []
     for length in (17, 33, 64, 65):

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .flops import FlopEngine
-from .flops.counting.windows import Window
+from .flops.counting.attention_windows import AttentionWindow
 from .flops.features import HARDWARE, MODEL
 from .flops.generation import (
     NUM_GENERATION_FEATURES,
@@ -79,7 +79,7 @@ class GenerationPhase:
         self._uses_cuda_events = uses_cuda_events
         self._device = device
         self._clock = clock
-        self._windows: tuple[Window, ...] | None = None  # the model's attention windows, read once
+        self._windows: tuple[AttentionWindow, ...] | None = None  # the model's attention windows, read once
         self._model = model
         self._step_open = False
         self._open = _Step()
@@ -152,7 +152,7 @@ class GenerationPhase:
         self._open.features = counts if features is None else features + counts.to(features.device)
 
     @property
-    def windows(self) -> tuple[Window, ...]:
+    def windows(self) -> tuple[AttentionWindow, ...]:
         if self._windows is None:
             from .flops import token_counting
 

@@ -1,5 +1,5 @@
-"""The meter's profile window (``profile_steps``): where it starts, the context its advice is judged in,
-and its breakdown scaled to the measured step (``attribution.calibrated``)."""
+"""The meter's profiled steps (``profile_steps``): where they start, the context their advice is judged in,
+and their breakdown scaled to the measured step (``attribution.calibrated``)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from torch import nn
 
 from ._options import MFUOptions
 from ._peak_choice import PeakChoice
-from ._profile_window import ProfileWindow
+from ._profiled_steps import ProfiledSteps
 from ._recorder import StepRecorder
 from .attribution import Breakdown, calibrated
 from .diagnostics.checks import MATMUL_ALIGNMENT
@@ -16,23 +16,23 @@ from .diagnostics.measured import MatmulTime
 from .timer import StepTimer
 
 
-def profile_window(model: nn.Module, device: torch.device, options: MFUOptions) -> ProfileWindow | None:
-    """The window of ``profile_steps`` steps, from ``profile_start`` (default: the first after warm-up)."""
+def profiled_steps(model: nn.Module, device: torch.device, options: MFUOptions) -> ProfiledSteps | None:
+    """The ``profile_steps`` steps to profile, from ``profile_start`` (default: the first after warm-up)."""
     if not options.profile_steps:
         return None
     start = options.profile_start if options.profile_start is not None else options.warmup_steps + 1
-    return ProfileWindow(model, device, options.profile_steps, start)
+    return ProfiledSteps(model, device, options.profile_steps, start)
 
 
 def profile_step_begins(
-    window: ProfileWindow, recorder: StepRecorder, timer: StepTimer, peaks: PeakChoice
+    profiled: ProfiledSteps, recorder: StepRecorder, timer: StepTimer, peaks: PeakChoice
 ) -> bool:
-    """Open, go on with or close the profile window at a step boundary (once the FLOP engine is ready to
+    """Begin, go on with or end the profiling at a step boundary (once the FLOP engine is ready to
     profile); whether the step begun is profiled."""
-    if window.finished or (not window.is_open and not recorder.ready_to_profile):
+    if profiled.finished or (not profiled.is_open and not recorder.ready_to_profile):
         return False
     with timer.paused():  # the syncs and the analysis are neither step time nor input wait
-        return window.step_begins(timer.steps_started, lambda: profile_context(peaks))
+        return profiled.step_begins(timer.steps_started, lambda: profile_context(peaks))
 
 
 def profile_context(peaks: PeakChoice) -> tuple[float | None, int]:
@@ -41,23 +41,23 @@ def profile_context(peaks: PeakChoice) -> tuple[float | None, int]:
     return (peaks.peak.flops if peaks.peak is not None else None), MATMUL_ALIGNMENT.get(dtype or "", 1)
 
 
-def step_breakdown(window: ProfileWindow, peaks: PeakChoice, measured_seconds: float) -> Breakdown | None:
-    """Where the profiled steps' time went, once the window closed (a run that ends inside the window
-    closes it here); scaled to the mean measured step (``measured_seconds``) once there is one."""
-    if window.is_open:
-        window.close(*profile_context(peaks))
-    if window.result is None:
+def step_breakdown(profiled: ProfiledSteps, peaks: PeakChoice, measured_seconds: float) -> Breakdown | None:
+    """Where the profiled steps' time went, once the profiling ended (a run that ends inside the
+    profiled steps ends it here); scaled to the mean measured step (``measured_seconds``) once there is one."""
+    if profiled.is_open:
+        profiled.close(*profile_context(peaks))
+    if profiled.result is None:
         return None
-    return calibrated(window.result, measured_seconds) if measured_seconds > 0 else window.result
+    return calibrated(profiled.result, measured_seconds) if measured_seconds > 0 else profiled.result
 
 
 def matmul_times(
-    window: ProfileWindow | None, peaks: PeakChoice, measured_seconds: float
+    profiled: ProfiledSteps | None, peaks: PeakChoice, measured_seconds: float
 ) -> dict[str, MatmulTime] | None:
-    """Matmul time and FLOPs per step by component, from the profile window (once it closed)."""
-    if window is None or window.result is None:
+    """Matmul time and FLOPs per step by component, from the profiled steps (once they ended)."""
+    if profiled is None or profiled.result is None:
         return None
-    result = step_breakdown(window, peaks, measured_seconds)
+    result = step_breakdown(profiled, peaks, measured_seconds)
     assert result is not None
     return {
         name: MatmulTime(seconds=bucket.seconds, flops=bucket.flops)

@@ -10,14 +10,16 @@ from torch import nn
 
 from ._meter_profile import matmul_times
 from ._peak_choice import PeakChoice
-from ._profile_window import ProfileWindow
+from ._profiled_steps import ProfiledSteps
 from ._window import RunTotals
 from .diagnostics import Diagnostics
 from .flops import FlopEngine
 
 logger = logging.getLogger("mfu_callbacks")
 _REVIEW_GROWTH = 1.1  # the diagnoses are reviewed again once the measured steps grew by this factor
-_REVIEW_SECONDS = 1.0  # ... and the measured time by this much (a review walks the model's layers: milliseconds)
+_REVIEW_SECONDS = (
+    1.0  # ... and the measured time by this much (a review walks the model's layers: milliseconds)
+)
 
 
 class RunReview:
@@ -27,11 +29,11 @@ class RunReview:
     first read, then when the measured steps grew by a tenth and the measured time by a second since
     the last review (O(log steps) reviews over a run, so a read costs the same at step 10 and at step
     100,000, and a log at every step of a short step does not review at every step early on), when a
-    profile window has just closed, and at the end of the run (``force``).
+    profiling has just ended, and at the end of the run (``force``).
     """
 
     def __init__(
-        self, diagnostics: Diagnostics, model: nn.Module, peaks: PeakChoice, profile: ProfileWindow | None
+        self, diagnostics: Diagnostics, model: nn.Module, peaks: PeakChoice, profile: ProfiledSteps | None
     ) -> None:
         self._diagnostics = diagnostics
         self._model = model

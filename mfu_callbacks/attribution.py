@@ -12,7 +12,7 @@ the span to exactly one bucket, so the buckets sum to the measured time by const
 
 Then the advice: for each bucket, what MFU would be if it ran at the rate of the step's best matmul
 (matmuls and attention), or took no time (everything else: an upper bound), best first.
-Knows no profiler and no framework: ``_profile_window.py`` turns a ``torch.profiler`` trace into this input.
+Knows no profiler and no framework: ``_profiled_steps.py`` turns a ``torch.profiler`` trace into this input.
 """
 
 from __future__ import annotations

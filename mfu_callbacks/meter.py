@@ -31,7 +31,7 @@ from torch import nn
 
 from . import _validate, distributed, metrics
 from ._meter_generation import GenerationHooks, generation_phase
-from ._meter_profile import profile_step_begins, profile_window, step_breakdown
+from ._meter_profile import profile_step_begins, profiled_steps, step_breakdown
 from ._meter_read import WindowReader
 from ._meter_results import RunSoFar
 from ._options import MeterKeywords, MFUOptions, meter_options
@@ -97,7 +97,7 @@ class MFUMeter(GenerationHooks, RunSoFar):
         self._generation = generation_phase(model, self._timer, self.device)
         # Bytes/s of one GPU's memory (datasheet), for the generation's bandwidth utilization; None on a CPU.
         self.memory_bandwidth: float | None = memory_bandwidth(self.device)
-        self._profile = profile_window(model, self.device, options)
+        self._profile = profiled_steps(model, self.device, options)
         self._profiling = False  # whether the open step is profiled
         self._steps_ended = 0  # where a read is in the run (``read_place``), unless the caller says
         review = RunReview(self._diagnostics, model, self._peaks, self._profile)
@@ -128,7 +128,7 @@ class MFUMeter(GenerationHooks, RunSoFar):
         """An optimizer step begins; ``batch`` is its first micro-batch, if known yet."""
         self._profiling = self._profile is not None and profile_step_begins(
             self._profile, self._recorder, self._timer, self._peaks
-        )  # open, go on with or close the profile window at this step boundary
+        )  # begin, go on with or end the profiling at this step boundary
         self._generation.step_begins()
         self._recorder.start_step(batch)
         if self._profiling:
@@ -166,9 +166,9 @@ class MFUMeter(GenerationHooks, RunSoFar):
             self._profile.step_ends()  # type: ignore[union-attr]
 
     def step_breakdown(self) -> Breakdown | None:
-        """Where the profiled steps' time went (``profile_steps``), once the window closed; else None.
+        """Where the profiled steps' time went (``profile_steps``), once the profiling ended; else None.
 
-        A run that ends inside the window closes it here. Once measured steps were read, the
+        A run that ends inside the profiled steps ends the profiling here. Once measured steps were read, the
         breakdown is that of their mean step (``attribution.calibrated``): the profiled kernels' times,
         and the idle time the measured step leaves.
         """

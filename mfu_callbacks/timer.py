@@ -2,8 +2,9 @@
 
 On CUDA each optimizer step is bracketed by two timing events on the current stream; they are
 resolved only when the timings are read (at log time), with one wait on the last event. A
-``torch.cuda.synchronize()`` per step would cost a few percent of step time (FACTS.md: +3.2% on a
-72 ms H100 step), which is larger than what an MFU meter is there to show. Without CUDA the host
+``torch.cuda.synchronize()`` per step costs step time (``benchmarks/RESULTS.md``, "Overhead against
+no measurement and against ThroughputMonitor": 1.0054-1.0064x on a 159 ms H100 step, up to 1.0124x on a
+22 ms one), which is more than an MFU meter may cost. Without CUDA the host
 clock is exact, since the work it brackets has finished when the step returns.
 
 Input wait is the time between one step's end and the next step's start in which the device sat
@@ -161,7 +162,7 @@ class StepTimer:
     @contextmanager
     def paused(self) -> Iterator[None]:
         """Time spent inside is neither step time nor input wait: for one-off work that is not
-        training (evaluation, a checkpoint save, a profile window's syncs and analysis), never for what
+        training (evaluation, a checkpoint save, the profiled steps' syncs and analysis), never for what
         a run pays at every log. A pause inside a pause is part of it."""
         if self._paused:
             yield

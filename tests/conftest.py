@@ -2,8 +2,8 @@
 clock, and torch's own FLOP counter as the truth. The fakes themselves live in ``helpers/fakes.py``.
 
 The truth of a step is ``torch.utils.flop_counter.FlopCounterMode`` around forward + backward of the
-real model on CPU, with eager attention and eager MoE experts (the kernels it counts exactly, see
-the traps in the project's FACTS). Model FLOPs exclude padding and recompute, so their truth runs
+real model on CPU, with eager attention and eager MoE experts (the kernels it counts exactly: its SDPA
+formula fails on grouped-query attention, see ``benchmarks/RESULTS.md``, "MFU accuracy of each integration"). Model FLOPs exclude padding and recompute, so their truth runs
 each real sequence (each row without its padding, each document of a packed row) alone with
 checkpointing off (and without the hook that forces an input gradient); hardware FLOPs are the
 batch as it runs.

@@ -16,14 +16,17 @@ import torch
 from mfu_callbacks import MFUMeter
 from mfu_callbacks import _step_counts as step_counts
 from mfu_callbacks._step_counts import StepCounts
+from mfu_callbacks.flops.counting.attention_windows import AttentionWindow
 from mfu_callbacks.flops.counting.tokens import TokenCounting
-from mfu_callbacks.flops.counting.windows import Window
 from mfu_callbacks.testing import SYNCING_OPERATIONS, OperationLog, causal_lm
 from mfu_callbacks.timer import StepTimer
 from tests.conftest import VOCAB, full_batch, model_truth, packed_batch, padded_batch, seq2seq_batch
 from tests.helpers.fakes import FakeClock
 
-WINDOWED = {"windows": (Window(4), Window(8, chunked=True)), "kernel_windows": (Window(4), None)}
+WINDOWED = {
+    "windows": (AttentionWindow(4), AttentionWindow(8, chunked=True)),
+    "kernel_windows": (AttentionWindow(4), None),
+}
 
 
 def with_boundaries(documents: list[int], pads: int = 0) -> dict[str, torch.Tensor]:

@@ -13,10 +13,13 @@ import torch.utils.checkpoint as torch_checkpoint
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+import mfu_callbacks
 from mfu_callbacks import _torch_internals as internals
+from mfu_callbacks._torch_internals import rerouted
 from mfu_callbacks.flops.meta_copy.trace import MatmulRecorder
 
-PACKAGE = Path(internals.__file__).parent
+PACKAGE = Path(mfu_callbacks.__file__).parent
+INTERNALS = Path(internals.__file__).parent  # the one home of every private torch name
 
 
 # -- dispatch and aten kernels -----------------------------------------------------------------------
@@ -307,7 +310,7 @@ def test_checkpoint_internals_exist_with_the_parameters_the_routing_binds():
     import inspect
 
     assert hasattr(torch_checkpoint.CheckpointFunction, "apply")
-    generator = getattr(torch_checkpoint, internals._NON_REENTRANT)
+    generator = getattr(torch_checkpoint, rerouted._NON_REENTRANT)
     parameters = list(inspect.signature(generator).parameters)
     assert parameters[:6] == [
         "fn",
@@ -317,9 +320,9 @@ def test_checkpoint_internals_exist_with_the_parameters_the_routing_binds():
         "debug",
         "early_stop",
     ]
-    assert getattr(torch_checkpoint, internals._EARLY_STOP_OVERRIDE) is None
+    assert getattr(torch_checkpoint, rerouted._EARLY_STOP_OVERRIDE) is None
     with torch_checkpoint.set_checkpoint_early_stop(False):
-        assert getattr(torch_checkpoint, internals._EARLY_STOP_OVERRIDE) is False
+        assert getattr(torch_checkpoint, rerouted._EARLY_STOP_OVERRIDE) is False
 
 
 def test_checkpoint_calls_are_routed_while_active_and_restored_after():
@@ -337,7 +340,7 @@ def test_checkpoint_calls_are_routed_while_active_and_restored_after():
         yield
 
     x = torch.ones(2, requires_grad=True)
-    original = (torch_checkpoint.CheckpointFunction, getattr(torch_checkpoint, internals._NON_REENTRANT))
+    original = (torch_checkpoint.CheckpointFunction, getattr(torch_checkpoint, rerouted._NON_REENTRANT))
     with internals.checkpoint_routed_to(reentrant, region):
         torch_checkpoint.checkpoint(torch.sin, x, use_reentrant=True)
         torch_checkpoint.checkpoint(torch.sin, x, use_reentrant=False)
@@ -347,7 +350,7 @@ def test_checkpoint_calls_are_routed_while_active_and_restored_after():
     assert calls == [("reentrant",), ("region", True), ("region", False), ("region", False)]
     assert (
         torch_checkpoint.CheckpointFunction,
-        getattr(torch_checkpoint, internals._NON_REENTRANT),
+        getattr(torch_checkpoint, rerouted._NON_REENTRANT),
     ) == original
 
 
@@ -357,11 +360,11 @@ def test_flex_attention_looks_up_the_rerouted_names_in_its_module_and_its_mask_t
 
     from torch.nn.attention.flex_attention import create_block_mask
 
-    module = importlib.import_module(internals._FLEX_MODULE)
-    for name in (internals._FLEX_VALIDATE_DEVICE, internals._FLEX_OP, internals._FLEX_NO_COMPILE):
+    module = importlib.import_module(rerouted._FLEX_MODULE)
+    for name in (rerouted._FLEX_VALIDATE_DEVICE, rerouted._FLEX_OP, rerouted._FLEX_NO_COMPILE):
         assert hasattr(module, name), name
     names = module.flex_attention.__code__.co_names
-    assert internals._FLEX_VALIDATE_DEVICE in names and internals._FLEX_NO_COMPILE in names
+    assert rerouted._FLEX_VALIDATE_DEVICE in names and rerouted._FLEX_NO_COMPILE in names
 
     def causal(batch, head, q, kv):
         return q >= kv
@@ -380,8 +383,8 @@ def test_flex_attention_on_meta_runs_the_kernel_in_this_thread_only_and_is_undon
 
     from torch.nn.attention.flex_attention import flex_attention
 
-    module = importlib.import_module(internals._FLEX_MODULE)
-    names = (internals._FLEX_VALIDATE_DEVICE, internals._FLEX_OP, internals._FLEX_NO_COMPILE)
+    module = importlib.import_module(rerouted._FLEX_MODULE)
+    names = (rerouted._FLEX_VALIDATE_DEVICE, rerouted._FLEX_OP, rerouted._FLEX_NO_COMPILE)
     original = [getattr(module, name) for name in names]
     query = torch.empty(1, 2, 8, 4, device="meta", requires_grad=True)
     calls = []
@@ -460,11 +463,11 @@ PRIVATE_TORCH = re.compile(
 def test_no_other_module_of_the_package_names_a_private_torch_attribute():
     offenders = []
     for path in sorted(PACKAGE.rglob("*.py")):
-        if path == Path(internals.__file__):
+        if INTERNALS in path.parents:
             continue
         for number, line in enumerate(path.read_text().splitlines(), 1):
             if PRIVATE_TORCH.search(line):
                 offenders.append(f"{path.relative_to(PACKAGE.parent)}:{number}: {line.strip()}")
-    assert not offenders, "private torch names belong in mfu_callbacks/_torch_internals.py:\n" + "\n".join(
+    assert not offenders, "private torch names belong in mfu_callbacks/_torch_internals/:\n" + "\n".join(
         offenders
     )

@@ -10,8 +10,8 @@ most once per run and can be silenced by id:
     for diagnosis in meter.diagnostics():
         print(diagnosis)            # [padding_waste] padding is 31.0% of computed tokens ...
 
-Each check is one function in ``checks.py``, registered under its id. Only torch is imported
-(NVML's ``pynvml`` lazily, when present).
+Each check is one function in ``checks/`` (one module per family), listed under its id in
+``checks.CHECKS``. Only torch is imported (NVML's ``pynvml`` lazily, when present).
 """
 
 from __future__ import annotations
@@ -27,10 +27,11 @@ from torch import nn
 
 from .. import distributed
 from .._window import PeakFlops, RunTotals
-from .checks import CHECKS, RENAMED, Diagnosis, Review, split_flops
+from .checks import CHECKS, RENAMED
 from .clocks import ClockLog
 from .measured import MatmulTime
 from .model_shapes import ModelShapes, read_shapes
+from .review import Diagnosis, Review, split_flops
 
 logger = logging.getLogger("mfu_callbacks")
 
@@ -94,8 +95,8 @@ class Diagnostics:
         ``run_features``: this rank's summed features of every step read so far (the engine turns
         them into FLOPs); ``autocast_in_training``: whether autocast was on at the first forward
         (None when no forward was seen); ``device_name``: the GPU as torch names it (picks the
-        measured slowdowns); ``measured_matmuls``: matmul times per component from a profile window;
-        ``profile_pending``: a profile window is still to come (the checks it measures for wait).
+        measured slowdowns); ``measured_matmuls``: matmul times per component from profiled steps;
+        ``profile_pending``: profiled steps are still to come (the checks they measure for wait).
         """
         self._model = model
         review = Review(

@@ -2,7 +2,7 @@
 
 The shape checks claim a cost only from a measurement. In order of precedence:
 
-1. the run's own matmul times (``Review.measured_matmuls``, from a profile window): the component's
+1. the run's own matmul times (``Review.measured_matmuls``, from profiled steps): the component's
    slowdown against the step's fastest matmuls, and its measured seconds;
 2. the table of measured slowdowns (``slowdowns.py``) for this GPU family, dtype and shape class:
    the layer's time is its FLOPs at the rate the misaligned layer ran at when measured;

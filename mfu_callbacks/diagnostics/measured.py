@@ -1,6 +1,6 @@
 """Matmul times measured in the run itself, per component: the shape checks prefer them to the table.
 
-A profile window fills ``Review.measured_matmuls``; the checks read how much slower one component's
+Profiled steps fill ``Review.measured_matmuls``; the checks read how much slower one component's
 matmuls ran than the best of the step's, per FLOP.
 """
 

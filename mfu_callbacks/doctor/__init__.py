@@ -282,93 +282,142 @@ def examine(
     torch_dtype = TORCH_DTYPES[dtype]
     shapes = [param.shape for param in model.parameters() if param.requires_grad]
     check_fits(step, shapes, torch_dtype, device)  # before anything is allocated
-    timer = Timer(device, repeats)
-    tokens = batch_size * seq_len
-    rounds = max(1, rounds)
-    layers = _layer_names(model)
-    total = sum(size.numel() for size in shapes)
-    matmuls: dict[MatmulShape, list[float]] = {shape: [] for shape in step.matmuls}
-    padded: dict[MatmulShape, dict[str, list[float]]] = {shape: {} for shape in step.matmuls}
-    attention: dict[AttentionShape, list[float]] = {shape: [] for shape in step.attention}
     segments = {shape: batch_size if packed and shape.masked else 1 for shape in step.attention}
-    bandwidths, tinies, optimizers, replayed = [], [], [], []
-    replayable: dict[Any, bool] = {}
-    timed = 0
+    timing = _StepTiming(step, shapes, torch_dtype, Timer(device, repeats), batch_size * seq_len, segments)
     # Round after round, every piece once per round: a slow moment of the machine hits one round of
     # every piece, not every round of one piece.
-    for _ in range(rounds):
+    for _ in range(max(1, rounds)):
         with _matmul_precision(dtype):
-            for shape in sorted(step.matmuls):
-                matmuls[shape].append(time_matmul(shape, torch_dtype, timer))
-                for multiple in PAD_MULTIPLES:
-                    wider = _padded(shape, multiple, tokens)
-                    if wider is not None:
-                        samples = padded[shape].setdefault(_describe(wider), [])
-                        if len(samples) < len(matmuls[shape]):
-                            samples.append(time_matmul(wider, torch_dtype, timer))
-            for called in sorted(step.attention):
-                attention[called].append(time_attention(called, torch_dtype, timer, segments[called]))
-        bandwidths.append(copy_bandwidth(timer))
-        tinies.append(tiny_kernel_seconds(timer))
-        seconds = 0.0
-        for call, count in step.other.items():
-            measured = time_op(call, timer) if replayable.get(call, True) else None
-            replayable[call] = measured is not None
-            seconds += (measured or 0.0) * count
-        replayed.append(seconds)
-        optimizer, timed = time_optimizer(shapes, timer)
-        optimizers.append(optimizer * total / timed if timed else 0.0)
-    bandwidth, tiny = statistics.median(bandwidths), statistics.median(tinies)
-    # What cannot be replayed is modelled once, from the medians: its bytes over the copy bandwidth.
-    modelled_ops = sum(count for call, count in step.other.items() if not replayable[call])
-    modelled = sum(
-        max(call.moved / bandwidth, tiny) * count
-        for call, count in step.other.items()
-        if not replayable[call]
-    )
-    other = statistics.median(replayed) + modelled
-    timed_matmuls = tuple(
-        TimedMatmul(
-            shape,
-            step.matmuls[shape],
-            tuple(matmuls[shape]),
-            _label(shape, tokens, layers),
-            {name: tuple(samples) for name, samples in padded[shape].items()},
-        )
-        for shape in sorted(step.matmuls)
-    )
-    timed_attention = tuple(
-        TimedAttention(shape, step.attention[shape], tuple(attention[shape]), segments[shape])
-        for shape in sorted(step.attention)
-    )
-    pieces: list[TimedMatmul | TimedAttention] = [*timed_matmuls, *timed_attention]
-    predicted_rounds = tuple(
-        sum(item.samples[index] * item.count for item in pieces)
-        + replayed[index]
-        + modelled
-        + optimizers[index]
-        for index in range(rounds)
-    )
-    return Examination(
+            timing.time_matmuls()
+            timing.time_attention()
+        timing.time_the_rest()
+    return timing.examination(
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
         dtype=dtype,
-        tokens=tokens,
-        matmuls=timed_matmuls,
-        attention=timed_attention,
-        other_bytes=step.other_bytes,
-        other_ops=step.other_ops,
-        other_seconds=other,
-        other_modelled_seconds=modelled,
-        other_modelled_ops=modelled_ops,
-        copy_bandwidth=bandwidth,
-        tiny_kernel_seconds=tiny,
-        optimizer_seconds=statistics.median(optimizers),
-        optimizer_parameters=total,
-        optimizer_parameters_timed=timed,
+        layers=_layer_names(model),
         model_flops=model_flops,
         peak_flops=peak_flops,
-        predicted_rounds=predicted_rounds,
     )
+
+
+@dataclass
+class _StepTiming:
+    """The samples of every piece of one traced step, one per round, as the rounds time them."""
+
+    step: StepTrace
+    parameter_shapes: list[torch.Size]  # of the trainable parameters: what the optimizer steps
+    torch_dtype: torch.dtype
+    timer: Timer
+    tokens: int
+    segments: dict[AttentionShape, int]  # documents per attention call
+    matmuls: dict[MatmulShape, list[float]] = field(init=False)
+    padded: dict[MatmulShape, dict[str, list[float]]] = field(init=False)
+    attention: dict[AttentionShape, list[float]] = field(init=False)
+    bandwidths: list[float] = field(default_factory=list)
+    tinies: list[float] = field(default_factory=list)
+    optimizers: list[float] = field(default_factory=list)
+    replayed: list[float] = field(default_factory=list)  # seconds of the other ops that replay
+    replayable: dict[Any, bool] = field(default_factory=dict)
+    optimizer_timed: int = 0  # parameters the optimizer step was timed over
+
+    def __post_init__(self) -> None:
+        self.matmuls = {shape: [] for shape in self.step.matmuls}
+        self.padded = {shape: {} for shape in self.step.matmuls}
+        self.attention = {shape: [] for shape in self.step.attention}
+
+    @property
+    def parameters(self) -> int:
+        return sum(size.numel() for size in self.parameter_shapes)
+
+    def time_matmuls(self) -> None:
+        """Each distinct GEMM once, each of its padded shapes beside it."""
+        for shape in sorted(self.step.matmuls):
+            self.matmuls[shape].append(time_matmul(shape, self.torch_dtype, self.timer))
+            for multiple in PAD_MULTIPLES:
+                wider = _padded(shape, multiple, self.tokens)
+                if wider is not None:
+                    samples = self.padded[shape].setdefault(_describe(wider), [])
+                    if len(samples) < len(self.matmuls[shape]):
+                        samples.append(time_matmul(wider, self.torch_dtype, self.timer))
+
+    def time_attention(self) -> None:
+        for called in sorted(self.step.attention):
+            self.attention[called].append(
+                time_attention(called, self.torch_dtype, self.timer, self.segments[called])
+            )
+
+    def time_the_rest(self) -> None:
+        """The copy bandwidth and a tiny kernel (what models the ops that cannot replay), the other ops
+        that can, and the optimizer step."""
+        self.bandwidths.append(copy_bandwidth(self.timer))
+        self.tinies.append(tiny_kernel_seconds(self.timer))
+        seconds = 0.0
+        for call, count in self.step.other.items():
+            measured = time_op(call, self.timer) if self.replayable.get(call, True) else None
+            self.replayable[call] = measured is not None
+            seconds += (measured or 0.0) * count
+        self.replayed.append(seconds)
+        optimizer, self.optimizer_timed = time_optimizer(self.parameter_shapes, self.timer)
+        timed = self.optimizer_timed
+        self.optimizers.append(optimizer * self.parameters / timed if timed else 0.0)
+
+    def examination(
+        self,
+        *,
+        device: str,
+        dtype: str,
+        layers: dict[tuple[int, int], list[str]],
+        model_flops: float | None,
+        peak_flops: float | None,
+    ) -> Examination:
+        """The figures of every piece over the rounds, and the step they predict round by round."""
+        step, tokens = self.step, self.tokens
+        bandwidth, tiny = statistics.median(self.bandwidths), statistics.median(self.tinies)
+        # What cannot be replayed is modelled once, from the medians: its bytes over the copy bandwidth.
+        unreplayed = {call: count for call, count in step.other.items() if not self.replayable[call]}
+        modelled = sum(max(call.moved / bandwidth, tiny) * count for call, count in unreplayed.items())
+        timed_matmuls = tuple(
+            TimedMatmul(
+                shape,
+                step.matmuls[shape],
+                tuple(self.matmuls[shape]),
+                _label(shape, tokens, layers),
+                {name: tuple(samples) for name, samples in self.padded[shape].items()},
+            )
+            for shape in sorted(step.matmuls)
+        )
+        timed_attention = tuple(
+            TimedAttention(shape, step.attention[shape], tuple(self.attention[shape]), self.segments[shape])
+            for shape in sorted(step.attention)
+        )
+        pieces: list[TimedMatmul | TimedAttention] = [*timed_matmuls, *timed_attention]
+        predicted_rounds = tuple(
+            sum(item.samples[index] * item.count for item in pieces)
+            + self.replayed[index]
+            + modelled
+            + self.optimizers[index]
+            for index in range(len(self.replayed))
+        )
+        return Examination(
+            device=device,
+            dtype=dtype,
+            tokens=tokens,
+            matmuls=timed_matmuls,
+            attention=timed_attention,
+            other_bytes=step.other_bytes,
+            other_ops=step.other_ops,
+            other_seconds=statistics.median(self.replayed) + modelled,
+            other_modelled_seconds=modelled,
+            other_modelled_ops=sum(unreplayed.values()),
+            copy_bandwidth=bandwidth,
+            tiny_kernel_seconds=tiny,
+            optimizer_seconds=statistics.median(self.optimizers),
+            optimizer_parameters=self.parameters,
+            optimizer_parameters_timed=self.optimizer_timed,
+            model_flops=model_flops,
+            peak_flops=peak_flops,
+            predicted_rounds=predicted_rounds,
+        )
 
 
 class _matmul_precision:

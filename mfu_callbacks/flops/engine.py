@@ -23,9 +23,9 @@ import torch
 from torch import nn
 
 from .components import ATTENTION_SCORES
+from .counting.attention_windows import AttentionWindow
 from .counting.plans import Plan
 from .counting.tokens import BatchError, TokenCounter, TokenCounting
-from .counting.windows import Window
 from .dtypes import is_without_grad, untagged
 from .features import HARDWARE, MODEL, NUM_FEATURES, Feature
 from .fit import ComponentCoefficients, assign_windows, fit
@@ -234,7 +234,7 @@ def _describe(
     replica: Replica,
     substituted: list[str],
     coefficients: dict[str, ComponentCoefficients],
-    windows: tuple[Window, ...] = (),
+    windows: tuple[AttentionWindow, ...] = (),
 ) -> str:
     folded = f"; repeated layers traced once: {', '.join(replica.folded)}" if replica.folded else ""
     windowed = f"; attention windows: {', '.join(map(str, windows))}" if windows else ""

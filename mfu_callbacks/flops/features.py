@@ -2,7 +2,7 @@
 
 Every matmul of a transformer-like model scales with one of these: tokens (projections, MLPs,
 heads), squared sequence lengths (self-attention scores and values; for a layer with a window of
-keys, the squares that window leaves, see ``windows.py``), the product of encoder and decoder
+keys, the squares that window leaves, see ``attention_windows.py``), the product of encoder and decoder
 lengths (cross-attention), rows (per-sequence heads such as a pooler), labelled positions (a head
 that scores only the positions with a label: TRL's fused head on CUDA) or nothing at all (per-call
 work such as DoRA's weight norm). A batch is counted once into a small int64 tensor on
@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from enum import IntEnum
 
-from .counting.windows import Window
+from .counting.attention_windows import AttentionWindow
 
 
 class Feature(IntEnum):
@@ -29,7 +29,8 @@ class Feature(IntEnum):
     CROSS = 5  # sum over rows of encoder length * decoder length
     CALLS = 6  # forward calls (micro-batches): per-call work such as DoRA's weight norm
     # Main-stream squares of the engine's attention windows (``TokenCounting.windows``, in order),
-    # for the layers that have that window: a few distinct windows per model at most.
+    # for the layers that have that window: a few distinct windows per model at most. WINDOW_* here
+    # always means an attention window (``attention_windows.AttentionWindow``).
     WINDOW_SQUARES_1 = 7
     WINDOW_SQUARES_2 = 8
     WINDOW_SQUARES_3 = 9
@@ -68,8 +69,8 @@ def features_of_full_rows(
     rows: int,
     length: int,
     decoder_length: int | None = None,
-    windows: Sequence[Window] = (),
-    kernel_windows: Sequence[Window | None] = (),
+    windows: Sequence[AttentionWindow] = (),
+    kernel_windows: Sequence[AttentionWindow | None] = (),
 ) -> list[list[int]]:
     """The features of ``rows`` unpadded rows of ``length`` tokens, without building the batch.
 

@@ -5,7 +5,7 @@ same ones that count a training forward) applied to the shape of a generation. A
 prompt tokens that generated ``n`` tokens (its end-of-sequence token included) runs:
 
 - the **prefill**: one forward over the ``P`` prompt tokens; projections and MLPs per token, attention
-  over ``P**2`` (query, key) pairs (no causal discount, as for training: FACTS.md), and the head on the
+  over ``P**2`` (query, key) pairs (no causal discount, as for training: PaLM appendix B and torchtitan), and the head on the
   last position only (transformers' ``generate`` passes ``logits_to_keep=1``);
 - ``n - 1`` **decode** forwards of one token each (the last new token is never fed back): each costs
   2 x the matmul parameters (the body and the head) plus attention over the KV cache, ``P + k`` keys
@@ -32,7 +32,7 @@ from enum import IntEnum
 import torch
 
 from .components import HEAD
-from .counting.windows import Window
+from .counting.attention_windows import AttentionWindow
 from .features import HARDWARE, MODEL, WINDOW_FEATURES, Feature
 
 
@@ -46,8 +46,8 @@ class GenerationFeature(IntEnum):
     GENERATED = 3  # new tokens: the head's positions (one at the prefill's end, one per decode step)
     DECODE_PAIRS = 4  # sum over decode steps of the keys attended: the KV cache read
     CALLS = 5  # forward calls (the prefill and each decode step)
-    # Per attention window (``TokenCounting.windows``, in order): the prefill's window squares plus
-    # the keys the window leaves at each decode step.
+    # Per attention window (``TokenCounting.windows``, in order; WINDOW_* always means an attention
+    # window here): the prefill's window squares plus the keys the window leaves at each decode step.
     WINDOW_PAIRS_1 = 6
     WINDOW_PAIRS_2 = 7
     WINDOW_PAIRS_3 = 8
@@ -67,7 +67,7 @@ def count_generation(
     *,
     padded_prompt: int | None = None,
     padded_completion: int | None = None,
-    windows: Sequence[Window] = (),
+    windows: Sequence[AttentionWindow] = (),
 ) -> torch.Tensor:
     """The generation's features, on the lengths' device, without reading them back.
 
@@ -90,7 +90,7 @@ def count_generation(
 
 
 def _row(
-    prompt: torch.Tensor, new: torch.Tensor, *, calls: torch.Tensor, windows: Sequence[Window]
+    prompt: torch.Tensor, new: torch.Tensor, *, calls: torch.Tensor, windows: Sequence[AttentionWindow]
 ) -> torch.Tensor:
     decode = new - 1
     columns = [
@@ -108,7 +108,7 @@ def _row(
     return torch.stack([column.to(torch.int64).reshape(()) for column in columns])
 
 
-def _keys_up_to(window: Window, length: torch.Tensor) -> torch.Tensor:
+def _keys_up_to(window: AttentionWindow, length: torch.Tensor) -> torch.Tensor:
     """Keys attended summed over queries at positions 1..``length`` of one sequence, one query at a time
     (a decode step at position L sees min(L, size) keys under a sliding window, its chunk's under chunks)."""
     if window.chunked:

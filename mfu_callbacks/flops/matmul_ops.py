@@ -3,7 +3,7 @@
 One registry, in the style of torch's ``torch/utils/flop_counter.py`` (``register_flop_formula``):
 each matmul-like aten op (by packet) is registered once with the argument positions of its two
 operands and the formula of its FLOPs. The meta-device copy's recorder (``meta_copy/trace.py``), the
-real-step observer (``observe.py``), the profiled steps (``_profile_window.py``) and the doctor's step
+real-step observer (``observe.py``), the profiled steps (``_profiled_steps.py``) and the doctor's step
 trace (``doctor/step_trace.py``) all read it. Fused attention has its formulas here too: its forward
 per (query, key) pair and the products of its backward.
 

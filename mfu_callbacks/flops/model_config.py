@@ -10,8 +10,8 @@ from typing import Any
 
 from torch import nn
 
+from .counting.attention_windows import kernel_window, model_windows
 from .counting.tokens import TokenCounter, TokenCounting
-from .counting.windows import kernel_window, model_windows
 from .features import WINDOW_FEATURES
 from .unwrap import unwrap_model
 

@@ -17,7 +17,7 @@ from .._torch_internals import (
     wrapped_tensors,
 )
 from .components import EMBEDDINGS, HEAD, OTHER, classify
-from .counting.windows import Window, window_of
+from .counting.attention_windows import AttentionWindow, attention_window_of
 from .dtypes import dtype_of_operands, tagged
 from .features import WINDOW_FEATURES, Feature
 from .meta_copy.isolation import tensors_in
@@ -28,7 +28,7 @@ class TensorDataflow(TorchDispatchMode):
     """The observer's state and what it knows of tensors and modules; ``OpCounting`` (``observed_ops.py``)
     counts the ops, ``RealStepObserver`` (``observe.py``) attaches it to the model."""
 
-    def __init__(self, model: nn.Module, batch: Any, windows: Sequence[Window] = ()) -> None:
+    def __init__(self, model: nn.Module, batch: Any, windows: Sequence[AttentionWindow] = ()) -> None:
         """``windows``: the attention windows the batches are counted with (``TokenCounting.windows``):
         attention inside a module with one of them scales with that window's squares."""
         super().__init__()
@@ -36,7 +36,7 @@ class TensorDataflow(TorchDispatchMode):
         self._slots = {
             id(module): list(windows).index(window)
             for module in model.modules()
-            if (window := window_of(module)) is not None and window in windows
+            if (window := attention_window_of(module)) is not None and window in windows
         }
         self._facts: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self._names: dict[int, tuple[str, list[str]]] = {}  # id(module) -> (path, classes along it)

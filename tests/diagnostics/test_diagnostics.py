@@ -19,13 +19,14 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 import mfu_callbacks.diagnostics.checks as diagnostics_module
+import mfu_callbacks.diagnostics.checks.precision as precision_checks
 from mfu_callbacks import distributed
 from mfu_callbacks._window import RunTotals
 from mfu_callbacks.diagnostics import DIAGNOSIS_IDS, Diagnosis, Diagnostics, clocks, slowdowns, validate_ids
-from mfu_callbacks.diagnostics.checks import FlopSplit, Review
 from mfu_callbacks.diagnostics.clocks import ClockLog
 from mfu_callbacks.diagnostics.measured import MatmulTime, measured_slowdown
 from mfu_callbacks.diagnostics.model_shapes import Linear, ModelShapes
+from mfu_callbacks.diagnostics.review import FlopSplit, Review
 from mfu_callbacks.diagnostics.slowdowns import (
     MULTIPLE_OF_8_NOT_64,
     NOT_MULTIPLE_OF_8,
@@ -228,7 +229,7 @@ def test_the_shipped_table_holds_the_h100_measurements():
 
 
 def test_the_shipped_table_predicts_the_measured_cost_of_a_32001_vocabulary():
-    """The whole-step measurement on an H100 (FACTS.md, "The same in a whole training step"): a 0.7B
+    """A whole-step measurement on an H100 with HF Trainer, its figures quoted here: a 0.7B
     Llama-style model (hidden 2048, 4 x 2048 tokens, bf16) took 128.2 ms per step at MFU 27.4% with
     vocabulary 32001, and 108.0 ms at 32.5% with 32000. The check, given only the 32001 run, must
     claim about that difference, from the table measured on the head alone."""
@@ -250,7 +251,7 @@ def test_the_shipped_table_predicts_the_measured_cost_of_a_32001_vocabulary():
 def measured_review(
     meter: MFUMeter, measured: dict[str, MatmulTime], compute_dtype: str = "bf16"
 ) -> list[Diagnosis]:
-    """The meter's run reviewed again as a profile window would have it: with measured matmul times."""
+    """The meter's run reviewed again as profiled steps would have it: with measured matmul times."""
     return Diagnostics().review(
         meter._reader.run,
         model=meter._model,
@@ -578,7 +579,7 @@ def run_real_steps(
 
 
 def test_fp32_adapters_stay_silent_without_a_measured_cost(monkeypatch):
-    monkeypatch.setattr(diagnostics_module, "FP32_ADAPTER_SLOWDOWN", None)
+    monkeypatch.setattr(precision_checks, "FP32_ADAPTER_SLOWDOWN", None)
     model = lora_in_bf16()
     clock = FakeClock()
     batch = full_batch(2, 16)
@@ -590,7 +591,7 @@ def test_fp32_adapters_stay_silent_without_a_measured_cost(monkeypatch):
 
 @pytest.mark.parametrize("autocast", [False, True])
 def test_fp32_adapters_on_a_bf16_base_report_the_measured_cost(monkeypatch, autocast: bool):
-    monkeypatch.setattr(diagnostics_module, "FP32_ADAPTER_SLOWDOWN", 1.25)
+    monkeypatch.setattr(precision_checks, "FP32_ADAPTER_SLOWDOWN", 1.25)
     model = lora_in_bf16()
     clock = FakeClock()
     batch = full_batch(2, 16)

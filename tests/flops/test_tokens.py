@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mfu_callbacks.flops.counting.attention_windows import AttentionWindow
 from mfu_callbacks.flops.counting.tokens import TokenCounting
-from mfu_callbacks.flops.counting.windows import Window
 from mfu_callbacks.flops.features import NUM_FEATURES
 from mfu_callbacks.testing import SYNCING_OPERATIONS, OperationLog
 
@@ -32,7 +32,10 @@ def batches(length: int) -> list[tuple[bool, dict[str, torch.Tensor]]]:
     ]
 
 
-WINDOWS = {"windows": (Window(4), Window(8, chunked=True)), "kernel_windows": (Window(4), None)}
+WINDOWS = {
+    "windows": (AttentionWindow(4), AttentionWindow(8, chunked=True)),
+    "kernel_windows": (AttentionWindow(4), None),
+}
 
 
 @pytest.mark.parametrize("pad_token_id", [None, 0])  # a pad id makes packed rows look for trailing pads

@@ -12,7 +12,7 @@ from mfu_callbacks import hardware
 from mfu_callbacks._generate_watch import GenerateWatch, generate_lengths
 from mfu_callbacks._window import Window
 from mfu_callbacks.flops import FlopEngine
-from mfu_callbacks.flops.counting.windows import Window as AttentionWindow
+from mfu_callbacks.flops.counting.attention_windows import AttentionWindow
 from mfu_callbacks.flops.features import HARDWARE, MODEL
 from mfu_callbacks.flops.generation import GenerationFeature, count_generation, generation_flops
 from mfu_callbacks.metrics import (

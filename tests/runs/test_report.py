@@ -99,7 +99,7 @@ def test_report_false_keeps_it_quiet(tmp_path, capsys, fake_meter):
     assert "MFU report" not in capsys.readouterr().out
 
 
-def test_a_profile_window_is_printed_after_the_report_and_written_beside_the_summary(tmp_path, capsys):
+def test_profiled_steps_are_printed_after_the_report_and_written_beside_the_summary(tmp_path, capsys):
     train(tmp_path, profile_steps=2)
     printed = capsys.readouterr().out
     assert printed.index("MFU report") < printed.index("Where the step time goes (2 profiled steps")

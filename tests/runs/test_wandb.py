@@ -184,7 +184,7 @@ def test_hf_trainer_with_report_to_wandb(offline):
     summary = summary_of(records)
     assert "25.0%" in summary["mfu_diagnosis/padding_waste"]
     assert summary["mfu_diagnosis/padding_waste/mfu_cost"] > 0
-    # The profile window's breakdown: a table with its bar chart, and its step time in the summary.
+    # The profiled steps' breakdown: a table with its bar chart, and its step time in the summary.
     rows = history_of(records)
     logged = {key.partition(".")[0] for row in rows for key in row}
     assert {"mfu_profile/breakdown", "mfu_profile/breakdown_chart_table"} <= logged

@@ -26,8 +26,8 @@ from typing import Any
 import torch
 
 from ..features import CALLS_INDEX, HARDWARE, MODEL, WINDOW_FEATURES, Feature
+from .attention_windows import AttentionWindow
 from .plans import WIDTH, Column, Derived, Group, Plan, Source, StreamShape, Term, cell, nothing
-from .windows import Window
 
 IGNORED_LABEL = -100  # Hugging Face's label of a position without a loss (decoder padding)
 
@@ -39,8 +39,8 @@ class Counting:
 
     attention_per_document: bool
     pad_token_id: int | None
-    windows: tuple[Window, ...]
-    kernel_windows: tuple[Window | None, ...]
+    windows: tuple[AttentionWindow, ...]
+    kernel_windows: tuple[AttentionWindow | None, ...]
 
 
 def trailing_pads(ids: torch.Tensor, positions: torch.Tensor, pad_token_id: int) -> torch.Tensor:
@@ -423,18 +423,18 @@ def _main_stream(
     if kind == "full":
         tokens, squares = rows * length, (full,)
 
-        def window_squares(window: Window) -> Term:
+        def window_squares(window: AttentionWindow) -> Term:
             return rows * window.squares(length)
     elif kind == "mask":
         tokens, squares = ("main_lengths", _identity), (("main_lengths", _square),)
 
-        def window_squares(window: Window) -> Term:
+        def window_squares(window: AttentionWindow) -> Term:
             return ("main_lengths", window.squares)
     elif kind in ("boundaries", "boundaries_pads"):
         per_document = counting.attention_per_document
         tokens, squares = ("documents", _identity), (("documents", _square),)
 
-        def window_squares(window: Window) -> Term:
+        def window_squares(window: AttentionWindow) -> Term:
             return ("documents", window.squares)
     else:  # packed positions: the sum of (2 * position + 1) over tokens is the documents' squares
         assert positions is not None
@@ -446,7 +446,7 @@ def _main_stream(
         else:
             squares = (numel, ("positions", lambda p: per_row(2 * p)))
 
-        def window_squares(window: Window) -> Term:
+        def window_squares(window: AttentionWindow) -> Term:
             return ("positions", lambda p: per_row(window.position_squares(p)))
 
     if kind in ("positions_pads", "boundaries_pads"):

@@ -21,9 +21,9 @@ from typing import Any
 import torch
 
 from ..features import CALLS_INDEX, HARDWARE, MODEL, WINDOW_FEATURES, Feature
+from .attention_windows import AttentionWindow
 from .layouts import IGNORED_LABEL, BatchError, Counting, Tensors, make_plan
 from .plans import WIDTH, Group, Plan, StreamShape, cell
-from .windows import Window
 
 MAIN_KEYS = ("input_ids", "inputs_embeds")
 DECODER_KEYS = ("decoder_input_ids", "decoder_inputs_embeds")
@@ -77,8 +77,8 @@ class TokenCounting:
         attention_per_document: bool,
         token_counter: TokenCounter | None = None,
         pad_token_id: int | None = None,
-        windows: tuple[Window, ...] = (),
-        kernel_windows: tuple[Window | None, ...] | None = None,
+        windows: tuple[AttentionWindow, ...] = (),
+        kernel_windows: tuple[AttentionWindow | None, ...] | None = None,
     ) -> None:
         """``windows``: the attention windows of the main stream, one feature each (``WINDOW_FEATURES``);
         ``kernel_windows``: what the kernel computes for each (None: every square), default all squares."""

@@ -38,7 +38,7 @@ from ..._torch_internals import (
     fsdp1_inner_module,
     module_hook_dicts,
 )
-from ..counting.windows import window_of
+from ..counting.attention_windows import attention_window_of
 from ..declared import Declaration, declared
 from ..sharding import ComputeShapes, Shard, full_shape
 from ..unwrap import unwrap_model
@@ -146,7 +146,9 @@ def _block_signature(block: nn.Module, shapes: ComputeShapes) -> tuple:
         for key, value in sorted(vars(m).items())
         if isinstance(value, (bool, int, float, str)) and not any(pos in key for pos in _POSITION_ATTRIBUTES)
     )
-    windows = tuple(window_of(m) for m in block.modules())  # a local layer never stands for a global one
+    windows = tuple(
+        attention_window_of(m) for m in block.modules()
+    )  # a local layer never stands for a global one
     return (type(block), modules, parameters, scalars, windows)
 
 

@@ -16,7 +16,7 @@ from ..._torch_internals import (
     raised_by_meta_autocast,
     torch_linear,
 )
-from ..counting.windows import Window, window_of
+from ..counting.attention_windows import AttentionWindow, attention_window_of
 from ..model_config import use_eager_kernels
 from .checkpoint import checkpoint_to
 from .flex import FlexKernel
@@ -78,7 +78,7 @@ def trace_probes(
     run: Forward,
     *,
     fold: bool,
-    windows: tuple[Window, ...] = (),
+    windows: tuple[AttentionWindow, ...] = (),
 ) -> tuple[list[dict[str, ComponentFlops]], Replica, list[str]]:
     replica = build_replica(model, fold=fold)
     use_eager_kernels(replica.module)
@@ -86,7 +86,7 @@ def trace_probes(
     slots = {
         replica.names[id(module)]: windows.index(window)
         for module in replica.module.modules()
-        if (window := window_of(module)) in windows and id(module) in replica.names
+        if (window := attention_window_of(module)) in windows and id(module) in replica.names
     }
     current: list[MatmulRecorder] = [
         MatmulRecorder(replica.parameter_ids, owners, slots, replica.shards, replica.frozen, replica.copies)

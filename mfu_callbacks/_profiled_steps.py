@@ -1,6 +1,6 @@
 """A few steps under ``torch.profiler``, turned into the kernels ``attribution.py`` splits into buckets.
 
-The window opens at a step boundary after a device sync, so the GPU starts it idle, and closes at the
+The profiled steps begin at a step boundary after a device sync, so the GPU starts it idle, and closes at the
 boundary after its last step, after another sync: the span between is the profiled steps' wall time,
 input wait included. These steps are left out of the MFU averages (the syncs and the profiler slow
 them). While it is open, every module that owns parameters, and every attention module, runs inside
@@ -58,7 +58,7 @@ def profiler_unavailable() -> str | None:
     return None
 
 
-class ProfileWindow:
+class ProfiledSteps:
     """Profiles ``steps`` optimizer steps from step ``start`` (0-based) and keeps their breakdown."""
 
     def __init__(self, model: nn.Module, device: torch.device, steps: int, start: int) -> None:
@@ -86,7 +86,7 @@ class ProfileWindow:
         return self.result is not None or self.skipped is not None
 
     def step_begins(self, index: int, context: Callable[[], tuple[float | None, int]]) -> bool:
-        """Step ``index`` begins: opens or closes the window at its boundaries; whether it is profiled.
+        """Step ``index`` begins: begins or ends the profiling at its boundaries; whether it is profiled.
 
         ``context`` gives the peak FLOP/s and the matmul size multiple for the advice, when it closes.
         """
@@ -152,7 +152,7 @@ class ProfileWindow:
             self._between = None
 
     def close(self, peak_flops: float | None = None, alignment: int = 8) -> None:
-        """End the window now (at a step boundary, or when the run ends) and analyse it."""
+        """End the profiling now (at a step boundary, or when the run ends) and analyse the steps."""
         if not self.is_open:
             return
         profiler, self._profiler = self._profiler, None
@@ -176,7 +176,7 @@ class ProfileWindow:
             self._skip(f"the profile could not be analysed ({error})")
 
     def _model_flops(self) -> dict[str, float] | None:
-        """The model FLOPs per profiled step, by component (read back once: the window is not timed)."""
+        """The model FLOPs per profiled step, by component (read back once: the profiled steps are not timed)."""
         if self._features is None or self._engine is None:
             return None
         flops = self._engine.evaluate(self._features.cpu())

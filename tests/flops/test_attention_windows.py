@@ -28,8 +28,8 @@ from transformers.masking_utils import eager_mask
 
 import mfu_callbacks.flops.model_config as model_config
 from mfu_callbacks.flops import FlopEngine
+from mfu_callbacks.flops.counting.attention_windows import AttentionWindow
 from mfu_callbacks.flops.counting.tokens import TokenCounting
-from mfu_callbacks.flops.counting.windows import Window
 from mfu_callbacks.flops.features import WINDOW_FEATURES, features_of_full_rows
 from tests.conftest import (
     SMALL_DECODER,
@@ -238,7 +238,7 @@ def test_features_of_full_rows_count_the_windows(name: str) -> None:
         assert features == engine.count(batch).tolist()
 
 
-def _pairs(lengths: list[int], window: Window | None) -> int:
+def _pairs(lengths: list[int], window: AttentionWindow | None) -> int:
     """(query, key) products of documents of these lengths when each query meets only its window's keys."""
     return sum(
         (stop - start) * (key_stop - key_start)
@@ -254,8 +254,8 @@ def test_packed_documents_count_their_windows_alone(attention_per_document: bool
     """Restarting positions and cu_seq_lens (Hugging Face's flattening collator) give each document its
     own windows; the hardware row counts what the kernel computes: per document when it attends per
     document, else over the whole row, and every square where it computes no window (chunks)."""
-    windows = (Window(4), Window(8), Window(4, chunked=True))
-    kernel_windows = (Window(4), Window(8), None)
+    windows = (AttentionWindow(4), AttentionWindow(8), AttentionWindow(4, chunked=True))
+    kernel_windows = (AttentionWindow(4), AttentionWindow(8), None)
     counting = TokenCounting(
         encoder_decoder=False,
         attention_per_document=attention_per_document,

@@ -30,7 +30,7 @@ Lengths = TypeVar("Lengths", int, torch.Tensor)
 
 
 @dataclass(frozen=True, order=True)
-class Window:
+class AttentionWindow:
     """The keys a query sees: the last ``size`` (sliding) or those of its chunk of ``size`` tokens (chunked)."""
 
     size: int
@@ -59,7 +59,7 @@ class Window:
         return f"chunks of {self.size}" if self.chunked else f"sliding window {self.size}"
 
 
-def window_of(module: nn.Module) -> Window | None:
+def attention_window_of(module: nn.Module) -> AttentionWindow | None:
     """The window of a causal attention module that holds its config and layer index; None for full attention."""
     config = getattr(module, "config", None)
     layer = getattr(module, "layer_idx", None)
@@ -79,17 +79,19 @@ def window_of(module: nn.Module) -> Window | None:
     size = getattr(config, size_attribute, None) if size_attribute else None
     if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
         return None
-    return Window(size, chunked)
+    return AttentionWindow(size, chunked)
 
 
-def model_windows(model: nn.Module, slots: int) -> tuple[Window, ...]:
+def model_windows(model: nn.Module, slots: int) -> tuple[AttentionWindow, ...]:
     """The distinct windows of the model's attention layers, at most ``slots`` of them (those of the most
     layers first); layers with a window beyond those count as full attention."""
-    layers = Counter(window for module in model.modules() if (window := window_of(module)) is not None)
+    layers = Counter(
+        window for module in model.modules() if (window := attention_window_of(module)) is not None
+    )
     return tuple(sorted(window for window, _ in layers.most_common(slots)))
 
 
-def kernel_window(window: Window, attention_implementation: str) -> Window | None:
+def kernel_window(window: AttentionWindow, attention_implementation: str) -> AttentionWindow | None:
     """What the attention kernel computes for a windowed layer: only the window (flash attention, given
     a sliding window), or every square under a mask (None: eager, sdpa, and chunks, which flash
     attention has no argument for)."""

@@ -1,4 +1,4 @@
-"""The profile window on real training steps (CPU): attributed matmul FLOPs, steps left out, one line when busy."""
+"""The profiled steps on real training steps (CPU): attributed matmul FLOPs, steps left out, one line when busy."""
 
 from __future__ import annotations
 
