@@ -235,6 +235,7 @@ def full_rows(rows: int, length: int, decoder_length: int | None, *, mask: bool)
     return batch
 
 
+@pytest.mark.slow  # over 2 s on a 2-core CPU: the unit tier stays under 3 minutes
 @pytest.mark.parametrize("mask", [False, True], ids=["no-mask", "all-ones-mask"])
 @pytest.mark.parametrize("architecture", ["decoder", "encoder-decoder"])
 def test_features_of_full_rows_are_what_the_engine_counts_in_a_real_batch(
@@ -569,6 +570,7 @@ def test_the_listing_shows_each_lazily_added_command_with_its_own_summary():
         assert listed.help == summary
 
 
+@pytest.mark.slow  # over 2 s on a 2-core CPU: the unit tier stays under 3 minutes
 def test_lora_r_is_a_deprecated_spelling_of_lora_rank_in_estimate_and_doctor(capsys, config_file):
     base = ["estimate", "--config", str(config_file[0]), "--seq-len", "16", "--batch-size", "1", "--json"]
     code, new, err = run_cli(capsys, *base, "--lora-rank", "4")

@@ -41,6 +41,7 @@ LLAMA_CASES = {
 }
 
 
+@pytest.mark.slow  # over 2 s on a 2-core CPU: the unit tier stays under 3 minutes
 @pytest.mark.parametrize("case", LLAMA_CASES)
 def test_lora_target_sets(case: str) -> None:
     check_lora(build_decoder("llama"), **LLAMA_CASES[case])
@@ -80,6 +81,7 @@ def test_lora_on_conv() -> None:
     check_engine(model, image_batch(2), [image_batch(1), image_batch(3)], forward=cnn_forward)
 
 
+@pytest.mark.slow  # over 2 s on a 2-core CPU: the unit tier stays under 3 minutes
 @pytest.mark.parametrize("name", ["olmoe", "mixtral"])
 def test_lora_on_expert_parameters(name: str) -> None:
     """``target_parameters``: the experts' 3-D weights get a LoRA delta (parametrization) per call."""
@@ -116,6 +118,7 @@ def quantized(model: nn.Module, kind: type[nn.Linear]) -> nn.Module:
     return model
 
 
+@pytest.mark.slow  # over 2 s on a 2-core CPU: the unit tier stays under 3 minutes
 @pytest.mark.parametrize(
     "kind", [Linear4bit, pytest.param(Linear8bitLt, marks=pytest.mark.slow)], ids=["4bit", "8bit"]
 )

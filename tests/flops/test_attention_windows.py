@@ -159,6 +159,7 @@ def batches() -> list[dict[str, torch.Tensor]]:
     ]
 
 
+@pytest.mark.slow  # over 2 s on a 2-core CPU: the unit tier stays under 3 minutes
 @pytest.mark.parametrize(
     "name",
     # Mistral in the unit tier; Qwen2, Gemma-2 and Gemma-3 (local and global layers) in the slow tier.
@@ -185,6 +186,7 @@ def test_full_attention_families_are_unchanged() -> None:
         assert_flops(engine.estimate(batch).model_flops, model_truth(eager, batch), "model FLOPs")
 
 
+@pytest.mark.slow  # over 2 s on a 2-core CPU: the unit tier stays under 3 minutes
 @pytest.mark.parametrize("name", ["mistral", "llama4"])
 def test_flash_attention_computes_a_sliding_window_but_not_chunks(
     name: str, monkeypatch: pytest.MonkeyPatch
@@ -218,6 +220,7 @@ class TwoWindows(nn.Module):
         return first
 
 
+@pytest.mark.slow  # over 2 s on a 2-core CPU: the unit tier stays under 3 minutes
 def test_layers_of_different_windows_are_counted_each_by_its_own() -> None:
     model = TwoWindows().train()
     engine = FlopEngine.from_model(model, full_batch(3, 7))

@@ -163,6 +163,7 @@ def test_encoder_padded_batch(name: str) -> None:
 
 
 # -- encoder-decoders --------------------------------------------------------------------------------
+@pytest.mark.slow  # over 2 s on a 2-core CPU: the unit tier stays under 3 minutes
 @pytest.mark.parametrize("name", one_per_family(SEQ2SEQ, "t5"))
 def test_seq2seq_full_fine_tuning(name: str) -> None:
     check_engine(build(name), seq2seq_template(), seq2seq_full_batches())
@@ -182,6 +183,7 @@ def test_seq2seq_gradient_checkpointing(name: str) -> None:
     check_engine(model, seq2seq_template(), seq2seq_full_batches())
 
 
+@pytest.mark.slow  # over 2 s on a 2-core CPU: the unit tier stays under 3 minutes
 @pytest.mark.parametrize("name", one_per_family(SEQ2SEQ, "t5"))
 def test_seq2seq_padded_batch(name: str) -> None:
     check_engine(build(name), seq2seq_template(), seq2seq_batches())

@@ -74,6 +74,7 @@ def component_truth(model: nn.Module, batch: dict) -> dict[str, int]:
     return parts
 
 
+@pytest.mark.slow  # over 2 s on a 2-core CPU: the unit tier stays under 3 minutes
 @pytest.mark.parametrize(
     "recipe, real_step",
     [
@@ -110,6 +111,7 @@ def test_an_fp8_step_counts_like_its_plain_twin_per_component(recipe: str, real_
         assert step.model_by_dtype == by_dtype, f"per dtype: {step.model_by_dtype} vs {by_dtype}"
 
 
+@pytest.mark.slow  # over 2 s on a 2-core CPU: the unit tier stays under 3 minutes
 @pytest.mark.parametrize(
     "recipe", [RECIPES[0], *(pytest.param(recipe, marks=pytest.mark.slow) for recipe in RECIPES[1:])]
 )
@@ -125,6 +127,7 @@ def test_fp8_linears_without_checkpointing_are_no_recompute(recipe: str) -> None
         )
 
 
+@pytest.mark.slow  # over 2 s on a 2-core CPU: the unit tier stays under 3 minutes
 def test_fp8_linears_under_checkpointing_are_recompute() -> None:
     """The control of the test above: with checkpointing the copy's count tells the rerun apart. The fp8
     Function saves its casts after its matmul, so torch's early stop reruns each layer's last matmul too,

@@ -65,12 +65,14 @@ def test_full_fine_tuning(name: str) -> None:
     check_engine(build(name), full_batch(2, 9), [full_batch(2, length) for length in LENGTHS])
 
 
+@pytest.mark.slow  # over 2 s on a 2-core CPU: the unit tier stays under 3 minutes
 @pytest.mark.parametrize("name", one_per_family(ARCHITECTURES, "mixtral"))
 def test_lora(name: str) -> None:
     model = get_peft_model(build(name), LoraConfig(r=4, target_modules="all-linear"))
     check_engine(model, full_batch(2, 9), [full_batch(3, length) for length in LENGTHS])
 
 
+@pytest.mark.slow  # over 2 s on a 2-core CPU: the unit tier stays under 3 minutes
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
 @pytest.mark.parametrize("name", one_per_family(ARCHITECTURES, "mixtral"))
 def test_gradient_checkpointing(name: str, reentrant: bool) -> None:

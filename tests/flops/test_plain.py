@@ -177,6 +177,7 @@ def same_flops(wrapped: nn.Module, bare: nn.Module, forward: Any = gpt_forward) 
         assert actual == expected
 
 
+@pytest.mark.slow  # over 2 s on a 2-core CPU: the unit tier stays under 3 minutes
 def test_torch_compile() -> None:
     bare = gpt()
     compiled = torch.compile(bare)

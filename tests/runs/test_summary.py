@@ -89,6 +89,7 @@ def test_a_resumed_writer_keeps_the_windows_up_to_its_step_and_a_new_run_starts_
     assert (tmp_path / WINDOWS_FILENAME).read_text() == ""
 
 
+@pytest.mark.slow  # over 2 s on a 2-core CPU: the unit tier stays under 3 minutes
 def test_a_read_costs_the_same_at_every_step_of_a_long_run(tmp_path, monkeypatch):
     """Over five hundred reads (one per step, as with logging_steps=1): the bytes written per read do not
     grow, nothing is synced to disk at a read, and the model's parameters are walked only when the setup

@@ -244,6 +244,7 @@ def fit_lightning(offline: Path, callback: Any) -> None:
     wandb.finish()
 
 
+@pytest.mark.slow  # over 2 s on a 2-core CPU: the unit tier stays under 3 minutes
 def test_lightning_with_wandb_logger(offline):
     from mfu_callbacks.lightning import MFUCallback
 

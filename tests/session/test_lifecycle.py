@@ -66,6 +66,7 @@ class Interrupt(Exception):
     pass
 
 
+@pytest.mark.slow  # over 2 s on a 2-core CPU: the unit tier stays under 3 minutes
 def test_hf_a_train_after_an_interrupted_one_counts_each_batch_once(tmp_path):
     from transformers import TrainerCallback
 
@@ -90,6 +91,7 @@ def test_hf_a_train_after_an_interrupted_one_counts_each_batch_once(tmp_path):
     assert flops == clean.callback_handler.callbacks[0].session.meter.run_flops().model_flops > 0
 
 
+@pytest.mark.slow  # over 2 s on a 2-core CPU: the unit tier stays under 3 minutes
 def test_hf_resumed_run_continues_the_summary_of_the_first(tmp_path):
     from mfu_callbacks.transformers import MFUCallback
 
