@@ -47,7 +47,7 @@ if FAULT == "engine" and RANK == 1:
 
 # Rank 1 alone, at its second read: before the reduction (packing its window), inside it (before its
 # all-reduce: the other rank waits out MFU_REDUCTION_TIMEOUT) or after it (unpacking the result).
-import mfu_callbacks.distributed as _distributed, mfu_callbacks.meter as _meter
+import mfu_callbacks.distributed as _distributed, mfu_callbacks._meter_read as _meter
 _PLACES = {{"before": (_meter, "pack"), "inside": (_distributed, "_collective_device"), "after": (_meter, "unpack")}}
 if FAULT in _PLACES and RANK == 1:
     _module, _name = _PLACES[FAULT]
