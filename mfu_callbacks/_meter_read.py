@@ -75,6 +75,7 @@ class WindowReader:
         counted in the wall clock (``StepTimer.meter_work``), not left out.
         """
         failure: Exception | None = None
+        many_ranks = distributed.is_distributed()
         with ExitStack() as own_time:
             try:
                 own_time.enter_context(self._timer.meter_work())  # in the wall clock, apart from input wait
@@ -82,17 +83,13 @@ class WindowReader:
                 # While the GPU may still run the steps to be read.
                 if self._recorder.unread_steps:
                     self._diagnostics.sample_clock(self._device)
-                local = self._local_window(world, wait)
-                layout = self.parallelism
-                local = replace(
-                    local, group=layout.group_id, batch_replicas=layout.tensor_parallel, read_at=place
-                )
-                vectors = pack(local)
+                local = self._local_window(world, wait, place)
+                vectors = pack(local) if many_ranks else None
             except Exception as error:  # noqa: BLE001 - re-raised after the collective
                 failure = error
                 local = Window(world_size=distributed.world_size(), failed_ranks=1.0, read_at=place)
-                vectors = pack(local)
-            if distributed.is_distributed():
+                vectors = pack(local) if many_ranks else None
+            if vectors is not None:
                 reduced = distributed.sum_and_max_over_ranks(*vectors)  # the one collective of the read
                 window = unpack(local, *reduced)
             else:
@@ -115,21 +112,32 @@ class WindowReader:
         """(measured steps, profile pending, measured seconds) at the last review of the diagnoses."""
         return self._review.last
 
-    def _local_window(self, world: int, wait: bool) -> Window:
+    def _local_window(self, world: int, wait: bool, place: float) -> Window:
+        """This rank's window of the steps drained now, placed in the job and in the run."""
         timings, counted = self._recorder.drain(wait=wait)
-        generated = self._generation.drain(sum(timing.steps for timing in timings))
+        steps = sum(timing.steps for timing in timings)
+        generated = self._generation.drain(steps)
         engine = self._recorder.engine
+        layout = self.parallelism
+        placed = {
+            "group": layout.group_id,
+            "batch_replicas": layout.tensor_parallel,
+            "read_at": place,
+            "generation_seconds": generated.seconds,
+        }
         if counted is None or engine is None:
-            return replace(rank_window(world, timings, None, None), generation_seconds=generated.seconds)
+            return rank_window(world, timings, None, None, **placed)
         window, last = counted
         self.run_features = window if self.run_features is None else self.run_features + window
-        local = rank_window(world, timings, engine.evaluate(window), engine.evaluate(last))
+        flops = engine.evaluate(window)
+        last_flops = flops if steps == 1 else engine.evaluate(last)  # a window of one step is its last
+        local = rank_window(world, timings, flops, last_flops, **placed)
         return self._with_generation(local, generated, engine)
 
     def _with_generation(self, local: Window, generated: GenerationWindow, engine: FlopEngine) -> Window:
-        """The window with its steps' generations: their time and cost, their FLOPs added to the step's."""
+        """The window with its steps' generations: their cost, their FLOPs added to the step's."""
         if generated.features is None:
-            return replace(local, generation_seconds=generated.seconds)
+            return local
         dtype = self._peaks.compute_dtype()
         cost = generation_cost(engine, self._model, generated.features, dtype)
         last = generation_cost(engine, self._model, generated.last, dtype) if generated.last else None
@@ -149,7 +157,6 @@ class WindowReader:
             hardware_flops=local.hardware_flops + cost.hardware_flops,
             last_model_flops=local.last_model_flops + (last.model_flops if last else 0.0),
             last_hardware_flops=local.last_hardware_flops + (last.hardware_flops if last else 0.0),
-            generation_seconds=generated.seconds,
             generation_model_flops=cost.model_flops,
             generation_hardware_flops=cost.hardware_flops,
             generated_tokens=cost.tokens,

@@ -17,16 +17,17 @@ from .flops import FlopEngine
 
 logger = logging.getLogger("mfu_callbacks")
 _REVIEW_GROWTH = 1.1  # the diagnoses are reviewed again once the measured steps grew by this factor
-_REVIEW_SECONDS = (
-    1.0  # ... and the measured time by this much (a review walks the model's layers: milliseconds)
-)
+# ... and the measured time by this much: a review walks the model's layers (milliseconds on a LoRA
+# model's hundreds of adapters), so that early in a run, when the steps grow by a tenth at every read,
+# it costs at most a few parts in ten thousand of the run's time.
+_REVIEW_SECONDS = 10.0
 
 
 class RunReview:
     """The diagnoses of one meter's run, reviewed at its reads when due.
 
     They judge the run's totals, which a read moves little late in a run: they are reviewed at the
-    first read, then when the measured steps grew by a tenth and the measured time by a second since
+    first read, then when the measured steps grew by a tenth and the measured time by ten seconds since
     the last review (O(log steps) reviews over a run, so a read costs the same at step 10 and at step
     100,000, and a log at every step of a short step does not review at every step early on), when a
     profiling has just ended, and at the end of the run (``force``).

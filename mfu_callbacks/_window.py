@@ -121,9 +121,18 @@ def read_place(steps: int, *, final: bool) -> float:
 
 
 def rank_window(
-    world_size: int, timings: Sequence[StepTiming], flops: StepFlops | None, last_flops: StepFlops | None
+    world_size: int,
+    timings: Sequence[StepTiming],
+    flops: StepFlops | None,
+    last_flops: StepFlops | None,
+    *,
+    group: int = 0,
+    batch_replicas: int = 1,
+    read_at: float = -math.inf,
+    generation_seconds: float = 0.0,
 ) -> Window:
-    """This rank's window from its step timings and the FLOPs of its steps (None: nothing counted)."""
+    """This rank's window from its step timings and the FLOPs of its steps (None: nothing counted);
+    ``group``, ``batch_replicas`` and ``read_at`` place it in the job and in the run (``Window``)."""
     steps = sum(timing.steps for timing in timings)
     step_seconds = sum(timing.step_seconds for timing in timings)
     input_wait_seconds = sum(timing.input_wait_seconds for timing in timings)
@@ -152,6 +161,10 @@ def rank_window(
         hardware_by_dtype=dtype_slots(flops.hardware_by_dtype),
         last_model_by_dtype=dtype_slots(last_flops.model_by_dtype),
         last_hardware_by_dtype=dtype_slots(last_flops.hardware_by_dtype),
+        group=group,
+        batch_replicas=batch_replicas,
+        read_at=read_at,
+        generation_seconds=generation_seconds,
     )
 
 
@@ -188,6 +201,8 @@ def combine_ranks(local: Window) -> Window:
     to do what this one did.
     """
     if not distributed.is_distributed():
+        if local.world_size == 1:
+            return local
         assumed: dict[str, Any] = {
             name: getattr(local, name) * local.world_size for name in _SUMMED_OVER_RANKS
         }

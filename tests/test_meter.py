@@ -300,6 +300,12 @@ def test_with_the_real_flop_engine_on_a_tiny_llama():
     assert metrics["padding_fraction"] == pytest.approx(0.25)
     assert metrics["hfu"] == pytest.approx(step_truth(model, full) / PEAK_FLOPS, rel=1e-9)
     assert metrics["mfu"] < metrics["hfu"]
+    # The engine settled at the first read: its head computes every position, so batches no longer
+    # take which positions have a label (one operation less per micro-batch), and count the same.
+    assert meter.engine is not None and not meter.engine.reads_labelled
+    assert [tuple(taken.shape) for taken in meter.engine.defer(padded)[1]] == [(4,)]
+    run_step(meter, clock, padded, seconds=1.0)
+    assert meter.metrics()["mfu"] == pytest.approx(metrics["mfu"], rel=1e-12)
 
 
 def test_the_peak_follows_the_autocast_dtype_seen_at_the_first_forward():
@@ -312,3 +318,27 @@ def test_the_peak_follows_the_autocast_dtype_seen_at_the_first_forward():
     assert meter.peak.dtype == "bf16"
     assert meter.peak.flops == 100e12
     assert not model._forward_pre_hooks, "the look is taken once, then the hook is gone"
+
+
+def test_a_read_at_every_step_reviews_the_diagnoses_a_few_times_per_run(monkeypatch):
+    """A log at every 0.1 s step for 5 minutes: the diagnoses (which walk the model's layers) are
+    reviewed at the first read, then at least ten measured seconds apart and once the steps grew by a
+    tenth: a few dozen reviews in 3,000 reads, fewer late in the run than early."""
+    reviews: list[float] = []
+    review = meter_module.Diagnostics.review
+
+    def counted(self, run, **kwargs):
+        reviews.append(run.wall_seconds)
+        return review(self, run, **kwargs)
+
+    monkeypatch.setattr(meter_module.Diagnostics, "review", counted)
+    clock = FakeClock()
+    meter = make_meter(clock)
+    for _ in range(3000):
+        run_step(meter, clock, batch(100), seconds=0.1)
+        meter.metrics()
+    assert reviews[0] == pytest.approx(0.1), "the first read reviews the run"
+    gaps = [later - earlier for earlier, later in zip(reviews, reviews[1:])]
+    assert min(gaps) >= 10.0 - 1e-9
+    assert len(reviews) <= 25  # 300 s: every 10 s up to 100 s, then every tenth (log 3 / log 1.1)
+    assert sum(1 for seconds in reviews if seconds > 200) < sum(1 for seconds in reviews if seconds <= 100)

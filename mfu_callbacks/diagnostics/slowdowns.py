@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Any
 
 from ..hardware import lookup_gpu
@@ -77,7 +77,7 @@ class Slowdown:
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "sizes": list(self.sizes)}
 
-    @property
+    @cached_property  # named in every misaligned layer's cost, at every review
     def label(self) -> str:
         """How a message names this measurement."""
         return (

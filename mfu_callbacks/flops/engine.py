@@ -89,6 +89,11 @@ class FlopEngine:
         # Of those, what activation checkpointing reruns.
         self._recompute = [sum(c.recompute[i] for c in coefficients.values()) for i in range(NUM_FEATURES)]
         self._has_tokens = any(self._model[i] or self._hardware[i] for i in (Feature.TOKENS, Feature.SQUARES))
+        # What ``evaluate`` multiplies, read at every log: only the features with a coefficient.
+        self._sparse_model, self._sparse_hardware = _sparse(self._model), _sparse(self._hardware)
+        self._sparse_components = {name: _sparse(c) for name, c in self.components.items()}
+        self._sparse_model_by_dtype = {name: _sparse(c) for name, c in model_by_dtype.items()}
+        self._sparse_hardware_by_dtype = {name: _sparse(c) for name, c in hardware_by_dtype.items()}
 
     # -- building -------------------------------------------------------------------------------
     @classmethod
@@ -183,12 +188,17 @@ class FlopEngine:
                 f"negative token counts or lengths in the features {values}: counts come from "
                 "FlopEngine.count(batch) (summed over micro-batches), never below zero"
             )
-        model_flops = _dot(self._model, model_features)
-        hardware_flops = _dot(self._hardware, hardware_features)
-        breakdown = {name: round(_dot(c, model_features)) for name, c in self.components.items()}
-        model_by_dtype = {name: round(_dot(c, model_features)) for name, c in self._model_by_dtype.items()}
+        model_flops = _sparse_dot(self._sparse_model, model_features)
+        hardware_flops = _sparse_dot(self._sparse_hardware, hardware_features)
+        breakdown = {
+            name: round(_sparse_dot(c, model_features)) for name, c in self._sparse_components.items()
+        }
+        model_by_dtype = {
+            name: round(_sparse_dot(c, model_features)) for name, c in self._sparse_model_by_dtype.items()
+        }
         hardware_by_dtype = {
-            name: round(_dot(c, hardware_features)) for name, c in self._hardware_by_dtype.items()
+            name: round(_sparse_dot(c, hardware_features))
+            for name, c in self._sparse_hardware_by_dtype.items()
         }
         if self._has_tokens:
             tokens = model_features[Feature.TOKENS] + model_features[Feature.DECODER_TOKENS]
@@ -220,6 +230,15 @@ class FlopEngine:
         return frozenset(self._model_by_dtype) | frozenset(self._hardware_by_dtype)
 
     @property
+    def reads_labelled(self) -> bool:
+        """Whether any FLOPs depend on the labelled positions (a head that scores only those)."""
+        feature = Feature.LABELLED
+        return any(
+            row[feature]
+            for row in (self._model, self._hardware, self._recompute, *self.forward_coefficients.values())
+        )
+
+    @property
     def flops_per_token(self) -> float:
         """Model FLOPs per token, attention excluded (the part linear in tokens)."""
         return self._model[Feature.TOKENS] + self._model[Feature.DECODER_TOKENS]
@@ -227,6 +246,20 @@ class FlopEngine:
 
 def _dot(coefficients: Sequence[float], features: Sequence[float]) -> float:
     return sum(c * f for c, f in zip(coefficients, features) if c)
+
+
+_Sparse = tuple[tuple[int, float], ...]  # (feature, coefficient) of the features with a coefficient
+
+
+def _sparse(coefficients: Sequence[float]) -> _Sparse:
+    return tuple((feature, c) for feature, c in enumerate(coefficients) if c)
+
+
+def _sparse_dot(coefficients: _Sparse, features: Sequence[float]) -> float:
+    total = 0.0
+    for feature, c in coefficients:
+        total += c * features[feature]
+    return total
 
 
 def _describe(

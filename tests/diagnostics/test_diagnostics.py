@@ -20,7 +20,7 @@ from torch import nn
 
 import mfu_callbacks.diagnostics.checks as diagnostics_module
 import mfu_callbacks.diagnostics.checks.precision as precision_checks
-from mfu_callbacks import distributed
+from mfu_callbacks import _run_review, distributed
 from mfu_callbacks._window import RunTotals
 from mfu_callbacks.diagnostics import DIAGNOSIS_IDS, Diagnosis, Diagnostics, clocks, slowdowns, validate_ids
 from mfu_callbacks.diagnostics.clocks import ClockLog
@@ -115,6 +115,7 @@ def test_a_clean_run_fires_nothing(clean_model, monkeypatch):
     fake_nvml = FakeNvml([1900, 1950, 1880])
     monkeypatch.setitem(sys.modules, "pynvml", fake_nvml)
     monkeypatch.setattr(clocks, "SAMPLE_SECONDS", 0.0)  # every read samples
+    monkeypatch.setattr(_run_review, "_REVIEW_SECONDS", 0.0)  # ... and reviews
     clock = FakeClock()
     batch = full_batch(2, 16)
     meter = make_meter(clean_model, clock, batch, device="cuda:0")  # NVML is asked about "cuda:0"
@@ -400,7 +401,8 @@ def test_padding_below_ten_percent_is_not_reported(clean_model):
 
 
 # -- input wait ------------------------------------------------------------------------------------
-def test_waiting_for_input_reports_the_mfu_it_costs(clean_model):
+def test_waiting_for_input_reports_the_mfu_it_costs(clean_model, monkeypatch):
+    monkeypatch.setattr(_run_review, "_REVIEW_SECONDS", 0.0)  # every read reviews (its cadence: test_meter)
     clock = FakeClock()
     batch = full_batch(2, 16)
     meter = make_meter(clean_model, clock, batch)
@@ -646,6 +648,7 @@ def test_a_throttled_sm_clock_is_reported_after_two_low_reads(clean_model, monke
     fake_nvml = FakeNvml([1200, 1900, 1100], reasons=0x20 | 0x4)  # thermal slowdown and power cap
     monkeypatch.setitem(sys.modules, "pynvml", fake_nvml)
     monkeypatch.setattr(clocks, "SAMPLE_SECONDS", 0.0)  # every read samples
+    monkeypatch.setattr(_run_review, "_REVIEW_SECONDS", 0.0)  # ... and reviews
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
     clock = FakeClock()
     batch = full_batch(2, 16)

@@ -95,6 +95,16 @@ class TokenCounting:
         self._settings = Counting(attention_per_document, pad_token_id, windows, self.kernel_windows)
         self._plans: dict[tuple, Plan] = {}
         self._groups: dict[tuple, Group] = {}
+        self.counts_labelled = True  # whether plans take the labelled positions (``count_labelled``)
+
+    def count_labelled(self, needed: bool) -> None:
+        """Whether plans take which positions have a label (``Feature.LABELLED``). A FLOP engine whose
+        head computes every position never reads them, and taking them is an operation on the device
+        per micro-batch; held micro-batches keep their own plans."""
+        if needed != self.counts_labelled:
+            self.counts_labelled = needed
+            self._plans.clear()
+            self._groups.clear()
 
     # -- per micro-batch ---------------------------------------------------------------------------
     def defer(self, batch: Any) -> tuple[Plan, tuple[torch.Tensor, ...]]:
@@ -152,7 +162,11 @@ class TokenCounting:
             decoder_mask_key = _find(view, ("decoder_attention_mask",)) if decoder_key else None
             if decoder_key == "labels" and decoder_mask_key is None:
                 decoder_mask_key = "labels"  # positions whose label is not ignored
-            labelled = _labelled(view, view[main_key]) if main_key and not decoder_key else None
+            labelled = (
+                _labelled(view, view[main_key])
+                if main_key and not decoder_key and self.counts_labelled
+                else None
+            )
             found = Tensors(
                 ids=view[main_key] if main_key else None,
                 ids_key=main_key,

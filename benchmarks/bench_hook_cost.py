@@ -1,0 +1,177 @@
+"""Where the meter's host time is paid in a real run: each ``MFUCallback`` hook of an HF Trainer run, and
+the CUDA calls the hooks make, timed one by one on this host.
+
+Part 1, the CUDA calls: the host time of each call the meter makes per step or per read (an event
+record, a query, an elapsed time, a copy of a batch tensor on the device or to pinned host memory, a
+side stream's wait), median over many calls, while the GPU works through a queue of matmuls and while
+it idles.
+
+Part 2, the hooks: an HF Trainer run (the GPU table's 0.7B model, full fine-tuning and LoRA r=16, a log
+at every step) with the callback's hooks wrapped in a host clock: median and p90 of each hook's time
+per step (the read is in the flow's ``on_step_end``), and their sum per step.
+
+    python benchmarks/bench_hook_cost.py --steps 40
+    python benchmarks/bench_hook_cost.py --smoke       # a CPU, tiny model: the script runs, no claim
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+
+import torch
+from bench_accuracy import FixedBatches, build
+from common import SIZES, batch_for
+
+SIZES.setdefault("0.7b", (2048, 12, 16, 8, 5632, 32000, 2048, 4))  # the GPU table's model
+
+
+def median_p90(samples: list[float]) -> tuple[float, float]:
+    ordered = sorted(samples)
+    return statistics.median(ordered), ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]
+
+
+def call_costs(device: torch.device, calls: int) -> None:
+    """Host microseconds of each CUDA call of the meter, with the GPU busy and idle."""
+    mask = torch.ones(4, 2048, dtype=torch.int64, device=device)
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
+    for event in events:
+        event.record()
+    side = torch.cuda.Stream(device, priority=-1)
+    big = torch.randn(4096, 4096, device=device, dtype=torch.bfloat16)
+    torch.cuda.synchronize()
+
+    def done_copy() -> torch.Tensor:
+        with torch.cuda.stream(side):
+            return mask.cpu()
+
+    probes: dict[str, Callable[[], object]] = {
+        "Event.record": lambda: events[0].record(),
+        "Event.query (passed)": lambda: events[1].query(),
+        "Event.elapsed_time": lambda: events[1].elapsed_time(events[2]),
+        "current_stream": lambda: torch.cuda.current_stream(device),
+        "mask.clone (device)": lambda: mask.clone(),
+        "mask.to(cpu, non_blocking)": lambda: mask.to("cpu", non_blocking=True),
+        "side stream wait_event": lambda: side.wait_event(events[2]),
+        "side stream: mask.cpu()": done_copy,
+        "mask.sum(1) (device)": lambda: mask.sum(1),
+    }
+    for busy in (True, False):
+        print(f"-- CUDA calls, GPU {'busy (a queue of matmuls)' if busy else 'idle'}: host µs, median / p90")
+        for name, probe in probes.items():
+            samples = []
+            for index in range(calls):
+                if busy and index % 20 == 0:
+                    for _ in range(20):
+                        big @ big  # about 0.2 ms each on an H100: the queue stays ahead of the host
+                begin = time.perf_counter()
+                probe()
+                samples.append((time.perf_counter() - begin) * 1e6)
+                if not busy and index % 20 == 0:
+                    torch.cuda.synchronize()
+            if name == "Event.record":
+                torch.cuda.synchronize()
+                for event in events:
+                    event.record()
+                torch.cuda.synchronize()
+            median, p90 = median_p90(samples[5:])
+            print(f"   {name:30} {median:8.1f} {p90:8.1f}")
+        torch.cuda.synchronize()
+
+
+def hook_costs(size: str, config: str, steps: int, device: torch.device) -> None:
+    """Host time of each hook of MFUCallback per step, in an HF Trainer run that logs every step."""
+    from transformers import Trainer, TrainingArguments
+
+    import mfu_callbacks.transformers as integration
+    from mfu_callbacks.transformers import MFUCallback
+
+    times: dict[str, list[float]] = {}
+
+    def timed(target: object, name: str, key: str) -> None:
+        hook = getattr(target, name)
+
+        def wrapper(*args, **kwargs):
+            begin = time.perf_counter()
+            try:
+                return hook(*args, **kwargs)
+            finally:
+                times.setdefault(key, []).append((time.perf_counter() - begin) * 1e6)
+
+        setattr(target, name, wrapper)
+
+    flow_init = integration._AfterTheFlow.__init__
+
+    def init(self, owner):
+        flow_init(self, owner)
+        timed(self, "on_step_end", "read (flow's on_step_end)")
+        timed(self, "on_log", "flow's on_log")
+
+    integration._AfterTheFlow.__init__ = init
+    try:
+        callback = MFUCallback(warmup_steps=3, report=False)
+    finally:
+        integration._AfterTheFlow.__init__ = flow_init
+    for name in ("on_step_begin", "on_step_end", "on_log"):
+        timed(callback, name, name)
+    model = build(size, config, device)
+    batch = batch_for(size, device)
+    rows = len(batch["input_ids"])
+    args = TrainingArguments(
+        output_dir=tempfile.mkdtemp(prefix="mfu-bench-"),
+        max_steps=steps,
+        per_device_train_batch_size=rows,
+        logging_steps=1,
+        bf16=device.type == "cuda",
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+        use_cpu=device.type != "cuda",
+        dataloader_num_workers=0,
+    )
+    trainer = Trainer(
+        model=model, args=args, train_dataset=FixedBatches(batch, rows * steps), callbacks=[callback]
+    )
+    begin = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - begin
+    print(
+        f"-- hooks, HF Trainer {config}, logging every step, {steps} steps ({wall / steps * 1e3:.1f} ms/step)"
+    )
+    total = 0.0
+    for key, samples in times.items():
+        median, p90 = median_p90(samples[5:])
+        total += median
+        print(f"   {key:28} median {median:8.1f} µs   p90 {p90:8.1f} µs")
+    print(f"   {'sum of the medians':28} {total:8.1f} µs per step; mfu {callback.summary.get('mfu')}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--size", default="0.7b", choices=sorted(SIZES))
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--calls", type=int, default=400)
+    parser.add_argument("--configs", default="full,lora")
+    parser.add_argument("--smoke", action="store_true", help="tiny model, few steps (CPU)")
+    args = parser.parse_args()
+    if args.smoke:
+        args.size, args.steps = "tiny", 12
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    print(
+        f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; torch {torch.__version__}"
+    )
+    if device.type == "cuda":
+        call_costs(device, args.calls)
+    for config in args.configs.split(","):
+        hook_costs(args.size, config, args.steps, device)
+
+
+if __name__ == "__main__":
+    main()
