@@ -118,21 +118,28 @@ class WindowReader:
         steps = sum(timing.steps for timing in timings)
         generated = self._generation.drain(steps)
         engine = self._recorder.engine
+        flops = last_flops = None
+        if counted is not None and engine is not None:
+            window, last = counted
+            self.run_features = window if self.run_features is None else self.run_features + window
+            flops = engine.evaluate(window)
+            last_flops = flops if steps == 1 else engine.evaluate(last)  # a window of one step is its last
         layout = self.parallelism
-        placed = {
-            "group": layout.group_id,
-            "batch_replicas": layout.tensor_parallel,
-            "read_at": place,
-            "generation_seconds": generated.seconds,
-        }
-        if counted is None or engine is None:
-            return rank_window(world, timings, None, None, **placed)
-        window, last = counted
-        self.run_features = window if self.run_features is None else self.run_features + window
-        flops = engine.evaluate(window)
-        last_flops = flops if steps == 1 else engine.evaluate(last)  # a window of one step is its last
-        local = rank_window(world, timings, flops, last_flops, **placed)
-        return self._with_generation(local, generated, engine)
+        local = rank_window(
+            world,
+            timings,
+            flops,
+            last_flops,
+            group=layout.group_id,
+            batch_replicas=layout.tensor_parallel,
+            read_at=place,
+            generation_seconds=generated.seconds,
+        )
+        return (
+            self._with_generation(local, generated, engine)
+            if engine is not None and flops is not None
+            else local
+        )
 
     def _with_generation(self, local: Window, generated: GenerationWindow, engine: FlopEngine) -> Window:
         """The window with its steps' generations: their cost, their FLOPs added to the step's."""
