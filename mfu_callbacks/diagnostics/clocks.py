@@ -138,7 +138,7 @@ class NvmlClocks:
 SM_CLOCK_THRESHOLD = 0.80  # SM clock over its maximum, below which a read counts as throttled
 
 
-SAMPLE_SECONDS = 1.0  # at most one reading per second: an NVML query costs 0.1-0.3 ms of host time
+SAMPLE_SECONDS = 5.0  # at most one reading per 5 s: an NVML query costs 0.1-0.3 ms of host time
 
 
 class ClockLog:
