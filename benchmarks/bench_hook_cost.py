@@ -6,7 +6,11 @@ record, a query, an elapsed time, a copy of a batch tensor on the device or to p
 side stream's wait), median over many calls, while the GPU works through a queue of matmuls and while
 it idles.
 
-Part 2, the hooks: an HF Trainer run (the GPU table's 0.7B model, full fine-tuning and LoRA r=16, a log
+Part 2, a training step between two calls: the session's read of a tiny model, a fixed piece of pure
+Python and ten small torch operations, timed back to back and right after a training step (the step
+fills the host's caches, and every call after it runs slower).
+
+Part 3, the hooks: an HF Trainer run (the GPU table's 0.7B model, full fine-tuning and LoRA r=16, a log
 at every step) with the callback's hooks wrapped in a host clock: median and p90 of each hook's time
 per step (the read is in the flow's ``on_step_end``), and their sum per step.
 
@@ -150,6 +154,54 @@ def hook_costs(size: str, config: str, steps: int, device: torch.device) -> None
     print(f"   {'sum of the medians':28} {total:8.1f} µs per step; mfu {callback.summary.get('mfu')}")
 
 
+def cold_host(device: torch.device, reads: int) -> None:
+    """What a training step between two calls does to their host time: a step's ``begin_step``,
+    ``end_step`` and ``read`` of ``MeterSession`` on a tiny model, a fixed piece of pure Python and ten small torch operations, each timed alone (back to back)
+    and right after a training step of that model."""
+    from mfu_callbacks.testing import causal_lm
+    from mfu_callbacks.transformers import MFUCallback
+
+    model = causal_lm(hidden=64, layers=2, heads=4, vocab=256, max_positions=64).to(device)
+    ids = torch.randint(3, 256, (4, 64), device=device)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    small = torch.ones(4, 64, device=device)
+
+    def python() -> float:
+        table = {str(i): (i, 2.0 * i) for i in range(300)}
+        return sum(value[1] for value in table.values())
+
+    def torch_ops() -> None:
+        for _ in range(10):
+            small.sum(1)
+
+    print("-- a training step between two calls: host µs, median alone / after a step")
+    for name in ("a step's begin, end and read", "300 dict inserts in Python", "ten small torch operations"):
+        medians = []
+        for train in (False, True):
+            session = MFUCallback(warmup_steps=1, peak_tflops=100.0, report=False).session
+            session.attach(model, dtype="fp32")
+            samples = []
+            for _ in range(reads):
+                session.begin_step(batch)
+                if train:
+                    model(**batch).loss.backward()
+                session.end_step()
+                if name.startswith("a step"):
+                    session.read()  # every step is read: the next read holds one step
+                begin = time.perf_counter()
+                if name.startswith("a step"):
+                    session.begin_step(batch)
+                    session.end_step()
+                    session.read()
+                elif name.startswith("300"):
+                    python()
+                else:
+                    torch_ops()
+                samples.append((time.perf_counter() - begin) * 1e6)
+            medians.append(median_p90(samples[reads // 5 :])[0])
+        print(f"   {name:30} {medians[0]:8.1f} {medians[1]:8.1f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -158,10 +210,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--calls", type=int, default=400)
     parser.add_argument("--configs", default="full,lora")
+    parser.add_argument("--reads", type=int, default=300, help="reads of the tiny model in part 3")
     parser.add_argument("--smoke", action="store_true", help="tiny model, few steps (CPU)")
     args = parser.parse_args()
     if args.smoke:
-        args.size, args.steps = "tiny", 12
+        args.size, args.steps, args.reads = "tiny", 12, 60
     logging.getLogger("transformers").setLevel(logging.ERROR)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(
@@ -169,6 +222,7 @@ def main() -> None:
     )
     if device.type == "cuda":
         call_costs(device, args.calls)
+    cold_host(device, args.reads)
     for config in args.configs.split(","):
         hook_costs(args.size, config, args.steps, device)
 
