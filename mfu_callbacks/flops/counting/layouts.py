@@ -14,7 +14,8 @@ The main stream's layouts (``make_plan`` tells them apart):
 An encoder-decoder's two masks are taken in one operation (concatenated along the sequence).
 A decoder-only batch with labels (or TRL's ``completion_mask``/``assistant_masks``) also takes which
 positions have a label for the next token, as booleans (one operation): a head that scores only
-those follows them (``Feature.LABELLED``).
+those follows them (``Feature.LABELLED``). Once the run's engine is settled and no FLOPs depend on
+them, they are no longer taken (``TokenCounting.count_labelled``).
 """
 
 from __future__ import annotations
