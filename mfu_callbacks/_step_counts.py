@@ -102,12 +102,9 @@ class StepCounts:
         if not self._counted:
             return None
         with _after(ready):
-            if len(drained) == 1 and len(drained[0]) == 1:  # a log at every step: one micro-batch
-                plan, owned = drained[0][0]
-                only = torch.tensor(_one_batch(plan, owned)).view(self._shape)
-                return only, only
             window, last = _sums(drained, _width(self._shape))
-        return torch.tensor(window).view(self._shape), torch.tensor(last).view(self._shape)
+        summed = torch.tensor(window).view(self._shape)
+        return summed, summed if last is window else torch.tensor(last).view(self._shape)
 
     def _entries_for(self, steps: int) -> int:
         entries, total = 0, 0
@@ -206,14 +203,18 @@ def _constants(plans: Counter[Plan], width: int) -> list[int]:
 
 
 def _sums(steps: list[list[Entry]], width: int) -> tuple[list[int], list[int]]:
-    """The flattened features of all ``steps`` and of the last one, on the host."""
-    plans, last_plans, owned, last_from = _grouped(steps, with_last=True)
-    window, last = _constants(plans, width), _constants(last_plans, width)
+    """The flattened features of all ``steps`` and of the last one, on the host. A window of one step
+    (a log at every step) is its own last step: summed once, and returned as both."""
+    with_last = len(steps) > 1
+    plans, last_plans, owned, last_from = _grouped(steps, with_last=with_last)
+    window = _constants(plans, width)
+    last = _constants(last_plans, width) if with_last else window
+    rows = 2 if with_last else 1
     by_device: dict[torch.device, list[tuple[Group, torch.Tensor]]] = {}
     for group, tensors in owned.items():
         if _reduce_on_host(group, tensors):
             tensors = [_on_host(tensors)]
-        sums = group.reduce(tensors, tuple(last_from[group]))
+        sums = group.reduce(tensors, tuple(last_from[group]) if with_last else None)
         by_device.setdefault(sums.device, []).append((group, sums))
     for reduced in by_device.values():
         joined = (
@@ -223,28 +224,13 @@ def _sums(steps: list[list[Entry]], width: int) -> tuple[list[int], list[int]]:
         offset = 0
         for group, _ in reduced:
             cells = group.cells
-            for slot, total, in_last in zip(
-                cells,
-                on_host[offset : offset + len(cells)],
-                on_host[offset + len(cells) : offset + 2 * len(cells)],
-            ):
+            for slot, total in zip(cells, on_host[offset : offset + len(cells)]):
                 window[slot] += total
-                last[slot] += in_last
-            offset += 2 * len(cells)
+            if with_last:
+                for slot, in_last in zip(cells, on_host[offset + len(cells) : offset + 2 * len(cells)]):
+                    last[slot] += in_last
+            offset += rows * len(cells)
     return window, last
-
-
-def _one_batch(plan: Plan, owned: tuple[torch.Tensor, ...]) -> list[int]:
-    """The flattened features of one micro-batch, on the host (``_sums`` of one step, fewer calls)."""
-    features = list(plan.constants)
-    group = plan.group
-    if group is None:
-        return features
-    if _reduce_on_host(group, [owned]):
-        owned = _on_host([owned])
-    for slot, value in zip(group.cells, group.reduce([owned], None)[0].tolist()):
-        features[slot] += value
-    return features
 
 
 def _reduce_on_host(group: Group, owned: list[tuple[torch.Tensor, ...]]) -> bool:
