@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -94,6 +95,7 @@ class FlopEngine:
         self._sparse_components = {name: _sparse(c) for name, c in self.components.items()}
         self._sparse_model_by_dtype = {name: _sparse(c) for name, c in model_by_dtype.items()}
         self._sparse_hardware_by_dtype = {name: _sparse(c) for name, c in hardware_by_dtype.items()}
+        self._sparse_recompute = _sparse(self._recompute)
 
     # -- building -------------------------------------------------------------------------------
     @classmethod
@@ -188,17 +190,14 @@ class FlopEngine:
                 f"negative token counts or lengths in the features {values}: counts come from "
                 "FlopEngine.count(batch) (summed over micro-batches), never below zero"
             )
-        model_flops = _sparse_dot(self._sparse_model, model_features)
-        hardware_flops = _sparse_dot(self._sparse_hardware, hardware_features)
-        breakdown = {
-            name: round(_sparse_dot(c, model_features)) for name, c in self._sparse_components.items()
-        }
+        model_flops = _dot(self._sparse_model, model_features)
+        hardware_flops = _dot(self._sparse_hardware, hardware_features)
+        breakdown = {name: round(_dot(c, model_features)) for name, c in self._sparse_components.items()}
         model_by_dtype = {
-            name: round(_sparse_dot(c, model_features)) for name, c in self._sparse_model_by_dtype.items()
+            name: round(_dot(c, model_features)) for name, c in self._sparse_model_by_dtype.items()
         }
         hardware_by_dtype = {
-            name: round(_sparse_dot(c, hardware_features))
-            for name, c in self._sparse_hardware_by_dtype.items()
+            name: round(_dot(c, hardware_features)) for name, c in self._sparse_hardware_by_dtype.items()
         }
         if self._has_tokens:
             tokens = model_features[Feature.TOKENS] + model_features[Feature.DECODER_TOKENS]
@@ -218,7 +217,7 @@ class FlopEngine:
     def recompute_flops(self, features: torch.Tensor | Sequence[Sequence[float]]) -> float:
         """Of the hardware FLOPs of the step whose features are given, those activation checkpointing reran."""
         values = features.tolist() if isinstance(features, torch.Tensor) else features
-        return _dot(self._recompute, values[HARDWARE])
+        return _dot(self._sparse_recompute, values[HARDWARE])
 
     def estimate(self, batch: Any) -> StepFlops:
         """Count and evaluate one batch (reads the counts back: for tools and tests, not the hot path)."""
@@ -229,7 +228,7 @@ class FlopEngine:
         """The dtypes this model's matmuls run in (``dtypes.py``: "" for the run's dtype, "fp8", ...)."""
         return frozenset(self._model_by_dtype) | frozenset(self._hardware_by_dtype)
 
-    @property
+    @cached_property  # asked at every read, fixed with the coefficients
     def reads_labelled(self) -> bool:
         """Whether any FLOPs depend on the labelled positions (a head that scores only those)."""
         feature = Feature.LABELLED
@@ -244,10 +243,6 @@ class FlopEngine:
         return self._model[Feature.TOKENS] + self._model[Feature.DECODER_TOKENS]
 
 
-def _dot(coefficients: Sequence[float], features: Sequence[float]) -> float:
-    return sum(c * f for c, f in zip(coefficients, features) if c)
-
-
 _Sparse = tuple[tuple[int, float], ...]  # (feature, coefficient) of the features with a coefficient
 
 
@@ -255,7 +250,7 @@ def _sparse(coefficients: Sequence[float]) -> _Sparse:
     return tuple((feature, c) for feature, c in enumerate(coefficients) if c)
 
 
-def _sparse_dot(coefficients: _Sparse, features: Sequence[float]) -> float:
+def _dot(coefficients: _Sparse, features: Sequence[float]) -> float:
     total = 0.0
     for feature, c in coefficients:
         total += c * features[feature]
