@@ -286,25 +286,34 @@ def run_plain(model, batch, warmup, measured, peak_tflops):
     return meter.metrics(), wall
 
 
-def run_hf(model, batch, warmup, measured, peak_tflops):
-    from transformers import Trainer, TrainingArguments
+def hf_arguments(rows: int, steps: int, logging_steps: int):
+    """The benchmarks' HF ``TrainingArguments``: ``steps`` optimizer steps of ``rows`` rows, bf16 on a
+    GPU, no reporting, saving or progress bar, the data in the main process."""
+    from transformers import TrainingArguments
 
-    from mfu_callbacks.transformers import MFUCallback
-
-    clock: dict[str, float] = {}
-    rows = len(batch["input_ids"])
-    args = TrainingArguments(
-        output_dir=tempfile.mkdtemp(),
-        max_steps=warmup + measured,
+    return TrainingArguments(
+        output_dir=tempfile.mkdtemp(prefix="mfu-bench-"),
+        max_steps=steps,
         per_device_train_batch_size=rows,
-        logging_steps=warmup + measured,
+        logging_steps=logging_steps,
         bf16=torch.cuda.is_available(),
         report_to=[],
         save_strategy="no",
         disable_tqdm=True,
         learning_rate=1e-5,
         use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
     )
+
+
+def run_hf(model, batch, warmup, measured, peak_tflops):
+    from transformers import Trainer
+
+    from mfu_callbacks.transformers import MFUCallback
+
+    clock: dict[str, float] = {}
+    rows = len(batch["input_ids"])
+    args = hf_arguments(rows, warmup + measured, logging_steps=warmup + measured)
     trainer = Trainer(
         model=model,
         args=args,

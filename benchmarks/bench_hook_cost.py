@@ -22,21 +22,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import statistics
-import tempfile
 import time
 from collections.abc import Callable
 
 import torch
-from bench_accuracy import FixedBatches, build
-from common import SIZES, batch_for
+from bench_accuracy import FixedBatches, build, hf_arguments
+from common import SIZES, batch_for, median_p90
 
 SIZES.setdefault("0.7b", (2048, 12, 16, 8, 5632, 32000, 2048, 4))  # the GPU table's model
-
-
-def median_p90(samples: list[float]) -> tuple[float, float]:
-    ordered = sorted(samples)
-    return statistics.median(ordered), ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]
 
 
 def call_costs(device: torch.device, calls: int) -> None:
@@ -89,7 +82,7 @@ def call_costs(device: torch.device, calls: int) -> None:
 
 def hook_costs(size: str, config: str, steps: int, device: torch.device) -> None:
     """Host time of each hook of MFUCallback per step, in an HF Trainer run that logs every step."""
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer
 
     import mfu_callbacks.transformers as integration
     from mfu_callbacks.transformers import MFUCallback
@@ -125,20 +118,11 @@ def hook_costs(size: str, config: str, steps: int, device: torch.device) -> None
     model = build(size, config, device)
     batch = batch_for(size, device)
     rows = len(batch["input_ids"])
-    args = TrainingArguments(
-        output_dir=tempfile.mkdtemp(prefix="mfu-bench-"),
-        max_steps=steps,
-        per_device_train_batch_size=rows,
-        logging_steps=1,
-        bf16=device.type == "cuda",
-        report_to=[],
-        save_strategy="no",
-        disable_tqdm=True,
-        use_cpu=device.type != "cuda",
-        dataloader_num_workers=0,
-    )
     trainer = Trainer(
-        model=model, args=args, train_dataset=FixedBatches(batch, rows * steps), callbacks=[callback]
+        model=model,
+        args=hf_arguments(rows, steps, logging_steps=1),
+        train_dataset=FixedBatches(batch, rows * steps),
+        callbacks=[callback],
     )
     begin = time.perf_counter()
     trainer.train()
@@ -156,8 +140,9 @@ def hook_costs(size: str, config: str, steps: int, device: torch.device) -> None
 
 def cold_host(device: torch.device, reads: int) -> None:
     """What a training step between two calls does to their host time: a step's ``begin_step``,
-    ``end_step`` and ``read`` of ``MeterSession`` on a tiny model, a fixed piece of pure Python and ten small torch operations, each timed alone (back to back)
-    and right after a training step of that model."""
+    ``end_step`` and ``read`` of ``MeterSession`` on a tiny model, a fixed piece of pure Python and ten
+    small torch operations, each timed alone (back to back) and right after a training step of that
+    model."""
     from mfu_callbacks.testing import causal_lm
     from mfu_callbacks.transformers import MFUCallback
 
@@ -210,7 +195,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--calls", type=int, default=400)
     parser.add_argument("--configs", default="full,lora")
-    parser.add_argument("--reads", type=int, default=300, help="reads of the tiny model in part 3")
+    parser.add_argument("--reads", type=int, default=300, help="reads of the tiny model in part 2")
     parser.add_argument("--smoke", action="store_true", help="tiny model, few steps (CPU)")
     args = parser.parse_args()
     if args.smoke:

@@ -30,12 +30,13 @@ import torch
 from bench_accuracy import (
     FixedBatches,
     build,
+    hf_arguments,
     hf_wall_clock,
     lightning_module,
     lightning_wall_clock,
     truth_flops_without_recompute,
 )
-from common import SIZES, batch_for
+from common import SIZES, batch_for, median_p90
 
 from mfu_callbacks.hardware import resolve_peak
 
@@ -92,26 +93,14 @@ def timed_reads(callback, reads: list[float]) -> None:
 
 
 def run_hf(model, batch, warmup, measured, logging_steps, with_callback, reads):
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer
 
     from mfu_callbacks.transformers import MFUCallback
 
     clock: dict[str, float] = {}
 
     rows = len(batch["input_ids"])
-    args = TrainingArguments(
-        output_dir=tempfile.mkdtemp(prefix="mfu-bench-"),
-        max_steps=warmup + measured,
-        per_device_train_batch_size=rows,
-        logging_steps=logging_steps,
-        bf16=torch.cuda.is_available(),
-        report_to=[],
-        save_strategy="no",
-        disable_tqdm=True,
-        learning_rate=1e-5,
-        use_cpu=not torch.cuda.is_available(),
-        dataloader_num_workers=0,
-    )
+    args = hf_arguments(rows, warmup + measured, logging_steps)
     callback = MFUCallback(warmup_steps=warmup, report=False) if with_callback else None
     if callback is not None:
         timed_reads(callback, reads)
@@ -226,8 +215,7 @@ def main() -> None:
     )
     print("| --- | ---: | --- | ---: | ---: | --- |")
     for case in cases:
-        reads = sorted(case.reads) or [float("nan")]
-        p90 = reads[min(len(reads) - 1, int(0.9 * len(reads)))]
+        read_median, p90 = median_p90(case.reads or [float("nan")])
         step = statistics.median(case.walls["without"]) / args.measured * 1e3
         truth = (
             f"{statistics.median(case.mfu_over_truth):.4f} [{min(case.mfu_over_truth):.4f}, "
@@ -237,7 +225,7 @@ def main() -> None:
         )
         print(
             f"| {case.name} | {step:.1f} | {statistics.median(case.ratios):.4f} [{min(case.ratios):.4f}, "
-            f"{max(case.ratios):.4f}] | {statistics.median(reads) * 1e3:.3f} ms | {p90 * 1e3:.3f} ms | {truth} |"
+            f"{max(case.ratios):.4f}] | {read_median * 1e3:.3f} ms | {p90 * 1e3:.3f} ms | {truth} |"
         )
     if PROFILE is not None:
         pstats.Stats(PROFILE).sort_stats("cumulative").print_stats(40)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import statistics
+
 import torch
 
 from mfu_callbacks.testing import causal_lm, reference_step_flops
@@ -13,6 +15,12 @@ SIZES = {
     "mid": (1024, 8, 16, 8, 2816, 32000, 1024, 8),
     "tiny": (64, 2, 4, 2, 128, 256, 32, 2),
 }
+
+
+def median_p90(samples: list[float]) -> tuple[float, float]:
+    """The median and the 90th percentile (the sample below which nine tenths fall) of ``samples``."""
+    ordered = sorted(samples)
+    return statistics.median(ordered), ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]
 
 
 def sync() -> None:
