@@ -44,6 +44,11 @@ class StepObservation:
         self.attempts_left = OBSERVATION_ATTEMPTS
         self.awaiting = False  # it began at a forward without grad: its micro-batch is next
 
+    @property
+    def pending(self) -> bool:
+        """Whether an observation is open or awaits its fit (the run's engine may still change)."""
+        return self.observer is not None or self.observed is not None
+
     def tries_again(self, engine: FlopEngine | None) -> bool:
         """Whether the next micro-batch is observed again (an earlier observation saw no backward)."""
         return engine is None and self.decision != "off" and bool(self.attempts_left) and not self.observed

@@ -198,12 +198,7 @@ class StepRecorder:
         engine = self._observation.fit(self.engine)  # and settle which count the run uses
         if engine is not None:
             self.engine = engine
-        observation = self._observation
-        if (
-            isinstance(self.engine, FlopEngine)
-            and observation.observed is None
-            and observation.observer is None
-        ):
+        if isinstance(self.engine, FlopEngine) and not self._observation.pending:
             # The run's engine is settled: batches need not give what it never reads.
             self.engine.counting.count_labelled(self.engine.reads_labelled)
         counted = self._step_counts.drain(steps, ready=self.timer.end_event(steps)) if steps else None
