@@ -3,12 +3,13 @@ the CUDA calls the hooks make, timed one by one on this host.
 
 Part 1, the CUDA calls: the host time of each call the meter makes per step or per read (an event
 record, a query, an elapsed time, a copy of a batch tensor on the device or to pinned host memory, a
-side stream's wait), median over many calls, while the GPU works through a queue of matmuls and while
+side stream's wait, a ten-step window's held tensors brought to the host with a kernel and one copy or
+with ten copies), median over many calls, while the GPU works through a queue of matmuls and while
 it idles.
 
-Part 2, a training step between two calls: the session's read of a tiny model, a fixed piece of pure
-Python and ten small torch operations, timed back to back and right after a training step (the step
-fills the host's caches, and every call after it runs slower).
+Part 2, a training step between two calls: the session's step with and without a read of a tiny
+model, the CUDA calls of a step (a mask's row sums, two events), a fixed piece of pure Python and ten small torch operations, timed back to back and right
+after a training step (the step fills the host's caches, and every call after it runs slower).
 
 Part 3, the hooks: an HF Trainer run (the GPU table's 0.7B model, full fine-tuning and LoRA r=16, a log
 at every step) with the callback's hooks wrapped in a host clock: median and p90 of each hook's time
@@ -46,6 +47,20 @@ def call_costs(device: torch.device, calls: int) -> None:
         with torch.cuda.stream(side):
             return mask.cpu()
 
+    lengths = [mask.sum(1) for _ in range(10)]  # what ten steps of a window hold
+
+    def cat_and_copy() -> torch.Tensor:
+        with torch.cuda.stream(side):
+            side.wait_event(events[2])
+            return torch.cat(lengths).cpu()
+
+    def copies_and_sync() -> torch.Tensor:
+        with torch.cuda.stream(side):
+            side.wait_event(events[2])
+            copies = [held.to("cpu", non_blocking=True) for held in lengths]
+            side.synchronize()
+            return torch.cat(copies)
+
     probes: dict[str, Callable[[], object]] = {
         "Event.record": lambda: events[0].record(),
         "Event.query (passed)": lambda: events[1].query(),
@@ -56,6 +71,8 @@ def call_costs(device: torch.device, calls: int) -> None:
         "side stream wait_event": lambda: side.wait_event(events[2]),
         "side stream: mask.cpu()": done_copy,
         "mask.sum(1) (device)": lambda: mask.sum(1),
+        "side: cat of ten, one copy": cat_and_copy,
+        "side: ten copies, one sync": copies_and_sync,
     }
     for busy in (True, False):
         print(f"-- CUDA calls, GPU {'busy (a queue of matmuls)' if busy else 'idle'}: host µs, median / p90")
@@ -139,10 +156,10 @@ def hook_costs(size: str, config: str, steps: int, device: torch.device) -> None
 
 
 def cold_host(device: torch.device, reads: int) -> None:
-    """What a training step between two calls does to their host time: a step's ``begin_step``,
-    ``end_step`` and ``read`` of ``MeterSession`` on a tiny model, a fixed piece of pure Python and ten
-    small torch operations, each timed alone (back to back) and right after a training step of that
-    model."""
+    """What a training step between two calls does to their host time: the session's step (its begin and
+    end) with and without a read on a tiny model, the CUDA calls of a step one by one, a fixed piece of
+    pure Python and ten small torch operations, each timed alone (back to back) and right after a
+    training step of that model."""
     from mfu_callbacks.testing import causal_lm
     from mfu_callbacks.transformers import MFUCallback
 
@@ -150,41 +167,55 @@ def cold_host(device: torch.device, reads: int) -> None:
     ids = torch.randint(3, 256, (4, 64), device=device)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     small = torch.ones(4, 64, device=device)
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if device.type == "cuda" else []
 
-    def python() -> float:
+    def python() -> None:
         table = {str(i): (i, 2.0 * i) for i in range(300)}
-        return sum(value[1] for value in table.values())
+        sum(value[1] for value in table.values())
 
     def torch_ops() -> None:
         for _ in range(10):
             small.sum(1)
 
+    def two_events() -> None:  # as the step timer records them
+        for event in events:
+            event.record(torch.cuda.current_stream(device))
+
+    calls: dict[str, Callable[[], None] | None] = {
+        "a step's begin, end and read": None,
+        "a step's begin and end": None,
+        "300 dict inserts in Python": python,
+        "ten small torch operations": torch_ops,
+        "a mask's row sums (the count)": lambda: batch["attention_mask"].sum(1, dtype=torch.int64),
+    }
+    if events:
+        calls["two events (the step's start and stop)"] = two_events
     print("-- a training step between two calls: host µs, median alone / after a step")
-    for name in ("a step's begin, end and read", "300 dict inserts in Python", "ten small torch operations"):
+    for name, call in calls.items():
         medians = []
         for train in (False, True):
             session = MFUCallback(warmup_steps=1, peak_tflops=100.0, report=False).session
             session.attach(model, dtype="fp32")
+            read = name.endswith("read")
             samples = []
             for _ in range(reads):
                 session.begin_step(batch)
                 if train:
                     model(**batch).loss.backward()
                 session.end_step()
-                if name.startswith("a step"):
+                if read:
                     session.read()  # every step is read: the next read holds one step
                 begin = time.perf_counter()
-                if name.startswith("a step"):
+                if call is None:
                     session.begin_step(batch)
                     session.end_step()
-                    session.read()
-                elif name.startswith("300"):
-                    python()
+                    if read:
+                        session.read()
                 else:
-                    torch_ops()
+                    call()
                 samples.append((time.perf_counter() - begin) * 1e6)
             medians.append(median_p90(samples[reads // 5 :])[0])
-        print(f"   {name:30} {medians[0]:8.1f} {medians[1]:8.1f}")
+        print(f"   {name:36} {medians[0]:8.1f} {medians[1]:8.1f}")
 
 
 def main() -> None:
@@ -208,7 +239,7 @@ def main() -> None:
     if device.type == "cuda":
         call_costs(device, args.calls)
     cold_host(device, args.reads)
-    for config in args.configs.split(","):
+    for config in filter(None, args.configs.split(",")):  # --configs "": parts 1 and 2 only
         hook_costs(args.size, config, args.steps, device)
 
 

@@ -229,6 +229,7 @@ def main() -> None:
         )
     if PROFILE is not None:
         pstats.Stats(PROFILE).sort_stats("cumulative").print_stats(40)
+        pstats.Stats(PROFILE).sort_stats("tottime").print_stats(25)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,9 @@ class _Step:
     features: torch.Tensor | None = None  # (2, NUM_GENERATION_FEATURES) on the device
 
 
+_NONE = _Step()  # a measured step without generations (shared: entries of the ended steps are never changed)
+
+
 @dataclass(frozen=True)
 class GenerationWindow:
     """The generations of the steps a read takes: time, features (host lists) and those of the last step."""
@@ -82,9 +85,9 @@ class GenerationPhase:
         self._windows: tuple[AttentionWindow, ...] | None = None  # the model's attention windows, read once
         self._model = model
         self._step_open = False
-        self._open = _Step()
+        self._open: _Step | None = None  # made at the open step's first generation
         self._began: float | torch.cuda.Event | None = None
-        self._ended: list[_Step] = []
+        self._ended: list[_Step] = []  # a step without generations is ``_NONE``
 
     @property
     def running(self) -> bool:
@@ -94,16 +97,22 @@ class GenerationPhase:
     # -- per step ---------------------------------------------------------------------------------------
     def step_begins(self) -> None:
         self._step_open = True
-        self._open = _Step()
+        self._open = None
 
     def step_ends(self, measured: bool) -> None:
         """The step ends: its generations are kept if it is measured, else dropped."""
         self._step_open = False
         if measured:
-            self._ended.append(self._open)
+            self._ended.append(self._open or _NONE)
             if len(self._ended) > _KEEP_STEPS:
                 self._fold()
-        self._open = _Step()
+        self._open = None
+
+    @property
+    def _open_step(self) -> _Step:
+        if self._open is None:
+            self._open = _Step()
+        return self._open
 
     def begins(self) -> None:
         if self._began is not None:
@@ -115,9 +124,9 @@ class GenerationPhase:
         if began is None or not self._step_open:
             return
         if isinstance(began, torch.cuda.Event):
-            self._open.pairs += ((began, self._record()),)
+            self._open_step.pairs += ((began, self._record()),)
         else:
-            self._open.seconds += self._clock() - began
+            self._open_step.seconds += self._clock() - began
 
     @contextmanager
     def timed(self) -> Iterator[None]:
@@ -148,8 +157,8 @@ class GenerationPhase:
             padded_completion=padded_completion,
             windows=self.windows,
         )
-        features = self._open.features
-        self._open.features = counts if features is None else features + counts.to(features.device)
+        step = self._open_step
+        step.features = counts if step.features is None else step.features + counts.to(step.features.device)
 
     @property
     def windows(self) -> tuple[AttentionWindow, ...]:
@@ -162,13 +171,16 @@ class GenerationPhase:
     # -- at the read ------------------------------------------------------------------------------------
     def drain(self, steps: int) -> GenerationWindow:
         """The oldest ``steps`` measured steps' generations (the steps the timer read: finished on the device)."""
-        taken: list[_Step] = []
-        while self._ended and steps > 0:
-            step = self._ended.pop(0)
-            taken.append(step)
-            steps -= step.steps
-        seconds = sum(step.seconds + _elapsed(step.pairs) for step in taken)
-        counted = [step.features for step in taken if step.features is not None]
+        entries, covered = 0, 0
+        while entries < len(self._ended) and covered < steps:
+            covered += self._ended[entries].steps
+            entries += 1
+        taken, self._ended = self._ended[:entries], self._ended[entries:]
+        generated = [step for step in taken if step is not _NONE]
+        if not generated:
+            return GenerationWindow()
+        seconds = sum(step.seconds + _elapsed(step.pairs) for step in generated)
+        counted = [step.features for step in generated if step.features is not None]
         if not counted:
             return GenerationWindow(seconds=seconds)
         total = torch.stack([features.to(counted[0].device) for features in counted]).sum(0).tolist()
