@@ -4,6 +4,13 @@ and reused once resolved, so that a steady run allocates none.
 Each measured step keeps where its input wait began (the previous step's end, or None), its start and
 stop events, the host seconds of the meter's work before it inside that wait, and of its work before
 a pause (outside the wait: the pause moved its beginning).
+
+A step that begins while the device still runs the previous one (its stop event not passed: the host
+runs ahead, as it does in a training loop bound by the GPU) records no start event: the device sat
+idle for none of the time between the two steps, so the step begins where the previous one ends and
+its input wait is 0, which is what a start event would measure. That is one event record per step
+instead of two, for one query: in the loop a record costs the host about 48 µs on an H100 host, a
+query about 1 (``benchmarks/RESULTS.md``, "The step's CUDA calls in the loop").
 """
 
 from __future__ import annotations
@@ -12,7 +19,9 @@ import torch
 
 from ._step_timing import StepTiming
 
-_Recorded = tuple[torch.cuda.Event | None, torch.cuda.Event, torch.cuda.Event, float, float]
+# (where the input wait began, start (None: where the previous step stopped), stop, the meter's host
+# seconds in the wait, before a pause)
+_Recorded = tuple[torch.cuda.Event | None, torch.cuda.Event | None, torch.cuda.Event, float, float]
 
 
 class StepEvents:
@@ -23,6 +32,7 @@ class StepEvents:
         self._device = device.index if device is not None and device.index is not None else device
         self.recorded: list[_Recorded] = []
         self.previous_stop: torch.cuda.Event | None = None  # where the next step's input wait begins
+        self._follows_step = False  # ``previous_stop`` is the last step's own stop (no pause since)
         self._wait_began: torch.cuda.Event | None = None  # ... and where the open step's began
         self._start: torch.cuda.Event | None = None  # the open (or last) measured step's start
         self._open_meter_before_pause = 0.0  # the open step's
@@ -30,18 +40,26 @@ class StepEvents:
 
     def start(self, meter_before_pause: float) -> None:
         """A measured step begins: its start event, and where its input wait began."""
-        self._wait_began = self.previous_stop
-        self._open_meter_before_pause = meter_before_pause if self.previous_stop is not None else 0.0
-        self._start = self._record()
+        previous = self._wait_began = self.previous_stop
+        self._open_meter_before_pause = meter_before_pause if previous is not None else 0.0
+        if previous is not None and self._follows_step and not previous.query():
+            self._start = None  # the device still runs the previous step: this one begins where it ends
+        else:
+            self._start = self._record()
 
     def stop(self, meter_seconds: float) -> None:
         """The measured step ends: its stop event, where the next step's input wait begins."""
         stop = self._record()
-        assert self._start is not None  # recorded by start() of a measured step
         self.recorded.append(
             (self._wait_began, self._start, stop, meter_seconds, self._open_meter_before_pause)
         )
         self.previous_stop = stop
+        self._follows_step = True
+
+    def forget_previous_stop(self) -> None:
+        """An unmeasured step ended: it is nobody's input wait, and the next step records its start."""
+        self.previous_stop = None
+        self._follows_step = False
 
     def leave_out_open_step(self) -> None:
         """The open step is not measured after all: its start event is spare."""
@@ -52,6 +70,7 @@ class StepEvents:
         """After a pause between steps: the next input wait starts now (the device idled or ran the
         paused work, however many kernels)."""
         replaced, self.previous_stop = self.previous_stop, self._record()
+        self._follows_step = False  # the paused work may still run: the next step records its start
         if not (self.recorded and self.recorded[-1][2] is replaced):  # resolved already: reuse it
             assert replaced is not None
             self._spare.append(replaced)
@@ -85,11 +104,14 @@ class StepEvents:
         """Append the oldest ``count`` recorded steps to ``timings``; their events are reused."""
         resolved: dict[int, torch.cuda.Event] = {}
         for wait_began, start, stop, meter, earlier in self.recorded[:count]:
-            between = max(wait_began.elapsed_time(start) / 1000.0, 0.0) if wait_began is not None else 0.0
+            if start is None:  # began while the device ran the previous step: no idle time between
+                assert wait_began is not None
+                between, step_seconds = 0.0, wait_began.elapsed_time(stop) / 1000.0
+            else:
+                between = max(wait_began.elapsed_time(start) / 1000.0, 0.0) if wait_began is not None else 0.0
+                step_seconds = start.elapsed_time(stop) / 1000.0
             meter = min(meter, between)  # the device idled this long at most because of the meter
-            timings.append(
-                StepTiming(start.elapsed_time(stop) / 1000.0, between - meter, meter_seconds=meter + earlier)
-            )
+            timings.append(StepTiming(step_seconds, between - meter, meter_seconds=meter + earlier))
             resolved.update((id(event), event) for event in (wait_began, start, stop) if event is not None)
         del self.recorded[:count]
         still_needed = {id(self.previous_stop)} | ({id(self._wait_began)} if step_open else set())

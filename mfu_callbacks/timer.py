@@ -1,6 +1,7 @@
 """Step times without a host sync on the hot path.
 
-On CUDA each optimizer step is bracketed by two timing events on the current stream; they are
+On CUDA each optimizer step is bracketed by two timing events on the current stream (one, its stop,
+where the step begins while the device still runs the last one: ``_step_events.py``); they are
 resolved only when the timings are read (at log time), with one wait on the last event. A
 ``torch.cuda.synchronize()`` per step costs step time (``benchmarks/RESULTS.md``, "Overhead against
 no measurement and against ThroughputMonitor": 1.0054-1.0064x on a 159 ms H100 step, up to 1.0124x on a
@@ -127,7 +128,7 @@ class StepTimer:
             self._last_stop = now
             self._fold_old_timings()
             return
-        self._events.previous_stop = None  # an unmeasured step is nobody's input wait
+        self._events.forget_previous_stop()  # an unmeasured step is nobody's input wait
         self._last_stop = self._clock()
 
     def leave_out_open_step(self) -> None:

@@ -274,3 +274,61 @@ def test_on_cuda_a_pause_over_many_forwards_leaves_the_read_before_it_as_the_met
     created = len(FakeEvent.created)
     read_pause_and_three_steps()
     assert len(FakeEvent.created) == created  # steady state: the pause's event is recycled like the steps'
+
+
+def test_a_step_begun_while_the_device_runs_the_last_one_records_only_its_stop(fake_cuda):
+    """The host runs ahead of the device (a loop bound by the GPU): a step begins where the last one
+    ends on the device, with no input wait (the device never idled), and the read before it cost the
+    run nothing; once the device has passed the last stop, the step records its start again and the
+    idle time is input wait."""
+    clock = fake_cuda
+    timer = StepTimer(0, device="cuda", clock=clock)
+    began = clock()
+    FakeEvent.device_time = float("-inf")  # queued work all along: no event is passed yet
+    for wait, seconds in ((0.0, 1.0), (0.25, 1.0)):
+        timed_step(timer, clock, wait=wait, seconds=seconds)
+    with timer.meter_work():  # a read while the device works
+        clock.advance(2.0)
+    timed_step(timer, clock, wait=0.5, seconds=2.0)
+    assert FakeEvent.log.count("record") == 4  # the first step's start and stop, then a stop each
+    FakeEvent.device_time = float("inf")
+    timings = timer.read()
+    assert timings == [StepTiming(1.0, 0.0), StepTiming(1.25, 0.0), StepTiming(4.5, 0.0)]
+    assert sum(t.iteration_seconds for t in timings) == pytest.approx(clock() - began)  # the same wall clock
+    timed_step(timer, clock, wait=0.5, seconds=1.0)  # the device had passed the last stop: it idled
+    assert FakeEvent.log.count("record") == 6
+    assert timer.read() == [StepTiming(1.0, 0.5)]
+
+
+def test_after_a_pause_or_an_unmeasured_step_a_step_records_its_start_however_busy_the_device(fake_cuda):
+    clock = fake_cuda
+    timer = StepTimer(1, device="cuda", clock=clock)
+    FakeEvent.device_time = float("-inf")
+    timed_step(timer, clock, wait=0.0, seconds=1.0)  # warm-up: unmeasured
+    timed_step(timer, clock, wait=0.25, seconds=1.0)  # no previous stop to begin from
+    assert FakeEvent.log.count("record") == 2
+    with timer.paused():  # evaluation: its kernels may still run when the next step begins
+        clock.advance(3.0)
+    timed_step(timer, clock, wait=0.5, seconds=1.0)
+    assert FakeEvent.log.count("record") == 5  # the pause's end, the step's start and stop
+    FakeEvent.device_time = float("inf")
+    assert timer.read() == [StepTiming(1.0, 0.0), StepTiming(1.0, 0.5)]
+
+
+def test_steps_that_record_only_their_stop_recycle_their_events_too(fake_cuda):
+    clock = fake_cuda
+    timer = StepTimer(0, device="cuda", clock=clock)
+
+    def busy_steps_then_a_read() -> None:
+        FakeEvent.device_time = float("-inf")
+        for _ in range(4):
+            timed_step(timer, clock, wait=0.0, seconds=1.0)
+        FakeEvent.device_time = clock() - 1.0  # the last step still runs: read up to the one before
+        timer.read(timer.completed_steps())
+
+    for _ in range(2):  # the spare events fill up
+        busy_steps_then_a_read()
+    created = len(FakeEvent.created)
+    for _ in range(5):
+        busy_steps_then_a_read()
+    assert len(FakeEvent.created) == created
