@@ -8,8 +8,9 @@ with ten copies), median over many calls, while the GPU works through a queue of
 it idles.
 
 Part 2, a training step between two calls: the session's step with and without a read of a tiny
-model, the CUDA calls of a step (a mask's row sums, two events), a fixed piece of pure Python and ten small torch operations, timed back to back and right
-after a training step (the step fills the host's caches, and every call after it runs slower).
+model, the CUDA calls of a step (a mask's row sums, two events), a fixed piece of pure Python and ten
+small torch operations, timed back to back and right after a training step (the step fills the host's
+caches, and every call after it runs slower).
 
 Part 3, the hooks: an HF Trainer run (the GPU table's 0.7B model, full fine-tuning and LoRA r=16, a log
 at every step) with the callback's hooks wrapped in a host clock: median and p90 of each hook's time
