@@ -8,6 +8,10 @@ lists the aten operations of one step (views included: on a GPU host each dispat
 and of a read (``metrics()``), whose operations are amortized per step for a read every 10 and every
 50 steps; the read's host time is its median over reads. Medians and p90 in microseconds.
 
+These are the calls' cost back to back. In a training loop (``bench_overhead.py``'s per-step line) the
+same calls cost 3-5 times more, right after a step has filled the host's caches; ``bench_hook_cost.py``
+(part 2) times each of them both ways, which reconciles the two benchmarks.
+
     python benchmarks/bench_host_cost.py --steps 2000
 """
 
