@@ -103,7 +103,7 @@ class GenerationPhase:
         """The step ends: its generations are kept if it is measured, else dropped."""
         self._step_open = False
         if measured:
-            self._ended.append(self._open or _NONE)
+            self._ended.append(self._open if self._open is not None else _NONE)
             if len(self._ended) > _KEEP_STEPS:
                 self._fold()
         self._open = None

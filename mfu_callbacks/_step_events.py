@@ -28,11 +28,11 @@ class StepEvents:
     """The measured steps' events not yet resolved (oldest first), and the spare ones for reuse."""
 
     def __init__(self, device: torch.device | None) -> None:
-        # The device's index: ``current_stream`` resolves an int fastest (twice a step).
+        # The device's index: ``current_stream`` resolves an int fastest (at every record).
         self._device = device.index if device is not None and device.index is not None else device
         self.recorded: list[_Recorded] = []
         self.previous_stop: torch.cuda.Event | None = None  # where the next step's input wait begins
-        self._follows_step = False  # ``previous_stop`` is the last step's own stop (no pause since)
+        self._after_pause = False  # ``previous_stop`` marks a pause's end, not the last step's stop
         self._wait_began: torch.cuda.Event | None = None  # ... and where the open step's began
         self._start: torch.cuda.Event | None = None  # the open (or last) measured step's start
         self._open_meter_before_pause = 0.0  # the open step's
@@ -42,7 +42,7 @@ class StepEvents:
         """A measured step begins: its start event, and where its input wait began."""
         previous = self._wait_began = self.previous_stop
         self._open_meter_before_pause = meter_before_pause if previous is not None else 0.0
-        if previous is not None and self._follows_step and not previous.query():
+        if previous is not None and not self._after_pause and not previous.query():
             self._start = None  # the device still runs the previous step: this one begins where it ends
         else:
             self._start = self._record()
@@ -54,12 +54,7 @@ class StepEvents:
             (self._wait_began, self._start, stop, meter_seconds, self._open_meter_before_pause)
         )
         self.previous_stop = stop
-        self._follows_step = True
-
-    def forget_previous_stop(self) -> None:
-        """An unmeasured step ended: it is nobody's input wait, and the next step records its start."""
-        self.previous_stop = None
-        self._follows_step = False
+        self._after_pause = False
 
     def leave_out_open_step(self) -> None:
         """The open step is not measured after all: its start event is spare."""
@@ -70,7 +65,7 @@ class StepEvents:
         """After a pause between steps: the next input wait starts now (the device idled or ran the
         paused work, however many kernels)."""
         replaced, self.previous_stop = self.previous_stop, self._record()
-        self._follows_step = False  # the paused work may still run: the next step records its start
+        self._after_pause = True  # the paused work may still run: the next step records its start
         if not (self.recorded and self.recorded[-1][2] is replaced):  # resolved already: reuse it
             assert replaced is not None
             self._spare.append(replaced)

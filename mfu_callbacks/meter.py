@@ -14,8 +14,8 @@ Per step the meter records two timing events (one where the GPU still runs the p
 adds the batch's token counts (a small int64 tensor on the batch's device) into a bounded buffer on
 that device: nothing waits for the GPU. At log time the steps the GPU has finished are read (the
 others wait for the next read), one copy brings their counts to the host, the FLOP engine turns them
-into FLOPs, and one reduction combines the ranks. The read's own cost is part of the time base, which is the wall clock. The logged keys
-are listed in ``mfu_callbacks.metrics``.
+into FLOPs, and one reduction combines the ranks. The read's own cost is part of the time base, which
+is the wall clock. The logged keys are listed in ``mfu_callbacks.metrics``.
 """
 
 from __future__ import annotations

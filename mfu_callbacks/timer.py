@@ -128,7 +128,7 @@ class StepTimer:
             self._last_stop = now
             self._fold_old_timings()
             return
-        self._events.forget_previous_stop()  # an unmeasured step is nobody's input wait
+        self._events.previous_stop = None  # an unmeasured step is nobody's input wait
         self._last_stop = self._clock()
 
     def leave_out_open_step(self) -> None:
